@@ -1,0 +1,190 @@
+"""Who is calling, and may they? One place for authentication, authorization and scoping.
+
+Every route declares exactly one of:
+
+* ``Depends(require(Permission.X, ...))`` — authenticate (session cookie, API key, Basic,
+  OAuth token or HMAC signature), check the permissions, scope the request's database session
+  to the caller's organization, audit a denial;
+* ``Depends(public("why"))`` — no caller identity; the route carries its own proof (a signed
+  token in the path or body) or shows nothing private.
+
+``app.assemble`` refuses routes that declare neither (deny by default, ARCHITECTURE.md section 5).
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from carepost.accounts.permissions import Permission
+from carepost.core.database import session_factory
+from carepost.core.errors import AuthenticationRequired, PermissionDenied
+
+ACCESS_ATTR = "__carepost_access__"
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+
+
+@dataclass
+class Principal:
+    """The authenticated caller. ``actor_id`` is what audit events record as "who"."""
+
+    kind: Literal["user", "api_credential", "system"]
+    org_id: str
+    actor_id: str
+    permissions: frozenset[str]
+    user_id: str | None = None
+    credential_id: str | None = None
+    role: str | None = None
+    session_id: str | None = None
+    mfa_verified: bool = False
+    on_behalf_of: str | None = None
+    break_glass_grant_id: str | None = None
+    sandbox: bool = False
+    via_cookie: bool = False
+    csrf_token: str | None = None
+    rate_limit_per_minute: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def can(self, permission: str) -> bool:
+        return permission in self.permissions
+
+
+def db_session(request: Request) -> Iterator[Session]:
+    """The request's database session. Unscoped until an access dependency scopes it;
+    an unscoped session refuses to read organization tables."""
+    session = session_factory()()
+    request.state.db = session
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+def request_context(request: Request) -> dict:
+    """Where a request came from, for audit events (never PHI)."""
+    return {
+        "ip": request.client.host if request.client else None,
+        "user_agent": (request.headers.get("user-agent") or "")[:300],
+        "request_id": getattr(request.state, "request_id", None),
+    }
+
+
+def _authenticate(request: Request, session: Session) -> Principal | None:
+    # Imported here: both modules import this one for Principal.
+    from carepost.accounts.credentials import principal_from_authorization
+    from carepost.accounts.sessions import principal_from_cookie
+
+    if request.headers.get("authorization"):
+        return principal_from_authorization(request, session)
+    return principal_from_cookie(request, session)
+
+
+async def _csrf_ok(request: Request, principal: Principal) -> bool:
+    if not principal.via_cookie or request.method in SAFE_METHODS:
+        return True
+    sent = request.headers.get("x-csrf-token")
+    if sent is None and request.headers.get("content-type", "").startswith(
+        ("application/x-www-form-urlencoded", "multipart/form-data")
+    ):
+        form = await request.form()
+        value = form.get("csrf_token")
+        sent = value if isinstance(value, str) else None
+    return bool(sent and principal.csrf_token and hmac.compare_digest(sent, principal.csrf_token))
+
+
+def _audit_denial(session: Session, request: Request, principal: Principal | None, reason: str, needed: tuple) -> None:
+    from carepost.audit.service import record
+
+    session.rollback()
+    session.info.pop("org_id", None)
+    session.info["scope"] = "system"
+    record(
+        session,
+        org_id=principal.org_id if principal else None,
+        actor_type=principal.kind if principal else "anonymous",
+        actor_id=principal.actor_id if principal else None,
+        on_behalf_of=principal.on_behalf_of if principal else None,
+        action="access.denied",
+        target_type="route",
+        target_id=request.scope.get("route").path if request.scope.get("route") else None,
+        outcome="denied",
+        details={"reason": reason, "needed": list(needed), "method": request.method},
+        **request_context(request),
+    )
+    session.commit()
+
+
+def require(*permissions: Permission | str):
+    """Dependency: an authenticated caller holding every one of ``permissions``."""
+    needed = tuple(str(p) for p in permissions)
+
+    async def dependency(request: Request, session: Session = Depends(db_session)) -> Principal:
+        principal = await run_in_threadpool(_authenticate, request, session)
+        if principal is None:
+            await run_in_threadpool(_audit_denial, session, request, None, "unauthenticated", needed)
+            raise AuthenticationRequired("Sign in or send API credentials.")
+        if not await _csrf_ok(request, principal):
+            await run_in_threadpool(_audit_denial, session, request, principal, "csrf", needed)
+            raise PermissionDenied("Missing or wrong CSRF token.", code="csrf_failed")
+        missing = [p for p in needed if not principal.can(p)]
+        if principal.kind == "user" and not principal.mfa_verified:
+            # MFA is mandatory for every person before any permissioned route (HIPAA NPRM 2025).
+            missing = missing or ["mfa"]
+        if missing:
+            await run_in_threadpool(_audit_denial, session, request, principal, "missing:" + ",".join(missing), needed)
+            if missing == ["mfa"]:
+                raise PermissionDenied("Multi-factor authentication is required.", code="mfa_required")
+            raise PermissionDenied("You do not have permission to do this.")
+        session.info.pop("scope", None)
+        session.info["org_id"] = principal.org_id
+        request.state.principal = principal
+        return principal
+
+    setattr(dependency, ACCESS_ATTR, ("permission", needed))
+    return dependency
+
+
+def authenticated():
+    """Dependency: any signed-in caller, MFA not yet required (MFA enrollment, logout)."""
+
+    async def dependency(request: Request, session: Session = Depends(db_session)) -> Principal:
+        principal = await run_in_threadpool(_authenticate, request, session)
+        if principal is None:
+            raise AuthenticationRequired("Sign in first.")
+        if not await _csrf_ok(request, principal):
+            raise PermissionDenied("Missing or wrong CSRF token.", code="csrf_failed")
+        session.info.pop("scope", None)
+        session.info["org_id"] = principal.org_id
+        request.state.principal = principal
+        return principal
+
+    setattr(dependency, ACCESS_ATTR, ("authenticated", ()))
+    return dependency
+
+
+def public(why: str):
+    """Dependency: a route open to anyone; ``why`` documents the reason in code review."""
+
+    def dependency() -> None:
+        return None
+
+    setattr(dependency, ACCESS_ATTR, ("public", (why,)))
+    return dependency
+
+
+def declared_access(route) -> tuple | None:
+    """The access declaration of a FastAPI route, searched through its dependency tree."""
+    stack = list(getattr(route, "dependant", None).dependencies) if getattr(route, "dependant", None) else []
+    while stack:
+        dep = stack.pop()
+        marker = getattr(dep.call, ACCESS_ATTR, None) if dep.call else None
+        if marker:
+            return marker
+        stack.extend(dep.dependencies)
+    return None

@@ -1,0 +1,102 @@
+"""Roles and the explicit permissions they grant.
+
+Routes name permissions, never roles, so a role can change without touching a route.
+Viewing PHI masked and unmasked are separate permissions (minimum necessary, 164.502(b)).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Permission(StrEnum):
+    ORG_MANAGE = "org:manage"
+    USERS_READ = "users:read"
+    USERS_MANAGE = "users:manage"
+    APIKEYS_MANAGE = "apikeys:manage"
+    KEYS_MANAGE = "keys:manage"
+    AUDIT_READ = "audit:read"
+    AUDIT_EXPORT = "audit:export"
+    BREAKGLASS_USE = "breakglass:use"
+    BREAKGLASS_REVIEW = "breakglass:review"
+    PHI_READ_MASKED = "phi:read_masked"
+    PHI_READ_UNMASKED = "phi:read_unmasked"
+    PHI_WRITE = "phi:write"
+    CONTACTS_IMPORT = "contacts:import"
+    CONSENT_MANAGE = "consent:manage"
+    SEGMENTS_MANAGE = "segments:manage"
+    TEMPLATES_MANAGE = "templates:manage"
+    CAMPAIGNS_MANAGE = "campaigns:manage"
+    CAMPAIGNS_APPROVE = "campaigns:approve"
+    CAMPAIGNS_SEND = "campaigns:send"
+    JOURNEYS_MANAGE = "journeys:manage"
+    MESSAGES_SEND = "messages:send"
+    MESSAGES_READ = "messages:read"
+    DOMAINS_MANAGE = "domains:manage"
+    WEBHOOKS_MANAGE = "webhooks:manage"
+    FORMS_MANAGE = "forms:manage"
+    ANALYTICS_READ = "analytics:read"
+    RETENTION_MANAGE = "retention:manage"
+
+
+P = Permission
+
+ROLES: dict[str, frozenset[Permission]] = {
+    "owner": frozenset(Permission),
+    "admin": frozenset(Permission) - {P.BREAKGLASS_REVIEW},
+    "compliance_officer": frozenset(
+        {
+            P.USERS_READ, P.AUDIT_READ, P.AUDIT_EXPORT, P.BREAKGLASS_REVIEW, P.PHI_READ_MASKED,
+            P.PHI_READ_UNMASKED, P.CONSENT_MANAGE, P.CAMPAIGNS_APPROVE, P.MESSAGES_READ,
+            P.ANALYTICS_READ, P.RETENTION_MANAGE, P.FORMS_MANAGE,
+        }
+    ),
+    "marketer": frozenset(
+        {
+            P.PHI_READ_MASKED, P.CONTACTS_IMPORT, P.SEGMENTS_MANAGE, P.TEMPLATES_MANAGE,
+            P.CAMPAIGNS_MANAGE, P.CAMPAIGNS_SEND, P.JOURNEYS_MANAGE, P.FORMS_MANAGE,
+            P.MESSAGES_READ, P.ANALYTICS_READ, P.BREAKGLASS_USE,
+        }
+    ),
+    "analyst": frozenset({P.PHI_READ_MASKED, P.ANALYTICS_READ, P.MESSAGES_READ}),
+    "developer": frozenset(
+        {
+            P.APIKEYS_MANAGE, P.MESSAGES_SEND, P.MESSAGES_READ, P.DOMAINS_MANAGE, P.WEBHOOKS_MANAGE,
+            P.PHI_READ_MASKED, P.PHI_WRITE, P.CONTACTS_IMPORT,
+        }
+    ),
+    "read_only": frozenset({P.PHI_READ_MASKED, P.ANALYTICS_READ}),
+}
+
+ROLE_LABELS = {
+    "owner": "Owner",
+    "admin": "Administrator",
+    "compliance_officer": "Compliance officer",
+    "marketer": "Marketer",
+    "analyst": "Analyst",
+    "developer": "Developer",
+    "read_only": "Read-only",
+}
+
+# Roles whose holders administer the organization; they may never work without MFA.
+ADMIN_ROLES = frozenset({"owner", "admin", "compliance_officer"})
+
+# Permissions an API credential may be scoped to (a credential never exceeds its creator's role).
+API_SCOPES = frozenset(
+    {
+        P.PHI_READ_MASKED, P.PHI_READ_UNMASKED, P.PHI_WRITE, P.CONTACTS_IMPORT, P.CONSENT_MANAGE,
+        P.MESSAGES_SEND, P.MESSAGES_READ, P.DOMAINS_MANAGE, P.WEBHOOKS_MANAGE, P.SEGMENTS_MANAGE,
+        P.TEMPLATES_MANAGE, P.CAMPAIGNS_MANAGE, P.ANALYTICS_READ, P.AUDIT_READ, P.FORMS_MANAGE,
+    }
+)
+
+# Permissions that reveal or change PHI: they need MFA in a web session, and break-glass grants them.
+PHI_PERMISSIONS = frozenset({P.PHI_READ_MASKED, P.PHI_READ_UNMASKED, P.PHI_WRITE, P.CONTACTS_IMPORT})
+BREAK_GLASS_GRANTS = frozenset({P.PHI_READ_MASKED, P.PHI_READ_UNMASKED})
+
+
+def permissions_for(role: str) -> frozenset[Permission]:
+    try:
+        return ROLES[role]
+    except KeyError:
+        raise ValueError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}") from None

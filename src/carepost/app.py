@@ -1,0 +1,219 @@
+"""Assembles the ASGI app from each capability's routers and the cross-cutting middleware."""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from carepost import __version__
+from carepost.accounts.access import declared_access
+from carepost.core.config import Settings, get_settings
+from carepost.core.errors import CarePostError, RateLimited
+from carepost.core.ids import new_id
+from carepost.core.logging import configure_logging, get_logger
+
+log = get_logger("carepost.app")
+
+# Routers, in the order they are matched. Each capability contributes api.py and pages.py.
+ROUTER_MODULES = [
+    "carepost.web.api",
+    "carepost.web.pages",
+    "carepost.accounts.api",
+    "carepost.accounts.pages",
+    "carepost.audit.api",
+    "carepost.audit.pages",
+]
+
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; font-src 'self'; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'"
+)
+
+
+class BodyLimitMiddleware:
+    """Refuses bodies over ``CAREPOST_MAX_UPLOAD_BYTES`` — by header, and by counting a stream."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await _too_large(self.limit, send)
+        seen = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge()
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await _too_large(self.limit, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _too_large(limit: int, send: Send) -> None:
+    body = JSONResponse(
+        {"error": {"code": "payload_too_large", "message": f"Request body exceeds the limit of {limit} bytes."}},
+        status_code=413,
+    )
+    await send({"type": "http.response.start", "status": 413, "headers": body.raw_headers})
+    await send({"type": "http.response.body", "body": body.body})
+
+
+def _wants_html(request: Request) -> bool:
+    path = request.url.path
+    return not path.startswith("/api/") and "text/html" in request.headers.get("accept", "")
+
+
+def _error_response(request: Request, status: int, body: dict, headers: dict | None = None) -> Response:
+    if _wants_html(request):
+        from carepost.web.rendering import render_error
+
+        return render_error(request, status, body, headers)
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(CarePostError)
+    async def _carepost_error(request: Request, exc: CarePostError):
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
+        if exc.status_code == 401 and _wants_html(request):
+            from fastapi.responses import RedirectResponse
+
+            return RedirectResponse("/app/login", status_code=303)
+        return _error_response(request, exc.status_code, exc.to_dict(), headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        # FastAPI's default handler echoes the submitted value ("input"), which may be PHI.
+        errors = []
+        for err in exc.errors():
+            loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header", "cookie")]
+            errors.append({"field": ".".join(loc) or None, "reason": err.get("msg", "invalid"), "type": err.get("type")})
+        first = errors[0] if errors else {"field": None, "reason": "invalid"}
+        body = {
+            "code": "validation_error",
+            "message": f"{first['field'] or 'request'}: {first['reason']}",
+            "field": first["field"],
+            "errors": errors,
+        }
+        return _error_response(request, 422, body)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        codes = {404: "not_found", 405: "method_not_allowed", 401: "authentication_required", 403: "permission_denied"}
+        message = exc.detail if isinstance(exc.detail, str) else "error"
+        return _error_response(request, exc.status_code, {"code": codes.get(exc.status_code, "http_error"), "message": message}, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.error("unhandled_error", error_type=type(exc).__name__, path_template=_route_template(request))
+        return _error_response(request, 500, {"code": "internal_error", "message": "Something went wrong. The error was logged."})
+
+
+def _route_template(request: Request) -> str:
+    route = request.scope.get("route")
+    return getattr(route, "path", "unmatched")
+
+
+def install_middleware(app: FastAPI, settings: Settings) -> None:
+    from carepost.web.metrics import observe_request
+
+    @app.middleware("http")
+    async def _headers_and_ids(request: Request, call_next):
+        request.state.request_id = request.headers.get("x-request-id", "")[:64] or new_id()
+        started = time.perf_counter()
+        response = await call_next(request)
+        response.headers["X-Request-Id"] = request.state.request_id
+        response.headers.setdefault("Content-Security-Policy", CSP)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        response.headers["Cross-Origin-Opener-Policy"] = "same-origin"
+        response.headers["Permissions-Policy"] = "camera=(), microphone=(), geolocation=()"
+        if settings.base_url.startswith("https://"):
+            response.headers["Strict-Transport-Security"] = "max-age=31536000; includeSubDomains"
+        path = request.url.path
+        if not path.startswith("/static/"):
+            # PHI may be on any API response or page: never cache (ASVS 8.2.1).
+            response.headers["Cache-Control"] = "no-store"
+            response.headers["Pragma"] = "no-cache"
+        observe_request(request.method, _route_template(request), response.status_code, time.perf_counter() - started)
+        return response
+
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
+
+
+def enforce_declared_access(app: FastAPI) -> list[str]:
+    """Deny by default: every API route must declare a permission or that it is public."""
+    undeclared = []
+    for route in app.routes:
+        if isinstance(route, APIRoute) and declared_access(route) is None:
+            undeclared.append(f"{sorted(route.methods)} {route.path}")
+    if undeclared:
+        raise RuntimeError("routes without an access declaration: " + "; ".join(undeclared))
+    return undeclared
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    import importlib
+
+    settings = settings or get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        from carepost.core.database import dispose_engine
+
+        dispose_engine()
+
+    app = FastAPI(
+        title="CarePost API",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    install_middleware(app, settings)
+    from fastapi.staticfiles import StaticFiles
+
+    from carepost.web.rendering import STATIC_DIR
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    for module_name in ROUTER_MODULES:
+        module = importlib.import_module(module_name)
+        app.include_router(module.router)
+    enforce_declared_access(app)
+    return app

@@ -1,0 +1,88 @@
+"""Configuration from ``CAREPOST_*`` environment variables.
+
+Every setting here appears in the README's configuration table; keep the two in step.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CAREPOST_", extra="ignore")
+
+    data_dir: Path = Field(Path("data"), description="Directory for the database, keys, queue and checkpoints.")
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL. Empty: SQLCipher-encrypted SQLite file `carepost.db` in the data dir. "
+        "PostgreSQL: postgresql+psycopg://user@host/db",
+    )
+    queue_url: str | None = Field(
+        None, description="Task queue. Empty: Huey on SQLite in the data dir. redis://host:6379/0 for Redis."
+    )
+    redis_url: str | None = Field(
+        None, description="Redis for rate limits shared between processes. Defaults to the queue URL when it is Redis."
+    )
+    master_key_file: Path | None = Field(None, description="Master key file (mode 0600). Default: <data dir>/master.key")
+    master_key: SecretStr | None = Field(
+        None, description="Master key as `<key id>:<base64 32 bytes>`; takes precedence over the file."
+    )
+    base_url: str = Field("http://localhost:8000", description="Public URL of the web UI, links and WebAuthn origin.")
+    host: str = Field("127.0.0.1", description="Address `serve` binds to.")
+    port: int = Field(8000, description="Port `serve` binds to.")
+    session_idle_timeout: int = Field(900, description="Seconds of inactivity before a web session ends.")
+    session_max_lifetime: int = Field(43200, description="Absolute lifetime of a web session in seconds.")
+    max_upload_bytes: int = Field(25 * 1024 * 1024, description="Largest request body accepted, in bytes.")
+    login_max_failures: int = Field(5, description="Failed logins before an account is locked.")
+    login_lockout_seconds: int = Field(900, description="How long a locked account stays locked.")
+    access_token_ttl: int = Field(900, description="Lifetime of OAuth 2.0 access tokens in seconds.")
+    rate_limit_per_minute: int = Field(600, description="Default API requests per minute per credential.")
+    break_glass_max_minutes: int = Field(60, description="Longest emergency-access grant in minutes.")
+    log_level: str = Field("INFO", description="Log level.")
+    log_json: bool = Field(True, description="JSON log lines (false: human-readable console lines).")
+    capture_dir: Path | None = Field(
+        None, description="Where `carepost run` stores captured mail. Default: <data dir>/mail-capture"
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _strip_slash(cls, v: str) -> str:
+        return v.rstrip("/")
+
+    @property
+    def resolved_master_key_file(self) -> Path:
+        return self.master_key_file or (self.data_dir / "master.key")
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "carepost.db"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite+sqlcipher:///{self.sqlite_path}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.effective_database_url.startswith("sqlite")
+
+    @property
+    def effective_redis_url(self) -> str | None:
+        if self.redis_url:
+            return self.redis_url
+        if self.queue_url and self.queue_url.startswith(("redis://", "rediss://")):
+            return self.queue_url
+        return None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget cached settings (tests change the environment between cases)."""
+    get_settings.cache_clear()

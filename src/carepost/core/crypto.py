@@ -1,0 +1,448 @@
+"""Envelope encryption: the master key wraps every other key.
+
+Layout (ARCHITECTURE.md section 2):
+
+* master keys live in a 0600 file in the data dir (or ``CAREPOST_MASTER_KEY``); each has an id;
+* the SQLCipher database secret is wrapped by the master key in ``<data dir>/database.key``;
+* per-organization data keys (AES-256-GCM, versioned) and blind-index keys (HMAC-SHA256, kept
+  separate from the data keys) are wrapped by the master key in the ``org_keys`` table;
+* every ciphertext starts with its data-key version and is bound to organization, table, column
+  and row through the AEAD associated data, so a ciphertext copied to another row, column or
+  organization fails to decrypt (HIPAA 164.312(a)(2)(iv) and (c)).
+
+Rotating the master key re-wraps; rotating data keys adds a version used by new writes while
+old versions keep decrypting old ciphertexts.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import threading
+import unicodedata
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy import DateTime, Integer, LargeBinary, String, UniqueConstraint, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from carepost.core import clock
+from carepost.core.config import Settings, get_settings
+from carepost.core.database import Base
+from carepost.core.ids import new_id
+
+CIPHERTEXT_FORMAT = 1
+NONCE_BYTES = 12
+
+
+class KeyUnavailable(RuntimeError):
+    """A key needed to decrypt is missing or the master key is wrong."""
+
+
+class DecryptionFailed(RuntimeError):
+    """Ciphertext was altered, moved to another row/column/organization, or the key is wrong."""
+
+
+# --------------------------------------------------------------------------- master keys
+
+
+@dataclass(frozen=True)
+class MasterKey:
+    id: str
+    key: bytes
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text.encode(), validate=True)
+
+
+def generate_master_key() -> MasterKey:
+    return MasterKey(id="mk-" + new_id()[:20], key=secrets.token_bytes(32))
+
+
+def write_master_key_file(path: Path, master: MasterKey) -> None:
+    """Write atomically with mode 0600 from the first byte (never world-readable, even briefly)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"id": master.id, "key": _b64(master.key), "created_at": clock.now().isoformat()}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_master_key_file(path: Path) -> MasterKey:
+    data = json.loads(path.read_text())
+    key = _unb64(data["key"])
+    if len(key) != 32:
+        raise KeyUnavailable(f"master key in {path} is not 32 bytes")
+    return MasterKey(id=data["id"], key=key)
+
+
+def parse_master_key_env(value: str) -> MasterKey:
+    key_id, _, b64 = value.partition(":")
+    if not key_id or not b64:
+        raise KeyUnavailable("CAREPOST_MASTER_KEY must be '<key id>:<base64 of 32 bytes>'")
+    key = _unb64(b64)
+    if len(key) != 32:
+        raise KeyUnavailable("CAREPOST_MASTER_KEY must hold 32 bytes")
+    return MasterKey(id=key_id, key=key)
+
+
+def pending_master_key_file(settings: Settings) -> Path:
+    """Where rotation writes the new master key before the re-wrap commits."""
+    p = settings.resolved_master_key_file
+    return p.with_name(p.name + ".new")
+
+
+def load_master_keys(settings: Settings | None = None) -> tuple[str, dict[str, MasterKey]]:
+    """Current master key id and every master key available (current plus one pending rotation)."""
+    settings = settings or get_settings()
+    keys: dict[str, MasterKey] = {}
+    current: MasterKey | None = None
+    if settings.master_key is not None:
+        current = parse_master_key_env(settings.master_key.get_secret_value())
+    else:
+        path = settings.resolved_master_key_file
+        if not path.exists():
+            raise KeyUnavailable(f"no master key at {path}: run `carepost init`")
+        current = read_master_key_file(path)
+    keys[current.id] = current
+    pending = pending_master_key_file(settings)
+    if settings.master_key is None and pending.exists():
+        extra = read_master_key_file(pending)
+        keys[extra.id] = extra
+    return current.id, keys
+
+
+def wrap(master: MasterKey, secret: bytes, purpose: str) -> dict:
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    ct = AESGCM(master.key).encrypt(nonce, secret, f"carepost-wrap|{purpose}".encode())
+    return {"mk": master.id, "n": _b64(nonce), "c": _b64(ct)}
+
+
+def unwrap(masters: dict[str, MasterKey], wrapped: dict, purpose: str) -> bytes:
+    master = masters.get(wrapped["mk"])
+    if master is None:
+        raise KeyUnavailable(f"wrapped with master key {wrapped['mk']}, which is not available")
+    try:
+        return AESGCM(master.key).decrypt(_unb64(wrapped["n"]), _unb64(wrapped["c"]), f"carepost-wrap|{purpose}".encode())
+    except InvalidTag as exc:
+        raise KeyUnavailable(f"master key {master.id} does not unwrap {purpose}") from exc
+
+
+def hkdf(secret: bytes, info: str, length: int = 32) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info.encode()).derive(secret)
+
+
+# --------------------------------------------------------------------------- database key
+
+
+def database_key_file(settings: Settings) -> Path:
+    return settings.data_dir / "database.key"
+
+
+def create_database_secret(settings: Settings, masters: dict[str, MasterKey], current: str) -> None:
+    path = database_key_file(settings)
+    secret = secrets.token_bytes(32)
+    _write_json_0600(path, wrap(masters[current], secret, "database"))
+
+
+def sqlcipher_raw_key(settings: Settings | None = None) -> bytes:
+    """The raw 256-bit SQLCipher key: HKDF of the wrapped database secret (no passphrase stretching)."""
+    settings = settings or get_settings()
+    _, masters = load_master_keys(settings)
+    path = database_key_file(settings)
+    if not path.exists():
+        raise KeyUnavailable(f"no database key at {path}: run `carepost init`")
+    secret = unwrap(masters, json.loads(path.read_text()), "database")
+    return hkdf(secret, "carepost sqlcipher v1")
+
+
+def _write_json_0600(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- organization keys
+
+
+class OrgKey(Base):
+    """A wrapped per-organization key. ``kind`` is ``data`` (AES-GCM) or ``index`` (HMAC)."""
+
+    __tablename__ = "org_keys"
+    __table_args__ = (UniqueConstraint("org_id", "kind", "version"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    org_id: Mapped[str] = mapped_column(String(32), index=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    version: Mapped[int] = mapped_column(Integer)
+    master_key_id: Mapped[str] = mapped_column(String(40))
+    wrapped: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=clock.now)
+
+
+def _purpose(org_id: str, kind: str, version: int) -> str:
+    return f"org:{org_id}:{kind}:{version}"
+
+
+def _aad(org_id: str, table: str, column: str, row_id: str) -> bytes:
+    return f"carepost/v1|{org_id}|{table}|{column}|{row_id}".encode()
+
+
+_EMAIL_RE = re.compile(r"\s+")
+
+
+def normalize_for_index(kind: str, value: str, *, system: str | None = None) -> str:
+    """Normalize before hashing so equal values match: NFKC, trimmed; email lower-cased;
+    phone reduced to digits; identifiers (MRN, member id) scoped by their identifier system."""
+    text = unicodedata.normalize("NFKC", value).strip()
+    if kind == "email":
+        return text.lower()
+    if kind == "phone":
+        digits = re.sub(r"\D", "", text)
+        return digits[1:] if len(digits) == 11 and digits.startswith("1") else digits
+    if kind in {"mrn", "identifier"}:
+        return f"{(system or '').strip()}|{text}"
+    return _EMAIL_RE.sub(" ", text).casefold()
+
+
+class Keyring:
+    """Per-process cache of unwrapped keys. Thread-safe; safe to share across sessions."""
+
+    def __init__(self, current_master_id: str, masters: dict[str, MasterKey]):
+        self.current_master_id = current_master_id
+        self.masters = masters
+        self._lock = threading.Lock()
+        self._data: dict[tuple[str, int], bytes] = {}
+        self._current_version: dict[str, int] = {}
+        self._index: dict[str, bytes] = {}
+
+    # -- key records
+
+    def ensure_org_keys(self, session: Session, org_id: str) -> None:
+        """Create the first data key and the blind-index key of a new organization."""
+        existing = session.scalars(select(OrgKey.kind).where(OrgKey.org_id == org_id)).all()
+        master = self.masters[self.current_master_id]
+        for kind in ("data", "index"):
+            if kind not in existing:
+                secret = secrets.token_bytes(32)
+                session.add(
+                    OrgKey(
+                        org_id=org_id,
+                        kind=kind,
+                        version=1,
+                        master_key_id=master.id,
+                        wrapped=json.dumps(wrap(master, secret, _purpose(org_id, kind, 1))).encode(),
+                    )
+                )
+        session.flush()
+
+    def _load(self, session: Session, org_id: str, kind: str, version: int | None) -> tuple[int, bytes]:
+        q = select(OrgKey).where(OrgKey.org_id == org_id, OrgKey.kind == kind)
+        q = q.where(OrgKey.version == version) if version is not None else q.order_by(OrgKey.version.desc()).limit(1)
+        rec = session.scalars(q).first()
+        if rec is None:
+            raise KeyUnavailable(f"no {kind} key version {version or 'current'} for organization {org_id}")
+        secret = unwrap(self.masters, json.loads(rec.wrapped), _purpose(org_id, kind, rec.version))
+        return rec.version, secret
+
+    def data_key(self, session: Session, org_id: str, version: int | None = None) -> tuple[int, bytes]:
+        with self._lock:
+            if version is None and org_id in self._current_version:
+                version = self._current_version[org_id]
+            if version is not None and (org_id, version) in self._data:
+                return version, self._data[(org_id, version)]
+        got_version, secret = self._load(session, org_id, "data", version)
+        with self._lock:
+            self._data[(org_id, got_version)] = secret
+            if version is None:
+                self._current_version[org_id] = got_version
+        return got_version, secret
+
+    def index_key(self, session: Session, org_id: str) -> bytes:
+        with self._lock:
+            if org_id in self._index:
+                return self._index[org_id]
+        _, secret = self._load(session, org_id, "index", 1)
+        with self._lock:
+            self._index[org_id] = secret
+        return secret
+
+    def named_key(self, session: Session, owner_id: str, kind: str) -> bytes:
+        """A single-version secret of ``kind`` (e.g. ``audit``) for an owner, created on first use."""
+        cache_key = f"{owner_id}\x00{kind}"
+        with self._lock:
+            if cache_key in self._index:
+                return self._index[cache_key]
+        rec = session.scalars(select(OrgKey).where(OrgKey.org_id == owner_id, OrgKey.kind == kind)).first()
+        if rec is None:
+            master = self.masters[self.current_master_id]
+            secret = secrets.token_bytes(32)
+            try:
+                with session.begin_nested():
+                    session.add(
+                        OrgKey(
+                            org_id=owner_id,
+                            kind=kind,
+                            version=1,
+                            master_key_id=master.id,
+                            wrapped=json.dumps(wrap(master, secret, _purpose(owner_id, kind, 1))).encode(),
+                        )
+                    )
+            except IntegrityError:
+                rec = session.scalars(select(OrgKey).where(OrgKey.org_id == owner_id, OrgKey.kind == kind)).one()
+                secret = unwrap(self.masters, json.loads(rec.wrapped), _purpose(owner_id, kind, 1))
+        else:
+            secret = unwrap(self.masters, json.loads(rec.wrapped), _purpose(owner_id, kind, rec.version))
+        with self._lock:
+            self._index[cache_key] = secret
+        return secret
+
+    # -- field encryption
+
+    def encrypt(self, session: Session, org_id: str, table: str, column: str, row_id: str, value: str | bytes) -> bytes:
+        version, key = self.data_key(session, org_id)
+        data = value.encode() if isinstance(value, str) else value
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        ct = AESGCM(key).encrypt(nonce, data, _aad(org_id, table, column, row_id))
+        return bytes([CIPHERTEXT_FORMAT]) + version.to_bytes(4, "big") + nonce + ct
+
+    def decrypt(self, session: Session, org_id: str, table: str, column: str, row_id: str, blob: bytes) -> bytes:
+        if not blob or blob[0] != CIPHERTEXT_FORMAT or len(blob) < 5 + NONCE_BYTES + 16:
+            raise DecryptionFailed(f"{table}.{column}: not a CarePost ciphertext")
+        version = int.from_bytes(blob[1:5], "big")
+        _, key = self.data_key(session, org_id, version)
+        try:
+            return AESGCM(key).decrypt(blob[5 : 5 + NONCE_BYTES], blob[5 + NONCE_BYTES :], _aad(org_id, table, column, row_id))
+        except InvalidTag as exc:
+            raise DecryptionFailed(f"{table}.{column} of row {row_id} failed authentication") from exc
+
+    def decrypt_text(self, session: Session, org_id: str, table: str, column: str, row_id: str, blob: bytes | None) -> str | None:
+        if blob is None:
+            return None
+        return self.decrypt(session, org_id, table, column, row_id, blob).decode()
+
+    @staticmethod
+    def key_version_of(blob: bytes) -> int:
+        return int.from_bytes(blob[1:5], "big")
+
+    def blind_index(self, session: Session, org_id: str, kind: str, value: str, *, system: str | None = None) -> str:
+        """Keyed HMAC for equality look-ups; the kind is part of the input so an email and a
+        phone with equal text never collide."""
+        key = self.index_key(session, org_id)
+        msg = f"{kind}\x00{normalize_for_index(kind, value, system=system)}".encode()
+        return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+    # -- rotation
+
+    def rotate_data_keys(self, session: Session) -> int:
+        """Add a new data-key version for every organization; new writes use it."""
+        master = self.masters[self.current_master_id]
+        rows = session.execute(
+            select(OrgKey.org_id, OrgKey.version).where(OrgKey.kind == "data").order_by(OrgKey.org_id, OrgKey.version)
+        ).all()
+        latest: dict[str, int] = {}
+        for org_id, version in rows:
+            latest[org_id] = max(version, latest.get(org_id, 0))
+        for org_id, version in latest.items():
+            new_version = version + 1
+            session.add(
+                OrgKey(
+                    org_id=org_id,
+                    kind="data",
+                    version=new_version,
+                    master_key_id=master.id,
+                    wrapped=json.dumps(wrap(master, secrets.token_bytes(32), _purpose(org_id, "data", new_version))).encode(),
+                )
+            )
+        session.flush()
+        with self._lock:
+            self._current_version.clear()
+        return len(latest)
+
+    def rewrap_all(self, session: Session, new_master: MasterKey) -> int:
+        """Re-wrap every organization key under ``new_master`` (the old master unwraps)."""
+        masters = dict(self.masters)
+        masters[new_master.id] = new_master
+        count = 0
+        for rec in session.scalars(select(OrgKey)).all():
+            purpose = _purpose(rec.org_id, rec.kind, rec.version)
+            secret = unwrap(masters, json.loads(rec.wrapped), purpose)
+            rec.wrapped = json.dumps(wrap(new_master, secret, purpose)).encode()
+            rec.master_key_id = new_master.id
+            count += 1
+        session.flush()
+        return count
+
+
+_keyring: Keyring | None = None
+_keyring_lock = threading.Lock()
+
+
+def get_keyring() -> Keyring:
+    global _keyring
+    with _keyring_lock:
+        if _keyring is None:
+            current, masters = load_master_keys()
+            _keyring = Keyring(current, masters)
+        return _keyring
+
+
+def reset_keyring() -> None:
+    global _keyring
+    with _keyring_lock:
+        _keyring = None
+
+
+def rotate_master_key(settings: Settings, session_factory) -> tuple[str, str, int]:
+    """Rotate the master key without downtime for readers.
+
+    1. write the new key to ``master.key.new`` (processes that start now know both keys);
+    2. in one transaction re-wrap every organization key and add a new data-key version;
+    3. re-wrap the database secret file;
+    4. move ``master.key.new`` over ``master.key``.
+    A crash at any step leaves every wrapped key readable by a key that is on disk.
+    """
+    if settings.master_key is not None:
+        raise KeyUnavailable("the master key comes from CAREPOST_MASTER_KEY: rotate it where it is stored")
+    old_id, masters = load_master_keys(settings)
+    new = generate_master_key()
+    pending = pending_master_key_file(settings)
+    write_master_key_file(pending, new)
+    ring = Keyring(old_id, {**masters, new.id: new})
+    with session_factory() as session:
+        session.info["scope"] = "system"
+        count = ring.rewrap_all(session, new)
+        ring.current_master_id = new.id
+        ring.rotate_data_keys(session)
+        session.commit()
+    db_file = database_key_file(settings)
+    if db_file.exists():
+        secret = unwrap({**masters, new.id: new}, json.loads(db_file.read_text()), "database")
+        _write_json_0600(db_file, wrap(new, secret, "database"))
+    os.replace(pending, settings.resolved_master_key_file)
+    reset_keyring()
+    return old_id, new.id, count

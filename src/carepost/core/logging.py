@@ -1,0 +1,120 @@
+"""Structured logs (structlog) that never carry PHI.
+
+Two layers, because either alone leaks: fields whose *name* says PHI or secret are dropped
+whatever their value, and every remaining string is scanned for values that *look* like
+identifiers (email addresses, SSNs, phone numbers, dates of birth, bearer secrets).
+The same filter runs on the standard library's records (uvicorn, SQLAlchemy, Huey).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any
+
+import structlog
+
+REDACTED = "[redacted]"
+
+# Field names that hold PHI or secrets; matched case-insensitively as whole names or suffixes.
+SENSITIVE_KEYS = {
+    "name", "given_name", "family_name", "first_name", "last_name", "full_name", "display_name",
+    "email", "address", "addresses", "to", "cc", "bcc", "recipient", "recipients", "phone", "mobile",
+    "street", "line", "mrn", "ssn", "identifier", "birth_date", "dob", "date_of_birth",
+    "subject", "body", "html", "text", "preheader", "content", "message_body", "note", "notes",
+    "password", "passcode", "secret", "token", "code", "otp", "totp", "api_key", "authorization",
+    "cookie", "set-cookie", "signature", "answer", "key", "private_key", "data",
+}
+_SAFE_SUFFIXES = ("_id", "_count", "_at", "_type", "_kind", "_status", "_ms")
+
+_PATTERNS = [
+    re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}"),  # email
+    re.compile(r"\b\d{3}-\d{2}-\d{4}\b"),  # SSN
+    re.compile(r"(?<![\w-])\(?\d{3}\)?[\s.\-]\d{3}[\s.\-]\d{4}\b"),  # US phone
+    re.compile(r"\b(19|20)\d{2}-\d{2}-\d{2}\b(?!T)"),  # bare dates (birth dates)
+    re.compile(r"\b(cp|whsec)_[A-Za-z0-9_\-]{8,}"),  # CarePost secrets
+    re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._\-~+/=]+"),
+]
+
+
+def _key_is_sensitive(key: str) -> bool:
+    k = key.lower()
+    if k.endswith(_SAFE_SUFFIXES) or k in {"event", "level", "timestamp", "logger", "request_id", "method", "path_template"}:
+        return False
+    return k in SENSITIVE_KEYS or any(k.endswith("_" + s) for s in SENSITIVE_KEYS)
+
+
+def scrub_text(text: str) -> str:
+    for pattern in _PATTERNS:
+        text = pattern.sub(REDACTED, text)
+    return text
+
+
+def scrub_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return scrub_text(value)
+    if isinstance(value, dict):
+        return {k: (REDACTED if _key_is_sensitive(str(k)) else scrub_value(v)) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [scrub_value(v) for v in value]
+    if isinstance(value, (int, float, bool)) or value is None:
+        return value
+    return scrub_text(str(value))
+
+
+def redact_processor(_logger, _method, event_dict: dict) -> dict:
+    return {
+        k: (REDACTED if _key_is_sensitive(k) else scrub_value(v)) for k, v in event_dict.items()
+    }
+
+
+class RedactingFilter(logging.Filter):
+    """Scrubs standard-library records (message and args) before any handler formats them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string must not crash logging
+            message = str(record.msg)
+        record.msg = scrub_text(message)
+        record.args = ()
+        return True
+
+
+_configured = False
+
+
+def configure_logging(level: str = "INFO", json: bool = True, stream=None) -> None:
+    global _configured
+    stream = stream or sys.stderr
+    renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            redact_processor,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RedactingFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root.handlers = [handler]
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "huey", "sqlalchemy"):
+        lg = logging.getLogger(name)
+        lg.handlers = []
+        lg.propagate = True
+    _configured = True
+
+
+def get_logger(name: str | None = None):
+    return structlog.get_logger(name)

@@ -1,0 +1,16 @@
+"""Imports every capability's tables so metadata (and Alembic) sees all of them."""
+
+from __future__ import annotations
+
+import importlib
+
+MODEL_MODULES = [
+    "carepost.core.crypto",
+    "carepost.accounts.models",
+    "carepost.audit.models",
+]
+
+
+def load_all_models() -> None:
+    for name in MODEL_MODULES:
+        importlib.import_module(name)

@@ -1,0 +1,67 @@
+"""Server-rendered pages: one Jinja2 environment over every capability's ``templates/`` folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse
+from fastapi.templating import Jinja2Templates
+from jinja2 import ChoiceLoader, Environment, FileSystemLoader, select_autoescape
+
+from carepost import __version__
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+# Navigation, filled by the capabilities: (section, label, path, permission or None).
+NAV: list[tuple[str, str, str, str | None]] = [
+    ("Overview", "Dashboard", "/app", None),
+    ("Compliance", "Audit log", "/app/audit", "audit:read"),
+    ("Compliance", "Emergency access", "/app/break-glass", None),
+    ("Settings", "Users", "/app/users", "users:read"),
+    ("Settings", "API credentials", "/app/api-credentials", "apikeys:manage"),
+    ("Settings", "Security", "/app/account/security", None),
+]
+
+
+def _template_dirs() -> list[str]:
+    return [str(p) for p in sorted(PACKAGE_DIR.glob("*/templates")) if p.is_dir()]
+
+
+_env = Environment(
+    loader=ChoiceLoader([FileSystemLoader(d) for d in _template_dirs()]),
+    autoescape=select_autoescape(["html", "xml"], default=True),
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+templates = Jinja2Templates(env=_env)
+
+
+def nav_for(principal) -> list[tuple[str, list[tuple[str, str]]]]:
+    sections: dict[str, list[tuple[str, str]]] = {}
+    for section, label, path, permission in NAV:
+        if principal is None:
+            continue
+        if permission and not principal.can(permission):
+            continue
+        sections.setdefault(section, []).append((label, path))
+    return list(sections.items())
+
+
+def render(request: Request, name: str, context: dict | None = None, status_code: int = 200, headers: dict | None = None) -> HTMLResponse:
+    principal = getattr(request.state, "principal", None)
+    ctx = {
+        "request": request,
+        "principal": principal,
+        "csrf_token": getattr(principal, "csrf_token", None) or getattr(request.state, "csrf_token", None),
+        "nav": nav_for(principal),
+        "version": __version__,
+        "current_path": request.url.path,
+    }
+    ctx.update(context or {})
+    return templates.TemplateResponse(request, name, ctx, status_code=status_code, headers=headers)
+
+
+def render_error(request: Request, status: int, body: dict, headers: dict | None = None) -> HTMLResponse:
+    return render(request, "web/error.html", {"status": status, "error": body}, status_code=status, headers=headers)

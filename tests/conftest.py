@@ -1,0 +1,155 @@
+"""Shared fixtures: every database test runs on SQLCipher and on PostgreSQL.
+
+* ``storage`` (session scope, parametrized): a data dir, master key and migrated database for
+  one backend. PostgreSQL runs when ``CAREPOST_TEST_DATABASE_URL`` is set (CI sets it); each
+  xdist worker gets a database of its own.
+* ``db``: a clean database for one test (tables emptied, key caches dropped, clock reset).
+* ``client``: a FastAPI TestClient on the app.
+* ``live_server``: ``carepost serve`` as a real subprocess for Playwright (tests/fixtures/ui.py).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["tests.fixtures.accounts", "tests.fixtures.ui"]
+
+BACKENDS = ["sqlite", "postgresql"]
+_ENV_KEYS = ("CAREPOST_DATA_DIR", "CAREPOST_DATABASE_URL", "CAREPOST_QUEUE_URL", "CAREPOST_REDIS_URL", "CAREPOST_MASTER_KEY")
+
+
+@dataclass
+class Storage:
+    backend: str
+    data_dir: Path
+    env: dict
+
+
+def _pg_admin_url() -> str | None:
+    return os.environ.get("CAREPOST_TEST_DATABASE_URL")
+
+
+def create_pg_database(prefix: str = "carepost_test") -> str:
+    """A fresh PostgreSQL database; returns its URL."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    admin = make_url(_pg_admin_url())
+    name = f"{prefix}_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}_{uuid.uuid4().hex[:8]}"
+    dsn = admin.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return admin.set(drivername="postgresql+psycopg", database=name).render_as_string(hide_password=False)
+
+
+def drop_pg_database(url: str) -> None:
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    target = make_url(url).database
+    admin = make_url(_pg_admin_url()).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE)')
+
+
+def apply_env(env: dict) -> None:
+    from carepost.core.config import reset_settings
+    from carepost.core.crypto import reset_keyring
+    from carepost.core.database import dispose_engine
+
+    for key in _ENV_KEYS:
+        os.environ.pop(key, None)
+    os.environ.update(env)
+    reset_settings()
+    reset_keyring()
+    dispose_engine()
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def storage(request, tmp_path_factory):
+    backend = request.param
+    if backend == "postgresql" and not _pg_admin_url():
+        pytest.skip("PostgreSQL tests need CAREPOST_TEST_DATABASE_URL")
+    data_dir = tmp_path_factory.mktemp(f"data-{backend}")
+    env = {"CAREPOST_DATA_DIR": str(data_dir), "CAREPOST_LOG_JSON": "true"}
+    url = None
+    if backend == "postgresql":
+        url = create_pg_database()
+        env["CAREPOST_DATABASE_URL"] = url
+    saved = {k: os.environ.get(k) for k in _ENV_KEYS}
+    apply_env(env)
+    from carepost.core.bootstrap import initialize_storage
+
+    initialize_storage()
+    yield Storage(backend, data_dir, env)
+    from carepost.core.database import dispose_engine
+
+    dispose_engine()
+    if url:
+        drop_pg_database(url)
+    apply_env({k: v for k, v in saved.items() if v is not None})
+
+
+def empty_database() -> None:
+    from sqlalchemy import text
+
+    from carepost.core.bootstrap import SYSTEM_KEY_OWNER
+    from carepost.core.crypto import get_keyring, reset_keyring
+    from carepost.core.database import Base, get_engine, system_session
+    from carepost.models import load_all_models
+
+    load_all_models()
+    engine = get_engine()
+    tables = [t.name for t in reversed(Base.metadata.sorted_tables)]
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " CASCADE"))
+        else:
+            for t in tables:
+                conn.execute(text(f'DELETE FROM "{t}"'))
+    reset_keyring()
+    with system_session() as session:
+        get_keyring().ensure_org_keys(session, SYSTEM_KEY_OWNER)
+        session.commit()
+
+
+@pytest.fixture
+def db(storage):
+    from carepost.core import clock
+
+    clock.reset()
+    empty_database()
+    yield storage
+    clock.reset()
+
+
+@pytest.fixture
+def session(db):
+    """A system-scoped session (cross-organization), for arranging and asserting.
+
+    On SQLite it begins DEFERRED, so merely reading never holds the write lock while the app
+    under test works; commit what you arrange before calling the app."""
+    from carepost.core.database import read_only_session
+
+    with read_only_session() as s:
+        yield s
+
+
+@pytest.fixture
+def app(db):
+    from carepost.app import create_app
+
+    return create_app()
+
+
+@pytest.fixture
+def client(app):
+    from fastapi.testclient import TestClient
+
+    with TestClient(app, base_url="http://localhost:8000") as c:
+        yield c
