@@ -55,6 +55,7 @@ def test_org_scope_filters_reads_and_writes(db, session, org):
         other_cred_id = session.scalar(select(ApiCredential.id).where(ApiCredential.key_id == "b1"))
         session.rollback()
         assert s.scalars(select(ApiCredential).where(ApiCredential.id == other_cred_id)).first() is None
+        assert s.get(ApiCredential, other_cred_id) is None
         # bulk update cannot reach the other organization
         from sqlalchemy import update
 
