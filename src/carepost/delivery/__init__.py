@@ -1,0 +1,1 @@
+"""Secure delivery: policy, composition, DKIM, PGP, S/MIME, TLS probe and SMTP."""
