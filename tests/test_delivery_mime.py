@@ -161,7 +161,7 @@ def test_reserved_and_malformed_custom_headers_refused():
 @settings(max_examples=150, deadline=None)
 @given(
     prefix=st.text(max_size=20),
-    breaker=st.sampled_from(["\r", "\n", "\r\n"]),
+    breaker=st.sampled_from(["\r", "\n", "\r\n", "\x85", "\u2028", "\u2029", "\x0b", "\x0c"]),
     suffix=st.text(max_size=20),
     where=st.sampled_from(["subject", "display", "header", "filename"]),
 )

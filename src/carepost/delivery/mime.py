@@ -56,7 +56,8 @@ _HEADER_NAME_RE = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII 
 _CID_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.@-]{1,200}$")
 _CONTENT_TYPE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$")
 _NAMED_ADDRESS_RE = re.compile(r"^\s*(?P<name>[^<>]*?)\s*<(?P<addr>[^<>]+)>\s*$")
-_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# C0/C1 controls and the Unicode line/paragraph separators (str.splitlines breaks on all of them).
+_CONTROL_RE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 
 # Headers compose() sets itself; a caller may not supply them through ``headers``.
 RESERVED_HEADERS = frozenset(
@@ -135,7 +136,7 @@ def check_header_value(name: str, value: str) -> str:
     header value through it, including display names, file names and List-Unsubscribe URIs."""
     if not isinstance(value, str):
         raise ValidationFailed(f"The {name} header must be text.", field=_field_name(name))
-    if "\r" in value or "\n" in value:
+    if "\r" in value or "\n" in value or "\x85" in value or "\u2028" in value or "\u2029" in value:
         raise ValidationFailed(
             f"The {name} header may not contain line breaks (CR or LF).", field=_field_name(name)
         )
