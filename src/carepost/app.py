@@ -175,10 +175,15 @@ def install_middleware(app: FastAPI, settings: Settings) -> None:
 
 def enforce_declared_access(app: FastAPI) -> list[str]:
     """Deny by default: every API route must declare a permission or that it is public."""
+    from fastapi.routing import iter_route_contexts
+
     undeclared = []
-    for route in app.routes:
+    # FastAPI >= 0.16x keeps included routers as wrappers in ``app.routes``; iterate the routes
+    # they contain, or this check would see nothing.
+    for context in iter_route_contexts(app.routes):
+        route = context.route
         if isinstance(route, APIRoute) and declared_access(route) is None:
-            undeclared.append(f"{sorted(route.methods)} {route.path}")
+            undeclared.append(f"{sorted(context.methods or ())} {context.path}")
     if undeclared:
         raise RuntimeError("routes without an access declaration: " + "; ".join(undeclared))
     return undeclared
