@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 
 import typer
 from rich.console import Console
@@ -54,6 +55,12 @@ def fail(message: str, code: int = 1) -> None:
 @app.command()
 def init() -> None:
     """Create the data dir, keys and schema; print a one-time link to create the first owner."""
+    _initialize(only_first_start=False)
+
+
+def _initialize(only_first_start: bool) -> None:
+    """``init``; ``run`` calls it too but prints a setup link only on the very first start (a
+    second link would replace the one ``init`` printed)."""
     from carepost.accounts.service import create_setup_link_if_needed
     from carepost.core.bootstrap import initialize_storage
     from carepost.core.config import get_settings
@@ -64,6 +71,8 @@ def init() -> None:
     if result.created_master_key:
         console.print(f"Created master key [bold]{settings.resolved_master_key_file}[/bold] (mode 0600). Back it up: without it nothing decrypts.")
     console.print(f"Data dir: {settings.data_dir.resolve()}")
+    if only_first_start and not result.created_master_key:
+        return
     with system_session() as session:
         link = create_setup_link_if_needed(session, settings.base_url)
         session.commit()
@@ -86,17 +95,144 @@ def serve(
     from carepost.core.config import get_settings
 
     settings = get_settings()
-    uvicorn.run(
-        "carepost.app:create_app",
-        factory=True,
-        host=host or settings.host,
-        port=port or settings.port,
-        workers=workers,
-        access_log=False,
-        proxy_headers=True,
-        server_header=False,
-        log_config=None,
-    )
+    with _holding_data_dir(settings):
+        uvicorn.run(
+            "carepost.app:create_app",
+            factory=True,
+            host=host or settings.host,
+            port=port or settings.port,
+            workers=workers,
+            access_log=False,
+            proxy_headers=True,
+            server_header=False,
+            log_config=None,
+        )
+
+
+@contextmanager
+def _holding_data_dir(settings):
+    """Shared lock on the data dir for serve/worker/run, so offline maintenance refuses to run."""
+    from carepost.core.supervisor import DataDirBusy, using_data_dir
+
+    try:
+        lock = using_data_dir(settings)
+        lock.__enter__()
+    except DataDirBusy as exc:
+        fail(str(exc))
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
+@app.command()
+def worker(
+    threads: int = typer.Option(None, help="Task threads (default CAREPOST_WORKER_THREADS)."),
+    periodic: bool = typer.Option(True, help="Also schedule periodic tasks (maintenance purges)."),
+) -> None:
+    """Run the task consumer (Huey). SIGTERM lets running tasks finish; SIGINT stops at once."""
+    from carepost.core.config import get_settings
+    from carepost.core.queue import run_consumer
+
+    settings = get_settings()
+    with _holding_data_dir(settings):
+        run_consumer(threads or settings.worker_threads, settings.worker_shutdown_timeout, periodic=periodic)
+
+
+@app.command()
+def run() -> None:
+    """Everything on one machine: server, worker and a local mail capture (nothing leaves the
+    machine). Initializes the data dir first when needed. Ctrl-C or SIGTERM stops all of it."""
+    from carepost.core.config import get_settings
+    from carepost.core.database import dispose_engine
+    from carepost.core.supervisor import Supervisor, default_children
+
+    settings = get_settings()
+    _initialize(only_first_start=True)
+    dispose_engine()  # the children open their own connections
+    with _holding_data_dir(settings):
+        console.print(
+            f"CarePost at [bold]{settings.base_url}[/bold]; mail capture on "
+            f"{settings.capture_host}:{settings.capture_port} -> {settings.resolved_capture_dir}"
+        )
+        code = Supervisor(default_children(settings)).run()
+    raise typer.Exit(code)
+
+
+@app.command()
+def doctor() -> None:
+    """Check this configuration (keys, encryption, TLS, MFA, migrations, queue); exit 1 on any failure."""
+    from carepost.core.config import get_settings
+    from carepost.core.doctor import run_checks, worst
+
+    findings = run_checks(get_settings())
+    styles = {"ok": "green", "info": "blue", "warn": "yellow", "fail": "bold red"}
+    table = Table("level", "check", "finding", show_lines=False)
+    for f in findings:
+        table.add_row(f"[{styles[f.level]}]{f.level}[/]", f.check, f.message)
+    console.print(table)
+    level = worst(findings)
+    if level == "fail":
+        err.print(f"[red]{sum(f.level == 'fail' for f in findings)} check(s) failed.[/red]")
+        raise typer.Exit(1)
+    console.print("No failures." + (" Read the warnings." if level == "warn" else ""))
+
+
+# --------------------------------------------------------------------------- keys
+
+
+@keys_app.command("rotate")
+def keys_rotate() -> None:
+    """Rotate the master key: re-wrap every key, add a data-key version for new writes.
+    Old ciphertexts keep decrypting. Restart serve and worker processes afterwards."""
+    from sqlalchemy import func, select
+
+    from carepost.audit.service import record
+    from carepost.core.config import get_settings
+    from carepost.core.crypto import KeyUnavailable, OrgKey, rotate_master_key
+    from carepost.core.database import session_factory, system_session
+
+    settings = get_settings()
+    try:
+        old_id, new_id_, rewrapped = rotate_master_key(settings, session_factory())
+    except KeyUnavailable as exc:
+        fail(str(exc))
+    with system_session() as session:
+        orgs = session.scalar(select(func.count(func.distinct(OrgKey.org_id))).where(OrgKey.kind == "data"))
+        record(session, org_id=None, actor_type="system", actor_id="cli", action="keys.master_rotated",
+               target_type="master_key", target_id=new_id_,
+               details={"old_key_id": old_id, "new_key_id": new_id_, "rewrapped_count": rewrapped, "data_key_versions_added": orgs})
+        session.commit()
+    console.print(f"Master key rotated: {old_id} -> [bold]{new_id_}[/bold]")
+    console.print(f"Re-wrapped {rewrapped} key(s); new data-key version for {orgs} owner(s). Back up {settings.resolved_master_key_file} now.")
+    console.print("Restart running serve and worker processes so they load the new master key.")
+
+
+@keys_app.command("rekey-database")
+def keys_rekey_database() -> None:
+    """Offline: re-encrypt the SQLCipher database file under a new key. Stop CarePost first."""
+    from carepost.audit.service import record
+    from carepost.core.config import get_settings
+    from carepost.core.database import dispose_engine, system_session
+    from carepost.core.rekey import RekeyError, rekey_database
+    from carepost.core.supervisor import DataDirBusy
+
+    settings = get_settings()
+    dispose_engine()
+    try:
+        result = rekey_database(settings)
+    except (RekeyError, DataDirBusy) as exc:
+        fail(str(exc))
+    dispose_engine()
+    with system_session() as session:
+        record(session, org_id=None, actor_type="system", actor_id="cli", action="keys.database_rekeyed",
+               target_type="database", target_id=result.database.name,
+               details={"pages_count": result.pages, "recovered": result.recovered})
+        session.commit()
+    if result.recovered:
+        console.print(f"Finished an interrupted re-key of {result.database}.")
+    else:
+        console.print(f"Re-keyed {result.database} ({result.pages} pages). The new key is in {settings.data_dir / 'database.key'}; back it up.")
 
 
 # --------------------------------------------------------------------------- organizations

@@ -47,6 +47,11 @@ class Settings(BaseSettings):
     capture_dir: Path | None = Field(
         None, description="Where `carepost run` stores captured mail. Default: <data dir>/mail-capture"
     )
+    capture_host: str = Field("127.0.0.1", description="Address the local mail capture of `carepost run` listens on.")
+    capture_port: int = Field(2525, description="SMTP port of the local mail capture of `carepost run`.")
+    queue_name: str = Field("carepost", description="Name of the task queue (keys in Redis, rows in the SQLite queue).")
+    worker_threads: int = Field(4, description="Task threads per `carepost worker` process.")
+    worker_shutdown_timeout: int = Field(30, description="Seconds `carepost worker` lets running tasks finish after SIGTERM.")
 
     @field_validator("base_url")
     @classmethod
@@ -76,6 +81,10 @@ class Settings(BaseSettings):
         if self.queue_url and self.queue_url.startswith(("redis://", "rediss://")):
             return self.queue_url
         return None
+
+    @property
+    def resolved_capture_dir(self) -> Path:
+        return self.capture_dir or (self.data_dir / "mail-capture")
 
 
 @lru_cache

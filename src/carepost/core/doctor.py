@@ -1,0 +1,308 @@
+"""``carepost doctor``: checks a configuration against what HIPAA's technical safeguards need.
+
+Each check returns findings with a level:
+
+* ``ok``    — as it should be;
+* ``info``  — worth knowing, nothing to do;
+* ``warn``  — CarePost can't prove it from here, or it is weaker than it should be;
+* ``fail``  — fix before PHI goes in (``carepost doctor`` exits non-zero).
+
+References: 45 CFR 164.312(a)(2)(iv) encryption at rest, 164.312(e) transmission security,
+164.312(d) authentication; the 2025 NPRM makes encryption and MFA required.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sqlite3
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import parse_qs, urlsplit
+
+from carepost.core.config import Settings
+
+Level = Literal["ok", "info", "warn", "fail"]
+LEVEL_ORDER = {"ok": 0, "info": 1, "warn": 2, "fail": 3}
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    level: Level
+    message: str
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """True for localhost, 127.0.0.0/8, ::1 and Unix sockets (no host, or a path)."""
+    if not host or host.startswith("/"):
+        return True
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# --------------------------------------------------------------------------- keys and files
+
+
+def check_master_key(settings: Settings) -> list[Finding]:
+    if settings.master_key is not None:
+        return [
+            Finding(
+                "master key",
+                "warn",
+                "The master key comes from CAREPOST_MASTER_KEY. Where is it stored? Keep it in a secret "
+                "manager with access control and a backup; anyone who reads it can decrypt everything.",
+            )
+        ]
+    path = settings.resolved_master_key_file
+    if not path.exists():
+        return [Finding("master key", "fail", f"No master key file at {path}: run `carepost init`.")]
+    mode = _mode(path)
+    if mode & 0o077:
+        return [Finding("master key", "fail", f"{path} has mode {mode:04o}; it must be 0600 (chmod 600 {path}).")]
+    findings = [Finding("master key", "ok", f"{path} exists with mode {mode:04o}.")]
+    pending = path.with_name(path.name + ".new")
+    if pending.exists():
+        findings.append(
+            Finding("master key", "warn", f"{pending} exists: a key rotation was interrupted; run `carepost keys rotate` again.")
+        )
+    return findings
+
+
+def check_data_dir(settings: Settings) -> list[Finding]:
+    d = settings.data_dir
+    if not d.exists():
+        return [Finding("data dir", "fail", f"{d} does not exist: run `carepost init`.")]
+    mode = _mode(d)
+    if mode & 0o007:
+        return [Finding("data dir", "fail", f"{d} has mode {mode:04o}: other users can reach it; chmod 700 {d}.")]
+    if mode & 0o070:
+        return [Finding("data dir", "warn", f"{d} has mode {mode:04o}: its group can reach it; 0700 is expected.")]
+    return [Finding("data dir", "ok", f"{d} has mode {mode:04o}.")]
+
+
+# --------------------------------------------------------------------------- database
+
+
+def _db_host(settings: Settings) -> str | None:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.effective_database_url)
+    return url.host or (url.query.get("host") if isinstance(url.query.get("host"), str) else None)
+
+
+def check_database_encryption(settings: Settings) -> list[Finding]:
+    if not settings.is_sqlite:
+        return [
+            Finding(
+                "database encryption",
+                "warn",
+                "PostgreSQL: disk encryption can't be verified from here. Make sure the database volume and "
+                "its backups are encrypted (LUKS, encrypted cloud disks). Direct identifiers and message "
+                "bodies are encrypted by CarePost itself either way.",
+            )
+        ]
+    from carepost.core.crypto import database_key_file
+
+    path = settings.sqlite_path
+    if not path.exists():
+        return [Finding("database encryption", "fail", f"No database at {path}: run `carepost init`.")]
+    findings = []
+    key_file = database_key_file(settings)
+    if key_file.exists() and _mode(key_file) & 0o077:
+        findings.append(Finding("database encryption", "fail", f"{key_file} has mode {_mode(key_file):04o}; it must be 0600."))
+    from sqlalchemy import text
+
+    from carepost.core.database import make_engine
+
+    engine = make_engine(settings)
+    try:
+        with engine.connect() as conn:
+            version = conn.execute(text("PRAGMA cipher_version")).scalar()
+    finally:
+        engine.dispose()
+    if not version:
+        findings.append(Finding("database encryption", "fail", f"{path} is not opened through SQLCipher."))
+        return findings
+    plain = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        plain.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        findings.append(Finding("database encryption", "fail", f"{path} can be read by plain SQLite: it is not encrypted."))
+    except sqlite3.DatabaseError:
+        findings.append(
+            Finding("database encryption", "ok", f"{path} is encrypted with SQLCipher {version}; plain SQLite cannot read it.")
+        )
+    finally:
+        plain.close()
+    return findings
+
+
+def check_database_tls(settings: Settings) -> list[Finding]:
+    if settings.is_sqlite:
+        return [Finding("database TLS", "info", "Embedded SQLite file: no network connection.")]
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+
+    from carepost.core.database import make_engine
+
+    url = make_url(settings.effective_database_url)
+    host = _db_host(settings)
+    sslmode = str(url.query.get("sslmode", "") or "")
+    loopback = is_loopback_host(host)
+    engine = make_engine(settings)
+    try:
+        with engine.connect() as conn:
+            server_ssl = conn.execute(text("SHOW ssl")).scalar()
+            in_use = conn.execute(text("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")).scalar()
+    finally:
+        engine.dispose()
+    detail = f"server ssl={server_ssl}, this connection {'uses' if in_use else 'does not use'} TLS, sslmode={sslmode or 'unset'}"
+    if loopback:
+        return [Finding("database TLS", "ok", f"Loopback connection to PostgreSQL ({detail}); TLS not required.")]
+    if not in_use or sslmode not in ("require", "verify-ca", "verify-full"):
+        return [
+            Finding(
+                "database TLS",
+                "fail",
+                f"PostgreSQL at {host} is reached without required TLS ({detail}). Enable ssl on the server and "
+                "add ?sslmode=verify-full to CAREPOST_DATABASE_URL.",
+            )
+        ]
+    if sslmode != "verify-full":
+        return [Finding("database TLS", "warn", f"TLS in use but the server certificate is not fully verified ({detail}); use sslmode=verify-full.")]
+    return [Finding("database TLS", "ok", f"TLS with a verified certificate ({detail}).")]
+
+
+def check_migrations(settings: Settings) -> list[Finding]:
+    from alembic.script import ScriptDirectory
+
+    from carepost.core.database import make_engine
+    from carepost.core.migrate import alembic_config, current_revision
+
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    engine = make_engine(settings)
+    try:
+        current = current_revision(engine)
+    finally:
+        engine.dispose()
+    if current == head:
+        return [Finding("migrations", "ok", f"Database schema at head ({head}).")]
+    return [Finding("migrations", "fail", f"Database schema at {current or 'nothing'}, code expects {head}: run `carepost init`.")]
+
+
+# --------------------------------------------------------------------------- network
+
+
+# Schemes that carry traffic in clear, with their TLS counterpart.
+PLAIN_SCHEMES = {"redis": "rediss", "smtp": "smtps", "http": "https", "ldap": "ldaps", "amqp": "amqps"}
+TLS_SCHEMES = set(PLAIN_SCHEMES.values())
+
+
+def check_connection_urls(settings: Settings) -> list[Finding]:
+    """Every ``*_url`` setting other than the database and the base URL (queue, Redis, SMTP relay
+    and whatever later capabilities add): TLS unless the host is loopback."""
+    findings = []
+    for name in sorted(type(settings).model_fields):
+        if not name.endswith("_url") or name in ("database_url", "base_url"):
+            continue
+        value = getattr(settings, name)
+        if not value:
+            continue
+        env = f"CAREPOST_{name.upper()}"
+        parts = urlsplit(str(value))
+        scheme = parts.scheme.lower()
+        if scheme == "unix":
+            findings.append(Finding(env, "ok", "Unix socket: no network connection."))
+        elif scheme in TLS_SCHEMES:
+            findings.append(Finding(env, "ok", f"{scheme}:// to {parts.hostname}: TLS."))
+        elif scheme == "smtp" and parse_qs(parts.query).get("starttls", [""])[0] == "require":
+            findings.append(Finding(env, "ok", f"smtp:// to {parts.hostname} with STARTTLS required."))
+        elif scheme in PLAIN_SCHEMES and is_loopback_host(parts.hostname):
+            findings.append(Finding(env, "ok", f"{scheme}:// to loopback {parts.hostname}: TLS not required."))
+        elif scheme in PLAIN_SCHEMES:
+            findings.append(
+                Finding(env, "fail", f"{scheme}:// to {parts.hostname} sends data in clear; use {PLAIN_SCHEMES[scheme]}://.")
+            )
+        else:
+            findings.append(Finding(env, "warn", f"Unknown scheme {scheme!r}; can't tell whether the connection uses TLS."))
+    return findings
+
+
+def check_base_url(settings: Settings) -> list[Finding]:
+    parts = urlsplit(settings.base_url)
+    if parts.scheme == "https":
+        return [Finding("base URL", "ok", f"{settings.base_url} uses HTTPS.")]
+    if is_loopback_host(parts.hostname):
+        return [Finding("base URL", "info", f"{settings.base_url} is local; use https:// once anyone else connects.")]
+    return [
+        Finding(
+            "base URL",
+            "fail",
+            f"{settings.base_url} is not HTTPS: sign-ins, session cookies and PHI would cross the network in clear. "
+            "Serve CarePost behind TLS and set CAREPOST_BASE_URL=https://...",
+        )
+    ]
+
+
+def check_mfa(settings: Settings) -> list[Finding]:
+    return [
+        Finding(
+            "MFA",
+            "ok",
+            "Enforced: every person needs TOTP or WebAuthn before any permissioned page or API call; it cannot be turned off.",
+        )
+    ]
+
+
+def check_queue(settings: Settings) -> list[Finding]:
+    from carepost.core.queue import create_storage, is_redis_url, sqlite_queue_path
+
+    storage = create_storage(settings)
+    try:
+        if is_redis_url(settings.queue_url):
+            storage.conn.ping()
+            where = f"Redis at {urlsplit(settings.queue_url).hostname}"
+        else:
+            where = f"SQLite at {sqlite_queue_path(settings)}"
+        pending = storage.queue_size()
+    finally:
+        storage.close()
+    return [Finding("task queue", "ok", f"{where} reachable, {pending} task(s) waiting.")]
+
+
+CHECKS: list[tuple[str, Callable[[Settings], list[Finding]]]] = [
+    ("master key", check_master_key),
+    ("data dir", check_data_dir),
+    ("database encryption", check_database_encryption),
+    ("database TLS", check_database_tls),
+    ("migrations", check_migrations),
+    ("connections", check_connection_urls),
+    ("base URL", check_base_url),
+    ("MFA", check_mfa),
+    ("task queue", check_queue),
+]
+
+
+def run_checks(settings: Settings) -> list[Finding]:
+    findings: list[Finding] = []
+    for name, check in CHECKS:
+        try:
+            findings.extend(check(settings))
+        except Exception as exc:  # a check that cannot run is a failure, not a crash
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+            findings.append(Finding(name, "fail", f"Could not check: {type(exc).__name__}: {first_line}"))
+    return findings
+
+
+def worst(findings: list[Finding]) -> Level:
+    return max((f.level for f in findings), key=LEVEL_ORDER.__getitem__, default="ok")
