@@ -7,7 +7,10 @@ import importlib
 MODEL_MODULES = [
     "carepost.core.crypto",
     "carepost.accounts.models",
+    "carepost.accounts.sessions",  # LoginThrottle
+    "carepost.accounts.mfa",  # RecoveryCode
     "carepost.audit.models",
+    "carepost.patients.models",
 ]
 
 
