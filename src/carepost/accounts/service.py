@@ -15,7 +15,7 @@ from carepost.accounts.permissions import permissions_for
 from carepost.core import clock
 from carepost.core.crypto import get_keyring
 from carepost.core.database import ALL_ORGANIZATIONS
-from carepost.core.errors import Conflict, NotFound, ValidationFailed
+from carepost.core.errors import CarePostError, Conflict, NotFound, ValidationFailed
 from carepost.core.ids import slugify
 
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
@@ -108,3 +108,235 @@ def create_setup_link_if_needed(session: Session, base_url: str) -> str | None:
     )
     session.flush()
     return f"{base_url}/app/setup/{token}"
+
+
+# --------------------------------------------------------------------------- people (authentication work)
+# One-time links, first-owner setup, enrollment, roles. These functions do not commit; the route
+# or CLI command commits. ``audit`` is the keyword set passed to ``audit.service.record`` (who,
+# from where); each change appends its own event.
+
+
+class LinkGone(CarePostError):
+    status_code = 410
+    code = "link_expired"
+
+
+def _record(audit: dict | None, **kwargs) -> None:
+    if audit is None:
+        return
+    from carepost.audit.service import record
+
+    session = kwargs.pop("session")
+    record(session, **{**audit, **kwargs})
+
+
+def find_link(session: Session, token: str, purpose: str) -> OneTimeLink:
+    """The unused, unexpired link of ``purpose``; NotFound (404) or LinkGone (410) otherwise."""
+    link = session.scalar(
+        select(OneTimeLink).where(OneTimeLink.token_hash == hash_token(token or ""), OneTimeLink.purpose == purpose)
+    ) if token and len(token) <= 100 else None
+    if link is None:
+        raise NotFound("This link is not valid. Check that you copied all of it.", field="token")
+    if link.used_at is not None:
+        raise LinkGone("This link has already been used. Ask for a new one.", field="token")
+    if clock.aware(link.expires_at) <= clock.now():
+        raise LinkGone("This link has expired. Ask for a new one.", field="token")
+    return link
+
+
+def _display_name(value: str | None) -> str:
+    value = " ".join((value or "").split())
+    if len(value) > 200:
+        raise ValidationFailed("Use a name of at most 200 characters.", field="display_name")
+    return value
+
+
+def _role(role: str) -> str:
+    try:
+        permissions_for(role)
+    except ValueError:
+        from carepost.accounts.permissions import ROLES
+
+        raise ValidationFailed("Choose one of the roles: " + ", ".join(ROLES) + ".", field="role") from None
+    return role
+
+
+def setup_first_owner(session: Session, link: OneTimeLink, *, org_name: str, email: str, display_name: str,
+                      password: str, audit: dict | None = None) -> tuple[Organization, User]:
+    """Item 2 of issue 2: the setup link creates the first organization and its owner, once."""
+    from carepost.accounts.passwords import hash_password, validate_password
+
+    org_name = (org_name or "").strip()
+    if not org_name or len(org_name) > 200:
+        raise ValidationFailed("An organization needs a name of 1 to 200 characters.", field="org_name")
+    email = normalize_email(email)
+    display_name = _display_name(display_name)
+    validate_password(password, email=email, org_name=org_name, display_name=display_name)
+    if session.scalar(select(User.id).where(User.email == email)):
+        raise Conflict("A person with this email address already exists.", field="email")
+    org = create_organization(session, org_name)
+    now = clock.now()
+    user = User(email=email, display_name=display_name, password_hash=hash_password(password), password_changed_at=now)
+    session.add(user)
+    session.flush()
+    add_membership(session, org.id, user, "owner")
+    link.used_at = now
+    link.org_id = org.id
+    link.user_id = user.id
+    _record(audit, session=session, org_id=org.id, actor_type="user", actor_id=user.id, action="organization.setup",
+            target_type="organization", target_id=org.id)
+    _record(audit, session=session, org_id=org.id, actor_type="user", actor_id=user.id, action="user.create",
+            target_type="user", target_id=user.id, details={"role": "owner"})
+    return org, user
+
+
+def create_enrollment_link(session: Session, user: User, org_id: str, role: str, base_url: str) -> str:
+    """A one-time link with which a new person sets their password (older ones stop working)."""
+    from carepost.core.config import get_settings
+
+    for old in session.scalars(
+        select(OneTimeLink).where(OneTimeLink.purpose == "enrollment", OneTimeLink.user_id == user.id, OneTimeLink.used_at.is_(None))
+    ):
+        old.used_at = clock.now()
+    token = secrets.token_urlsafe(32)
+    session.add(
+        OneTimeLink(
+            purpose="enrollment", token_hash=hash_token(token), org_id=org_id, user_id=user.id, role=role,
+            expires_at=clock.now() + timedelta(hours=get_settings().enrollment_link_hours),
+        )
+    )
+    session.flush()
+    return f"{base_url}/app/enroll/{token}"
+
+
+def create_member(session: Session, org_id: str, *, email: str, role: str, display_name: str = "",
+                  password: str | None = None, base_url: str, actor_role: str | None = None,
+                  audit: dict | None = None) -> tuple[User, str | None]:
+    """Add a person to the organization. Returns (user, enrollment link or None).
+
+    A new person gets an enrollment link (shown once) unless a password is given (CLI
+    ``--password-stdin``). Someone who already has an account elsewhere is simply added.
+    """
+    from carepost.accounts.passwords import hash_password, validate_password
+
+    email = normalize_email(email)
+    role = _role(role)
+    display_name = _display_name(display_name)
+    if role == "owner" and actor_role not in (None, "owner"):
+        from carepost.core.errors import PermissionDenied
+
+        raise PermissionDenied("Only an owner can add another owner.", code="owner_required")
+    org = session.get(Organization, org_id)
+    user = session.scalar(select(User).where(User.email == email))
+    link = None
+    if user is None:
+        if password is not None:
+            validate_password(password, email=email, org_name=org.name if org else None, display_name=display_name)
+        user = User(email=email, display_name=display_name,
+                    password_hash=hash_password(password) if password is not None else None,
+                    password_changed_at=clock.now() if password is not None else None)
+        session.add(user)
+        session.flush()
+        created = True
+    else:
+        created = False
+        if password is not None:
+            raise Conflict("This person already has an account; add them without a password.", field="email")
+    add_membership(session, org_id, user, role)
+    if not user.is_active:
+        user.is_active = True
+    if user.password_hash is None:
+        link = create_enrollment_link(session, user, org_id, role, base_url)
+    _record(audit, session=session, org_id=org_id, action="user.create" if created else "membership.create",
+            target_type="user", target_id=user.id, details={"role": role, "enrollment_link": link is not None})
+    return user, link
+
+
+def complete_enrollment(session: Session, link: OneTimeLink, *, password: str, display_name: str | None = None,
+                        audit: dict | None = None) -> User:
+    from carepost.accounts.passwords import hash_password, validate_password
+
+    user = session.get(User, link.user_id) if link.user_id else None
+    if user is None:
+        raise NotFound("This link is not valid. Check that you copied all of it.", field="token")
+    if display_name is not None and display_name.strip():
+        user.display_name = _display_name(display_name)
+    org = session.get(Organization, link.org_id) if link.org_id else None
+    validate_password(password, email=user.email, org_name=org.name if org else None, display_name=user.display_name)
+    user.password_hash = hash_password(password)
+    user.password_changed_at = clock.now()
+    user.is_active = True
+    link.used_at = clock.now()
+    _record(audit, session=session, org_id=link.org_id, actor_type="user", actor_id=user.id, action="user.enroll",
+            target_type="user", target_id=user.id)
+    return user
+
+
+def list_members(session: Session, org_id: str) -> list[tuple[User, Membership]]:
+    rows = session.execute(
+        select(User, Membership).join(Membership, Membership.user_id == User.id)
+        .where(Membership.org_id == org_id).order_by(User.email)
+    ).all()
+    return [(u, m) for u, m in rows]
+
+
+def get_member(session: Session, org_id: str, user_id: str) -> tuple[User, Membership]:
+    membership = session.scalar(select(Membership).where(Membership.org_id == org_id, Membership.user_id == user_id))
+    user = session.get(User, user_id) if membership else None
+    if membership is None or user is None:
+        raise NotFound("No such person in this organization.", field="user_id")
+    return user, membership
+
+
+def _owner_count(session: Session, org_id: str) -> int:
+    return session.scalar(
+        select(func.count()).select_from(Membership).where(Membership.org_id == org_id, Membership.role == "owner")
+    ) or 0
+
+
+def change_role(session: Session, org_id: str, user_id: str, role: str, *, actor_role: str | None,
+                audit: dict | None = None) -> Membership:
+    from carepost.core.errors import PermissionDenied
+
+    role = _role(role)
+    user, membership = get_member(session, org_id, user_id)
+    old = membership.role
+    if old == role:
+        return membership
+    if "owner" in (old, role) and actor_role not in (None, "owner"):
+        raise PermissionDenied("Only an owner can give or take away the owner role.", code="owner_required")
+    if old == "owner" and _owner_count(session, org_id) <= 1:
+        raise Conflict("An organization needs at least one owner. Make someone else owner first.", field="role")
+    membership.role = role
+    _record(audit, session=session, org_id=org_id, action="membership.role_change", target_type="user",
+            target_id=user.id, details={"from": old, "to": role})
+    return membership
+
+
+def remove_member(session: Session, org_id: str, user_id: str, *, actor_role: str | None,
+                  audit: dict | None = None) -> User:
+    """Take a person out of the organization: membership deleted, their sessions there ended,
+    pending links voided; with no organization left the account is deactivated."""
+    from carepost.accounts.models import WebSession
+    from carepost.core.errors import PermissionDenied
+
+    user, membership = get_member(session, org_id, user_id)
+    if membership.role == "owner":
+        if actor_role not in (None, "owner"):
+            raise PermissionDenied("Only an owner can remove an owner.", code="owner_required")
+        if _owner_count(session, org_id) <= 1:
+            raise Conflict("The last owner cannot be removed. Make someone else owner first.", field="user_id")
+    session.delete(membership)
+    for ws in session.scalars(select(WebSession).where(WebSession.user_id == user.id, WebSession.org_id == org_id, WebSession.revoked_at.is_(None))):
+        ws.revoked_at = clock.now()
+    for link in session.scalars(select(OneTimeLink).where(OneTimeLink.user_id == user.id, OneTimeLink.org_id == org_id, OneTimeLink.used_at.is_(None))):
+        link.used_at = clock.now()
+    session.flush()
+    others = session.scalar(
+        select(func.count()).select_from(Membership).where(Membership.user_id == user.id).execution_options(**ALL_ORGANIZATIONS)
+    ) or 0
+    if not others:
+        user.is_active = False
+    _record(audit, session=session, org_id=org_id, action="membership.remove", target_type="user", target_id=user.id,
+            details={"role": membership.role, "deactivated": not others})
+    return user
