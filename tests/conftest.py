@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.accounts", "tests.fixtures.ui"]
+pytest_plugins = ["tests.fixtures.accounts", "tests.fixtures.ui", "tests.fixtures.delivery"]
 
 BACKENDS = ["sqlite", "postgresql"]
 _ENV_KEYS = ("CAREPOST_DATA_DIR", "CAREPOST_DATABASE_URL", "CAREPOST_QUEUE_URL", "CAREPOST_REDIS_URL", "CAREPOST_MASTER_KEY")
