@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -268,6 +269,36 @@ def org_list() -> None:
         for org in list_organizations(session):
             table.add_row(org.slug, org.name, org.id, org.created_at.strftime("%Y-%m-%d"))
         console.print(table)
+
+
+# --------------------------------------------------------------------------- audit
+
+
+@audit_app.command("verify")
+def audit_verify(
+    org: str = typer.Option(None, "--org", help="Organization slug or id (default: every chain)."),
+    checkpoint: list[Path] = typer.Option(
+        None, "--checkpoint", help="Extra checkpoint: a checkpoint file or an audit export (repeatable)."
+    ),
+) -> None:
+    """Verify the audit hash chains; exit 1 naming the first bad event."""
+    from carepost.audit.commands import run_verify
+
+    raise typer.Exit(run_verify(org, list(checkpoint or []), console, err))
+
+
+@audit_app.command("export")
+def audit_export(
+    org: str = typer.Option(..., "--org", help="Organization slug or id."),
+    since: str = typer.Option(None, "--since", help="ISO 8601 start (inclusive), e.g. 2025-01-01."),
+    until: str = typer.Option(None, "--until", help="ISO 8601 end (exclusive)."),
+    fmt: str = typer.Option("jsonl", "--format", help="jsonl or csv."),
+    output: Path = typer.Option(None, "--output", "-o", help="File to write (mode 0600); default stdout."),
+) -> None:
+    """Export an organization's audit events (all fields, hashes, checkpoint trailer)."""
+    from carepost.audit.commands import run_export
+
+    raise typer.Exit(run_export(org, since, until, fmt, output, err))
 
 
 def main() -> None:

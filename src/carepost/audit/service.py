@@ -7,20 +7,27 @@ chain head row first, so two writers can never both extend the same head (no for
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import select, update
+from sqlalchemy import event as sa_event
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
+from carepost.audit import checkpoints
 from carepost.audit.models import SYSTEM_CHAIN, AuditChainHead, AuditEvent
 from carepost.core import clock
 from carepost.core.crypto import get_keyring
-from carepost.core.ids import new_id
-from carepost.core.logging import scrub_value
+from carepost.core.errors import NotFound, ValidationFailed
+from carepost.core.ids import is_id, new_id
+from carepost.core.logging import get_logger, scrub_value
+
+log = get_logger("carepost.audit")
 
 GENESIS = "0" * 64
 HASHED_FIELDS = (
@@ -103,12 +110,133 @@ def record(
         prev_hash=head.hash,
     )
     event.id = new_id()
-    event.hash = event_hash(chain_key(session, chain), event)
+    key = chain_key(session, chain)
+    event.hash = event_hash(key, event)
     head.seq = event.seq
     head.hash = event.hash
     head.updated_at = event.occurred_at
     session.add(event)
     session.flush()
+    _remember_append(session, event, key)
+    return event
+
+
+# --------------------------------------------------------------------------- reading
+
+EVENT_FIELDS = (
+    "id", "chain", "seq", "org_id", "occurred_at", "actor_type", "actor_id", "on_behalf_of", "action",
+    "target_type", "target_id", "outcome", "ip", "user_agent", "request_id", "details", "prev_hash", "hash",
+)
+OUTCOMES = ("success", "failure", "denied")
+MAX_PAGE = 200
+
+
+def event_to_dict(event: AuditEvent) -> dict:
+    """Every field, times in the exact form the hash covers."""
+    out = {}
+    for name in EVENT_FIELDS:
+        value = getattr(event, name)
+        out[name] = _ts(value) if isinstance(value, datetime) else value
+    return out
+
+
+def parse_time(value: str | datetime | None, field: str) -> datetime | None:
+    """ISO 8601 date or date-time; no zone means UTC."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        parsed = value
+    else:
+        text = value.strip()
+        if text.endswith(("Z", "z")):
+            text = text[:-1] + "+00:00"
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            raise ValidationFailed("Use an ISO 8601 date or date-time, e.g. 2025-01-31T08:00:00Z.", field=field) from None
+    return clock.aware(parsed).astimezone(timezone.utc)
+
+
+def encode_cursor(event: AuditEvent) -> str:
+    raw = f"{_ts(event.occurred_at)}|{event.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        stamp, event_id = raw.split("|", 1)
+        when = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+    except (ValueError, UnicodeDecodeError):
+        raise ValidationFailed("The cursor is not one this API returned.", field="cursor") from None
+    if not is_id(event_id):
+        raise ValidationFailed("The cursor is not one this API returned.", field="cursor")
+    return when, event_id
+
+
+@dataclass
+class EventFilters:
+    action: str | None = None
+    actor_id: str | None = None
+    outcome: str | None = None
+    target_type: str | None = None
+    target_id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def active(self) -> dict:
+        """The filters in use, for the audit event that records the read (names and ids, no PHI)."""
+        out = {}
+        for name, value in self.__dict__.items():
+            if value not in (None, ""):
+                out[name] = _ts(value) if isinstance(value, datetime) else value
+        return out
+
+
+def list_events(
+    session: Session, chain: str, filters: EventFilters | None = None, *, cursor: str | None = None, limit: int = 50
+) -> tuple[list[AuditEvent], str | None]:
+    """One page of a chain's events, newest first, with the cursor of the next page.
+
+    ``chain`` is required: audit events are not ``OrgScoped`` (the system chain belongs to no
+    organization), so the caller's organization is applied here, explicitly."""
+    f = filters or EventFilters()
+    if f.outcome and f.outcome not in OUTCOMES:
+        raise ValidationFailed(f"Outcome must be one of {', '.join(OUTCOMES)}.", field="outcome")
+    limit = max(1, min(int(limit), MAX_PAGE))
+    stmt = select(AuditEvent).where(AuditEvent.chain == chain)
+    if f.action:
+        if f.action.endswith("*"):
+            prefix = f.action[:-1].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            stmt = stmt.where(AuditEvent.action.like(prefix + "%", escape="\\"))
+        else:
+            stmt = stmt.where(AuditEvent.action == f.action)
+    for name in ("actor_id", "outcome", "target_type", "target_id"):
+        value = getattr(f, name)
+        if value:
+            stmt = stmt.where(getattr(AuditEvent, name) == value)
+    if f.since is not None:
+        stmt = stmt.where(AuditEvent.occurred_at >= f.since)
+    if f.until is not None:
+        stmt = stmt.where(AuditEvent.occurred_at < f.until)
+    if cursor:
+        when, event_id = decode_cursor(cursor)
+        stmt = stmt.where(
+            or_(AuditEvent.occurred_at < when, and_(AuditEvent.occurred_at == when, AuditEvent.id < event_id))
+        )
+    stmt = stmt.order_by(AuditEvent.occurred_at.desc(), AuditEvent.id.desc()).limit(limit + 1)
+    rows = list(session.scalars(stmt))
+    next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+def get_event(session: Session, chain: str, event_id: str) -> AuditEvent:
+    """One event of ``chain``; another chain's event is "not found", never "forbidden"."""
+    event = None
+    if is_id(event_id):
+        event = session.scalar(select(AuditEvent).where(AuditEvent.chain == chain, AuditEvent.id == event_id))
+    if event is None:
+        raise NotFound("No such audit event.", field="event_id")
     return event
 
 
@@ -127,3 +255,101 @@ def record_for(session: Session, principal, request, action: str, **kwargs) -> A
         action=action,
         **kwargs,
     )
+
+
+# --------------------------------------------------------------------------- checkpoints after commit
+#
+# ``record`` notes each append in ``session.info``; when the outermost transaction commits, the
+# newest append of each chain becomes that chain's checkpoint file (see ``checkpoints``). Appends
+# made inside a savepoint that rolls back, or a transaction that rolls back, are forgotten.
+
+_PENDING = "carepost_audit_pending"  # chain -> list of appends (transaction, seq, hash, id, time, key)
+_BASE_OK = "carepost_audit_checkpoint_base"  # chain -> may this transaction advance the file?
+
+
+def _current_transaction(session: Session) -> SessionTransaction | None:
+    return session.get_nested_transaction() or session.get_transaction()
+
+
+def _remember_append(session: Session, event: AuditEvent, key: bytes) -> None:
+    base = session.info.setdefault(_BASE_OK, {})
+    if event.chain not in base:
+        base[event.chain] = _file_continues_chain(session, event.chain, key, event.seq, event.prev_hash)
+    session.info.setdefault(_PENDING, {}).setdefault(event.chain, []).append(
+        (_current_transaction(session), event.seq, event.hash, event.id, _ts(event.occurred_at), key)
+    )
+
+
+def _file_continues_chain(session: Session, chain: str, key: bytes, first_seq: int, prev_hash: str) -> bool:
+    """Does this machine's checkpoint still name an event of the chain we are extending?
+
+    If not, the log was truncated or rewritten after the checkpoint: keep the file as evidence
+    (``verify`` reports it) instead of advancing it over the gap. Checked once per chain and
+    transaction, while the chain head is locked; usually without a query (the file names the
+    event we link to).
+    """
+    try:
+        cp = checkpoints.read_local(chain)
+    except checkpoints.CheckpointError:
+        log.error("audit_checkpoint_unreadable", chain=chain)
+        return False
+    if cp is None:
+        return True
+    if cp.chain != chain or not checkpoints.mac_ok(key, cp):
+        log.error("audit_checkpoint_invalid", chain=chain)
+        return False
+    if cp.seq == first_seq - 1:
+        ok = hmac.compare_digest(cp.hash, prev_hash)
+    elif cp.seq >= first_seq:
+        ok = False  # the file is ahead of the database: newest events were deleted
+    else:
+        stored = session.scalar(select(AuditEvent.hash).where(AuditEvent.chain == chain, AuditEvent.seq == cp.seq))
+        ok = stored is not None and hmac.compare_digest(stored, cp.hash)
+    if not ok:
+        log.error("audit_checkpoint_diverged", chain=chain, checkpoint_seq=cp.seq, head_seq=first_seq - 1)
+    return ok
+
+
+def _within(tx: SessionTransaction | None, ancestor: SessionTransaction) -> bool:
+    while tx is not None:
+        if tx is ancestor:
+            return True
+        tx = tx.parent
+    return False
+
+
+@sa_event.listens_for(Session, "after_soft_rollback")
+def _forget_rolled_back(session: Session, previous_transaction: SessionTransaction) -> None:
+    pending = session.info.get(_PENDING)
+    if not pending:
+        return
+    for chain in list(pending):
+        pending[chain] = [a for a in pending[chain] if not _within(a[0], previous_transaction)]
+        if not pending[chain]:
+            del pending[chain]
+
+
+@sa_event.listens_for(Session, "after_commit")
+def _write_checkpoints(session: Session) -> None:
+    if session.in_nested_transaction():
+        return  # a savepoint committed; the outer transaction may still roll back
+    pending = session.info.pop(_PENDING, None)
+    base = session.info.pop(_BASE_OK, {})
+    if not pending:
+        return
+    for chain, appends in pending.items():
+        if not appends or not base.get(chain, False):
+            continue
+        _tx, seq, hash_, event_id, occurred_at, key = max(appends, key=lambda a: a[1])
+        try:
+            cp = checkpoints.sign(key, chain=chain, seq=seq, hash=hash_, event_id=event_id, occurred_at=occurred_at)
+            checkpoints.write_forward(cp)
+        except OSError as exc:  # the data is committed; a missing checkpoint is reported by verify
+            log.error("audit_checkpoint_write_failed", chain=chain, error_type=type(exc).__name__)
+
+
+@sa_event.listens_for(Session, "after_transaction_end")
+def _clear_on_end(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None:
+        session.info.pop(_PENDING, None)
+        session.info.pop(_BASE_OK, None)
