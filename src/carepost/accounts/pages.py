@@ -407,6 +407,7 @@ def _security_page(request: Request, principal: Principal, *, codes: list[str] |
         "new_codes": codes,
         "error": error,
         "rp_id": mfa.rp_id(),
+        "idle_minutes": max(1, get_settings().session_idle_timeout // 60),
     }, status_code=status_code)
 
 
@@ -498,7 +499,7 @@ def _users_page(request: Request, principal: Principal, *, errors: dict | None =
     return render(request, "accounts/users.html", {
         "members": members, "roles": [(r, ROLE_LABELS.get(r, r)) for r in ROLES],
         "can_manage": principal.can(Permission.USERS_MANAGE), "errors": errors or {}, "form": form or {},
-        "new_link": new_link, "notice": notice,
+        "new_link": new_link, "notice": notice, "link_hours": get_settings().enrollment_link_hours,
     }, status_code=status_code)
 
 
@@ -628,3 +629,70 @@ def break_glass_review(grant_id: str, request: Request,
 
 # --------------------------------------------------------------------------- API credentials
 # (owned by the API credentials work)
+from carepost.accounts import credentials as api_creds  # noqa: E402
+from carepost.accounts.permissions import API_SCOPES  # noqa: E402
+from carepost.core.errors import ValidationFailed  # noqa: E402
+
+_EXPIRY_CHOICES = [("30", "in 30 days"), ("90", "in 90 days"), ("365", "in a year"), ("", "never")]
+
+
+def _api_credentials_page(request: Request, principal: Principal, *, errors: dict | None = None, form: dict | None = None,
+                          created=None, created_secret: str | None = None, notice: str | None = None,
+                          status_code: int = 200):
+    session = request.state.db
+    now = clock.now()
+    return render(request, "accounts/api_credentials.html", {
+        "credentials": [api_creds.credential_view(c, now) for c in api_creds.list_credentials(session, principal.org_id)],
+        "scopes": [{"name": s, "allowed": principal.can(s)} for s in sorted(API_SCOPES)],
+        "expiry_choices": _EXPIRY_CHOICES, "errors": errors or {}, "form": form or {},
+        "created": created, "created_secret": created_secret, "notice": notice,
+    }, status_code=status_code)
+
+
+@router.get("/api-credentials")
+def api_credentials_page(request: Request, principal: Principal = Depends(require(Permission.APIKEYS_MANAGE))):
+    return _api_credentials_page(request, principal)
+
+
+@router.post("/api-credentials")
+def api_credentials_create(request: Request, name: str = Form(""), scopes: list[str] = Form([]),
+                           expires_in_days: str = Form(""), sandbox: str = Form(""),
+                           principal: Principal = Depends(require(Permission.APIKEYS_MANAGE))):
+    form = {"name": name[:300], "scopes": scopes, "expires_in_days": expires_in_days[:5], "sandbox": bool(sandbox)}
+    return _api_credentials_create(request, principal, form)
+
+
+def _api_credentials_create(request: Request, principal: Principal, form: dict):
+    session = request.state.db
+    try:
+        days = None
+        if form["expires_in_days"]:
+            if not form["expires_in_days"].isdigit():
+                raise ValidationFailed("Choose an expiry from the list.", field="expires_in_days")
+            days = int(form["expires_in_days"])
+        cred, secret = api_creds.create_credential(
+            session, principal.org_id, name=form["name"], scopes=form["scopes"],
+            creator_permissions=principal.permissions, created_by=principal.user_id or principal.actor_id,
+            expires_in_days=days, sandbox=form["sandbox"],
+        )
+        record(session, org_id=principal.org_id, action="api_credential.create", target_type="api_credential",
+               target_id=cred.id, details={"key_id": cred.key_id, "scopes": list(cred.scopes), "sandbox": cred.sandbox},
+               **_audit_kw(principal, request))
+    except CarePostError as exc:
+        session.rollback()
+        return _api_credentials_page(request, principal, errors=_errors(exc), form=form, status_code=exc.status_code)
+    session.commit()
+    # The secret is rendered into this response only (Cache-Control: no-store), never into a URL.
+    return _api_credentials_page(request, principal, created=cred, created_secret=secret)
+
+
+@router.post("/api-credentials/{credential_id}/revoke")
+def api_credentials_revoke(credential_id: str, request: Request,
+                           principal: Principal = Depends(require(Permission.APIKEYS_MANAGE))):
+    session = request.state.db
+    cred = api_creds.get_credential(session, principal.org_id, credential_id)
+    tokens = api_creds.revoke_credential(session, cred)
+    record(session, org_id=principal.org_id, action="api_credential.revoke", target_type="api_credential",
+           target_id=cred.id, details={"key_id": cred.key_id, "tokens_revoked": tokens}, **_audit_kw(principal, request))
+    session.commit()
+    return _see_other("/app/api-credentials")

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     login_lockout_seconds: int = Field(900, description="How long a locked account stays locked.")
     access_token_ttl: int = Field(900, description="Lifetime of OAuth 2.0 access tokens in seconds.")
     rate_limit_per_minute: int = Field(600, description="Default API requests per minute per credential.")
+    hmac_max_skew_seconds: int = Field(
+        300, description="How far the Timestamp of an HMAC-signed API request may differ from the server clock."
+    )
     break_glass_max_minutes: int = Field(60, description="Longest emergency-access grant in minutes.")
     break_glass_min_reason: int = Field(20, description="Fewest characters an emergency-access reason may have.")
     login_ip_max_failures: int = Field(20, description="Failed logins from one IP address within the window before it is throttled.")
@@ -61,6 +64,30 @@ class Settings(BaseSettings):
     queue_name: str = Field("carepost", description="Name of the task queue (keys in Redis, rows in the SQLite queue).")
     worker_threads: int = Field(4, description="Task threads per `carepost worker` process.")
     worker_shutdown_timeout: int = Field(30, description="Seconds `carepost worker` lets running tasks finish after SIGTERM.")
+
+    # Secure delivery (delivery/dns.py, tlsprobe.py, smtp.py). `carepost doctor` warns when the
+    # first four are set: they reroute or widen trust for outbound mail.
+    dns_nameservers: str | None = Field(
+        None, description="DNS servers for MX/TXT look-ups, comma-separated host[:port]. Empty: the system resolver."
+    )
+    mx_overrides: str | None = Field(
+        None,
+        description="Route recipient domains to a host, address and port: "
+        "`example.test=mx.example.test@127.0.0.1:2525`, comma-separated. The certificate is checked against the host name.",
+    )
+    mta_sts_overrides: str | None = Field(
+        None,
+        description="Where to fetch a domain's MTA-STS policy: `example.test=127.0.0.1:8443`, comma-separated. "
+        "The certificate is checked against mta-sts.<domain>.",
+    )
+    extra_ca_file: Path | None = Field(None, description="PEM file of extra trust anchors for outbound TLS (SMTP, MTA-STS).")
+    dns_timeout: float = Field(5.0, description="Seconds a DNS look-up may take.")
+    smtp_port: int = Field(25, description="Port of recipients' MX servers.")
+    smtp_helo_name: str | None = Field(None, description="Name sent in EHLO. Default: this machine's fully qualified name.")
+    smtp_timeout: float = Field(60.0, description="Seconds to wait for an SMTP reply (RFC 5321 4.5.3.2 allows far more; 60 s is common).")
+    smtp_pool_size: int = Field(4, description="Open SMTP connections kept per destination.")
+    smtp_max_messages_per_connection: int = Field(100, description="Messages sent over one SMTP connection before it is renewed.")
+    tls_probe_cache_seconds: int = Field(3600, description="How long a domain's MX, TLS and MTA-STS findings are reused.")
 
     @field_validator("base_url")
     @classmethod
