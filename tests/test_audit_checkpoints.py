@@ -1,0 +1,171 @@
+"""Checkpoints of the chain head outside the database: written after commit only, atomically,
+0600, authenticated, only ever moving forward."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+import threading
+
+import pytest
+from sqlalchemy import select
+
+from carepost.audit import checkpoints
+from carepost.audit.models import AuditChainHead
+from carepost.audit.service import chain_key, record
+from carepost.audit.verify import verify
+
+
+@pytest.fixture(autouse=True)
+def fresh_checkpoints(db):
+    shutil.rmtree(checkpoints.checkpoint_dir(), ignore_errors=True)
+    yield
+
+
+def append(session, org_id, action="contact.read"):
+    return record(session, org_id=org_id, actor_type="user", actor_id="u1", action=action, target_type="contact", target_id="c1")
+
+
+def run_verify(org_id=None, given=None):
+    from carepost.core.database import read_only_session
+
+    with read_only_session() as s:
+        return verify(s, org_id=org_id, given=given)
+
+
+def test_commit_writes_head_checkpoint(session, org):
+    append(session, org.id)
+    last = append(session, org.id)
+    assert checkpoints.read_local(org.id) is None  # nothing before commit
+    session.commit()
+    cp = checkpoints.read_local(org.id)
+    assert (cp.chain, cp.seq, cp.hash, cp.event_id) == (org.id, 2, last.hash, last.id)
+    path = checkpoints.checkpoint_path(org.id)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.parent == checkpoints.checkpoint_dir()
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert checkpoints.mac_ok(chain_key(session, org.id), cp)
+    assert not list(path.parent.glob("*.tmp"))
+
+
+def test_rollback_writes_no_checkpoint(session, org):
+    append(session, org.id)
+    session.commit()
+    before = checkpoints.checkpoint_path(org.id).read_text()
+    append(session, org.id)
+    session.rollback()
+    assert checkpoints.checkpoint_path(org.id).read_text() == before
+    session.rollback()
+    assert session.scalar(select(AuditChainHead.seq).where(AuditChainHead.chain == org.id)) == 1
+
+
+def test_rolled_back_savepoint_is_not_checkpointed(session, org):
+    first = append(session, org.id)
+    nested = session.begin_nested()
+    append(session, org.id)
+    nested.rollback()
+    session.commit()
+    cp = checkpoints.read_local(org.id)
+    assert (cp.seq, cp.hash) == (1, first.hash)
+    assert run_verify(org.id).ok
+
+
+def test_committed_savepoint_is_checkpointed_with_the_outer_commit(session, org):
+    append(session, org.id)
+    with session.begin_nested():
+        inner = append(session, org.id)
+    assert checkpoints.read_local(org.id) is None  # the savepoint is not the commit
+    session.commit()
+    assert checkpoints.read_local(org.id).hash == inner.hash
+
+
+def test_checkpoint_never_moves_backwards(session, org):
+    for _ in range(3):
+        append(session, org.id)
+    session.commit()
+    key = chain_key(session, org.id)
+    older = checkpoints.sign(key, chain=org.id, seq=2, hash="0" * 64, event_id=None, occurred_at=None)
+    assert checkpoints.write_forward(older) is False
+    assert checkpoints.read_local(org.id).seq == 3
+    # Many writers racing with mixed seqs leave the highest.
+    cps = [checkpoints.sign(key, chain=org.id, seq=s, hash="ab" * 32, event_id=None, occurred_at=None) for s in range(4, 40)]
+    threads = [threading.Thread(target=checkpoints.write_forward, args=(cp,)) for cp in reversed(cps)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert checkpoints.read_local(org.id).seq == 39
+
+
+def test_forged_checkpoint_is_reported(session, org):
+    for _ in range(3):
+        append(session, org.id)
+    session.commit()
+    path = checkpoints.checkpoint_path(org.id)
+    data = json.loads(path.read_text())
+    data["seq"] = 2  # an attacker "rewinds" the file to match a truncated log
+    path.write_text(json.dumps(data))
+    p = run_verify(org.id).first_problem
+    assert (p.kind, p.chain) == ("checkpoint_invalid", org.id)
+
+
+def test_checkpoint_of_another_chain_does_not_authenticate(session, org):
+    from carepost.accounts.service import create_organization
+
+    other = create_organization(session, "Other Clinic")
+    session.commit()
+    append(session, org.id)
+    append(session, other.id)
+    session.commit()
+    data = json.loads(checkpoints.checkpoint_path(other.id).read_text())
+    data["chain"] = org.id
+    checkpoints.checkpoint_path(org.id).write_text(json.dumps(data))
+    assert run_verify(org.id).first_problem.kind == "checkpoint_invalid"
+
+
+def test_unreadable_checkpoint_is_kept_as_evidence(session, org):
+    append(session, org.id)
+    session.commit()
+    path = checkpoints.checkpoint_path(org.id)
+    path.write_text("not json")
+    append(session, org.id)
+    session.commit()
+    assert path.read_text() == "not json"
+    assert run_verify(org.id).first_problem.kind == "checkpoint_invalid"
+
+
+def test_verify_accepts_a_checkpoint_from_another_machine(session, org, tmp_path):
+    """Each machine keeps its own file; ``--checkpoint`` checks the database against any of them."""
+    for _ in range(4):
+        append(session, org.id)
+    session.commit()
+    elsewhere = tmp_path / "machine-b.json"
+    shutil.copy(checkpoints.checkpoint_path(org.id), elsewhere)
+    checkpoints.checkpoint_path(org.id).unlink()
+    given = checkpoints.load_file(elsewhere)
+    assert run_verify(org.id, given).ok
+    from carepost.core.database import read_only_session
+
+    with read_only_session() as s:
+        from sqlalchemy import text
+
+        s.execute(text("DELETE FROM audit_events WHERE chain = :c AND seq = 4"), {"c": org.id})
+        s.execute(text("UPDATE audit_chain_heads SET seq = 3, hash = (SELECT hash FROM audit_events WHERE chain = :c AND seq = 3) WHERE chain = :c"), {"c": org.id})
+        s.commit()
+    assert run_verify(org.id).ok  # no local file: this machine cannot tell
+    p = run_verify(org.id, given).first_problem
+    assert (p.kind, p.seq) == ("truncated", 4) and str(elsewhere) in p.message
+
+
+def test_whole_chain_deleted_is_detected(session, org):
+    for _ in range(2):
+        append(session, org.id)
+    session.commit()
+    from sqlalchemy import text
+
+    session.execute(text("DELETE FROM audit_events WHERE chain = :c"), {"c": org.id})
+    session.execute(text("DELETE FROM audit_chain_heads WHERE chain = :c"), {"c": org.id})
+    session.commit()
+    p = run_verify(org.id).first_problem
+    assert (p.kind, p.seq) == ("truncated", 1)
