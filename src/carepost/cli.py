@@ -271,6 +271,158 @@ def org_list() -> None:
         console.print(table)
 
 
+# --------------------------------------------------------------------------- people
+
+
+@user_app.command("create")
+def user_create(
+    org: str = typer.Option(..., "--org", help="Organization slug or id."),
+    email: str = typer.Option(..., "--email", help="The person's email address (their sign-in name)."),
+    role: str = typer.Option(..., "--role", help="owner, admin, compliance_officer, marketer, analyst, developer or read_only."),
+    name: str = typer.Option("", "--name", help="Display name."),
+    password_stdin: bool = typer.Option(
+        False, "--password-stdin", help="Read the password from standard input instead of printing an enrollment link."
+    ),
+) -> None:
+    """Add a person to an organization; prints a one-time enrollment link unless --password-stdin."""
+    from carepost.accounts.service import create_member, get_organization
+    from carepost.core.config import get_settings
+    from carepost.core.database import system_session
+    from carepost.core.errors import CarePostError
+
+    password = None
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    with system_session() as session:
+        try:
+            organization = get_organization(session, org)
+            user, link = create_member(
+                session, organization.id, email=email, role=role, display_name=name, password=password,
+                base_url=get_settings().base_url, audit={"actor_type": "system", "actor_id": "cli"},
+            )
+        except CarePostError as exc:
+            fail(f"{exc.field}: {exc.message}" if exc.field else exc.message)
+        session.commit()
+        console.print(f"Added {user.email} to {organization.slug} as {role} (user id {user.id}).")
+        if link:
+            console.print("Send them this one-time enrollment link (shown once) to choose a password and set up MFA:")
+            console.print(f"  [bold]{link}[/bold]", soft_wrap=True)
+        elif password is not None:
+            console.print("They set up two-step sign-in (TOTP) at their first sign-in.")
+
+
+@user_app.command("list")
+def user_list(org: str = typer.Option(..., "--org", help="Organization slug or id.")) -> None:
+    """List the people of an organization."""
+    from carepost.accounts.service import get_organization, list_members
+    from carepost.core.database import system_session
+    from carepost.core.errors import CarePostError
+
+    with system_session() as session:
+        try:
+            organization = get_organization(session, org)
+        except CarePostError as exc:
+            fail(exc.message)
+        table = Table("email", "name", "role", "status", "MFA", "id")
+        for user, membership in list_members(session, organization.id):
+            status = "active" if user.is_active and user.password_hash else ("invited" if user.is_active else "inactive")
+            table.add_row(user.email, user.display_name, membership.role, status,
+                          "on" if user.totp_confirmed_at else "off", user.id)
+        console.print(table)
+
+
+# --------------------------------------------------------------------------- API credentials
+
+
+@apikey_app.command("create")
+def apikey_create(
+    org: str = typer.Option(..., "--org", help="Organization slug or id."),
+    name: str = typer.Option(..., "--name", help="What the credential is for."),
+    scope: list[str] = typer.Option([], "--scope", help="An API scope (repeat for several), e.g. messages:send."),
+    expires_days: int = typer.Option(None, "--expires-days", help="Days until it expires (default: never)."),
+    sandbox: bool = typer.Option(False, "--sandbox", help="Test traffic: nothing is delivered."),
+    rate_limit: int = typer.Option(None, "--rate-limit", help="Requests per minute (default: CAREPOST_RATE_LIMIT_PER_MINUTE)."),
+) -> None:
+    """Create an API credential and print its secret (shown once, stored only as a hash)."""
+    from carepost.accounts.credentials import create_credential
+    from carepost.accounts.permissions import API_SCOPES
+    from carepost.accounts.service import get_organization
+    from carepost.audit.service import record
+    from carepost.core.database import system_session
+    from carepost.core.errors import CarePostError
+
+    with system_session() as session:
+        try:
+            organization = get_organization(session, org)
+            cred, secret = create_credential(
+                session, organization.id, name=name, scopes=scope, created_by="cli",
+                expires_in_days=expires_days, sandbox=sandbox, rate_limit_per_minute=rate_limit,
+            )
+        except CarePostError as exc:
+            fail(f"{exc.field}: {exc.message}" if exc.field else exc.message)
+        record(session, org_id=organization.id, actor_type="system", actor_id="cli", action="api_credential.create",
+               target_type="api_credential", target_id=cred.id,
+               details={"key_id": cred.key_id, "scopes": list(cred.scopes), "sandbox": cred.sandbox})
+        session.commit()
+    console.print(f"Created API credential [bold]{cred.name}[/bold] in {organization.slug}.")
+    console.print(f"key id:  {cred.key_id}")
+    console.print(f"secret:  {secret}", soft_wrap=True, highlight=False)
+    console.print(f"bearer:  {cred.key_id}.{secret}", soft_wrap=True, highlight=False)
+    console.print(f"scopes:  {' '.join(cred.scopes) or '(none: only GET /api/v1/me)'}")
+    if not cred.scopes:
+        err.print(f"hint: grant scopes with --scope; available: {', '.join(sorted(API_SCOPES))}")
+    console.print("The secret is shown only now. Store it in your secret manager.")
+
+
+@apikey_app.command("list")
+def apikey_list(org: str = typer.Option(..., "--org", help="Organization slug or id.")) -> None:
+    """List an organization's API credentials (never their secrets)."""
+    from carepost.accounts.credentials import credential_view, list_credentials
+    from carepost.accounts.service import get_organization
+    from carepost.core.database import system_session
+    from carepost.core.errors import CarePostError
+
+    with system_session() as session:
+        try:
+            organization = get_organization(session, org)
+        except CarePostError as exc:
+            fail(exc.message)
+        table = Table("key id", "name", "scopes", "status", "created", "expires", "last used")
+        for cred in list_credentials(session, organization.id):
+            v = credential_view(cred)
+            table.add_row(
+                v["key_id"], v["name"] + (" (sandbox)" if v["sandbox"] else ""), " ".join(v["scopes"]), v["status"],
+                v["created_at"].strftime("%Y-%m-%d"), v["expires_at"].strftime("%Y-%m-%d") if v["expires_at"] else "never",
+                v["last_used_at"].strftime("%Y-%m-%d %H:%M") if v["last_used_at"] else "never",
+            )
+        console.print(table)
+
+
+@apikey_app.command("revoke")
+def apikey_revoke(
+    key_id: str = typer.Argument(..., help="The key id (cpk_...)."),
+    org: str = typer.Option(..., "--org", help="Organization slug or id."),
+) -> None:
+    """Revoke an API credential and its OAuth access tokens."""
+    from carepost.accounts.credentials import get_credential_by_key_id, revoke_credential
+    from carepost.accounts.service import get_organization
+    from carepost.audit.service import record
+    from carepost.core.database import system_session
+    from carepost.core.errors import CarePostError
+
+    with system_session() as session:
+        try:
+            organization = get_organization(session, org)
+            cred = get_credential_by_key_id(session, organization.id, key_id)
+        except CarePostError as exc:
+            fail(exc.message)
+        tokens = revoke_credential(session, cred)
+        record(session, org_id=organization.id, actor_type="system", actor_id="cli", action="api_credential.revoke",
+               target_type="api_credential", target_id=cred.id, details={"key_id": cred.key_id, "tokens_revoked": tokens})
+        session.commit()
+    console.print(f"Revoked {key_id} ({tokens} access token(s) revoked).")
+
+
 # --------------------------------------------------------------------------- audit
 
 

@@ -52,7 +52,9 @@ def _is_trivial(lowered: str) -> bool:
     """One character repeated, a short pattern repeated, or a run of a keyboard/alphabet sequence."""
     if len(set(lowered)) <= 2:
         return True
-    for size in range(1, 5):
+    if lowered in (lowered + lowered)[1:-1]:  # a whole unit repeated: "abcabcabcabc", "passwordpassword"
+        return True
+    for size in range(1, 5):  # a short unit repeated with a partial tail: "ababababa"
         unit = lowered[:size]
         if unit * (len(lowered) // size) + unit[: len(lowered) % size] == lowered:
             return True
