@@ -48,6 +48,8 @@ FORMAT = "carepost-audit-checkpoint/1"
 SIGNED_FIELDS = ("format", "chain", "seq", "hash", "event_id", "occurred_at", "written_at")
 _CHAIN_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _thread_lock = threading.Lock()
+# How messages name this machine's file (never its path: API responses must not reveal internals).
+LOCAL_SOURCE = "local checkpoint"
 
 
 class CheckpointError(ValueError):
@@ -159,9 +161,9 @@ def read_local(chain: str, settings: Settings | None = None) -> Checkpoint | Non
     except FileNotFoundError:
         return None
     try:
-        return Checkpoint.from_dict(json.loads(text), source=str(path))
+        return Checkpoint.from_dict(json.loads(text), source=LOCAL_SOURCE)
     except json.JSONDecodeError:
-        raise CheckpointError(f"{path}: not valid JSON") from None
+        raise CheckpointError(f"{LOCAL_SOURCE}: not valid JSON") from None
 
 
 def local_chains(settings: Settings | None = None) -> list[str]:
