@@ -193,6 +193,9 @@ def keys_rotate() -> None:
     from carepost.core.crypto import KeyUnavailable, OrgKey, rotate_master_key
     from carepost.core.database import session_factory, system_session
 
+    from carepost.models import load_all_models
+
+    load_all_models()
     settings = get_settings()
     try:
         old_id, new_id_, rewrapped = rotate_master_key(settings, session_factory())
@@ -218,6 +221,9 @@ def keys_rekey_database() -> None:
     from carepost.core.rekey import RekeyError, rekey_database
     from carepost.core.supervisor import DataDirBusy
 
+    from carepost.models import load_all_models
+
+    load_all_models()
     settings = get_settings()
     dispose_engine()
     try:

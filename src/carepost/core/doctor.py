@@ -121,6 +121,17 @@ def check_database_encryption(settings: Settings) -> list[Finding]:
     key_file = database_key_file(settings)
     if key_file.exists() and _mode(key_file) & 0o077:
         findings.append(Finding("database encryption", "fail", f"{key_file} has mode {_mode(key_file):04o}; it must be 0600."))
+    plain = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        plain.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        readable = True
+    except sqlite3.DatabaseError:
+        readable = False
+    finally:
+        plain.close()
+    if readable:
+        findings.append(Finding("database encryption", "fail", f"{path} can be read by plain SQLite: it is not encrypted."))
+        return findings
     from sqlalchemy import text
 
     from carepost.core.database import make_engine
@@ -133,17 +144,10 @@ def check_database_encryption(settings: Settings) -> list[Finding]:
         engine.dispose()
     if not version:
         findings.append(Finding("database encryption", "fail", f"{path} is not opened through SQLCipher."))
-        return findings
-    plain = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        plain.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        findings.append(Finding("database encryption", "fail", f"{path} can be read by plain SQLite: it is not encrypted."))
-    except sqlite3.DatabaseError:
+    else:
         findings.append(
             Finding("database encryption", "ok", f"{path} is encrypted with SQLCipher {version}; plain SQLite cannot read it.")
         )
-    finally:
-        plain.close()
     return findings
 
 
@@ -158,7 +162,6 @@ def check_database_tls(settings: Settings) -> list[Finding]:
     url = make_url(settings.effective_database_url)
     host = _db_host(settings)
     sslmode = str(url.query.get("sslmode", "") or "")
-    loopback = is_loopback_host(host)
     engine = make_engine(settings)
     try:
         with engine.connect() as conn:
@@ -166,8 +169,14 @@ def check_database_tls(settings: Settings) -> list[Finding]:
             in_use = conn.execute(text("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")).scalar()
     finally:
         engine.dispose()
+    return evaluate_database_tls(host, sslmode, server_ssl, bool(in_use))
+
+
+def evaluate_database_tls(host: str | None, sslmode: str, server_ssl: str, in_use: bool) -> list[Finding]:
+    """TLS is required off loopback: the connection must use it and sslmode must demand it
+    (``prefer`` falls back to clear text when an attacker strips TLS)."""
     detail = f"server ssl={server_ssl}, this connection {'uses' if in_use else 'does not use'} TLS, sslmode={sslmode or 'unset'}"
-    if loopback:
+    if is_loopback_host(host):
         return [Finding("database TLS", "ok", f"Loopback connection to PostgreSQL ({detail}); TLS not required.")]
     if not in_use or sslmode not in ("require", "verify-ca", "verify-full"):
         return [

@@ -10,6 +10,7 @@ Run on its own: ``python -m carepost.core.mailcapture`` (``carepost run`` does t
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import signal
 import threading
@@ -81,6 +82,7 @@ def main() -> None:
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every peer and command
     directory = settings.resolved_capture_dir
     controller = start_capture(directory, settings.capture_host, settings.capture_port)
     log.info("mail_capture_started", host=settings.capture_host, port=settings.capture_port)

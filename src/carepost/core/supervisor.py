@@ -163,7 +163,7 @@ class Supervisor:
                 log.warning("child_killed", child_kind=child.name, pid=child.pid)
                 child.process.kill()
                 child.process.wait()
-            log.info("child_stopped", child_kind=child.name, exit_code=child.process.returncode)
+            log.info("child_stopped", child_kind=child.name, exit_status=child.process.returncode)
 
     def run(self) -> int:
         """Start the children and watch them. Returns the exit code for ``carepost run``:
@@ -179,7 +179,7 @@ class Supervisor:
                 for child in self.children:
                     if not child.alive():
                         code = child.process.returncode
-                        log.error("child_died", child_kind=child.name, exit_code=code)
+                        log.error("child_died", child_kind=child.name, exit_status=code)
                         self.stop()
                         return code if code and code > 0 else 1
                 time.sleep(self.poll_interval)
