@@ -309,7 +309,7 @@ def change_role(session: Session, org_id: str, user_id: str, role: str, *, actor
         raise Conflict("An organization needs at least one owner. Make someone else owner first.", field="role")
     membership.role = role
     _record(audit, session=session, org_id=org_id, action="membership.role_change", target_type="user",
-            target_id=user.id, details={"from": old, "to": role})
+            target_id=user.id, details={"old_role": old, "new_role": role})
     return membership
 
 
