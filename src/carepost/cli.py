@@ -393,7 +393,10 @@ def apikey_list(org: str = typer.Option(..., "--org", help="Organization slug or
             organization = get_organization(session, org)
         except CarePostError as exc:
             fail(exc.message)
-        table = Table("key id", "name", "scopes", "status", "created", "expires", "last used")
+        table = Table()
+        table.add_column("key id", no_wrap=True, min_width=28)
+        for heading in ("name", "scopes", "status", "created", "expires", "last used"):
+            table.add_column(heading)
         for cred in list_credentials(session, organization.id):
             v = credential_view(cred)
             table.add_row(
