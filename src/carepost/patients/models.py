@@ -295,7 +295,7 @@ class ImportJob(OrgScoped, Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     format: Mapped[str] = mapped_column(String(12))  # fhir | ndjson | csv (detected when "auto")
-    status: Mapped[str] = mapped_column(String(20), default="uploading")
+    status: Mapped[str] = mapped_column(String(24), default="uploading")
     # uploading | queued | running | succeeded | completed_with_errors | failed
     filename_enc: Mapped[bytes | None] = mapped_column(LargeBinary)  # a file name may name a patient
     size_bytes: Mapped[int] = mapped_column(Integer, default=0)
