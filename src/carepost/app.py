@@ -53,18 +53,27 @@ class BodyLimitMiddleware:
             return await _too_large(self.limit, send)
         seen = 0
         started = False
+        exceeded = False
 
         async def counting_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
+                    exceeded = True
                     raise _BodyTooLarge()
             return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
+            if exceeded:
+                # FastAPI turns the aborted body read into its own 400; whatever the app
+                # answered, the caller gets 413.
+                if message["type"] == "http.response.start" and not started:
+                    started = True
+                    await _too_large(self.limit, send)
+                return
             if message["type"] == "http.response.start":
                 started = True
             await send(message)

@@ -42,3 +42,14 @@ def metrics() -> Response:
 @router.get("/api/v1/openapi.json", dependencies=[Depends(public("API description"))], include_in_schema=False)
 def openapi(request: Request) -> JSONResponse:
     return JSONResponse(request.app.openapi())
+
+
+OPENAPI_URL = "/api/v1/openapi.json"
+
+
+@router.get("/api/docs", dependencies=[Depends(public("API reference page; static, no data"))], include_in_schema=False)
+def api_docs(request: Request):
+    """Swagger UI served from /static (FastAPI's default page loads from a CDN)."""
+    from carepost.web.rendering import render
+
+    return render(request, "web/api_docs.html", {"openapi_url": OPENAPI_URL})
