@@ -79,6 +79,14 @@ class RedactingFilter(logging.Filter):
             message = str(record.msg)
         record.msg = scrub_text(message)
         record.args = ()
+        # Tracebacks quote exception messages ("... for jane@example.org"): format them here,
+        # scrubbed, so the handler's formatter uses this text instead of formatting its own.
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = scrub_text(record.exc_text)
+        if record.stack_info:
+            record.stack_info = scrub_text(record.stack_info)
         return True
 
 
