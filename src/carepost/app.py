@@ -29,6 +29,7 @@ ROUTER_MODULES = [
     "carepost.accounts.pages",
     "carepost.audit.api",
     "carepost.audit.pages",
+    "carepost.patients.api",
 ]
 
 CSP = (
