@@ -88,6 +88,19 @@ class Settings(BaseSettings):
     smtp_pool_size: int = Field(4, description="Open SMTP connections kept per destination.")
     smtp_max_messages_per_connection: int = Field(100, description="Messages sent over one SMTP connection before it is renewed.")
     tls_probe_cache_seconds: int = Field(3600, description="How long a domain's MX, TLS and MTA-STS findings are reused.")
+    delivery_retry_hours: float = Field(72, description="How long deferred deliveries (4xx, network errors) are retried before they fail.")
+    smtp_relay: str | None = Field(
+        None,
+        description="Relay mode: send everything through this smarthost, `host[:port]` or `host@address:port` "
+        "(port 587 by default). Verified TLS to the relay is always required. Empty: deliver directly to MX.",
+    )
+    smtp_relay_username: str | None = Field(None, description="AUTH user name for the relay.")
+    smtp_relay_password: SecretStr | None = Field(None, description="AUTH password for the relay.")
+    smtp_relay_enforces_tls: bool = Field(
+        False,
+        description="Declare that the relay delivers onward only over verified TLS. Without it, messages that need "
+        "verified TLS to the recipient go by PGP, S/MIME or the portal in relay mode.",
+    )
 
     @field_validator("base_url")
     @classmethod
