@@ -462,6 +462,26 @@ def audit_export(
     raise typer.Exit(run_export(org, since, until, fmt, output, err))
 
 
+# --------------------------------------------------------------------------- patients
+
+
+@app.command("import")
+def import_(
+    files: list[Path] = typer.Argument(..., help="FHIR Bundle JSON, bulk-data NDJSON or CSV files."),
+    org: str = typer.Option(..., "--org", help="Organization slug or id."),
+    fmt: str = typer.Option("auto", "--format", help="auto, fhir, ndjson or csv."),
+    mapping: str = typer.Option(None, "--mapping", help="Saved CSV column mapping (name or id)."),
+    delimiter: str = typer.Option(None, "--delimiter", help="CSV delimiter (default: detected)."),
+    encoding: str = typer.Option(None, "--encoding", help="CSV encoding: utf-8, utf-8-sig, latin-1 or cp1252 (default: detected)."),
+    date_format: str = typer.Option(None, "--date-format", help="CSV date format such as %m/%d/%Y (default: common formats)."),
+) -> None:
+    """Import patients and clinical facts; exits non-zero with a summary when any record failed."""
+    from carepost.patients.commands import import_files
+
+    raise typer.Exit(import_files(org, files, format=fmt, mapping=mapping, delimiter=delimiter, encoding=encoding,
+                                  date_format=date_format, console=console))
+
+
 def main() -> None:
     try:
         app()
