@@ -30,6 +30,7 @@ ROUTER_MODULES = [
     "carepost.audit.api",
     "carepost.audit.pages",
     "carepost.patients.api",
+    "carepost.patients.pages",
 ]
 
 CSP = (

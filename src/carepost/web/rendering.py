@@ -17,6 +17,8 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 # Navigation, filled by the capabilities: (section, label, path, permission or None).
 NAV: list[tuple[str, str, str, str | None]] = [
     ("Overview", "Dashboard", "/app", None),
+    ("Patients", "Contacts", "/app/contacts", "phi:read_masked"),
+    ("Patients", "Import", "/app/imports", "contacts:import"),
     ("Compliance", "Audit log", "/app/audit", "audit:read"),
     ("Compliance", "Emergency access", "/app/break-glass", None),
     ("Settings", "Users", "/app/users", "users:read"),

@@ -1,0 +1,178 @@
+"""Web UI of patients: the contacts list (search and filters), the contact page (demographics,
+clinical facts, consent and message history) and the import wizard (column mapping, live
+progress, error report download).
+
+Same rules as the API: masked unless the person may see clear values; every view audited;
+searching by a direct identifier is a POST (PHI never goes into a URL).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import date
+from typing import Any
+
+from fastapi import APIRouter, Depends, Form, Request
+from fastapi.responses import RedirectResponse
+
+from carepost.accounts.access import Principal, require
+from carepost.accounts.permissions import Permission as P
+from carepost.audit.service import record_for
+from carepost.core.errors import ValidationFailed
+from carepost.patients import csvimport, imports, masking, service
+from carepost.patients.models import FACT_MODELS
+from carepost.web.rendering import render
+
+router = APIRouter(prefix="/app", include_in_schema=False)
+
+# Sections other capabilities add to the contact page: name -> (title, fn(session, org_id, contact_id) -> list of rows)
+ContactSection = Callable[[Any, str, str], list[dict]]
+_SECTIONS: dict[str, tuple[str, ContactSection | None]] = {
+    "consent": ("Consent and authorizations", None),
+    "messages": ("Message history", None),
+}
+
+
+def register_contact_section(key: str, title: str, rows: ContactSection) -> None:
+    """Fill a section of the contact page (consent, message history) from another capability."""
+    _SECTIONS[key] = (title, rows)
+
+
+FACT_COLUMNS = {
+    "conditions": ("onset_date", "abatement_date", "verification_status"),
+    "medications": ("authored_on", "last_fill_date", "next_refill_due", "days_supply"),
+    "procedures": ("performed_start",),
+    "observations": ("effective_at", "value_quantity", "value_unit", "value_display"),
+    "immunizations": ("occurrence_date",),
+    "encounters": ("class_code", "start_at", "end_at", "is_hospitalization"),
+    "appointments": ("start_at", "minutes_duration"),
+    "care-plans": ("intent", "period_start", "period_end"),
+    "coverages": ("plan_name", "payor_name", "period_start", "period_end"),
+}
+
+
+def _filters_from(request: Request) -> tuple[service.ContactFilters, dict, dict]:
+    q = request.query_params
+    form = {k: (q.get(k) or "").strip()[:64] for k in ("care_stage", "sex", "state", "postal_code", "born_after", "born_before")}
+    errors: dict[str, str] = {}
+    dates: dict[str, date | None] = {}
+    for name in ("born_after", "born_before"):
+        dates[name] = None
+        if form[name]:
+            try:
+                dates[name] = date.fromisoformat(form[name])
+            except ValueError:
+                errors[name] = "Enter a date as YYYY-MM-DD."
+    if form["sex"] and form["sex"] not in ("female", "male", "other", "unknown"):
+        errors["sex"] = "Choose female, male, other or unknown."
+    filters = service.ContactFilters(care_stage=form["care_stage"] or None, sex=form["sex"] or None if "sex" not in errors else None,
+                                     state=form["state"] or None, postal_code=form["postal_code"] or None, **dates)
+    return filters, form, errors
+
+
+@router.get("/contacts")
+def contacts_page(request: Request, principal: Principal = Depends(require(P.PHI_READ_MASKED))):
+    session = request.state.db
+    filters, form, errors = _filters_from(request)
+    cursor = request.query_params.get("cursor") or None
+    try:
+        rows, next_cursor = service.list_contacts(session, principal.org_id, filters, cursor=cursor, limit=50)
+    except ValidationFailed as exc:
+        errors[exc.field or "cursor"] = exc.message
+        rows, next_cursor = [], None
+    return _render_list(request, principal, rows, next_cursor, form, errors, searched=False)
+
+
+@router.post("/contacts/search")
+def contacts_search(request: Request, email: str = Form(""), mrn: str = Form(""), phone: str = Form(""),
+                    principal: Principal = Depends(require(P.PHI_READ_MASKED))):
+    session = request.state.db
+    errors: dict[str, str] = {}
+    rows = []
+    try:
+        ids = service.find_contact_ids(session, principal.org_id, email=email.strip()[:320] or None, mrn=mrn.strip()[:200] or None,
+                                       phone=phone.strip()[:40] or None)
+        rows, _ = service.list_contacts(session, principal.org_id, service.ContactFilters(ids=ids), limit=500)
+    except ValidationFailed as exc:
+        errors["search"] = exc.message
+    return _render_list(request, principal, rows, None, {}, errors, searched=True,
+                        by=[k for k, v in (("email", email), ("mrn", mrn), ("phone", phone)) if v.strip()])
+
+
+def _render_list(request, principal, rows, next_cursor, form, errors, *, searched: bool, by: list[str] | None = None):
+    session = request.state.db
+    unmasked = masking.wants_unmasked(principal)
+    data = [masking.present(d, unmasked) for d in service.contact_dicts(session, rows)]
+    record_for(session, principal, request, "contact.search" if searched else "contact.list", target_type="contact_list",
+               details={"view": "unmasked" if unmasked else "masked", "count": len(data), "contact_ids": [d["id"] for d in data],
+                        **({"by": by} if by else {})})
+    session.commit()
+    stages = list(service.DERIVED_STAGES) + list(service.care_journey_config(session, principal.org_id)["stages"])
+    query = "&".join(f"{k}={v}" for k, v in form.items() if v)
+    return render(request, "patients/list.html", {
+        "contacts": data, "next_cursor": next_cursor, "form": form, "errors": errors, "searched": searched,
+        "stages": stages, "unmasked": unmasked, "total": service.count_contacts(session, principal.org_id),
+        "query": query, "can_import": principal.can(P.CONTACTS_IMPORT),
+    }, status_code=422 if errors else 200)
+
+
+@router.get("/contacts/{contact_id}")
+def contact_page(request: Request, contact_id: str, principal: Principal = Depends(require(P.PHI_READ_MASKED))):
+    session = request.state.db
+    contact = service.get_contact(session, contact_id)
+    unmasked = masking.wants_unmasked(principal)
+    data = masking.present(service.contact_dict(session, contact), unmasked)
+    facts = {}
+    for kind in FACT_MODELS:
+        facts[kind] = [service.fact_dict(f) for f in service.list_facts(session, principal.org_id, contact.id, kind, limit=100)]
+    sections = []
+    for key, (title, fn) in _SECTIONS.items():
+        sections.append({"key": key, "title": title, "rows": fn(session, principal.org_id, contact.id) if fn else []})
+    record_for(session, principal, request, "contact.read", target_type="contact", target_id=contact.id,
+               details={"view": "unmasked" if unmasked else "masked", "page": "contact"})
+    session.commit()
+    return render(request, "patients/contact.html", {
+        "c": data, "facts": facts, "labels": service.FACT_LABELS, "columns": FACT_COLUMNS, "sections": sections,
+        "unmasked": unmasked, "can_write": principal.can(P.PHI_WRITE), "can_export": principal.can(P.PHI_READ_UNMASKED),
+    })
+
+
+@router.post("/contacts/{contact_id}/delete")
+def contact_delete(request: Request, contact_id: str, principal: Principal = Depends(require(P.PHI_WRITE))):
+    session = request.state.db
+    result = service.delete_contact(session, principal.org_id, contact_id)
+    record_for(session, principal, request, "contact.delete", target_type="contact", target_id=result.contact_id,
+               details={"removed": result.removed, "kept_index_kinds": sorted(result.kept_indexes)})
+    session.commit()
+    return RedirectResponse("/app/contacts?deleted=1", status_code=303)
+
+
+# --------------------------------------------------------------------------- imports
+
+
+@router.get("/imports")
+def imports_page(request: Request, principal: Principal = Depends(require(P.CONTACTS_IMPORT))):
+    session = request.state.db
+    jobs = imports.list_jobs(session, principal.org_id, limit=20)
+    return render(request, "patients/imports.html", {
+        "jobs": [imports.job_dict(session, j, with_errors=0) for j in jobs],
+        "mappings": [csvimport.mapping_dict(m) for m in csvimport.list_mappings(session, principal.org_id)],
+        "fields": list(csvimport.CONTACT_FIELDS) + [f"attributes.{d.key}" for d in service.list_attribute_definitions(session, principal.org_id)],
+    })
+
+
+@router.get("/imports/{import_id}")
+def import_page(request: Request, import_id: str, principal: Principal = Depends(require(P.CONTACTS_IMPORT))):
+    session = request.state.db
+    job = imports.get_job(session, import_id)
+    return render(request, "patients/import.html", {"job": imports.job_dict(session, job, with_errors=50),
+                                                     "finished": job.status in imports.FINISHED})
+
+
+@router.get("/imports/{import_id}/progress")
+def import_progress(request: Request, import_id: str, principal: Principal = Depends(require(P.CONTACTS_IMPORT))):
+    """The progress fragment the import page polls with htmx until the job ends."""
+    session = request.state.db
+    job = imports.get_job(session, import_id)
+    return render(request, "patients/_progress.html", {"job": imports.job_dict(session, job, with_errors=50),
+                                                        "finished": job.status in imports.FINISHED})

@@ -1,0 +1,107 @@
+"""Contacts list, contact page and import pages through the web UI (TestClient; Playwright
+flows are in test_patients_ui.py)."""
+
+from __future__ import annotations
+
+import json
+
+from sqlalchemy import select
+
+from carepost.audit.models import AuditEvent
+from carepost.core.database import org_session
+from carepost.patients import service
+from carepost.patients.schemas import ContactIn, FactIn
+from tests.fixtures.accounts import csrf_from, login_client
+
+
+def _jane(org_id: str) -> str:
+    with org_session(org_id) as s:
+        c = service.save_contact(s, org_id, ContactIn(external_id="J1", given_name="Jane", family_name="Doe", email="jane@example.org",
+                                                      birth_date="1980-05-17", mrn="MRN-55", city="Madison", state="WI")).contact
+        service.create_fact(s, org_id, c.id, "conditions", FactIn(code_system="icd10cm", code="E11.9", display="Type 2 diabetes"))
+        s.commit()
+        return c.id
+
+
+def test_marketer_sees_masked_owner_sees_clear(client, org, make_user, session):
+    cid = _jane(org.id)
+    marketer = make_user(org, role="marketer")
+    login_client(client, marketer)
+    page = client.get(f"/app/contacts/{cid}")
+    assert page.status_code == 200
+    assert "J***" in page.text and "j***@example.org" in page.text and "Jane" not in page.text and "1980-05-17" not in page.text
+    assert "Type 2 diabetes" in page.text and "Masked view" in page.text
+    listing = client.get("/app/contacts")
+    assert "D***" in listing.text and "Doe" not in listing.text
+
+    from fastapi.testclient import TestClient
+
+    owner = make_user(org, role="owner")
+    with TestClient(client.app, base_url="http://localhost:8000") as other:
+        login_client(other, owner)
+        page = other.get(f"/app/contacts/{cid}")
+        assert "Jane" in page.text and "jane@example.org" in page.text and "1980-05-17" in page.text
+    session.rollback()
+    views = [e.details["view"] for e in session.scalars(select(AuditEvent).where(AuditEvent.action == "contact.read").order_by(AuditEvent.seq))]
+    assert views == ["masked", "unmasked"]
+
+
+def test_search_is_a_post_and_filters_validate(client, org, make_user):
+    cid = _jane(org.id)
+    user = make_user(org, role="owner")
+    csrf = login_client(client, user)
+    r = client.post("/app/contacts/search", data={"email": "JANE@example.org", "csrf_token": csrf})
+    assert r.status_code == 200 and f"/app/contacts/{cid}" in r.text
+    r = client.post("/app/contacts/search", data={"email": "", "csrf_token": csrf})
+    assert r.status_code == 422 and "Search by email" in r.text
+    r = client.get("/app/contacts?born_after=yesterday")
+    assert r.status_code == 422 and "YYYY-MM-DD" in r.text
+    r = client.get("/app/contacts?state=WI")
+    assert f"/app/contacts/{cid}" in r.text
+
+
+def test_delete_from_the_contact_page(client, org, make_user):
+    cid = _jane(org.id)
+    user = make_user(org, role="owner")
+    csrf = login_client(client, user)
+    page = client.get(f"/app/contacts/{cid}")
+    r = client.post(f"/app/contacts/{cid}/delete", data={"csrf_token": csrf_from(page.text)}, follow_redirects=False)
+    assert r.status_code == 303
+    assert client.get(f"/app/contacts/{cid}").status_code == 404
+
+
+def test_import_pages_and_cookie_upload(client, org, make_user):
+    from carepost.core.queue import huey
+
+    user = make_user(org, role="marketer")
+    csrf = login_client(client, user)
+    page = client.get("/app/imports")
+    assert page.status_code == 200 and 'id="import-file"' in page.text and "/static/patients-import.js" in page.text
+    huey.immediate = True
+    try:
+        r = client.post("/api/v1/imports", content=b"Patient ID,First Name\n1,Ann\n,NoId\n",
+                        headers={"Content-Type": "text/csv", "X-CSRF-Token": csrf})
+    finally:
+        huey.immediate = False
+    assert r.status_code == 202, r.text
+    job = r.json()
+    status = client.get(f"/app/imports/{job['id']}")
+    assert "completed with errors" in status.text and job["error_report"] in status.text
+    fragment = client.get(f"/app/imports/{job['id']}/progress")
+    assert "hx-get" not in fragment.text  # finished: polling stops
+    assert client.post("/api/v1/imports", content=b"x", headers={"Content-Type": "text/csv"}).status_code == 403  # no CSRF token
+
+
+def test_pages_need_permissions(client, org, make_user):
+    user = make_user(org, role="developer")  # may import, sees masked PHI, no unmasked
+    login_client(client, user)
+    cid = _jane(org.id)
+    assert client.get(f"/app/contacts/{cid}").status_code == 200
+    assert "Export (HTML)" not in client.get(f"/app/contacts/{cid}").text
+    analyst = make_user(org, role="analyst")
+    from fastapi.testclient import TestClient
+
+    with TestClient(client.app, base_url="http://localhost:8000") as other:
+        login_client(other, analyst)
+        assert other.get("/app/imports").status_code == 403
+        assert json.dumps(other.get(f"/api/v1/contacts/{cid}").json()).count("***") >= 2
