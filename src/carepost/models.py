@@ -11,6 +11,7 @@ MODEL_MODULES = [
     "carepost.accounts.mfa",  # RecoveryCode
     "carepost.audit.models",
     "carepost.patients.models",
+    "carepost.delivery.models",
 ]
 
 

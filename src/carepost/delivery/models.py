@@ -1,0 +1,158 @@
+"""Tables of secure delivery: sending domains, recipient keys, messages, recipients, events.
+
+Encryption follows ARCHITECTURE.md section 2 (``*_enc`` columns: AES-GCM under the
+organization's data key, bound to organization, table, column — the name without ``_enc`` —
+and row):
+
+* DKIM private keys are encrypted (the invariant "private keys encrypted"); public records are
+  plain, they are published in DNS anyway.
+* Recipient addresses are direct identifiers: encrypted, found by a keyed blind index
+  (``address_index``, kind "email"). The recipient's domain is kept only as a blind index too
+  (``domain_index``, kind "domain"), enough to group deliveries per destination.
+* Recipient certificates name the address, so they are encrypted as well; fingerprints and
+  expiry dates are plain (they identify a key, not a person, and drive expiry warnings).
+* Message subjects and bodies, attachments and remote SMTP replies (which often quote the
+  address) are encrypted. Evidence (MX host, TLS version, cipher, certificate fingerprint,
+  reply code) is plain JSON without any address.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from carepost.core import clock
+from carepost.core.database import Base, OrgScoped
+from carepost.core.ids import new_id
+
+RECIPIENT_STATUSES = (
+    "queued", "excluded", "deferred", "sent", "delivered", "bounced", "failed", "portal_viewed", "recalled", "expired",
+)
+METHODS = ("tls", "pgp", "smime", "portal", "none")
+
+
+class SendingDomain(OrgScoped, Base):
+    """A domain an organization sends from, with its DKIM keys and DNS check results."""
+
+    __tablename__ = "sending_domains"
+    __table_args__ = (UniqueConstraint("org_id", "domain"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    domain: Mapped[str] = mapped_column(String(253))  # A-label form
+    selector: Mapped[str] = mapped_column(String(63))  # RSA key; the Ed25519 key uses f"{selector}e"
+    dkim_rsa_private_enc: Mapped[bytes] = mapped_column(LargeBinary)
+    dkim_rsa_record: Mapped[str] = mapped_column(Text)
+    dkim_ed25519_private_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
+    dkim_ed25519_record: Mapped[str | None] = mapped_column(Text)
+    return_path_domain: Mapped[str] = mapped_column(String(253))
+    mta_sts_id: Mapped[str] = mapped_column(String(32))
+    checked_at: Mapped[datetime | None]
+    check_results: Mapped[dict] = mapped_column(JSON, default=dict)
+    dns_ok: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=clock.now)
+
+
+class RecipientKey(OrgScoped, Base):
+    """An OpenPGP or S/MIME certificate on file for one recipient address."""
+
+    __tablename__ = "recipient_keys"
+    __table_args__ = (UniqueConstraint("org_id", "address_index", "kind"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    address_index: Mapped[str] = mapped_column(String(64), index=True)
+    address_enc: Mapped[bytes] = mapped_column(LargeBinary)
+    kind: Mapped[str] = mapped_column(String(8))  # pgp | smime
+    key_enc: Mapped[bytes] = mapped_column(LargeBinary)  # armored OpenPGP certificate or PEM certificate
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[datetime | None]
+    created_by: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(default=clock.now)
+
+
+class Message(OrgScoped, Base):
+    """One message as submitted (API, SMTP submission, campaign, journey)."""
+
+    __tablename__ = "messages"
+    __table_args__ = (
+        UniqueConstraint("org_id", "idempotency_key"),
+        Index("ix_messages_org_created", "org_id", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    source: Mapped[str] = mapped_column(String(16), default="api")  # api | smtp | campaign | journey
+    sending_domain_id: Mapped[str | None] = mapped_column(String(32), ForeignKey("sending_domains.id", ondelete="SET NULL"))
+    from_address: Mapped[str] = mapped_column(String(320))  # the organization's own address, not PHI
+    from_name_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
+    reply_to_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
+    subject_enc: Mapped[bytes] = mapped_column(LargeBinary)
+    html_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
+    text_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
+    template_id: Mapped[str | None] = mapped_column(String(32))
+    contains_phi: Mapped[bool] = mapped_column(Boolean, default=True)
+    security: Mapped[str] = mapped_column(String(16))  # effective mode
+    purpose: Mapped[str | None] = mapped_column(String(64))
+    tags: Mapped[list] = mapped_column(JSON, default=list)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    sandbox: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_by: Mapped[str | None] = mapped_column(String(32))  # user or API credential id
+    created_at: Mapped[datetime] = mapped_column(default=clock.now)
+
+
+class MessageAttachment(OrgScoped, Base):
+    __tablename__ = "message_attachments"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    message_id: Mapped[str] = mapped_column(String(32), ForeignKey("messages.id", ondelete="CASCADE"), index=True)
+    filename_enc: Mapped[bytes] = mapped_column(LargeBinary)
+    content_type: Mapped[str] = mapped_column(String(255))
+    content_enc: Mapped[bytes] = mapped_column(LargeBinary)
+    size: Mapped[int] = mapped_column(Integer)
+    inline_cid: Mapped[str | None] = mapped_column(String(200))
+
+
+class MessageRecipient(OrgScoped, Base):
+    """One recipient of one message: its method, status and the evidence of protection."""
+
+    __tablename__ = "message_recipients"
+    __table_args__ = (
+        Index("ix_message_recipients_due", "status", "next_attempt_at"),
+        Index("ix_message_recipients_org_address", "org_id", "address_index"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    message_id: Mapped[str] = mapped_column(String(32), ForeignKey("messages.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(3), default="to")  # to | cc | bcc
+    address_enc: Mapped[bytes] = mapped_column(LargeBinary)
+    address_index: Mapped[str] = mapped_column(String(64))
+    domain_index: Mapped[str] = mapped_column(String(64))
+    contact_id: Mapped[str | None] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    method: Mapped[str | None] = mapped_column(String(8))
+    reason: Mapped[str | None] = mapped_column(Text)  # never PHI: policy and SMTP reasons by code
+    possible_duplicate: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    first_attempt_at: Mapped[datetime | None]
+    next_attempt_at: Mapped[datetime | None]
+    lease_until: Mapped[datetime | None]
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    evidence: Mapped[dict] = mapped_column(JSON, default=dict)
+    reply_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
+    key_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    portal_message_id: Mapped[str | None] = mapped_column(String(32))
+    updated_at: Mapped[datetime] = mapped_column(default=clock.now, onupdate=clock.now)
+
+
+class MessageEvent(OrgScoped, Base):
+    """What happened to a recipient, in order. Details hold codes and ids, never PHI."""
+
+    __tablename__ = "message_events"
+    __table_args__ = (Index("ix_message_events_recipient", "recipient_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    message_id: Mapped[str] = mapped_column(String(32), ForeignKey("messages.id", ondelete="CASCADE"), index=True)
+    recipient_id: Mapped[str | None] = mapped_column(String(32), ForeignKey("message_recipients.id", ondelete="CASCADE"))
+    type: Mapped[str] = mapped_column(String(32))
+    details: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=clock.now)
