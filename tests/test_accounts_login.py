@@ -134,7 +134,7 @@ def test_password_never_in_audit_or_response(client, org, make_user, session):
         assert "My-Secret-Typo-Password-9" not in json.dumps(e.details)
 
 
-def test_per_ip_throttling_returns_429_with_retry_after(client, org, make_user, monkeypatch):
+def test_per_ip_throttling_returns_429_with_retry_after(client, org, make_user, session, monkeypatch):
     monkeypatch.setenv("CAREPOST_LOGIN_IP_MAX_FAILURES", "4")
     reset_settings()
     user = make_user(org)
@@ -142,6 +142,8 @@ def test_per_ip_throttling_returns_429_with_retry_after(client, org, make_user, 
         assert password_step(client, f"someone{i}@example.test", "Whatever-password-123").status_code == 401
     r = password_step(client, user.email, user.password)
     assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
+    throttled = events(session, "system", "auth.login")[-1]
+    assert throttled.outcome == "denied" and throttled.details == {"reason": "ip_throttled"}
     clock.advance(timedelta(seconds=901))
     assert password_step(client, user.email, user.password).status_code == 303
 

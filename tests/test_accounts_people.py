@@ -189,7 +189,12 @@ def test_cannot_switch_into_a_foreign_organization(client, org, make_user, sessi
     assert client.post("/app/switch-org", data={"org_id": foreign.id}).status_code == 403  # no CSRF token
 
 
-def test_cli_user_create_with_password_and_with_link(db, org, session):
+def test_cli_user_create_with_password_and_with_link(db, org, session, monkeypatch):
+    from rich.console import Console
+
+    import carepost.cli
+
+    monkeypatch.setattr(carepost.cli, "console", Console(width=200))  # a wide table: no truncated emails
     runner = CliRunner()
     r = runner.invoke(cli_app, ["user", "create", "--org", "bar-clinic", "--email", "cli.person@example.test",
                                 "--role", "developer", "--name", "Cli Person", "--password-stdin"],
@@ -203,7 +208,7 @@ def test_cli_user_create_with_password_and_with_link(db, org, session):
     assert r.exit_code == 1 and "password" in r.output
     r = runner.invoke(cli_app, ["user", "create", "--org", "nope", "--email", "x@example.test", "--role", "analyst"])
     assert r.exit_code == 1
-    r = runner.invoke(cli_app, ["user", "list", "--org", "bar-clinic"], env={"COLUMNS": "200"})
+    r = runner.invoke(cli_app, ["user", "list", "--org", "bar-clinic"])
     assert r.exit_code == 0 and "cli.person@example.test" in r.output and "invited" in r.output
     session.rollback()
     created = session.scalar(select(User).where(User.email == "cli.person@example.test"))

@@ -131,6 +131,8 @@ def login_submit(request: Request, email: str = Form(""), password: str = Form("
         user = web_sessions.check_password_login(session, request, email, password)
     except RateLimited as exc:
         session.rollback()
+        web_sessions.audit_login(session, request, None, "denied", "ip_throttled")
+        session.commit()
         response = _public_page(request, "accounts/login.html", {"error": exc.message, "email": ""}, status_code=429)
         response.headers["Retry-After"] = str(exc.retry_after)
         return response
