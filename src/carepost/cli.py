@@ -142,8 +142,11 @@ def worker(
 
 @app.command()
 def run() -> None:
-    """Everything on one machine: server, worker and a local mail capture (nothing leaves the
-    machine). Initializes the data dir first when needed. Ctrl-C or SIGTERM stops all of it."""
+    """Run everything on one machine: server, worker and local mail capture.
+
+    Initializes the data dir first when needed. Captured mail never leaves the machine.
+    Ctrl-C or SIGTERM stops all of it; if one part dies, the rest stop and the exit code is non-zero.
+    """
     from carepost.core.config import get_settings
     from carepost.core.database import dispose_engine
     from carepost.core.supervisor import Supervisor, default_children
