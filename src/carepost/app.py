@@ -117,10 +117,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CarePostError)
     async def _carepost_error(request: Request, exc: CarePostError):
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
-        if exc.status_code == 401 and _wants_html(request):
+        if _wants_html(request) and (exc.status_code == 401 or exc.code == "mfa_required"):
             from fastapi.responses import RedirectResponse
 
-            return RedirectResponse("/app/login", status_code=303)
+            # A browser that is not signed in, or has not finished MFA, is sent to finish it.
+            return RedirectResponse("/app/login" if exc.status_code == 401 else "/app/mfa", status_code=303)
         return _error_response(request, exc.status_code, exc.to_dict(), headers)
 
     @app.exception_handler(RequestValidationError)
