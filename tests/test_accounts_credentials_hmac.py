@@ -45,30 +45,54 @@ def test_canonical_query_is_order_independent():
     assert creds.canonical_path("/api/v1/x%2Fy") == "/api/v1/x/y"
 
 
-@pytest.mark.parametrize("tamper", ["body", "path", "query", "method", "signature", "other_secret"])
+@pytest.mark.parametrize("tamper", [None, "body", "path", "query", "method", "signature", "other_secret", "timestamp", "nonce"])
 def test_tampered_requests_are_refused(client, session, make_credential, tamper):
+    """POST /api/v1/api-credentials answers 403 to an authenticated credential (it cannot manage
+    credentials) and 401 when the signature does not match what was sent."""
     cred, secret = make_credential()
-    body = b'{"a": 1}'
-    header = creds.sign_request(cred.key_id, secret, "POST", "/api/v1/me", "x=1", body)
-    method, path, query, sent_body = "POST", "/api/v1/me", "x=1", body
+    body = b'{"name": "x"}'
+    ts = int(clock.now().timestamp())
+    header = creds.sign_request(cred.key_id, secret, "POST", "/api/v1/api-credentials", "x=1", body, timestamp=ts,
+                                nonce="n" * 20)
+    method, path, query, sent_body = "POST", "/api/v1/api-credentials", "x=1", body
     if tamper == "body":
-        sent_body = b'{"a": 2}'
+        sent_body = b'{"name": "y"}'
     elif tamper == "path":
-        path = "/api/v1/api-credentials"
+        path = "/api/v1/users"
     elif tamper == "query":
         query = "x=2"
     elif tamper == "method":
-        method = "PUT"
+        method = "GET"
     elif tamper == "signature":
         header = header[:-6] + ("AAAA==" if not header.endswith("AAAA==") else "BBBB==")
     elif tamper == "other_secret":
-        header = creds.sign_request(cred.key_id, creds.generate_secret(), "POST", "/api/v1/me", "x=1", body)
-    r = client.request(method, f"{path}?{query}", content=sent_body, headers={"Authorization": header})
-    assert r.status_code in (401, 405), r.text
-    if r.status_code == 401:
-        events = audit_events(session, "api_credential.auth_failed")
-        assert [e.details["reason"] for e in events] == ["bad_signature"]
-        assert events[0].actor_id == cred.id
+        header = creds.sign_request(cred.key_id, creds.generate_secret(), method, path, query, body, timestamp=ts)
+    elif tamper == "timestamp":
+        header = header.replace(f"Timestamp={ts}", f"Timestamp={ts + 1}")
+    elif tamper == "nonce":
+        header = header.replace("Nonce=" + "n" * 20, "Nonce=" + "m" * 20)
+    r = client.request(method, f"{path}?{query}", content=sent_body,
+                       headers={"Authorization": header, "Content-Type": "application/json"})
+    if tamper is None:
+        assert r.status_code == 403, r.text  # authenticated; refused for want of the permission
+        assert audit_events(session, "api_credential.auth_failed") == []
+        return
+    assert r.status_code == 401, r.text
+    events = audit_events(session, "api_credential.auth_failed")
+    assert [e.details["reason"] for e in events] == ["bad_signature"]
+    assert events[0].actor_id == cred.id
+
+
+def test_signed_form_post_is_refused(client, session, make_credential):
+    """Form routes are parsed before authentication without keeping the raw bytes, so there is
+    nothing to check a signature against: refused rather than trusted."""
+    cred, secret = make_credential()
+    body = b"name=x"
+    header = creds.sign_request(cred.key_id, secret, "POST", "/app/api-credentials", "", body)
+    r = client.post("/app/api-credentials", content=body,
+                    headers={"Authorization": header, "Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 401
+    assert [e.details["reason"] for e in audit_events(session, "api_credential.auth_failed")] == ["body_unavailable"]
 
 
 def test_tampered_body_on_a_real_route(client, session, make_credential):
