@@ -120,12 +120,53 @@ def test_run_starts_everything_captures_mail_and_stops_cleanly(running):
     assert "Subject: Appointment reminder" in content and "See you on Tuesday." in content
     assert "X-CarePost-Capture-Rcpt-To: patient@example.test" in content
 
+    deliver_through_carepost_relay(running, kids)
+
     running.proc.send_signal(signal.SIGTERM)
     assert running.proc.wait(timeout=60) == 0, running.output()[-3000:]
     deadline = time.monotonic() + 5
     while not all(_gone(k) for k in kids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert all(_gone(k) for k in kids), "children left running"
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def deliver_through_carepost_relay(running, kids) -> None:
+    """The server and worker are pointed at the capture as their relay, over verified TLS: a
+    message sent by CarePost's own delivery client with their settings lands in the capture."""
+    import asyncio
+
+    from carepost.core.config import Settings
+    from carepost.delivery.smtp import DeliveryClient, Envelope
+
+    worker = next(k for k in kids if "carepost.cli worker" in _cmdline(k))
+    env = _environ(worker)
+    assert env["CAREPOST_SMTP_RELAY"] == f"localhost@127.0.0.1:{running.capture_port}"
+    ca_file = Path(env["CAREPOST_EXTRA_CA_FILE"])
+    assert ca_file.is_file() and (ca_file.parent / "localhost.key").stat().st_mode & 0o777 == 0o600
+
+    settings = Settings(smtp_relay=env["CAREPOST_SMTP_RELAY"], extra_ca_file=ca_file)
+    message = (
+        b"From: clinic@clinic.test\r\nTo: patient@example.test\r\nSubject: Portal message waiting\r\n"
+        b"Message-ID: <relay-test@clinic.test>\r\n\r\nYou have a new message.\r\n"
+    )
+
+    async def send():
+        async with DeliveryClient(settings) as client:
+            return await client.deliver(Envelope("bounce@clinic.test", ["patient@example.test"], message, require_verified_tls=True))
+
+    [result] = asyncio.run(send())
+    assert result.status == "delivered", result.reason
+    assert result.evidence.cert_verified and result.evidence.tls_version
+    capture = running.data / "mail-capture"
+    deadline = time.monotonic() + 10
+    while not any("Portal message waiting" in f.read_text() for f in capture.glob("*.eml")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert any("Portal message waiting" in f.read_text() for f in capture.glob("*.eml"))
 
 
 def test_sigint_is_forwarded_too(running):
@@ -143,3 +184,35 @@ def test_when_one_child_dies_the_rest_stop_and_run_exits_non_zero(running):
     assert code != 0
     assert all(_gone(k) for k in kids)
     assert "child_died" in running.output()
+
+
+def test_mail_capture_listens_on_loopback_only(tmp_path):
+    from carepost.core.mailcapture import start_capture
+
+    for host in ("0.0.0.0", "10.1.2.3", "::"):
+        with pytest.raises(ValueError, match="loopback"):
+            start_capture(tmp_path / "capture", host, free_port())
+
+
+def test_capture_certificate_is_made_once_and_verifies_for_localhost(tmp_path):
+    import ssl
+
+    from carepost.core.mailcapture import ensure_capture_tls, start_capture
+
+    tls = ensure_capture_tls(tmp_path / "tls")
+    again = ensure_capture_tls(tmp_path / "tls")
+    assert again.cert_file.read_bytes() == tls.cert_file.read_bytes()
+    assert tls.key_file.stat().st_mode & 0o777 == 0o600
+    assert not (tmp_path / "tls" / "ca.key").exists()  # the CA signs nothing else, ever
+
+    port = free_port()
+    controller = start_capture(tmp_path / "capture", "127.0.0.1", port, tls)
+    try:
+        context = ssl.create_default_context(cafile=str(tls.ca_file))
+        with smtplib.SMTP("localhost", port, timeout=5) as smtp:
+            smtp.starttls(context=context)  # raises unless the chain and host name verify
+            smtp.sendmail("a@clinic.test", ["b@example.test"], b"Subject: t\r\n\r\nbody\r\n")
+    finally:
+        controller.stop()
+    [eml] = list((tmp_path / "capture").glob("*.eml"))
+    assert "Subject: t" in eml.read_text()

@@ -149,17 +149,19 @@ def run() -> None:
     """
     from carepost.core.config import get_settings
     from carepost.core.database import dispose_engine
+    from carepost.core.mailcapture import relay_environment
     from carepost.core.supervisor import Supervisor, default_children
 
     settings = get_settings()
     _initialize(only_first_start=True)
     dispose_engine()  # the children open their own connections
     with _holding_data_dir(settings):
+        mail_env = relay_environment(settings)  # all outgoing mail goes to the capture
         console.print(
-            f"CarePost at [bold]{settings.base_url}[/bold]; mail capture on "
-            f"{settings.capture_host}:{settings.capture_port} -> {settings.resolved_capture_dir}"
+            f"CarePost at [bold]{settings.base_url}[/bold]; outgoing mail is captured by "
+            f"{settings.capture_host}:{settings.capture_port} into {settings.resolved_capture_dir}"
         )
-        code = Supervisor(default_children(settings)).run()
+        code = Supervisor(default_children(settings, mail_env)).run()
     raise typer.Exit(code)
 
 

@@ -110,6 +110,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 class Child:
     name: str
     argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)  # added to the supervisor's environment
     process: subprocess.Popen | None = None
 
     @property
@@ -120,11 +121,12 @@ class Child:
         return self.process is not None and self.process.poll() is None
 
 
-def default_children(settings: Settings) -> list[Child]:
+def default_children(settings: Settings, mail_env: dict[str, str] | None = None) -> list[Child]:
+    """``mail_env`` points the server's and worker's outgoing mail at the capture."""
     py = sys.executable
     return [
-        Child("server", [py, "-m", "carepost.cli", "serve"]),
-        Child("worker", [py, "-m", "carepost.cli", "worker"]),
+        Child("server", [py, "-m", "carepost.cli", "serve"], dict(mail_env or {})),
+        Child("worker", [py, "-m", "carepost.cli", "worker"], dict(mail_env or {})),
         Child("mail-capture", [py, "-m", "carepost.core.mailcapture"]),
     ]
 
@@ -142,7 +144,8 @@ class Supervisor:
 
     def start(self) -> None:
         for child in self.children:
-            child.process = subprocess.Popen(child.argv, env=self.env, preexec_fn=_die_with_parent)
+            env = {**(self.env if self.env is not None else os.environ), **child.env}
+            child.process = subprocess.Popen(child.argv, env=env, preexec_fn=_die_with_parent)
             log.info("child_started", child_kind=child.name, pid=child.pid)
 
     def stop(self) -> None:
