@@ -45,6 +45,7 @@ def settings_for(data, **kw) -> Settings:
     base = {
         "data_dir": data, "queue_name": "t" + uuid.uuid4().hex[:12], "database_url": None, "queue_url": None,
         "redis_url": None, "master_key": None, "master_key_file": None, "base_url": "http://localhost:8000",
+        "smtp_relay": None, "extra_ca_file": None,
     }
     return Settings(**{**base, **kw})
 
@@ -244,6 +245,15 @@ def test_a_later_smtp_url_setting_is_checked_too(tmp_path):
 def test_base_url_must_be_https_outside_localhost(tmp_path, url, level):
     [finding] = check_base_url(settings_for(tmp_path, base_url=url))
     assert finding.level == level
+
+
+def test_smtp_relay_is_reported_with_its_tls_requirement(tmp_path):
+    from carepost.core.doctor import check_smtp
+
+    [relay] = check_smtp(settings_for(tmp_path, smtp_relay="smtp.relay.example:587"))
+    assert relay.level == "ok" and "smtp.relay.example" in relay.message and "verified TLS" in relay.message
+    [direct] = check_smtp(settings_for(tmp_path, smtp_relay=None))
+    assert direct.level == "info" and "portal, PGP or S/MIME" in direct.message
 
 
 def test_mfa_is_reported_enforced(tmp_path):

@@ -247,6 +247,23 @@ def check_connection_urls(settings: Settings) -> list[Finding]:
     return findings
 
 
+def check_smtp(settings: Settings) -> list[Finding]:
+    """Outgoing mail: the delivery code requires verified TLS to a relay and decides per
+    recipient when delivering directly, so this reports how mail leaves rather than failing."""
+    relay = getattr(settings, "smtp_relay", None)
+    if relay:
+        host = relay.split("@", 1)[0].rsplit(":", 1)[0]
+        return [Finding("SMTP", "ok", f"All mail goes through the relay {host}; verified TLS is required on every connection to it.")]
+    return [
+        Finding(
+            "SMTP",
+            "info",
+            "Direct delivery to recipients' MX servers: verified TLS where the recipient offers it; when a message "
+            "needs protection and TLS can't be verified, it goes by portal, PGP or S/MIME, or not at all.",
+        )
+    ]
+
+
 def check_base_url(settings: Settings) -> list[Finding]:
     parts = urlsplit(settings.base_url)
     if parts.scheme == "https":
@@ -296,6 +313,7 @@ CHECKS: list[tuple[str, Callable[[Settings], list[Finding]]]] = [
     ("database TLS", check_database_tls),
     ("migrations", check_migrations),
     ("connections", check_connection_urls),
+    ("SMTP", check_smtp),
     ("base URL", check_base_url),
     ("MFA", check_mfa),
     ("task queue", check_queue),
