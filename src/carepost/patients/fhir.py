@@ -28,10 +28,12 @@ from typing import IO, Any
 
 import ijson
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import delete, insert, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from carepost.core import clock
+from carepost.core.crypto import get_keyring
 from carepost.core.errors import CarePostError
 from carepost.core.ids import new_id
 from carepost.core.logging import get_logger, scrub_text
@@ -42,6 +44,7 @@ from carepost.patients.models import (
     ClinicalFact,
     Condition,
     Contact,
+    ContactIdentifier,
     Coverage,
     Encounter,
     Immunization,
@@ -631,6 +634,19 @@ def strip_clear_text(resource: dict) -> dict:
 
 # --------------------------------------------------------------------------- the importer
 
+_NEW = object()  # marks a source key inserted earlier in the same batch
+_COLUMNS: dict[type, dict[str, Any]] = {}
+
+
+def _fact_columns(model: type[ClinicalFact]) -> dict[str, Any]:
+    """Every column of a fact table with its scalar default (a multi-row INSERT needs the same
+    keys in every row)."""
+    if model not in _COLUMNS:
+        _COLUMNS[model] = {
+            c.key: (c.default.arg if c.default is not None and c.default.is_scalar else None) for c in model.__table__.columns
+        }
+    return _COLUMNS[model]
+
 
 @dataclass
 class _Pending:
@@ -659,6 +675,7 @@ class FhirImporter:
         self._since_commit = 0
         self._touched_stage: set[str] = set()
         self._coverage_updates: dict[str, tuple[str | None, str | None]] = {}
+        self._member_ids: list[tuple[str, str, str]] = []
 
     # -- entry points
 
@@ -823,6 +840,8 @@ class FhirImporter:
             rows = session.scalars(select(model).where(model.org_id == org_id, model.source_key.in_(wanted))).all() if wanted else []
             by_model[model] = {r.source_key: r for r in rows}
         failed_sources: set[str] = set()
+        new_rows: dict[type, list[dict]] = {}
+        component_suffixes = tuple(f"#component{n}" for n in range(50))
         for i, item in enumerate(pending):
             fact = item.fact
             if item.source_ref in failed_sources:
@@ -840,40 +859,59 @@ class FhirImporter:
                 continue
             key = skeys[i]
             row = by_model[fact.model].get(key) if key else None
-            if row is not None and row.last_import_id == self.import_id:
+            if row is _NEW or (row is not None and row.last_import_id == self.import_id):
                 failed_sources.add(item.source_ref)
                 self._error(item.where, item.source_ref, "The same resource id appears more than once in this file; the first was kept.",
                             "id", rtype=item.rtype)
                 continue
             if row is None:
-                row = fact.model(id=new_id(), org_id=org_id, contact_id=contact_id, source_key=key)
-                session.add(row)
+                # New rows go in as one multi-row INSERT per table (the fast path of an import).
+                now = clock.now()
+                new_rows.setdefault(fact.model, []).append({
+                    **_fact_columns(fact.model), **fact.values, "id": new_id(), "org_id": org_id,
+                    "contact_id": contact_id, "source_key": key, "last_import_id": self.import_id, "created_at": now, "updated_at": now,
+                })
                 if key:
-                    by_model[fact.model][key] = row
+                    by_model[fact.model][key] = _NEW
                 outcome = "created"
             else:
                 row.contact_id = contact_id
+                row.last_import_id = self.import_id
+                for name, value in fact.values.items():
+                    setattr(row, name, value)
                 outcome = "updated"
-            row.last_import_id = self.import_id
-            for name, value in fact.values.items():
-                setattr(row, name, value)
             if fact.member_id:
-                self._add_member_id(contact_id, *fact.member_id)
+                self._member_ids.append((contact_id, *fact.member_id))
             if fact.model is Coverage and fact.values.get("status") in (None, "active"):
                 self._coverage_updates[contact_id] = (fact.values.get("display"), fact.values.get("plan_name") or fact.values.get("payor_name"))
-            if not fact.source_ref.endswith(tuple(f"#component{n}" for n in range(50))):
+            if not fact.source_ref.endswith(component_suffixes):
                 self.stats.add(item.rtype, outcome)
             if fact.model in (Encounter, Appointment):
                 self._touched_stage.add(contact_id)
+        for model, rows in new_rows.items():
+            session.execute(insert(model), rows)
 
-    def _add_member_id(self, contact_id: str, system: str, value: str) -> None:
-        contact = self.session.get(Contact, contact_id)
-        try:
-            with self.session.begin_nested():
-                service.save_contact(self.session, self.org_id, {"identifiers": [{"system": system, "value": value, "type": "MB"}]},
-                                     contact=contact)
-        except CarePostError:
-            pass  # the member id is held by another contact: the coverage row itself is kept
+    def _write_member_ids(self) -> None:
+        """Coverage member ids become encrypted identifiers of the contact (type MB), found by
+        blind index; one already held by another contact is left where it is."""
+        if not self._member_ids:
+            return
+        session, org_id = self.session, self.org_id
+        wanted = {}
+        for contact_id, system, value in self._member_ids:
+            wanted[service.identifier_index(session, org_id, "identifier", value, system)] = (contact_id, system, value)
+        self._member_ids = []
+        held = service.contacts_by_index(session, org_id, "identifier", wanted.keys())
+        for idx, (contact_id, system, value) in wanted.items():
+            if idx in held:
+                continue
+            session.execute(delete(ContactIdentifier).where(
+                ContactIdentifier.org_id == org_id, ContactIdentifier.contact_id == contact_id,
+                ContactIdentifier.kind == "identifier", ContactIdentifier.system == system))
+            row = ContactIdentifier(id=new_id(), org_id=org_id, contact_id=contact_id, kind="identifier", system=system,
+                                    type_code="MB", rank=0, blind_index=idx)
+            row.value_enc = get_keyring().encrypt(session, org_id, "contact_identifiers", "value", row.id, value)
+            session.add(row)
 
     # -- bookkeeping
 
@@ -882,6 +920,7 @@ class FhirImporter:
         self.sink.error(reason=reason, line=where.get("line"), resource=label or (f"entry {where['entry']}" if where.get("entry") else None), field=field)
 
     def _commit(self) -> None:
+        self._write_member_ids()
         if self._coverage_updates:
             for contact_id, (ctype, plan) in self._coverage_updates.items():
                 contact = self.session.get(Contact, contact_id)
