@@ -344,3 +344,15 @@ def test_worker_finishes_a_running_task_on_sigterm(storage, db, queue_env, tmp_p
     finally:
         _stop_worker(proc, log_path)
     assert (tmp_path / marker_id).read_text() == "done"
+
+
+def test_revocations_with_a_time_survive_the_json_store(queue_env):
+    from datetime import datetime, timezone
+
+    from carepost.accounts.tasks import purge_expired_credentials
+
+    until = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    purge_expired_credentials.revoke(revoke_until=until)
+    assert purge_expired_credentials.is_revoked()
+    purge_expired_credentials.restore()
+    assert not purge_expired_credentials.is_revoked()

@@ -144,14 +144,23 @@ class JSONMessageSerializer(Serializer):
     def _serialize(self, data) -> bytes:
         if isinstance(data, Message):
             return json.dumps(_message_to_json(data), separators=(",", ":")).encode()
-        # Huey also serializes small internal values (lock and counter markers).
-        return json.dumps({"$value": data}).encode()
+        # Huey also stores small internal values (revocations with a datetime, lock markers).
+        return json.dumps({"$value": data}, default=_time_to_json, separators=(",", ":")).encode()
 
     def _deserialize(self, data) -> object:
         loaded = json.loads(bytes(data).decode())
         if isinstance(loaded, dict) and set(loaded) == {"$value"}:
-            return loaded["$value"]
+            return _revive(loaded["$value"])
         return _message_from_json(loaded)
+
+
+def _revive(value):
+    if isinstance(value, dict):
+        revived = _time_from_json(value)
+        return revived if revived is not value else {k: _revive(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_revive(v) for v in value]
+    return value
 
 
 # --------------------------------------------------------------------------- the Huey instance
