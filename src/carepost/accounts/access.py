@@ -80,6 +80,11 @@ def _authenticate(request: Request, session: Session) -> Principal | None:
     from carepost.accounts.credentials import principal_from_authorization
     from carepost.accounts.sessions import principal_from_cookie
 
+    # The web UI (/app) is for people: only a session cookie signs in there. API credentials
+    # work on the REST API.
+    path = request.url.path
+    if path == "/app" or path.startswith("/app/"):
+        return principal_from_cookie(request, session)
     if request.headers.get("authorization"):
         return principal_from_authorization(request, session)
     return principal_from_cookie(request, session)

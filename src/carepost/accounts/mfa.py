@@ -229,7 +229,6 @@ def registration_options(session: Session, ws: WebSession, user: User) -> dict:
 
 def register_credential(session: Session, ws: WebSession, user: User, credential: dict, name: str) -> WebAuthnCredential:
     from webauthn import verify_registration_response
-    from webauthn.helpers.exceptions import InvalidRegistrationResponse
 
     name = (name or "").strip() or "Security key"
     if len(name) > 100:
@@ -239,11 +238,13 @@ def register_credential(session: Session, ws: WebSession, user: User, credential
         verified = verify_registration_response(
             credential=credential, expected_challenge=challenge, expected_rp_id=rp_id(), expected_origin=expected_origin()
         )
-    except (InvalidRegistrationResponse, KeyError, ValueError, TypeError) as exc:
+    except Exception as exc:  # untrusted browser input: any parse failure is a refusal, never a 500
         raise ValidationFailed(f"The security key's response was not accepted ({type(exc).__name__}).", field="credential") from None
     if session.scalar(select(WebAuthnCredential.id).where(WebAuthnCredential.credential_id == verified.credential_id)):
         raise ValidationFailed("This security key is already registered.", field="credential")
-    transports = [t for t in (credential.get("response", {}) or {}).get("transports", []) or [] if isinstance(t, str)][:5]
+    response = credential.get("response")
+    raw_transports = response.get("transports") if isinstance(response, dict) else None
+    transports = [t for t in raw_transports if isinstance(t, str)][:5] if isinstance(raw_transports, list) else []
     row = WebAuthnCredential(
         user_id=user.id,
         credential_id=verified.credential_id,
@@ -276,7 +277,6 @@ def authentication_options(session: Session, ws: WebSession, user: User) -> dict
 def verify_assertion(session: Session, ws: WebSession, user: User, credential: dict) -> WebAuthnCredential | None:
     """The security key that signed the challenge, or None when the response does not verify."""
     from webauthn import verify_authentication_response
-    from webauthn.helpers.exceptions import InvalidAuthenticationResponse
 
     challenge = _take_challenge(ws, "authenticate")
     try:
@@ -297,7 +297,7 @@ def verify_assertion(session: Session, ws: WebSession, user: User, credential: d
             credential_public_key=row.public_key,
             credential_current_sign_count=row.sign_count,
         )
-    except (InvalidAuthenticationResponse, KeyError, ValueError, TypeError):
+    except Exception:  # untrusted browser input: any parse failure is a refusal
         return None
     row.sign_count = verified.new_sign_count
     row.last_used_at = clock.now()
