@@ -1,0 +1,203 @@
+"""Pydantic shapes of the delivery API (``/api/v1/messages``, ``/domains``, ``/recipient-keys``,
+``/security-preview``). The routes are built on these; field names are the public contract in
+issue 4, item 11 ("from", "to", "subject", "html", "text", "contains_phi", "security",
+"purpose"...). Validation messages never echo the value (it may be PHI)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SecurityMode = Literal["opportunistic", "tls_required", "tls_exclusive", "secure"]
+Method = Literal["tls", "pgp", "smime", "portal", "none"]
+RecipientStatus = Literal[
+    "queued", "excluded", "deferred", "sent", "delivered", "bounced", "failed", "portal_viewed", "recalled", "expired"
+]
+
+MAX_RECIPIENTS = 1000
+MAX_BATCH = 1000
+MAX_ATTACHMENT_BYTES = 20 * 1024 * 1024
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class AttachmentIn(_In):
+    filename: str = Field(min_length=1, max_length=255)
+    content_type: str = Field("application/octet-stream", max_length=255)
+    content: bytes = Field(description="Base64 of the file.")
+    content_id: str | None = Field(None, max_length=200, description="Set for an inline image the html refers to as cid:<content_id>.")
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _decode(cls, value):
+        if isinstance(value, (bytes, bytearray)):
+            value = value.decode("ascii", "replace")
+        if not isinstance(value, str):
+            raise ValueError("must be base64 text")
+        try:
+            data = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("must be base64") from None
+        if len(data) > MAX_ATTACHMENT_BYTES:
+            raise ValueError(f"larger than {MAX_ATTACHMENT_BYTES} bytes")
+        return data
+
+
+class MessageIn(_In):
+    sender: str = Field(alias="from", max_length=400)
+    to: list[str] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
+    cc: list[str] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
+    bcc: list[str] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
+    reply_to: str | None = Field(None, max_length=400)
+    subject: str | None = Field(None, max_length=998)
+    html: str | None = None
+    text: str | None = None
+    template_id: str | None = Field(None, max_length=32)
+    data: dict = Field(default_factory=dict, description="Template variables.")
+    attachments: list[AttachmentIn] = Field(default_factory=list, max_length=50)
+    contains_phi: bool = True
+    security: SecurityMode | None = Field(None, description="Raises the organization's mode for this message; never lowers it.")
+    purpose: str | None = Field(None, max_length=64)
+    tags: list[str] = Field(default_factory=list, max_length=20)
+    headers: dict[str, str] = Field(default_factory=dict, max_length=20)
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, tags: list[str]) -> list[str]:
+        for tag in tags:
+            if not tag or len(tag) > 64 or not tag.isprintable():
+                raise ValueError("tags are 1 to 64 printable characters")
+        return tags
+
+    @model_validator(mode="after")
+    def _complete(self):
+        if not (self.to or self.cc or self.bcc):
+            raise ValueError("at least one recipient (to, cc or bcc) is required")
+        if len(self.to) + len(self.cc) + len(self.bcc) > MAX_RECIPIENTS:
+            raise ValueError(f"at most {MAX_RECIPIENTS} recipients per message")
+        if self.template_id is None:
+            if self.html is None and self.text is None:
+                raise ValueError("give html or text, or a template_id")
+            if self.subject is None:
+                raise ValueError("a subject is required without a template")
+        if sum(len(a.content) for a in self.attachments) > MAX_ATTACHMENT_BYTES:
+            raise ValueError(f"attachments larger than {MAX_ATTACHMENT_BYTES} bytes in total")
+        return self
+
+
+class MessageBatchIn(_In):
+    messages: list[MessageIn] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class MessageAccepted(BaseModel):
+    id: str
+
+
+class MessageBatchAccepted(BaseModel):
+    ids: list[str]
+
+
+class EventOut(BaseModel):
+    type: str
+    at: datetime
+    details: dict = Field(default_factory=dict)
+
+
+class EvidenceOut(BaseModel):
+    mx_host: str | None = None
+    tls_version: str | None = None
+    cipher: str | None = None
+    cert_fingerprint: str | None = None
+    cert_verified: bool = False
+    mta_sts: str | None = None
+    relay: bool = False
+    reply_code: int | None = None
+    key_fingerprint: str | None = None
+    portal_message_id: str | None = None
+
+
+class RecipientOut(BaseModel):
+    address: str
+    kind: Literal["to", "cc", "bcc"] = "to"
+    status: RecipientStatus
+    method: Method | None = None
+    reason: str | None = None
+    possible_duplicate: bool = False
+    evidence: EvidenceOut = Field(default_factory=EvidenceOut)
+    events: list[EventOut] = Field(default_factory=list)
+
+
+class MessageOut(BaseModel):
+    id: str
+    created_at: datetime | None = None
+    purpose: str | None = None
+    security: SecurityMode | None = None
+    contains_phi: bool = True
+    recipients: list[RecipientOut]
+
+
+class RecipientKeyIn(_In):
+    address: str = Field(max_length=320)
+    kind: Literal["pgp", "smime"]
+    key: str = Field(min_length=1, max_length=256 * 1024, description="Armored OpenPGP certificate or PEM X.509 certificate.")
+
+
+class RecipientKeyOut(BaseModel):
+    id: str
+    kind: Literal["pgp", "smime"]
+    fingerprint: str
+    expires_at: datetime | None
+    expiring_soon: bool
+
+
+class SendingDomainIn(_In):
+    domain: str = Field(min_length=3, max_length=253)
+
+
+class DnsRecordOut(BaseModel):
+    purpose: str
+    type: str
+    name: str
+    value: str
+    note: str = ""
+
+
+class RecordCheckOut(BaseModel):
+    purpose: str
+    name: str
+    ok: bool
+    detail: str
+
+
+class SendingDomainOut(BaseModel):
+    id: str
+    domain: str
+    selector: str
+    return_path_domain: str
+    dns_ok: bool
+    checked_at: datetime | None
+    records: list[DnsRecordOut]
+    checks: list[RecordCheckOut] = Field(default_factory=list)
+
+
+class SecurityPreviewIn(_In):
+    addresses: list[str] = Field(min_length=1, max_length=MAX_RECIPIENTS)
+    security: SecurityMode | None = None
+    contains_phi: bool = True
+
+
+class SecurityPreviewRowOut(BaseModel):
+    address: str
+    method: Method
+    reason: str
+    mode: SecurityMode
+
+
+class SecurityPreviewOut(BaseModel):
+    recipients: list[SecurityPreviewRowOut]
