@@ -129,7 +129,8 @@ def test_cursor_pagination_walks_every_event_once(client, session, org, api_key)
 def test_bad_input_names_the_field(client, session, org, api_key):
     headers, _ = api_key(org.id)
     for params, field in [({"outcome": "maybe"}, "outcome"), ({"since": "yesterday"}, "since"), ({"limit": 0}, "limit"),
-                          ({"cursor": "not-a-cursor"}, "cursor"),
+                          ({"cursor": "not-a-cursor"}, "cursor"), ({"action": "auth\x00"}, "action"),
+                          ({"since": "0001-01-01T00:00:00+05:00"}, "since"),
                           ({"since": "2025-02-01", "until": "2025-01-01"}, "until")]:
         r = client.get("/api/v1/audit-events", params=params, headers=headers)
         assert r.status_code == 422, (params, r.text)

@@ -169,3 +169,37 @@ def test_whole_chain_deleted_is_detected(session, org):
     session.commit()
     p = run_verify(org.id).first_problem
     assert (p.kind, p.seq) == ("truncated", 1)
+
+
+def test_checkpoint_write_failure_never_fails_the_commit(session, org, capsys):
+    directory = checkpoints.checkpoint_dir()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    directory.write_text("a file where the directory should be")
+    try:
+        append(session, org.id)
+        session.commit()  # committed despite the unusable checkpoint directory
+    finally:
+        directory.unlink()
+    session.rollback()
+    assert session.scalar(select(AuditChainHead.seq).where(AuditChainHead.chain == org.id)) == 1
+    captured = capsys.readouterr()
+    assert "audit_checkpoint_unreadable" in captured.out + captured.err
+    # The write itself fails (its lock file cannot be opened): still committed, and logged.
+    directory.mkdir(mode=0o700)
+    (directory / f".{org.id}.lock").mkdir()
+    append(session, org.id)
+    session.commit()
+    session.rollback()
+    assert session.scalar(select(AuditChainHead.seq).where(AuditChainHead.chain == org.id)) == 2
+    captured = capsys.readouterr()
+    assert "audit_checkpoint_write_failed" in captured.out + captured.err
+    (directory / f".{org.id}.lock").rmdir()
+    report = run_verify(org.id)
+    assert report.ok and report.chains[0].warnings  # nothing checkpointed: verify says so
+
+
+def test_checkpoint_json_that_is_not_an_object_is_refused(tmp_path):
+    f = tmp_path / "cp.json"
+    f.write_text("[1, 2]")
+    with pytest.raises(checkpoints.CheckpointError):
+        checkpoints.load_file(f)

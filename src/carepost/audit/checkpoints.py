@@ -47,7 +47,6 @@ log = get_logger("carepost.audit.checkpoints")
 FORMAT = "carepost-audit-checkpoint/1"
 SIGNED_FIELDS = ("format", "chain", "seq", "hash", "event_id", "occurred_at", "written_at")
 _CHAIN_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
-_thread_lock = threading.Lock()
 # How messages name this machine's file (never its path: API responses must not reveal internals).
 LOCAL_SOURCE = "local checkpoint"
 
@@ -94,7 +93,7 @@ class Checkpoint:
     @classmethod
     def from_dict(cls, data: dict, source: str = "") -> Checkpoint:
         try:
-            if data.get("format") != FORMAT:
+            if not isinstance(data, dict) or data.get("format") != FORMAT:
                 raise CheckpointError(f"{source or 'checkpoint'}: not a CarePost audit checkpoint")
             chain = str(data["chain"])
             if not _CHAIN_RE.match(chain):
@@ -160,6 +159,8 @@ def read_local(chain: str, settings: Settings | None = None) -> Checkpoint | Non
         text = path.read_text()
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise CheckpointError(f"{LOCAL_SOURCE}: cannot read ({exc.strerror})") from None
     try:
         return Checkpoint.from_dict(json.loads(text), source=LOCAL_SOURCE)
     except json.JSONDecodeError:
@@ -177,39 +178,38 @@ def write_forward(cp: Checkpoint, settings: Settings | None = None) -> bool:
     """Write ``cp`` unless the file already holds this seq or a newer one. Returns True if written.
 
     The exclusive ``flock`` on a sibling lock file serializes writers across processes and
-    threads (flock locks belong to the open file description), so the check-then-replace is
-    atomic and the file never moves backwards.
+    threads (each call opens the lock file anew, and flock locks belong to the open file
+    description), so the check-then-replace is atomic and the file never moves backwards.
     """
     directory = checkpoint_dir(settings)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = checkpoint_path(cp.chain, settings)
     lock_path = directory / f".{cp.chain}.lock"
-    with _thread_lock:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                current = json.loads(path.read_text())
-                current_seq = int(current.get("seq", 0))
-            except FileNotFoundError:
-                current_seq = 0
-            except (ValueError, TypeError):
-                # An unreadable file is evidence of tampering: never overwrite it.
-                log.error("audit_checkpoint_unreadable", chain=cp.chain)
-                return False
-            if current_seq >= cp.seq:
-                return False
-            tmp = directory / f".{cp.chain}.{os.getpid()}.{threading.get_ident()}.tmp"
-            wfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(wfd, "w") as fh:
-                json.dump(cp.to_dict(), fh, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-            return True
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            current = json.loads(path.read_text())
+            current_seq = int(current.get("seq", 0))
+        except FileNotFoundError:
+            current_seq = 0
+        except (ValueError, TypeError, AttributeError):
+            # An unreadable file is evidence of tampering: never overwrite it.
+            log.error("audit_checkpoint_unreadable", chain=cp.chain)
+            return False
+        if current_seq >= cp.seq:
+            return False
+        tmp = directory / f".{cp.chain}.{os.getpid()}.{threading.get_ident()}.tmp"
+        wfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(wfd, "w") as fh:
+            json.dump(cp.to_dict(), fh, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        return True
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- reading checkpoint files
