@@ -28,7 +28,7 @@ from typing import IO, Any
 
 import ijson
 from pydantic import ValidationError
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -889,7 +889,7 @@ class FhirImporter:
             if fact.model in (Encounter, Appointment):
                 self._touched_stage.add(contact_id)
         for model, rows in new_rows.items():
-            session.execute(insert(model), rows)
+            session.execute(insert(model).execution_options(render_nulls=True), rows)
 
     def _write_member_ids(self) -> None:
         """Coverage member ids become encrypted identifiers of the contact (type MB), found by
@@ -902,12 +902,18 @@ class FhirImporter:
             wanted[service.identifier_index(session, org_id, "identifier", value, system)] = (contact_id, system, value)
         self._member_ids = []
         held = service.contacts_by_index(session, org_id, "identifier", wanted.keys())
-        for idx, (contact_id, system, value) in wanted.items():
-            if idx in held:
-                continue
-            session.execute(delete(ContactIdentifier).where(
-                ContactIdentifier.org_id == org_id, ContactIdentifier.contact_id == contact_id,
-                ContactIdentifier.kind == "identifier", ContactIdentifier.system == system))
+        todo = [(idx, spec) for idx, spec in wanted.items() if idx not in held]
+        if not todo:
+            return
+        # One value per system per contact: a new member id replaces the old one of that payor.
+        replaced = session.execute(select(ContactIdentifier.id, ContactIdentifier.contact_id, ContactIdentifier.system).where(
+            ContactIdentifier.org_id == org_id, ContactIdentifier.kind == "identifier",
+            ContactIdentifier.contact_id.in_({c for _, (c, _s, _v) in todo}))).all()
+        pairs = {(c, sy) for _, (c, sy, _v) in todo}
+        stale = [rid for rid, c, sy in replaced if (c, sy) in pairs]
+        if stale:
+            session.execute(delete(ContactIdentifier).where(ContactIdentifier.org_id == org_id, ContactIdentifier.id.in_(stale)))
+        for idx, (contact_id, system, value) in todo:
             row = ContactIdentifier(id=new_id(), org_id=org_id, contact_id=contact_id, kind="identifier", system=system,
                                     type_code="MB", rank=0, blind_index=idx)
             row.value_enc = get_keyring().encrypt(session, org_id, "contact_identifiers", "value", row.id, value)
@@ -922,11 +928,11 @@ class FhirImporter:
     def _commit(self) -> None:
         self._write_member_ids()
         if self._coverage_updates:
+            # The active coverage names the contact's coverage type and plan (plain, for segments).
             for contact_id, (ctype, plan) in self._coverage_updates.items():
-                contact = self.session.get(Contact, contact_id)
-                if contact is not None:
-                    contact.coverage_type = (ctype or contact.coverage_type or None) and (ctype or contact.coverage_type)[:64]
-                    contact.coverage_plan = (plan or contact.coverage_plan or None) and (plan or contact.coverage_plan)[:200]
+                values = {k: v for k, v in (("coverage_type", ctype and ctype[:64]), ("coverage_plan", plan and plan[:200])) if v}
+                if values:
+                    self.session.execute(update(Contact).where(Contact.org_id == self.org_id, Contact.id == contact_id).values(**values))
             self._coverage_updates = {}
         if self._touched_stage:
             service.refresh_care_stages(self.session, self.org_id, sorted(self._touched_stage))

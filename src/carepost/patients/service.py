@@ -256,9 +256,17 @@ def save_contact(
     specs = _identifier_specs(fields)
     spec_idx = [(s, v, t, identifier_index(session, org_id, "identifier", v, s)) for s, v, t in specs]
 
-    holders = contacts_by_index(session, org_id, "identifier", [i for *_, i in spec_idx]) if spec_idx else {}
+    holders: dict[str, str] = {}
+    by_source: dict[str, str] = {}
+    lookups = [("identifier", i) for *_, i in spec_idx] + ([("source", i) for i in source_idx] if contact is None else [])
+    if lookups:  # one query for every identifier and source reference of the record
+        for kind, idx, contact_id in session.execute(
+            select(ContactIdentifier.kind, ContactIdentifier.blind_index, ContactIdentifier.contact_id).where(
+                ContactIdentifier.org_id == org_id, ContactIdentifier.kind.in_({k for k, _ in lookups}),
+                ContactIdentifier.blind_index.in_([i for _, i in lookups]))
+        ):
+            (holders if kind == "identifier" else by_source).setdefault(idx, contact_id)
     if contact is None:
-        by_source = contacts_by_index(session, org_id, "source", source_idx) if source_idx else {}
         candidates = [by_source[i] for i in source_idx if i in by_source] + [holders[i] for *_, i in spec_idx if i in holders]
         if candidates:
             contact = session.get(Contact, candidates[0])
@@ -300,7 +308,8 @@ def save_contact(
     _write_identifiers(session, org_id, contact, fields, existing, spec_idx, source_idx)
     if "attributes" in fields and fields["attributes"] is not None:
         set_attributes(session, org_id, contact, fields["attributes"])
-    contact.updated_at = clock.now()
+    if not created:
+        contact.updated_at = clock.now()
     return SaveResult(contact, created)
 
 
