@@ -1,0 +1,88 @@
+"""A fast SMTP sink with STARTTLS for delivery benchmarks: accepts and discards everything.
+
+Runs in its own process (so it does not share the benchmark's interpreter lock):
+
+    python bench/smtp_sink.py --port 2526 --cert sink.pem --key sink.key
+
+Supports EHLO, STARTTLS, MAIL, RCPT, DATA, RSET, NOOP, QUIT; counts messages and prints the
+count on SIGTERM. Not a test double for correctness (tests use aiosmtpd): only for speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import ssl
+
+COUNT = 0
+
+
+async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ctx: ssl.SSLContext) -> None:
+    global COUNT
+
+    def send(data: bytes) -> None:
+        writer.write(data)
+
+    send(b"220 sink.bench ESMTP\r\n")
+    tls = False
+    try:
+        while True:
+            line = await reader.readline()
+            if not line:
+                return
+            cmd = line[:4].upper()
+            if cmd == b"EHLO":
+                ext = b"250-sink.bench\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n"
+                if not tls:
+                    ext += b"250-STARTTLS\r\n"
+                send(ext + b"250 SIZE 52428800\r\n")
+            elif cmd == b"STAR":
+                send(b"220 2.0.0 Ready to start TLS\r\n")
+                await writer.drain()
+                await writer.start_tls(ctx)
+                tls = True
+            elif cmd in (b"MAIL", b"RCPT", b"RSET", b"NOOP"):
+                send(b"250 2.0.0 OK\r\n")
+            elif cmd == b"DATA":
+                send(b"354 go ahead\r\n")
+                await writer.drain()
+                await reader.readuntil(b"\r\n.\r\n")
+                COUNT += 1
+                send(b"250 2.0.0 Ok: queued\r\n")
+            elif cmd == b"QUIT":
+                send(b"221 2.0.0 Bye\r\n")
+                await writer.drain()
+                return
+            else:
+                send(b"500 5.5.2 what\r\n")
+            await writer.drain()
+    except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+        return
+    finally:
+        writer.close()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--cert", required=True)
+    parser.add_argument("--key", required=True)
+    args = parser.parse_args()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(args.cert, args.key)
+    server = await asyncio.start_server(lambda r, w: client(r, w, ctx), "127.0.0.1", args.port, limit=1 << 22)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    print("ready", flush=True)
+    async with server:
+        await stop.wait()
+    import time
+
+    print(f"cpu {time.process_time():.2f} received {COUNT}", flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
