@@ -171,7 +171,20 @@ def test_whole_chain_deleted_is_detected(session, org):
     assert (p.kind, p.seq) == ("truncated", 1)
 
 
-def test_checkpoint_write_failure_never_fails_the_commit(session, org, capsys):
+@pytest.fixture
+def logs():
+    import io
+
+    from carepost.core.config import get_settings
+    from carepost.core.logging import configure_logging
+
+    buf = io.StringIO()
+    configure_logging("INFO", True, stream=buf)
+    yield buf
+    configure_logging(get_settings().log_level, get_settings().log_json)
+
+
+def test_checkpoint_write_failure_never_fails_the_commit(session, org, logs):
     directory = checkpoints.checkpoint_dir()
     directory.parent.mkdir(parents=True, exist_ok=True)
     directory.write_text("a file where the directory should be")
@@ -182,8 +195,7 @@ def test_checkpoint_write_failure_never_fails_the_commit(session, org, capsys):
         directory.unlink()
     session.rollback()
     assert session.scalar(select(AuditChainHead.seq).where(AuditChainHead.chain == org.id)) == 1
-    captured = capsys.readouterr()
-    assert "audit_checkpoint_unreadable" in captured.out + captured.err
+    assert "audit_checkpoint_unreadable" in logs.getvalue()
     # The write itself fails (its lock file cannot be opened): still committed, and logged.
     directory.mkdir(mode=0o700)
     (directory / f".{org.id}.lock").mkdir()
@@ -191,8 +203,7 @@ def test_checkpoint_write_failure_never_fails_the_commit(session, org, capsys):
     session.commit()
     session.rollback()
     assert session.scalar(select(AuditChainHead.seq).where(AuditChainHead.chain == org.id)) == 2
-    captured = capsys.readouterr()
-    assert "audit_checkpoint_write_failed" in captured.out + captured.err
+    assert "audit_checkpoint_write_failed" in logs.getvalue()
     (directory / f".{org.id}.lock").rmdir()
     report = run_verify(org.id)
     assert report.ok and report.chains[0].warnings  # nothing checkpointed: verify says so

@@ -116,14 +116,17 @@ def test_viewer_refused_without_audit_read_and_scoped(client, session, org, make
     assert client.get(f"/app/audit/events/{theirs[0].id}").status_code == 404
 
 
-def test_export_links_only_with_audit_export(client, session, org, make_user):
+def test_export_links_for_officer_and_viewer_closed_to_api_keys(client, session, org, make_user):
     from carepost.accounts import credentials as creds
 
     officer = make_user(org, role="compliance_officer")
     login_client(client, officer)
-    assert 'data-testid="export-csv"' in client.get("/app/audit").text
+    page = client.get("/app/audit").text
+    assert 'data-testid="export-csv"' in page and 'data-testid="export-jsonl"' in page
     client.cookies.clear()
+    # The web UI is for people: an API key holding audit:read uses the REST API instead.
     cred, secret = creds.create_credential(session, org.id, name="Reader", scopes=["audit:read"])
     session.commit()
-    page = client.get("/app/audit", headers={"Authorization": f"Bearer {cred.key_id}.{secret}"})
-    assert page.status_code == 200 and "export-csv" not in page.text
+    headers = {"Authorization": f"Bearer {cred.key_id}.{secret}"}
+    assert client.get("/app/audit", headers=headers).status_code == 401
+    assert client.get("/api/v1/audit-events", headers=headers).status_code == 200

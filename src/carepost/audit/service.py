@@ -3,6 +3,11 @@
 Each event's hash is an HMAC over its canonical fields and the previous event's hash, keyed by
 the chain's own audit key (wrapped by the master key like every other key). Appending locks the
 chain head row first, so two writers can never both extend the same head (no forks).
+
+After the transaction commits, the newest append of each chain is checkpointed to a file
+outside the database (``checkpoints``), so deleting the newest events is detectable too.
+Reading (``list_events``, ``get_event``) always names the chain: audit events are not
+``OrgScoped``, the caller's organization is applied explicitly.
 """
 
 from __future__ import annotations

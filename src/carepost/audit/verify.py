@@ -137,11 +137,13 @@ def _with_next(items: Iterable[AuditEvent]) -> Iterator[tuple[AuditEvent, AuditE
     yield cur, None
 
 
-def _written_as_seq(key: bytes, event: AuditEvent, limit: int) -> int | None:
-    """The seq an event's hash was made with, if it is not its present seq (a moved event)."""
+def _written_as_seq(key: bytes, event: AuditEvent) -> int | None:
+    """The seq an event's hash was made with, if it is not its present seq (a moved event).
+
+    Only run on an event that failed, nearest positions first: REORDER_SEARCH HMACs at most."""
     present = event.seq
     try:
-        lo, hi = max(1, present - REORDER_SEARCH), min(max(limit, present) + REORDER_SEARCH, present + REORDER_SEARCH)
+        lo, hi = max(1, present - REORDER_SEARCH), present + REORDER_SEARCH
         for candidate in sorted(range(lo, hi + 1), key=lambda s: abs(s - present)):
             if candidate == present:
                 continue
@@ -208,10 +210,9 @@ def _verify_chain(session: Session, chain: str, cps: list[Checkpoint], result: C
 
     prev: AuditEvent | None = None
     prev_hash = GENESIS
-    limit = max([result.head_seq or 0] + [c.seq for c in cps])
     for event, nxt in _with_next(_events(session, chain)):
         expected = (prev.seq + 1) if prev else 1
-        problem = _check_event(key, chain, event, nxt, prev, prev_hash, expected, limit)
+        problem = _check_event(key, chain, event, nxt, prev, prev_hash, expected)
         if problem:
             result.problem = problem
             return result
@@ -266,7 +267,7 @@ def _verify_chain(session: Session, chain: str, cps: list[Checkpoint], result: C
 
 def _check_event(
     key: bytes | None, chain: str, event: AuditEvent, nxt: AuditEvent | None, prev: AuditEvent | None,
-    prev_hash: str, expected: int, limit: int,
+    prev_hash: str, expected: int,
 ) -> Problem | None:
     if event.seq > expected:
         gap = f"seq {expected}" if event.seq == expected + 1 else f"seq {expected}..{event.seq - 1}"
@@ -279,7 +280,7 @@ def _check_event(
     assert key is not None
     authentic = hmac.compare_digest(event_hash(key, event), event.hash)
     if not authentic:
-        original = _written_as_seq(key, event, limit)
+        original = _written_as_seq(key, event)
         if original is not None:
             return Problem(
                 "reordered", chain, event.seq, event.id,
