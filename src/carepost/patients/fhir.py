@@ -913,6 +913,7 @@ class FhirImporter:
         stale = [rid for rid, c, sy in replaced if (c, sy) in pairs]
         if stale:
             session.execute(delete(ContactIdentifier).where(ContactIdentifier.org_id == org_id, ContactIdentifier.id.in_(stale)))
+        service.register_identifier_systems(session, org_id, [(system, "MB") for _, (_c, system, _v) in todo])
         for idx, (contact_id, system, value) in todo:
             row = ContactIdentifier(id=new_id(), org_id=org_id, contact_id=contact_id, kind="identifier", system=system,
                                     type_code="MB", rank=0, blind_index=idx)

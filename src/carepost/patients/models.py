@@ -125,6 +125,20 @@ class ContactIdentifier(OrgScoped, Base):
     created_at: Mapped[datetime] = mapped_column(default=clock.now)
 
 
+class IdentifierSystem(OrgScoped, Base):
+    """The identifier systems an organization holds identifiers in (a handful per organization),
+    so an MRN searched without its system is tried in each of them by blind index — never by
+    scanning millions of identifier rows for their distinct systems."""
+
+    __tablename__ = "identifier_systems"
+    __table_args__ = (UniqueConstraint("org_id", "system", "type_code"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    system: Mapped[str] = mapped_column(String(255))
+    type_code: Mapped[str] = mapped_column(String(20), default="")  # "" when the identifier has no type
+    created_at: Mapped[datetime] = mapped_column(default=clock.now)
+
+
 ATTRIBUTE_TYPES = ("text", "number", "date", "boolean", "list")
 
 

@@ -23,6 +23,7 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from carepost.core import clock
@@ -41,6 +42,7 @@ from carepost.patients.models import (
     CustomAttributeDefinition,
     CustomAttributeValue,
     Encounter,
+    IdentifierSystem,
 )
 from carepost.patients.schemas import AttributeDefinitionIn, ContactIn, FactIn
 
@@ -177,14 +179,9 @@ def find_contact_ids(
         clauses.append(and_(ContactIdentifier.kind == "phone", ContactIdentifier.blind_index == blind_index(session, org_id, "phone", phone)))
     if mrn or identifier:
         value = mrn or identifier
-        systems = [system] if system else list(
-            session.scalars(
-                select(ContactIdentifier.system)
-                .where(ContactIdentifier.org_id == org_id, ContactIdentifier.kind == "identifier",
-                       *( [ContactIdentifier.type_code == MRN_TYPE] if mrn else [] ))
-                .distinct()
-            )
-        )
+        systems = [system] if system else sorted({
+            s for s, t in identifier_systems(session, org_id) if not mrn or t == MRN_TYPE
+        })
         indexes = [blind_index(session, org_id, "identifier", value, system=s) for s in systems if s]
         if indexes:
             clauses.append(and_(ContactIdentifier.kind == "identifier", ContactIdentifier.blind_index.in_(indexes)))
@@ -196,6 +193,28 @@ def find_contact_ids(
         select(ContactIdentifier.contact_id).where(ContactIdentifier.org_id == org_id, or_(*clauses)).distinct()
     ).all()
     return sorted(set(rows))
+
+
+def identifier_systems(session: Session, org_id: str) -> set[tuple[str, str]]:
+    """(system, type code) pairs the organization holds identifiers in; cached per session."""
+    cache = session.info.setdefault("_carepost_identifier_systems", {})
+    if org_id not in cache:
+        cache[org_id] = {(s, t or "") for s, t in session.execute(
+            select(IdentifierSystem.system, IdentifierSystem.type_code).where(IdentifierSystem.org_id == org_id))}
+    return cache[org_id]
+
+
+def register_identifier_systems(session: Session, org_id: str, pairs: Iterable[tuple[str, str | None]]) -> None:
+    known = identifier_systems(session, org_id)
+    for system, type_code in {(s, t or "") for s, t in pairs}:
+        if (system, type_code) in known:
+            continue
+        try:
+            with session.begin_nested():
+                session.add(IdentifierSystem(org_id=org_id, system=system, type_code=type_code))
+        except IntegrityError:
+            pass  # another writer registered it first
+        known.add((system, type_code))
 
 
 def contact_for_sources(session: Session, org_id: str, refs: Iterable[str]) -> str | None:
@@ -345,6 +364,8 @@ def _write_identifiers(session, org_id, contact, fields, existing, spec_idx, sou
             phones.append((normalize_phone(p["value"], f"phones.{i}.value"), p.get("use")))
         _replace_set(session, org_id, by_kind.get("phone", []), phones, "phone", add)
     # identifiers: merged, one value per system
+    if spec_idx:
+        register_identifier_systems(session, org_id, [(system, type_code) for system, _v, type_code, _i in spec_idx])
     current = {row.system: row for row in by_kind.get("identifier", [])}
     for system, value, type_code, idx in spec_idx:
         row = current.get(system)
