@@ -77,7 +77,8 @@ def test_altered_details_and_time_are_detected(session, org):
     append(session, org.id, 4)
     victim = event_row(session, org.id, 2)
     sql(session, "UPDATE audit_events SET occurred_at = :t WHERE id = :id", t=victim.occurred_at.replace(year=2020), id=victim.id)
-    assert (run_verify(org.id).first_problem.kind, run_verify(org.id).first_problem.seq) == ("altered", 2)
+    p = run_verify(org.id).first_problem
+    assert (p.kind, p.seq, p.event_id) == ("altered", 2, victim.id)
 
 
 def test_altered_stored_hash_is_detected(session, org):

@@ -8,7 +8,7 @@ import io
 import json
 import shutil
 import stat
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import select, text
@@ -58,7 +58,7 @@ def test_jsonl_export_has_every_field_and_a_checkpoint_trailer(session, org):
     key = chain_key(session, org.id)
     for r in records[:-1]:
         clone = AuditEvent(**{k: v for k, v in r.items() if k not in ("record_type", "occurred_at")})
-        clone.occurred_at = __import__("datetime").datetime.strptime(r["occurred_at"], "%Y-%m-%dT%H:%M:%S.%fZ")
+        clone.occurred_at = datetime.strptime(r["occurred_at"], "%Y-%m-%dT%H:%M:%S.%fZ")
         assert event_hash(key, clone) == r["hash"]
 
 
