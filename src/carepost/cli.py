@@ -141,7 +141,9 @@ def worker(
 
 
 @app.command()
-def run() -> None:
+def run(
+    demo: bool = typer.Option(False, "--demo", help="Load a synthetic patient population into a \"Demo Clinic\" organization first."),
+) -> None:
     """Run everything on one machine: server, worker and local mail capture.
 
     Initializes the data dir first when needed. Captured mail never leaves the machine.
@@ -154,6 +156,11 @@ def run() -> None:
 
     settings = get_settings()
     _initialize(only_first_start=True)
+    if demo:
+        from carepost.patients.demo import ensure_demo_population
+
+        slug, loaded = ensure_demo_population()
+        console.print(f"Demo organization [bold]{slug}[/bold]: " + (f"{loaded} synthetic patients loaded." if loaded else "already loaded."))
     dispose_engine()  # the children open their own connections
     with _holding_data_dir(settings):
         mail_env = relay_environment(settings)  # all outgoing mail goes to the capture

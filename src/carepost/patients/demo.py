@@ -67,7 +67,7 @@ def synthetic_bundle(index: int, seed: int = 1, reference_date: date = REFERENCE
     patient["address"] = [{"use": "home", "line": [f"{rng.randint(10, 9999)} {rng.choice(STREETS)}"], "city": city,
                            "state": state, "postalCode": zip_code, "country": "US"}]
     telecom = [{"system": "phone", "value": f"555-01{rng.randint(0, 99):02d}", "use": "mobile"}]
-    if rng.random() < 0.9:  # some patients have no email address, as in real practices
+    if index % 10 != 9:  # one patient in ten has no email address, as in real practices
         telecom.append({"system": "email", "value": f"{given}.{family}.{index}@mail.example".lower()})
     patient["telecom"] = telecom
     patient.setdefault("identifier", []).append({
@@ -163,3 +163,30 @@ def load_demo(session, org_id: str, count: int = 200, seed: int = 1):
     job.counts, job.processed, job.error_count = stats.as_dict(), stats.processed, sink.seq
     session.commit()
     return job
+
+
+DEMO_ORG_NAME = "Demo Clinic"
+
+
+def ensure_demo_population(count: int = 200, seed: int = 1) -> tuple[str, int]:
+    """Create the "Demo Clinic" organization with ``count`` synthetic patients, once: a second
+    call finds it and changes nothing. Returns (organization slug, patients loaded now)."""
+    from sqlalchemy import select
+
+    from carepost.accounts.models import Organization
+    from carepost.accounts.service import create_organization
+    from carepost.audit.service import record
+    from carepost.core.database import org_session, system_session
+
+    with system_session() as s:
+        org = s.scalar(select(Organization).where(Organization.name == DEMO_ORG_NAME))
+        if org is not None:
+            return org.slug, 0
+        org = create_organization(s, DEMO_ORG_NAME)
+        record(s, org_id=org.id, actor_type="system", actor_id="demo", action="organization.create",
+               target_type="organization", target_id=org.id, details={"demo": True})
+        s.commit()
+        org_id, slug = org.id, org.slug
+    with org_session(org_id) as s:
+        job = load_demo(s, org_id, count, seed)
+        return slug, job.counts.get("patients", 0)
