@@ -39,9 +39,16 @@ def append(session, org_id, n, action="contact.read", step=None):
 
 
 def run_cli(*args):
+    """The CLI in-process. Its logging setup binds the runner's stderr, which is closed after
+    the invocation, so logging is put back afterwards."""
     from carepost.cli import app
+    from carepost.core.config import get_settings
+    from carepost.core.logging import configure_logging
 
-    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+    try:
+        return CliRunner().invoke(app, list(args), catch_exceptions=False)
+    finally:
+        configure_logging(get_settings().log_level, get_settings().log_json)
 
 
 def test_jsonl_export_has_every_field_and_a_checkpoint_trailer(session, org):
