@@ -186,8 +186,10 @@ def preview(head: bytes, options: dict | None = None) -> dict:
     encoding = detect_encoding(head, options.get("encoding"))
     text = head.decode(encoding, errors="replace")
     delimiter = detect_delimiter(text, options.get("delimiter"))
-    rows = list(csv.reader(io.StringIO(text), delimiter=delimiter))
-    first = rows[0] if rows else []
+    try:
+        first = next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), [])
+    except csv.Error:
+        raise FileFailure("The start of the file is not readable as CSV.", field="file") from None
     has_header = options.get("has_header")
     if has_header is None:
         has_header = bool(suggest_mapping(first)) or _sniff_header(text)
@@ -231,7 +233,10 @@ class CsvImporter:
         date_format = self.options.get("date_format") or None
         with opener() as f:
             reader = csv.reader(self._lines(f, encoding), delimiter=delimiter, strict=False)
-            header_row = next(reader, None)
+            try:
+                header_row = next(reader, None)
+            except csv.Error:
+                raise FileFailure("The first line is not readable as CSV (check quoting and the delimiter).", field="file") from None
             if header_row is None:
                 raise FileFailure("The file is empty.", field="file")
             has_header = self.options.get("has_header")
