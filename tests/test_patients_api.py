@@ -213,3 +213,30 @@ def test_csv_mapping_and_preview_routes(client, org, key, immediate_queue):
     assert "external_id" in client.get("/api/v1/imports/fields", headers=h).json()["fields"]
     bad = client.post("/api/v1/imports/mappings", headers=h, json={"name": "x", "columns": {"A": "shoe_size", "B": "mrn"}})
     assert bad.status_code == 422 and bad.json()["error"]["field"] == "columns.A"
+
+
+def test_no_phi_in_logs_or_error_responses(client, org, key, immediate_queue):
+    import io
+
+    from carepost.core.config import get_settings
+    from carepost.core.logging import configure_logging
+
+    stream = io.StringIO()
+    configure_logging("DEBUG", json=True, stream=stream)
+    try:
+        h = key(org.id)
+        person = {**JANE, "given_name": "Quintessa", "family_name": "Marlowe-Ybarra", "email": "quintessa.m@example.org"}
+        cid = client.post("/api/v1/contacts", json=person, headers=h).json()["id"]
+        client.post("/api/v1/contacts/search", json={"email": "quintessa.m@example.org"}, headers=h)
+        bad = client.post("/api/v1/contacts", json={**person, "external_id": "EHR-2", "email": "quintessa@@example.org"}, headers=h)
+        assert bad.status_code == 422 and "quintessa" not in bad.text.lower()
+        csv_body = "Patient ID,First Name,Last Name,DOB\nQ1,Quintessa,Marlowe-Ybarra,1961-13-40\n".encode()
+        job = client.post("/api/v1/imports", content=csv_body, headers={**h, "Content-Type": "text/csv"}).json()
+        assert job["error_count"] == 1 and "1961-13-40" not in json.dumps(job)
+        client.delete(f"/api/v1/contacts/{cid}", headers=h)
+    finally:
+        configure_logging(get_settings().log_level, get_settings().log_json)
+    logged = stream.getvalue()
+    assert "import_finished" in logged  # the capture saw the work
+    for value in ("Quintessa", "Marlowe", "quintessa.m@example.org", "1980-05-17", "555-123-4567", "M-100", "1961-13-40"):
+        assert value not in logged, value
