@@ -66,6 +66,11 @@ def list_jobs(session: Session, org_id: str, limit: int = 50) -> list[ImportJob]
     return list(session.scalars(select(ImportJob).where(ImportJob.org_id == org_id).order_by(ImportJob.created_at.desc()).limit(limit)))
 
 
+class UploadTooLarge(CarePostError):
+    status_code = 413
+    code = "payload_too_large"
+
+
 class ChunkWriter:
     """Buffers bytes and stores them as encrypted 1 MiB chunks of a job."""
 
@@ -80,8 +85,8 @@ class ChunkWriter:
     def write(self, data: bytes) -> None:
         self.size += len(data)
         if self.max_bytes is not None and self.size > self.max_bytes:
-            raise ValidationFailed(f"The file is larger than the upload limit of {self.max_bytes} bytes.", field="file",
-                                   code="payload_too_large")
+            raise UploadTooLarge(f"The file is larger than the upload limit of {self.max_bytes} bytes (CAREPOST_MAX_UPLOAD_BYTES).",
+                                 field="file")
         self.buffer.extend(data)
         while len(self.buffer) >= CHUNK_BYTES:
             self._store(bytes(self.buffer[:CHUNK_BYTES]))
