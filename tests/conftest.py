@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,11 +100,14 @@ def empty_database() -> None:
     from sqlalchemy import text
 
     from carepost.core.bootstrap import SYSTEM_KEY_OWNER
+    from carepost.core.config import get_settings
     from carepost.core.crypto import get_keyring, reset_keyring
     from carepost.core.database import Base, get_engine, system_session
     from carepost.models import load_all_models
 
     load_all_models()
+    # Checkpoints of the previous test's chains would no longer match the emptied database.
+    shutil.rmtree(get_settings().data_dir / "audit" / "checkpoints", ignore_errors=True)
     engine = get_engine()
     tables = [t.name for t in reversed(Base.metadata.sorted_tables)]
     with engine.begin() as conn:
@@ -153,3 +157,12 @@ def client(app):
 
     with TestClient(app, base_url="http://localhost:8000") as c:
         yield c
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging():
+    """In-process CLI runs bind logging to a stream that closes afterwards; start each test clean."""
+    from carepost.core.logging import configure_logging
+
+    configure_logging("INFO", True)
+    yield

@@ -83,16 +83,16 @@ def test_tampered_requests_are_refused(client, session, make_credential, tamper)
     assert events[0].actor_id == cred.id
 
 
-def test_signed_form_post_is_refused(client, session, make_credential):
-    """Form routes are parsed before authentication without keeping the raw bytes, so there is
-    nothing to check a signature against: refused rather than trusted."""
+def test_signed_request_to_the_web_ui_is_refused(client, session, make_credential):
+    """The web UI (/app) is for people: a credential, even correctly signed, is not accepted there."""
     cred, secret = make_credential()
     body = b"name=x"
     header = creds.sign_request(cred.key_id, secret, "POST", "/app/api-credentials", "", body)
     r = client.post("/app/api-credentials", content=body,
                     headers={"Authorization": header, "Content-Type": "application/x-www-form-urlencoded"})
     assert r.status_code == 401
-    assert [e.details["reason"] for e in audit_events(session, "api_credential.auth_failed")] == ["body_unavailable"]
+    denied = audit_events(session, "access.denied")
+    assert [e.details["reason"] for e in denied] == ["unauthenticated"]
 
 
 def test_tampered_body_on_a_real_route(client, session, make_credential):

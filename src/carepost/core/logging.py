@@ -93,9 +93,20 @@ class RedactingFilter(logging.Filter):
 _configured = False
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at the time of writing (it is replaced by test
+    runners and CLI runners; binding the object at configuration time would write to a stale one)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(level: str = "INFO", json: bool = True, stream=None) -> None:
     global _configured
-    stream = stream or sys.stderr
+    stream = stream or _CurrentStderr()
     renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[
