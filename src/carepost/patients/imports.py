@@ -29,6 +29,7 @@ from carepost.patients.models import ImportChunk, ImportJob, ImportRecordError
 log = get_logger("carepost.patients.imports")
 
 CHUNK_BYTES = 1024 * 1024
+DETECT_BYTES = 1024 * 1024  # enough for a long NDJSON line (a resource with a photo) to be recognized
 MAX_STORED_ERRORS = 10000
 FORMATS = ("auto", "fhir", "ndjson", "csv")
 FINISHED = ("succeeded", "completed_with_errors", "failed")
@@ -263,7 +264,7 @@ def run_job(session: Session, import_id: str, *, opener: Callable[[], IO[bytes]]
         fmt = job.format
         if fmt == "auto":
             with opener() as f:
-                fmt = detect_format(f.read(64 * 1024))
+                fmt = detect_format(f.read(DETECT_BYTES))
             if progress:
                 progress.done = 0
             job.format = fmt
