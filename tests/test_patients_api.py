@@ -240,3 +240,32 @@ def test_no_phi_in_logs_or_error_responses(client, org, key, immediate_queue):
     assert "import_finished" in logged  # the capture saw the work
     for value in ("Quintessa", "Marlowe", "quintessa.m@example.org", "1980-05-17", "555-123-4567", "M-100", "1961-13-40"):
         assert value not in logged, value
+
+
+def test_custom_attributes_and_care_journey_routes(client, org, key, make_user):
+    from tests.fixtures.accounts import login_client
+
+    h = key(org.id)
+    r = client.post("/api/v1/contact-attributes", json={"key": "programs", "label": "Programs", "type": "list",
+                                                         "options": ["diabetes", "cardiac"]}, headers=h)
+    assert r.status_code == 201, r.text
+    assert client.post("/api/v1/contact-attributes", json={"key": "programs", "label": "x", "type": "text"}, headers=h).status_code == 409
+    assert client.post("/api/v1/contact-attributes", json={"key": "Bad Key", "label": "x", "type": "text"}, headers=h).status_code == 422
+    assert [d["key"] for d in client.get("/api/v1/contact-attributes", headers=h).json()["data"]] == ["programs"]
+    cid = client.post("/api/v1/contacts", json={"external_id": "A1", "attributes": {"programs": ["cardiac"]}}, headers=h).json()["id"]
+    r = client.patch(f"/api/v1/contacts/{cid}", json={"attributes": {"programs": "oncology"}}, headers=h)
+    assert r.status_code == 422 and r.json()["error"]["field"] == "attributes.programs"
+    assert client.get(f"/api/v1/contacts/{cid}", headers=h).json()["attributes"] == {"programs": ["cardiac"]}
+
+    assert client.get("/api/v1/care-journey", headers=h).json()["overdue_after_days"] == 365
+    assert client.put("/api/v1/care-journey", json={"stages": ["pregnancy"]}, headers=h).status_code == 403  # org:manage is not an API scope
+    owner = make_user(org, role="owner")
+    csrf = login_client(client, owner)
+    r = client.put("/api/v1/care-journey", json={"stages": ["pregnancy"], "overdue_after_days": 180}, headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 200 and r.json()["stages"] == ["pregnancy"]
+    bad = client.put("/api/v1/care-journey", json={"overdue_after_days": 0}, headers={"X-CSRF-Token": csrf})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "overdue_after_days"
+    r = client.patch(f"/api/v1/contacts/{cid}", json={"care_stage": "pregnancy"}, headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 200 and r.json()["care_stage"] == "pregnancy" and r.json()["care_stage_is_override"]
+    r = client.patch(f"/api/v1/contacts/{cid}", json={"care_stage": None}, headers={"X-CSRF-Token": csrf})
+    assert r.json()["care_stage_is_override"] is False and r.json()["care_stage"] == "new"

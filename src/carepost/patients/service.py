@@ -329,6 +329,8 @@ def save_contact(
         set_attributes(session, org_id, contact, fields["attributes"])
     if not created:
         contact.updated_at = clock.now()
+        if "care_stage" in fields and not fields["care_stage"]:
+            refresh_care_stages(session, org_id, [contact.id])  # back to the derived stage at once
     return SaveResult(contact, created)
 
 
