@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import date
 from typing import Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import RedirectResponse
@@ -108,7 +109,7 @@ def _render_list(request, principal, rows, next_cursor, form, errors, *, searche
                         **({"by": by} if by else {})})
     session.commit()
     stages = list(service.DERIVED_STAGES) + list(service.care_journey_config(session, principal.org_id)["stages"])
-    query = "&".join(f"{k}={v}" for k, v in form.items() if v)
+    query = urlencode({k: v for k, v in form.items() if v})
     return render(request, "patients/list.html", {
         "contacts": data, "next_cursor": next_cursor, "form": form, "errors": errors, "searched": searched,
         "stages": stages, "unmasked": unmasked, "total": service.count_contacts(session, principal.org_id),
