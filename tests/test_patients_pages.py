@@ -105,3 +105,12 @@ def test_pages_need_permissions(client, org, make_user):
         login_client(other, analyst)
         assert other.get("/app/imports").status_code == 403
         assert json.dumps(other.get(f"/api/v1/contacts/{cid}").json()).count("***") >= 2
+
+
+def test_export_links_work_with_the_session(client, org, make_user):
+    cid = _jane(org.id)
+    login_client(client, make_user(org, role="owner"))
+    page = client.get(f"/app/contacts/{cid}")
+    assert f"/api/v1/contacts/{cid}/export?format=html" in page.text
+    r = client.get(f"/api/v1/contacts/{cid}/export?format=html")
+    assert r.status_code == 200 and "Type 2 diabetes" in r.text and "<script" not in r.text
