@@ -456,6 +456,9 @@ def compose(
     if not isinstance(subject, str):
         raise ValidationFailed("The subject must be text.", field="subject")
     check_header_value("Subject", subject)
+    # Leading white space after "Subject:" is not part of the value (RFC 5322 2.2.3); drop it
+    # here so plain and encoded subjects read back the same.
+    subject = subject.lstrip(" \t")
 
     kw = {"allow_smtputf8": allow_smtputf8}
     from_addr = parse_address(sender, field_name="from", **kw)
