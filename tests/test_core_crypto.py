@@ -80,3 +80,56 @@ def test_master_key_rotation_rewraps(db, session, org):
     with session_factory()() as s2:
         s2.info["scope"] = "system"
         assert get_keyring().decrypt_text(s2, org.id, "t", "c", "r", blob) == "kept"
+
+
+def test_running_process_follows_a_rotation_done_elsewhere(db, session, org):
+    """A server that started before `keys rotate` must wrap new keys with the new master key and
+    unwrap keys wrapped by it, without a restart."""
+    import json
+
+    from sqlalchemy import select
+
+    from carepost.accounts.service import create_organization
+    from carepost.core.config import get_settings
+    from carepost.core.crypto import OrgKey, load_master_keys, rotate_master_key
+    from carepost.core.database import session_factory
+
+    running = get_keyring()  # the long-running process's keyring
+    running.data_key(session, org.id)
+    session.commit()
+    _, new_id, _ = rotate_master_key(get_settings(), session_factory())
+    # the rotation reset the module keyring; `running` is the old process's object
+    with session_factory()() as s:
+        s.info["scope"] = "system"
+        late = create_organization(s, "Late Clinic")  # uses the fresh module keyring
+        s.commit()
+        assert running.data_key(s, late.id)[1]  # unwraps a key wrapped by the new master
+        running.ensure_org_keys(s, "late-owner")
+        s.commit()
+        rec = s.scalars(select(OrgKey).where(OrgKey.org_id == "late-owner", OrgKey.kind == "data")).one()
+        assert json.loads(rec.wrapped)["mk"] == new_id == load_master_keys(get_settings())[0]
+
+
+def test_interrupted_rotation_resumes_with_the_pending_key(db, session, org):
+    from carepost.core.config import get_settings
+    from carepost.core.crypto import (
+        generate_master_key,
+        pending_master_key_file,
+        reset_keyring,
+        rotate_master_key,
+        write_master_key_file,
+    )
+    from carepost.core.database import session_factory
+
+    blob = get_keyring().encrypt(session, org.id, "t", "c", "r", "kept")
+    session.commit()
+    settings = get_settings()
+    pending = generate_master_key()
+    write_master_key_file(pending_master_key_file(settings), pending)  # left by a crashed run
+    _, new_id, _ = rotate_master_key(settings, session_factory())
+    assert new_id == pending.id
+    assert not pending_master_key_file(settings).exists()
+    reset_keyring()
+    with session_factory()() as s2:
+        s2.info["scope"] = "system"
+        assert get_keyring().decrypt_text(s2, org.id, "t", "c", "r", blob) == "kept"

@@ -232,19 +232,56 @@ def normalize_for_index(kind: str, value: str, *, system: str | None = None) -> 
 class Keyring:
     """Per-process cache of unwrapped keys. Thread-safe; safe to share across sessions."""
 
-    def __init__(self, current_master_id: str, masters: dict[str, MasterKey]):
+    def __init__(self, current_master_id: str, masters: dict[str, MasterKey], settings: Settings | None = None):
         self.current_master_id = current_master_id
         self.masters = masters
+        self._settings = settings
+        self._master_stamp = self._stamp()
         self._lock = threading.Lock()
         self._data: dict[tuple[str, int], bytes] = {}
         self._current_version: dict[str, int] = {}
         self._index: dict[str, bytes] = {}
+
+    # -- master keys on disk
+
+    def _stamp(self) -> tuple:
+        """What the master key files look like now; a change means another process rotated."""
+        if self._settings is None or self._settings.master_key is not None:
+            return ()
+        stamp = []
+        for path in (self._settings.resolved_master_key_file, pending_master_key_file(self._settings)):
+            try:
+                st = path.stat()
+                stamp.append((str(path), st.st_mtime_ns, st.st_size))
+            except FileNotFoundError:
+                stamp.append((str(path), None, None))
+        return tuple(stamp)
+
+    def refresh_masters(self, force: bool = False) -> None:
+        """Pick up a master key rotated by another process (``carepost keys rotate`` while servers
+        and workers run): new wraps must use the new key, and keys it wrapped must unwrap."""
+        if self._settings is None:
+            return
+        stamp = self._stamp()
+        if not force and stamp == self._master_stamp:
+            return
+        current, masters = load_master_keys(self._settings)
+        with self._lock:
+            self.masters = {**self.masters, **masters}
+            self.current_master_id = current
+            self._master_stamp = stamp
+
+    def _unwrap(self, wrapped: dict, purpose: str) -> bytes:
+        if wrapped.get("mk") not in self.masters:
+            self.refresh_masters(force=True)
+        return unwrap(self.masters, wrapped, purpose)
 
     # -- key records
 
     def ensure_org_keys(self, session: Session, org_id: str) -> None:
         """Create the first data key and the blind-index key of a new organization."""
         existing = session.scalars(select(OrgKey.kind).where(OrgKey.org_id == org_id)).all()
+        self.refresh_masters()
         master = self.masters[self.current_master_id]
         for kind in ("data", "index"):
             if kind not in existing:
@@ -266,7 +303,7 @@ class Keyring:
         rec = session.scalars(q).first()
         if rec is None:
             raise KeyUnavailable(f"no {kind} key version {version or 'current'} for organization {org_id}")
-        secret = unwrap(self.masters, json.loads(rec.wrapped), _purpose(org_id, kind, rec.version))
+        secret = self._unwrap(json.loads(rec.wrapped), _purpose(org_id, kind, rec.version))
         return rec.version, secret
 
     def data_key(self, session: Session, org_id: str, version: int | None = None) -> tuple[int, bytes]:
@@ -299,6 +336,7 @@ class Keyring:
                 return self._index[cache_key]
         rec = session.scalars(select(OrgKey).where(OrgKey.org_id == owner_id, OrgKey.kind == kind)).first()
         if rec is None:
+            self.refresh_masters()
             master = self.masters[self.current_master_id]
             secret = secrets.token_bytes(32)
             try:
@@ -314,9 +352,9 @@ class Keyring:
                     )
             except IntegrityError:
                 rec = session.scalars(select(OrgKey).where(OrgKey.org_id == owner_id, OrgKey.kind == kind)).one()
-                secret = unwrap(self.masters, json.loads(rec.wrapped), _purpose(owner_id, kind, 1))
+                secret = self._unwrap(json.loads(rec.wrapped), _purpose(owner_id, kind, 1))
         else:
-            secret = unwrap(self.masters, json.loads(rec.wrapped), _purpose(owner_id, kind, rec.version))
+            secret = self._unwrap(json.loads(rec.wrapped), _purpose(owner_id, kind, rec.version))
         with self._lock:
             self._index[cache_key] = secret
         return secret
@@ -360,6 +398,7 @@ class Keyring:
 
     def rotate_data_keys(self, session: Session) -> int:
         """Add a new data-key version for every organization; new writes use it."""
+        self.refresh_masters()
         master = self.masters[self.current_master_id]
         rows = session.execute(
             select(OrgKey.org_id, OrgKey.version).where(OrgKey.kind == "data").order_by(OrgKey.org_id, OrgKey.version)
@@ -406,8 +445,9 @@ def get_keyring() -> Keyring:
     global _keyring
     with _keyring_lock:
         if _keyring is None:
-            current, masters = load_master_keys()
-            _keyring = Keyring(current, masters)
+            settings = get_settings()
+            current, masters = load_master_keys(settings)
+            _keyring = Keyring(current, masters, settings)
         return _keyring
 
 
@@ -428,10 +468,15 @@ def rotate_master_key(settings: Settings, session_factory) -> tuple[str, str, in
     """
     if settings.master_key is not None:
         raise KeyUnavailable("the master key comes from CAREPOST_MASTER_KEY: rotate it where it is stored")
-    old_id, masters = load_master_keys(settings)
-    new = generate_master_key()
     pending = pending_master_key_file(settings)
-    write_master_key_file(pending, new)
+    old_id, masters = load_master_keys(settings)  # includes a pending key from an interrupted run
+    if pending.exists():
+        # An earlier rotation stopped half-way and that file may hold the only copy of the key
+        # that wraps some records: never overwrite it — resume that rotation with it instead.
+        new = read_master_key_file(pending)
+    else:
+        new = generate_master_key()
+        write_master_key_file(pending, new)
     ring = Keyring(old_id, {**masters, new.id: new})
     with session_factory() as session:
         session.info["scope"] = "system"
