@@ -101,6 +101,18 @@ class Settings(BaseSettings):
         description="Declare that the relay delivers onward only over verified TLS. Without it, messages that need "
         "verified TLS to the recipient go by PGP, S/MIME or the portal in relay mode.",
     )
+    delivery_lease_seconds: int = Field(
+        900, description="How long a worker holds the recipients it claimed before another worker may take them over."
+    )
+    delivery_batch_size: int = Field(500, description="Most messages one delivery task handles (larger sends are split into tasks).")
+    delivery_concurrency: int = Field(64, description="SMTP transactions one worker process runs at the same time.")
+    smtp_submission_host: str = Field("127.0.0.1", description="Address `carepost smtp` (submission for applications) binds to.")
+    smtp_submission_port: int = Field(2587, description="Port of SMTP submission (STARTTLS required, AUTH with API credentials).")
+    smtp_submission_cert_file: Path | None = Field(
+        None, description="PEM certificate (chain) for STARTTLS on SMTP submission. `carepost run` makes a self-signed one."
+    )
+    smtp_submission_key_file: Path | None = Field(None, description="PEM private key for the SMTP submission certificate.")
+    smtp_submission_max_bytes: int = Field(25 * 1024 * 1024, description="Largest message accepted by SMTP submission, in bytes.")
 
     @field_validator("base_url")
     @classmethod
