@@ -12,6 +12,7 @@ MODEL_MODULES = [
     "carepost.audit.models",
     "carepost.patients.models",
     "carepost.delivery.models",
+    "carepost.portal.models",
     "carepost.consent.models",
 ]
 

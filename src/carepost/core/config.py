@@ -101,6 +101,17 @@ class Settings(BaseSettings):
         description="Declare that the relay delivers onward only over verified TLS. Without it, messages that need "
         "verified TLS to the recipient go by PGP, S/MIME or the portal in relay mode.",
     )
+
+    # Hosted forms (forms/service.py).
+    form_min_fill_seconds: int = Field(3, description="Fewest seconds between showing a hosted form and accepting it (spam protection).")
+    form_render_token_hours: int = Field(24, description="How long a rendered hosted form may stay open before it must be reloaded.")
+    form_rate_limit_per_ip: int = Field(20, description="Hosted-form submissions accepted from one IP address per 10 minutes.")
+    form_max_submission_bytes: int = Field(
+        262144, description="Largest hosted-form submission accepted, in bytes (a drawn signature included)."
+    )
+    form_confirmation_hours: int = Field(
+        72, description="Validity of the confirmation link a form submission sends to the address on file, in hours."
+    )
     delivery_lease_seconds: int = Field(
         900, description="How long a worker holds the recipients it claimed before another worker may take them over."
     )
@@ -113,6 +124,15 @@ class Settings(BaseSettings):
     )
     smtp_submission_key_file: Path | None = Field(None, description="PEM private key for the SMTP submission certificate.")
     smtp_submission_max_bytes: int = Field(25 * 1024 * 1024, description="Largest message accepted by SMTP submission, in bytes.")
+
+    # Secure portal (portal/service.py).
+    portal_expiry_days: int = Field(30, description="Days a secure portal message can be opened when the sender sets no expiry.")
+    portal_code_minutes: int = Field(10, description="Minutes a one-time portal code stays valid.")
+    portal_max_attempts: int = Field(5, description="Wrong portal codes or answers before the message is locked.")
+    portal_lockout_minutes: int = Field(15, description="How long a portal message stays locked after too many wrong tries.")
+    portal_session_minutes: int = Field(
+        15, description="Inactivity in minutes before a recipient's portal session ends (absolute limit: four times that)."
+    )
 
     @field_validator("base_url")
     @classmethod

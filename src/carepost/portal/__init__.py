@@ -1,0 +1,1 @@
+"""Secure pickup of encrypted messages (the portal at ``/p``)."""
