@@ -134,6 +134,37 @@ class Settings(BaseSettings):
         15, description="Inactivity in minutes before a recipient's portal session ends (absolute limit: four times that)."
     )
 
+    # Bounces, complaints and the inbound return path (delivery/bounces.py, delivery/inbound.py).
+    soft_bounce_threshold: int = Field(
+        3, description="Soft bounces (on different messages) within the window after which an address is suppressed."
+    )
+    soft_bounce_window_days: int = Field(7, description="Days over which soft bounces are counted toward the threshold.")
+    inbound_host: str = Field(
+        "127.0.0.1", description="Address the inbound return-path SMTP server (`carepost inbound`) binds to; 0.0.0.0 on an MX."
+    )
+    inbound_port: int = Field(
+        2526, description="Port of the inbound return-path SMTP server (forward port 25 of the return-path MX to it)."
+    )
+    inbound_max_bytes: int = Field(10 * 1024 * 1024, description="Largest bounce or complaint report accepted, in bytes.")
+    inbound_cert_file: Path | None = Field(
+        None, description="PEM certificate (chain) for STARTTLS on the inbound server, valid for the return-path MX host. "
+        "Empty: the SMTP submission certificate, else a self-signed one in the data dir.",
+    )
+    inbound_key_file: Path | None = Field(None, description="PEM private key for the inbound server's certificate.")
+    inbound_report_retention_days: int = Field(
+        30, description="Days received bounce and complaint reports (encrypted) are kept after they were processed."
+    )
+
+    # Outbound webhooks (tracking/webhooks.py).
+    webhook_allow_private: bool = Field(
+        False, description="Allow webhook endpoints on private, loopback, link-local and other non-public addresses."
+    )
+    webhook_allowed_hosts: str | None = Field(
+        None, description="Webhook hosts allowed even when they resolve to non-public addresses: host names, IP "
+        "addresses or networks (CIDR), comma-separated.",
+    )
+    webhook_timeout: float = Field(10.0, description="Seconds a webhook endpoint has to connect and answer.")
+
     @field_validator("base_url")
     @classmethod
     def _strip_slash(cls, v: str) -> str:
