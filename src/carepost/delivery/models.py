@@ -98,6 +98,12 @@ class Message(OrgScoped, Base):
     sandbox: Mapped[bool] = mapped_column(Boolean, default=False)
     created_by: Mapped[str | None] = mapped_column(String(32))  # user or API credential id
     created_at: Mapped[datetime] = mapped_column(default=clock.now)
+    # Idempotency: ``idempotency_key`` holds the SHA-256 of the caller's key (a key could be
+    # anything, PHI included); ``request_hash`` the SHA-256 of the request it came with.
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    message_id_header: Mapped[str | None] = mapped_column(String(300))  # the Message-ID every copy carries
+    headers_enc: Mapped[bytes | None] = mapped_column(LargeBinary)  # the caller's extra headers (JSON), encrypted
+    portal_enc: Mapped[bytes | None] = mapped_column(LargeBinary)  # portal options (JSON: auth, question, answer, expiry), encrypted
 
 
 class MessageAttachment(OrgScoped, Base):
@@ -142,6 +148,7 @@ class MessageRecipient(OrgScoped, Base):
     key_fingerprint: Mapped[str | None] = mapped_column(String(64))
     portal_message_id: Mapped[str | None] = mapped_column(String(32))
     updated_at: Mapped[datetime] = mapped_column(default=clock.now, onupdate=clock.now)
+    display_name_enc: Mapped[bytes | None] = mapped_column(LargeBinary)  # "Pat Doe" of "Pat Doe <pat@...>", encrypted
 
 
 class MessageEvent(OrgScoped, Base):
@@ -155,4 +162,18 @@ class MessageEvent(OrgScoped, Base):
     recipient_id: Mapped[str | None] = mapped_column(String(32), ForeignKey("message_recipients.id", ondelete="CASCADE"))
     type: Mapped[str] = mapped_column(String(32))
     details: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=clock.now)
+
+
+class SandboxCapture(OrgScoped, Base):
+    """What a sandbox credential's message would have sent to one recipient: the final wire form
+    (composed, encrypted when so decided, DKIM-signed), encrypted at rest. Nothing was delivered."""
+
+    __tablename__ = "sandbox_captures"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    message_id: Mapped[str] = mapped_column(String(32), ForeignKey("messages.id", ondelete="CASCADE"), index=True)
+    recipient_id: Mapped[str] = mapped_column(String(32), ForeignKey("message_recipients.id", ondelete="CASCADE"), index=True)
+    method: Mapped[str] = mapped_column(String(8))
+    raw_enc: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(default=clock.now)

@@ -49,6 +49,21 @@ class AttachmentIn(_In):
         return data
 
 
+class PortalOptionsIn(_In):
+    """How a recipient who gets the secure portal signs in, and how long the message stays."""
+
+    auth: Literal["code", "question"] = Field("code", description="A one-time code mailed to the recipient, or the sender's question.")
+    question: str | None = Field(None, max_length=300)
+    answer: str | None = Field(None, max_length=200, description="Stored hashed once the portal copy is made.")
+    expires_at: datetime | None = Field(None, description="Default: CAREPOST_PORTAL_EXPIRY_DAYS after delivery.")
+
+    @model_validator(mode="after")
+    def _question(self):
+        if self.auth == "question" and not (self.question and self.question.strip() and self.answer and self.answer.strip()):
+            raise ValueError("a question and its answer are needed when auth is question")
+        return self
+
+
 class MessageIn(_In):
     sender: str = Field(alias="from", max_length=400)
     to: list[str] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
@@ -66,6 +81,7 @@ class MessageIn(_In):
     purpose: str | None = Field(None, max_length=64)
     tags: list[str] = Field(default_factory=list, max_length=20)
     headers: dict[str, str] = Field(default_factory=dict, max_length=20)
+    portal: PortalOptionsIn | None = Field(None, description="Sign-in and expiry for recipients who get the secure portal.")
 
     @field_validator("tags")
     @classmethod
@@ -120,6 +136,7 @@ class EvidenceOut(BaseModel):
     reply_code: int | None = None
     key_fingerprint: str | None = None
     portal_message_id: str | None = None
+    sandbox: bool = False
 
 
 class RecipientOut(BaseModel):
@@ -201,3 +218,50 @@ class SecurityPreviewRowOut(BaseModel):
 
 class SecurityPreviewOut(BaseModel):
     recipients: list[SecurityPreviewRowOut]
+
+
+# --- added with the delivery API (issue 4, items 3-7) ------------------------------------------
+
+
+class RecipientKeySearchIn(_In):
+    address: str = Field(max_length=320)
+
+
+class RecipientKeyListItem(RecipientKeyOut):
+    address: str = Field(description="Masked unless the caller may read PHI unmasked.")
+
+
+class RecipientKeyList(BaseModel):
+    data: list[RecipientKeyListItem]
+    expiring_soon: int = Field(description="Keys that expire within 30 days.")
+
+
+class SendingDomainList(BaseModel):
+    data: list[SendingDomainOut]
+
+
+class DeliverySettingsIn(_In):
+    security_mode: SecurityMode | None = None
+    default_purpose: str | None = Field(None, max_length=64)
+
+
+class DeliverySettingsOut(BaseModel):
+    security_mode: SecurityMode
+    default_purpose: str | None
+
+
+class MessageSummaryOut(BaseModel):
+    id: str
+    created_at: datetime
+    source: str
+    purpose: str | None
+    security: SecurityMode
+    contains_phi: bool
+    sandbox: bool
+    recipients: int
+    statuses: dict[str, int]
+
+
+class MessageList(BaseModel):
+    data: list[MessageSummaryOut]
+    next_cursor: str | None = None
