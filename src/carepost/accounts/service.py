@@ -42,6 +42,9 @@ def create_organization(session: Session, name: str) -> Organization:
     session.add(org)
     session.flush()
     get_keyring().ensure_org_keys(session, org.id)
+    from carepost.consent.service import ensure_default_texts
+
+    ensure_default_texts(session, org.id)  # complete authorization texts for compliance review
     return org
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, Index, LargeBinary, String, UniqueConstraint
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, LargeBinary, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from carepost.core import clock
@@ -48,6 +48,135 @@ class Suppression(OrgScoped, Base):
     created_at: Mapped[datetime] = mapped_column(default=clock.now)
     updated_at: Mapped[datetime] = mapped_column(default=clock.now, onupdate=clock.now)
     expires_at: Mapped[datetime | None]
+
+
+
+class Topic(OrgScoped, Base):
+    """A subject patients subscribe to (newsletters, screenings, product offers).
+
+    Topics are opt-out by default: a contact receives a topic's messages until they unsubscribe.
+    ``opt_in_required`` topics reach only contacts with a confirmed subscription (double opt-in
+    when ``double_opt_in``)."""
+
+    __tablename__ = "consent_topics"
+    __table_args__ = (UniqueConstraint("org_id", "key"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    key: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str] = mapped_column(String(1000), default="")
+    opt_in_required: Mapped[bool] = mapped_column(Boolean, default=False)
+    double_opt_in: Mapped[bool] = mapped_column(Boolean, default=True)
+    archived: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=clock.now)
+
+
+SUBSCRIPTION_STATUSES = ("pending", "subscribed", "unsubscribed")
+FREQUENCIES = ("immediate", "daily", "weekly", "monthly")
+CHANNELS = ("email",)
+ALL_MARKETING = "*"
+
+
+class Subscription(OrgScoped, Base):
+    """A contact's choice for one topic (``topic_key`` = topic id) or for all marketing
+    (``topic_key`` = ``*``, ``topic_id`` NULL). Unsubscribes are also written as address-level
+    suppressions, so they hold for every address and outlive the contact."""
+
+    __tablename__ = "consent_subscriptions"
+    __table_args__ = (
+        UniqueConstraint("org_id", "contact_id", "topic_key", name="uq_consent_subscriptions_contact_topic"),
+        Index("ix_consent_subscriptions_topic", "org_id", "topic_key", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    contact_id: Mapped[str] = mapped_column(String(32), ForeignKey("contacts.id", ondelete="CASCADE"), index=True)
+    topic_id: Mapped[str | None] = mapped_column(String(32), ForeignKey("consent_topics.id", ondelete="CASCADE"))
+    topic_key: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))
+    frequency: Mapped[str] = mapped_column(String(12), default="immediate")
+    channel: Mapped[str] = mapped_column(String(12), default="email")
+    source: Mapped[str] = mapped_column(String(32), default="")
+    confirmation_sent_at: Mapped[datetime | None]
+    confirmed_at: Mapped[datetime | None]
+    unsubscribed_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=clock.now)
+    updated_at: Mapped[datetime] = mapped_column(default=clock.now, onupdate=clock.now)
+
+
+TEXT_STATUSES = ("draft", "published", "retired")
+
+
+class AuthorizationText(OrgScoped, Base):
+    """One version of an organization's authorization text for a purpose (45 CFR 164.508(c)).
+
+    ``elements`` = {language: {element: text}} — every core element and required statement as a
+    structured field; ``rendered`` = {language: plain text}; ``content_hash`` = SHA-256 of both,
+    recorded on every authorization signed with this version. A published version never
+    changes: editing makes a new draft version."""
+
+    __tablename__ = "authorization_texts"
+    __table_args__ = (UniqueConstraint("org_id", "purpose", "version"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    purpose: Mapped[str] = mapped_column(String(32))
+    version: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(12), default="draft")
+    title: Mapped[str] = mapped_column(String(200))
+    elements: Mapped[dict] = mapped_column(JSON, default=dict)
+    rendered: Mapped[dict] = mapped_column(JSON, default=dict)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    created_by: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=clock.now)
+    updated_at: Mapped[datetime] = mapped_column(default=clock.now, onupdate=clock.now)
+    published_at: Mapped[datetime | None]
+    published_by: Mapped[str | None] = mapped_column(String(64))
+
+
+AUTHORIZATION_METHODS = ("api", "form", "staff", "paper", "portal")
+
+
+class Authorization(OrgScoped, Base):
+    """A signed authorization of one patient for one purpose (and optionally one topic).
+
+    Evidence kept (164.508(b)(6), 164.530(j): six years): the text version and its hash, the
+    signature (typed name or drawn image, encrypted), the signing date, method, IP address and
+    user agent (encrypted: an IP address is an identifier, 164.514(b)(2)(i)(O)), a personal
+    representative and their authority (encrypted), the expiry. ``contact_id`` is cleared when
+    the patient is deleted; ``subject_index`` (the email blind index at signing) keeps the
+    evidence findable."""
+
+    __tablename__ = "authorizations"
+    __table_args__ = (
+        Index("ix_authorizations_contact", "org_id", "contact_id", "purpose"),
+        Index("ix_authorizations_purpose", "org_id", "purpose", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    contact_id: Mapped[str | None] = mapped_column(String(32), ForeignKey("contacts.id", ondelete="SET NULL"))
+    subject_index: Mapped[str | None] = mapped_column(String(64))
+    purpose: Mapped[str] = mapped_column(String(32))
+    topic_id: Mapped[str | None] = mapped_column(String(32), ForeignKey("consent_topics.id", ondelete="SET NULL"))
+    text_id: Mapped[str] = mapped_column(String(32), ForeignKey("authorization_texts.id"))
+    text_version: Mapped[int] = mapped_column(Integer)
+    text_hash: Mapped[str] = mapped_column(String(64))
+    language: Mapped[str] = mapped_column(String(8), default="en")
+    signature_kind: Mapped[str] = mapped_column(String(8))  # typed | drawn
+    signature_enc: Mapped[bytes] = mapped_column(LargeBinary)
+    signed_at: Mapped[datetime]
+    method: Mapped[str] = mapped_column(String(12))
+    evidence_enc: Mapped[bytes | None] = mapped_column(LargeBinary)  # {"ip", "user_agent"}
+    representative_enc: Mapped[bytes | None] = mapped_column(LargeBinary)  # {"name", "authority"}
+    expires_at: Mapped[datetime | None]
+    expiration_event: Mapped[str | None] = mapped_column(String(300))
+    status: Mapped[str] = mapped_column(String(12), default="active")  # active | revoked
+    revoked_at: Mapped[datetime | None]
+    revoked_by_type: Mapped[str | None] = mapped_column(String(12))  # patient | staff | api
+    revoked_by: Mapped[str | None] = mapped_column(String(64))
+    revocation_method: Mapped[str | None] = mapped_column(String(12))  # link | form | api | staff
+    copy_delivered: Mapped[str | None] = mapped_column(String(12))  # email | link
+    copy_message_id: Mapped[str | None] = mapped_column(String(32))
+    created_by: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=clock.now)
 
 
 # Loading the tables loads the service too, which registers the patient-deletion hook: every

@@ -1,0 +1,421 @@
+"""Who may receive a message: one set-based answer for a whole set of recipients.
+
+:func:`check_eligibility` answers, for each contact id, ``"eligible"`` or one reason code
+(:data:`REASONS`). It runs a fixed number of SQL queries per chunk of ids (contacts with their
+primary address, suppressions of those addresses, contact-level opt-outs, authorizations,
+recent marketing sends) — never a query per contact — so a campaign can plan a million
+recipients with it. :func:`check_addresses` does the same for addresses that match no contact,
+and :func:`delivery_check` for message recipient rows when the pipeline claims them (a
+revocation or unsubscribe between acceptance and delivery wins).
+
+This module reads the tables of patients (contacts, their email identifiers) and delivery
+(recent messages, for frequency caps) directly: a set-based answer needs joins, which calling
+their services one contact at a time cannot give. It only reads them.
+
+Order of the checks, first match wins: the address (no_address, invalid_address); address-level
+suppressions (bounce, complaint, manual and legal-hold entries, unsubscribes); contact-level
+opt-outs (unsubscribed_topic, unsubscribed_all, or not subscribed to an opt-in topic); the
+authorization the purpose needs (164.508(a)(3)); the frequency cap. Quiet hours never exclude:
+:func:`quiet_hours_deferral` gives the next allowed time instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, time, timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from carepost.consent import purposes
+from carepost.consent.models import ALL_MARKETING, Authorization, Subscription, Suppression, Topic
+from carepost.consent.service import consent_settings, get_topic, suppression_reason
+from carepost.core import clock
+from carepost.core.errors import ValidationFailed
+
+ELIGIBLE = "eligible"
+REASONS = (
+    "no_authorization", "authorization_expired", "authorization_revoked", "unsubscribed_topic", "unsubscribed_all",
+    "suppressed_bounce", "suppressed_complaint", "suppressed_manual", "frequency_cap", "no_address", "invalid_address",
+)
+REASON_TEXT = {
+    "eligible": "Eligible",
+    "no_authorization": "No signed authorization for this purpose",
+    "authorization_expired": "The authorization expired",
+    "authorization_revoked": "The authorization was revoked",
+    "unsubscribed_topic": "Unsubscribed from this topic (or not subscribed to an opt-in topic)",
+    "unsubscribed_all": "Unsubscribed from all marketing",
+    "suppressed_bounce": "The address bounced",
+    "suppressed_complaint": "The recipient reported a message as spam",
+    "suppressed_manual": "The address is suppressed (manual entry or legal hold)",
+    "frequency_cap": "The organization's frequency cap was reached",
+    "no_address": "No email address",
+    "invalid_address": "The email address is invalid or does not exist",
+}
+CHANNELS = ("email",)
+CHUNK = 1000
+# Recipient statuses that count as "sent" for frequency caps (an exclusion or failure does not).
+CAP_COUNTED_STATUSES = ("queued", "deferred", "sent", "delivered", "portal_viewed")
+# Hard bounces whose enhanced status says the address does not exist (RFC 3463).
+NONEXISTENT_STATUSES = ("5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10")
+
+
+@dataclass
+class _Subject:
+    key: str
+    contact_id: str | None
+    address_index: str | None
+    address_invalid: bool = False
+
+
+def _suppression_code(row: Suppression) -> str:
+    if row.reason in ("bounce_hard", "bounce_soft"):
+        details = row.details or {}
+        if details.get("invalid_address") or str(details.get("status", "")) in NONEXISTENT_STATUSES:
+            return "invalid_address"
+        return "suppressed_bounce"
+    if row.reason == "complaint":
+        return "suppressed_complaint"
+    if row.reason == "unsubscribe":
+        return "unsubscribed_topic" if row.scope == "topic" else "unsubscribed_all"
+    return "suppressed_manual"  # manual, legal_hold
+
+
+def _org_of(session: Session, org_id: str | None) -> str:
+    org_id = org_id or session.info.get("org_id")
+    if not org_id:
+        raise ValidationFailed("An organization is needed.", field="org_id")
+    return org_id
+
+
+def _resolve(session: Session, org_id: str, purpose: str, topic, channel: str, remuneration: str,
+             prescription_lapsed_days: int | None) -> tuple[purposes.Requirements, Topic | None]:
+    req = purposes.requirements(purpose, remuneration=remuneration, prescription_lapsed_days=prescription_lapsed_days)
+    if channel not in CHANNELS:
+        raise ValidationFailed(f"channel must be one of {', '.join(CHANNELS)}.", field="channel")
+    if topic is None or isinstance(topic, Topic):
+        return req, topic
+    return req, get_topic(session, org_id, topic, "topic")
+
+
+def check_eligibility(
+    session: Session,
+    contact_ids: Iterable[str],
+    purpose: str,
+    topic: str | Topic | None = None,
+    channel: str = "email",
+    at: datetime | None = None,
+    *,
+    org_id: str | None = None,
+    remuneration: str = "none",
+    prescription_lapsed_days: int | None = None,
+    exclude_message_ids: Sequence[str] = (),
+    chunk_size: int = CHUNK,
+) -> dict[str, str]:
+    """``{contact_id: "eligible" | reason code}`` for every id given (an id that names no contact
+    of the organization has no address: ``no_address``). ``topic`` is a topic id or key."""
+    from carepost.patients.models import Contact, ContactIdentifier
+
+    org_id = _org_of(session, org_id)
+    req, topic_row = _resolve(session, org_id, purpose, topic, channel, remuneration, prescription_lapsed_days)
+    at = clock.aware(at) if at else clock.now()
+    ids = list(dict.fromkeys(contact_ids))
+    out: dict[str, str] = {}
+    for i in range(0, len(ids), chunk_size):
+        chunk = ids[i : i + chunk_size]
+        # One query: every contact of the chunk with its email identifiers (primary = lowest rank).
+        primary: dict[str, tuple[int, str] | None] = {}
+        rows = session.execute(
+            select(Contact.id, ContactIdentifier.rank, ContactIdentifier.id, ContactIdentifier.blind_index)
+            .outerjoin(ContactIdentifier, (ContactIdentifier.contact_id == Contact.id)
+                       & (ContactIdentifier.kind == "email") & (ContactIdentifier.org_id == org_id))
+            .where(Contact.org_id == org_id, Contact.id.in_(chunk))
+        )
+        for cid, rank, ident_id, idx in rows:
+            cur = primary.get(cid)
+            if idx is None:
+                primary.setdefault(cid, None)
+            elif cur is None or (rank, ident_id) < cur[0]:
+                primary[cid] = ((rank, ident_id), idx)
+        subjects = [_Subject(cid, cid if cid in primary else None, primary[cid][1] if primary.get(cid) else None)
+                    for cid in chunk]
+        out.update(_evaluate(session, org_id, subjects, req, topic_row, at, exclude_message_ids))
+    return out
+
+
+def check_addresses(
+    session: Session,
+    org_id: str,
+    addresses: Iterable[str],
+    purpose: str,
+    topic: str | Topic | None = None,
+    at: datetime | None = None,
+    *,
+    channel: str = "email",
+    remuneration: str = "none",
+    prescription_lapsed_days: int | None = None,
+) -> dict[str, str]:
+    """``{address: "eligible" | reason}`` for recipients that match no contact: the address must
+    be valid, suppressions apply, and a purpose that needs an authorization excludes it (nobody
+    signed one)."""
+    from carepost.consent.service import address_index
+    from carepost.delivery.mime import parse_address
+
+    req, topic_row = _resolve(session, org_id, purpose, topic, channel, remuneration, prescription_lapsed_days)
+    at = clock.aware(at) if at else clock.now()
+    subjects = []
+    for address in dict.fromkeys(addresses):
+        try:
+            parsed = parse_address(address, allow_display_name=False)
+        except ValidationFailed:
+            subjects.append(_Subject(address, None, None, address_invalid=True))
+            continue
+        subjects.append(_Subject(address, None, address_index(session, org_id, parsed.addr_spec)))
+    out: dict[str, str] = {}
+    for i in range(0, len(subjects), CHUNK):
+        out.update(_evaluate(session, org_id, subjects[i : i + CHUNK], req, topic_row, at, ()))
+    return out
+
+
+def delivery_check(
+    session: Session,
+    org_id: str,
+    recipient_rows: Iterable,
+    purpose: str | None,
+    topic: str | Topic | None = None,
+    at: datetime | None = None,
+    *,
+    remuneration: str = "none",
+) -> dict[str, str]:
+    """``{recipient id: "eligible" | reason}`` for message recipient rows (objects or dicts with
+    ``id``, ``contact_id``, ``address_index`` and optionally ``message_id``), at acceptance and
+    again when the pipeline claims them. The row's own address is checked (not the contact's
+    primary one); contact-level opt-outs, authorizations and caps by its contact. A message's
+    own recipients never count towards its frequency cap."""
+    from carepost.patients.models import Contact
+
+    def get(row, name):
+        return row.get(name) if isinstance(row, dict) else getattr(row, name, None)
+
+    rows = list(recipient_rows)
+    req, topic_row = _resolve(session, org_id, purpose or "transactional", topic, "email", remuneration, None)
+    at = clock.aware(at) if at else clock.now()
+    contact_ids = {get(r, "contact_id") for r in rows if get(r, "contact_id")}
+    existing: set[str] = set()
+    ids = list(contact_ids)
+    for i in range(0, len(ids), CHUNK):
+        existing.update(session.scalars(select(Contact.id).where(Contact.org_id == org_id, Contact.id.in_(ids[i : i + CHUNK]))))
+    message_ids = tuple({get(r, "message_id") for r in rows if get(r, "message_id")})
+    subjects = [_Subject(get(r, "id"), get(r, "contact_id") if get(r, "contact_id") in existing else None,
+                         get(r, "address_index")) for r in rows]
+    out: dict[str, str] = {}
+    for i in range(0, len(subjects), CHUNK):
+        out.update(_evaluate(session, org_id, subjects[i : i + CHUNK], req, topic_row, at, message_ids))
+    return out
+
+
+def _evaluate(session: Session, org_id: str, subjects: list[_Subject], req: purposes.Requirements,
+              topic: Topic | None, at: datetime, exclude_message_ids: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    pending: list[_Subject] = []
+    for s in subjects:
+        if s.address_invalid:
+            out[s.key] = "invalid_address"
+        elif not s.address_index:
+            out[s.key] = "no_address"
+        else:
+            pending.append(s)
+
+    # Address-level suppressions (one query).
+    found = suppression_reason(session, org_id, [s.address_index for s in pending], req.suppression_scope,
+                               topic.id if topic else None, at)
+    rest = []
+    for s in pending:
+        row = found.get(s.address_index)
+        if row is not None:
+            out[s.key] = _suppression_code(row)
+        else:
+            rest.append(s)
+
+    contact_ids = list({s.contact_id for s in rest if s.contact_id})
+    # Contact-level opt-outs (one query).
+    if contact_ids and (topic is not None or req.opt_out_required):
+        keys = ([topic.id] if topic is not None else []) + ([ALL_MARKETING] if req.opt_out_required else [])
+        subs: dict[tuple[str, str], str] = {
+            (cid, key): status
+            for cid, key, status in session.execute(
+                select(Subscription.contact_id, Subscription.topic_key, Subscription.status).where(
+                    Subscription.org_id == org_id, Subscription.contact_id.in_(contact_ids), Subscription.topic_key.in_(keys)))
+        }
+        kept = []
+        for s in rest:
+            if s.contact_id is None:
+                if topic is not None and topic.opt_in_required:
+                    out[s.key] = "unsubscribed_topic"  # an address nobody subscribed
+                else:
+                    kept.append(s)
+                continue
+            if subs.get((s.contact_id, ALL_MARKETING)) == "unsubscribed":
+                out[s.key] = "unsubscribed_all"
+            elif topic is not None and (
+                subs.get((s.contact_id, topic.id)) == "unsubscribed"
+                or (topic.opt_in_required and subs.get((s.contact_id, topic.id)) != "subscribed")
+            ):
+                out[s.key] = "unsubscribed_topic"
+            else:
+                kept.append(s)
+        rest = kept
+
+    # The authorization the purpose needs (164.508(a)(3)): one query.
+    if req.authorization_required:
+        states = _authorization_states(session, org_id, [s.contact_id for s in rest if s.contact_id],
+                                       req.effective_purpose, topic.id if topic else None, at)
+        kept = []
+        for s in rest:
+            state = states.get(s.contact_id) if s.contact_id else None
+            if state is None:
+                out[s.key] = "no_authorization"
+            elif state != "valid":
+                out[s.key] = f"authorization_{state}"
+            else:
+                kept.append(s)
+        rest = kept
+
+    # Frequency caps across all marketing (one query).
+    if req.effective_purpose in purposes.MARKETING_PURPOSES:
+        capped = _over_cap(session, org_id, [s.contact_id for s in rest if s.contact_id], at, exclude_message_ids)
+        for s in rest:
+            if s.contact_id in capped:
+                out[s.key] = "frequency_cap"
+    for s in rest:
+        out.setdefault(s.key, ELIGIBLE)
+    return out
+
+
+def _authorization_states(session: Session, org_id: str, contact_ids: list[str], purpose: str,
+                          topic_id: str | None, at: datetime) -> dict[str, str]:
+    """For each contact: ``valid`` when any authorization is valid at ``at``; else the state
+    (``revoked``/``expired``) of the most recently signed one. Topic-bound authorizations count
+    only for their topic; one without a topic covers every topic of the purpose."""
+    if not contact_ids:
+        return {}
+    q = select(Authorization.contact_id, Authorization.status, Authorization.revoked_at, Authorization.expires_at,
+               Authorization.signed_at).where(
+        Authorization.org_id == org_id, Authorization.contact_id.in_(contact_ids), Authorization.purpose == purpose,
+        Authorization.signed_at <= at)
+    q = q.where(Authorization.topic_id.is_(None) | (Authorization.topic_id == topic_id)) if topic_id else \
+        q.where(Authorization.topic_id.is_(None))
+    best: dict[str, tuple[datetime, str]] = {}
+    for cid, status, revoked_at, expires_at, signed_at in session.execute(q):
+        if status == "revoked" and revoked_at is not None and clock.aware(revoked_at) <= at:
+            state = "revoked"
+        elif expires_at is not None and clock.aware(expires_at) <= at:
+            state = "expired"
+        else:
+            state = "valid"
+        cur = best.get(cid)
+        if cur is not None and cur[1] == "valid":
+            continue
+        signed = clock.aware(signed_at)
+        if state == "valid" or cur is None or signed > cur[0]:
+            best[cid] = (signed, state)
+    return {cid: state for cid, (_, state) in best.items()}
+
+
+def _over_cap(session: Session, org_id: str, contact_ids: list[str], at: datetime,
+              exclude_message_ids: Sequence[str]) -> set[str]:
+    cfg = consent_settings(session, org_id)
+    daily, weekly = cfg["frequency_cap_daily"], cfg["frequency_cap_weekly"]
+    if not contact_ids or not (daily or weekly):
+        return set()
+    from carepost.delivery.models import Message, MessageRecipient
+
+    day_ago, week_ago = at - timedelta(days=1), at - timedelta(days=7)
+    since = week_ago if weekly else day_ago
+    in_day = func.sum(_case_after(Message.created_at, day_ago))
+    q = (
+        select(MessageRecipient.contact_id, func.count(func.distinct(Message.id)), in_day)
+        .join(Message, Message.id == MessageRecipient.message_id)
+        .where(MessageRecipient.org_id == org_id, Message.org_id == org_id,
+               MessageRecipient.contact_id.in_(contact_ids),
+               MessageRecipient.status.in_(CAP_COUNTED_STATUSES),
+               Message.purpose.in_(purposes.MARKETING_PURPOSES),
+               Message.created_at > since, Message.created_at <= at)
+        .group_by(MessageRecipient.contact_id)
+    )
+    if exclude_message_ids:
+        q = q.where(Message.id.not_in(list(exclude_message_ids)))
+    capped = set()
+    for cid, in_window, last_day in session.execute(q):
+        if weekly and in_window >= weekly:
+            capped.add(cid)
+        if daily and (last_day or 0) >= daily:
+            capped.add(cid)
+    return capped
+
+
+def _case_after(column, when: datetime):
+    from sqlalchemy import case
+
+    return case((column > when, 1), else_=0)
+
+
+# --------------------------------------------------------------------------- quiet hours
+
+
+def _parse_hhmm(value: str) -> time:
+    h, m = value.split(":")
+    return time(int(h), int(m))
+
+
+def next_allowed_time(at: datetime, tz_name: str | None, start: str | None, end: str | None,
+                      default_tz: str = "UTC") -> datetime | None:
+    """When ``at`` falls in the quiet hours [start, end) of the recipient's time zone, the end of
+    them (UTC); otherwise None (send now). A window may span midnight (21:00-08:00)."""
+    if not start or not end:
+        return None
+    try:
+        tz = ZoneInfo(tz_name or default_tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        tz = ZoneInfo(default_tz)
+    local = clock.aware(at).astimezone(tz)
+    s, e = _parse_hhmm(start), _parse_hhmm(end)
+    now_t = local.time()
+    if s < e:
+        inside = s <= now_t < e
+        end_day = local.date()
+    else:
+        inside = now_t >= s or now_t < e
+        end_day = local.date() + timedelta(days=1) if now_t >= s else local.date()
+    if not inside:
+        return None
+    resume = datetime.combine(end_day, e, tzinfo=tz)
+    return resume.astimezone(ZoneInfo("UTC"))
+
+
+def quiet_hours_deferral(session: Session, contact_ids: Iterable[str], at: datetime | None = None, *,
+                         org_id: str | None = None) -> dict[str, datetime]:
+    """``{contact_id: next allowed time}`` for the contacts now inside the organization's quiet
+    hours in their own time zone (the contact's ``time_zone``, else the organization default).
+    Contacts not listed may be sent to now. Quiet hours defer; they never exclude."""
+    from carepost.patients.models import Contact
+
+    org_id = _org_of(session, org_id)
+    cfg = consent_settings(session, org_id)
+    if not cfg["quiet_hours_start"]:
+        return {}
+    at = clock.aware(at) if at else clock.now()
+    ids = list(dict.fromkeys(contact_ids))
+    out: dict[str, datetime] = {}
+    by_zone: dict[str | None, datetime | None] = {}
+    for i in range(0, len(ids), CHUNK):
+        for cid, tz in session.execute(select(Contact.id, Contact.time_zone).where(
+                Contact.org_id == org_id, Contact.id.in_(ids[i : i + CHUNK]))):
+            if tz not in by_zone:
+                by_zone[tz] = next_allowed_time(at, tz, cfg["quiet_hours_start"], cfg["quiet_hours_end"],
+                                                cfg["default_time_zone"])
+            if by_zone[tz] is not None:
+                out[cid] = by_zone[tz]
+    return out
