@@ -471,10 +471,17 @@ def _address(session: Session, recipient) -> str:
 
 
 def _suppress(session: Session, recipient, reason: str, scope: str, source: str, details: dict) -> None:
-    from carepost.consent.service import add_suppression
+    """Address-level suppression by blind index, with an encrypted copy of the address for the
+    suppression list when the consent capability accepts its form."""
+    from carepost.consent.service import add_suppression, add_suppression_by_index
+    from carepost.core.errors import ValidationFailed
 
-    add_suppression(session, recipient.org_id, _address(session, recipient), reason, scope=scope, source=source,
-                    details=details)
+    try:
+        add_suppression(session, recipient.org_id, _address(session, recipient), reason, scope=scope, source=source,
+                        details=details)
+    except ValidationFailed:
+        add_suppression_by_index(session, recipient.org_id, recipient.address_index, reason, scope=scope,
+                                 source=source, details=details)
 
 
 def soft_bounce_count(session: Session, org_id: str, address_index: str, since: datetime) -> int:

@@ -350,9 +350,13 @@ def keys_on_file(session: Session, org_id: str, addresses: list[str]) -> dict[st
 
 
 def add_event(session: Session, recipient: MessageRecipient, type_: str, **details) -> MessageEvent:
-    event = MessageEvent(org_id=recipient.org_id, message_id=recipient.message_id, recipient_id=recipient.id,
-                         type=type_, details=details)
+    event = MessageEvent(id=new_id(), org_id=recipient.org_id, message_id=recipient.message_id,
+                         recipient_id=recipient.id, type=type_, details=details)
     session.add(event)
+    # Every message event goes out to the organization's webhooks through one function.
+    from carepost.tracking.service import emit_message_event
+
+    emit_message_event(session, recipient, event)
     return event
 
 
@@ -394,8 +398,15 @@ def record_result(session: Session, recipient: MessageRecipient, result: Recipie
         recipient.next_attempt_at = None
         recipient.reason = result.reason
     recipient.status = status
+    bounce = {}
+    if status == "bounced":
+        from carepost.delivery import bounces
+
+        bounce = bounces.smtp_bounce_details(result)
     add_event(session, recipient, status, method=method, reply_code=result.reply_code,
-              possible_duplicate=result.possible_duplicate)
+              possible_duplicate=result.possible_duplicate, **bounce)
+    if bounce:
+        bounces.after_bounce(session, recipient, bounce, source="smtp")
 
 
 # --- one recipient through the pipeline --------------------------------------------------------

@@ -1,0 +1,120 @@
+"""Tables of tracking: received bounce and complaint reports, outbound webhook endpoints, the
+events sent to them, and the delivery log.
+
+Encryption (ARCHITECTURE.md section 2; ``*_enc`` columns are AES-GCM under the organization's data
+key, bound to organization, table, column and row):
+
+* a received report quotes the original message's headers (the patient's address, sometimes the
+  subject), so the raw bytes are encrypted and deleted after
+  ``CAREPOST_INBOUND_REPORT_RETENTION_DAYS``;
+* an endpoint's signing secret is encrypted (it must be read back to sign, so it cannot be hashed);
+* an event's payload is encrypted too, although it carries ids only: PHI extras for endpoints that
+  receive PHI live in their own encrypted column, used only for those endpoints.
+
+The delivery log (``WebhookAttempt``) holds status codes, durations and error categories — never a
+response body, which could echo anything.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, LargeBinary, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from carepost.core import clock
+from carepost.core.database import Base, OrgScoped
+from carepost.core.ids import new_id
+
+
+class InboundReport(OrgScoped, Base):
+    """A message received on an organization's return-path domain (a bounce, a complaint, or
+    anything else sent there), kept encrypted until it is processed and for a while after."""
+
+    __tablename__ = "inbound_reports"
+    __table_args__ = (Index("ix_inbound_reports_org_received", "org_id", "received_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    received_at: Mapped[datetime] = mapped_column(default=clock.now)
+    envelope_recipients: Mapped[list] = mapped_column(JSON, default=list)  # return-path addresses: ids and MACs only
+    null_sender: Mapped[bool] = mapped_column(Boolean, default=False)
+    peer: Mapped[str | None] = mapped_column(String(64))  # the sending MTA's IP address
+    tls: Mapped[bool] = mapped_column(Boolean, default=False)
+    size: Mapped[int] = mapped_column(Integer, default=0)
+    raw_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | applied | ignored
+    kind: Mapped[str | None] = mapped_column(String(16))  # dsn | arf | other | unparseable
+    outcome: Mapped[dict] = mapped_column(JSON, default=dict)  # bounces.Outcome, no PHI
+    recipient_id: Mapped[str | None] = mapped_column(String(32))
+    processed_at: Mapped[datetime | None]
+
+
+class WebhookEndpoint(OrgScoped, Base):
+    """Where an organization wants events delivered (Standard Webhooks signing)."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    url: Mapped[str] = mapped_column(String(2048))
+    description: Mapped[str] = mapped_column(String(200), default="")
+    event_types: Mapped[list] = mapped_column(JSON, default=list)
+    secret_enc: Mapped[bytes] = mapped_column(LargeBinary)
+    secret_hint: Mapped[str] = mapped_column(String(16))  # "whsec_…" + last 4 characters, to tell secrets apart
+    include_phi: Mapped[bool] = mapped_column(Boolean, default=False)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    disabled_reason: Mapped[str | None] = mapped_column(String(200))
+    created_by: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(default=clock.now)
+    updated_at: Mapped[datetime] = mapped_column(default=clock.now, onupdate=clock.now)
+
+
+class WebhookEvent(OrgScoped, Base):
+    """One event, as emitted: its id is the ``webhook-id`` every delivery of it carries."""
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (Index("ix_webhook_events_org_created", "org_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    type: Mapped[str] = mapped_column(String(64))
+    payload_enc: Mapped[bytes] = mapped_column(LargeBinary)  # {"type", "timestamp", "data"} as JSON
+    phi_enc: Mapped[bytes | None] = mapped_column(LargeBinary)  # extra data fields for endpoints with include_phi
+    created_at: Mapped[datetime] = mapped_column(default=clock.now)
+
+
+class WebhookDelivery(OrgScoped, Base):
+    """One event to one endpoint, retried with backoff until it succeeds or the schedule ends."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_endpoint", "endpoint_id", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    endpoint_id: Mapped[str] = mapped_column(String(32), ForeignKey("webhook_endpoints.id", ondelete="CASCADE"))
+    event_id: Mapped[str] = mapped_column(String(32), ForeignKey("webhook_events.id", ondelete="CASCADE"), index=True)
+    replay_of: Mapped[str | None] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | succeeded | failed | cancelled
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    lease_until: Mapped[datetime | None]
+    last_status_code: Mapped[int | None]
+    last_error: Mapped[str | None] = mapped_column(String(300))
+    created_at: Mapped[datetime] = mapped_column(default=clock.now)
+    finished_at: Mapped[datetime | None]
+
+
+class WebhookAttempt(OrgScoped, Base):
+    """One HTTP attempt of a delivery: when, how long, what came back (code only)."""
+
+    __tablename__ = "webhook_attempts"
+    __table_args__ = (Index("ix_webhook_attempts_delivery", "delivery_id", "attempt"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    delivery_id: Mapped[str] = mapped_column(String(32), ForeignKey("webhook_deliveries.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=clock.now)
+    duration_ms: Mapped[int | None]
+    status_code: Mapped[int | None]
+    outcome: Mapped[str] = mapped_column(String(16))  # succeeded | failed | gone | refused
+    error: Mapped[str | None] = mapped_column(Text)  # a category and short reason, never a response body

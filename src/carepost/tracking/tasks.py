@@ -1,0 +1,74 @@
+"""Queue tasks of tracking. Tasks take ids only; state lives in the database.
+
+* ``deliver_webhook(delivery_id)`` makes one attempt of a webhook delivery when it is due
+  (idempotent: a delivery that is not pending, not due or leased by another worker is left alone;
+  a failed attempt schedules the next one on the backoff schedule).
+* ``sweep_webhook_deliveries`` (every minute) queues due deliveries nobody is working on — after a
+  queue outage, a worker that died mid-attempt, or a lost schedule.
+* ``process_inbound_report(report_id)`` reads a bounce or complaint report received by
+  ``carepost inbound`` and applies it (suppression, recipient status, events). It lives here
+  because bounces and complaints are observations of delivery, and tracking is where
+  observations become events.
+* ``requeue_inbound_reports`` (every 15 minutes) queues reports still pending after 10 minutes
+  (received while the queue was unreachable, or whose task gave up).
+* ``purge_inbound_reports`` (daily) deletes received reports past their retention.
+"""
+
+from __future__ import annotations
+
+from huey import crontab
+
+from carepost.core.database import system_session
+from carepost.core.logging import get_logger
+from carepost.core.queue import huey
+
+log = get_logger("carepost.tracking.tasks")
+
+
+@huey.task()
+def deliver_webhook(delivery_id: str) -> None:
+    from carepost.tracking.service import attempt_delivery
+
+    attempt_delivery(delivery_id)
+
+
+@huey.periodic_task(crontab(minute="*"))
+def sweep_webhook_deliveries() -> None:
+    from carepost.tracking.service import due_deliveries
+
+    with system_session() as session:
+        ids = due_deliveries(session)
+    for delivery_id in ids:
+        deliver_webhook(delivery_id)
+    if ids:
+        log.info("webhook_sweep", queued_count=len(ids))
+
+
+@huey.task(retries=3, retry_delay=30)
+def process_inbound_report(report_id: str) -> None:
+    from carepost.delivery.inbound import process_report
+
+    process_report(report_id)
+
+
+@huey.periodic_task(crontab(minute="*/15"))
+def requeue_inbound_reports() -> None:
+    from datetime import timedelta
+
+    from carepost.delivery.inbound import pending_report_ids
+
+    ids = pending_report_ids(older_than=timedelta(minutes=10))
+    for report_id in ids:
+        process_inbound_report(report_id)
+    if ids:
+        log.info("inbound_reports_requeued", queued_count=len(ids))
+
+
+@huey.periodic_task(crontab(minute="41", hour="4"))
+def purge_inbound_reports() -> None:
+    from carepost.delivery.inbound import purge_reports
+
+    with system_session() as session:
+        count = purge_reports(session)
+        session.commit()
+    log.info("inbound_reports_purged", purged_count=count)
