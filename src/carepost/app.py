@@ -31,6 +31,8 @@ ROUTER_MODULES = [
     "carepost.audit.pages",
     "carepost.patients.api",
     "carepost.patients.pages",
+    "carepost.portal.api",
+    "carepost.portal.pages",
 ]
 
 CSP = (

@@ -44,6 +44,7 @@ class PortalMessage(OrgScoped, Base):
     answer_hash: Mapped[str | None] = mapped_column(String(200))
     code_hash: Mapped[str | None] = mapped_column(String(200))
     code_expires_at: Mapped[datetime | None]
+    code_requested_at: Mapped[datetime | None]  # a code email is owed (the task clears it once sent)
     codes_sent: Mapped[int] = mapped_column(Integer, default=0)
     last_code_sent_at: Mapped[datetime | None]
     failed_attempts: Mapped[int] = mapped_column(Integer, default=0)

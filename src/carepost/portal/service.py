@@ -250,6 +250,20 @@ def check_notification_templates(subject: str | None, body: str | None) -> None:
             raise ValidationFailed("The link belongs in the body, not the subject.", field="portal_notification_subject")
 
 
+def set_notification_templates(org: Organization, subject: str | None, body: str | None) -> None:
+    """Store the organization's wording (an empty value restores the default)."""
+    subject = (subject or "").strip() or None
+    body = (body or "").strip() or None
+    check_notification_templates(subject, body)
+    settings = dict(org.settings or {})
+    for key, value in (("portal_notification_subject", subject), ("portal_notification_body", body)):
+        if value is None:
+            settings.pop(key, None)
+        else:
+            settings[key] = value
+    org.settings = settings
+
+
 def _fill(template: str, values: dict[str, str]) -> str:
     return _PLACEHOLDER_RE.sub(lambda m: values[m.group(1)], template)
 
@@ -418,6 +432,21 @@ def check_code_request(pm: PortalMessage) -> None:
     if last is not None and clock.now() - last < CODE_MIN_INTERVAL:
         wait = int((CODE_MIN_INTERVAL - (clock.now() - last)).total_seconds()) + 1
         raise CodeNotSent(f"A code was just sent. Wait {wait} seconds before asking for another.", field="code")
+
+
+def reserve_code(session: Session, pm: PortalMessage, ctx: dict | None) -> None:
+    """Note that a code email is owed; the queue task draws the code itself (the queue carries
+    ids, never a secret)."""
+    now = clock.now()
+    pm.code_requested_at = now
+    pm.last_code_sent_at = now
+    _audit(session, pm, "portal.code.request", ctx)
+
+
+def code_pending(pm: PortalMessage) -> bool:
+    """A code was asked for or sent and can still be entered."""
+    expires = clock.aware(pm.code_expires_at)
+    return pm.code_requested_at is not None or (pm.code_hash is not None and expires is not None and expires > clock.now())
 
 
 def issue_code(session: Session, pm: PortalMessage) -> str:
@@ -590,8 +619,16 @@ def sanitize_html(html: str) -> str:
         attribute_filter=keep,
         url_schemes={"http", "https", "mailto", "data"},
         link_rel="noopener noreferrer nofollow",
+        set_tag_attribute_values={"a": {"target": "_blank"}},
         strip_comments=True,
     )
+
+
+def frame_document(clean_html: str) -> str:
+    """The sandboxed frame's document around sanitized HTML (its own stylesheet; the page's
+    Content-Security-Policy applies inside too)."""
+    return ('<!doctype html><html><head><meta charset="utf-8"><link rel="stylesheet" href="/static/portal-frame.css">'
+            "</head><body>" + clean_html + "</body></html>")
 
 
 def message_content(session: Session, pm: PortalMessage) -> dict:
@@ -599,12 +636,14 @@ def message_content(session: Session, pm: PortalMessage) -> dict:
     ring = get_keyring()
     table = PortalMessage.__tablename__
     html = ring.decrypt_text(session, pm.org_id, table, "html", pm.id, pm.html_enc)
+    clean = sanitize_html(html) if html else None
     attachments = session.scalars(
         select(PortalAttachment).where(PortalAttachment.portal_message_id == pm.id).order_by(PortalAttachment.position)
     ).all()
     return {
         "subject": ring.decrypt_text(session, pm.org_id, table, "subject", pm.id, pm.subject_enc) or "",
-        "html": sanitize_html(html) if html else None,
+        "html": clean,
+        "frame": frame_document(clean) if clean is not None else None,
         "text": ring.decrypt_text(session, pm.org_id, table, "text", pm.id, pm.text_enc),
         "attachments": [
             {"id": a.id, "size": a.size, "content_type": a.content_type,
