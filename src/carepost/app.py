@@ -31,6 +31,7 @@ ROUTER_MODULES = [
     "carepost.audit.pages",
     "carepost.patients.api",
     "carepost.patients.pages",
+    "carepost.delivery.api",
     "carepost.portal.api",
     "carepost.portal.pages",
 ]

@@ -149,6 +149,7 @@ class MessageRecipient(OrgScoped, Base):
     portal_message_id: Mapped[str | None] = mapped_column(String(32))
     updated_at: Mapped[datetime] = mapped_column(default=clock.now, onupdate=clock.now)
     display_name_enc: Mapped[bytes | None] = mapped_column(LargeBinary)  # "Pat Doe" of "Pat Doe <pat@...>", encrypted
+    enqueued_at: Mapped[datetime | None]  # last time a delivery task was queued for it (the sweep re-queues lost ones)
 
 
 class MessageEvent(OrgScoped, Base):

@@ -9,6 +9,9 @@ call these functions (``audit.service.record_for``), which know the principal.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
+import re
 import secrets
 import socket
 from dataclasses import asdict, dataclass
@@ -22,12 +25,13 @@ from carepost.core import clock
 from carepost.core.config import Settings, get_settings
 from carepost.core.crypto import get_keyring
 from carepost.core.errors import Conflict, NotFound, ValidationFailed
-from carepost.core.ids import new_id
+from carepost.core.ids import is_id, new_id
 from carepost.delivery import dkim, pgp, policy, smime
 from carepost.delivery import dns as cpdns
 from carepost.delivery import tlsprobe
-from carepost.delivery.mime import ascii_domain, parse_address
-from carepost.delivery.models import MessageEvent, MessageRecipient, RecipientKey, SendingDomain
+from carepost.delivery.mime import MailAddress, ascii_domain, message_id_for, parse_address
+from carepost.delivery.models import Message, MessageAttachment, MessageEvent, MessageRecipient, RecipientKey, SendingDomain
+from carepost.delivery.schemas import MAX_ATTACHMENT_BYTES
 from carepost.delivery.smtp import RecipientResult, retries_exhausted, retry_delay
 
 KEY_KINDS = ("pgp", "smime")
@@ -456,3 +460,500 @@ async def deliver_one(client, decision: policy.Decision, *, raw: bytes, sender: 
         fallback = policy.after_tls_failure(decision, results[0].reason)
         return Delivered(fallback, results)
     return Delivered(decision, results, key_fingerprint if decision.method in ("pgp", "smime") else None)
+
+
+# =============================================================================================
+# Added with the delivery API and pipeline (issue 4, items 3, 5, 7 and 8).
+# =============================================================================================
+
+# --- organization delivery settings ------------------------------------------------------------
+# Kept in the organization's settings: ``security_mode`` (the floor every message starts from,
+# default tls_required) and ``default_purpose`` (the purpose of a message that names none).
+
+DEFAULT_SECURITY_MODE = "tls_required"
+_PURPOSE_SHAPE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+def known_purposes() -> tuple[str, ...] | None:
+    """The purposes the consent capability knows, or None while it is not installed."""
+    try:
+        from carepost.consent.purposes import PURPOSES
+    except ImportError:
+        return None
+    return tuple(PURPOSES)
+
+
+def check_purpose(purpose, field_name: str = "purpose") -> str:
+    if not isinstance(purpose, str) or not _PURPOSE_SHAPE.match(purpose):
+        raise ValidationFailed("The purpose is a lowercase name such as treatment or marketing.", field=field_name)
+    known = known_purposes()
+    if known is not None and purpose not in known:
+        raise ValidationFailed(f"Unknown purpose; use one of {', '.join(known)}.", field=field_name)
+    return purpose
+
+
+def delivery_settings(session: Session, org_id: str) -> dict:
+    from carepost.accounts.service import get_organization
+
+    values = get_organization(session, org_id).settings or {}
+    return {"security_mode": values.get("security_mode") or DEFAULT_SECURITY_MODE,
+            "default_purpose": values.get("default_purpose")}
+
+
+def update_delivery_settings(session: Session, org_id: str, changes: dict) -> dict:
+    """Change ``security_mode`` and/or ``default_purpose`` (None clears the default purpose).
+    Lowering the mode is allowed here: it is the organization's own decision, audited by the
+    route; messages already accepted keep the mode they were accepted with, or a higher one."""
+    from carepost.accounts.service import get_organization
+
+    org = get_organization(session, org_id)
+    values = dict(org.settings or {})
+    for key, value in changes.items():
+        if key == "security_mode":
+            if value not in policy.MODES:
+                raise ValidationFailed(f"Unknown security mode; use one of {', '.join(policy.MODES)}.", field=key)
+            values[key] = value
+        elif key == "default_purpose":
+            if value is None:
+                values.pop(key, None)
+            else:
+                values[key] = check_purpose(value, key)
+        else:
+            raise ValidationFailed("Unknown delivery setting.", field=key)
+    org.settings = values
+    session.flush()
+    return delivery_settings(session, org_id)
+
+
+# --- sending domains (queries for the API, CLI and doctor) ------------------------------------
+
+
+def list_sending_domains(session: Session) -> list[SendingDomain]:
+    """The session's organization's sending domains (the session is org-scoped)."""
+    return list(session.scalars(select(SendingDomain).order_by(SendingDomain.domain)))
+
+
+def sending_domain_by_id(session: Session, domain_id: str) -> SendingDomain:
+    row = session.get(SendingDomain, domain_id) if is_id(domain_id) else None
+    if row is None or (session.info.get("org_id") and row.org_id != session.info["org_id"]):
+        raise NotFound("No such sending domain.", field="domain_id")
+    return row
+
+
+def delete_sending_domain(session: Session, row: SendingDomain) -> None:
+    """Remove a domain and its keys. Messages that were accepted from it and are not delivered
+    yet fail at delivery with reason ``sending_domain_missing``."""
+    session.delete(row)
+    session.flush()
+
+
+def sending_domain_for(session: Session, org_id: str, domain: str) -> SendingDomain | None:
+    """The organization's sending domain for a From domain: the domain itself or the closest
+    parent (DKIM d= of a parent aligns under relaxed DMARC alignment)."""
+    labels = domain.lower().split(".")
+    candidates = [".".join(labels[i:]) for i in range(len(labels) - 1)]
+    rows = session.scalars(
+        select(SendingDomain).where(SendingDomain.org_id == org_id, SendingDomain.domain.in_(candidates))
+    ).all()
+    return max(rows, key=lambda r: len(r.domain), default=None)
+
+
+def domain_view(row: SendingDomain, settings: Settings | None = None) -> dict:
+    """The API/CLI shape of a sending domain: its DNS records (DKIM TXT in full) and last check."""
+    checks = [{"purpose": purpose, **result} for purpose, result in (row.check_results or {}).items()]
+    return {
+        "id": row.id, "domain": row.domain, "selector": row.selector, "return_path_domain": row.return_path_domain,
+        "dns_ok": bool(row.dns_ok), "checked_at": clock.aware(row.checked_at),
+        "records": [asdict(r) for r in dns_records(row, settings)], "checks": checks,
+    }
+
+
+def unverified_sending_domains(session: Session) -> list[tuple[str, str]]:
+    """(organization id, domain) of every sending domain whose DNS records did not check out
+    (or were never checked). For ``carepost doctor``; needs a system session."""
+    rows = session.execute(select(SendingDomain.org_id, SendingDomain.domain).where(SendingDomain.dns_ok.is_(False))).all()
+    return [(org_id, domain) for org_id, domain in rows]
+
+
+# --- accepting a message (API, batch, SMTP submission) ---------------------------------------
+# Everything is validated before anything is written, so a refused message (or one refused
+# message of a batch) leaves nothing behind, and the error names the field (with its index).
+
+# Attachments are checked by declared type, by file name and by content: executable content is
+# refused whatever it claims to be, and a type with a well-known signature must carry it.
+BLOCKED_EXTENSIONS = frozenset({
+    "exe", "com", "bat", "cmd", "scr", "pif", "msi", "msp", "mst", "vbs", "vbe", "js", "jse", "wsf", "wsh", "ps1",
+    "psm1", "jar", "cpl", "hta", "lnk", "reg", "dll", "scf", "apk", "app", "dmg", "iso", "sh", "py",
+})
+BLOCKED_TYPES = frozenset({
+    "application/x-msdownload", "application/x-msdos-program", "application/x-dosexec", "application/x-executable",
+    "application/vnd.microsoft.portable-executable", "application/x-sh", "application/x-csh", "application/java-archive",
+    "application/x-ms-installer", "application/x-msi", "application/hta", "text/javascript", "application/javascript",
+    "application/x-javascript", "application/vbscript", "text/vbscript", "application/x-bat", "application/x-python",
+})
+_SIGNATURES = {
+    "image/png": (b"\x89PNG\r\n\x1a\n",), "image/jpeg": (b"\xff\xd8\xff",), "image/gif": (b"GIF87a", b"GIF89a"),
+    "application/pdf": (b"%PDF-",), "image/webp": (b"RIFF",),
+}
+_EXECUTABLE_MAGIC = (b"MZ", b"\x7fELF", b"\xca\xfe\xba\xbe", b"\xcf\xfa\xed\xfe", b"\xce\xfa\xed\xfe", b"#!")
+_RESERVED_HEADER_PREFIX = "x-carepost-"
+
+
+@dataclass
+class PreparedMessage:
+    """A message that passed every check, ready to store."""
+
+    sender: MailAddress
+    sending_domain: SendingDomain
+    recipients: list[tuple[str, MailAddress]]  # (to | cc | bcc, address), each address once
+    reply_to: MailAddress | None
+    subject: str
+    html: str | None
+    text: str | None
+    attachments: list  # AttachmentIn
+    headers: dict[str, str]
+    purpose: str
+    security: str
+    contains_phi: bool
+    tags: list[str]
+    portal: dict | None
+    request_hash: str
+
+
+def request_fingerprint(data) -> str:
+    """SHA-256 of a message request, for Idempotency-Key: same key + same request = same
+    message; attachment bodies enter as their hashes."""
+    payload = data.model_dump(mode="python", by_alias=True)
+    for attachment in payload.get("attachments") or []:
+        attachment["content"] = hashlib.sha256(attachment["content"]).hexdigest()
+    text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def idempotency_hash(key: str) -> str:
+    return hashlib.sha256(f"idempotency\x00{key}".encode()).hexdigest()
+
+
+def check_idempotency_key(key: str | None) -> str | None:
+    if key is None:
+        return None
+    if not (1 <= len(key) <= 200) or not key.isascii() or not key.isprintable():
+        raise ValidationFailed("The Idempotency-Key is 1 to 200 printable ASCII characters.", field="Idempotency-Key")
+    return key
+
+
+def _check_attachment(attachment, field_name: str, *, inline: bool) -> None:
+    ctype = (attachment.content_type or "").lower().strip()
+    filename = attachment.filename or ""
+    extension = filename.rsplit(".", 1)[-1].lower() if "." in filename else ""
+    content = bytes(attachment.content)
+    if ctype in BLOCKED_TYPES or extension in BLOCKED_EXTENSIONS or content.startswith(_EXECUTABLE_MAGIC):
+        raise ValidationFailed("Executable and script attachments are not allowed.", field=field_name)
+    if inline and not ctype.startswith("image/"):
+        raise ValidationFailed("An inline attachment (content_id) must be an image.", field=field_name)
+    signatures = _SIGNATURES.get(ctype)
+    if signatures and not content.startswith(signatures):
+        raise ValidationFailed(f"The content is not {ctype}.", field=field_name)
+
+
+def _prefixed(exc: ValidationFailed, prefix: str) -> ValidationFailed:
+    return ValidationFailed(exc.message, field=f"{prefix}{exc.field}" if exc.field else prefix.rstrip(".") or None,
+                            code=exc.code)
+
+
+def prepare_message(session: Session, org_id: str, data, *, prefix: str = "", org_settings: dict | None = None,
+                    domain_cache: dict | None = None) -> PreparedMessage:
+    """Check a message request (a :class:`schemas.MessageIn`) completely; raises
+    ValidationFailed naming ``prefix`` + the field (``to.2``, ``attachments.0``, ``security``...)."""
+    from carepost.delivery.mime import Attachment, InlineImage, compose
+
+    try:
+        return _prepare(session, org_id, data, org_settings or delivery_settings(session, org_id),
+                        domain_cache if domain_cache is not None else {}, Attachment, InlineImage, compose)
+    except ValidationFailed as exc:
+        raise _prefixed(exc, prefix) from None
+
+
+def _prepare(session, org_id, data, org_settings, domain_cache, Attachment, InlineImage, compose) -> PreparedMessage:
+    if data.template_id is not None:
+        raise ValidationFailed("Templates are not available yet; send html and/or text.", field="template_id")
+    purpose = data.purpose or org_settings.get("default_purpose")
+    if not purpose:
+        raise ValidationFailed("A purpose is required (the organization sets no default purpose).", field="purpose")
+    check_purpose(purpose)
+    mode = policy.effective_mode(org_settings["security_mode"], data.security)
+    if data.contains_phi is not False and mode == "opportunistic":
+        raise ValidationFailed(
+            "Opportunistic TLS is only for messages marked as carrying no PHI; set contains_phi to false or choose "
+            "a stronger security mode.", field="security")
+    sender = parse_address(data.sender, field_name="from")
+    domain = domain_cache.get(sender.domain, False)
+    if domain is False:
+        domain = domain_cache[sender.domain] = sending_domain_for(session, org_id, sender.domain)
+    if domain is None:
+        raise ValidationFailed("The From address is not in a sending domain of the organization; add the domain first.",
+                               field="from")
+    recipients: list[tuple[str, MailAddress]] = []
+    seen: set[str] = set()
+    for kind in ("to", "cc", "bcc"):
+        for i, value in enumerate(getattr(data, kind)):
+            address = parse_address(value, field_name=f"{kind}.{i}")
+            key = address.addr_spec.lower()
+            if key not in seen:
+                seen.add(key)
+                recipients.append((kind, address))
+    reply_to = parse_address(data.reply_to, field_name="reply_to") if data.reply_to else None
+    headers = dict(data.headers or {})
+    for name in headers:
+        if name.lower().startswith(_RESERVED_HEADER_PREFIX):
+            raise ValidationFailed("X-CarePost-* headers are for SMTP submission only.", field="headers")
+    inline, files = [], []
+    for i, attachment in enumerate(data.attachments):
+        _check_attachment(attachment, f"attachments.{i}", inline=attachment.content_id is not None)
+        if attachment.content_id is not None:
+            inline.append(InlineImage(attachment.content_id, attachment.content, attachment.content_type, attachment.filename))
+        else:
+            files.append(Attachment(attachment.filename, attachment.content, attachment.content_type))
+    subject = data.subject or ""
+    # A trial composition: every header value, name, file name and part is checked exactly as
+    # the pipeline will build it later (header injection, reserved headers, content types).
+    compose(sender=data.sender, to=[a.addr_spec for k, a in recipients if k == "to"],
+            cc=[a.addr_spec for k, a in recipients if k == "cc"], bcc=[a.addr_spec for k, a in recipients if k == "bcc"],
+            subject=subject, text=data.text, html=data.html, reply_to=data.reply_to, inline_images=inline,
+            attachments=files, headers=headers, max_attachment_bytes=MAX_ATTACHMENT_BYTES)
+    portal = None
+    if data.portal is not None:
+        portal = data.portal.model_dump(mode="json")
+        if data.portal.expires_at is not None and clock.aware(data.portal.expires_at) <= clock.now():
+            raise ValidationFailed("The portal expiry must be in the future.", field="portal.expires_at")
+    return PreparedMessage(
+        sender=sender, sending_domain=domain, recipients=recipients, reply_to=reply_to, subject=subject,
+        html=data.html, text=data.text, attachments=list(data.attachments), headers=headers, purpose=purpose,
+        security=mode, contains_phi=data.contains_phi is not False, tags=list(data.tags), portal=portal,
+        request_hash=request_fingerprint(data),
+    )
+
+
+def find_idempotent(session: Session, org_id: str, key_hash: str) -> Message | None:
+    return session.scalars(select(Message).where(Message.org_id == org_id, Message.idempotency_key == key_hash)).first()
+
+
+def store_message(session: Session, org_id: str, prepared: PreparedMessage, *, source: str, created_by: str | None,
+                  sandbox: bool = False, idempotency_key: str | None = None) -> Message:
+    """Write a prepared message: encrypted content, one recipient row per address (encrypted,
+    blind-indexed, linked to the contact with that address), a ``queued`` event each. Flushes;
+    the caller commits and then enqueues delivery (:func:`carepost.delivery.tasks.enqueue_delivery`)."""
+    ring = get_keyring()
+    now = clock.now()
+    message_id = new_id()
+
+    def enc(table: str, column: str, row_id: str, value) -> bytes | None:
+        return None if value is None else ring.encrypt(session, org_id, table, column, row_id, value)
+
+    mt = Message.__tablename__
+    message = Message(
+        id=message_id, org_id=org_id, source=source, sending_domain_id=prepared.sending_domain.id,
+        from_address=prepared.sender.addr_spec,
+        from_name_enc=enc(mt, "from_name", message_id, prepared.sender.display_name or None),
+        reply_to_enc=enc(mt, "reply_to", message_id, _mailbox_text(prepared.reply_to) if prepared.reply_to else None),
+        subject_enc=enc(mt, "subject", message_id, prepared.subject), html_enc=enc(mt, "html", message_id, prepared.html),
+        text_enc=enc(mt, "text", message_id, prepared.text), contains_phi=prepared.contains_phi,
+        security=prepared.security, purpose=prepared.purpose, tags=prepared.tags,
+        idempotency_key=idempotency_hash(idempotency_key) if idempotency_key else None,
+        request_hash=prepared.request_hash if idempotency_key else None, sandbox=bool(sandbox), created_by=created_by,
+        created_at=now, message_id_header=message_id_for(prepared.sending_domain.domain),
+        headers_enc=enc(mt, "headers", message_id, json.dumps(prepared.headers)) if prepared.headers else None,
+        portal_enc=enc(mt, "portal", message_id, json.dumps(prepared.portal)) if prepared.portal else None,
+    )
+    rows: list = [message]
+    for attachment in prepared.attachments:
+        att_id = new_id()
+        at = MessageAttachment.__tablename__
+        rows.append(MessageAttachment(
+            id=att_id, org_id=org_id, message_id=message_id, filename_enc=enc(at, "filename", att_id, attachment.filename),
+            content_type=attachment.content_type, content_enc=enc(at, "content", att_id, bytes(attachment.content)),
+            size=len(attachment.content), inline_cid=attachment.content_id,
+        ))
+    recipients = []
+    rt = MessageRecipient.__tablename__
+    for kind, address in prepared.recipients:
+        rid = new_id()
+        recipient = MessageRecipient(
+            id=rid, org_id=org_id, message_id=message_id, kind=kind,
+            address_enc=enc(rt, "address", rid, address.addr_spec),
+            display_name_enc=enc(rt, "display_name", rid, address.display_name or None),
+            address_index=ring.blind_index(session, org_id, "email", address.addr_spec),
+            domain_index=ring.blind_index(session, org_id, "domain", address.domain),
+            status="queued", attempts=0, evidence={}, possible_duplicate=False, updated_at=now, enqueued_at=now,
+        )
+        recipients.append(recipient)
+    _link_contacts(session, org_id, recipients)
+    events = [MessageEvent(org_id=org_id, message_id=message_id, recipient_id=r.id, type="queued",
+                           details={"source": source, "sandbox": bool(sandbox)}, created_at=now) for r in recipients]
+    # In the order of the foreign keys (the models declare no relationships to sort by).
+    for batch in ([message], rows[1:] + recipients, events):
+        session.add_all(batch)
+        session.flush()
+    return message
+
+
+def _mailbox_text(address: MailAddress) -> str:
+    return f"{address.display_name} <{address.addr_spec}>" if address.display_name else address.addr_spec
+
+
+def _link_contacts(session: Session, org_id: str, recipients: list[MessageRecipient]) -> None:
+    """Tie each recipient to the contact whose email has the same blind index (if any)."""
+    try:
+        from carepost.patients.service import contacts_by_index
+    except ImportError:
+        return
+    found = contacts_by_index(session, org_id, "email", [r.address_index for r in recipients])
+    for recipient in recipients:
+        recipient.contact_id = found.get(recipient.address_index)
+
+
+@dataclass
+class Accepted:
+    message: Message
+    created: bool  # False: an earlier request with the same Idempotency-Key
+
+
+def accept_message(session: Session, org_id: str, data, *, source: str, created_by: str | None, sandbox: bool = False,
+                   idempotency_key: str | None = None, prefix: str = "") -> Accepted:
+    """Check and store one message. With an Idempotency-Key the same request returns the
+    message stored the first time; a different request with the same key is a 409."""
+    key = check_idempotency_key(idempotency_key)
+    prepared = prepare_message(session, org_id, data, prefix=prefix)
+    if key is not None:
+        existing = find_idempotent(session, org_id, idempotency_hash(key))
+        if existing is not None:
+            if existing.request_hash != prepared.request_hash:
+                raise Conflict("This Idempotency-Key was used with a different request.", field="Idempotency-Key",
+                               code="idempotency_conflict")
+            return Accepted(existing, False)
+    return Accepted(store_message(session, org_id, prepared, source=source, created_by=created_by, sandbox=sandbox,
+                                  idempotency_key=key), True)
+
+
+def accept_batch(session: Session, org_id: str, messages: list, *, source: str, created_by: str | None,
+                 sandbox: bool = False) -> list[Message]:
+    """All or nothing: every message is checked first (the error names ``messages.<i>.<field>``),
+    then all are stored."""
+    org_settings = delivery_settings(session, org_id)
+    domain_cache: dict = {}
+    prepared = [prepare_message(session, org_id, m, prefix=f"messages.{i}.", org_settings=org_settings,
+                                domain_cache=domain_cache) for i, m in enumerate(messages)]
+    return [store_message(session, org_id, p, source=source, created_by=created_by, sandbox=sandbox) for p in prepared]
+
+
+# --- reading messages ------------------------------------------------------------------------
+
+
+def get_message(session: Session, message_id: str) -> Message:
+    row = session.get(Message, message_id) if is_id(message_id) else None
+    if row is None or (session.info.get("org_id") and row.org_id != session.info["org_id"]):
+        raise NotFound("No such message.", field="message_id")
+    return row
+
+
+def recipient_address(session: Session, recipient: MessageRecipient) -> str:
+    return get_keyring().decrypt_text(session, recipient.org_id, MessageRecipient.__tablename__, "address",
+                                      recipient.id, recipient.address_enc)
+
+
+def _evidence_view(recipient: MessageRecipient, sandbox: bool) -> dict:
+    evidence = dict(recipient.evidence or {})
+    return {
+        "mx_host": evidence.get("mx_host"), "tls_version": evidence.get("tls_version"), "cipher": evidence.get("cipher"),
+        "cert_fingerprint": evidence.get("cert_fingerprint"), "cert_verified": bool(evidence.get("cert_verified")),
+        "mta_sts": evidence.get("mta_sts"), "relay": bool(evidence.get("relay")), "reply_code": evidence.get("reply_code"),
+        "key_fingerprint": recipient.key_fingerprint, "portal_message_id": recipient.portal_message_id,
+        "sandbox": bool(evidence.get("sandbox") or (sandbox and recipient.status != "queued")),
+    }
+
+
+def message_view(session: Session, message: Message, *, unmasked: bool) -> dict:
+    """The API shape of a message (``schemas.MessageOut``): per recipient the address (masked
+    unless ``unmasked``), status, method, reason, evidence and timestamped events."""
+    from carepost.patients.masking import mask_email
+
+    recipients = session.scalars(
+        select(MessageRecipient).where(MessageRecipient.message_id == message.id).order_by(MessageRecipient.id)
+    ).all()
+    events: dict[str, list[dict]] = {}
+    for event in session.scalars(
+        select(MessageEvent).where(MessageEvent.message_id == message.id).order_by(MessageEvent.created_at, MessageEvent.id)
+    ):
+        events.setdefault(event.recipient_id, []).append(
+            {"type": event.type, "at": clock.aware(event.created_at), "details": event.details or {}})
+    out = []
+    for r in recipients:
+        address = recipient_address(session, r)
+        out.append({
+            "address": address if unmasked else mask_email(address), "kind": r.kind, "status": r.status,
+            "method": r.method, "reason": r.reason, "possible_duplicate": bool(r.possible_duplicate),
+            "evidence": _evidence_view(r, message.sandbox), "events": events.get(r.id, []),
+        })
+    return {"id": message.id, "created_at": clock.aware(message.created_at), "purpose": message.purpose,
+            "security": message.security, "contains_phi": message.contains_phi, "recipients": out}
+
+
+def list_messages(session: Session, *, limit: int = 50, cursor: str | None = None, status: str | None = None,
+                  source: str | None = None) -> tuple[list[dict], str | None]:
+    """Newest first, for the API and the delivery log: per message the count of recipients by
+    status (no addresses, no content). ``cursor`` is the last id of the previous page."""
+    from sqlalchemy import func
+
+    q = select(Message).order_by(Message.created_at.desc(), Message.id.desc())
+    if cursor:
+        last = get_message(session, cursor)
+        q = q.where((Message.created_at < last.created_at) | ((Message.created_at == last.created_at) & (Message.id < last.id)))
+    if source:
+        q = q.where(Message.source == source)
+    if status:
+        q = q.where(Message.id.in_(select(MessageRecipient.message_id).where(MessageRecipient.status == status)))
+    rows = session.scalars(q.limit(limit + 1)).all()
+    page = rows[:limit]
+    counts: dict[str, dict[str, int]] = {m.id: {} for m in page}
+    if page:
+        for message_id, st, n in session.execute(
+            select(MessageRecipient.message_id, MessageRecipient.status, func.count())
+            .where(MessageRecipient.message_id.in_([m.id for m in page]))
+            .group_by(MessageRecipient.message_id, MessageRecipient.status)
+        ):
+            counts[message_id][st] = n
+    data = [{
+        "id": m.id, "created_at": clock.aware(m.created_at), "source": m.source, "purpose": m.purpose,
+        "security": m.security, "contains_phi": m.contains_phi, "sandbox": m.sandbox,
+        "recipients": sum(counts[m.id].values()), "statuses": counts[m.id],
+    } for m in page]
+    return data, (page[-1].id if len(rows) > limit else None)
+
+
+def sandbox_captures(session: Session, message_id: str) -> list[tuple[str, str, bytes]]:
+    """(recipient id, method, wire bytes) of what a sandbox message would have sent."""
+    from carepost.delivery.models import SandboxCapture
+
+    rows = session.scalars(select(SandboxCapture).where(SandboxCapture.message_id == message_id)
+                           .order_by(SandboxCapture.created_at)).all()
+    ring = get_keyring()
+    return [(r.recipient_id, r.method, ring.decrypt(session, r.org_id, SandboxCapture.__tablename__, "raw", r.id, r.raw_enc))
+            for r in rows]
+
+
+# --- recipient keys: listing for the API and the UI ------------------------------------------
+
+
+def key_info(row: RecipientKey) -> KeyInfo:
+    return _key_info(row)
+
+
+def list_recipient_keys(session: Session, *, expiring_only: bool = False, limit: int = 200) -> list[tuple[RecipientKey, str]]:
+    """(key, decrypted address) of the session's organization, soonest expiry first; with
+    ``expiring_only`` just those that expire within 30 days (or have expired)."""
+    q = select(RecipientKey).order_by(RecipientKey.expires_at.is_(None), RecipientKey.expires_at, RecipientKey.id)
+    if expiring_only:
+        q = q.where(RecipientKey.expires_at.is_not(None), RecipientKey.expires_at <= clock.now() + KEY_EXPIRY_WARNING)
+    ring = get_keyring()
+    return [(r, ring.decrypt_text(session, r.org_id, RecipientKey.__tablename__, "address", r.id, r.address_enc))
+            for r in session.scalars(q.limit(limit))]

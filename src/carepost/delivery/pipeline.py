@@ -1,0 +1,759 @@
+"""The delivery pipeline: from queued recipients to recorded outcomes, as named steps.
+
+ARCHITECTURE.md section 4, step 2. A delivery task carries message ids only; :func:`deliver`
+runs these steps over the due recipients of those messages, top to bottom (the shape of
+Postal's ``outgoing_message_processor``)::
+
+    with the database (one short transaction):
+      1. claim              lease the due recipients (one UPDATE): no other worker sends them
+      2. load               messages, contents, addresses, keys, DKIM keys: decrypted in memory only
+      3. check_eligibility  ELIGIBILITY_CHECK again: a suppression or revocation since acceptance wins
+      4. check_sender       the From domain must still be a sending domain of the organization
+    without a transaction (SQLite's write lock is free for everyone else):
+      5. decide             the secure method per recipient (``policy.decide``)
+      6. compose            MIME once per message (per recipient when unsubscribe headers differ)
+      7. protect            PGP or S/MIME per recipient, then the DKIM signature
+      8. store_for_portal   portal recipients: the copy goes to the portal, a notification by email
+      9. send               pooled SMTP connections (or, for sandbox credentials, the capture)
+     10. fall_back          verified TLS unavailable at send time: the portal, or not sent at all
+     11. record             status, method, evidence, events; deferred ones get their next attempt
+
+Why it is safe to run twice, or on two workers at once: step 1 leases a recipient only when it
+is due and nobody holds it (``lease_until``), in one UPDATE that both databases serialize; step
+11 writes only rows whose lease is still this run's. A worker that dies mid-run leaves its lease
+to expire (``CAREPOST_DELIVERY_LEASE_SECONDS``); the periodic sweep (``tasks.deliver_due``)
+queues the recipients again. A connection lost after the message's final "." is recorded as
+``possible_duplicate``: nobody can know whether it arrived.
+
+A message that needs protection is never sent in clear: the policy decides TLS only with
+``require_verified_tls``, the SMTP client refuses anything less, and the fallback is the portal
+or nothing (``policy.after_tls_failure``).
+
+Hook points for other capabilities (module attributes, replaced at import time):
+
+``ELIGIBILITY_CHECK(session, candidates) -> {recipient id: reason}``
+    Which recipients must not get their message now. ``candidates`` is a list of
+    :class:`Candidate` (the decrypted address is in memory only; return reasons as codes, never
+    the address). The default, :func:`default_eligibility`, excludes invalid addresses and
+    addresses on the suppression list (scope ``all``); the consent capability replaces it with
+    the full check (authorization per purpose, frequency caps) and keeps those two rules.
+``LIST_UNSUBSCRIBE(session, candidates) -> {recipient id: [uri, ...]}`` (default None)
+    List-Unsubscribe URIs per recipient (RFC 8058 one-click when one is https); covered by the
+    DKIM signature.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from carepost.core import clock
+from carepost.core.config import Settings, get_settings
+from carepost.core.crypto import get_keyring
+from carepost.core.database import system_session
+from carepost.core.errors import ValidationFailed
+from carepost.core.ids import new_id
+from carepost.core.logging import get_logger
+from carepost.delivery import dkim, policy, service
+from carepost.delivery.mime import Attachment, InlineImage, compose, parse_address
+from carepost.delivery.models import (
+    Message,
+    MessageAttachment,
+    MessageRecipient,
+    RecipientKey,
+    SandboxCapture,
+    SendingDomain,
+)
+from carepost.delivery.smtp import DeliveryClient, Envelope, Evidence, RecipientResult
+
+log = get_logger("carepost.delivery.pipeline")
+
+REQUEUE_AFTER = timedelta(minutes=10)  # a queued recipient no task picked up is queued again after this
+
+
+# --------------------------------------------------------------------------- hook points
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One recipient about to be delivered, as the eligibility hook sees it."""
+
+    recipient_id: str
+    message_id: str
+    org_id: str
+    address: str  # decrypted, in memory only: never log it, never return it
+    address_index: str
+    contact_id: str | None
+    purpose: str | None
+    source: str
+    contains_phi: bool
+
+
+EligibilityCheck = Callable[[Session, list[Candidate]], dict[str, str]]
+UnsubscribeHeaders = Callable[[Session, list[Candidate]], dict[str, list[str]]]
+
+
+def default_eligibility(session: Session, candidates: list[Candidate]) -> dict[str, str]:
+    """Suppression-free and address valid: the rules every message follows, whatever its purpose."""
+    excluded: dict[str, str] = {}
+    for c in candidates:
+        try:
+            parse_address(c.address, field_name="to", allow_display_name=False)
+        except ValidationFailed:
+            excluded[c.recipient_id] = "invalid_address"
+    try:
+        from carepost.consent.service import suppression_reason
+    except ImportError:  # the consent capability is not installed: nothing can be suppressed
+        return excluded
+    by_org: dict[str, list[Candidate]] = {}
+    for c in candidates:
+        if c.recipient_id not in excluded:
+            by_org.setdefault(c.org_id, []).append(c)
+    for org_id, group in by_org.items():
+        found = suppression_reason(session, org_id, [c.address_index for c in group], "all")
+        for c in group:
+            row = found.get(c.address_index)
+            if row is not None:
+                excluded[c.recipient_id] = f"suppressed:{row.reason}"
+    return excluded
+
+
+ELIGIBILITY_CHECK: EligibilityCheck = default_eligibility
+LIST_UNSUBSCRIBE: UnsubscribeHeaders | None = None
+
+
+# --------------------------------------------------------------------------- run state
+
+
+@dataclass
+class Content:
+    """One message's content, decrypted in memory for this run."""
+
+    message: Message
+    sender: str
+    subject: str
+    html: str | None
+    text: str | None
+    reply_to: str | None
+    headers: dict[str, str]
+    attachments: list[Attachment]
+    inline: list[InlineImage]
+    portal: dict
+    to: list[str]
+    cc: list[str]
+    domain: SendingDomain | None = None
+    dkim_keys: list[dkim.DkimKey] = field(default_factory=list)
+    composed: dict[tuple, tuple[bytes, bool]] = field(default_factory=dict)  # unsubscribe URIs -> (raw, smtputf8)
+    signed: dict[tuple, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class Copy:
+    """One recipient's copy in this run."""
+
+    recipient: MessageRecipient
+    content: Content
+    address: str
+    display_name: str | None
+    keys: dict[str, RecipientKey]
+    key_material: dict[str, str]
+    envelope_from: str = ""
+    unsubscribe: tuple[str, ...] = ()
+    decision: policy.Decision | None = None
+    wire: bytes | None = None
+    smtputf8: bool = False
+    require_verified_tls: bool = False
+    notification: bool = False  # the wire is a portal notification, not the message
+    portal_message_id: str | None = None
+    result: RecipientResult | None = None
+    final: tuple[str, str] | None = None  # (status, reason) decided without an SMTP result
+    fell_back_from: str | None = None
+
+    @property
+    def org_id(self) -> str:
+        return self.recipient.org_id
+
+    @property
+    def sandbox(self) -> bool:
+        return bool(self.content.message.sandbox)
+
+    @property
+    def open(self) -> bool:
+        """Still on its way (no final outcome yet)."""
+        return self.final is None and self.result is None
+
+
+@dataclass
+class Run:
+    session: Session
+    owner: str
+    settings: Settings
+    copies: list[Copy] = field(default_factory=list)
+    contents: dict[str, Content] = field(default_factory=dict)
+    claimed: int = 0
+
+    def open_copies(self) -> list[Copy]:
+        return [c for c in self.copies if c.open]
+
+
+@dataclass
+class RunReport:
+    claimed: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def deliver(message_ids: list[str], *, settings: Settings | None = None) -> RunReport:
+    """Deliver the due recipients of ``message_ids``. Safe to call twice and from many workers."""
+    settings = settings or get_settings()
+    ids = list(dict.fromkeys(message_ids))
+    with system_session() as session:
+        run = Run(session, owner=new_id(), settings=settings)
+        claim(run, ids)
+        if not run.claimed:
+            session.commit()
+            return RunReport()
+        load(run)
+        check_eligibility(run)
+        check_sender(run)
+        session.commit()  # end the transaction: nothing below holds the database
+
+        decide(run)
+        compose_messages(run)
+        protect(run)
+        store_for_portal(run, run.open_copies())
+        send(run, [c for c in run.open_copies() if c.wire is not None])
+        fall_back(run)
+        report = record(run)
+        session.commit()
+    log.info("delivery_run", claimed_count=report.claimed, **{f"{k}_count": v for k, v in report.statuses.items()})
+    return report
+
+
+def claim(run: Run, message_ids: list[str]) -> None:
+    """Step 1: lease the recipients of these messages that are due and held by nobody."""
+    now = clock.now()
+    until = now + timedelta(seconds=run.settings.delivery_lease_seconds)
+    R = MessageRecipient
+    for start in range(0, len(message_ids), 500):
+        chunk = message_ids[start:start + 500]
+        run.session.execute(
+            update(R)
+            .where(
+                R.message_id.in_(chunk),
+                or_(R.status == "queued", and_(R.status == "deferred", R.next_attempt_at <= now)),
+                or_(R.lease_until.is_(None), R.lease_until < now),
+            )
+            .values(lease_owner=run.owner, lease_until=until)
+            .execution_options(synchronize_session=False)
+        )
+    rows = []
+    for start in range(0, len(message_ids), 500):
+        rows += run.session.scalars(
+            select(R).where(R.message_id.in_(message_ids[start:start + 500]), R.lease_owner == run.owner)
+            .execution_options(populate_existing=True)
+        ).all()
+    run.claimed = len(rows)
+    run.copies = [Copy(recipient=r, content=None, address="", display_name=None, keys={}, key_material={})  # type: ignore[arg-type]
+                  for r in rows]
+
+
+def load(run: Run) -> None:
+    """Step 2: everything the copies need, decrypted in memory (never written anywhere)."""
+    session, ring = run.session, get_keyring()
+    message_ids = sorted({c.recipient.message_id for c in run.copies})
+    messages = {m.id: m for m in _in_chunks(session, Message, Message.id, message_ids)}
+    everyone = _in_chunks(session, MessageRecipient, MessageRecipient.message_id, message_ids)
+    attachments = _in_chunks(session, MessageAttachment, MessageAttachment.message_id, message_ids)
+    rt, mt, at = MessageRecipient.__tablename__, Message.__tablename__, MessageAttachment.__tablename__
+
+    def mailbox(r: MessageRecipient) -> tuple[str, str | None]:
+        address = ring.decrypt_text(session, r.org_id, rt, "address", r.id, r.address_enc)
+        name = ring.decrypt_text(session, r.org_id, rt, "display_name", r.id, r.display_name_enc)
+        return address, name
+
+    headers_of: dict[str, dict[str, list[str]]] = {}
+    decrypted: dict[str, tuple[str, str | None]] = {}
+    for r in everyone:
+        decrypted[r.id] = mailbox(r)
+        if r.kind in ("to", "cc"):
+            address, name = decrypted[r.id]
+            headers_of.setdefault(r.message_id, {"to": [], "cc": []})[r.kind].append(
+                _mailbox_text(address, name))
+    files: dict[str, list] = {}
+    for a in attachments:
+        files.setdefault(a.message_id, []).append(a)
+
+    for message_id, m in messages.items():
+        dec = lambda column, blob, _m=m: ring.decrypt_text(session, _m.org_id, mt, column, _m.id, blob)  # noqa: E731
+        name = dec("from_name", m.from_name_enc)
+        content = Content(
+            message=m, sender=_mailbox_text(m.from_address, name), subject=dec("subject", m.subject_enc) or "",
+            html=dec("html", m.html_enc), text=dec("text", m.text_enc), reply_to=dec("reply_to", m.reply_to_enc),
+            headers=json.loads(dec("headers", m.headers_enc) or "{}"), attachments=[], inline=[],
+            portal=json.loads(dec("portal", m.portal_enc) or "{}"),
+            to=headers_of.get(message_id, {}).get("to", []), cc=headers_of.get(message_id, {}).get("cc", []),
+        )
+        for a in sorted(files.get(message_id, []), key=lambda a: a.id):
+            filename = ring.decrypt_text(session, a.org_id, at, "filename", a.id, a.filename_enc)
+            data = ring.decrypt(session, a.org_id, at, "content", a.id, a.content_enc)
+            if a.inline_cid:
+                content.inline.append(InlineImage(a.inline_cid, data, a.content_type, filename))
+            else:
+                content.attachments.append(Attachment(filename, data, a.content_type))
+        run.contents[message_id] = content
+
+    keys = _recipient_keys(session, [c.recipient for c in run.copies])
+    for c in run.copies:
+        c.content = run.contents[c.recipient.message_id]
+        c.address, c.display_name = decrypted[c.recipient.id]
+        c.keys = keys.get((c.org_id, c.recipient.address_index), {})
+        c.key_material = {kind: service.recipient_key_material(session, row) for kind, row in c.keys.items()}
+
+
+def check_eligibility(run: Run) -> None:
+    """Step 3: the eligibility hook, at delivery time (a revocation between acceptance and
+    delivery wins); then the List-Unsubscribe hook for the ones that stay."""
+    candidates = [
+        Candidate(c.recipient.id, c.recipient.message_id, c.org_id, c.address, c.recipient.address_index,
+                  c.recipient.contact_id, c.content.message.purpose, c.content.message.source, c.content.message.contains_phi)
+        for c in run.copies
+    ]
+    excluded = ELIGIBILITY_CHECK(run.session, candidates) or {}
+    for c in run.copies:
+        reason = excluded.get(c.recipient.id)
+        if reason:
+            c.final = ("excluded", str(reason)[:200])
+    if LIST_UNSUBSCRIBE is not None:
+        remaining = [cand for cand in candidates if cand.recipient_id not in excluded]
+        uris = LIST_UNSUBSCRIBE(run.session, remaining) or {} if remaining else {}
+        for c in run.copies:
+            c.unsubscribe = tuple(uris.get(c.recipient.id) or ())
+
+
+def check_sender(run: Run) -> None:
+    """Step 4: the From domain must still be a sending domain of the organization (verified or
+    flagged); its DKIM keys sign the message. The return path (VERP) names the recipient row."""
+    from carepost.delivery.bounces import return_path
+
+    for content in run.contents.values():
+        m = content.message
+        row = run.session.get(SendingDomain, m.sending_domain_id) if m.sending_domain_id else None
+        if row is None or row.org_id != m.org_id:
+            row = service.sending_domain_for(run.session, m.org_id, m.from_address.rsplit("@", 1)[1])
+        content.domain = row
+        if row is not None:
+            content.dkim_keys = _dkim_keys(run.session, row)
+    for c in run.open_copies():
+        domain = c.content.domain
+        if domain is None:
+            c.final = ("failed", "sending_domain_missing: the From domain is no longer a sending domain of the organization")
+            continue
+        c.envelope_from = return_path(run.session, c.org_id, domain.return_path_domain, c.recipient.id)
+
+
+def decide(run: Run) -> None:
+    """Step 5: the method per recipient. The TLS facts are left to send time: a TLS decision
+    requires verified TLS there, with the policy's fallback."""
+    relay = None
+    if run.settings.smtp_relay:
+        relay = "enforcing" if run.settings.smtp_relay_enforces_tls else "plain"
+    org_modes = _org_modes(run)
+    for c in run.open_copies():
+        m = c.content.message
+        mode = max(m.security, org_modes.get(m.org_id, m.security), key=policy.MODE_RANK.__getitem__)
+        try:
+            c.decision = policy.decide(org_mode=mode, contains_phi=m.contains_phi, pgp_key="pgp" in c.keys,
+                                       smime_key="smime" in c.keys, relay=relay)
+        except ValidationFailed as exc:
+            c.final = ("failed", f"policy: {exc.message}")
+            continue
+        c.require_verified_tls = c.decision.require_verified_tls
+
+
+def compose_messages(run: Run) -> None:
+    """Step 6: one MIME message per message (and per set of unsubscribe URIs). Bcc recipients
+    are in the envelope only."""
+    for c in run.open_copies():
+        content = c.content
+        variant = c.unsubscribe
+        if variant in content.composed:
+            continue
+        try:
+            composed = compose(
+                sender=content.sender, to=content.to, cc=content.cc, bcc=[] if (content.to or content.cc) else [c.address],
+                subject=content.subject, text=content.text, html=content.html, reply_to=content.reply_to,
+                inline_images=content.inline, attachments=content.attachments, headers=content.headers,
+                list_unsubscribe=list(variant) or None,
+                list_unsubscribe_post=any(u.startswith("https://") for u in variant),
+                message_id=content.message.message_id_header, date=clock.aware(content.message.created_at),
+            )
+        except ValidationFailed as exc:
+            content.composed[variant] = (b"", False)
+            log.warning("composition_failed", message_id=content.message.id, field_name=exc.field)
+            continue
+        content.composed[variant] = (composed.raw, composed.smtputf8)
+    for c in run.open_copies():
+        raw, _ = c.content.composed[c.unsubscribe]
+        if not raw:
+            c.final = ("failed", "composition_failed")
+
+
+def protect(run: Run) -> None:
+    """Step 7: encrypt for PGP / S/MIME recipients, and DKIM-sign what will travel."""
+    for c in run.open_copies():
+        method = c.decision.method
+        raw, c.smtputf8 = c.content.composed[c.unsubscribe]
+        if method == "portal":
+            continue  # step 8
+        if not c.decision.sends:
+            c.final = ("failed", c.decision.reason)
+            continue
+        if method in ("pgp", "smime"):
+            try:
+                c.wire = dkim.sign(service.protect(raw, method, c.key_material[method]), c.content.dkim_keys)
+            except Exception as exc:  # noqa: BLE001 - a key that cannot encrypt: nothing is sent in clear
+                c.final = ("failed", f"encryption_failed: {type(exc).__name__}")
+            continue
+        signed = c.content.signed.get(c.unsubscribe)
+        if signed is None:
+            signed = c.content.signed[c.unsubscribe] = dkim.sign(raw, c.content.dkim_keys)
+        c.wire = signed
+
+
+def store_for_portal(run: Run, copies: list[Copy]) -> None:
+    """Step 8: recipients who get the portal. Their copy is stored encrypted for pickup
+    (``carepost.portal.service.store_portal_message``, idempotent per recipient) and they get
+    a notification without PHI (the organization's wording and a link) by email."""
+    portal = [c for c in copies if c.decision is not None and c.decision.method == "portal" and c.open]
+    if not portal:
+        return
+    try:
+        from carepost.portal import service as portal_service
+    except ImportError:
+        for c in portal:
+            c.final = ("failed", "portal_unavailable")
+        return
+    session = run.session
+    for c in portal:
+        content = c.content
+        if c.sandbox:
+            # A sandbox run shows what the portal would hold; nothing is stored for pickup.
+            c.wire = content.composed[c.unsubscribe][0]
+            continue
+        options = content.portal or {}
+        expires = options.get("expires_at")
+        try:
+            with session.begin_nested():
+                pm = portal_service.store_portal_message(
+                    session, org_id=c.org_id, message_id=content.message.id, recipient_id=c.recipient.id,
+                    recipient_address=c.address, subject=content.subject, html=content.html, text=content.text,
+                    attachments=list(content.attachments) + [
+                        Attachment(i.filename or i.cid, i.content, i.content_type) for i in content.inline],
+                    sender_user_or_credential_id=content.message.created_by,
+                    expires_at=_parse_time(expires) if expires else None, auth=options.get("auth") or "code",
+                    question=options.get("question"), answer=options.get("answer"),
+                )
+                subject, text, html = portal_service.notification_email(session, pm)
+        except ValidationFailed as exc:
+            c.final = ("failed", f"portal: {exc.field or 'invalid'}")
+            continue
+        notification = compose(sender=content.sender, to=[_mailbox_text(c.address, c.display_name)], subject=subject,
+                               text=text, html=html)
+        c.portal_message_id = pm.id
+        c.notification = True
+        c.smtputf8 = notification.smtputf8
+        c.wire = dkim.sign(notification.raw, content.dkim_keys)
+        # The notification carries no PHI: it may travel where verified TLS is unavailable.
+        c.require_verified_tls = False
+    session.commit()
+
+
+def send(run: Run, copies: list[Copy]) -> None:
+    """Step 9: over pooled SMTP connections, at most CAREPOST_DELIVERY_CONCURRENCY at a time.
+    A sandbox copy is captured instead (step 11 stores it)."""
+    outgoing = []
+    for c in copies:
+        if c.sandbox:
+            c.result = RecipientResult(c.address, "delivered", "sandbox: captured, not delivered", None, False,
+                                       Evidence(at=clock.now()))
+        else:
+            outgoing.append(c)
+    if not outgoing:
+        return
+    envelopes = [Envelope(sender=c.envelope_from, recipients=[c.address], message=c.wire, smtputf8=c.smtputf8,
+                          require_verified_tls=c.require_verified_tls) for c in outgoing]
+    results = _LOOP.deliver(envelopes, run.settings)
+    for c, result in zip(outgoing, results):
+        c.result = result
+
+
+def fall_back(run: Run) -> None:
+    """Step 10: where verified TLS turned out to be unavailable (STARTTLS missing, stripped or
+    failing; certificate invalid), the policy's fallback: the portal, or not sent. Never clear text."""
+    retry = []
+    for c in run.copies:
+        if c.result is None or c.result.status != "tls_unavailable" or c.notification:
+            continue
+        fallback = policy.after_tls_failure(c.decision, c.result.reason)
+        c.fell_back_from, c.decision, c.result, c.wire = c.decision.method, fallback, None, None
+        if fallback.method == "portal":
+            retry.append(c)
+        else:
+            c.final = ("failed", fallback.reason)
+    if retry:
+        store_for_portal(run, retry)
+        send(run, [c for c in retry if c.open and c.wire is not None])
+
+
+def record(run: Run) -> RunReport:
+    """Step 11: outcomes on rows this run still holds; events; the next attempt of deferred ones."""
+    session = run.session
+    ids = [c.recipient.id for c in run.copies]
+    still_ours = set()
+    for start in range(0, len(ids), 500):
+        still_ours.update(session.scalars(
+            select(MessageRecipient.id).where(MessageRecipient.id.in_(ids[start:start + 500]),
+                                              MessageRecipient.lease_owner == run.owner)
+        ).all())
+    report = RunReport(claimed=run.claimed)
+    ring = get_keyring()
+    for c in run.copies:
+        r = c.recipient
+        if r.id not in still_ours:
+            log.warning("lease_lost", recipient_id=r.id)
+            continue
+        if c.fell_back_from:
+            service.add_event(session, r, "fallback", from_method=c.fell_back_from, to_method=c.decision.method)
+        if c.portal_message_id:
+            r.portal_message_id = c.portal_message_id
+        if c.final is not None:
+            status, reason = c.final
+            _finish(session, r, status, reason, c.decision.method if c.decision else None)
+        elif c.result is not None:
+            result, method = c.result, c.decision.method
+            if c.sandbox:
+                capture = SandboxCapture(id=new_id(), org_id=r.org_id, message_id=r.message_id, recipient_id=r.id,
+                                         method=method, raw_enc=b"")
+                capture.raw_enc = ring.encrypt(session, r.org_id, SandboxCapture.__tablename__, "raw", capture.id, c.wire)
+                session.add(capture)
+            elif result.status == "delivered" and (c.notification or (result.evidence and result.evidence.relay)):
+                # Accepted by a relay, or a portal notification accepted: the message itself is
+                # on its way (relay) or waiting in the portal; "delivered" is for the recipient's server.
+                result = _with_status(result, "sent")
+            if method == "tls" and not c.require_verified_tls and result.evidence and not result.evidence.tls_version \
+                    and not c.sandbox:
+                method = "none"  # opportunistic, no PHI: the server offered no TLS
+            service.record_result(session, r, result, method=method,
+                                  key_fingerprint=c.keys[method].fingerprint if method in ("pgp", "smime") else None)
+            if c.sandbox:
+                r.evidence = {**(r.evidence or {}), "sandbox": True}
+        else:  # unreachable: every open copy gets a result or a final outcome
+            _finish(session, r, "deferred", "internal: no outcome", None, retry=True)
+        report.statuses[r.status] = report.statuses.get(r.status, 0) + 1
+    session.flush()
+    return report
+
+
+# --------------------------------------------------------------------------- the delivery loop
+
+
+class DeliveryLoop:
+    """One asyncio loop per worker process, in its own thread, holding the pooled SMTP client.
+    Task threads hand it envelopes; connections are reused across tasks."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._client: DeliveryClient | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+
+    def _ensure(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None or not self._loop.is_running():
+                loop = asyncio.new_event_loop()
+                started = threading.Event()
+
+                def run():
+                    asyncio.set_event_loop(loop)
+                    loop.call_soon(started.set)
+                    loop.run_forever()
+
+                self._thread = threading.Thread(target=run, name="carepost-delivery-loop", daemon=True)
+                self._thread.start()
+                started.wait(5)
+                self._loop, self._client, self._semaphore = loop, None, None
+            return self._loop
+
+    def deliver(self, envelopes: list[Envelope], settings: Settings) -> list[RecipientResult]:
+        loop = self._ensure()
+        return asyncio.run_coroutine_threadsafe(self._deliver_all(envelopes, settings), loop).result()
+
+    async def _client_for(self, settings: Settings) -> tuple[DeliveryClient, asyncio.Semaphore]:
+        if self._client is None or self._client.settings is not settings:
+            old, self._client = self._client, DeliveryClient(settings)
+            self._semaphore = asyncio.Semaphore(max(1, settings.delivery_concurrency))
+            if old is not None:
+                await old.close()
+        return self._client, self._semaphore
+
+    async def _deliver_all(self, envelopes: list[Envelope], settings: Settings) -> list[RecipientResult]:
+        client, semaphore = await self._client_for(settings)
+        deadline = max(30.0, settings.delivery_lease_seconds - 60.0)
+
+        async def one(envelope: Envelope) -> RecipientResult:
+            async with semaphore:
+                try:
+                    [result] = await asyncio.wait_for(client.deliver(envelope), deadline)
+                    return result
+                except Exception as exc:  # noqa: BLE001 - an outcome for every copy, whatever happened
+                    # Whether the message left is unknown: retry, and say it may be a duplicate.
+                    return RecipientResult(envelope.recipients[0], "deferred", f"internal error: {type(exc).__name__}",
+                                           None, True, None)
+
+        return list(await asyncio.gather(*(one(e) for e in envelopes)))
+
+    def close(self) -> None:
+        """Close the pooled connections and stop the loop (tests; process exit)."""
+        with self._lock:
+            loop, client = self._loop, self._client
+            self._loop, self._client, self._semaphore = None, None, None
+        if loop is None or not loop.is_running():
+            return
+        if client is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(client.close(), loop).result(10)
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+_LOOP = DeliveryLoop()
+
+
+def reset() -> None:
+    """Forget pooled connections and caches (tests change settings between cases)."""
+    _LOOP.close()
+    with _dkim_lock:
+        _dkim_cache.clear()
+
+
+# --------------------------------------------------------------------------- due recipients
+
+
+def due_message_ids(session: Session, limit: int = 10000) -> list[str]:
+    """Messages with recipients that are due and that no task is known to be handling:
+    deferred ones whose next attempt has come, and queued ones whose task got lost. Marks them
+    as queued again (``enqueued_at``), so the next sweep does not queue them twice."""
+    now = clock.now()
+    R = MessageRecipient
+    stale = now - REQUEUE_AFTER
+    due = and_(
+        or_(R.lease_until.is_(None), R.lease_until < now),
+        or_(
+            and_(R.status == "queued", or_(R.enqueued_at.is_(None), R.enqueued_at < stale)),
+            and_(R.status == "deferred", R.next_attempt_at <= now,
+                 or_(R.enqueued_at.is_(None), R.enqueued_at < R.next_attempt_at, R.enqueued_at < stale)),
+        ),
+    )
+    ids = list(session.scalars(select(R.message_id).where(due).distinct().limit(limit)))
+    for start in range(0, len(ids), 500):
+        session.execute(update(R).where(R.message_id.in_(ids[start:start + 500]), due).values(enqueued_at=now)
+                        .execution_options(synchronize_session=False))
+    return ids
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _mailbox_text(address: str, name: str | None) -> str:
+    if not name:
+        return address
+    escaped = name.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}" <{address}>'
+
+
+def _in_chunks(session: Session, model, column, values: list[str]) -> list:
+    rows = []
+    for start in range(0, len(values), 500):
+        rows += session.scalars(select(model).where(column.in_(values[start:start + 500]))).all()
+    return rows
+
+
+def _recipient_keys(session: Session, recipients: list[MessageRecipient]) -> dict[tuple[str, str], dict[str, RecipientKey]]:
+    """(org, address index) -> {kind: key} for keys on file that have not expired."""
+    now = clock.now()
+    out: dict[tuple[str, str], dict[str, RecipientKey]] = {}
+    by_org: dict[str, set[str]] = {}
+    for r in recipients:
+        by_org.setdefault(r.org_id, set()).add(r.address_index)
+    for org_id, indexes in by_org.items():
+        values = sorted(indexes)
+        for start in range(0, len(values), 500):
+            for row in session.scalars(select(RecipientKey).where(RecipientKey.org_id == org_id,
+                                                                  RecipientKey.address_index.in_(values[start:start + 500]))):
+                if row.expires_at is None or clock.aware(row.expires_at) > now:
+                    out.setdefault((org_id, row.address_index), {})[row.kind] = row
+    return out
+
+
+def _org_modes(run: Run) -> dict[str, str]:
+    modes = {}
+    for org_id in {c.org_id for c in run.copies}:
+        modes[org_id] = service.delivery_settings(run.session, org_id)["security_mode"]
+    return modes
+
+
+_dkim_cache: dict[tuple[str, bytes], list[dkim.DkimKey]] = {}
+_dkim_lock = threading.Lock()
+
+
+def _dkim_keys(session: Session, row: SendingDomain) -> list[dkim.DkimKey]:
+    """The domain's signing keys; parsed once per process (keyed by the encrypted key, so a
+    rotated key is picked up)."""
+    key = (row.id, hashlib.sha256((row.dkim_rsa_private_enc or b"") + (row.dkim_ed25519_private_enc or b"")).digest())
+    with _dkim_lock:
+        found = _dkim_cache.get(key)
+    if found is None:
+        found = service.dkim_keys(session, row)
+        with _dkim_lock:
+            if len(_dkim_cache) > 1000:
+                _dkim_cache.clear()
+            _dkim_cache[key] = found
+    return found
+
+
+def _finish(session: Session, recipient: MessageRecipient, status: str, reason: str, method: str | None,
+            *, retry: bool = False) -> None:
+    now = clock.now()
+    recipient.status = status
+    recipient.reason = reason
+    recipient.method = method if status != "excluded" else None
+    recipient.lease_until = None
+    recipient.lease_owner = None
+    recipient.next_attempt_at = now + timedelta(minutes=5) if retry else None
+    service.add_event(session, recipient, status, method=recipient.method, reason=reason.split(":", 1)[0])
+
+
+def _with_status(result: RecipientResult, status: str) -> RecipientResult:
+    return RecipientResult(result.address, status, result.reason, result.reply_code, result.possible_duplicate,
+                           result.evidence)
+
+
+def _parse_time(value: str):
+    from datetime import datetime
+
+    return clock.aware(datetime.fromisoformat(value))
