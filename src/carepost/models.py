@@ -14,6 +14,7 @@ MODEL_MODULES = [
     "carepost.delivery.models",
     "carepost.portal.models",
     "carepost.consent.models",
+    "carepost.forms.models",
     "carepost.tracking.models",
 ]
 

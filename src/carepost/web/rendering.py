@@ -19,6 +19,7 @@ NAV: list[tuple[str, str, str, str | None]] = [
     ("Overview", "Dashboard", "/app", None),
     ("Patients", "Contacts", "/app/contacts", "phi:read_masked"),
     ("Patients", "Import", "/app/imports", "contacts:import"),
+    ("Patients", "Forms and surveys", "/app/forms", "forms:manage"),
     ("Compliance", "Audit log", "/app/audit", "audit:read"),
     ("Compliance", "Emergency access", "/app/break-glass", None),
     ("Settings", "Users", "/app/users", "users:read"),

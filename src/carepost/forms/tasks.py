@@ -1,0 +1,155 @@
+"""Queue tasks of forms: the confirmation email, the staff notification, expiring old links.
+
+Neither email carries PHI. The confirmation email names the organization and holds the signed
+link (ids only); it does not name the form, whose title may itself reveal a condition. The staff
+notification names the form and links into CarePost, behind sign-in. Both go like the portal's
+short notices (``portal.mailer``): TLS when offered, DKIM-signed, through the configured relay.
+
+Tasks take ids only and are idempotent: a sent email is marked (``confirmation_sent_at``,
+``staff_notified_at``) in the same transaction, and the periodic sweep picks up anything the
+queue lost.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from huey import crontab
+from sqlalchemy import or_, select
+
+from carepost.core import clock
+from carepost.core.config import get_settings
+from carepost.core.database import system_session
+from carepost.core.logging import get_logger
+from carepost.core.queue import huey
+from carepost.forms import service
+from carepost.forms.models import Form, FormSubmission
+
+log = get_logger("carepost.forms.tasks")
+
+CONFIRM_TEXT = {
+    "en": (
+        "Please confirm your request to {org}",
+        "Someone, we hope you, filled in a form of {org} with this email address.\n\n"
+        "To confirm it, open this link within {hours} hours:\n{url}\n\n"
+        "If it was not you, ignore this email: nothing changes without your confirmation.\n",
+    ),
+    "es": (
+        "Confirme su solicitud a {org}",
+        "Alguien, esperamos que usted, llenó un formulario de {org} con esta dirección de correo.\n\n"
+        "Para confirmarlo, abra este enlace en las próximas {hours} horas:\n{url}\n\n"
+        "Si no fue usted, ignore este correo: nada cambia sin su confirmación.\n",
+    ),
+}
+
+
+def _html(text: str) -> str:
+    from html import escape
+
+    paragraphs = "".join(f"<p>{escape(p).replace(chr(10), '<br>')}</p>" for p in text.strip().split("\n\n"))
+    return f"<!doctype html><html><body>{paragraphs}</body></html>"
+
+
+def send_email(session, org_id: str, to: str, subject: str, text: str) -> str:
+    """Send one short email without PHI; returns the delivery status."""
+    from carepost.portal.mailer import send_notice
+
+    return send_notice(session, org_id, to, subject, text, _html(text)).status
+
+
+def _org_name(session, org_id: str) -> str:
+    from carepost.accounts.models import Organization
+
+    org = session.get(Organization, org_id)
+    return org.name if org else "CarePost"
+
+
+def _submitted_email(session, form: Form, sub: FormSubmission) -> str | None:
+    """The address the submission gave, if it is still on file for the contact."""
+    from carepost.patients import service as patients
+
+    key = next((f["key"] for f in form.fields if f.get("contact_field") == "email"), None)
+    address = service.submission_data(session, sub)["answers"].get(key) if key else None
+    if not address or not sub.contact_id:
+        return None
+    if sub.contact_id not in patients.find_contact_ids(session, sub.org_id, email=address):
+        return None
+    return address
+
+
+def send_confirmation(session, sub: FormSubmission) -> bool:
+    form = session.get(Form, sub.form_id)
+    address = _submitted_email(session, form, sub)
+    if address is None:
+        log.info("form_confirmation_skipped", submission_id=sub.id, reason="address_not_on_file")
+        return False
+    subject, body = CONFIRM_TEXT.get(form.language, CONFIRM_TEXT["en"])
+    org = _org_name(session, sub.org_id)
+    text = body.format(org=org, hours=get_settings().form_confirmation_hours, url=service.confirmation_url(session, sub))
+    status = send_email(session, sub.org_id, address, subject.format(org=org), text)
+    if status != "delivered":
+        raise RuntimeError(f"confirmation email not delivered: {status}")
+    sub.confirmation_sent_at = clock.now()
+    return True
+
+
+def notify_staff(session, sub: FormSubmission) -> int:
+    form = session.get(Form, sub.form_id)
+    addresses = form.settings.get("notify_emails") or []
+    url = f"{get_settings().base_url}/app/forms/{form.id}/submissions/{sub.id}"
+    subject = "New form submission in CarePost"
+    text = (f"A new submission to the form \"{form.name}\" arrived.\n\n"
+            f"Open it in CarePost (sign-in required):\n{url}\n")
+    sent = 0
+    for address in addresses:
+        if send_email(session, sub.org_id, address, subject, text) == "delivered":
+            sent += 1
+    sub.staff_notified_at = clock.now()
+    return sent
+
+
+def process_submission(submission_id: str) -> dict:
+    """Send whatever a submission still needs; safe to run twice."""
+    done = {"confirmation": False, "staff": 0}
+    with system_session() as session:
+        sub = session.get(FormSubmission, submission_id)
+        if sub is None:
+            return done
+        service.scope_to(session, sub.org_id)
+        if sub.status == "pending_confirmation" and sub.confirmation_sent_at is None:
+            done["confirmation"] = send_confirmation(session, sub)
+            session.commit()
+        if sub.staff_notified_at is None:
+            done["staff"] = notify_staff(session, sub)
+            session.commit()
+    return done
+
+
+@huey.task(retries=5, retry_delay=120)
+def send_submission_emails(submission_id: str) -> None:
+    process_submission(submission_id)
+
+
+def sweep(now=None) -> dict:
+    """Expire pending submissions whose link ran out; re-queue emails the queue lost."""
+    now = now or clock.now()
+    with system_session() as session:
+        expired = service.expire_pending(session, now)
+        stale = now - timedelta(minutes=30)
+        ids = list(session.scalars(
+            select(FormSubmission.id).where(
+                FormSubmission.created_at < stale, FormSubmission.created_at > now - timedelta(days=2),
+                or_(FormSubmission.staff_notified_at.is_(None),
+                    (FormSubmission.status == "pending_confirmation") & FormSubmission.confirmation_sent_at.is_(None)),
+            ).limit(500)
+        ))
+        session.commit()
+    for submission_id in ids:
+        send_submission_emails(submission_id)
+    return {"expired": expired, "requeued": len(ids)}
+
+
+@huey.periodic_task(crontab(minute="*/15"))
+def sweep_form_submissions() -> None:
+    result = sweep()
+    log.info("form_sweep", expired_count=result["expired"], requeued_count=result["requeued"])
