@@ -35,6 +35,7 @@ ROUTER_MODULES = [
     "carepost.forms.pages",
     "carepost.forms.hosted",
     "carepost.delivery.api",
+    "carepost.delivery.pages",
     "carepost.portal.api",
     "carepost.portal.pages",
 ]

@@ -1,0 +1,485 @@
+"""Web UI of secure delivery: sending domains (DNS records to publish, live check), the delivery
+log (per-recipient method, status and evidence), the security preview tool, recipient keys, and
+the sender's view of a portal message (receipts, replies, recall).
+
+Same rules as the API: recipient addresses are masked unless the person holds
+``phi:read_unmasked``; every page that shows recipients, replies or keys is audited; searching
+never puts an address in a URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.responses import RedirectResponse
+from sqlalchemy import select
+
+from carepost.accounts.access import Principal, require
+from carepost.accounts.models import Organization
+from carepost.accounts.permissions import Permission as P
+from carepost.audit.service import record_for
+from carepost.core import clock
+from carepost.core.crypto import get_keyring
+from carepost.core.errors import CarePostError, NotFound, ValidationFailed
+from carepost.core.ids import is_id
+from carepost.delivery import policy, service
+from carepost.delivery.models import METHODS, RECIPIENT_STATUSES, Message, MessageEvent, MessageRecipient, RecipientKey, SendingDomain
+from carepost.patients import masking
+from carepost.web.rendering import render
+
+router = APIRouter(prefix="/app", include_in_schema=False)
+
+PAGE_SIZE = 50
+MAX_PREVIEW_ADDRESSES = 200
+MAX_KEY_BYTES = 256 * 1024
+STATUS_TONE = {
+    "delivered": "ok", "sent": "ok", "portal_viewed": "ok", "queued": "", "deferred": "warn", "excluded": "warn",
+    "bounced": "danger", "failed": "danger", "recalled": "", "expired": "",
+}
+
+
+def _see_other(url: str) -> RedirectResponse:
+    return RedirectResponse(url, status_code=303)
+
+
+def org_security_mode(session, org_id: str) -> str:
+    """The organization's security mode (the floor every message starts from)."""
+    org = session.get(Organization, org_id)
+    mode = (org.settings or {}).get("security_mode") if org else None
+    return mode if mode in policy.MODES else "tls_required"
+
+
+def _address(session, org_id: str, table: str, row_id: str, blob: bytes, unmasked: bool) -> str:
+    addr = get_keyring().decrypt_text(session, org_id, table, "address", row_id, blob) or ""
+    return addr if unmasked else masking.mask_email(addr)
+
+
+# --------------------------------------------------------------------------- sending domains
+
+
+def _domain_view(row: SendingDomain) -> dict:
+    records = service.dns_records(row)
+    checks = row.check_results or {}
+    return {
+        "id": row.id, "domain": row.domain, "dns_ok": row.dns_ok, "checked_at": clock.aware(row.checked_at),
+        "records": [{**r.__dict__, "check": checks.get(r.purpose)} for r in records],
+        "failing": sum(1 for c in checks.values() if not c.get("ok")),
+    }
+
+
+def _domains_page(request: Request, principal: Principal, *, form_domain: str = "", error: str | None = None,
+                  status_code: int = 200):
+    session = request.state.db
+    rows = session.scalars(select(SendingDomain).order_by(SendingDomain.domain)).all()
+    return render(request, "delivery/domains.html", {
+        "domains": [_domain_view(r) for r in rows], "form_domain": form_domain, "error": error,
+    }, status_code=status_code)
+
+
+@router.get("/domains")
+def domains_page(request: Request, principal: Principal = Depends(require(P.DOMAINS_MANAGE))):
+    return _domains_page(request, principal)
+
+
+@router.post("/domains")
+def domain_add(request: Request, domain: str = Form(""), principal: Principal = Depends(require(P.DOMAINS_MANAGE))):
+    session = request.state.db
+    domain = domain.strip()[:253]
+    try:
+        if not domain:
+            raise ValidationFailed("Enter a domain name, such as mail.example.org.", field="domain")
+        row = service.create_sending_domain(session, principal.org_id, domain)
+    except CarePostError as exc:
+        session.rollback()
+        return _domains_page(request, principal, form_domain=domain, error=exc.message, status_code=exc.status_code)
+    record_for(session, principal, request, "domain.create", target_type="sending_domain", target_id=row.id,
+               details={"domain": row.domain, "via": "ui"})
+    row_id = row.id
+    session.commit()
+    return _see_other(f"/app/domains/{row_id}")
+
+
+def _get_domain(session, domain_id: str) -> SendingDomain:
+    row = session.get(SendingDomain, domain_id) if is_id(domain_id) else None
+    if row is None or row.org_id != session.info.get("org_id"):
+        raise NotFound("No such sending domain.", field="id")
+    return row
+
+
+@router.get("/domains/{domain_id}")
+def domain_page(request: Request, domain_id: str, principal: Principal = Depends(require(P.DOMAINS_MANAGE))):
+    row = _get_domain(request.state.db, domain_id)
+    return render(request, "delivery/domain.html", {"d": _domain_view(row), "checked": request.query_params.get("checked") == "1"})
+
+
+@router.post("/domains/{domain_id}/check")
+def domain_check(request: Request, domain_id: str, principal: Principal = Depends(require(P.DOMAINS_MANAGE))):
+    """Look every record up live. The transaction is closed during the look-ups, so a slow DNS
+    server never holds the database."""
+    session = request.state.db
+    row = _get_domain(session, domain_id)
+    records = service.dns_records(row)
+    session.commit()
+    results = asyncio.run(service.check_dns(records))
+    row = _get_domain(session, domain_id)
+    service.apply_dns_check(row, results)
+    record_for(session, principal, request, "domain.check", target_type="sending_domain", target_id=row.id,
+               details={"ok": row.dns_ok, "failing": [r.purpose for r in results if not r.ok]})
+    session.commit()
+    if request.headers.get("hx-request") == "true":
+        return render(request, "delivery/_records.html", {"d": _domain_view(row), "checked": True})
+    return _see_other(f"/app/domains/{row.id}?checked=1")
+
+
+# --------------------------------------------------------------------------- delivery log
+
+
+def _filters(request: Request) -> tuple[dict, dict]:
+    q = request.query_params
+    form = {"status": (q.get("status") or "")[:20], "method": (q.get("method") or "")[:10]}
+    errors = {}
+    if form["status"] and form["status"] not in RECIPIENT_STATUSES:
+        errors["status"] = "Choose a status from the list."
+        form["status"] = ""
+    if form["method"] and form["method"] not in METHODS:
+        errors["method"] = "Choose a method from the list."
+        form["method"] = ""
+    return form, errors
+
+
+def _parse_cursor(cursor: str | None) -> tuple[datetime, str] | None:
+    if not cursor:
+        return None
+    try:
+        stamp, _, msg_id = cursor.partition("_")
+        when = datetime.fromisoformat(stamp)
+    except ValueError:
+        raise ValidationFailed("The page cursor is not valid.", field="cursor") from None
+    if not is_id(msg_id):
+        raise ValidationFailed("The page cursor is not valid.", field="cursor")
+    return clock.aware(when), msg_id
+
+
+@router.get("/deliveries")
+def delivery_log(request: Request, principal: Principal = Depends(require(P.MESSAGES_READ, P.PHI_READ_MASKED))):
+    session = request.state.db
+    form, errors = _filters(request)
+    unmasked = masking.wants_unmasked(principal)
+    query = select(Message)
+    if form["status"] or form["method"]:
+        sub = select(MessageRecipient.message_id)
+        if form["status"]:
+            sub = sub.where(MessageRecipient.status == form["status"])
+        if form["method"]:
+            sub = sub.where(MessageRecipient.method == form["method"])
+        query = query.where(Message.id.in_(sub))
+    try:
+        cursor = _parse_cursor(request.query_params.get("cursor"))
+    except ValidationFailed as exc:
+        errors["cursor"] = exc.message
+        cursor = None
+    if cursor:
+        when, msg_id = cursor
+        query = query.where((Message.created_at < when) | ((Message.created_at == when) & (Message.id < msg_id)))
+    messages = session.scalars(query.order_by(Message.created_at.desc(), Message.id.desc()).limit(PAGE_SIZE + 1)).all()
+    next_cursor = None
+    if len(messages) > PAGE_SIZE:
+        messages = messages[:PAGE_SIZE]
+        last = messages[-1]
+        next_cursor = f"{clock.aware(last.created_at).isoformat()}_{last.id}"
+    ids = [m.id for m in messages]
+    recipients: dict[str, list[dict]] = {i: [] for i in ids}
+    if ids:
+        for r in session.scalars(select(MessageRecipient).where(MessageRecipient.message_id.in_(ids))
+                                 .order_by(MessageRecipient.id)):
+            recipients[r.message_id].append({
+                "id": r.id, "kind": r.kind, "status": r.status, "method": r.method, "tone": STATUS_TONE.get(r.status, ""),
+                "address": _address(session, r.org_id, MessageRecipient.__tablename__, r.id, r.address_enc, unmasked),
+                "possible_duplicate": r.possible_duplicate,
+            })
+    rows = [{
+        "id": m.id, "created_at": clock.aware(m.created_at), "source": m.source, "purpose": m.purpose,
+        "security": m.security, "contains_phi": m.contains_phi, "sandbox": m.sandbox, "recipients": recipients[m.id],
+    } for m in messages]
+    record_for(session, principal, request, "message.list", target_type="message_list",
+               details={"view": "unmasked" if unmasked else "masked", "count": len(rows), "message_ids": ids, "via": "ui"})
+    session.commit()
+    from urllib.parse import urlencode
+
+    return render(request, "delivery/log.html", {
+        "messages": rows, "form": form, "errors": errors, "next_cursor": next_cursor, "unmasked": unmasked,
+        "statuses": RECIPIENT_STATUSES, "methods": METHODS,
+        "query": urlencode({k: v for k, v in form.items() if v}),
+    }, status_code=422 if errors else 200)
+
+
+@router.get("/deliveries/{message_id}")
+def delivery_detail(request: Request, message_id: str,
+                    principal: Principal = Depends(require(P.MESSAGES_READ, P.PHI_READ_MASKED))):
+    session = request.state.db
+    message = session.get(Message, message_id) if is_id(message_id) else None
+    if message is None or message.org_id != principal.org_id:
+        raise NotFound("No such message.", field="id")
+    unmasked = masking.wants_unmasked(principal)
+    ring = get_keyring()
+    events: dict[str, list[dict]] = {}
+    for e in session.scalars(select(MessageEvent).where(MessageEvent.message_id == message.id)
+                             .order_by(MessageEvent.created_at, MessageEvent.id)):
+        events.setdefault(e.recipient_id or "", []).append(
+            {"type": e.type, "at": clock.aware(e.created_at), "details": {k: v for k, v in (e.details or {}).items() if v is not None}})
+    recipients = []
+    for r in session.scalars(select(MessageRecipient).where(MessageRecipient.message_id == message.id)
+                             .order_by(MessageRecipient.id)):
+        recipients.append({
+            "id": r.id, "kind": r.kind, "status": r.status, "method": r.method, "reason": r.reason,
+            "tone": STATUS_TONE.get(r.status, ""), "possible_duplicate": r.possible_duplicate, "attempts": r.attempts,
+            "next_attempt_at": clock.aware(r.next_attempt_at), "key_fingerprint": r.key_fingerprint,
+            "portal_message_id": r.portal_message_id,
+            "address": _address(session, r.org_id, MessageRecipient.__tablename__, r.id, r.address_enc, unmasked),
+            "evidence": {k: v for k, v in (r.evidence or {}).items() if v not in (None, "", False) or k == "cert_verified"},
+            "reply": ring.decrypt_text(session, r.org_id, MessageRecipient.__tablename__, "reply", r.id, r.reply_enc)
+            if unmasked and r.reply_enc else None,
+            "events": events.get(r.id, []),
+        })
+    portal_ids = {}
+    from carepost.portal import service as portal_service
+
+    for pm in portal_service.portal_messages_of(session, message.id):
+        if pm.recipient_id:
+            portal_ids[pm.recipient_id] = pm.id
+    for r in recipients:
+        r["portal_message_id"] = r["portal_message_id"] or portal_ids.get(r["id"])
+    subject = None
+    if unmasked:
+        subject = ring.decrypt_text(session, message.org_id, Message.__tablename__, "subject", message.id, message.subject_enc)
+    record_for(session, principal, request, "message.read", target_type="message", target_id=message.id,
+               details={"view": "unmasked" if unmasked else "masked", "page": "delivery_detail"})
+    session.commit()
+    return render(request, "delivery/message.html", {
+        "m": {"id": message.id, "created_at": clock.aware(message.created_at), "source": message.source,
+              "purpose": message.purpose, "security": message.security, "contains_phi": message.contains_phi,
+              "sandbox": message.sandbox, "from_address": message.from_address, "tags": message.tags or [],
+              "subject": subject},
+        "recipients": recipients, "unmasked": unmasked,
+    })
+
+
+# --------------------------------------------------------------------------- security preview
+
+
+def _preview_page(request, *, addresses: str = "", security: str = "", contains_phi: bool = True, rows=None,
+                  error: str | None = None, field: str | None = None, status_code: int = 200):
+    session = request.state.db
+    principal = request.state.principal
+    return render(request, "delivery/preview.html", {
+        "addresses": addresses, "security": security, "contains_phi": contains_phi, "rows": rows, "error": error,
+        "field": field, "modes": policy.MODES, "org_mode": org_security_mode(session, principal.org_id),
+        "max": MAX_PREVIEW_ADDRESSES,
+    }, status_code=status_code)
+
+
+@router.get("/security-preview")
+def preview_page(request: Request, principal: Principal = Depends(require(P.MESSAGES_SEND))):
+    return _preview_page(request)
+
+
+@router.post("/security-preview")
+def preview_run(request: Request, addresses: str = Form(""), security: str = Form(""), contains_phi: str = Form(""),
+                principal: Principal = Depends(require(P.MESSAGES_SEND))):
+    """Which method each address would get now, and why. Addresses come in the body, never in a
+    URL; nothing is stored. ``messages:send`` like the API: the preview probes the recipients'
+    mail servers."""
+    session = request.state.db
+    text = addresses[:MAX_PREVIEW_ADDRESSES * 330]
+    wanted = [a.strip() for chunk in text.splitlines() for a in chunk.replace(";", ",").split(",") if a.strip()]
+    phi = contains_phi != "no"
+    keep = {"addresses": text, "security": security, "contains_phi": phi}
+    try:
+        if not wanted:
+            raise ValidationFailed("Enter at least one address.", field="addresses")
+        if len(wanted) > MAX_PREVIEW_ADDRESSES:
+            raise ValidationFailed(f"At most {MAX_PREVIEW_ADDRESSES} addresses at a time.", field="addresses")
+        org_mode = org_security_mode(session, principal.org_id)
+        policy.effective_mode(org_mode, security or None)
+        keys = service.keys_on_file(session, principal.org_id, wanted)
+    except CarePostError as exc:
+        session.rollback()
+        return _preview_page(request, **keep, error=exc.message, field=exc.field, status_code=422)
+    record_for(session, principal, request, "security.preview", target_type="security_preview",
+               details={"count": len(keys), "security": security or org_mode, "contains_phi": phi})
+    session.commit()  # no transaction is held during the TLS probes
+    try:
+        rows = asyncio.run(service.security_preview(keys, org_mode=org_mode, override=security or None, contains_phi=phi))
+    except CarePostError as exc:
+        return _preview_page(request, **keep, error=exc.message, field=exc.field, status_code=422)
+    return _preview_page(request, **keep, rows=[r.to_dict() for r in rows])
+
+
+# --------------------------------------------------------------------------- recipient keys
+
+
+def _key_rows(session, unmasked: bool) -> list[dict]:
+    rows = session.scalars(select(RecipientKey).order_by(RecipientKey.created_at.desc()).limit(500)).all()
+    out = []
+    now = clock.now()
+    for r in rows:
+        info = service._key_info(r)
+        expired = info.expires_at is not None and info.expires_at <= now
+        out.append({
+            "id": r.id, "kind": r.kind, "fingerprint": r.fingerprint, "expires_at": info.expires_at,
+            "expiring_soon": info.expiring_soon and not expired, "expired": expired,
+            "address": _address(session, r.org_id, RecipientKey.__tablename__, r.id, r.address_enc, unmasked),
+        })
+    return out
+
+
+def _keys_page(request: Request, principal: Principal, *, form: dict | None = None, error: str | None = None,
+               field: str | None = None, added: dict | None = None, status_code: int = 200):
+    session = request.state.db
+    unmasked = masking.wants_unmasked(principal)
+    keys = _key_rows(session, unmasked)
+    record_for(session, principal, request, "recipient_key.list", target_type="recipient_key_list",
+               details={"view": "unmasked" if unmasked else "masked", "count": len(keys)})
+    session.commit()
+    return render(request, "delivery/keys.html", {
+        "keys": keys, "form": form or {"address": "", "kind": "pgp", "key": ""}, "error": error, "field": field,
+        "added": added, "can_upload": principal.can(P.MESSAGES_SEND), "unmasked": unmasked,
+        "expiring": sum(1 for k in keys if k["expiring_soon"]),
+    }, status_code=status_code)
+
+
+@router.get("/recipient-keys")
+def keys_page(request: Request, principal: Principal = Depends(require(P.MESSAGES_READ, P.PHI_READ_MASKED))):
+    return _keys_page(request, principal, added={"fingerprint": request.query_params.get("added")}
+                      if request.query_params.get("added") else None)
+
+
+@router.post("/recipient-keys")
+async def key_upload(request: Request, address: str = Form(""), kind: str = Form("pgp"), key: str = Form(""),
+                     key_file: UploadFile | None = File(None),
+                     principal: Principal = Depends(require(P.MESSAGES_SEND, P.PHI_READ_MASKED))):
+    material: str | bytes = key
+    if key_file is not None and key_file.filename:
+        material = await key_file.read(MAX_KEY_BYTES + 1)
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(_store_key, request, principal, address.strip()[:320], kind[:10], material)
+
+
+def _store_key(request: Request, principal: Principal, address: str, kind: str, material: str | bytes):
+    session = request.state.db
+    form = {"address": address, "kind": kind if kind in service.KEY_KINDS else "pgp",
+            "key": material if isinstance(material, str) else ""}
+    try:
+        if not material or (isinstance(material, str) and not material.strip()):
+            raise ValidationFailed("Paste the certificate or choose a file.", field="key")
+        if len(material) > MAX_KEY_BYTES:
+            raise ValidationFailed("The certificate is larger than 256 KiB.", field="key")
+        info = service.add_recipient_key(session, principal.org_id, address, kind, material, actor_id=principal.actor_id)
+    except CarePostError as exc:
+        session.rollback()
+        return _keys_page(request, principal, form=form, error=exc.message, field=exc.field, status_code=exc.status_code)
+    record_for(session, principal, request, "recipient_key.create", target_type="recipient_key", target_id=info.id,
+               details={"kind": info.kind, "fingerprint": info.fingerprint, "via": "ui"})
+    session.commit()
+    return _see_other(f"/app/recipient-keys?added={info.fingerprint}")
+
+
+@router.post("/recipient-keys/{key_id}/delete")
+def key_delete(request: Request, key_id: str, principal: Principal = Depends(require(P.MESSAGES_SEND))):
+    session = request.state.db
+    if not is_id(key_id):
+        raise NotFound("No such recipient key.", field="id")
+    service.delete_recipient_key(session, key_id)
+    record_for(session, principal, request, "recipient_key.delete", target_type="recipient_key", target_id=key_id,
+               details={"via": "ui"})
+    session.commit()
+    return _see_other("/app/recipient-keys")
+
+
+# --------------------------------------------------------------------------- the sender's view of a portal message
+
+
+@router.get("/portal/{portal_message_id}")
+def portal_message_page(request: Request, portal_message_id: str,
+                        principal: Principal = Depends(require(P.MESSAGES_READ, P.PHI_READ_MASKED))):
+    from carepost.portal import service as portal_service
+
+    session = request.state.db
+    pm = portal_service.get_portal_message(session, portal_message_id)
+    replies = portal_service.replies(session, pm)
+    now = clock.now()
+    for row in replies:
+        if row.read_at is None:
+            row.read_at, row.read_by = now, principal.actor_id
+    data = portal_service.portal_dict(session, pm)
+    items = [portal_service.reply_dict(session, r) for r in replies]
+    record_for(session, principal, request, "portal.reply.read", target_type="portal_message", target_id=pm.id,
+               details={"reply_ids": [r.id for r in replies], "via": "ui"})
+    session.commit()
+    return render(request, "delivery/portal.html", {
+        "pm": data, "replies": items, "can_send": principal.can(P.MESSAGES_SEND),
+        "done": request.query_params.get("done"),
+    })
+
+
+@router.post("/portal/{portal_message_id}/recall")
+def portal_recall(request: Request, portal_message_id: str, principal: Principal = Depends(require(P.MESSAGES_SEND))):
+    from carepost.portal import service as portal_service
+
+    session = request.state.db
+    pm = portal_service.get_portal_message(session, portal_message_id)
+    changed = portal_service.recall(session, pm, principal.actor_id)
+    record_for(session, principal, request, "portal.recall", target_type="portal_message", target_id=pm.id,
+               details={"already_recalled": not changed, "via": "ui"})
+    session.commit()
+    return _see_other(f"/app/portal/{pm.id}?done=recalled")
+
+
+@router.post("/portal/{portal_message_id}/unlock")
+def portal_unlock(request: Request, portal_message_id: str, principal: Principal = Depends(require(P.MESSAGES_SEND))):
+    from carepost.portal import service as portal_service
+
+    session = request.state.db
+    pm = portal_service.get_portal_message(session, portal_message_id)
+    portal_service.unlock(session, pm)
+    record_for(session, principal, request, "portal.unlock", target_type="portal_message", target_id=pm.id,
+               details={"via": "ui"})
+    session.commit()
+    return _see_other(f"/app/portal/{pm.id}?done=unlocked")
+
+
+@router.get("/portal-settings")
+def portal_settings_page(request: Request, principal: Principal = Depends(require(P.ORG_MANAGE))):
+    from carepost.portal import service as portal_service
+
+    org = request.state.db.get(Organization, principal.org_id)
+    subject, body = portal_service.notification_templates(org)
+    return render(request, "delivery/portal_settings.html", {
+        "subject": subject, "body": body, "error": None, "field": None, "saved": request.query_params.get("saved") == "1",
+        "placeholders": portal_service.PLACEHOLDERS,
+    })
+
+
+@router.post("/portal-settings")
+def portal_settings_save(request: Request, subject: str = Form(""), body: str = Form(""),
+                         principal: Principal = Depends(require(P.ORG_MANAGE))):
+    from carepost.portal import service as portal_service
+
+    session = request.state.db
+    org = session.get(Organization, principal.org_id)
+    try:
+        portal_service.set_notification_templates(org, subject[:400], body[:10000])
+    except CarePostError as exc:
+        session.rollback()
+        return render(request, "delivery/portal_settings.html", {
+            "subject": subject[:400], "body": body[:10000], "error": exc.message, "field": exc.field, "saved": False,
+            "placeholders": portal_service.PLACEHOLDERS,
+        }, status_code=422)
+    record_for(session, principal, request, "portal.settings.update", target_type="organization", target_id=org.id,
+               details={"via": "ui"})
+    session.commit()
+    return _see_other("/app/portal-settings?saved=1")
+
