@@ -31,6 +31,8 @@ ROUTER_MODULES = [
     "carepost.audit.pages",
     "carepost.patients.api",
     "carepost.patients.pages",
+    "carepost.consent.api",
+    "carepost.consent.pages",
     "carepost.forms.api",
     "carepost.forms.pages",
     "carepost.forms.hosted",

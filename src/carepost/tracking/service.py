@@ -87,6 +87,8 @@ def _hooks(session: Session) -> dict:
 
 
 def _after_commit(session: Session) -> None:
+    if session.in_nested_transaction():
+        return  # a SAVEPOINT was released; the transaction that owns the deliveries goes on
     state = session.info.get("_webhooks") or {}
     state["subs"] = {}
     queued, state["queue"] = state.get("queue", []), []
@@ -95,6 +97,8 @@ def _after_commit(session: Session) -> None:
 
 
 def _after_rollback(session: Session) -> None:
+    if session.in_nested_transaction():
+        return
     state = session.info.get("_webhooks") or {}
     state["subs"] = {}
     state["queue"] = []
@@ -173,7 +177,7 @@ def emit(session: Session, org_id: str, type_: str, data: dict, *,
 
 # The fields of a message event's details that may leave CarePost (codes, never text).
 _MESSAGE_DETAIL_KEYS = ("reply_code", "possible_duplicate", "bounce_type", "status", "source", "feedback_type",
-                        "method", "remote_mta", "action")
+                        "remote_mta", "action")
 
 
 def emit_message_event(session: Session, recipient, event) -> list[str]:
@@ -502,7 +506,7 @@ def attempt_delivery(delivery_id: str) -> str | None:
                 delivery.next_attempt_at = now + retry_in
         session.commit()
     log.info("webhook_attempt", delivery_id=delivery_id, endpoint_id=claim["endpoint_id"], attempt_count=claim["attempt"],
-             outcome_status=result.outcome, status_code=result.status_code, duration_ms=result.duration_ms)
+             outcome_status=result.outcome, http_status=result.status_code, duration_ms=result.duration_ms)
     if retry_in is not None:
         from carepost.tracking.tasks import deliver_webhook
 

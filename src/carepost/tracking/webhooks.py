@@ -132,7 +132,7 @@ def non_public_reason(address: str) -> str | None:
             ip = mapped
     checks = (
         ("loopback", ip.is_loopback), ("link-local", ip.is_link_local), ("multicast", ip.is_multicast),
-        ("unspecified", ip.is_unspecified), ("private", ip.is_private), ("reserved", ip.is_reserved),
+        ("unspecified", ip.is_unspecified), ("reserved", ip.is_reserved), ("private", ip.is_private),
     )
     for label, hit in checks:
         if hit:

@@ -26,9 +26,13 @@ NAV: list[tuple[str, str, str, str | None]] = [
     ("Delivery", "Recipient keys", "/app/recipient-keys", "messages:read"),
     ("Delivery", "Portal notification", "/app/portal-settings", "org:manage"),
     ("Compliance", "Audit log", "/app/audit", "audit:read"),
+    ("Compliance", "Suppressions", "/app/consent/suppressions", "consent:manage"),
+    ("Compliance", "Consent reports", "/app/consent/reports", "consent:manage"),
     ("Compliance", "Emergency access", "/app/break-glass", None),
     ("Settings", "Users", "/app/users", "users:read"),
     ("Settings", "API credentials", "/app/api-credentials", "apikeys:manage"),
+    ("Settings", "Topics", "/app/consent/topics", "consent:manage"),
+    ("Settings", "Consent settings", "/app/consent/settings", "consent:manage"),
     ("Settings", "Security", "/app/account/security", None),
 ]
 
