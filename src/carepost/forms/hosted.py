@@ -74,13 +74,17 @@ def auth_texts(session: Session, form: Form) -> dict[str, dict]:
         if f["type"] != "authorization":
             continue
         try:
-            text = service.authorization_text(session, form.org_id, f["purpose"], f.get("text_id"), form.language, f["key"])
+            text = service.authorization_text(session, form.org_id, f["purpose"], f.get("text_id"), f["key"])
         except CarePostError:
             text = None
         if text is not None:
-            language = form.language if form.language in (text.rendered or {}) else "en"
-            out[f["key"]] = {"id": text.id, "title": text.title, "version": text.version,
-                             "body": (text.rendered or {}).get(language, "")}
+            language, body = service.text_body(text, form.language)
+            # the rendered text starts with its title, shown as the heading
+            title = (text.elements.get(language) or {}).get("title") or text.title
+            if body.startswith(title):
+                body = body[len(title):].lstrip("\n")
+            out[f["key"]] = {"id": text.id, "title": title, "version": text.version, "body": body.strip(),
+                             "language": language}
     return out
 
 
@@ -201,6 +205,7 @@ def _submit(key: str, request: Request, session: Session, body: bytes) -> HTMLRe
            details={"form_id": form.id, "status": sub.status, "contact_id": sub.contact_id,
                     "contact_created": sub.contact_created, "effects": list(sub.effects)}, **ctx)
     service.emit_submitted(session, form, sub)
+    service.request_confirmation(session, form, sub)
     session.commit()
     service.after_submit(sub)
     return RedirectResponse(f"/f/{key}/thanks", status_code=303)
@@ -268,6 +273,9 @@ def confirm_submit(token: str, request: Request, session: Session = Depends(db_s
         except (NotFound, service.LinkExpired) as exc:
             session.rollback()
             return _link_error(exc)
+        except service.ConfirmationFailed as exc:
+            session.rollback()
+            return _message(exc.status_code, "link_title", exc.message, ctx["lang"], ctx["org_name"])
         record(session, org_id=sub.org_id, actor_type="contact", actor_id=sub.contact_id, action="form.submission.confirm",
                target_type="form_submission", target_id=sub.id,
                details={"form_id": sub.form_id, "effects": list(sub.effects), "outcome": dict(sub.outcome)}, **rctx)

@@ -98,6 +98,12 @@ def _consent():
     return consent_service
 
 
+def _authorizations():
+    from carepost.consent import authorizations
+
+    return authorizations
+
+
 def check_topic(session: Session, org_id: str, topic_id: str, field_name: str) -> None:
     consent = _consent()
     try:
@@ -106,35 +112,41 @@ def check_topic(session: Session, org_id: str, topic_id: str, field_name: str) -
         raise ValidationFailed("No such subscription topic in this organization.", field=field_name) from None
 
 
-def check_authorization_block(session: Session, org_id: str, purpose: str, text_id: str | None, language: str,
-                              field_name: str) -> None:
-    """The purpose must need an authorization and a complete text must exist for it."""
-    consent = _consent()
-    try:
-        rule = consent.purpose_rule(purpose)
-    except ValidationFailed:
-        raise ValidationFailed("Unknown communication purpose.", field=f"{field_name}.purpose") from None
-    if not rule.requires_authorization:
+def check_authorization_block(session: Session, org_id: str, purpose: str, text_id: str | None, field_name: str) -> None:
+    """The purpose must need an authorization (164.508(a)(3)) and a published text must exist."""
+    from carepost.consent import purposes
+
+    if purpose not in purposes.PURPOSES:
+        raise ValidationFailed("Unknown communication purpose.", field=f"{field_name}.purpose")
+    if purpose not in purposes.AUTHORIZATION_PURPOSES:
         raise ValidationFailed("This purpose needs no authorization; choose a marketing purpose.", field=f"{field_name}.purpose")
-    text = authorization_text(session, org_id, purpose, text_id, language, field_name)
-    if text is None:
-        raise ValidationFailed("No published authorization text for this purpose.", field=f"{field_name}.text_id")
+    if authorization_text(session, org_id, purpose, text_id, field_name) is None:
+        raise ValidationFailed("There is no published authorization text for this purpose.", field=f"{field_name}.text_id")
 
 
-def authorization_text(session: Session, org_id: str, purpose: str, text_id: str | None, language: str,
-                       field_name: str = "text_id"):
-    """The text an authorization block shows: the chosen version, else the current one for the
-    purpose in the form's language (English when there is none in that language)."""
-    consent = _consent()
+def authorization_text(session: Session, org_id: str, purpose: str, text_id: str | None, field_name: str = "authorization"):
+    """The text an authorization block shows: the chosen version while it is published, else the
+    purpose's current (published) text."""
+    auth = _authorizations()
     if text_id:
         try:
-            text = consent.get_text(session, text_id)
+            text = auth.get_text(session, org_id, text_id)
         except NotFound:
             raise ValidationFailed("No such authorization text.", field=f"{field_name}.text_id") from None
         if text.purpose != purpose:
             raise ValidationFailed("The authorization text is for another purpose.", field=f"{field_name}.text_id")
+        if text.status != "published":
+            raise ValidationFailed("This version of the authorization text is no longer published; choose the current one.",
+                                   field=f"{field_name}.text_id")
         return text
-    return consent.current_text(session, org_id, purpose, language) or consent.current_text(session, org_id, purpose, "en")
+    return auth.current_text(session, org_id, purpose)
+
+
+def text_body(text, language: str) -> tuple[str, str]:
+    """(language, plain text) of a text in the form's language, English otherwise."""
+    rendered = text.rendered or {}
+    lang = language if language in rendered else ("en" if "en" in rendered else next(iter(rendered), language))
+    return lang, rendered.get(lang, "")
 
 
 # --------------------------------------------------------------------------- definitions
@@ -174,7 +186,7 @@ def _check_definition(session: Session, org_id: str, data: FormIn) -> None:
         check_topic(session, org_id, data.fields[i].topic_id, f"fields.{i}.topic_id")
     for i in auth:
         f = data.fields[i]
-        check_authorization_block(session, org_id, f.purpose, f.text_id, data.language, f"fields.{i}")
+        check_authorization_block(session, org_id, f.purpose, f.text_id, f"fields.{i}")
     for i, address in enumerate(data.notify_emails):
         normalize_email(address, f"notify_emails.{i}")
 
@@ -429,7 +441,7 @@ def input_name(key: str, part: str | None = None) -> str:
     return f"{FIELD_PREFIX}{key}" + (f"__{part}" if part else "")
 
 
-AUTH_PARTS = ("name", "drawn", "rep_name", "rep_authority")
+AUTH_PARTS = ("name", "drawn", "rep_name", "rep_authority", "text")
 
 
 def allowed_names(fields: list[dict]) -> set[str]:
@@ -550,6 +562,7 @@ def _parse_authorization(f: dict, ticked: str, one, out: Parsed) -> None:
     drawn = (one(input_name(key, "drawn"), key) or "").strip()
     rep_name = (one(input_name(key, "rep_name"), key) or "").strip()
     rep_authority = (one(input_name(key, "rep_authority"), key) or "").strip()
+    shown_text = (one(input_name(key, "text"), key) or "").strip()
     if key in out.errors:
         return
     if ticked not in ("", "yes"):
@@ -585,11 +598,15 @@ def _parse_authorization(f: dict, ticked: str, one, out: Parsed) -> None:
         except ValidationFailed as exc:
             out.errors[key] = exc.message
             return
+    if not is_id(shown_text):
+        out.errors[key] = "The authorization text could not be identified. Reload the page and sign again."
+        return
     out.answers[key] = {
         "signed": True,
         "name": name,
         "representative": {"name": rep_name, "authority": rep_authority} if rep_name else None,
         "drawn": out.drawn_png is not None,
+        "text_id": shown_text,
     }
 
 
@@ -670,6 +687,7 @@ def submit(session: Session, form: Form, parsed: Parsed, *, ip: str | None, user
     sub = FormSubmission(id=new_id(), org_id=form.org_id, form_id=form.id, form_version=form.version, status="received",
                          effects=[], outcome={}, created_at=now)
     answers = parsed.answers
+    _check_signed_texts(session, form, answers)
     if form.kind == "survey":
         _tally(session, form, answers)
     else:
@@ -700,6 +718,22 @@ def submit(session: Session, form: Form, parsed: Parsed, *, ip: str | None, user
     session.add(sub)
     session.flush()
     return sub
+
+
+def _check_signed_texts(session: Session, form: Form, answers: dict) -> None:
+    """A signature counts only for the text the person read: the version shown must still be the
+    one the block offers (a new version published meanwhile means reading and signing again)."""
+    for f in form.fields:
+        answer = answers.get(f["key"]) or {}
+        if f["type"] != "authorization" or not answer.get("signed"):
+            continue
+        text = authorization_text(session, form.org_id, f["purpose"], f.get("text_id"), f["key"])
+        if text is None or text.id != answer.get("text_id"):
+            raise ValidationFailed("The authorization text was updated while the form was open. Read the new version and "
+                                   "sign again.", field=f["key"])
+        answer["text_version"] = text.version
+        answer["text_hash"] = text.content_hash
+        answer["language"] = text_body(text, form.language)[0]
 
 
 def _tally(session: Session, form: Form, answers: dict) -> None:
@@ -754,41 +788,53 @@ def confirm(session: Session, sub: FormSubmission, *, ip: str | None, user_agent
         outcome["subscription_ids"] = _record_subscriptions(session, form, sub, answers, contact.id)
     sub.status = "confirmed"
     sub.confirmed_at = clock.now()
-    sub.outcome = outcome
+    sub.outcome = {**(sub.outcome or {}), **outcome}
     session.flush()
     return sub
 
 
+class ConfirmationFailed(CarePostError):
+    status_code = 409
+    code = "confirmation_failed"
+
+
 def _record_authorizations(session: Session, form: Form, sub: FormSubmission, document: dict, contact_id: str, *,
                            ip: str | None, user_agent: str | None) -> list[str]:
-    consent = _consent()
+    """Record each signed block through the consent capability, as signed when the form was
+    sent, with the evidence gathered then (IP address and user agent of the signing)."""
+    auth = _authorizations()
     ids = []
     signed_at = datetime.fromisoformat(document["meta"]["submitted_at"])
+    drawn = signature_png(session, sub)
     for f in form.fields:
         answer = document["answers"].get(f["key"]) or {}
         if f["type"] != "authorization" or not answer.get("signed"):
             continue
-        text = authorization_text(session, form.org_id, f["purpose"], f.get("text_id"), form.language, f["key"])
-        if text is None:
-            raise ValidationFailed("The authorization text of this form is no longer available.", field=f["key"])
         rep = answer.get("representative") or {}
-        auth = consent.record_authorization(
-            session,
-            form.org_id,
-            contact_id=contact_id,
-            purpose=f["purpose"],
-            text_id=text.id,
-            signature_name=answer["name"],
-            signature_png=signature_png(session, sub),
-            signed_at=signed_at,
-            method="form",
-            ip=document["meta"].get("ip"),
-            user_agent=document["meta"].get("user_agent"),
-            representative_name=rep.get("name") or None,
-            representative_authority=rep.get("authority") or None,
-            source_ref=f"form_submission:{sub.id}",
-        )
-        ids.append(auth.id)
+        try:
+            row = auth.record_authorization(
+                session,
+                form.org_id,
+                contact_id=contact_id,
+                purpose=f["purpose"],
+                method="form",
+                text_id=answer["text_id"],
+                signature_name=None if drawn else answer["name"],
+                signature_image=("data:image/png;base64," + base64.b64encode(drawn).decode()) if drawn else None,
+                signed_at=signed_at,
+                representative_name=rep.get("name") or None,
+                representative_authority=rep.get("authority") or None,
+                language=answer.get("language"),
+                ip=document["meta"].get("ip"),
+                user_agent=document["meta"].get("user_agent"),
+                created_by=f"form:{sub.id}",
+            )
+        except ValidationFailed as exc:
+            if exc.field == "text_id":
+                raise ConfirmationFailed("The authorization text changed after you signed it, so this signature can no "
+                                         "longer be recorded. Please fill in the form again.", field="token") from None
+            raise
+        ids.append(row.id)
     return ids
 
 
@@ -797,7 +843,7 @@ def _record_subscriptions(session: Session, form: Form, sub: FormSubmission, ans
     ids = []
     for f in form.fields:
         if f["type"] == "consent" and answers.get(f["key"]):
-            row = consent.subscribe(session, form.org_id, contact_id, f["topic_id"], source="form", confirmed=True)
+            row = consent.resubscribe_contact(session, form.org_id, contact_id, f["topic_id"], source="form", confirmed=True)
             ids.append(row.id)
     return ids
 
@@ -883,6 +929,51 @@ def after_submit(sub: FormSubmission) -> None:
 def after_confirm(sub: FormSubmission) -> None:
     """Nothing to queue: copies of signed authorizations are the consent capability's job."""
     log.info("form_submission_confirmed", submission_id=sub.id, effect_count=len(sub.effects or []))
+
+
+CONFIRM_TEXT = {
+    "en": (
+        "Please confirm your request to {org}",
+        "Someone, we hope you, filled in a form of {org} with this email address.\n\n"
+        "To confirm it, open this link within {hours} hours:\n{url}\n\n"
+        "If it was not you, ignore this email: nothing changes without your confirmation.\n",
+    ),
+    "es": (
+        "Confirme su solicitud a {org}",
+        "Alguien, esperamos que usted, llenó un formulario de {org} con esta dirección de correo.\n\n"
+        "Para confirmarlo, abra este enlace en las próximas {hours} horas:\n{url}\n\n"
+        "Si no fue usted, ignore este correo: nada cambia sin su confirmación.\n",
+    ),
+}
+
+
+def confirmation_email(session: Session, form: Form, sub: FormSubmission) -> tuple[str, str]:
+    """(subject, text) of the confirmation email. No PHI: it names the organization, not the
+    form (a form's title may itself reveal a condition), and the link carries ids only."""
+    from carepost.accounts.models import Organization
+
+    org = session.get(Organization, sub.org_id)
+    name = org.name if org else "CarePost"
+    subject, body = CONFIRM_TEXT.get(form.language, CONFIRM_TEXT["en"])
+    return subject.format(org=name), body.format(org=name, hours=get_settings().form_confirmation_hours,
+                                                 url=confirmation_url(session, sub))
+
+
+def request_confirmation(session: Session, form: Form, sub: FormSubmission) -> bool:
+    """Queue the confirmation email to the contact's address on file through the delivery
+    pipeline (the consent capability's patient mailer), in the submission's transaction. When no
+    mailer is registered the worker sends it directly (``tasks.send_confirmation``)."""
+    if sub.status != "pending_confirmation" or sub.contact_id is None:
+        return False
+    consent = _consent()
+    subject, text = confirmation_email(session, form, sub)
+    message_id = consent.send_patient_email(session, consent.PatientEmail(
+        org_id=sub.org_id, contact_id=sub.contact_id, kind="form_confirmation", subject=subject, text=text))
+    if message_id:
+        sub.confirmation_sent_at = clock.now()
+        sub.outcome = {**(sub.outcome or {}), "confirmation_message_id": message_id}
+        return True
+    return False
 
 
 # --------------------------------------------------------------------------- reading submissions

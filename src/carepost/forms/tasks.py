@@ -27,21 +27,6 @@ from carepost.forms.models import Form, FormSubmission
 
 log = get_logger("carepost.forms.tasks")
 
-CONFIRM_TEXT = {
-    "en": (
-        "Please confirm your request to {org}",
-        "Someone, we hope you, filled in a form of {org} with this email address.\n\n"
-        "To confirm it, open this link within {hours} hours:\n{url}\n\n"
-        "If it was not you, ignore this email: nothing changes without your confirmation.\n",
-    ),
-    "es": (
-        "Confirme su solicitud a {org}",
-        "Alguien, esperamos que usted, llenó un formulario de {org} con esta dirección de correo.\n\n"
-        "Para confirmarlo, abra este enlace en las próximas {hours} horas:\n{url}\n\n"
-        "Si no fue usted, ignore este correo: nada cambia sin su confirmación.\n",
-    ),
-}
-
 
 def _html(text: str) -> str:
     from html import escape
@@ -50,18 +35,18 @@ def _html(text: str) -> str:
     return f"<!doctype html><html><body>{paragraphs}</body></html>"
 
 
-def send_email(session, org_id: str, to: str, subject: str, text: str) -> str:
-    """Send one short email without PHI; returns the delivery status."""
-    from carepost.portal.mailer import send_notice
+def prepare_email(session, org_id: str, to: str, subject: str, text: str):
+    """Compose and DKIM-sign one short email without PHI (the portal's notice path)."""
+    from carepost.portal.mailer import prepare_notice
 
-    return send_notice(session, org_id, to, subject, text, _html(text)).status
+    return prepare_notice(session, org_id, to, subject, text, _html(text))
 
 
-def _org_name(session, org_id: str) -> str:
-    from carepost.accounts.models import Organization
+def send_prepared(envelope) -> str:
+    """Send outside any transaction (a slow server never holds a database lock); the status."""
+    from carepost.portal.mailer import send
 
-    org = session.get(Organization, org_id)
-    return org.name if org else "CarePost"
+    return send(envelope).status
 
 
 def _submitted_email(session, form: Form, sub: FormSubmission) -> str | None:
@@ -77,51 +62,53 @@ def _submitted_email(session, form: Form, sub: FormSubmission) -> str | None:
     return address
 
 
-def send_confirmation(session, sub: FormSubmission) -> bool:
-    form = session.get(Form, sub.form_id)
+def confirmation_envelope(session, form: Form, sub: FormSubmission):
+    """The fallback when no patient mailer is registered: the link goes straight to the address
+    the submission gave, if it is (still) on file for the contact."""
     address = _submitted_email(session, form, sub)
     if address is None:
         log.info("form_confirmation_skipped", submission_id=sub.id, reason="address_not_on_file")
-        return False
-    subject, body = CONFIRM_TEXT.get(form.language, CONFIRM_TEXT["en"])
-    org = _org_name(session, sub.org_id)
-    text = body.format(org=org, hours=get_settings().form_confirmation_hours, url=service.confirmation_url(session, sub))
-    status = send_email(session, sub.org_id, address, subject.format(org=org), text)
-    if status != "delivered":
-        raise RuntimeError(f"confirmation email not delivered: {status}")
-    sub.confirmation_sent_at = clock.now()
-    return True
+        return None
+    subject, text = service.confirmation_email(session, form, sub)
+    return prepare_email(session, sub.org_id, address, subject, text)
 
 
-def notify_staff(session, sub: FormSubmission) -> int:
-    form = session.get(Form, sub.form_id)
-    addresses = form.settings.get("notify_emails") or []
+def staff_envelopes(session, form: Form, sub: FormSubmission) -> list:
     url = f"{get_settings().base_url}/app/forms/{form.id}/submissions/{sub.id}"
     subject = "New form submission in CarePost"
     text = (f"A new submission to the form \"{form.name}\" arrived.\n\n"
             f"Open it in CarePost (sign-in required):\n{url}\n")
-    sent = 0
-    for address in addresses:
-        if send_email(session, sub.org_id, address, subject, text) == "delivered":
-            sent += 1
-    sub.staff_notified_at = clock.now()
-    return sent
+    return [prepare_email(session, sub.org_id, address, subject, text) for address in form.settings.get("notify_emails") or []]
 
 
 def process_submission(submission_id: str) -> dict:
-    """Send whatever a submission still needs; safe to run twice."""
+    """Send whatever a submission still needs; safe to run twice. Emails are prepared in one
+    transaction, sent with none open, and marked sent in another."""
     done = {"confirmation": False, "staff": 0}
     with system_session() as session:
         sub = session.get(FormSubmission, submission_id)
         if sub is None:
             return done
         service.scope_to(session, sub.org_id)
+        form = session.get(Form, sub.form_id)
+        confirm = None
         if sub.status == "pending_confirmation" and sub.confirmation_sent_at is None:
-            done["confirmation"] = send_confirmation(session, sub)
-            session.commit()
-        if sub.staff_notified_at is None:
-            done["staff"] = notify_staff(session, sub)
-            session.commit()
+            confirm = confirmation_envelope(session, form, sub)
+        staff = staff_envelopes(session, form, sub) if sub.staff_notified_at is None else None
+        session.commit()
+    confirmed = confirm is not None and send_prepared(confirm) == "delivered"
+    sent = sum(1 for envelope in staff or [] if send_prepared(envelope) == "delivered")
+    with system_session() as session:
+        sub = session.get(FormSubmission, submission_id)
+        service.scope_to(session, sub.org_id)
+        if confirmed:
+            sub.confirmation_sent_at = clock.now()
+        if staff is not None:
+            sub.staff_notified_at = clock.now()
+        session.commit()
+    done.update(confirmation=confirmed, staff=sent)
+    if confirm is not None and not confirmed:
+        raise RuntimeError("the confirmation email was not delivered; the task retries")
     return done
 
 
