@@ -419,3 +419,93 @@ def quiet_hours_deferral(session: Session, contact_ids: Iterable[str], at: datet
             if by_zone[tz] is not None:
                 out[cid] = by_zone[tz]
     return out
+
+
+# --------------------------------------------------------------------------- delivery pipeline hooks
+
+TOPIC_TAG = "topic:"
+
+
+def message_topics(session: Session, org_id: str, message_ids: Iterable[str]) -> dict[str, str | None]:
+    """A message's topic: the tag ``topic:<key or id>`` (messages have no topic column yet)."""
+    from carepost.delivery.models import Message
+
+    ids = list(dict.fromkeys(message_ids))
+    topics = {t.key: t.id for t in _topics(session, org_id)}
+    topic_ids = set(topics.values())
+    out: dict[str, str | None] = {}
+    for i in range(0, len(ids), CHUNK):
+        for mid, tags in session.execute(select(Message.id, Message.tags).where(Message.org_id == org_id,
+                                                                               Message.id.in_(ids[i : i + CHUNK]))):
+            ref = next((t[len(TOPIC_TAG):] for t in (tags or []) if isinstance(t, str) and t.startswith(TOPIC_TAG)), None)
+            out[mid] = topics.get(ref) or (ref if ref in topic_ids else None) if ref else None
+    return out
+
+
+def _topics(session: Session, org_id: str) -> list[Topic]:
+    from carepost.consent.service import list_topics
+
+    return list_topics(session, org_id, include_archived=True)
+
+
+def pipeline_eligibility(session: Session, candidates: list) -> dict[str, str]:
+    """``delivery.pipeline.ELIGIBILITY_CHECK``: the full check for recipients being delivered
+    (at claim time), grouped by organization, purpose and topic. Returns the excluded ones:
+    ``{recipient id: reason code}``. Invalid addresses stay excluded as ``invalid_address``."""
+    from carepost.delivery.mime import parse_address
+
+    excluded: dict[str, str] = {}
+    groups: dict[tuple[str, str, str | None], list] = {}
+    by_org: dict[str, list] = {}
+    for c in candidates:
+        try:
+            parse_address(c.address, field_name="to", allow_display_name=False)
+        except ValidationFailed:
+            excluded[c.recipient_id] = "invalid_address"
+            continue
+        by_org.setdefault(c.org_id, []).append(c)
+    for org_id, group in by_org.items():
+        topics = message_topics(session, org_id, [c.message_id for c in group])
+        for c in group:
+            purpose = c.purpose if c.purpose in purposes.PURPOSES else "transactional"
+            groups.setdefault((org_id, purpose, topics.get(c.message_id)), []).append(c)
+    for (org_id, purpose, topic_id), group in groups.items():
+        rows = [{"id": c.recipient_id, "contact_id": c.contact_id, "address_index": c.address_index,
+                 "message_id": c.message_id} for c in group]
+        topic = session.get(Topic, topic_id) if topic_id else None
+        for rid, code in delivery_check(session, org_id, rows, purpose, topic).items():
+            if code != ELIGIBLE:
+                excluded[rid] = code
+    return excluded
+
+
+def pipeline_list_unsubscribe(session: Session, candidates: list) -> dict[str, list[str]]:
+    """``delivery.pipeline.LIST_UNSUBSCRIBE``: RFC 8058 one-click URIs for every recipient whose
+    message needs an opt-out (commercial purposes) or belongs to a topic."""
+    from carepost.consent.service import unsubscribe_url
+
+    out: dict[str, list[str]] = {}
+    by_org: dict[str, list] = {}
+    for c in candidates:
+        by_org.setdefault(c.org_id, []).append(c)
+    for org_id, group in by_org.items():
+        topics = message_topics(session, org_id, [c.message_id for c in group])
+        for c in group:
+            topic_id = topics.get(c.message_id)
+            purpose = c.purpose if c.purpose in purposes.PURPOSES else "transactional"
+            if topic_id or purposes.requirements(purpose).opt_out_required:
+                out[c.recipient_id] = [unsubscribe_url(session, org_id, c.recipient_id, topic_id)]
+    return out
+
+
+def install_delivery_hooks() -> bool:
+    """Replace the pipeline's default hooks with the consent checks (idempotent)."""
+    try:
+        from carepost.delivery import pipeline
+    except ImportError:
+        return False
+    if not hasattr(pipeline, "ELIGIBILITY_CHECK"):
+        return False
+    pipeline.ELIGIBILITY_CHECK = pipeline_eligibility
+    pipeline.LIST_UNSUBSCRIBE = pipeline_list_unsubscribe
+    return True

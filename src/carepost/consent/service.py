@@ -521,7 +521,7 @@ def create_topic(session: Session, org_id: str, *, key: str, name: str, descript
 
 
 def update_topic(session: Session, org_id: str, topic_id: str, values: dict) -> Topic:
-    topic = get_topic(session, org_id, topic_id)
+    topic = get_topic(session, org_id, topic_id, by_key=False)
     for key, value in values.items():
         if key == "name":
             topic.name = _plain(value, "name", 200, required=True)
@@ -537,11 +537,12 @@ def update_topic(session: Session, org_id: str, topic_id: str, values: dict) -> 
     return topic
 
 
-def get_topic(session: Session, org_id: str, ref: str, field: str = "topic_id") -> Topic:
-    """By id or key."""
-    if not ref or len(ref) > 64:
+def get_topic(session: Session, org_id: str, ref: str, field: str = "topic_id", *, by_key: bool = True) -> Topic:
+    """By id, or by key too when ``by_key`` (a path names a topic by id only)."""
+    if not isinstance(ref, str) or not ref or len(ref) > 64:
         raise NotFound("No such topic.", field=field)
-    topic = session.scalars(select(Topic).where(Topic.org_id == org_id, or_(Topic.id == ref, Topic.key == ref))).first()
+    match = or_(Topic.id == ref, Topic.key == ref) if by_key else (Topic.id == ref)
+    topic = session.scalars(select(Topic).where(Topic.org_id == org_id, match).order_by(Topic.id != ref)).first()
     if topic is None:
         raise NotFound("No such topic.", field=field)
     return topic
@@ -898,6 +899,9 @@ def _register() -> None:
 
     register_deletion_hook(_on_contact_deleted)
     register_export_section("consent", _export_section)
+    from carepost.consent.eligibility import install_delivery_hooks
+
+    install_delivery_hooks()  # the pipeline re-checks consent when it claims a recipient
 
 
 def _export_section(session: Session, org_id: str, contact_id: str) -> dict:
