@@ -40,6 +40,8 @@ ROUTER_MODULES = [
     "carepost.delivery.pages",
     "carepost.portal.api",
     "carepost.portal.pages",
+    "carepost.tracking.api",
+    "carepost.tracking.pages",
 ]
 
 CSP = (

@@ -259,8 +259,9 @@ def create_endpoint(session: Session, org_id: str, *, url: str, event_types, des
     """A new endpoint and its signing secret (returned once; stored encrypted)."""
     event_types = _check_event_types(event_types)
     description = _check_description(description)
-    webhooks.check_url(url)
+    webhooks.parse_url(url)
     _check_phi(url, bool(include_phi), allow_phi)
+    webhooks.check_url(url)  # resolves the host: after the checks that need no network
     count = len(session.scalars(select(WebhookEndpoint.id).where(WebhookEndpoint.org_id == org_id)).all())
     if count >= MAX_ENDPOINTS_PER_ORG:
         raise Conflict(f"An organization can have at most {MAX_ENDPOINTS_PER_ORG} webhook endpoints.", field="url")

@@ -31,6 +31,7 @@ NAV: list[tuple[str, str, str, str | None]] = [
     ("Compliance", "Emergency access", "/app/break-glass", None),
     ("Settings", "Users", "/app/users", "users:read"),
     ("Settings", "API credentials", "/app/api-credentials", "apikeys:manage"),
+    ("Settings", "Webhooks", "/app/webhooks", "webhooks:manage"),
     ("Settings", "Topics", "/app/consent/topics", "consent:manage"),
     ("Settings", "Consent settings", "/app/consent/settings", "consent:manage"),
     ("Settings", "Security", "/app/account/security", None),
