@@ -253,7 +253,7 @@ def test_double_opt_in_confirmation(client, org, session):
             s.commit()
             assert sub.status == "pending" and sub.confirmation_sent_at is not None
     finally:
-        service._MAILER.clear()
+        service.register_mailer(None)
     kinds = [e.kind for e in sent]
     assert kinds == ["authorization_copy", "subscription_confirmation"]
     assert "@" not in sent[1].subject

@@ -494,7 +494,9 @@ def pipeline_list_unsubscribe(session: Session, candidates: list) -> dict[str, l
             topic_id = topics.get(c.message_id)
             purpose = c.purpose if c.purpose in purposes.PURPOSES else "transactional"
             if topic_id or purposes.requirements(purpose).opt_out_required:
-                out[c.recipient_id] = [unsubscribe_url(session, org_id, c.recipient_id, topic_id)]
+                url = unsubscribe_url(session, org_id, c.recipient_id, topic_id)
+                if url.startswith("https://"):  # RFC 8058 one-click needs https (CAREPOST_BASE_URL)
+                    out[c.recipient_id] = [url]
     return out
 
 

@@ -468,19 +468,28 @@ class PatientEmail:
 
 
 Mailer = Callable[[Session, PatientEmail], "str | None"]
-_MAILER: list[Mailer] = []
 
 
-def register_mailer(mailer: Mailer) -> None:
-    """The delivery pipeline registers how CarePost sends a patient email (returns the message id)."""
-    _MAILER[:] = [mailer]
+def _default_mailer(session: Session, email: PatientEmail) -> str | None:
+    from carepost.consent.mailer import deliver_through_pipeline
+
+    return deliver_through_pipeline(session, email)
+
+
+_MAILER: list[Mailer] = [_default_mailer]
+DEFAULT_MAILER = _default_mailer
+
+
+def register_mailer(mailer: Mailer | None) -> None:
+    """Replace how CarePost sends a patient email (returns the message id, or None when it could
+    not). The default queues a message through the delivery pipeline (``consent.mailer``);
+    ``None`` restores it."""
+    _MAILER[:] = [mailer or _default_mailer]
 
 
 def send_patient_email(session: Session, email: PatientEmail) -> str | None:
-    """Queue ``email`` through the registered mailer; None when there is none (the caller then
-    offers the link on screen instead) or the contact has no address."""
-    if not _MAILER:
-        return None
+    """Queue ``email`` through the mailer; None when it cannot be sent (no sending domain, no
+    address): the caller then offers the link on screen instead."""
     try:
         with session.begin_nested():
             return _MAILER[0](session, email)

@@ -1,0 +1,70 @@
+"""The default patient mailer: CarePost's own emails to a patient (the copy of a signed
+authorization, a double opt-in confirmation, a form confirmation) go through the delivery
+pipeline like any message — a queued ``Message`` of purpose ``transactional``, marked as
+carrying PHI, so it gets verified TLS, PGP, S/MIME or the portal and appears in the delivery log
+with its evidence.
+
+From ``no-reply@<the organization's sending domain>`` (the one whose DNS checks out first). An
+organization without a sending domain cannot send: the mailer returns None and the caller falls
+back to showing the link (the copy page, the confirmation page). Delivery is queued when the
+transaction that created the message commits, never before.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import event, select
+from sqlalchemy.orm import Session
+
+from carepost.core.logging import get_logger
+
+log = get_logger("carepost.consent.mailer")
+
+_PENDING = "carepost_consent_mail_pending"
+
+
+def deliver_through_pipeline(session: Session, email) -> str | None:
+    from carepost.accounts.models import Organization
+    from carepost.delivery import service as delivery
+    from carepost.delivery.models import SendingDomain
+    from carepost.delivery.schemas import MessageIn
+    from carepost.patients.service import contact_dict, get_contact
+
+    contact = get_contact(session, email.contact_id)
+    address = contact_dict(session, contact).get("email")
+    if not address:
+        return None
+    domain = session.scalars(select(SendingDomain).where(SendingDomain.org_id == email.org_id)
+                             .order_by(SendingDomain.dns_ok.desc(), SendingDomain.created_at)).first()
+    if domain is None:
+        return None
+    org = session.get(Organization, email.org_id)
+    name = (org.name if org else "CarePost").replace('"', "'")
+    data = MessageIn.model_validate({
+        "from": f'"{name}" <no-reply@{domain.domain}>', "to": [address], "subject": email.subject,
+        "text": email.text, "html": email.html, "purpose": email.purpose, "contains_phi": True,
+        "tags": [f"consent:{email.kind}"],
+    })
+    accepted = delivery.accept_message(session, email.org_id, data, source="api", created_by="system:consent")
+    _enqueue_after_commit(session, accepted.message.id)
+    log.info("patient_email_queued", kind=email.kind, message_id=accepted.message.id)
+    return accepted.message.id
+
+
+def _enqueue_after_commit(session: Session, message_id: str) -> None:
+    pending = session.info.setdefault(_PENDING, [])
+    pending.append(message_id)
+    if len(pending) == 1:
+        event.listen(session, "after_commit", _flush_queue, once=True)
+        event.listen(session, "after_rollback", _forget, once=True)
+
+
+def _flush_queue(session: Session) -> None:
+    ids = session.info.pop(_PENDING, [])
+    if ids:
+        from carepost.delivery.tasks import enqueue_delivery
+
+        enqueue_delivery(ids)
+
+
+def _forget(session: Session) -> None:
+    session.info.pop(_PENDING, None)

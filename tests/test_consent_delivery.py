@@ -1,0 +1,121 @@
+"""Consent wired into delivery, end to end against real SMTP peers: a marketing message to a
+patient whose authorization was revoked between acceptance and delivery is excluded at claim
+time with the reason; marketing carries DKIM-signed RFC 8058 headers whose link unsubscribes at
+once; the copy of a signed authorization goes out through the pipeline."""
+
+from __future__ import annotations
+
+import email
+from email import policy as email_policy
+
+import pytest
+from sqlalchemy import select
+
+from carepost.consent import authorizations, service
+from carepost.core.database import org_session
+from carepost.delivery import pipeline
+from carepost.delivery.models import Message
+
+TEXT = "Our flu clinic is open on Saturdays this month."
+
+
+@pytest.fixture
+def env(delivery_env, sender, delivery_queue, client, monkeypatch):
+    from carepost.consent.eligibility import install_delivery_hooks
+    from carepost.core.config import reset_settings
+
+    monkeypatch.setenv("CAREPOST_BASE_URL", "https://localhost:8000")  # RFC 8058 links are https
+    reset_settings()
+    install_delivery_hooks()
+    key = sender.key("messages:send", "messages:read", "phi:read_unmasked", "consent:manage")
+    return delivery_env, sender, key, client
+
+
+def _contact(org_id, address, *, sign=True):
+    from carepost.patients import service as patients
+
+    with org_session(org_id) as s:
+        c = patients.save_contact(s, org_id, {"given_name": "Pat", "email": address}).contact
+        auth_id = None
+        if sign:
+            auth_id = authorizations.record_authorization(s, org_id, contact_id=c.id, purpose="marketing", method="api",
+                                                          signature_name="Pat Doe", send_copy=False).id
+        s.commit()
+        return c.id, auth_id
+
+
+def _send(client, key, to, **over):
+    body = {"from": "Bar Clinic <care@bar.example>", "to": to, "subject": "Flu clinic", "text": TEXT,
+            "purpose": "marketing", **over}
+    r = client.post("/api/v1/messages", json=body, headers=key)
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def _recipients(client, key, message_id):
+    r = client.get(f"/api/v1/messages/{message_id}", headers=key)
+    assert r.status_code == 200, r.text
+    return {x["address"]: x for x in r.json()["recipients"]}
+
+
+def test_revocation_between_acceptance_and_delivery_excludes_at_claim_time(env):
+    peers, sender, key, client = env
+    _, auth_id = _contact(sender.org_id, "pat@valid.test")
+    _contact(sender.org_id, "sam@valid.test")
+    message_id = _send(client, key, ["pat@valid.test", "sam@valid.test", "stranger@valid.test"])
+    # accepted (202); then the patient's authorization is revoked before a worker claims it
+    r = client.post(f"/api/v1/authorizations/{auth_id}/revoke", headers=key)
+    assert r.status_code == 200 and r.json()["status"] == "revoked"
+    pipeline.deliver([message_id])
+    got = _recipients(client, key, message_id)
+    assert got["pat@valid.test"]["status"] == "excluded" and got["pat@valid.test"]["reason"] == "authorization_revoked"
+    assert got["stranger@valid.test"]["status"] == "excluded" and got["stranger@valid.test"]["reason"] == "no_authorization"
+    assert got["sam@valid.test"]["status"] == "delivered"
+    assert [r for m in peers.mx["valid"].recorder.messages for r in m.rcpt_tos] == ["sam@valid.test"]
+
+
+def test_marketing_carries_signed_one_click_headers_that_work(env, session):
+    peers, sender, key, client = env
+    contact_id, _ = _contact(sender.org_id, "pat@valid.test")
+    message_id = _send(client, key, ["pat@valid.test"])
+    pipeline.deliver([message_id])
+    [received] = peers.mx["valid"].recorder.messages
+    msg = email.message_from_bytes(received.data, policy=email_policy.default)
+    assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    url = str(msg["List-Unsubscribe"]).strip("<>")
+    assert url.startswith("https://localhost:8000/t/u/") and "pat" not in url
+    signed = " ".join(str(h) for h in msg.get_all("DKIM-Signature")).lower().replace(" ", "")
+    assert "list-unsubscribe" in signed and "list-unsubscribe-post" in signed
+    # the receiver's one-click POST, with no cookies
+    client.cookies.clear()
+    r = client.post(url.split("localhost:8000", 1)[1], content=b"List-Unsubscribe=One-Click",
+                    headers={"Content-Type": "application/x-www-form-urlencoded"}, follow_redirects=False)
+    assert r.status_code == 200
+    # the next message to them is excluded at once
+    second = _send(client, key, ["pat@valid.test"])
+    pipeline.deliver([second])
+    assert _recipients(client, key, second)["pat@valid.test"]["reason"] == "unsubscribed_all"
+    # transactional mail has no List-Unsubscribe and still goes
+    third = _send(client, key, ["pat@valid.test"], purpose="treatment", subject="Your appointment", text="See you Monday.")
+    pipeline.deliver([third])
+    assert _recipients(client, key, third)["pat@valid.test"]["status"] == "delivered"
+    last = email.message_from_bytes(peers.mx["valid"].recorder.messages[-1].data, policy=email_policy.default)
+    assert last["List-Unsubscribe"] is None
+
+
+def test_the_copy_of_a_signed_authorization_goes_through_the_pipeline(env, session):
+    peers, sender, key, client = env
+    contact_id, _ = _contact(sender.org_id, "pat@valid.test", sign=False)
+    r = client.post("/api/v1/authorizations", headers=key, json={
+        "contact_id": contact_id, "purpose": "marketing", "signature": {"name": "Pat Doe"}})
+    assert r.status_code == 201, r.text
+    assert r.json()["copy_delivered"] == "email"
+    session.rollback()
+    message = session.scalars(select(Message).where(Message.org_id == sender.org_id)).one()
+    assert message.tags == ["consent:authorization_copy"] and message.purpose == "transactional"
+    pipeline.deliver([message.id])
+    [received] = peers.mx["valid"].recorder.messages
+    msg = email.message_from_bytes(received.data, policy=email_policy.default)
+    assert msg["Subject"] == "Your copy of the authorization you signed"
+    text = msg.get_body(("plain",)).get_content()
+    assert "Your right to revoke" in text and "/t/authorizations/" in text
