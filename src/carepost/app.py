@@ -36,6 +36,7 @@ ROUTER_MODULES = [
     "carepost.forms.api",
     "carepost.forms.pages",
     "carepost.forms.hosted",
+    "carepost.forms.texts_pages",
     "carepost.delivery.api",
     "carepost.delivery.pages",
     "carepost.portal.api",

@@ -26,6 +26,7 @@ NAV: list[tuple[str, str, str, str | None]] = [
     ("Delivery", "Recipient keys", "/app/recipient-keys", "messages:read"),
     ("Delivery", "Portal notification", "/app/portal-settings", "org:manage"),
     ("Compliance", "Audit log", "/app/audit", "audit:read"),
+    ("Compliance", "Authorization texts", "/app/consent/texts", "consent:manage"),
     ("Compliance", "Suppressions", "/app/consent/suppressions", "consent:manage"),
     ("Compliance", "Consent reports", "/app/consent/reports", "consent:manage"),
     ("Compliance", "Emergency access", "/app/break-glass", None),
