@@ -178,6 +178,9 @@ def test_forms_need_the_csrf_token_and_our_origin(client, portal, delivery_env):
     r = client.post(f"/p/{portal.token}/code", data={"csrf_token": csrf_from(page.text)},
                     headers={"Origin": "https://evil.example"})
     assert r.status_code == 403
+    r = client.post(f"/p/{portal.token}/code", data={"csrf_token": csrf_from(page.text)},
+                    headers={"Sec-Fetch-Site": "cross-site", "Origin": "null"})
+    assert r.status_code == 403
     assert _received(delivery_env) == []
 
 

@@ -122,6 +122,11 @@ def domain_check(request: Request, domain_id: str, principal: Principal = Depend
     row = _get_domain(session, domain_id)
     records = service.dns_records(row)
     session.commit()
+    # "Check now" means now: answers cached by this process (NXDOMAIN included, kept for the
+    # zone's negative TTL) would hide a record published a minute ago.
+    from carepost.delivery import dns as cpdns
+
+    cpdns.reset()
     results = asyncio.run(service.check_dns(records))
     row = _get_domain(session, domain_id)
     service.apply_dns_check(row, results)

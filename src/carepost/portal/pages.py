@@ -51,10 +51,15 @@ def _set_cookie(response: Response, name: str, value: str) -> None:
 
 
 def _same_origin(request: Request) -> bool:
-    """Browsers send Origin on POST; one that is not ours is a cross-site form post."""
+    """Refuse form posts from another site. Browsers say where a request comes from in
+    ``Sec-Fetch-Site``; ``Origin`` is compared when it is sent (under the portal's
+    ``Referrer-Policy: no-referrer`` a browser sends ``Origin: null`` on POST, which says nothing)."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site not in ("same-origin", "none"):
+        return False
     origin = request.headers.get("origin")
     if not origin or origin == "null":
-        return origin is None
+        return True
     ours = urlsplit(get_settings().base_url)
     theirs = urlsplit(origin)
     return (theirs.scheme, theirs.netloc) == (ours.scheme, ours.netloc)
