@@ -141,6 +141,20 @@ def worker(
 
 
 @app.command()
+def inbound(
+    host: str = typer.Option(None, help="Bind address (default CAREPOST_INBOUND_HOST)."),
+    port: int = typer.Option(None, help="Port (default CAREPOST_INBOUND_PORT)."),
+) -> None:
+    """Run the inbound return-path SMTP server: bounces and complaints for the sending domains."""
+    from carepost.core.config import get_settings
+    from carepost.delivery.inbound import run_inbound
+
+    settings = get_settings()
+    with _holding_data_dir(settings):
+        run_inbound(settings, host=host, port=port)
+
+
+@app.command()
 def run(
     demo: bool = typer.Option(False, "--demo", help="Load a synthetic patient population into a \"Demo Clinic\" organization first."),
 ) -> None:
