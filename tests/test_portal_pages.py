@@ -356,3 +356,24 @@ def test_notification_wording_through_the_api(client, session, org, make_user):
                    json={"portal_notification_subject": "Hi {first_name}"})
     assert r.status_code == 422 and r.json()["error"]["field"] == "portal_notification_subject"
     assert client.get("/api/v1/portal-settings").json()["portal_notification_body"] == "See {link}"
+
+
+def test_no_phi_in_logs(client, session, portal, delivery_env):
+    import io
+
+    from carepost.core.config import get_settings
+    from carepost.core.logging import configure_logging
+
+    stream = io.StringIO()
+    configure_logging("DEBUG", json=True, stream=stream)
+    try:
+        _sign_in_with_code(client, delivery_env, portal.token)
+        page = client.get(f"/p/{portal.token}/message")
+        client.post(f"/p/{portal.token}/reply", data={"text": "Jordan Vale here, thanks", "csrf_token": csrf_from(page.text)})
+        client.post(f"/p/{portal.token}/verify", data={"code": "00000000"})
+    finally:
+        configure_logging(get_settings().log_level, get_settings().log_json)
+    logged = stream.getvalue()
+    assert "portal_code" in logged  # the capture saw the work
+    for phi in PHI_VALUES:
+        assert phi not in logged, phi

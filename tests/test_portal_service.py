@@ -197,3 +197,23 @@ def test_sanitizer_strips_scripts_handlers_and_remote_images():
     assert 'src="data:image/png;base64,iVBORw0KGgo="' in clean
     assert 'href="https://ok.example/info"' in clean and 'rel="noopener noreferrer nofollow"' in clean
     assert "<b>benign</b>" in clean
+
+
+def test_inline_images_show_as_data_uris_not_as_attachments(session, org):
+    from carepost.delivery.mime import InlineImage
+
+    png = b"\x89PNG\r\n\x1a\nfake-logo"
+    a = arrange(session, org.id, html='<p>Hello</p><img src="cid:logo@bar" alt="Bar Clinic"><img src="cid:missing">',
+                inline_images=[InlineImage("logo@bar", png, "image/png")])
+    pm = session.get(PortalMessage, a.portal_message_id)
+    content = service.message_content(_scoped(session, org.id), pm)
+    import base64
+
+    assert f'src="data:image/png;base64,{base64.b64encode(png).decode()}"' in content["html"]
+    assert "cid:" not in content["html"]  # an unknown cid is dropped by the sanitizer
+    assert [x["filename"] for x in content["attachments"]] == ["result.pdf"]
+    with pytest.raises(ValidationFailed) as err:
+        service.store_portal_message(session, org_id=org.id, message_id=a.message_id, recipient_id=None,
+                                     recipient_address=ADDRESS, subject="s", html="<p>x</p>", text=None,
+                                     inline_images=[{"cid": "bad cid>", "content": png}])
+    assert err.value.field == "inline"

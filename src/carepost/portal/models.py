@@ -72,6 +72,7 @@ class PortalAttachment(OrgScoped, Base):
     content_type: Mapped[str] = mapped_column(String(255))
     content_enc: Mapped[bytes] = mapped_column(LargeBinary)
     size: Mapped[int] = mapped_column(Integer)
+    inline_cid: Mapped[str | None] = mapped_column(String(200))  # an image the HTML shows as cid:...
 
 
 class PortalReply(OrgScoped, Base):

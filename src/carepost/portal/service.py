@@ -130,8 +130,13 @@ def store_portal_message(
     auth: str = "code",
     question: str | None = None,
     answer: str | None = None,
+    inline_images: list | tuple = (),
 ) -> PortalMessage:
     """Keep one recipient's copy for pickup, encrypted and bound to its row; returns the row.
+
+    ``attachments`` are ``mime.Attachment``-like objects or mappings (filename, content,
+    content_type); ``inline_images`` are ``mime.InlineImage``-like (cid, content, content_type):
+    the HTML's ``cid:`` references show them (as ``data:`` URIs, never fetched from anywhere).
 
     Idempotent per recipient: a second call for the same ``recipient_id`` (a retried delivery
     task) returns the existing row unchanged."""
@@ -164,7 +169,15 @@ def store_portal_message(
         if len(normalized) > MAX_ANSWER_CHARS:
             raise ValidationFailed(f"The answer is longer than {MAX_ANSWER_CHARS} characters.", field="answer")
         answer_hash = _hasher().hash(normalized)
-    files = [_attachment_parts(a) for a in attachments or ()]
+    files = [(*_attachment_parts(a), None) for a in attachments or ()]
+    for image in inline_images or ():
+        get = image.get if isinstance(image, dict) else (lambda k, d=None, _i=image: getattr(_i, k, d))
+        cid = str(get("cid") or "")
+        if not cid or len(cid) > 200 or not re.fullmatch(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.@-]+", cid):
+            raise ValidationFailed("An inline image has no usable content id.", field="inline")
+        filename, ctype, content = _attachment_parts({"filename": get("filename") or cid, "content": get("content"),
+                                                      "content_type": get("content_type") or "image/png"})
+        files.append((filename, ctype, content, cid))
 
     ring = get_keyring()
     row_id = new_id()
@@ -185,10 +198,11 @@ def store_portal_message(
         "token_hash": _hash_token(_derive_token(session, org_id, row_id)),
     }
     encrypted_files = []
-    for position, (filename, ctype, content) in enumerate(files):
+    for position, (filename, ctype, content, cid) in enumerate(files):
         att_id = new_id()
         encrypted_files.append(PortalAttachment(
             id=att_id, org_id=org_id, portal_message_id=row_id, position=position, content_type=ctype, size=len(content),
+            inline_cid=cid,
             filename_enc=ring.encrypt(session, org_id, PortalAttachment.__tablename__, "filename", att_id, filename),
             content_enc=ring.encrypt(session, org_id, PortalAttachment.__tablename__, "content", att_id, content),
         ))
@@ -631,15 +645,36 @@ def frame_document(clean_html: str) -> str:
             "</head><body>" + clean_html + "</body></html>")
 
 
+MAX_INLINE_IMAGE_BYTES = 2 * 1024 * 1024
+
+
+def _inline_images(session: Session, pm: PortalMessage, html: str, images: list[PortalAttachment]) -> str:
+    """``cid:`` references of the HTML become ``data:`` URIs of the stored inline images, so
+    they show without any request leaving the page (the sanitizer keeps only ``data:image/``)."""
+    if not images:
+        return html
+    ring = get_keyring()
+    for image in images:
+        if not image.content_type.lower().startswith("image/") or image.size > MAX_INLINE_IMAGE_BYTES:
+            continue
+        content = ring.decrypt(session, pm.org_id, PortalAttachment.__tablename__, "content", image.id, image.content_enc)
+        uri = f"data:{image.content_type.lower()};base64,{base64.b64encode(content).decode()}"
+        html = re.sub(rf"""(["'])cid:{re.escape(image.inline_cid)}\1""", lambda m: f"{m.group(1)}{uri}{m.group(1)}", html)
+    return html
+
+
 def message_content(session: Session, pm: PortalMessage) -> dict:
     """Subject, sanitized HTML, text and attachment list, decrypted in memory for display."""
     ring = get_keyring()
     table = PortalMessage.__tablename__
     html = ring.decrypt_text(session, pm.org_id, table, "html", pm.id, pm.html_enc)
-    clean = sanitize_html(html) if html else None
-    attachments = session.scalars(
+    rows = session.scalars(
         select(PortalAttachment).where(PortalAttachment.portal_message_id == pm.id).order_by(PortalAttachment.position)
     ).all()
+    attachments = [a for a in rows if a.inline_cid is None]
+    if html:
+        html = _inline_images(session, pm, html, [a for a in rows if a.inline_cid is not None])
+    clean = sanitize_html(html) if html else None
     return {
         "subject": ring.decrypt_text(session, pm.org_id, table, "subject", pm.id, pm.subject_enc) or "",
         "html": clean,
