@@ -211,8 +211,9 @@ def update_topic(request: Request, topic_id: str, body: TopicUpdate, principal: 
     return service.topic_dict(topic)
 
 
-@router.get("/contacts/{contact_id}/subscriptions", summary="A contact's subscriptions and opt-outs")
-def contact_subscriptions(request: Request, contact_id: str, principal: Principal = Depends(MANAGE)) -> dict:
+@router.get("/subscriptions", summary="A contact's subscriptions and opt-outs")
+def contact_subscriptions(request: Request, contact_id: str = Query(min_length=32, max_length=32),
+                          principal: Principal = Depends(MANAGE)) -> dict:
     session = request.state.db
     contact = service._contact(session, contact_id)
     rows = service.subscriptions_of(session, principal.org_id, contact.id)
@@ -221,10 +222,10 @@ def contact_subscriptions(request: Request, contact_id: str, principal: Principa
     return {"data": [service.subscription_dict(r) for r in rows]}
 
 
-@router.put("/contacts/{contact_id}/subscriptions", summary="Subscribe or unsubscribe a contact (one topic, or all marketing)")
-def set_subscription(request: Request, contact_id: str, body: SubscriptionIn, principal: Principal = Depends(MANAGE)) -> dict:
+@router.put("/subscriptions", summary="Subscribe or unsubscribe a contact (one topic, or all marketing)")
+def set_subscription(request: Request, body: SubscriptionIn, principal: Principal = Depends(MANAGE)) -> dict:
     session = request.state.db
-    contact = service._contact(session, contact_id)
+    contact = service._contact(session, body.contact_id)
     topic_id = service.get_topic(session, principal.org_id, body.topic_id).id if body.topic_id else None
     if body.status == "unsubscribed":
         row = service.unsubscribe_contact(session, principal.org_id, contact.id, topic_id, source="api")

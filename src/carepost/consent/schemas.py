@@ -93,6 +93,7 @@ class TopicUpdate(_In):
 
 
 class SubscriptionIn(_In):
+    contact_id: str = Field(min_length=32, max_length=32)
     topic_id: str | None = Field(None, max_length=64, description="Topic id or key; null = all marketing.")
     status: Literal["subscribed", "unsubscribed"]
     frequency: Literal[tuple(FREQUENCIES)] | None = None  # type: ignore[valid-type]
