@@ -83,46 +83,46 @@ def test_list_messages_shows_counts_without_addresses(client, sender, key):
     assert client.get("/api/v1/messages?status=delivered", headers=key).json()["data"] == []
 
 
-@pytest.mark.parametrize(
-    ("over", "field"),
-    [
-        ({"to": ["pat@valid.test", "not an address"]}, "to.1"),
-        ({"to": ["pat@valid.test"], "cc": ["pat@@valid.test"]}, "cc.0"),
-        ({"to": ["a..b@valid.test"]}, "to.0"),
-        ({"to": ["pat@-bad-.test"]}, "to.0"),
-        ({"to": ["pat@valid.test\r\nBcc: evil@attacker.test"]}, "to.0"),
-        ({"subject": "Hello\r\nBcc: evil@attacker.test"}, "subject"),
-        ({"subject": "Hello\nX-Injected: yes"}, "subject"),
-        ({"from": "Bar\r\nBcc: x@y.test <care@bar.example>"}, "from"),
-        ({"reply_to": "desk@bar.example\r\nX: y"}, "reply_to"),
-        ({"headers": {"X-Ref": "a\r\nBcc: evil@attacker.test"}}, "x_ref"),
-        ({"headers": {"Bcc": "evil@attacker.test"}}, "headers"),
-        ({"headers": {"X-CarePost-Security": "opportunistic"}}, "headers"),
-        ({"from": "care@elsewhere.example"}, "from"),
-        ({"security": "opportunistic"}, "security"),
-        ({"security": "opportunistic", "contains_phi": True}, "security"),
-        ({"purpose": "advertising"}, "purpose"),
-        ({"template_id": "0" * 32, "text": None, "html": None}, "template_id"),
-        ({"unexpected": 1}, "unexpected"),
-        ({"attachments": [{"filename": "run.exe", "content": base64.b64encode(b"MZ\x90\x00").decode()}]}, "attachments.0"),
-        ({"attachments": [{"filename": "a.pdf", "content_type": "application/pdf",
-                           "content": base64.b64encode(b"MZ\x90\x00 not a pdf").decode()}]}, "attachments.0"),
-        ({"attachments": [{"filename": "scan.png", "content_type": "image/png",
-                           "content": base64.b64encode(b"%PDF-1.4").decode()}]}, "attachments.0"),
-        ({"attachments": [{"filename": "x.js", "content_type": "text/plain", "content": "YQ=="}]}, "attachments.0"),
-        ({"attachments": [{"filename": "a/b.txt", "content_type": "text/plain", "content": "YQ=="}]}, "attachments"),
-        ({"attachments": [{"filename": "a.txt", "content_type": "text/plain", "content": "not base64!"}]},
-         "attachments.0.content"),
-        ({"attachments": [{"filename": "i.txt", "content_type": "text/plain", "content_id": "logo", "content": "YQ=="}]},
-         "attachments.0"),
-    ],
-)
-def test_bad_input_is_refused_naming_the_field_and_nothing_is_stored(client, sender, key, session, over, field):
-    r = client.post("/api/v1/messages", json=body(**over), headers=key)
-    assert r.status_code == 422, r.text
-    error = r.json()["error"]
-    assert error["field"] == field, error
-    assert "attacker" not in r.text and "evil" not in r.text and "pat@" not in r.text
+BAD_INPUT = [
+    ({"to": ["pat@valid.test", "not an address"]}, "to.1"),
+    ({"to": ["pat@valid.test"], "cc": ["pat@@valid.test"]}, "cc.0"),
+    ({"to": ["a..b@valid.test"]}, "to.0"),
+    ({"to": ["pat@-bad-.test"]}, "to.0"),
+    ({"to": ["pat@valid.test\r\nBcc: evil@attacker.test"]}, "to.0"),
+    ({"subject": "Hello\r\nBcc: evil@attacker.test"}, "subject"),
+    ({"subject": "Hello\nX-Injected: yes"}, "subject"),
+    ({"from": "Bar\r\nBcc: x@y.test <care@bar.example>"}, "from"),
+    ({"reply_to": "desk@bar.example\r\nX: y"}, "reply_to"),
+    ({"headers": {"X-Ref": "a\r\nBcc: evil@attacker.test"}}, "x_ref"),
+    ({"headers": {"Bcc": "evil@attacker.test"}}, "headers"),
+    ({"headers": {"X-CarePost-Security": "opportunistic"}}, "headers"),
+    ({"from": "care@elsewhere.example"}, "from"),
+    ({"security": "opportunistic"}, "security"),
+    ({"security": "opportunistic", "contains_phi": True}, "security"),
+    ({"purpose": "advertising"}, "purpose"),
+    ({"template_id": "0" * 32, "text": None, "html": None}, "template_id"),
+    ({"unexpected": 1}, "unexpected"),
+    ({"attachments": [{"filename": "run.exe", "content": base64.b64encode(b"MZ\x90\x00").decode()}]}, "attachments.0"),
+    ({"attachments": [{"filename": "a.pdf", "content_type": "application/pdf",
+                       "content": base64.b64encode(b"MZ\x90\x00 not a pdf").decode()}]}, "attachments.0"),
+    ({"attachments": [{"filename": "scan.png", "content_type": "image/png",
+                       "content": base64.b64encode(b"%PDF-1.4").decode()}]}, "attachments.0"),
+    ({"attachments": [{"filename": "x.js", "content_type": "text/plain", "content": "YQ=="}]}, "attachments.0"),
+    ({"attachments": [{"filename": "a/b.txt", "content_type": "text/plain", "content": "YQ=="}]}, "attachments"),
+    ({"attachments": [{"filename": "a.txt", "content_type": "text/plain", "content": "not base64!"}]},
+     "attachments.0.content"),
+    ({"attachments": [{"filename": "i.txt", "content_type": "text/plain", "content_id": "logo", "content": "YQ=="}]},
+     "attachments.0"),
+]
+
+
+def test_bad_input_is_refused_naming_the_field_and_nothing_is_stored(client, sender, key, session):
+    for over, field in BAD_INPUT:
+        r = client.post("/api/v1/messages", json=body(**over), headers=key)
+        assert r.status_code == 422, (over, r.text)
+        error = r.json()["error"]
+        assert error["field"] == field, (over, error)
+        assert "attacker" not in r.text and "evil" not in r.text and "pat@" not in r.text
     assert count(session, Message) == 0 and count(session, MessageRecipient) == 0
 
 
@@ -186,8 +186,11 @@ def test_security_override_only_raises_the_mode(client, sender, key, make_user):
     client.cookies.clear()
     r = client.post("/api/v1/messages", json=body(security="opportunistic", contains_phi=False), headers=key)
     assert r.status_code == 202
-    r = client.post("/api/v1/messages", json=body(contains_phi=True), headers=key)
+    r = client.post("/api/v1/messages", json=body(contains_phi=True, security="opportunistic"), headers=key)
     assert r.status_code == 422 and r.json()["error"]["field"] == "security"  # PHI never goes opportunistic
+    r = client.post("/api/v1/messages", json=body(), headers=key)  # PHI under an opportunistic floor: raised
+    assert r.status_code == 202
+    assert client.get(f"/api/v1/messages/{r.json()['id']}", headers=key).json()["security"] == "tls_required"
 
 
 def test_delivery_settings_need_org_manage(client, sender, key, session, make_user):

@@ -508,6 +508,29 @@ def import_(
                                   date_format=date_format, console=console))
 
 
+# --------------------------------------------------------------------------- delivery
+
+from carepost.delivery.commands import domain_app  # noqa: E402
+
+app.add_typer(domain_app, name="domain")
+
+
+@app.command()
+def smtp(
+    self_signed: bool = typer.Option(
+        False, "--self-signed", help="Without CAREPOST_SMTP_SUBMISSION_CERT_FILE: use a self-signed certificate kept in the data dir."
+    ),
+) -> None:
+    """Run SMTP submission for applications: STARTTLS required, AUTH with API credentials (key id and secret)."""
+    from carepost.core.config import get_settings
+    from carepost.delivery.commands import run_smtp
+
+    settings = get_settings()
+    with _holding_data_dir(settings):
+        code = run_smtp(settings, self_signed=self_signed)
+    raise typer.Exit(code)
+
+
 def main() -> None:
     try:
         app()

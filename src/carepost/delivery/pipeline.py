@@ -213,8 +213,25 @@ class RunReport:
 # --------------------------------------------------------------------------- the pipeline
 
 
+_hooks_loaded = False
+
+
+def load_hooks() -> None:
+    """Import the capabilities that fill the hook points (they install themselves on import),
+    so a worker checks consent whatever it happened to import first."""
+    global _hooks_loaded
+    if _hooks_loaded:
+        return
+    try:
+        import carepost.consent.service  # noqa: F401 - installs ELIGIBILITY_CHECK and LIST_UNSUBSCRIBE
+    except ImportError:
+        pass
+    _hooks_loaded = True
+
+
 def deliver(message_ids: list[str], *, settings: Settings | None = None) -> RunReport:
     """Deliver the due recipients of ``message_ids``. Safe to call twice and from many workers."""
+    load_hooks()
     settings = settings or get_settings()
     ids = list(dict.fromkeys(message_ids))
     with system_session() as session:
@@ -468,8 +485,8 @@ def store_for_portal(run: Run, copies: list[Copy]) -> None:
         except ValidationFailed as exc:
             c.final = ("failed", f"portal: {exc.field or 'invalid'}")
             continue
-        notification = compose(sender=content.sender, to=[_mailbox_text(c.address, c.display_name)], subject=subject,
-                               text=text, html=html)
+        # To: the bare address; a display name would put the patient's name into the notification.
+        notification = compose(sender=content.sender, to=[c.address], subject=subject, text=text, html=html)
         c.portal_message_id = pm.id
         c.notification = True
         c.smtputf8 = notification.smtputf8

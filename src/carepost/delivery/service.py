@@ -682,6 +682,11 @@ def _prepare(session, org_id, data, org_settings, domain_cache, Attachment, Inli
         raise ValidationFailed("A purpose is required (the organization sets no default purpose).", field="purpose")
     check_purpose(purpose)
     mode = policy.effective_mode(org_settings["security_mode"], data.security)
+    if data.contains_phi is not False and mode == "opportunistic" and data.security is None:
+        # The organization's floor is opportunistic, but this message carries PHI: it gets the
+        # least mode PHI may travel in (raising, never lowering). Asking for opportunistic
+        # explicitly with PHI is refused below.
+        mode = "tls_required"
     if data.contains_phi is not False and mode == "opportunistic":
         raise ValidationFailed(
             "Opportunistic TLS is only for messages marked as carrying no PHI; set contains_phi to false or choose "

@@ -1,0 +1,242 @@
+"""SMTP submission (``carepost smtp``): STARTTLS required, AUTH by API credentials only after TLS,
+failures audited, submitted mail accepted like an API message and delivered by the pipeline with
+the X-CarePost-* headers gone."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email
+import smtplib
+import ssl
+from email import policy as email_policy
+from email.message import EmailMessage
+
+import pytest
+from sqlalchemy import select
+
+from carepost.audit.models import AuditEvent
+from carepost.delivery import pipeline
+from carepost.delivery.models import Message, MessageRecipient
+from tests.fixtures.delivery import free_port
+
+PHI = "Your HbA1c is 7.9 %; please call about your insulin dose."
+
+
+class Submission:
+    def __init__(self, port: int, ca_file: str, sender):
+        self.port, self.ca_file, self.sender = port, ca_file, sender
+
+    def context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.ca_file)
+
+    def connect(self, tls: bool = True) -> smtplib.SMTP:
+        client = smtplib.SMTP("localhost", self.port, timeout=10)
+        client.ehlo("app.bar.example")
+        if tls:
+            client.starttls(context=self.context())
+            client.ehlo("app.bar.example")
+        return client
+
+    def credential(self, *scopes: str, sandbox: bool = False) -> tuple[str, str]:
+        header = self.sender.key(*(scopes or ("messages:send",)), sandbox=sandbox)["Authorization"]
+        key_id, secret = header.split(" ", 1)[1].split(".", 1)
+        return key_id, secret
+
+
+@pytest.fixture
+def submission(sender, delivery_queue, tls_ca, monkeypatch):
+    from carepost.core.config import get_settings, reset_settings
+    from carepost.delivery.submission import start_server
+
+    monkeypatch.setenv("CAREPOST_SMTP_SUBMISSION_MAX_BYTES", str(256 * 1024))
+    reset_settings()
+    cert, key = tls_ca.issue(["localhost"])
+    port = free_port()
+    controller = start_server(get_settings(), cert, key, host="127.0.0.1", port=port)
+    yield Submission(port, str(tls_ca.ca_file), sender)
+    controller.stop()
+
+
+def message(**headers) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = "Bar Clinic <care@bar.example>"
+    msg["To"] = "Pat Doe <pat@valid.test>"
+    msg["Cc"] = "lee@valid.test"
+    msg["Subject"] = "From your care team"
+    for name, value in headers.items():
+        msg[name.replace("_", "-")] = value
+    msg.set_content(PHI)
+    msg.add_alternative(f"<p>{PHI}</p>", subtype="html")
+    return msg
+
+
+def stored(session) -> list[Message]:
+    session.rollback()
+    return session.scalars(select(Message)).all()
+
+
+def test_nothing_but_starttls_before_tls(submission):
+    client = submission.connect(tls=False)
+    try:
+        assert "starttls" in client.esmtp_features and "auth" not in client.esmtp_features
+        key_id, secret = submission.credential()
+        token = base64.b64encode(f"\0{key_id}\0{secret}".encode()).decode()
+        code, _ = client.docmd("AUTH", f"PLAIN {token}")
+        assert code == 530
+        assert client.docmd("MAIL", "FROM:<care@bar.example>")[0] == 530
+    finally:
+        client.close()
+
+
+def test_after_tls_authentication_is_still_required(submission):
+    client = submission.connect()
+    try:
+        assert "auth" in client.esmtp_features and "PLAIN" in client.esmtp_features["auth"]
+        assert client.docmd("MAIL", "FROM:<care@bar.example>")[0] == 530
+    finally:
+        client.quit()
+
+
+def test_bad_credentials_are_refused_and_audited(submission, session):
+    key_id, secret = submission.credential()
+    for user, password in ((key_id, "cp_sk_" + "x" * 43), ("cpk_000000000000000000000000", secret), (key_id, "short")):
+        client = submission.connect()
+        with pytest.raises(smtplib.SMTPAuthenticationError) as exc:
+            client.login(user, password)
+        assert exc.value.smtp_code == 535
+        client.close()
+    session.rollback()
+    failures = session.scalars(select(AuditEvent).where(AuditEvent.action == "api_credential.auth_failed")).all()
+    assert len(failures) == 6  # smtplib's login tries PLAIN, then LOGIN: each attempt is audited
+    assert all(e.details["http_method"] == "SMTP-AUTH" and e.user_agent == "carepost-smtp-submission" for e in failures)
+    assert {e.details["reason"] for e in failures} == {"wrong_secret", "unknown_key", "malformed"}
+
+
+def test_a_credential_without_messages_send_is_refused(submission, session):
+    key_id, secret = submission.credential("messages:read")
+    client = submission.connect()
+    with pytest.raises(smtplib.SMTPAuthenticationError):
+        client.login(key_id, secret)
+    client.close()
+    session.rollback()
+    denied = session.scalars(select(AuditEvent).where(AuditEvent.action == "access.denied")).all()
+    assert len(denied) == 2  # PLAIN, then LOGIN
+    assert all(d.details["reason"] == "missing:messages:send" and d.target_type == "smtp_submission" for d in denied)
+
+
+def test_a_submitted_message_is_delivered_without_the_carepost_headers(submission, delivery_env, session):
+    key_id, secret = submission.credential()
+    client = submission.connect()
+    client.login(key_id, secret)
+    msg = message(X_CarePost_Purpose="payment", X_CarePost_Security="tls_exclusive", In_Reply_To="<abc@app.bar.example>")
+    refused = client.send_message(msg, to_addrs=["pat@valid.test", "lee@valid.test", "audit@valid.test"])
+    assert refused == {}
+    client.quit()
+
+    [row] = stored(session)
+    assert (row.source, row.purpose, row.security, row.contains_phi) == ("smtp", "payment", "tls_exclusive", True)
+    kinds = sorted(r.kind for r in session.scalars(select(MessageRecipient).where(MessageRecipient.message_id == row.id)))
+    assert kinds == ["bcc", "cc", "to"]
+    [created] = session.scalars(select(AuditEvent).where(AuditEvent.action == "message.create")).all()
+    assert created.target_id == row.id and created.details["source"] == "smtp"
+
+    pipeline.deliver([row.id])
+    received = delivery_env.mx["valid"].recorder.messages
+    assert len(received) == 3 and all(m.tls for m in received)
+    parsed = email.message_from_bytes(received[0].data, policy=email_policy.default)
+    assert not [h for h in parsed.keys() if h.lower().startswith("x-carepost")]
+    assert b"X-CarePost" not in received[0].data and b"audit@" not in received[0].data.split(b"\r\n\r\n", 1)[0]
+    assert parsed["In-Reply-To"] == "<abc@app.bar.example>" and "Pat Doe" in str(parsed["To"])
+    assert PHI in parsed.get_body(("plain",)).get_content()
+
+
+def test_defaults_apply_without_carepost_headers(submission, session):
+    key_id, secret = submission.credential()
+    with submission.connect() as client:
+        client.login(key_id, secret)
+        client.send_message(message(), to_addrs=["pat@valid.test"])
+    [row] = stored(session)
+    assert (row.purpose, row.security, row.contains_phi) == ("treatment", "tls_required", True)
+
+
+def test_refusals_name_the_field_and_store_nothing(submission, session):
+    key_id, secret = submission.credential()
+    injected = "=?utf-8?b?" + base64.b64encode(b"Hello\r\nBcc: evil@attacker.test").decode() + "?="
+    cases = [
+        (message(X_CarePost_Security="opportunistic"), "security"),
+        (message(X_CarePost_Purpose="advertising"), "purpose"),
+        (message(X_CarePost_Contains_PHI="maybe"), "x_carepost_contains_phi"),
+    ]
+    wrong_from = message()
+    wrong_from.replace_header("From", "care@elsewhere.example")
+    cases.append((wrong_from, "from"))
+    # An encoded word that decodes to CR LF (raw bytes: Python's own generator would write the
+    # decoded line break out as a second header line).
+    raw = message().as_bytes().replace(b"Subject: From your care team", f"Subject: {injected}".encode())
+    cases.append((raw, "subject"))
+    with submission.connect() as client:
+        client.login(key_id, secret)
+        for msg, field in cases:
+            with pytest.raises(smtplib.SMTPDataError, match="5.6.0") as exc:
+                if isinstance(msg, bytes):
+                    client.sendmail("care@bar.example", ["pat@valid.test"], msg)
+                else:
+                    client.send_message(msg, to_addrs=["pat@valid.test"])
+                pytest.fail(f"accepted: {field}")
+            assert exc.value.smtp_code == 550, (field, exc.value)
+            text = exc.value.smtp_error.decode()
+            assert text.startswith(f"5.6.0 {field}:"), text
+            assert "attacker" not in text and "pat@" not in text
+        code, _ = client.docmd("RSET")
+        client.docmd("MAIL", "FROM:<care@bar.example>")
+        assert client.docmd("RCPT", "TO:<not an address>")[0] == 553
+    assert stored(session) == []
+
+
+def test_size_limit(submission, session):
+    key_id, secret = submission.credential()
+    big = message()
+    big.add_attachment(b"\0" * (300 * 1024), maintype="application", subtype="octet-stream", filename="scan.bin")
+    with submission.connect() as client:
+        client.login(key_id, secret)
+        assert client.esmtp_features["size"] == str(256 * 1024)
+        with pytest.raises((smtplib.SMTPSenderRefused, smtplib.SMTPDataError)) as exc:
+            client.send_message(big, to_addrs=["pat@valid.test"])
+        assert exc.value.smtp_code == 552
+    assert stored(session) == []
+
+
+def test_attachments_and_sandbox_over_aiosmtplib(submission, session):
+    import aiosmtplib
+
+    key_id, secret = submission.credential(sandbox=True)
+    msg = message()
+    msg.add_attachment(b"%PDF-1.4 results", maintype="application", subtype="pdf", filename="results.pdf")
+
+    async def go():
+        return await aiosmtplib.send(msg, hostname="localhost", port=submission.port, start_tls=True,
+                                     tls_context=submission.context(),
+                                     username=key_id, password=secret, recipients=["pat@valid.test"])
+
+    errors, reply = asyncio.run(go())
+    assert errors == {} and reply.startswith("2.0.0 Queued as")
+    [row] = stored(session)
+    assert row.sandbox is True and reply.endswith(row.id)
+    from carepost.delivery.models import MessageAttachment
+
+    [attachment] = session.scalars(select(MessageAttachment)).all()
+    assert attachment.content_type == "application/pdf" and attachment.size == 16
+
+
+def test_self_signed_certificate_for_carepost_run(tmp_path):
+    from cryptography import x509
+
+    from carepost.delivery.submission import ensure_self_signed
+
+    cert, key = ensure_self_signed(tmp_path / "smtp-tls", ["localhost", "mail.bar.example"])
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    parsed = x509.load_pem_x509_certificate(cert.read_bytes())
+    names = parsed.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert names == ["localhost", "mail.bar.example"]
+    assert ensure_self_signed(tmp_path / "smtp-tls", ["localhost"]) == (cert, key)  # kept, not remade
