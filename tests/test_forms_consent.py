@@ -353,3 +353,32 @@ def test_worker_sends_confirmation_and_staff_notice_without_phi(api, topic, clie
     # the link in the email works
     assert client.post(link.replace("http://localhost:8000", "")).status_code == 200
     assert len(authorizations(session, org.id)) == 1
+
+
+def test_no_phi_in_logs_urls_or_error_pages(api, topic, client, session, org):
+    import io
+
+    from carepost.core.config import get_settings
+    from carepost.core.logging import configure_logging
+
+    stream = io.StringIO()
+    configure_logging("DEBUG", json=True, stream=stream)
+    try:
+        form = api.create(signup(topic.id))
+        page = client.get(f"/f/{form['public_id']}")
+        person = dict(email="quintessa.m@example.org", name="Quintessa", auth__name="Quintessa Marlowe-Ybarra")
+        bad = fill(client, form, answers(page.text, **person, news="maybe"))
+        assert bad.status_code == 422 and "Quintessa" in bad.text  # shown back to the person, escaped
+        r = submit(client, form, **person)
+        assert r.status_code == 303 and "quintessa" not in r.headers["location"].lower()
+        [sub] = subs(session)
+        token = token_for(sub.id)
+        assert sub.id in token and "quintessa" not in token.lower()
+        client.post(f"/f/confirm/{token}")
+        client.post("/f/confirm/forged.token.here")
+    finally:
+        configure_logging(get_settings().log_level, get_settings().log_json)
+    logged = stream.getvalue()
+    assert "form_submission_confirmed" in logged  # the capture saw the work
+    for value in ("Quintessa", "Marlowe", "quintessa.m@example.org"):
+        assert value not in logged, value
