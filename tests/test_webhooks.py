@@ -580,3 +580,25 @@ def test_unreachable_endpoint_is_a_retryable_failure(session, org, allow_private
     emit_test(org.id, endpoint.id)
     [delivery] = deliveries(session)
     assert delivery.status == "pending" and delivery.last_error == "connection refused"
+
+
+def test_the_delivery_log_is_purged_after_its_retention(session, org, receiver, allow_private, immediate, monkeypatch):
+    from carepost.core.config import reset_settings
+    from carepost.core.database import system_session
+    from carepost.tracking.models import WebhookAttempt, WebhookEvent
+    from carepost.tracking.service import purge_log
+
+    monkeypatch.setenv("CAREPOST_WEBHOOK_LOG_RETENTION_DAYS", "30")
+    reset_settings()
+    endpoint, _ = make_endpoint(session, org.id, receiver.url())
+    emit_test(org.id, endpoint.id)  # succeeds
+    receiver.statuses.append(500)
+    emit_test(org.id, endpoint.id)  # pending, waiting for its retry
+    clock.advance(timedelta(days=31))
+    with system_session() as s:
+        assert purge_log(s) == {"attempts": 1, "deliveries": 1, "events": 1}
+        s.commit()
+    [left] = deliveries(session)
+    assert left.status == "pending"
+    assert len(session.scalars(select(WebhookEvent)).all()) == 1
+    assert len(session.scalars(select(WebhookAttempt)).all()) == 1

@@ -164,6 +164,9 @@ class Settings(BaseSettings):
         "addresses or networks (CIDR), comma-separated.",
     )
     webhook_timeout: float = Field(10.0, description="Seconds a webhook endpoint has to connect and answer.")
+    webhook_log_retention_days: int = Field(
+        30, description="Days finished webhook deliveries, their attempts and events are kept in the delivery log."
+    )
 
     @field_validator("base_url")
     @classmethod

@@ -528,3 +528,26 @@ def due_deliveries(session: Session, *, now: datetime | None = None, grace: time
         .order_by(WebhookDelivery.next_attempt_at).limit(limit)
     ).all()
     return [rid for rid, lease in rows if lease is None or clock.aware(lease) <= now]
+
+
+def purge_log(session: Session, *, now: datetime | None = None) -> dict[str, int]:
+    """Delete finished deliveries (with their attempts) and events older than
+    ``CAREPOST_WEBHOOK_LOG_RETENTION_DAYS``; pending deliveries and their events are kept."""
+    from sqlalchemy import delete, exists
+
+    from carepost.core.config import get_settings
+
+    cutoff = (now or clock.now()) - timedelta(days=get_settings().webhook_log_retention_days)
+    finished = select(WebhookDelivery.id).where(WebhookDelivery.status != "pending", WebhookDelivery.created_at < cutoff)
+    counts = {
+        "attempts": session.execute(delete(WebhookAttempt).where(WebhookAttempt.delivery_id.in_(finished))
+                                    .execution_options(synchronize_session=False)).rowcount or 0,
+    }
+    counts["deliveries"] = session.execute(
+        delete(WebhookDelivery).where(WebhookDelivery.status != "pending", WebhookDelivery.created_at < cutoff)
+        .execution_options(synchronize_session=False)).rowcount or 0
+    counts["events"] = session.execute(
+        delete(WebhookEvent).where(WebhookEvent.created_at < cutoff,
+                                   ~exists().where(WebhookDelivery.event_id == WebhookEvent.id))
+        .execution_options(synchronize_session=False)).rowcount or 0
+    return counts

@@ -12,6 +12,8 @@
 * ``requeue_inbound_reports`` (every 15 minutes) queues reports still pending after 10 minutes
   (received while the queue was unreachable, or whose task gave up).
 * ``purge_inbound_reports`` (daily) deletes received reports past their retention.
+* ``purge_webhook_log`` (daily) deletes finished deliveries, their attempts and events past
+  ``CAREPOST_WEBHOOK_LOG_RETENTION_DAYS``.
 """
 
 from __future__ import annotations
@@ -72,3 +74,13 @@ def purge_inbound_reports() -> None:
         count = purge_reports(session)
         session.commit()
     log.info("inbound_reports_purged", purged_count=count)
+
+
+@huey.periodic_task(crontab(minute="47", hour="4"))
+def purge_webhook_log() -> None:
+    from carepost.tracking.service import purge_log
+
+    with system_session() as session:
+        counts = purge_log(session)
+        session.commit()
+    log.info("webhook_log_purged", **{f"{k}_count": v for k, v in counts.items()})
