@@ -98,3 +98,23 @@ def test_a_5xx_refusal_suppresses_the_address(env, session):
     pipeline.deliver([second])
     assert _recipient(client, key, second)["reason"] == "invalid_address"
     assert mx.messages == []
+
+
+def test_accepted_messages_announce_message_queued(env, session, receiver):  # noqa: F811
+    from sqlalchemy import select
+
+    from carepost.tracking.models import WebhookDelivery
+    from carepost.tracking.service import attempt_delivery
+
+    peers, sender, key, client = env
+    hook = client.post("/api/v1/webhooks", json={"url": receiver.url(), "event_types": ["message.queued"]},
+                       headers=key).json()
+    message_id = _send(client, key)
+    session.rollback()
+    [delivery] = session.scalars(select(WebhookDelivery)).all()
+    assert attempt_delivery(delivery.id) == "succeeded"  # the test's queue has no worker: attempt it here
+    [request] = receiver.wait(1)
+    payload = independent_verify(hook["secret"], request.headers, request.body)
+    assert payload["type"] == "message.queued"
+    assert payload["data"]["message_id"] == message_id and payload["data"]["status"] == "queued"
+    assert PATIENT not in request.body.decode()

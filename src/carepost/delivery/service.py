@@ -799,6 +799,10 @@ def store_message(session: Session, org_id: str, prepared: PreparedMessage, *, s
     for batch in ([message], rows[1:] + recipients, events):
         session.add_all(batch)
         session.flush()
+    from carepost.tracking.service import emit_message_event
+
+    for recipient, event in zip(recipients, events):
+        emit_message_event(session, recipient, event)  # message.queued to the organization's webhooks
     return message
 
 
