@@ -188,6 +188,7 @@ def test_builder_crud_versions_and_publish(api, client, session):
     ({"fields": [{"key": "a", "type": "rating", "label": "x", "scale": 11}]}, "fields.0.scale", "less than or equal"),
     ({"unknown": 1}, "unknown", "Extra inputs"),
     ({"slug": "Not A Slug!"}, "slug", "lower-case"),
+    ({"slug": "confirm"}, "slug", "reserved"),
     ({"notify_emails": ["not an address"]}, "notify_emails.0", "valid email"),
 ])
 def test_builder_refuses_bad_definitions(api, change, field, reason, session):

@@ -382,3 +382,13 @@ def test_no_phi_in_logs_urls_or_error_pages(api, topic, client, session, org):
     assert "form_submission_confirmed" in logged  # the capture saw the work
     for value in ("Quintessa", "Marlowe", "quintessa.m@example.org"):
         assert value not in logged, value
+
+
+def test_builder_offers_topics_purposes_and_published_texts(client, org, make_user, topic):
+    from tests.fixtures.accounts import login_client
+
+    login_client(client, make_user(org, role="owner"))
+    page = client.get("/app/forms/new").text
+    assert f'<option value="{topic.id}">Screening reminders</option>' in page
+    assert '<option value="marketing">Marketing</option>' in page
+    assert "Marketing with financial remuneration — v1:" in page

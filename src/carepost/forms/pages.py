@@ -58,11 +58,11 @@ def _consent_choices(session, org_id: str) -> dict:
         return out
     out["topics"] = [(t.id, t.name) for t in consent.list_topics(session, org_id)]
     out["purposes"] = [(p, consent_purposes.PURPOSES[p]) for p in consent_purposes.AUTHORIZATION_PURPOSES]
-    list_texts = getattr(consent, "list_texts", None)
-    if list_texts is not None:
-        for text in list_texts(session, org_id):
-            if text.status == "published":
-                out["texts"].append((text.id, f"{consent_purposes.PURPOSES.get(text.purpose, text.purpose)} — v{text.version}: {text.title}"))
+    from carepost.consent import authorizations
+
+    for text in authorizations.list_texts(session, org_id):
+        if text.status == "published":
+            out["texts"].append((text.id, f"{consent_purposes.PURPOSES.get(text.purpose, text.purpose)} — v{text.version}: {text.title}"))
     return out
 
 

@@ -61,6 +61,7 @@ KEY_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,78}[a-z0-9])?$")
 DEFAULT_MAX = {"text": 200, "long_text": 4000}
 LANGUAGES = ("en", "es")
+RESERVED_SLUGS = {"confirm", "static", "thanks"}
 
 
 class FieldDef(BaseModel):
@@ -163,6 +164,8 @@ class FormIn(BaseModel):
         v = v.lower()
         if not SLUG_RE.match(v):
             raise ValueError("use lower-case letters, digits and hyphens")
+        if v in RESERVED_SLUGS:
+            raise ValueError(f"{v!r} is reserved; choose another address")
         return v
 
 
