@@ -264,6 +264,44 @@ def check_smtp(settings: Settings) -> list[Finding]:
     ]
 
 
+def check_outbound_overrides(settings: Settings) -> list[Finding]:
+    """Settings that reroute outbound mail or widen whom it trusts: right for tests and private
+    networks, a risk anywhere else (a wrong MX override sends patients' mail to another host)."""
+    findings = []
+    for name, meaning in (
+        ("dns_nameservers", "DNS look-ups for MX, TXT and MTA-STS go to these servers only"),
+        ("mx_overrides", "mail for these domains goes to the listed hosts instead of their MX"),
+        ("mta_sts_overrides", "MTA-STS policies of these domains are fetched from the listed addresses"),
+        ("extra_ca_file", "outbound TLS also trusts the certificate authorities in this file"),
+    ):
+        if getattr(settings, name, None):
+            findings.append(Finding("outbound mail", "warn", f"CAREPOST_{name.upper()} is set: {meaning}. Unset it unless "
+                                    "this is a test or a private network you control."))
+    return findings
+
+
+def check_sending_domains(settings: Settings) -> list[Finding]:
+    """Sending domains whose DNS records (DKIM, SPF, DMARC, return path, MTA-STS) did not check
+    out: sending from them is allowed, but receivers may reject or junk the mail."""
+    from sqlalchemy.orm import Session
+
+    from carepost.core.database import make_engine
+    from carepost.delivery.service import unverified_sending_domains  # core imports no capability at import time
+
+    engine = make_engine(settings)
+    try:
+        with Session(engine) as session:
+            session.info["scope"] = "system"
+            unverified = unverified_sending_domains(session)
+    finally:
+        engine.dispose()
+    if not unverified:
+        return [Finding("sending domains", "ok", "Every sending domain's DNS records check out (or there are none yet).")]
+    names = ", ".join(sorted({domain for _, domain in unverified})[:10])
+    return [Finding("sending domains", "warn", f"{len(unverified)} sending domain(s) whose DNS records do not check out: "
+                    f"{names}. Publish the records and run `carepost domain check`.")]
+
+
 def check_base_url(settings: Settings) -> list[Finding]:
     parts = urlsplit(settings.base_url)
     if parts.scheme == "https":
@@ -314,6 +352,8 @@ CHECKS: list[tuple[str, Callable[[Settings], list[Finding]]]] = [
     ("migrations", check_migrations),
     ("connections", check_connection_urls),
     ("SMTP", check_smtp),
+    ("outbound mail", check_outbound_overrides),
+    ("sending domains", check_sending_domains),
     ("base URL", check_base_url),
     ("MFA", check_mfa),
     ("task queue", check_queue),
