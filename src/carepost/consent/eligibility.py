@@ -511,3 +511,6 @@ def install_delivery_hooks() -> bool:
     pipeline.ELIGIBILITY_CHECK = pipeline_eligibility
     pipeline.LIST_UNSUBSCRIBE = pipeline_list_unsubscribe
     return True
+
+
+install_delivery_hooks()  # the pipeline re-checks consent when it claims a recipient

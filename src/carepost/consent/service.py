@@ -908,9 +908,9 @@ def _register() -> None:
 
     register_deletion_hook(_on_contact_deleted)
     register_export_section("consent", _export_section)
-    from carepost.consent.eligibility import install_delivery_hooks
-
-    install_delivery_hooks()  # the pipeline re-checks consent when it claims a recipient
+    # Importing eligibility installs the consent checks into the delivery pipeline (at the end of
+    # that module, so the import works whichever of the two modules is imported first).
+    import carepost.consent.eligibility  # noqa: F401
 
 
 def _export_section(session: Session, org_id: str, contact_id: str) -> dict:
