@@ -128,6 +128,7 @@ def default_children(settings: Settings, mail_env: dict[str, str] | None = None)
         Child("server", [py, "-m", "carepost.cli", "serve"], dict(mail_env or {})),
         Child("worker", [py, "-m", "carepost.cli", "worker"], dict(mail_env or {})),
         Child("mail-capture", [py, "-m", "carepost.core.mailcapture"]),
+        Child("inbound", [py, "-m", "carepost.cli", "inbound"]),  # the return path: bounces and complaints
     ]
 
 
