@@ -193,6 +193,7 @@ def test_sanitizer_strips_scripts_handlers_and_remote_images():
                                   '<a href="https://ok.example/info">info</a>')
     assert "<script" not in clean and "alert(1)" not in clean
     assert "tracker.example" not in clean and "onclick" not in clean and "javascript:" not in clean
+    assert 'alt="pixel"' not in clean  # a remote image goes whole, no broken-image icon
     assert "<iframe" not in clean and "<form" not in clean and "t.example" not in clean
     assert 'src="data:image/png;base64,iVBORw0KGgo="' in clean
     assert 'href="https://ok.example/info"' in clean and 'rel="noopener noreferrer nofollow"' in clean

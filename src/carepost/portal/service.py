@@ -72,6 +72,7 @@ DEFAULT_BODY = (
 )
 PLACEHOLDERS = ("organization", "link", "expires")
 _PLACEHOLDER_RE = re.compile(r"\{(organization|link|expires)\}")
+_SOURCELESS_IMG = re.compile(r"<img(?![^>]*\ssrc=)[^>]*>", re.I)
 
 
 # --------------------------------------------------------------------------- storing
@@ -625,7 +626,7 @@ def sanitize_html(html: str) -> str:
             return value if value.lower().startswith(("https://", "http://", "mailto:")) else None
         return value
 
-    return nh3.clean(
+    clean = nh3.clean(
         html,
         tags=tags,
         clean_content_tags={"script", "style"},
@@ -636,6 +637,8 @@ def sanitize_html(html: str) -> str:
         set_tag_attribute_values={"a": {"target": "_blank"}},
         strip_comments=True,
     )
+    # An image whose remote source was dropped would show as a broken icon: drop it whole.
+    return _SOURCELESS_IMG.sub("", clean)
 
 
 def frame_document(clean_html: str) -> str:

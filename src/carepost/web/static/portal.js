@@ -4,8 +4,9 @@
   function fit(frame) {
     try {
       var doc = frame.contentDocument;
-      if (doc && doc.documentElement) {
-        frame.style.height = (doc.documentElement.scrollHeight + 24) + "px";
+      if (doc && doc.body) {
+        // The body's own height (the document's is never less than the frame), plus its margins.
+        frame.style.height = Math.ceil(doc.body.getBoundingClientRect().height + 28) + "px";
       }
     } catch (e) { /* leave the default height */ }
   }
