@@ -272,3 +272,14 @@ def test_double_opt_in_confirmation(client, org, session):
     clock.advance(timedelta(hours=49))
     r = client.post(f"/t/confirm/{token}")
     assert r.status_code == 410 and token not in r.text
+
+
+def test_visible_footer_links(client, org):
+    _, topic_id, rid, _ = _setup(org)
+    with org_session(org.id) as s:
+        footer = service.unsubscribe_footer(s, org.id, rid, topic_id, language="es")
+        s.commit()
+    assert "Cancelar la suscripción" in footer["text"] and footer["unsubscribe_url"] in footer["text"]
+    assert f'href="{footer["preferences_url"]}"' in footer["html"] and "Bar Clinic" in footer["html"]
+    path = footer["unsubscribe_url"].removeprefix("http://localhost:8000")
+    assert client.get(path).status_code == 200

@@ -804,6 +804,35 @@ def unsubscribe_headers(session: Session, org_id: str, recipient_ref: str, topic
     return {"List-Unsubscribe": f"<{url}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
 
 
+FOOTER_TEXT = {
+    "en": ("Unsubscribe", "Email preferences", "You receive this message from {org}."),
+    "es": ("Cancelar la suscripción", "Preferencias de correo", "Recibe este mensaje de {org}."),
+}
+
+
+def unsubscribe_footer(session: Session, org_id: str, recipient_ref: str, topic_id: str | None = None, *,
+                       ref_kind: str = "r", language: str = "en") -> dict[str, str]:
+    """The visible opt-out for a message body (CAN-SPAM: clear and conspicuous): ``{"text",
+    "html", "unsubscribe_url", "preferences_url"}``. The HTML is escaped; the URLs carry only
+    the opaque tokens."""
+    from html import escape
+
+    from carepost.accounts.models import Organization
+
+    org = session.get(Organization, org_id)
+    unsub = unsubscribe_url(session, org_id, recipient_ref, topic_id, ref_kind=ref_kind)
+    prefs = preferences_url(session, org_id, recipient_ref, ref_kind=ref_kind)
+    label_unsub, label_prefs, sent_by = FOOTER_TEXT.get((language or "en")[:2], FOOTER_TEXT["en"])
+    sent_by = sent_by.format(org=org.name if org else "")
+    return {
+        "unsubscribe_url": unsub,
+        "preferences_url": prefs,
+        "text": f"{sent_by}\n{label_unsub}: {unsub}\n{label_prefs}: {prefs}\n",
+        "html": (f'<p>{escape(sent_by)} <a href="{escape(unsub)}">{escape(label_unsub)}</a> · '
+                 f'<a href="{escape(prefs)}">{escape(label_prefs)}</a></p>'),
+    }
+
+
 @dataclass
 class LinkSubject:
     """Whom a patient link speaks for: a contact and/or one address (by blind index)."""
