@@ -237,6 +237,7 @@ def test_sender_reads_replies_and_recalls_in_the_ui(owner_client, session, org, 
     session.commit()
     detail = owner_client.get(f"/app/deliveries/{a.message_id}")
     assert f'href="/app/portal/{a.portal_message_id}"' in detail.text
+    assert "open · not opened yet · 1 reply" in " ".join(detail.text.split())
     page = owner_client.get(f"/app/portal/{a.portal_message_id}")
     assert "Could we move my appointment" in page.text and "Not opened yet" in page.text
     [read] = _actions(session, "portal.reply.read")

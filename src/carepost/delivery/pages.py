@@ -59,12 +59,19 @@ def _address(session, org_id: str, table: str, row_id: str, blob: bytes, unmaske
 # --------------------------------------------------------------------------- sending domains
 
 
+RECORD_LABELS = {
+    "dkim": "DKIM (RSA)", "dkim-ed25519": "DKIM (Ed25519)", "spf": "SPF", "dmarc": "DMARC",
+    "return-path-mx": "Return-path MX", "mta-sts": "MTA-STS", "mta-sts-host": "MTA-STS host",
+}
+
+
 def _domain_view(row: SendingDomain) -> dict:
     records = service.dns_records(row)
     checks = row.check_results or {}
     return {
         "id": row.id, "domain": row.domain, "dns_ok": row.dns_ok, "checked_at": clock.aware(row.checked_at),
-        "records": [{**r.__dict__, "check": checks.get(r.purpose)} for r in records],
+        "records": [{**r.__dict__, "label": RECORD_LABELS.get(r.purpose, r.purpose), "check": checks.get(r.purpose)}
+                    for r in records],
         "failing": sum(1 for c in checks.values() if not c.get("ok")),
     }
 
@@ -248,14 +255,13 @@ def delivery_detail(request: Request, message_id: str,
             if unmasked and r.reply_enc else None,
             "events": events.get(r.id, []),
         })
-    portal_ids = {}
     from carepost.portal import service as portal_service
 
-    for pm in portal_service.portal_messages_of(session, message.id):
-        if pm.recipient_id:
-            portal_ids[pm.recipient_id] = pm.id
+    portal = {pm.recipient_id: portal_service.portal_dict(session, pm)
+              for pm in portal_service.portal_messages_of(session, message.id) if pm.recipient_id}
     for r in recipients:
-        r["portal_message_id"] = r["portal_message_id"] or portal_ids.get(r["id"])
+        r["portal"] = portal.get(r["id"])
+        r["portal_message_id"] = r["portal_message_id"] or (r["portal"] or {}).get("id")
     subject = None
     if unmasked:
         subject = ring.decrypt_text(session, message.org_id, Message.__tablename__, "subject", message.id, message.subject_enc)
