@@ -334,6 +334,21 @@ def test_portal_cookie_is_not_a_staff_session_and_expires(client, session, porta
     assert client.get(f"/p/{portal.token}/message", follow_redirects=False).status_code == 303
 
 
+def test_ended_portal_sessions_are_purged(client, session, portal, delivery_env):
+    from carepost.core.database import system_session
+    from carepost.portal.tasks import purge_sessions
+
+    _sign_in_with_code(client, delivery_env, portal.token)
+    with system_session() as s:
+        assert purge_sessions(s) == 0
+    clock.advance(timedelta(minutes=21))
+    with system_session() as s:
+        assert purge_sessions(s) == 1
+        s.commit()
+    session.rollback()
+    assert session.scalar(select(PortalSession.id)) is None
+
+
 def test_signout_ends_the_portal_session(client, portal, delivery_env):
     _sign_in_with_code(client, delivery_env, portal.token)
     page = client.get(f"/p/{portal.token}/message")

@@ -4,7 +4,7 @@
   mails it — the web request only notes that a code is owed (``code_requested_at``);
 * ``notify_reply(reply_id)`` tells the sender a secure reply arrived (a link, no PHI);
 * ``expire_portal_messages`` (every 10 minutes) wipes the stored copy of messages past their
-  expiry and marks their recipients ``expired``.
+  expiry, marks their recipients ``expired``, and deletes portal sessions that ended.
 
 Each is idempotent: a code task that finds no code owed does nothing; a notice sent twice is
 harmless; expiry skips what is already wiped.
@@ -12,14 +12,19 @@ harmless; expiry skips what is already wiped.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from huey import crontab
+from sqlalchemy import delete, or_
 from sqlalchemy.orm import Session
 
-from carepost.core.database import system_session
+from carepost.core import clock
+from carepost.core.config import get_settings
+from carepost.core.database import ALL_ORGANIZATIONS, system_session
 from carepost.core.logging import get_logger
 from carepost.core.queue import huey
 from carepost.portal import mailer, service
-from carepost.portal.models import PortalMessage, PortalReply
+from carepost.portal.models import PortalMessage, PortalReply, PortalSession
 
 log = get_logger("carepost.portal.tasks")
 
@@ -105,6 +110,18 @@ def notify_reply(reply_id: str) -> None:
         raise SendDeferred("the sender's server deferred the notice")
 
 
+def purge_sessions(session: Session) -> int:
+    """Delete portal sessions that can no longer be used (ended, revoked, or idle past the
+    timeout), so stale cookie hashes do not pile up."""
+    now = clock.now()
+    idle_cutoff = now - timedelta(minutes=get_settings().portal_session_minutes) - timedelta(minutes=5)
+    return session.execute(
+        delete(PortalSession).where(or_(PortalSession.expires_at < now, PortalSession.revoked.is_(True),
+                                        PortalSession.last_seen_at < idle_cutoff))
+        .execution_options(**ALL_ORGANIZATIONS)
+    ).rowcount
+
+
 def expire_due(session: Session) -> int:
     count = 0
     for pm_id in service.due_for_expiry(session):
@@ -122,6 +139,7 @@ def expire_due(session: Session) -> int:
 def expire_portal_messages() -> None:
     with system_session() as session:
         count = expire_due(session)
+        purged = purge_sessions(session)
         session.commit()
-    if count:
-        log.info("portal_expired", count=count)
+    if count or purged:
+        log.info("portal_expired", count=count, sessions_purged=purged)
