@@ -11,7 +11,7 @@ from email import policy as email_policy
 import pytest
 from sqlalchemy import select
 
-from carepost.consent import authorizations, service
+from carepost.consent import authorizations
 from carepost.core.database import org_session
 from carepost.delivery import pipeline
 from carepost.delivery.models import Message
