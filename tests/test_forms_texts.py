@@ -8,7 +8,7 @@ import re
 import pytest
 from sqlalchemy import select
 
-from tests.fixtures.accounts import csrf_from, login_client
+from tests.fixtures.accounts import login_client
 
 
 @pytest.fixture

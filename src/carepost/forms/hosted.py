@@ -157,7 +157,6 @@ def _submit(key: str, request: Request, session: Session, body: bytes) -> HTMLRe
         form = service.find_public_form(session, key)
     except NotFound as exc:
         return _message(404, "not_found_title", exc.message)
-    t = strings(form.language)
     org_name = _org_name(session, form.org_id)
     ctx = request_context(request)
     try:
