@@ -110,10 +110,11 @@ def test_forged_and_altered_tokens_are_refused_without_reflection(client, org):
     altered = token[:-3] + ("AAA" if token[-3:] != "AAA" else "BBB")
     probe = "u1.PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg.AAAAAAAAAAAAAAAAAAAAAA"
     for bad in (altered, probe, "<script>alert(1)</script>", "x" * 300, token.replace("u1.", "p1.", 1)):
-        for method in ("get", "post"):
-            r = getattr(client, method)(f"/t/u/{bad}", headers={"Accept": "text/html"})
-            assert r.status_code in (400, 404), (bad, r.status_code)
-            assert bad not in r.text and "<script>alert" not in r.text
+        for prefix in ("/t/u/", "/t/preferences/", "/t/confirm/", "/t/revoke/", "/t/authorizations/"):
+            for method in ("get", "post") if prefix != "/t/authorizations/" else ("get",):
+                r = getattr(client, method)(f"{prefix}{bad}", headers={"Accept": "text/html"})
+                assert r.status_code in (400, 404), (prefix, bad, r.status_code)
+                assert bad not in r.text and "<script>alert" not in r.text
 
 
 def test_token_of_another_kind_or_organization_fails(org, session):
