@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from carepost.core.config import Settings
+from carepost.core.supervisor import default_children
 from tests.fixtures.ui import free_port
 from tests.test_cli import ROOT, fresh_env
 
@@ -46,7 +48,7 @@ class Running:
         self.url = f"http://localhost:{self.port}"
         self.env = fresh_env(
             self.data, CAREPOST_PORT=str(self.port), CAREPOST_BASE_URL=self.url, CAREPOST_CAPTURE_PORT=str(self.capture_port),
-            CAREPOST_INBOUND_PORT=str(free_port()),
+            CAREPOST_INBOUND_PORT=str(free_port()), CAREPOST_SMTP_SUBMISSION_PORT=str(free_port()),
         )
         self.log_path = tmp_path / "run.log"
         self.log = open(self.log_path, "w")
@@ -64,7 +66,7 @@ class Running:
             try:
                 if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
                     kids = _children(self.proc.pid)
-                    if len(kids) == 4 and self._capture_listening():
+                    if len(kids) == len(default_children(Settings())) and self._capture_listening():
                         return kids
             except httpx.HTTPError:
                 pass
@@ -101,6 +103,7 @@ def test_run_starts_everything_captures_mail_and_stops_cleanly(running):
     assert any("carepost.cli worker" in c for c in roles)
     assert any("carepost.core.mailcapture" in c for c in roles)
     assert any("carepost.cli inbound" in c for c in roles)
+    assert any("carepost.cli smtp --self-signed" in c for c in roles)
     # First start: run initialized the data dir and printed the one-time setup link.
     assert f"{running.url}/app/setup/" in running.output()
 

@@ -129,6 +129,9 @@ def default_children(settings: Settings, mail_env: dict[str, str] | None = None)
         Child("worker", [py, "-m", "carepost.cli", "worker"], dict(mail_env or {})),
         Child("mail-capture", [py, "-m", "carepost.core.mailcapture"]),
         Child("inbound", [py, "-m", "carepost.cli", "inbound"]),  # the return path: bounces and complaints
+        # SMTP submission for applications; on one machine with a self-signed certificate kept in
+        # the data dir unless CAREPOST_SMTP_SUBMISSION_CERT_FILE is set.
+        Child("smtp", [py, "-m", "carepost.cli", "smtp", "--self-signed"]),
     ]
 
 

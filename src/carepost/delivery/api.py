@@ -120,9 +120,9 @@ def _idempotent_batch(session, principal: Principal, body: schemas.MessageBatchI
                                         domain_cache=cache) for i, m in enumerate(body.messages)]
     for p, h in zip(prepared, hashes):
         p.request_hash = h
-    ids = [service.store_message(session, principal.org_id, p, source="api", created_by=principal.actor_id,
-                                 sandbox=principal.sandbox, idempotency_key=f"{key}#{i}").id for i, p in enumerate(prepared)]
-    return ids, True
+    stored = service.store_messages(session, principal.org_id, prepared, source="api", created_by=principal.actor_id,
+                                    sandbox=principal.sandbox, idempotency_keys=[f"{key}#{i}" for i in range(len(prepared))])
+    return [m.id for m in stored], True
 
 
 @router.get(f"{api}/messages", response_model=schemas.MessageList, summary="Recent messages (no addresses, no content)",

@@ -198,20 +198,25 @@ def _fold_tag_list(tags: list[str]) -> bytes:
     return "\r\n".join(lines).encode("ascii")
 
 
-def signature_header(message: bytes, key: DkimKey, *, timestamp: datetime | None = None,
-                     extra_headers: tuple[str, ...] = (), _parsed=None) -> bytes:
-    """One complete ``DKIM-Signature:`` header line (folded, ending in CRLF) for ``message``."""
-    headers, body = _parsed or split_message(message)
+def _signing_input(headers: list[tuple[bytes, bytes]], body: bytes,
+                   extra_headers: tuple[str, ...]) -> tuple[list[str], bytes, str]:
+    """(h= names, canonicalized header data, body hash): the same for every key of a message."""
     wanted = SIGNED_HEADERS + tuple(h for h in extra_headers if h not in SIGNED_HEADERS)
     names = _select_headers(headers, wanted, OVERSIGNED_HEADERS)
     if not any(name.strip().lower() == b"from" for name, _ in headers):
         raise DkimError("a message without a From header cannot be DKIM-signed")
+    return names, _header_data(headers, names), body_hash(body)
+
+
+def signature_header(message: bytes, key: DkimKey, *, timestamp: datetime | None = None,
+                     extra_headers: tuple[str, ...] = (), _parsed=None, _prepared=None) -> bytes:
+    """One complete ``DKIM-Signature:`` header line (folded, ending in CRLF) for ``message``."""
+    headers, body = _parsed or split_message(message)
+    names, header_data, bh = _prepared or _signing_input(headers, body, extra_headers)
     t = int((timestamp or clock.now()).timestamp())
-    bh = body_hash(body)
     tags = ["v=1", f"a={key.algorithm}", "c=relaxed/relaxed", f"d={key.domain}", f"s={key.selector}", f"t={t}",
             f"h={':'.join(names)}", f"bh={bh}"]
     unsigned = _fold_tag_list(tags) + b"\r\n\tb="
-    header_data = _header_data(headers, names)
     name, _, value = unsigned.partition(b":")
     to_sign = header_data + relaxed_header(name, value).rstrip(b"\r\n")
     if isinstance(key.private_key, ed25519.Ed25519PrivateKey):
@@ -231,8 +236,10 @@ def sign(message: bytes, keys: list[DkimKey] | tuple[DkimKey, ...], *, timestamp
     if b"\r\n" not in message:
         message = message.replace(b"\n", b"\r\n")
     parsed = split_message(message)
+    prepared = _signing_input(*parsed, extra_headers)  # the body hash is computed once for all keys
     ts = timestamp or clock.now()
     ordered = sorted(keys, key=lambda k: k.algorithm != "rsa-sha256")
-    sig_headers = [signature_header(message, k, timestamp=ts, extra_headers=extra_headers, _parsed=parsed) for k in ordered]
+    sig_headers = [signature_header(message, k, timestamp=ts, extra_headers=extra_headers, _parsed=parsed,
+                                    _prepared=prepared) for k in ordered]
     # The last signature added is conventionally on top; put RSA on top for old verifiers.
     return b"".join(sig_headers) + message

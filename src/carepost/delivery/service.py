@@ -379,7 +379,10 @@ def record_result(session: Session, recipient: MessageRecipient, result: Recipie
     recipient.lease_until = None
     recipient.lease_owner = None
     if result.evidence is not None:
-        evidence = result.evidence.to_dict()
+        # Evidence.to_dict() without dataclasses.asdict's deep copy (every value is a scalar):
+        # this runs once per delivered recipient.
+        evidence = dict(vars(result.evidence))
+        evidence["at"] = evidence["at"].isoformat() if evidence.get("at") else None
         reply = evidence.pop("reply", None)
         recipient.evidence = evidence
         if reply:
@@ -748,62 +751,67 @@ def store_message(session: Session, org_id: str, prepared: PreparedMessage, *, s
     """Write a prepared message: encrypted content, one recipient row per address (encrypted,
     blind-indexed, linked to the contact with that address), a ``queued`` event each. Flushes;
     the caller commits and then enqueues delivery (:func:`carepost.delivery.tasks.enqueue_delivery`)."""
+    return store_messages(session, org_id, [prepared], source=source, created_by=created_by, sandbox=sandbox,
+                          idempotency_keys=[idempotency_key])[0]
+
+
+def store_messages(session: Session, org_id: str, prepared: list[PreparedMessage], *, source: str,
+                   created_by: str | None, sandbox: bool = False,
+                   idempotency_keys: list[str | None] | None = None) -> list[Message]:
+    """:func:`store_message` for many messages at once (one contact look-up per 500 recipients,
+    three flushes in all)."""
     ring = get_keyring()
     now = clock.now()
-    message_id = new_id()
+    keys = idempotency_keys or [None] * len(prepared)
 
     def enc(table: str, column: str, row_id: str, value) -> bytes | None:
         return None if value is None else ring.encrypt(session, org_id, table, column, row_id, value)
 
-    mt = Message.__tablename__
-    message = Message(
-        id=message_id, org_id=org_id, source=source, sending_domain_id=prepared.sending_domain.id,
-        from_address=prepared.sender.addr_spec,
-        from_name_enc=enc(mt, "from_name", message_id, prepared.sender.display_name or None),
-        reply_to_enc=enc(mt, "reply_to", message_id, _mailbox_text(prepared.reply_to) if prepared.reply_to else None),
-        subject_enc=enc(mt, "subject", message_id, prepared.subject), html_enc=enc(mt, "html", message_id, prepared.html),
-        text_enc=enc(mt, "text", message_id, prepared.text), contains_phi=prepared.contains_phi,
-        security=prepared.security, purpose=prepared.purpose, tags=prepared.tags,
-        idempotency_key=idempotency_hash(idempotency_key) if idempotency_key else None,
-        request_hash=prepared.request_hash if idempotency_key else None, sandbox=bool(sandbox), created_by=created_by,
-        created_at=now, message_id_header=message_id_for(prepared.sending_domain.domain),
-        headers_enc=enc(mt, "headers", message_id, json.dumps(prepared.headers)) if prepared.headers else None,
-        portal_enc=enc(mt, "portal", message_id, json.dumps(prepared.portal)) if prepared.portal else None,
-    )
-    rows: list = [message]
-    for attachment in prepared.attachments:
-        att_id = new_id()
-        at = MessageAttachment.__tablename__
-        rows.append(MessageAttachment(
-            id=att_id, org_id=org_id, message_id=message_id, filename_enc=enc(at, "filename", att_id, attachment.filename),
-            content_type=attachment.content_type, content_enc=enc(at, "content", att_id, bytes(attachment.content)),
-            size=len(attachment.content), inline_cid=attachment.content_id,
+    mt, at, rt = Message.__tablename__, MessageAttachment.__tablename__, MessageRecipient.__tablename__
+    messages, dependents, recipients = [], [], []
+    for p, key in zip(prepared, keys):
+        message_id = new_id()
+        messages.append(Message(
+            id=message_id, org_id=org_id, source=source, sending_domain_id=p.sending_domain.id,
+            from_address=p.sender.addr_spec, from_name_enc=enc(mt, "from_name", message_id, p.sender.display_name or None),
+            reply_to_enc=enc(mt, "reply_to", message_id, _mailbox_text(p.reply_to) if p.reply_to else None),
+            subject_enc=enc(mt, "subject", message_id, p.subject), html_enc=enc(mt, "html", message_id, p.html),
+            text_enc=enc(mt, "text", message_id, p.text), contains_phi=p.contains_phi, security=p.security,
+            purpose=p.purpose, tags=p.tags, idempotency_key=idempotency_hash(key) if key else None,
+            request_hash=p.request_hash if key else None, sandbox=bool(sandbox), created_by=created_by, created_at=now,
+            message_id_header=message_id_for(p.sending_domain.domain),
+            headers_enc=enc(mt, "headers", message_id, json.dumps(p.headers)) if p.headers else None,
+            portal_enc=enc(mt, "portal", message_id, json.dumps(p.portal)) if p.portal else None,
         ))
-    recipients = []
-    rt = MessageRecipient.__tablename__
-    for kind, address in prepared.recipients:
-        rid = new_id()
-        recipient = MessageRecipient(
-            id=rid, org_id=org_id, message_id=message_id, kind=kind,
-            address_enc=enc(rt, "address", rid, address.addr_spec),
-            display_name_enc=enc(rt, "display_name", rid, address.display_name or None),
-            address_index=ring.blind_index(session, org_id, "email", address.addr_spec),
-            domain_index=ring.blind_index(session, org_id, "domain", address.domain),
-            status="queued", attempts=0, evidence={}, possible_duplicate=False, updated_at=now, enqueued_at=now,
-        )
-        recipients.append(recipient)
+        for attachment in p.attachments:
+            att_id = new_id()
+            dependents.append(MessageAttachment(
+                id=att_id, org_id=org_id, message_id=message_id, filename_enc=enc(at, "filename", att_id, attachment.filename),
+                content_type=attachment.content_type, content_enc=enc(at, "content", att_id, bytes(attachment.content)),
+                size=len(attachment.content), inline_cid=attachment.content_id,
+            ))
+        for kind, address in p.recipients:
+            rid = new_id()
+            recipients.append(MessageRecipient(
+                id=rid, org_id=org_id, message_id=message_id, kind=kind,
+                address_enc=enc(rt, "address", rid, address.addr_spec),
+                display_name_enc=enc(rt, "display_name", rid, address.display_name or None),
+                address_index=ring.blind_index(session, org_id, "email", address.addr_spec),
+                domain_index=ring.blind_index(session, org_id, "domain", address.domain),
+                status="queued", attempts=0, evidence={}, possible_duplicate=False, updated_at=now, enqueued_at=now,
+            ))
     _link_contacts(session, org_id, recipients)
-    events = [MessageEvent(org_id=org_id, message_id=message_id, recipient_id=r.id, type="queued",
+    events = [MessageEvent(org_id=org_id, message_id=r.message_id, recipient_id=r.id, type="queued",
                            details={"source": source, "sandbox": bool(sandbox)}, created_at=now) for r in recipients]
     # In the order of the foreign keys (the models declare no relationships to sort by).
-    for batch in ([message], rows[1:] + recipients, events):
+    for batch in (messages, dependents + recipients, events):
         session.add_all(batch)
         session.flush()
     from carepost.tracking.service import emit_message_event
 
     for recipient, event in zip(recipients, events):
         emit_message_event(session, recipient, event)  # message.queued to the organization's webhooks
-    return message
+    return messages
 
 
 def _mailbox_text(address: MailAddress) -> str:
@@ -852,7 +860,7 @@ def accept_batch(session: Session, org_id: str, messages: list, *, source: str, 
     domain_cache: dict = {}
     prepared = [prepare_message(session, org_id, m, prefix=f"messages.{i}.", org_settings=org_settings,
                                 domain_cache=domain_cache) for i, m in enumerate(messages)]
-    return [store_message(session, org_id, p, source=source, created_by=created_by, sandbox=sandbox) for p in prepared]
+    return store_messages(session, org_id, prepared, source=source, created_by=created_by, sandbox=sandbox)
 
 
 # --- reading messages ------------------------------------------------------------------------

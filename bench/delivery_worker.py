@@ -1,0 +1,187 @@
+"""Delivery through the worker: stored messages -> one ``carepost worker`` process -> a local TLS
+sink, the whole pipeline (claim with a lease, consent re-check, decrypt, decide, compose, DKIM
+RSA-2048 + Ed25519, pooled verified-TLS SMTP, record evidence and events).
+
+    .venv/bin/python bench/delivery_worker.py --count 20000
+    .venv/bin/python bench/delivery_worker.py --count 200000 --threads 4     # memory flatness
+    .venv/bin/python bench/delivery_worker.py --database-url postgresql+psycopg://postgres@127.0.0.1/bench
+
+Messages are personalized (name, date and a token in text and html), marked as carrying PHI
+(so verified TLS is required) and accepted through ``delivery.service.accept_batch`` in this
+process first (not timed: that is the API's work). Then the delivery tasks are queued and ONE
+worker process is started; the clock runs from its start until every recipient is delivered.
+Prints JSON: messages per second, the worker's resident memory sampled during the run, and how
+long accepting took.
+
+Speed is measured here, never asserted in tests (ARCHITECTURE.md section 7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from delivery_throughput import HTML, TEXT, make_certificates  # noqa: E402
+
+
+def rss_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except FileNotFoundError:
+        pass
+    return 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accept(count: int, chunk: int = 1000) -> tuple[str, list[str], float]:
+    from carepost.accounts.service import create_organization
+    from carepost.core.database import org_session, system_session
+    from carepost.delivery import service
+    from carepost.delivery.schemas import MessageIn
+
+    with system_session() as session:
+        org = create_organization(session, f"Bench Clinic {time.time_ns()}")
+        session.commit()
+        org_id = org.id
+    with org_session(org_id) as session:
+        service.create_sending_domain(session, org_id, "bar.example")
+        service.update_delivery_settings(session, org_id, {"default_purpose": "treatment"})
+        session.commit()
+    ids: list[str] = []
+    started = time.perf_counter()
+    for start in range(0, count, chunk):
+        batch = []
+        for i in range(start, min(count, start + chunk)):
+            name = f"Patient {i}"
+            batch.append(MessageIn.model_validate({
+                "from": "Bar Clinic <care@bar.example>", "to": [f"{name} <patient{i}@sink.test>"],
+                "subject": "Your appointment", "text": TEXT.format(name=name, doctor="Dr. Lee", date="March 3"),
+                "html": HTML.format(name=name, doctor="Dr. Lee", date="March 3", token=f"{i:032x}"),
+            }))
+        with org_session(org_id) as session:
+            ids += [m.id for m in service.accept_batch(session, org_id, batch, source="api", created_by="bench")]
+            session.commit()
+    return org_id, ids, time.perf_counter() - started
+
+
+def count_statuses(org_id: str) -> dict[str, int]:
+    from sqlalchemy import func, select
+
+    from carepost.core.database import read_only_session
+    from carepost.delivery.models import MessageRecipient
+
+    with read_only_session(org_id) as session:
+        return dict(session.execute(select(MessageRecipient.status, func.count()).group_by(MessageRecipient.status)).all())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=20000)
+    parser.add_argument("--threads", type=int, default=4, help="task threads of the one worker process")
+    parser.add_argument("--batch-size", type=int, default=500, help="CAREPOST_DELIVERY_BATCH_SIZE")
+    parser.add_argument("--concurrency", type=int, default=64, help="CAREPOST_DELIVERY_CONCURRENCY")
+    parser.add_argument("--pool-size", type=int, default=16, help="CAREPOST_SMTP_POOL_SIZE (connections to the sink)")
+    parser.add_argument("--database-url", default=None, help="PostgreSQL instead of the embedded SQLCipher file")
+    parser.add_argument("--queue-url", default=None, help="redis://... instead of the SQLite queue")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        ca_file, cert_file, key_file = make_certificates(tmp_path)
+        port = free_port()
+        sink = subprocess.Popen([sys.executable, str(HERE / "smtp_sink.py"), "--port", str(port), "--cert", str(cert_file),
+                                 "--key", str(key_file)], stdout=subprocess.PIPE, text=True)
+        assert sink.stdout.readline().strip() == "ready"
+        env = {
+            "CAREPOST_DATA_DIR": str(tmp_path / "data"),
+            "CAREPOST_MX_OVERRIDES": f"sink.test=mx.sink.test@127.0.0.1:{port}",
+            "CAREPOST_EXTRA_CA_FILE": str(ca_file),
+            "CAREPOST_SMTP_HELO_NAME": "bench.carepost.example",
+            "CAREPOST_LOG_LEVEL": "WARNING",
+            "CAREPOST_QUEUE_NAME": f"bench{os.getpid()}",
+            "CAREPOST_DELIVERY_BATCH_SIZE": str(args.batch_size),
+            "CAREPOST_DELIVERY_CONCURRENCY": str(args.concurrency),
+            "CAREPOST_SMTP_POOL_SIZE": str(args.pool_size),
+            "CAREPOST_SMTP_MAX_MESSAGES_PER_CONNECTION": "1000",
+        }
+        if args.database_url:
+            env["CAREPOST_DATABASE_URL"] = args.database_url
+        if args.queue_url:
+            env["CAREPOST_QUEUE_URL"] = args.queue_url
+        os.environ.update(env)
+        from carepost.core.bootstrap import initialize_storage
+        from carepost.core.config import reset_settings
+        from carepost.core.database import dispose_engine
+        from carepost.core.queue import huey
+        from carepost.delivery.tasks import enqueue_delivery
+
+        reset_settings()
+        initialize_storage()
+        org_id, ids, accept_seconds = accept(args.count)
+        enqueue_delivery(ids)
+        dispose_engine()
+
+        worker = subprocess.Popen([sys.executable, "-m", "carepost.cli", "worker", "--threads", str(args.threads),
+                                   "--no-periodic"], env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
+        started = time.perf_counter()
+        samples, statuses = [], {}
+        try:
+            while True:
+                time.sleep(1.0)
+                statuses = count_statuses(org_id)
+                done = statuses.get("delivered", 0) + statuses.get("failed", 0) + statuses.get("bounced", 0)
+                samples.append((done, round(rss_mib(worker.pid), 1), time.perf_counter() - started))
+                if worker.poll() is not None:
+                    raise SystemExit("worker exited: " + worker.stderr.read()[-3000:])
+                if done >= len(ids):
+                    break
+            elapsed = time.perf_counter() - started
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+            sink.terminate()
+            out, _ = sink.communicate(timeout=10)
+            huey.flush()
+    step = max(1, len(samples) // 20)
+    # Steady state: from the first sample with deliveries (the worker has started: imports,
+    # keys, connections) to the end.
+    first = next(s for s in samples if s[0] > 0)
+    steady = (len(ids) - first[0]) / max(elapsed - first[2], 1e-9)
+    rss = [(done, mib) for done, mib, _ in samples]
+    result = {
+        "messages": len(ids), "seconds": round(elapsed, 2), "messages_per_second": round(len(ids) / elapsed, 1),
+        "steady_messages_per_second": round(steady, 1), "worker_start_seconds": round(first[2], 1),
+        "statuses": statuses, "worker_threads": args.threads, "batch_size": args.batch_size,
+        "concurrency": args.concurrency, "pool_size": args.pool_size,
+        "database": "postgresql" if args.database_url else "sqlcipher", "queue": "redis" if args.queue_url else "sqlite",
+        "accept_seconds": round(accept_seconds, 1), "accept_messages_per_second": round(len(ids) / accept_seconds, 1),
+        "worker_rss_mib": rss[::step] + ([rss[-1]] if rss and rss[-1] not in rss[::step] else []),
+        "sink_received": int(out.split()[-1]) if out.strip() else None,
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
