@@ -240,3 +240,42 @@ def test_self_signed_certificate_for_carepost_run(tmp_path):
     names = parsed.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
     assert names == ["localhost", "mail.bar.example"]
     assert ensure_self_signed(tmp_path / "smtp-tls", ["localhost"]) == (cert, key)  # kept, not remade
+
+
+def test_carepost_smtp_needs_a_certificate_or_self_signed(storage, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, **storage.env, "CAREPOST_SMTP_SUBMISSION_PORT": str(free_port())}
+    env.pop("CAREPOST_SMTP_SUBMISSION_CERT_FILE", None)
+    result = subprocess.run([sys.executable, "-m", "carepost.cli", "smtp"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1 and "CAREPOST_SMTP_SUBMISSION_CERT_FILE" in result.stderr
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+HEADER_LINES = st.lists(st.sampled_from([
+    b"From: Bar <care@bar.example>", b"From: =?utf-8?b?AAAA?= <x@y>", b"To: a@b.test, \"q\\\"x\" <c@d.test>",
+    b"Subject: =?utf-8?q?caf=C3=A9?=", b"Subject: =?bogus?x?zz?=", b"Content-Type: multipart/mixed; boundary=b",
+    b"Content-Type: text/plain; charset=unknown-8bit", b"Content-Transfer-Encoding: base64",
+    b"X-CarePost-Contains-PHI: yes", b"X-CarePost-Purpose: treatment", b"Cc: ,,,", b"--b", b"--b--",
+    b"Content-Disposition: attachment; filename*=utf-8''%E2%82%AC.pdf", b"Content-ID: <logo>",
+]), max_size=12)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(head=HEADER_LINES, body=st.binary(max_size=300))
+def test_parsing_hostile_submissions_never_raises_anything_but_a_clear_refusal(head, body):
+    from carepost.core.errors import ValidationFailed
+    from carepost.delivery.submission import message_request
+
+    raw = b"\r\n".join(head) + b"\r\n\r\n" + body
+    try:
+        data = message_request(raw, ["pat@valid.test"])
+    except ValidationFailed as exc:
+        assert exc.field
+        return
+    assert data["to"] + data["cc"] + data["bcc"] and isinstance(data["contains_phi"], bool)

@@ -168,7 +168,10 @@ def message_request(raw: bytes, rcpt_tos: list[str]) -> dict:
     headers = {name: str(msg[name]) for name in PASSED_HEADERS if msg[name] is not None}
     if headers:
         data["headers"] = headers
-    text, html, attachments = _parts(msg)
+    try:
+        text, html, attachments = _parts(msg)
+    except Exception:  # noqa: BLE001 - a structure the email package cannot walk
+        raise ValidationFailed("The message body cannot be read.", field="message") from None
     if text is None and html is None:
         text = ""
     data["text"], data["html"] = text, html
@@ -189,7 +192,7 @@ def _parts(msg: EmailMessage) -> tuple[str | None, str | None, list[dict]]:
         filename = part.get_filename()
         cid = (part.get("Content-ID") or "").strip().strip("<>") or None
         if disposition != "attachment" and filename is None and ctype in ("text/plain", "text/html"):
-            content = part.get_content()
+            content = _text_of(part)
             if ctype == "text/plain" and text is None:
                 text = content
                 continue
@@ -203,6 +206,15 @@ def _parts(msg: EmailMessage) -> tuple[str | None, str | None, list[dict]]:
             **({"content_id": cid} if cid and disposition != "attachment" and ctype.startswith("image/") else {}),
         })
     return text, html, attachments
+
+
+def _text_of(part) -> str:
+    """A text part's content; an unknown or lying charset is read as UTF-8 with replacements
+    rather than refusing the message."""
+    try:
+        return part.get_content()
+    except (LookupError, UnicodeError, ValueError, AssertionError):
+        return (part.get_payload(decode=True) or b"").decode("utf-8", "replace")
 
 
 def accept_submission(submitter: Submitter, raw: bytes, rcpt_tos: list[str]) -> str:
