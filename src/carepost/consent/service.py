@@ -953,6 +953,14 @@ def _export_section(session: Session, org_id: str, contact_id: str) -> dict:
     }
 
 
+def check_eligibility(session: Session, contact_ids: Iterable[str], purpose: str, topic=None, channel: str = "email",
+                      at: datetime | None = None, **options) -> dict[str, str]:
+    """The one set-based eligibility function (ARCHITECTURE.md section 4); see ``consent.eligibility``."""
+    from carepost.consent.eligibility import check_eligibility as _check
+
+    return _check(session, contact_ids, purpose, topic, channel, at, **options)
+
+
 def ensure_default_texts(session: Session, org_id: str) -> list:
     """A new organization's default authorization texts (see ``authorizations``)."""
     from carepost.consent.authorizations import ensure_default_texts as _ensure
