@@ -43,6 +43,7 @@ ROUTER_MODULES = [
     "carepost.portal.pages",
     "carepost.tracking.api",
     "carepost.tracking.pages",
+    "carepost.content.api",
 ]
 
 CSP = (

@@ -16,6 +16,7 @@ MODEL_MODULES = [
     "carepost.consent.models",
     "carepost.forms.models",
     "carepost.tracking.models",
+    "carepost.content.models",
 ]
 
 

@@ -1,0 +1,1 @@
+"""Message templates and their sandboxed rendering (see docs/templates.md)."""
