@@ -22,6 +22,7 @@ template can be hostile and the data can be anything:
 from __future__ import annotations
 
 import contextvars
+import functools
 import operator
 from dataclasses import dataclass
 
@@ -217,14 +218,19 @@ class RenderedParts:
     text: str
 
 
+@functools.lru_cache(maxsize=512)
+def _compiled(part: str, source: str):
+    """Compiled templates are reused: a batch renders one template many times."""
+    return _env(part).from_string(parse(part, source))
+
+
 def render_part(part: str, source: str, data: dict) -> str:
     if not source:
         return ""
-    env = _env(part)
     limit = MAX_OUTPUT[part]
     token = _budget.set([MAX_OPERATIONS])
     try:
-        template = env.from_string(parse(part, source))
+        template = _compiled(part, source)
         out: list[str] = []
         size = 0
         for chunk in template.generate(data):
