@@ -90,7 +90,7 @@ def test_login_with_mfa(page):
     page.click("button[type=submit]")
     assert "not correct" in page.get_by_role("alert").inner_text()
     ui_login(page, owner)
-    page.get_by_role("link", name="Security").click()
+    page.get_by_role("link", name="Security", exact=True).click()
     page.wait_for_url("**/app/account/security")
     assert "this session" in page.content()
     page.screenshot(path="/tmp/ui-security.png", full_page=True)
