@@ -678,9 +678,23 @@ def prepare_message(session: Session, org_id: str, data, *, prefix: str = "", or
 
 
 def _prepare(session, org_id, data, org_settings, domain_cache, Attachment, InlineImage, compose) -> PreparedMessage:
+    template_purpose = None
+    request = data  # the Idempotency-Key fingerprint is of the request, not of its rendering
     if data.template_id is not None:
-        raise ValidationFailed("Templates are not available yet; send html and/or text.", field="template_id")
-    purpose = data.purpose or org_settings.get("default_purpose")
+        # A template renders once per message with its data (which may hold PHI: the result is
+        # stored encrypted like any body). Its PHI flag can only raise the message's.
+        from carepost.content.service import render_template
+
+        if data.html is not None or data.text is not None or data.subject is not None:
+            raise ValidationFailed("Give either a template_id with data, or subject and html/text — not both.",
+                                   field="template_id")
+        rendered = render_template(session, org_id, data.template_id, data.data)
+        data = data.model_copy(update={
+            "subject": rendered.subject, "html": rendered.html or None, "text": rendered.text or None,
+            "contains_phi": bool(data.contains_phi) or rendered.contains_phi,
+        })
+        template_purpose = rendered.purpose
+    purpose = data.purpose or template_purpose or org_settings.get("default_purpose")
     if not purpose:
         raise ValidationFailed("A purpose is required (the organization sets no default purpose).", field="purpose")
     check_purpose(purpose)
@@ -738,7 +752,7 @@ def _prepare(session, org_id, data, org_settings, domain_cache, Attachment, Inli
         sender=sender, sending_domain=domain, recipients=recipients, reply_to=reply_to, subject=subject,
         html=data.html, text=data.text, attachments=list(data.attachments), headers=headers, purpose=purpose,
         security=mode, contains_phi=data.contains_phi is not False, tags=list(data.tags), portal=portal,
-        request_hash=request_fingerprint(data),
+        request_hash=request_fingerprint(request),
     )
 
 
