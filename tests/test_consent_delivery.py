@@ -74,6 +74,22 @@ def test_revocation_between_acceptance_and_delivery_excludes_at_claim_time(env):
     assert [r for m in peers.mx["valid"].recorder.messages for r in m.rcpt_tos] == ["sam@valid.test"]
 
 
+def test_ineligible_recipients_are_excluded_at_acceptance(env):
+    """Issue 5 item 9: accepted (202), and the ineligible recipient reads ``excluded`` with the
+    reason at once — before any worker runs; the eligible one stays queued."""
+    peers, sender, key, client = env
+    _contact(sender.org_id, "pat@valid.test")
+    _contact(sender.org_id, "sam@valid.test", sign=False)
+    message_id = _send(client, key, ["pat@valid.test", "sam@valid.test", "stranger@valid.test"])
+    got = _recipients(client, key, message_id)
+    assert got["sam@valid.test"]["status"] == "excluded" and got["sam@valid.test"]["reason"] == "no_authorization"
+    assert got["stranger@valid.test"]["status"] == "excluded" and got["stranger@valid.test"]["reason"] == "no_authorization"
+    assert got["pat@valid.test"]["status"] == "queued" and got["pat@valid.test"]["reason"] is None
+    assert [e["type"] for e in got["sam@valid.test"]["events"]] == ["queued", "excluded"]
+    pipeline.deliver([message_id])
+    assert [r for m in peers.mx["valid"].recorder.messages for r in m.rcpt_tos] == ["pat@valid.test"]
+
+
 def test_marketing_carries_signed_one_click_headers_that_work(env, session):
     peers, sender, key, client = env
     contact_id, _ = _contact(sender.org_id, "pat@valid.test")

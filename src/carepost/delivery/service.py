@@ -825,7 +825,36 @@ def store_messages(session: Session, org_id: str, prepared: list[PreparedMessage
 
     for recipient, event in zip(recipients, events):
         emit_message_event(session, recipient, event)  # message.queued to the organization's webhooks
+    addresses = [address.addr_spec for p in prepared for _kind, address in p.recipients]
+    exclude_ineligible(session, messages, recipients, addresses)
     return messages
+
+
+def exclude_ineligible(session: Session, messages: list[Message], recipients: list[MessageRecipient],
+                       addresses: list[str]) -> int:
+    """The eligibility check at acceptance (the pipeline checks again when it claims a
+    recipient). An ineligible recipient is still accepted — the message answers 202 — but is
+    ``excluded`` at once with the reason code, and never queued for delivery."""
+    from carepost.delivery import pipeline
+
+    pipeline.load_hooks()
+    by_id = {m.id: m for m in messages}
+    candidates = [
+        pipeline.Candidate(r.id, r.message_id, r.org_id, address, r.address_index, r.contact_id,
+                           by_id[r.message_id].purpose, by_id[r.message_id].source, by_id[r.message_id].contains_phi)
+        for r, address in zip(recipients, addresses)
+    ]
+    excluded = pipeline.ELIGIBILITY_CHECK(session, candidates) or {}
+    for recipient in recipients:
+        reason = excluded.get(recipient.id)
+        if reason:
+            recipient.status = "excluded"
+            recipient.reason = str(reason)[:200]
+            recipient.method = None
+            recipient.next_attempt_at = None
+            add_event(session, recipient, "excluded", reason=str(reason).split(":", 1)[0])
+    session.flush()
+    return len(excluded)
 
 
 def _mailbox_text(address: MailAddress) -> str:
