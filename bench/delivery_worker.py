@@ -108,7 +108,7 @@ def main() -> None:
         ca_file, cert_file, key_file = make_certificates(tmp_path)
         port = free_port()
         sink = subprocess.Popen([sys.executable, str(HERE / "smtp_sink.py"), "--port", str(port), "--cert", str(cert_file),
-                                 "--key", str(key_file)], stdout=subprocess.PIPE, text=True)
+                                 "--key", str(key_file)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert sink.stdout.readline().strip() == "ready"
         env = {
             "CAREPOST_DATA_DIR": str(tmp_path / "data"),
@@ -139,9 +139,10 @@ def main() -> None:
         enqueue_delivery(ids)
         dispose_engine()
 
+        worker_log = open(tmp_path / "worker.log", "w+")  # a file: an unread pipe would fill and block the worker
         worker = subprocess.Popen([sys.executable, "-m", "carepost.cli", "worker", "--threads", str(args.threads),
-                                   "--no-periodic"], env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True)
+                                   "--no-periodic"], env={**os.environ, **env}, stdout=worker_log,
+                                  stderr=subprocess.STDOUT, text=True)
         started = time.perf_counter()
         samples, statuses = [], {}
         try:
@@ -151,7 +152,7 @@ def main() -> None:
                 done = statuses.get("delivered", 0) + statuses.get("failed", 0) + statuses.get("bounced", 0)
                 samples.append((done, round(rss_mib(worker.pid), 1), time.perf_counter() - started))
                 if worker.poll() is not None:
-                    raise SystemExit("worker exited: " + worker.stderr.read()[-3000:])
+                    raise SystemExit("worker exited: " + (tmp_path / "worker.log").read_text()[-3000:])
                 if done >= len(ids):
                     break
             elapsed = time.perf_counter() - started
@@ -164,6 +165,9 @@ def main() -> None:
             sink.terminate()
             out, _ = sink.communicate(timeout=10)
             huey.flush()
+            worker_log.seek(0)
+            errors = [line for line in worker_log if "ERROR" in line or '"level": "error"' in line]
+            worker_log.close()
     step = max(1, len(samples) // 20)
     # Steady state: from the first sample with deliveries (the worker has started: imports,
     # keys, connections) to the end.
@@ -179,6 +183,7 @@ def main() -> None:
         "accept_seconds": round(accept_seconds, 1), "accept_messages_per_second": round(len(ids) / accept_seconds, 1),
         "worker_rss_mib": rss[::step] + ([rss[-1]] if rss and rss[-1] not in rss[::step] else []),
         "sink_received": int(out.split()[-1]) if out.strip() else None,
+        "worker_errors": len(errors),
     }
     print(json.dumps(result, indent=2))
 

@@ -412,6 +412,23 @@ def test_a_removed_sending_domain_fails_the_message_with_a_reason(env):
     assert env.received("valid") == []
 
 
+def test_no_database_transaction_is_open_while_smtp_runs(env, monkeypatch, capfd):
+    """SQLite takes its write lock at BEGIN: a transaction open across the network would stall
+    every other writer (API, other workers) for as long as the recipients' servers take."""
+    seen = []
+    real = pipeline.send
+
+    def checking(run, copies):
+        seen.append(run.session.in_transaction())
+        return real(run, copies)
+
+    monkeypatch.setattr(pipeline, "send", checking)
+    pipeline.deliver([env.send(), env.send(to=["pat@plain.test"])])  # plain.test: TLS fails, portal, send again
+    assert seen == [False, False]
+    out, err = capfd.readouterr()
+    assert "transaction_open_before_send" not in out + err
+
+
 def test_nothing_identifying_is_logged(env, capfd):
     pipeline.deliver([env.send(), env.send(to=["pat@plain.test"])])
     out, err = capfd.readouterr()

@@ -198,6 +198,7 @@ class Run:
     settings: Settings
     copies: list[Copy] = field(default_factory=list)
     contents: dict[str, Content] = field(default_factory=dict)
+    org_modes: dict[str, str] = field(default_factory=dict)
     claimed: int = 0
 
     def open_copies(self) -> list[Copy]:
@@ -249,6 +250,7 @@ def deliver(message_ids: list[str], *, settings: Settings | None = None) -> RunR
         compose_messages(run)
         protect(run)
         store_for_portal(run, run.open_copies())
+        _no_transaction_across_the_network(session)
         send(run, [c for c in run.open_copies() if c.wire is not None])
         fall_back(run)
         report = record(run)
@@ -330,6 +332,8 @@ def load(run: Run) -> None:
                 content.attachments.append(Attachment(filename, data, a.content_type))
         run.contents[message_id] = content
 
+    run.org_modes = {org_id: service.delivery_settings(session, org_id)["security_mode"]
+                     for org_id in {c.recipient.org_id for c in run.copies}}
     keys = _recipient_keys(session, [c.recipient for c in run.copies])
     for c in run.copies:
         c.content = run.contents[c.recipient.message_id]
@@ -385,7 +389,7 @@ def decide(run: Run) -> None:
     relay = None
     if run.settings.smtp_relay:
         relay = "enforcing" if run.settings.smtp_relay_enforces_tls else "plain"
-    org_modes = _org_modes(run)
+    org_modes = run.org_modes
     for c in run.open_copies():
         m = c.content.message
         mode = max(m.security, org_modes.get(m.org_id, m.security), key=policy.MODE_RANK.__getitem__)
@@ -406,10 +410,11 @@ def compose_messages(run: Run) -> None:
         variant = c.unsubscribe
         if variant in content.composed:
             continue
+        text, html = with_unsubscribe_footer(content.text, content.html, variant)
         try:
             composed = compose(
                 sender=content.sender, to=content.to, cc=content.cc, bcc=[] if (content.to or content.cc) else [c.address],
-                subject=content.subject, text=content.text, html=content.html, reply_to=content.reply_to,
+                subject=content.subject, text=text, html=html, reply_to=content.reply_to,
                 inline_images=content.inline, attachments=content.attachments, headers=content.headers,
                 list_unsubscribe=list(variant) or None,
                 list_unsubscribe_post=any(u.startswith("https://") for u in variant),
@@ -424,6 +429,25 @@ def compose_messages(run: Run) -> None:
         raw, _ = c.content.composed[c.unsubscribe]
         if not raw:
             c.final = ("failed", "composition_failed")
+
+
+def with_unsubscribe_footer(text: str | None, html: str | None, uris: tuple[str, ...]) -> tuple[str | None, str | None]:
+    """A message that needs an opt-out carries a visible link in its body too (CAN-SPAM: clear
+    and conspicuous), not only the List-Unsubscribe header; the URL holds an opaque token only."""
+    url = next((u for u in uris if u.startswith(("https://", "http://"))), None)
+    if url is None:
+        return text, html
+    from html import escape
+
+    if text is not None:
+        text = f"{text.rstrip()}\n\n--\nTo stop receiving these emails, unsubscribe: {url}\n"
+    if html is not None:
+        footer = (f'<p class="carepost-unsubscribe">To stop receiving these emails, '
+                  f'<a href="{escape(url)}">unsubscribe</a>.</p>')
+        lowered = html.lower()
+        at = lowered.rfind("</body>")
+        html = html[:at] + footer + html[at:] if at != -1 else html + footer
+    return text, html
 
 
 def protect(run: Run) -> None:
@@ -727,11 +751,14 @@ def _recipient_keys(session: Session, recipients: list[MessageRecipient]) -> dic
     return out
 
 
-def _org_modes(run: Run) -> dict[str, str]:
-    modes = {}
-    for org_id in {c.org_id for c in run.copies}:
-        modes[org_id] = service.delivery_settings(run.session, org_id)["security_mode"]
-    return modes
+def _no_transaction_across_the_network(session: Session) -> None:
+    """SQLite takes its write lock at BEGIN: a transaction left open through the SMTP step would
+    stall every other writer for as long as the network takes. The steps before this read the
+    database only in step 1-4 and step 8 (which commit); should one ever read after the commit,
+    end that transaction here rather than hold it."""
+    if session.in_transaction():
+        log.warning("transaction_open_before_send")
+        session.commit()
 
 
 _dkim_cache: dict[tuple[str, bytes], list[dkim.DkimKey]] = {}
