@@ -102,6 +102,9 @@ def test_marketing_carries_signed_one_click_headers_that_work(env, session):
     assert url.startswith("https://localhost:8000/t/u/") and "pat" not in url
     signed = " ".join(str(h) for h in msg.get_all("DKIM-Signature")).lower().replace(" ", "")
     assert "list-unsubscribe" in signed and "list-unsubscribe-post" in signed
+    # and a visible link in the body (CAN-SPAM), the same opaque URL
+    body_text = msg.get_body(preferencelist=("plain",)).get_content()
+    assert f"unsubscribe: {url}" in body_text and body_text.startswith(TEXT)
     # the receiver's one-click POST, with no cookies
     client.cookies.clear()
     r = client.post(url.split("localhost:8000", 1)[1], content=b"List-Unsubscribe=One-Click",
@@ -116,6 +119,7 @@ def test_marketing_carries_signed_one_click_headers_that_work(env, session):
     pipeline.deliver([third])
     assert _recipients(client, key, third)["pat@valid.test"]["status"] == "delivered"
     last = email.message_from_bytes(peers.mx["valid"].recorder.messages[-1].data, policy=email_policy.default)
+    assert "unsubscribe" not in last.get_body(preferencelist=("plain",)).get_content().lower()
     assert last["List-Unsubscribe"] is None
 
 

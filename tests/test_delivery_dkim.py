@@ -170,3 +170,19 @@ def test_relaxed_header_matches_dkimpy(value, folded):
     raw += b"\r\n"
     [(name, canon)] = Relaxed.canonicalize_headers([(b"Subject", raw)])
     assert dkim.relaxed_header(b"Subject", raw) == name + b":" + canon
+
+
+def test_long_html_line_with_soft_breaks_verifies():
+    """Quoted-printable soft line breaks must be CRLF too, or the body hash breaks on the wire."""
+    import dkim as dkimpy
+
+    from carepost.delivery import dkim as cdkim
+    from carepost.delivery.mime import compose
+
+    key = cdkim.DkimKey("bar.example", "s1", cdkim.generate_rsa_key())
+    record = cdkim.public_key_record(key.private_key).encode()
+    composed = compose(sender="care@bar.example", to=["pat@valid.test"], subject="s",
+                       text="word " * 60, html="<p>" + "word " * 60 + "</p>")
+    assert b"\n" not in composed.raw.replace(b"\r\n", b"")
+    signed = cdkim.sign(composed.raw, [key])
+    assert dkimpy.DKIM(signed).verify(dnsfunc=lambda name, timeout=5: record)

@@ -382,6 +382,9 @@ def _crlf(text: str) -> bytes:
 
 def _qp(text: str) -> bytes:
     encoded = binascii.b2a_qp(_crlf(text), istext=True, header=False)
+    # b2a_qp writes soft line breaks as "=\n" when the text before them held no CRLF (one long
+    # line): make every line ending CRLF, or DKIM body hashes differ once the wire normalizes.
+    encoded = re.sub(rb"(?<!\r)\n", b"\r\n", encoded)
     # b2a_qp keeps a lone final line unterminated; every part body ends with CRLF.
     return encoded if encoded.endswith(b"\r\n") else encoded + b"\r\n"
 
