@@ -139,3 +139,35 @@ def test_the_copy_of_a_signed_authorization_goes_through_the_pipeline(env, sessi
     assert msg["Subject"] == "Your copy of the authorization you signed"
     text = msg.get_body(("plain",)).get_content()
     assert "Your right to revoke" in text and "/t/authorizations/" in text
+
+
+def test_quiet_hours_defer_marketing_and_never_exclude(env):
+    """Issue 5 item 6: inside the recipient's quiet hours a marketing message is deferred to the
+    next allowed time; once that time comes it is delivered. Treatment mail is not held."""
+    from datetime import datetime, timedelta, timezone
+
+    from carepost.consent.service import set_consent_settings
+    from carepost.core import clock
+
+    peers, sender, key, client = env
+    _contact(sender.org_id, "pat@valid.test")
+    # 02:00 UTC now; quiet from 00:00 to 06:00 in UTC (the organization's default time zone)
+    now = clock.now()
+    clock.advance(datetime(now.year + 1, 1, 5, 2, 0, tzinfo=timezone.utc) - now)
+    with org_session(sender.org_id) as s:
+        set_consent_settings(s, sender.org_id, {"quiet_hours_start": "00:00", "quiet_hours_end": "06:00",
+                                                 "default_time_zone": "UTC"})
+        s.commit()
+    marketing = _send(client, key, ["pat@valid.test"])
+    treatment = _send(client, key, ["pat@valid.test"], purpose="treatment", subject="Your appointment", text="Monday.")
+    pipeline.deliver([marketing, treatment])
+    got = _recipients(client, key, marketing)["pat@valid.test"]
+    assert got["status"] == "deferred" and got["reason"] == "quiet_hours"
+    assert _recipients(client, key, treatment)["pat@valid.test"]["status"] == "delivered"
+    clock.advance(timedelta(hours=4, minutes=1))
+    with org_session(sender.org_id) as s:
+        due = pipeline.due_message_ids(s)
+        s.commit()
+    assert marketing in due
+    pipeline.deliver([marketing])
+    assert _recipients(client, key, marketing)["pat@valid.test"]["status"] == "delivered"

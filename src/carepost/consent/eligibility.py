@@ -500,6 +500,24 @@ def pipeline_list_unsubscribe(session: Session, candidates: list) -> dict[str, l
     return out
 
 
+def pipeline_quiet_hours(session: Session, candidates: list) -> dict[str, datetime]:
+    """``delivery.pipeline.QUIET_HOURS``: recipients of messages that need an opt-out (marketing
+    and the like) who are inside the organization's quiet hours in their own time zone get
+    the next allowed time — a deferral, never an exclusion."""
+    out: dict[str, datetime] = {}
+    by_org: dict[str, list] = {}
+    for c in candidates:
+        purpose = c.purpose if c.purpose in purposes.PURPOSES else "transactional"
+        if c.contact_id and purposes.requirements(purpose).opt_out_required:
+            by_org.setdefault(c.org_id, []).append(c)
+    for org_id, group in by_org.items():
+        until = quiet_hours_deferral(session, [c.contact_id for c in group], org_id=org_id)
+        for c in group:
+            if c.contact_id in until:
+                out[c.recipient_id] = until[c.contact_id]
+    return out
+
+
 def install_delivery_hooks() -> bool:
     """Replace the pipeline's default hooks with the consent checks (idempotent)."""
     try:
@@ -510,6 +528,7 @@ def install_delivery_hooks() -> bool:
         return False
     pipeline.ELIGIBILITY_CHECK = pipeline_eligibility
     pipeline.LIST_UNSUBSCRIBE = pipeline_list_unsubscribe
+    pipeline.QUIET_HOURS = pipeline_quiet_hours
     return True
 
 

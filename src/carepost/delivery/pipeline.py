@@ -50,7 +50,7 @@ import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
@@ -128,6 +128,9 @@ def default_eligibility(session: Session, candidates: list[Candidate]) -> dict[s
 
 ELIGIBILITY_CHECK: EligibilityCheck = default_eligibility
 LIST_UNSUBSCRIBE: UnsubscribeHeaders | None = None
+# ``QUIET_HOURS(session, candidates) -> {recipient id: next allowed time}``: recipients inside
+# their quiet hours are deferred to that time, never excluded (consent installs it).
+QUIET_HOURS: Callable[[Session, list[Candidate]], dict[str, datetime]] | None = None
 
 
 # --------------------------------------------------------------------------- run state
@@ -175,6 +178,7 @@ class Copy:
     portal_message_id: str | None = None
     result: RecipientResult | None = None
     final: tuple[str, str] | None = None  # (status, reason) decided without an SMTP result
+    defer_until: datetime | None = None  # with final ("deferred", ...): when to try again
     fell_back_from: str | None = None
 
     @property
@@ -355,6 +359,15 @@ def check_eligibility(run: Run) -> None:
         reason = excluded.get(c.recipient.id)
         if reason:
             c.final = ("excluded", str(reason)[:200])
+    if QUIET_HOURS is not None:
+        waiting = [cand for cand in candidates if cand.recipient_id not in excluded]
+        deferrals = QUIET_HOURS(run.session, waiting) or {} if waiting else {}
+        for c in run.copies:
+            until = deferrals.get(c.recipient.id)
+            if until is not None and c.final is None:
+                c.final = ("deferred", "quiet_hours")
+                c.defer_until = until
+                excluded = {**excluded, c.recipient.id: "quiet_hours"}  # no List-Unsubscribe work for it now
     if LIST_UNSUBSCRIBE is not None:
         remaining = [cand for cand in candidates if cand.recipient_id not in excluded]
         uris = LIST_UNSUBSCRIBE(run.session, remaining) or {} if remaining else {}
@@ -580,7 +593,7 @@ def record(run: Run) -> RunReport:
             r.portal_message_id = c.portal_message_id
         if c.final is not None:
             status, reason = c.final
-            _finish(session, r, status, reason, c.decision.method if c.decision else None)
+            _finish(session, r, status, reason, c.decision.method if c.decision else None, until=c.defer_until)
         elif c.result is not None:
             result, method = c.result, c.decision.method
             if c.sandbox:
@@ -781,14 +794,14 @@ def _dkim_keys(session: Session, row: SendingDomain) -> list[dkim.DkimKey]:
 
 
 def _finish(session: Session, recipient: MessageRecipient, status: str, reason: str, method: str | None,
-            *, retry: bool = False) -> None:
+            *, retry: bool = False, until: datetime | None = None) -> None:
     now = clock.now()
     recipient.status = status
     recipient.reason = reason
     recipient.method = method if status != "excluded" else None
     recipient.lease_until = None
     recipient.lease_owner = None
-    recipient.next_attempt_at = now + timedelta(minutes=5) if retry else None
+    recipient.next_attempt_at = until or (now + timedelta(minutes=5) if retry else None)
     service.add_event(session, recipient, status, method=recipient.method, reason=reason.split(":", 1)[0])
 
 
