@@ -136,6 +136,10 @@ def main() -> None:
         reset_settings()
         initialize_storage()
         org_id, ids, accept_seconds = accept(args.count)
+        # As the worker's periodic task does once the tables have grown (statistics for SQLite's planner).
+        from carepost.delivery.tasks import refresh_statistics
+
+        refresh_statistics.call_local()
         enqueue_delivery(ids)
         dispose_engine()
 

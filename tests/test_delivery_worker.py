@@ -429,6 +429,27 @@ def test_no_database_transaction_is_open_while_smtp_runs(env, monkeypatch, capfd
     assert "transaction_open_before_send" not in out + err
 
 
+def test_planner_statistics_are_refreshed_as_the_tables_grow(env, storage):
+    from sqlalchemy import text
+
+    from carepost.core.database import get_engine
+    from carepost.delivery.tasks import refresh_statistics
+
+    batch = [body(to=[f"p{i}@valid.test"], html=None) for i in range(1000)]
+    ids = env.client.post("/api/v1/messages/batch", json={"messages": batch}, headers=env.key).json()["ids"]
+    refresh_statistics.call_local()
+    with get_engine().connect() as conn:
+        if storage.backend != "sqlite":  # PostgreSQL keeps its own statistics: nothing was created
+            assert conn.execute(text("SELECT to_regclass('sqlite_stat1')")).scalar() is None
+            return
+        stat = conn.execute(text("SELECT stat FROM sqlite_stat1 WHERE tbl = 'message_recipients'")).scalar()
+        assert int(stat.split()[0]) == 1000
+        plan = conn.exec_driver_sql(
+            "EXPLAIN QUERY PLAN SELECT id FROM messages WHERE org_id = ? AND id IN (?, ?)",
+            (env.sender.org_id, ids[0], ids[1])).all()
+        assert "sqlite_autoindex_messages_1" in str(plan) or "PRIMARY" in str(plan), plan
+
+
 def test_nothing_identifying_is_logged(env, capfd):
     pipeline.deliver([env.send(), env.send(to=["pat@plain.test"])])
     out, err = capfd.readouterr()

@@ -45,3 +45,33 @@ def enqueue_delivery(message_ids: list[str]) -> None:
             deliver_messages(list(message_ids[start:start + size]))
     except Exception as exc:  # noqa: BLE001 - the queue is down: the sweep will pick them up
         log.error("delivery_enqueue_failed", error_type=type(exc).__name__, messages_count=len(message_ids))
+
+
+@huey.periodic_task(crontab(minute="*/10"), name="delivery.refresh_statistics")
+def refresh_statistics() -> None:
+    """SQLite only: refresh the query planner's statistics (``ANALYZE``) once the delivery
+    tables have doubled since the last time. Without them SQLite reads ``org_id = ? AND id IN
+    (...)`` through the org_id index, every row of the organization, instead of the primary
+    key: 80 ms instead of 3 ms for 500 ids in a 40,000-message database, growing with it.
+    PostgreSQL's autovacuum keeps its own statistics."""
+    from sqlalchemy import text
+
+    if not get_settings().is_sqlite:
+        return
+    with system_session() as session:
+        rows = session.execute(text("SELECT max(rowid) FROM message_recipients")).scalar() or 0
+        analyzed = session.execute(text(
+            "SELECT stat FROM sqlite_stat1 WHERE tbl = 'message_recipients' LIMIT 1"
+        )).scalar() if _has_stat_table(session) else None
+        known = int(analyzed.split()[0]) if analyzed else 0
+        if rows >= 1000 and rows > 2 * known:
+            session.execute(text("PRAGMA analysis_limit = 0"))
+            session.execute(text("ANALYZE"))
+            log.info("database_statistics_refreshed", rows_count=rows)
+        session.commit()
+
+
+def _has_stat_table(session) -> bool:
+    from sqlalchemy import text
+
+    return bool(session.execute(text("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_stat1'")).scalar())
