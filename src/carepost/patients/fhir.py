@@ -19,6 +19,8 @@ Narratives (``Resource.text``), notes and attachments are never mapped, so never
 
 from __future__ import annotations
 
+import abc
+
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -90,11 +92,12 @@ class ImportStats:
                 "patients": self.patients, "by_type": self.by_type}
 
 
-class ErrorSink:
+class ErrorSink(abc.ABC):
     """Where record errors go (the import's error report). Implemented in ``imports``."""
 
+    @abc.abstractmethod
     def error(self, *, reason: str, line: int | None = None, resource: str | None = None, field: str | None = None) -> None:
-        raise NotImplementedError
+        """Record one failed record with its line or resource id and the reason."""
 
     def checkpoint(self, stats: ImportStats) -> None:
         """Called after each committed batch (progress, counts)."""
