@@ -494,3 +494,61 @@ def portal_settings_save(request: Request, subject: str = Form(""), body: str = 
     session.commit()
     return _see_other("/app/portal-settings?saved=1")
 
+
+
+# --------------------------------------------------------------------------- contact page sections
+
+
+def contact_messages_rows(session, org_id: str, contact_id: str) -> list[dict]:
+    """Message history on the contact page: the newest deliveries to this patient (status,
+    method, purpose) with a link to each message; no addresses or content."""
+    from sqlalchemy import select
+
+    from carepost.delivery.models import Message, MessageRecipient
+
+    rows = session.execute(
+        select(MessageRecipient.message_id, MessageRecipient.status, MessageRecipient.method, Message.purpose,
+               Message.created_at)
+        .join(Message, Message.id == MessageRecipient.message_id)
+        .where(MessageRecipient.org_id == org_id, MessageRecipient.contact_id == contact_id)
+        .order_by(Message.created_at.desc()).limit(10)
+    ).all()
+    out = [{"summary": f"{clock.aware(created):%Y-%m-%d %H:%M} — {purpose or 'message'}: {status}"
+                       + (f" by {method}" if method else ""),
+            "href": f"/app/deliveries/{message_id}"} for message_id, status, method, purpose, created in rows]
+    return out or [{"summary": "No messages yet."}]
+
+
+def contact_keys_rows(session, org_id: str, contact_id: str) -> list[dict]:
+    """Encryption keys on file for the patient's addresses (by blind index), with a warning
+    when one expires within 30 days."""
+    from sqlalchemy import select
+
+    from carepost.delivery.models import RecipientKey
+    from carepost.patients.models import ContactIdentifier
+
+    indexes = list(session.scalars(select(ContactIdentifier.blind_index).where(
+        ContactIdentifier.org_id == org_id, ContactIdentifier.contact_id == contact_id, ContactIdentifier.kind == "email")))
+    if not indexes:
+        return [{"summary": "No email address on file."}]
+    soon = clock.now() + service.KEY_EXPIRY_WARNING
+    out = []
+    for key in session.scalars(select(RecipientKey).where(RecipientKey.org_id == org_id,
+                                                          RecipientKey.address_index.in_(indexes))):
+        expires = clock.aware(key.expires_at)
+        note = ""
+        if expires is not None:
+            note = f", expires {expires:%Y-%m-%d}" + (" — renew soon" if expires <= soon else "")
+        out.append({"summary": f"{'OpenPGP' if key.kind == 'pgp' else 'S/MIME'} key {key.fingerprint[:16]}…{note}",
+                    "href": "/app/recipient-keys"})
+    return out or [{"summary": "No PGP or S/MIME key on file: protected mail goes by TLS or the secure portal."}]
+
+
+def _register_contact_sections() -> None:
+    from carepost.patients.pages import register_contact_section
+
+    register_contact_section("messages", "Message history", contact_messages_rows)
+    register_contact_section("keys", "Encryption keys", contact_keys_rows)
+
+
+_register_contact_sections()
