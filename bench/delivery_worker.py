@@ -134,6 +134,9 @@ def main() -> None:
         from carepost.delivery.tasks import enqueue_delivery
 
         reset_settings()
+        from carepost.core.logging import configure_logging
+
+        configure_logging("WARNING", True)  # stdout carries the JSON result only
         initialize_storage()
         org_id, ids, accept_seconds = accept(args.count)
         # As the worker's periodic task does once the tables have grown (statistics for SQLite's planner).
