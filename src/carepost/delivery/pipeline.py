@@ -40,6 +40,8 @@ Hook points for other capabilities (module attributes, replaced at import time):
 ``LIST_UNSUBSCRIBE(session, candidates) -> {recipient id: [uri, ...]}`` (default None)
     List-Unsubscribe URIs per recipient (RFC 8058 one-click when one is https); covered by the
     DKIM signature.
+``QUIET_HOURS(session, candidates) -> {recipient id: next allowed time}`` (default None)
+    Recipients inside their quiet hours are ``deferred`` to that time, never excluded.
 """
 
 from __future__ import annotations
