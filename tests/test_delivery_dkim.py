@@ -71,7 +71,8 @@ def test_rsa_signature_verifies_with_dkimpy(rsa_key):
     assert names.count("from") == 2  # over-signed
     for header in ("to", "cc", "subject", "date", "message-id", "mime-version", "content-type"):
         assert header in names
-    assert "list-unsubscribe" not in names
+    # Over-signed even when absent, so a relay cannot add one-click unsubscribe to our mail.
+    assert names.count("list-unsubscribe") == 1 and names.count("cc") == 2
     assert b"a=rsa-sha256" in signed and b"c=relaxed/relaxed" in signed and b"d=bar.example" in signed
 
 
@@ -115,6 +116,28 @@ def test_tampering_fails(rsa_key, ed_key, tamper):
     tampered = tamper(signed)
     assert tampered != signed
     assert verify_all(tampered, dns_for(rsa_key, ed_key)) == [False, False]
+
+
+OVERSIGNED = ("From", "To", "Cc", "Reply-To", "Subject", "Date", "Message-ID", "List-Unsubscribe",
+              "List-Unsubscribe-Post", "MIME-Version", "Content-Type", "Content-Transfer-Encoding")
+
+
+@pytest.mark.parametrize("header", OVERSIGNED)
+def test_header_added_after_signing_breaks_verification(rsa_key, ed_key, header):
+    """Issue 9 item 18: every listed header is over-signed, present or not, so one ADDED in
+    transit (on top, where readers look first) fails dkimpy's verification for both keys."""
+    signed = dkim.sign(sample(reply_to="desk@bar.example"), [rsa_key, ed_key])
+    assert verify_all(signed, dns_for(rsa_key, ed_key)) == [True, True]
+    for i in (0, 1):
+        names = h_tag(signed, i)
+        present = sum(1 for n, _ in dkim.split_message(signed)[0] if n.decode().lower() == header.lower())
+        assert names.count(header.lower()) == present + 1, header
+    added = f"{header}: injected@evil.example\r\n".encode() + signed
+    assert verify_all(added, dns_for(rsa_key, ed_key)) == [False, False]
+    # Added below the signatures (after the original headers), it breaks verification too.
+    head, _, body = signed.partition(b"\r\n\r\n")
+    appended = head + f"\r\n{header}: injected@evil.example".encode() + b"\r\n\r\n" + body
+    assert verify_all(appended, dns_for(rsa_key, ed_key)) == [False, False]
 
 
 def test_wrong_key_fails(rsa_key):

@@ -8,11 +8,16 @@ Choices:
 
 * relaxed/relaxed canonicalization — survives the header refolding and trailing-space
   changes common on the way to the recipient.
-* ``h=`` covers From (over-signed: listed once more than it occurs, so a second From added in
-  transit breaks the signature, RFC 6376 8.15), To, Cc, Reply-To, Subject, Date, Message-ID,
-  MIME-Version, Content-Type, Content-Transfer-Encoding, In-Reply-To, References, and
-  List-Unsubscribe / List-Unsubscribe-Post when present (RFC 8058 section 4 requires both to be
-  signed for one-click unsubscribe).
+* ``h=`` covers From, To, Cc, Reply-To, Subject, Date, Message-ID, MIME-Version, Content-Type,
+  Content-Transfer-Encoding, In-Reply-To, References, List-Unsubscribe and
+  List-Unsubscribe-Post (RFC 8058 section 4 requires both to be signed for one-click
+  unsubscribe).
+* Over-signing (RFC 6376 8.15): every header a reader or a filter acts on — the address
+  headers, Subject, Date, Message-ID, the List-Unsubscribe pair and the MIME headers — is listed
+  once more than it occurs, *also when it does not occur at all*. A verifier treats the extra
+  name as an empty header, so a copy added in transit (a second Subject or From shown instead
+  of ours, a Cc or List-Unsubscribe inserted by a relay, a Content-Type that reinterprets the
+  body) breaks the signature instead of riding on it.
 * The body hash is computed once and shared by the RSA and the Ed25519 signature.
 """
 
@@ -33,7 +38,10 @@ SIGNED_HEADERS = (
     "From", "To", "Cc", "Reply-To", "Subject", "Date", "Message-ID", "MIME-Version", "Content-Type",
     "Content-Transfer-Encoding", "In-Reply-To", "References", "List-Unsubscribe", "List-Unsubscribe-Post",
 )
-OVERSIGNED_HEADERS = ("From",)
+OVERSIGNED_HEADERS = (
+    "From", "To", "Cc", "Reply-To", "Subject", "Date", "Message-ID", "List-Unsubscribe", "List-Unsubscribe-Post",
+    "MIME-Version", "Content-Type", "Content-Transfer-Encoding",
+)
 RSA_KEY_BITS = 2048
 
 _SELECTOR_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
