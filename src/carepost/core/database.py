@@ -94,6 +94,7 @@ def _sqlcipher_engine(path: str, settings: Settings) -> Engine:
         pool_size=8,
         max_overflow=16,
         pool_pre_ping=False,
+        hide_parameters=True,  # SQL parameters (PHI) never reach exception texts or echo logs
     )
 
     # pysqlite's own transaction handling defers BEGIN until the first write, which makes
@@ -121,7 +122,7 @@ def make_engine(settings: Settings | None = None, url: str | None = None) -> Eng
         path = url.split(":///", 1)[1]
         return _sqlcipher_engine(path, settings)
     if url.startswith("postgresql+psycopg://"):
-        return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+        return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True, hide_parameters=True)
     raise ValueError(f"unsupported database URL scheme: {url.split(':', 1)[0]}")
 
 
