@@ -4,6 +4,7 @@ consuming from the SQLite queue and from Redis, on both databases."""
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import os
 import signal
@@ -72,10 +73,59 @@ class Channel(enum.StrEnum):
     EMAIL = "email"
 
 
-def test_ids_ints_and_enums_are_accepted():
+def test_ids_booleans_and_enums_are_accepted():
     from carepost.core.queue import check_task_args
 
-    check_task_args("t", (new_id(), 3, True, None, Channel.EMAIL, [new_id(), new_id()]), {"org_id": new_id(), "attempt": 2})
+    check_task_args("t", (new_id(), True, None, Channel.EMAIL, [new_id(), new_id()]), {"org_id": new_id(), "retry": False})
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        5551234567,  # a phone number
+        19800101,  # a birth date
+        123456789,  # an SSN
+        3,
+        "0" * 32,
+        "f" * 32,
+        hashlib.md5(b"jane.doe@example.org").hexdigest(),  # PHI in id clothing
+        "19800101" + "0" * 24,
+        new_id().upper(),
+        [new_id(), 42],
+    ],
+    ids=["phone", "birth-date", "ssn", "small-int", "zeros", "effs", "md5-of-email", "date-prefix", "upper", "list-with-int"],
+)
+def test_integers_and_hex_that_carepost_did_not_issue_are_rejected(value):
+    """Issue 9 item 20: only the id format CarePost issues (core/ids.new_id: a millisecond time
+    since 2025 and random bits) passes; any integer and any other 32-hex value is refused."""
+    from carepost.core.queue import TaskArgumentRejected, check_task_args
+
+    with pytest.raises(TaskArgumentRejected, match="argument 1"):
+        check_task_args("send", (value,), {})
+
+
+def test_every_task_enqueued_by_carepost_passes_the_guard():
+    """Every task CarePost defines takes ids only (or nothing): call each through huey's
+    enqueue path with ids from new_id and nothing is refused."""
+    import inspect
+
+    from carepost.assembly import assemble
+    from carepost.core.queue import check_task_args, huey
+
+    assemble()
+    checked = 0
+    for name, task_class in huey._registry._registry.items():
+        if not task_class.__module__.startswith("carepost."):
+            continue  # tasks these tests define
+        func = inspect.getclosurevars(task_class.execute).nonlocals["func"]
+        params = [p for p in inspect.signature(func).parameters.values()
+                  if p.default is inspect.Parameter.empty]
+        args = tuple([new_id()] if p.annotation in ("list[str]", list) else new_id() for p in params)
+        check_task_args(name, args, {})
+        for p in params:
+            assert p.annotation in ("str", "list[str]"), f"{name}: {p.name} is {p.annotation}"
+        checked += 1
+    assert checked >= 10
 
 
 @pytest.mark.parametrize(
@@ -124,22 +174,22 @@ def test_queue_store_holds_json_with_ids_only(queue_env):
     from carepost.core.queue import huey, sqlite_queue_path
 
     @huey.task(name="probe_task_for_serializer")
-    def probe(message_id: str, attempt: int, channel: Channel) -> None:
+    def probe(message_id: str, retry: bool, channel: Channel) -> None:
         pass
 
     try:
         mid = new_id()
-        probe(mid, 2, Channel.EMAIL)
+        probe(mid, True, Channel.EMAIL)
         settings = get_settings()
         with sqlite3.connect(sqlite_queue_path(settings)) as conn:
             rows = conn.execute("SELECT data FROM task WHERE queue = ?", (settings.queue_name,)).fetchall()
         assert len(rows) == 1
         stored = json.loads(bytes(rows[0][0]))  # JSON, not pickle
-        assert stored["args"] == [mid, 2, "email"]
+        assert stored["args"] == [mid, True, "email"]
         assert stored["kwargs"] == {}
         # And it comes back as a runnable task.
         task = huey.dequeue()
-        assert task.args == (mid, 2, "email")
+        assert task.args == (mid, True, "email")
     finally:
         probe.unregister()
 

@@ -3,8 +3,9 @@
 The queue carries ids, never PHI (ARCHITECTURE.md section 2 and 5). Three things enforce it:
 
 * results are disabled (``results=False``): a task's return value is never stored;
-* every enqueue passes :func:`check_task_args` — ids, integers, booleans, ``None`` and enum
-  members (and short lists of those) are accepted, anything else raises
+* every enqueue passes :func:`check_task_args` — ids CarePost issued (:func:`is_issued_id`),
+  booleans, ``None`` and enum members (and short lists of those) are accepted, anything else —
+  integers included: a phone number, an MRN or a birth date fits in one — raises
   :class:`TaskArgumentRejected` before a byte is written;
 * messages are serialized as JSON, not pickle, so the store holds readable references only and a
   process with write access to Redis cannot make a worker run code.
@@ -22,16 +23,13 @@ worker stops mid-task). Write a task as::
 
     deliver_message(message.id)      # enqueues; the worker runs it
 
-Each capability's ``tasks.py`` is imported by the worker through :func:`load_task_modules`.
+Each capability's ``tasks.py`` is listed in the composition root (``carepost.assembly.TASK_MODULES``).
 """
 
 from __future__ import annotations
 
 import enum
-import importlib
-import importlib.util
 import json
-import pkgutil
 import threading
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -43,23 +41,23 @@ from huey.serializer import Serializer
 from huey.storage import RedisStorage, SqliteStorage
 
 from carepost.core.config import Settings, get_settings
-from carepost.core.ids import is_id
+from carepost.core.ids import is_issued_id
 
 QUEUE_NAME = "carepost"
 MAX_LIST_ARGS = 1000  # a batch of ids; a larger batch belongs in the database, referenced by one id
 
 
 class TaskArgumentRejected(ValueError):
-    """A task argument is not an id, an integer, a boolean or an enum member."""
+    """A task argument is not an id CarePost issued, a boolean, ``None`` or an enum member."""
 
 
 def _allowed_scalar(value) -> bool:
-    if value is None or isinstance(value, (bool, int)):
+    if value is None or isinstance(value, bool):
         return True
-    if isinstance(value, enum.Enum):
+    if isinstance(value, enum.Enum):  # a closed set of values named in code, not data
         return isinstance(value.value, (int, str)) and len(str(value.value)) <= 64
     if isinstance(value, str):
-        return is_id(value)
+        return is_issued_id(value)
     return False
 
 
@@ -77,7 +75,8 @@ def check_task_args(name: str, args: tuple | list, kwargs: dict | None) -> None:
         elif _allowed_scalar(value):
             continue
         raise TaskArgumentRejected(
-            f"task {name}: {where} is a {type(value).__name__}; tasks take ids, integers, booleans or enum members only"
+            f"task {name}: {where} is a {type(value).__name__} that is not an id CarePost issued; "
+            "tasks take ids, booleans or enum members only"
         )
 
 
@@ -254,25 +253,10 @@ def pending_count() -> int:
     return huey.pending_count()
 
 
-def load_task_modules() -> list[str]:
-    """Import every capability's ``tasks.py`` so the worker knows each task by name."""
-    import carepost
-
-    loaded = []
-    for info in pkgutil.iter_modules(carepost.__path__):
-        if not info.ispkg:
-            continue
-        name = f"carepost.{info.name}.tasks"
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name)
-            loaded.append(name)
-    return loaded
-
-
 def run_consumer(workers: int, shutdown_timeout: float, periodic: bool = True) -> None:
     """Run the Huey consumer in this process until SIGTERM (graceful: running tasks finish, up to
-    ``shutdown_timeout`` seconds) or SIGINT (immediate)."""
-    load_task_modules()
+    ``shutdown_timeout`` seconds) or SIGINT (immediate). The caller has assembled the process
+    (``carepost.assembly``), which loads every capability's tasks."""
     consumer = huey.create_consumer(
         workers=workers,
         worker_type="thread",
