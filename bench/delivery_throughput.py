@@ -133,6 +133,9 @@ async def run(args) -> dict:
 
 
 def main() -> None:
+    from carepost.assembly import assemble
+
+    assemble()  # the one composition root, as every entry point
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=20000)
     parser.add_argument("--concurrency", type=int, default=16)

@@ -137,6 +137,9 @@ def main() -> None:
         from carepost.core.logging import configure_logging
 
         configure_logging("WARNING", True)  # stdout carries the JSON result only
+        from carepost.assembly import assemble
+
+        assemble()  # the one composition root, as every entry point
         initialize_storage()
         org_id, ids, accept_seconds = accept(args.count)
         # As the worker's periodic task does once the tables have grown (statistics for SQLite's planner).

@@ -56,6 +56,7 @@ def main() -> None:
 
 def run(args, work: Path) -> dict:
     from carepost.accounts.service import create_organization
+    from carepost.assembly import assemble
     from carepost.core.bootstrap import initialize_storage
     from carepost.core.database import org_session, system_session
     from carepost.core.logging import configure_logging
@@ -63,6 +64,7 @@ def run(args, work: Path) -> dict:
     from carepost.patients.imports import import_local_file
 
     configure_logging("WARNING", True)
+    assemble()  # the one composition root, as every entry point
     initialize_storage()
     with system_session() as s:
         org = create_organization(s, "Bench Clinic")

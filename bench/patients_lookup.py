@@ -57,6 +57,7 @@ def run(args) -> dict:
 
     from carepost.accounts.service import create_organization
     from carepost.core import clock
+    from carepost.assembly import assemble
     from carepost.core.bootstrap import initialize_storage
     from carepost.core.database import get_engine, org_session, system_session
     from carepost.core.logging import configure_logging
@@ -64,6 +65,7 @@ def run(args) -> dict:
     from carepost.patients.models import Contact, ContactIdentifier
 
     configure_logging("WARNING", True)
+    assemble()  # the one composition root, as every entry point
     initialize_storage()
     with system_session() as s:
         org_id = create_organization(s, "Lookup Bench").id

@@ -84,7 +84,10 @@ def storage(request, tmp_path_factory):
         env["CAREPOST_DATABASE_URL"] = url
     saved = {k: os.environ.get(k) for k in _ENV_KEYS}
     apply_env(env)
+    from carepost.assembly import assemble
     from carepost.core.bootstrap import initialize_storage
+
+    assemble()  # the one composition root, as every entry point
 
     initialize_storage()
     yield Storage(backend, data_dir, env)

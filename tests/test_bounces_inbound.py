@@ -150,7 +150,7 @@ def test_processing_is_idempotent_and_reports_are_purged(session, org, monkeypat
     from carepost.core.database import system_session
     from carepost.delivery.inbound import process_report, purge_reports, store_report
     from carepost.delivery.models import MessageEvent
-    from carepost.tracking import tasks
+    from carepost.delivery import tasks
 
     sent = make_sent(session, org.id)
     queued = []
@@ -178,7 +178,7 @@ def test_processing_is_idempotent_and_reports_are_purged(session, org, monkeypat
 
 def test_pending_reports_are_queued_again(session, org, monkeypatch):
     from carepost.delivery.inbound import pending_report_ids, store_report
-    from carepost.tracking import tasks
+    from carepost.delivery import tasks
 
     sent = make_sent(session, org.id)
 

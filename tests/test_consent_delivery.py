@@ -21,12 +21,10 @@ TEXT = "Our flu clinic is open on Saturdays this month."
 
 @pytest.fixture
 def env(delivery_env, sender, delivery_queue, client, monkeypatch):
-    from carepost.consent.eligibility import install_delivery_hooks
     from carepost.core.config import reset_settings
 
     monkeypatch.setenv("CAREPOST_BASE_URL", "https://localhost:8000")  # RFC 8058 links are https
     reset_settings()
-    install_delivery_hooks()
     key = sender.key("messages:send", "messages:read", "phi:read_unmasked", "consent:manage")
     return delivery_env, sender, key, client
 
@@ -171,3 +169,32 @@ def test_quiet_hours_defer_marketing_and_never_exclude(env):
     assert marketing in due
     pipeline.deliver([marketing])
     assert _recipients(client, key, marketing)["pat@valid.test"]["status"] == "delivered"
+
+
+def test_deceased_patients_are_excluded_from_every_send(env):
+    """Issue 10 item 2: a patient imported as deceased is excluded at acceptance, for a
+    transactional message as for marketing; one marked deceased after acceptance is excluded
+    when the worker claims the message. The reason is ``deceased``; the living still get mail."""
+    peers, sender, key, client = env
+    writer = sender.key("phi:write", "phi:read_unmasked")
+    dead_id, _ = _contact(sender.org_id, "gone@valid.test")
+    later_id, _ = _contact(sender.org_id, "later@valid.test")
+    _contact(sender.org_id, "pat@valid.test")
+    r = client.patch(f"/api/v1/contacts/{dead_id}", json={"deceased": True}, headers=writer)
+    assert r.status_code == 200 and r.json()["deceased"] is True and r.json()["care_stage"] == "deceased"
+    for purpose in ("transactional", "marketing"):
+        message_id = _send(client, key, ["gone@valid.test", "pat@valid.test"], purpose=purpose)
+        got = _recipients(client, key, message_id)
+        assert got["gone@valid.test"]["status"] == "excluded" and got["gone@valid.test"]["reason"] == "deceased", purpose
+    message_id = _send(client, key, ["later@valid.test", "pat@valid.test"], purpose="transactional")
+    assert _recipients(client, key, message_id)["later@valid.test"]["status"] == "queued"
+    r = client.patch(f"/api/v1/contacts/{later_id}", json={"deceased": True}, headers=writer)
+    assert r.status_code == 200
+    pipeline.deliver([message_id])
+    got = _recipients(client, key, message_id)
+    assert got["later@valid.test"]["status"] == "excluded" and got["later@valid.test"]["reason"] == "deceased"
+    assert got["pat@valid.test"]["status"] == "delivered"
+    rcpts = [r for m in peers.mx["valid"].recorder.messages for r in m.rcpt_tos]
+    assert "gone@valid.test" not in rcpts and "later@valid.test" not in rcpts and "pat@valid.test" in rcpts
+    report = client.get("/api/v1/consent/reports", headers=key)
+    assert report.status_code == 200 and report.json()["excluded_contacts"] == {"deceased": 2}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from carepost.consent.purposes import PURPOSES, purposes_list, requirements
+from carepost.core.purposes import PURPOSES, purposes_list, requirements
 from carepost.core.errors import ValidationFailed
 
 

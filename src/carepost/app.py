@@ -1,7 +1,9 @@
-"""Assembles the ASGI app from each capability's routers and the cross-cutting middleware."""
+"""The ASGI app: the routers the composition root (``carepost.assembly``) names, and the
+cross-cutting middleware."""
 
 from __future__ import annotations
 
+import re
 import time
 from contextlib import asynccontextmanager
 
@@ -20,31 +22,6 @@ from carepost.core.ids import new_id
 from carepost.core.logging import configure_logging, get_logger
 
 log = get_logger("carepost.app")
-
-# Routers, in the order they are matched. Each capability contributes api.py and pages.py.
-ROUTER_MODULES = [
-    "carepost.web.api",
-    "carepost.web.pages",
-    "carepost.accounts.api",
-    "carepost.accounts.pages",
-    "carepost.audit.api",
-    "carepost.audit.pages",
-    "carepost.patients.api",
-    "carepost.patients.pages",
-    "carepost.consent.api",
-    "carepost.consent.pages",
-    "carepost.forms.api",
-    "carepost.forms.pages",
-    "carepost.forms.hosted",
-    "carepost.forms.texts_pages",
-    "carepost.delivery.api",
-    "carepost.delivery.pages",
-    "carepost.portal.api",
-    "carepost.portal.pages",
-    "carepost.tracking.api",
-    "carepost.tracking.pages",
-    "carepost.content.api",
-]
 
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; font-src 'self'; "
@@ -170,12 +147,24 @@ def _route_template(request: Request) -> str:
     return getattr(route, "path", "unmatched")
 
 
+# A client's X-Request-Id is kept (and stored in audit events) only when it looks like a trace id:
+# 16-64 hex digits, optionally grouped by hyphens (UUIDs, W3C trace ids, CarePost ids). Anything
+# else — free text, an e-mail address, a name, a phone number — is replaced by a new id.
+_REQUEST_ID = re.compile(r"^(?=.{16,64}$)[0-9A-Fa-f]+(?:-[0-9A-Fa-f]+)*$")
+
+
+def accepted_request_id(value: str | None) -> str:
+    if value and _REQUEST_ID.match(value):
+        return value
+    return new_id()
+
+
 def install_middleware(app: FastAPI, settings: Settings) -> None:
     from carepost.web.metrics import observe_request
 
     @app.middleware("http")
     async def _headers_and_ids(request: Request, call_next):
-        request.state.request_id = request.headers.get("x-request-id", "")[:64] or new_id()
+        request.state.request_id = accepted_request_id(request.headers.get("x-request-id"))
         started = time.perf_counter()
         response = await call_next(request)
         response.headers["X-Request-Id"] = request.state.request_id
@@ -217,6 +206,9 @@ def enforce_declared_access(app: FastAPI) -> list[str]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     import importlib
 
+    from carepost.assembly import assemble
+
+    assembly = assemble()  # models, pipeline steps, tasks, events: before the first request
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_json)
 
@@ -242,7 +234,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from carepost.web.rendering import STATIC_DIR
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    for module_name in ROUTER_MODULES:
+    for module_name in assembly.routers:
         module = importlib.import_module(module_name)
         app.include_router(module.router)
     enforce_declared_access(app)

@@ -38,11 +38,17 @@ def _version(value: bool) -> None:
 def _main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
+    from carepost.assembly import assemble
     from carepost.core.config import get_settings
     from carepost.core.logging import configure_logging
+    from carepost.core.ports import NotAssembled
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)
+    try:
+        assemble()  # every command runs on the one composition root (fail closed)
+    except NotAssembled as exc:
+        fail(f"CarePost could not be assembled: {exc}", code=70)
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -103,7 +109,7 @@ def serve(
             host=host or settings.host,
             port=port or settings.port,
             workers=workers,
-            access_log=False,
+            access_log=settings.access_log,
             proxy_headers=True,
             server_header=False,
             log_config=None,

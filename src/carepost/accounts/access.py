@@ -104,7 +104,7 @@ async def _csrf_ok(request: Request, principal: Principal) -> bool:
 
 
 def _audit_denial(session: Session, request: Request, principal: Principal | None, reason: str, needed: tuple) -> None:
-    from carepost.audit.service import record
+    from carepost.accounts.ports import record
 
     session.rollback()
     session.info.pop("org_id", None)

@@ -118,7 +118,7 @@ from starlette.concurrency import run_in_threadpool  # noqa: E402
 from carepost.accounts import credentials as creds  # noqa: E402
 from carepost.accounts.access import Principal, authenticated, db_session, public, request_context, require  # noqa: E402
 from carepost.accounts.permissions import Permission  # noqa: E402
-from carepost.audit.service import record_for  # noqa: E402
+from carepost.accounts.ports import record_for  # noqa: E402
 
 
 class WhoAmI(BaseModel):

@@ -48,7 +48,7 @@ from carepost.accounts.access import Principal, request_context
 from carepost.accounts.models import ApiCredential, OAuthToken, Organization, RequestNonce
 from carepost.accounts.permissions import API_SCOPES
 from carepost.accounts.ratelimit import enforce, redis_client
-from carepost.audit.service import record
+from carepost.accounts.ports import record
 from carepost.core import clock
 from carepost.core.config import get_settings
 from carepost.core.crypto import get_keyring

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from carepost.accounts.models import BreakGlassGrant, User
-from carepost.audit.service import record
+from carepost.accounts.ports import record
 from carepost.core import clock
 from carepost.core.config import get_settings
 from carepost.core.database import ALL_ORGANIZATIONS

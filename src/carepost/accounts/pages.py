@@ -19,7 +19,7 @@ from carepost.accounts import sessions as web_sessions  # noqa: E402
 from carepost.accounts.access import Principal, authenticated, db_session, public, request_context, require  # noqa: E402
 from carepost.accounts.models import User, WebAuthnCredential  # noqa: E402
 from carepost.accounts.permissions import ROLE_LABELS, ROLES, Permission  # noqa: E402
-from carepost.audit.service import record  # noqa: E402
+from carepost.accounts.ports import record  # noqa: E402
 from carepost.core import clock  # noqa: E402
 from carepost.core.config import get_settings  # noqa: E402
 from carepost.core.errors import CarePostError, NotFound, PermissionDenied, RateLimited  # noqa: E402

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from carepost.accounts.models import ApiCredential, Membership, OneTimeLink, Organization, User
 from carepost.accounts.permissions import permissions_for
-from carepost.core import clock
+from carepost.core import clock, events
 from carepost.core.crypto import get_keyring
 from carepost.core.database import ALL_ORGANIZATIONS
 from carepost.core.errors import CarePostError, Conflict, NotFound, ValidationFailed
@@ -42,9 +42,8 @@ def create_organization(session: Session, name: str) -> Organization:
     session.add(org)
     session.flush()
     get_keyring().ensure_org_keys(session, org.id)
-    from carepost.consent.service import ensure_default_texts
-
-    ensure_default_texts(session, org.id)  # complete authorization texts for compliance review
+    # Consent writes the default authorization texts for compliance review (wired by the root).
+    events.publish("organization.created", session, org.id)
     return org
 
 
@@ -127,7 +126,7 @@ class LinkGone(CarePostError):
 def _record(audit: dict | None, **kwargs) -> None:
     if audit is None:
         return
-    from carepost.audit.service import record
+    from carepost.accounts.ports import record
 
     session = kwargs.pop("session")
     record(session, **{**audit, **kwargs})

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from carepost.accounts.access import Principal, request_context
 from carepost.accounts.models import Membership, Organization, User, WebSession
 from carepost.accounts.permissions import BREAK_GLASS_GRANTS, ROLES
-from carepost.audit.service import record
+from carepost.accounts.ports import record
 from carepost.core import clock
 from carepost.core.config import get_settings
 from carepost.core.database import ALL_ORGANIZATIONS, Base

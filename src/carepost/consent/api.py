@@ -18,7 +18,8 @@ from carepost.accounts.access import Principal, require
 from carepost.accounts.permissions import Permission as P
 from carepost.audit.service import record_for
 from carepost.consent import authorizations as auth
-from carepost.consent import eligibility, purposes, reports, service
+from carepost.consent import eligibility, reports, service
+from carepost.core import purposes
 from carepost.consent.schemas import (
     AuthorizationIn,
     EligibilityIn,

@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from carepost.consent import purposes
+from carepost.core import purposes
 from carepost.consent.models import AUTHORIZATION_METHODS, Authorization, AuthorizationText
 from carepost.consent.texts import DEFAULT_TEXTS, HEADINGS
 from carepost.core import clock

@@ -12,7 +12,8 @@ This module reads the tables of patients (contacts, their email identifiers) and
 (recent messages, for frequency caps) directly: a set-based answer needs joins, which calling
 their services one contact at a time cannot give. It only reads them.
 
-Order of the checks, first match wins: the address (no_address, invalid_address); address-level
+Order of the checks, first match wins: a deceased contact (``deceased``, every purpose,
+transactional included: nobody is mailed after death); the address (no_address, invalid_address); address-level
 suppressions (bounce, complaint, manual and legal-hold entries, unsubscribes); contact-level
 opt-outs (unsubscribed_topic, unsubscribed_all, or not subscribed to an opt-in topic); the
 authorization the purpose needs (164.508(a)(3)); the frequency cap. Quiet hours never exclude:
@@ -29,7 +30,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from carepost.consent import purposes
+from carepost.core import purposes
 from carepost.consent.models import ALL_MARKETING, Authorization, Subscription, Suppression, Topic
 from carepost.consent.service import consent_settings, get_topic, suppression_reason
 from carepost.core import clock
@@ -37,11 +38,12 @@ from carepost.core.errors import ValidationFailed
 
 ELIGIBLE = "eligible"
 REASONS = (
-    "no_authorization", "authorization_expired", "authorization_revoked", "unsubscribed_topic", "unsubscribed_all",
+    "deceased", "no_authorization", "authorization_expired", "authorization_revoked", "unsubscribed_topic", "unsubscribed_all",
     "suppressed_bounce", "suppressed_complaint", "suppressed_manual", "frequency_cap", "no_address", "invalid_address",
 )
 REASON_TEXT = {
     "eligible": "Eligible",
+    "deceased": "The patient is deceased",
     "no_authorization": "No signed authorization for this purpose",
     "authorization_expired": "The authorization expired",
     "authorization_revoked": "The authorization was revoked",
@@ -68,6 +70,7 @@ class _Subject:
     contact_id: str | None
     address_index: str | None
     address_invalid: bool = False
+    deceased: bool = False
 
 
 def _suppression_code(row: Suppression) -> str:
@@ -127,20 +130,23 @@ def check_eligibility(
         chunk = ids[i : i + chunk_size]
         # One query: every contact of the chunk with its email identifiers (primary = lowest rank).
         primary: dict[str, tuple[int, str] | None] = {}
+        deceased: set[str] = set()
         rows = session.execute(
-            select(Contact.id, ContactIdentifier.rank, ContactIdentifier.id, ContactIdentifier.blind_index)
+            select(Contact.id, ContactIdentifier.rank, ContactIdentifier.id, ContactIdentifier.blind_index, Contact.deceased)
             .outerjoin(ContactIdentifier, (ContactIdentifier.contact_id == Contact.id)
                        & (ContactIdentifier.kind == "email") & (ContactIdentifier.org_id == org_id))
             .where(Contact.org_id == org_id, Contact.id.in_(chunk))
         )
-        for cid, rank, ident_id, idx in rows:
+        for cid, rank, ident_id, idx, is_deceased in rows:
+            if is_deceased:
+                deceased.add(cid)
             cur = primary.get(cid)
             if idx is None:
                 primary.setdefault(cid, None)
             elif cur is None or (rank, ident_id) < cur[0]:
                 primary[cid] = ((rank, ident_id), idx)
-        subjects = [_Subject(cid, cid if cid in primary else None, primary[cid][1] if primary.get(cid) else None)
-                    for cid in chunk]
+        subjects = [_Subject(cid, cid if cid in primary else None, primary[cid][1] if primary.get(cid) else None,
+                             deceased=cid in deceased) for cid in chunk]
         out.update(_evaluate(session, org_id, subjects, req, topic_row, at, exclude_message_ids))
     return out
 
@@ -204,12 +210,17 @@ def delivery_check(
     at = clock.aware(at) if at else clock.now()
     contact_ids = {get(r, "contact_id") for r in rows if get(r, "contact_id")}
     existing: set[str] = set()
+    deceased: set[str] = set()
     ids = list(contact_ids)
     for i in range(0, len(ids), CHUNK):
-        existing.update(session.scalars(select(Contact.id).where(Contact.org_id == org_id, Contact.id.in_(ids[i : i + CHUNK]))))
+        for cid, is_deceased in session.execute(select(Contact.id, Contact.deceased).where(
+                Contact.org_id == org_id, Contact.id.in_(ids[i : i + CHUNK]))):
+            existing.add(cid)
+            if is_deceased:
+                deceased.add(cid)
     message_ids = tuple({get(r, "message_id") for r in rows if get(r, "message_id")})
     subjects = [_Subject(get(r, "id"), get(r, "contact_id") if get(r, "contact_id") in existing else None,
-                         get(r, "address_index")) for r in rows]
+                         get(r, "address_index"), deceased=get(r, "contact_id") in deceased) for r in rows]
     out: dict[str, str] = {}
     for i in range(0, len(subjects), CHUNK):
         out.update(_evaluate(session, org_id, subjects[i : i + CHUNK], req, topic_row, at, message_ids))
@@ -221,7 +232,9 @@ def _evaluate(session: Session, org_id: str, subjects: list[_Subject], req: purp
     out: dict[str, str] = {}
     pending: list[_Subject] = []
     for s in subjects:
-        if s.address_invalid:
+        if s.deceased:
+            out[s.key] = "deceased"  # every purpose: treatment and transactional mail stop too
+        elif s.address_invalid:
             out[s.key] = "invalid_address"
         elif not s.address_index:
             out[s.key] = "no_address"
@@ -516,20 +529,3 @@ def pipeline_quiet_hours(session: Session, candidates: list) -> dict[str, dateti
             if c.contact_id in until:
                 out[c.recipient_id] = until[c.contact_id]
     return out
-
-
-def install_delivery_hooks() -> bool:
-    """Replace the pipeline's default hooks with the consent checks (idempotent)."""
-    try:
-        from carepost.delivery import pipeline
-    except ImportError:
-        return False
-    if not hasattr(pipeline, "ELIGIBILITY_CHECK"):
-        return False
-    pipeline.ELIGIBILITY_CHECK = pipeline_eligibility
-    pipeline.LIST_UNSUBSCRIBE = pipeline_list_unsubscribe
-    pipeline.QUIET_HOURS = pipeline_quiet_hours
-    return True
-
-
-install_delivery_hooks()  # the pipeline re-checks consent when it claims a recipient

@@ -31,7 +31,8 @@ from carepost.accounts.access import Principal, db_session, public, request_cont
 from carepost.accounts.permissions import Permission as P
 from carepost.audit.service import record, record_for
 from carepost.consent import authorizations as auth
-from carepost.consent import eligibility, purposes, reports, service, tokens
+from carepost.consent import eligibility, reports, service, tokens
+from carepost.core import purposes
 from carepost.consent.models import ALL_MARKETING, FREQUENCIES, SUPPRESSION_REASONS, SUPPRESSION_SCOPES, AuthorizationText
 from carepost.core import clock
 from carepost.core.errors import CarePostError
@@ -714,12 +715,3 @@ def reports_page(request: Request, principal: Principal = Depends(MANAGE)):
         return Response(reports.report_csv(data), media_type="text/csv; charset=utf-8",
                         headers={"Content-Disposition": 'attachment; filename="consent-report.csv"'})
     return render(request, "consent/reports.html", {"report": data, "reasons": eligibility.REASON_TEXT})
-
-
-def _register() -> None:
-    from carepost.patients.pages import register_contact_section
-
-    register_contact_section("consent", "Consent and authorizations", consent_rows)
-
-
-_register()

@@ -12,7 +12,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from carepost.consent.models import Authorization
-from carepost.consent.purposes import PURPOSES
+from carepost.core.purposes import PURPOSES
 from carepost.consent.service import list_topics
 from carepost.core import clock
 
@@ -45,7 +45,12 @@ def consent_report(session: Session, org_id: str, at: datetime | None = None) ->
         "revoked_this_month": revoked_n.get((p, t), 0),
     } for p, t in keys]
     totals = {k: sum(r[k] for r in rows) for k in ("valid", "expiring_30_days", "revoked_this_month")}
-    return {"generated_at": at.isoformat(), "month_start": month_start.isoformat(), "rows": rows, "totals": totals}
+    from carepost.patients.service import count_contacts
+
+    # Contacts every send excludes whatever their consent (eligibility reason ``deceased``).
+    excluded = {"deceased": count_contacts(session, org_id, deceased=True)}
+    return {"generated_at": at.isoformat(), "month_start": month_start.isoformat(), "rows": rows, "totals": totals,
+            "excluded_contacts": excluded}
 
 
 def report_csv(report: dict) -> str:

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from carepost.consent.models import FREQUENCIES, SUPPRESSION_REASONS, SUPPRESSION_SCOPES
-from carepost.consent.purposes import PURPOSES, REMUNERATION
+from carepost.core.purposes import PURPOSES, REMUNERATION
 
 PurposeName = Literal[tuple(PURPOSES)]  # type: ignore[valid-type]
 RemunerationName = Literal[tuple(REMUNERATION)]  # type: ignore[valid-type]

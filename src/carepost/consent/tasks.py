@@ -1,6 +1,5 @@
-"""Queue tasks of consent. Loading this module (the worker loads every capability's tasks) also
-installs the consent checks into the delivery pipeline, so a worker re-checks eligibility —
-authorizations, opt-outs, suppressions, frequency caps — when it claims a recipient.
+"""Queue tasks of consent. (The consent checks reach the delivery pipeline through the
+composition root, ``carepost.assembly``, not through this module.)
 
 * ``purge_expired_suppressions`` (daily) removes suppressions whose ``expires_at`` passed
   (soft bounces); an expired one already stops applying at once, this only tidies the table.
@@ -11,15 +10,12 @@ from __future__ import annotations
 from huey import crontab
 from sqlalchemy import delete
 
-from carepost.consent.eligibility import install_delivery_hooks
 from carepost.core import clock
 from carepost.core.database import system_session
 from carepost.core.logging import get_logger
 from carepost.core.queue import huey
 
 log = get_logger("carepost.consent.tasks")
-
-install_delivery_hooks()
 
 
 @huey.periodic_task(crontab(minute="41", hour="4"), name="consent.purge_expired_suppressions")

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from carepost.consent.purposes import check_purpose
+from carepost.core.purposes import check_purpose
 from carepost.content import rendering
 from carepost.content.models import MessageTemplate
 from carepost.content.schemas import TemplateIn

@@ -473,7 +473,7 @@ def _address(session: Session, recipient) -> str:
 def _suppress(session: Session, recipient, reason: str, scope: str, source: str, details: dict) -> None:
     """Address-level suppression by blind index, with an encrypted copy of the address for the
     suppression list when the consent capability accepts its form."""
-    from carepost.consent.service import add_suppression, add_suppression_by_index
+    from carepost.delivery.suppressions import add_suppression, add_suppression_by_index
     from carepost.core.errors import ValidationFailed
 
     try:

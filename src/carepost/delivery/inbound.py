@@ -14,9 +14,9 @@ What it accepts, and why:
   required: some bounce senders cannot do TLS; the MTA-STS policy for the return-path domain asks
   senders that can to insist on it).
 
-A received message is stored encrypted (one :class:`~carepost.tracking.models.InboundReport` per
+A received message is stored encrypted (one :class:`~carepost.delivery.models.InboundReport` per
 organization it was addressed to) and its id queued; the worker parses and applies it
-(:func:`process_report` via ``tracking.tasks.process_inbound_report``). The SMTP conversation never
+(:func:`process_report` via ``delivery.tasks.process_inbound_report``). The SMTP conversation never
 waits for parsing, and a report whose processing fails stays stored for a retry.
 
 ``inbound_handler()`` is the aiosmtpd handler, for a server that wants to mount it on a port of
@@ -41,6 +41,7 @@ from carepost.core.database import org_session, read_only_session, system_sessio
 from carepost.core.ids import new_id
 from carepost.core.logging import get_logger
 from carepost.delivery import bounces
+from carepost.delivery.models import InboundReport
 
 log = get_logger("carepost.delivery.inbound")
 
@@ -93,8 +94,6 @@ def store_report(rcpt_orgs: dict[str, list[str]], raw: bytes, *, null_sender: bo
     for rcpt, orgs in rcpt_orgs.items():
         for org_id in orgs:
             per_org.setdefault(org_id, []).append(rcpt.lower())
-    from carepost.tracking.models import InboundReport
-
     ids = []
     with system_session() as session:
         ring = get_keyring()
@@ -107,12 +106,12 @@ def store_report(rcpt_orgs: dict[str, list[str]], raw: bytes, *, null_sender: bo
             ))
             ids.append(report_id)
         session.commit()
-    from carepost.tracking.tasks import process_inbound_report
+    from carepost.delivery.tasks import process_inbound_report
 
     for report_id in ids:
         try:
             process_inbound_report(report_id)
-        except Exception as exc:  # stored: the periodic re-queue (tracking.tasks) picks it up
+        except Exception as exc:  # stored: the periodic re-queue (delivery.tasks) picks it up
             log.warning("inbound_enqueue_failed", report_id=report_id, error_type=type(exc).__name__)
     return ids
 
@@ -122,8 +121,6 @@ def store_report(rcpt_orgs: dict[str, list[str]], raw: bytes, *, null_sender: bo
 
 def process_report(report_id: str) -> str | None:
     """Parse a stored report and apply it; idempotent (a processed report is left alone)."""
-    from carepost.tracking.models import InboundReport
-
     with read_only_session() as session:
         org_id = session.scalar(select(InboundReport.org_id).where(InboundReport.id == report_id))
     if org_id is None:
@@ -151,8 +148,6 @@ def process_report(report_id: str) -> str | None:
 
 def purge_reports(session, *, now: datetime | None = None) -> int:
     """Delete received reports older than ``CAREPOST_INBOUND_REPORT_RETENTION_DAYS``."""
-    from carepost.tracking.models import InboundReport
-
     cutoff = (now or clock.now()) - timedelta(days=get_settings().inbound_report_retention_days)
     return session.execute(delete(InboundReport).where(InboundReport.received_at < cutoff)
                            .execution_options(synchronize_session=False)).rowcount or 0
@@ -160,8 +155,6 @@ def purge_reports(session, *, now: datetime | None = None) -> int:
 
 def pending_report_ids(*, older_than: timedelta = timedelta(0), limit: int = 1000) -> list[str]:
     """Reports still waiting, received at least ``older_than`` ago (a queue outage left them)."""
-    from carepost.tracking.models import InboundReport
-
     with read_only_session() as session:
         return list(session.scalars(
             select(InboundReport.id)
@@ -286,7 +279,7 @@ def start_inbound(settings: Settings | None = None, *, host: str | None = None, 
     port. Reports left pending (a queue outage) are queued again first."""
     import logging
 
-    from carepost.tracking.tasks import process_inbound_report
+    from carepost.delivery.tasks import process_inbound_report
 
     settings = settings or get_settings()
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every peer and command

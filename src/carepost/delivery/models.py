@@ -178,3 +178,58 @@ class SandboxCapture(OrgScoped, Base):
     method: Mapped[str] = mapped_column(String(8))
     raw_enc: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(default=clock.now)
+
+
+SUPPRESSION_REASONS = ("bounce_hard", "bounce_soft", "complaint", "unsubscribe", "manual", "legal_hold")
+SUPPRESSION_SCOPES = ("all", "marketing", "topic")
+
+
+class Suppression(OrgScoped, Base):
+    """An address CarePost must not send to (everything, all marketing, or one topic).
+
+    ``scope_key`` is ``"<scope>:<topic id or ''>"``: one row per (organization, address, scope,
+    topic) — adding the same suppression twice is a no-op. ``details`` holds codes only (SMTP
+    status, feedback type, import id), never PHI.
+    """
+
+    __tablename__ = "suppressions"
+    __table_args__ = (
+        UniqueConstraint("org_id", "address_index", "scope_key", name="uq_suppressions_address_scope"),
+        Index("ix_suppressions_org_created", "org_id", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    address_index: Mapped[str] = mapped_column(String(64))
+    address_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
+    reason: Mapped[str] = mapped_column(String(16))
+    scope: Mapped[str] = mapped_column(String(12), default="all")
+    topic_id: Mapped[str | None] = mapped_column(String(32))
+    scope_key: Mapped[str] = mapped_column(String(48))
+    source: Mapped[str] = mapped_column(String(64), default="")
+    details: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_by: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=clock.now)
+    updated_at: Mapped[datetime] = mapped_column(default=clock.now, onupdate=clock.now)
+    expires_at: Mapped[datetime | None]
+
+
+class InboundReport(OrgScoped, Base):
+    """A message received on an organization's return-path domain (a bounce, a complaint, or
+    anything else sent there), kept encrypted until it is processed and for a while after."""
+
+    __tablename__ = "inbound_reports"
+    __table_args__ = (Index("ix_inbound_reports_org_received", "org_id", "received_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    received_at: Mapped[datetime] = mapped_column(default=clock.now)
+    envelope_recipients: Mapped[list] = mapped_column(JSON, default=list)  # return-path addresses: ids and MACs only
+    null_sender: Mapped[bool] = mapped_column(Boolean, default=False)
+    peer: Mapped[str | None] = mapped_column(String(64))  # the sending MTA's IP address
+    tls: Mapped[bool] = mapped_column(Boolean, default=False)
+    size: Mapped[int] = mapped_column(Integer, default=0)
+    raw_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | applied | ignored
+    kind: Mapped[str | None] = mapped_column(String(16))  # dsn | arf | other | unparseable
+    outcome: Mapped[dict] = mapped_column(JSON, default=dict)  # bounces.Outcome, no PHI
+    recipient_id: Mapped[str | None] = mapped_column(String(32))
+    processed_at: Mapped[datetime | None]

@@ -542,13 +542,3 @@ def contact_keys_rows(session, org_id: str, contact_id: str) -> list[dict]:
         out.append({"summary": f"{'OpenPGP' if key.kind == 'pgp' else 'S/MIME'} key {key.fingerprint[:16]}…{note}",
                     "href": "/app/recipient-keys"})
     return out or [{"summary": "No PGP or S/MIME key on file: protected mail goes by TLS or the secure portal."}]
-
-
-def _register_contact_sections() -> None:
-    from carepost.patients.pages import register_contact_section
-
-    register_contact_section("messages", "Message history", contact_messages_rows)
-    register_contact_section("keys", "Encryption keys", contact_keys_rows)
-
-
-_register_contact_sections()

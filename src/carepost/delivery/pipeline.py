@@ -29,19 +29,22 @@ A message that needs protection is never sent in clear: the policy decides TLS o
 ``require_verified_tls``, the SMTP client refuses anything less, and the fallback is the portal
 or nothing (``policy.after_tls_failure``).
 
-Hook points for other capabilities (module attributes, replaced at import time):
+Steps owned by capabilities above delivery are ports (``carepost.core.ports``) that the composition
+root (``carepost.assembly``) fills; a process that did not assemble cannot deliver (``NotAssembled``),
+and there is no weaker default:
 
-``ELIGIBILITY_CHECK(session, candidates) -> {recipient id: reason}``
-    Which recipients must not get their message now. ``candidates`` is a list of
-    :class:`Candidate` (the decrypted address is in memory only; return reasons as codes, never
-    the address). The default, :func:`default_eligibility`, excludes invalid addresses and
-    addresses on the suppression list (scope ``all``); the consent capability replaces it with
-    the full check (authorization per purpose, frequency caps) and keeps those two rules.
-``LIST_UNSUBSCRIBE(session, candidates) -> {recipient id: [uri, ...]}`` (default None)
-    List-Unsubscribe URIs per recipient (RFC 8058 one-click when one is https); covered by the
-    DKIM signature.
-``QUIET_HOURS(session, candidates) -> {recipient id: next allowed time}`` (default None)
+``eligibility(session, candidates) -> {recipient id: reason}`` (consent)
+    Which recipients must not get their message now: invalid address, suppressed, unsubscribed,
+    authorization missing/expired/revoked for the purpose, frequency cap. ``candidates`` is a list
+    of :class:`Candidate` (the decrypted address is in memory only; reasons are codes, never the
+    address). Also run at acceptance (``delivery.messages``).
+``quiet_hours(session, candidates) -> {recipient id: next allowed time}`` (consent)
     Recipients inside their quiet hours are ``deferred`` to that time, never excluded.
+``list_unsubscribe(session, candidates) -> {recipient id: [uri, ...]}`` (consent)
+    List-Unsubscribe URIs per recipient (RFC 8058 one-click when one is https); covered by the
+    DKIM signature, and the visible footer link.
+``portal_store(session, **copy)`` and ``portal_notification(session, portal_message)`` (portal)
+    Step 8: store a recipient's copy for pickup; the notification (no PHI) sent instead.
 """
 
 from __future__ import annotations
@@ -64,8 +67,9 @@ from carepost.core.database import system_session
 from carepost.core.errors import ValidationFailed
 from carepost.core.ids import new_id
 from carepost.core.logging import get_logger
+from carepost.core.ports import Port
 from carepost.delivery import dkim, policy, service
-from carepost.delivery.mime import Attachment, InlineImage, compose, parse_address
+from carepost.delivery.mime import Attachment, InlineImage, compose
 from carepost.delivery.models import (
     Message,
     MessageAttachment,
@@ -103,36 +107,22 @@ EligibilityCheck = Callable[[Session, list[Candidate]], dict[str, str]]
 UnsubscribeHeaders = Callable[[Session, list[Candidate]], dict[str, list[str]]]
 
 
-def default_eligibility(session: Session, candidates: list[Candidate]) -> dict[str, str]:
-    """Suppression-free and address valid: the rules every message follows, whatever its purpose."""
-    excluded: dict[str, str] = {}
-    for c in candidates:
-        try:
-            parse_address(c.address, field_name="to", allow_display_name=False)
-        except ValidationFailed:
-            excluded[c.recipient_id] = "invalid_address"
-    try:
-        from carepost.consent.service import suppression_reason
-    except ImportError:  # the consent capability is not installed: nothing can be suppressed
-        return excluded
-    by_org: dict[str, list[Candidate]] = {}
-    for c in candidates:
-        if c.recipient_id not in excluded:
-            by_org.setdefault(c.org_id, []).append(c)
-    for org_id, group in by_org.items():
-        found = suppression_reason(session, org_id, [c.address_index for c in group], "all")
-        for c in group:
-            row = found.get(c.address_index)
-            if row is not None:
-                excluded[c.recipient_id] = f"suppressed:{row.reason}"
-    return excluded
+QuietHours = Callable[[Session, list[Candidate]], dict[str, datetime]]
 
+eligibility: Port[EligibilityCheck] = Port(
+    "delivery.eligibility", "Which candidates must not be sent now: {recipient id: reason code} (consent).")
+quiet_hours: Port[QuietHours] = Port(
+    "delivery.quiet_hours", "Candidates inside quiet hours: {recipient id: next allowed time} (consent).")
+list_unsubscribe: Port[UnsubscribeHeaders] = Port(
+    "delivery.list_unsubscribe", "List-Unsubscribe URIs per candidate: {recipient id: [uri]} (consent).")
+portal_store: Port = Port(
+    "delivery.portal_store", "Store a recipient's copy for pickup in the secure portal (portal.service).")
+portal_notification: Port = Port(
+    "delivery.portal_notification", "(subject, text, html) of the notice for a stored portal message (portal.service).")
 
-ELIGIBILITY_CHECK: EligibilityCheck = default_eligibility
-LIST_UNSUBSCRIBE: UnsubscribeHeaders | None = None
-# ``QUIET_HOURS(session, candidates) -> {recipient id: next allowed time}``: recipients inside
-# their quiet hours are deferred to that time, never excluded (consent installs it).
-QUIET_HOURS: Callable[[Session, list[Candidate]], dict[str, datetime]] | None = None
+# The steps, top to bottom (the names the module docstring and the logs use).
+STEPS = ("claim", "load", "eligibility", "quiet_hours", "list_unsubscribe", "check_sender", "decide", "compose",
+         "protect", "portal", "send", "fall_back", "record")
 
 
 # --------------------------------------------------------------------------- run state
@@ -220,25 +210,9 @@ class RunReport:
 # --------------------------------------------------------------------------- the pipeline
 
 
-_hooks_loaded = False
-
-
-def load_hooks() -> None:
-    """Import the capabilities that fill the hook points (they install themselves on import),
-    so a worker checks consent whatever it happened to import first."""
-    global _hooks_loaded
-    if _hooks_loaded:
-        return
-    try:
-        import carepost.consent.service  # noqa: F401 - installs ELIGIBILITY_CHECK and LIST_UNSUBSCRIBE
-    except ImportError:
-        pass
-    _hooks_loaded = True
-
-
 def deliver(message_ids: list[str], *, settings: Settings | None = None) -> RunReport:
     """Deliver the due recipients of ``message_ids``. Safe to call twice and from many workers."""
-    load_hooks()
+    _require_assembled()
     settings = settings or get_settings()
     ids = list(dict.fromkeys(message_ids))
     with system_session() as session:
@@ -356,25 +330,23 @@ def check_eligibility(run: Run) -> None:
                   c.recipient.contact_id, c.content.message.purpose, c.content.message.source, c.content.message.contains_phi)
         for c in run.copies
     ]
-    excluded = ELIGIBILITY_CHECK(run.session, candidates) or {}
+    excluded = eligibility(run.session, candidates) or {}
     for c in run.copies:
         reason = excluded.get(c.recipient.id)
         if reason:
             c.final = ("excluded", str(reason)[:200])
-    if QUIET_HOURS is not None:
-        waiting = [cand for cand in candidates if cand.recipient_id not in excluded]
-        deferrals = QUIET_HOURS(run.session, waiting) or {} if waiting else {}
-        for c in run.copies:
-            until = deferrals.get(c.recipient.id)
-            if until is not None and c.final is None:
-                c.final = ("deferred", "quiet_hours")
-                c.defer_until = until
-                excluded = {**excluded, c.recipient.id: "quiet_hours"}  # no List-Unsubscribe work for it now
-    if LIST_UNSUBSCRIBE is not None:
-        remaining = [cand for cand in candidates if cand.recipient_id not in excluded]
-        uris = LIST_UNSUBSCRIBE(run.session, remaining) or {} if remaining else {}
-        for c in run.copies:
-            c.unsubscribe = tuple(uris.get(c.recipient.id) or ())
+    waiting = [cand for cand in candidates if cand.recipient_id not in excluded]
+    deferrals = quiet_hours(run.session, waiting) or {} if waiting else {}
+    for c in run.copies:
+        until = deferrals.get(c.recipient.id)
+        if until is not None and c.final is None:
+            c.final = ("deferred", "quiet_hours")
+            c.defer_until = until
+            excluded = {**excluded, c.recipient.id: "quiet_hours"}  # no List-Unsubscribe work for it now
+    remaining = [cand for cand in candidates if cand.recipient_id not in excluded]
+    uris = list_unsubscribe(run.session, remaining) or {} if remaining else {}
+    for c in run.copies:
+        c.unsubscribe = tuple(uris.get(c.recipient.id) or ())
 
 
 def check_sender(run: Run) -> None:
@@ -494,12 +466,6 @@ def store_for_portal(run: Run, copies: list[Copy]) -> None:
     portal = [c for c in copies if c.decision is not None and c.decision.method == "portal" and c.open]
     if not portal:
         return
-    try:
-        from carepost.portal import service as portal_service
-    except ImportError:
-        for c in portal:
-            c.final = ("failed", "portal_unavailable")
-        return
     session = run.session
     for c in portal:
         content = c.content
@@ -511,7 +477,7 @@ def store_for_portal(run: Run, copies: list[Copy]) -> None:
         expires = options.get("expires_at")
         try:
             with session.begin_nested():
-                pm = portal_service.store_portal_message(
+                pm = portal_store(
                     session, org_id=c.org_id, message_id=content.message.id, recipient_id=c.recipient.id,
                     recipient_address=c.address, subject=content.subject, html=content.html, text=content.text,
                     attachments=list(content.attachments) + [
@@ -520,7 +486,7 @@ def store_for_portal(run: Run, copies: list[Copy]) -> None:
                     expires_at=_parse_time(expires) if expires else None, auth=options.get("auth") or "code",
                     question=options.get("question"), answer=options.get("answer"),
                 )
-                subject, text, html = portal_service.notification_email(session, pm)
+                subject, text, html = portal_notification(session, pm)
         except ValidationFailed as exc:
             c.final = ("failed", f"portal: {exc.field or 'invalid'}")
             continue
@@ -764,6 +730,12 @@ def _recipient_keys(session: Session, recipients: list[MessageRecipient]) -> dic
                 if row.expires_at is None or clock.aware(row.expires_at) > now:
                     out.setdefault((org_id, row.address_index), {})[row.kind] = row
     return out
+
+
+def _require_assembled() -> None:
+    """Fail closed before claiming anything: every step must be assembled."""
+    for port in (eligibility, quiet_hours, list_unsubscribe, portal_store, portal_notification):
+        port.impl  # noqa: B018 - raises NotAssembled when the composition root did not run
 
 
 def _no_transaction_across_the_network(session: Session) -> None:

@@ -22,6 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from carepost.core import clock
+from carepost.core import events as domain_events
 from carepost.core.config import Settings, get_settings
 from carepost.core.crypto import get_keyring
 from carepost.core.errors import Conflict, NotFound, ValidationFailed
@@ -357,10 +358,8 @@ def add_event(session: Session, recipient: MessageRecipient, type_: str, **detai
     event = MessageEvent(id=new_id(), org_id=recipient.org_id, message_id=recipient.message_id,
                          recipient_id=recipient.id, type=type_, details=details)
     session.add(event)
-    # Every message event goes out to the organization's webhooks through one function.
-    from carepost.tracking.service import emit_message_event
-
-    emit_message_event(session, recipient, event)
+    # Every message event goes out to the organization's webhooks (tracking, wired by the root).
+    domain_events.publish("message.recipient_event", session, recipient, event)
     return event
 
 
@@ -477,12 +476,10 @@ DEFAULT_SECURITY_MODE = "tls_required"
 _PURPOSE_SHAPE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 
-def known_purposes() -> tuple[str, ...] | None:
-    """The purposes the consent capability knows, or None while it is not installed."""
-    try:
-        from carepost.consent.purposes import PURPOSES
-    except ImportError:
-        return None
+def known_purposes() -> tuple[str, ...]:
+    """The purposes CarePost knows (``core.purposes``)."""
+    from carepost.core.purposes import PURPOSES
+
     return tuple(PURPOSES)
 
 
@@ -490,7 +487,7 @@ def check_purpose(purpose, field_name: str = "purpose") -> str:
     if not isinstance(purpose, str) or not _PURPOSE_SHAPE.match(purpose):
         raise ValidationFailed("The purpose is a lowercase name such as treatment or marketing.", field=field_name)
     known = known_purposes()
-    if known is not None and purpose not in known:
+    if purpose not in known:
         raise ValidationFailed(f"Unknown purpose; use one of {', '.join(known)}.", field=field_name)
     return purpose
 
@@ -821,10 +818,8 @@ def store_messages(session: Session, org_id: str, prepared: list[PreparedMessage
     for batch in (messages, dependents + recipients, events):
         session.add_all(batch)
         session.flush()
-    from carepost.tracking.service import emit_message_event
-
-    for recipient, event in zip(recipients, events):
-        emit_message_event(session, recipient, event)  # message.queued to the organization's webhooks
+    for recipient, event in zip(recipients, events):  # message.queued to the organization's webhooks
+        domain_events.publish("message.recipient_event", session, recipient, event)
     addresses = [address.addr_spec for p in prepared for _kind, address in p.recipients]
     exclude_ineligible(session, messages, recipients, addresses)
     return messages
@@ -837,14 +832,13 @@ def exclude_ineligible(session: Session, messages: list[Message], recipients: li
     ``excluded`` at once with the reason code, and never queued for delivery."""
     from carepost.delivery import pipeline
 
-    pipeline.load_hooks()
     by_id = {m.id: m for m in messages}
     candidates = [
         pipeline.Candidate(r.id, r.message_id, r.org_id, address, r.address_index, r.contact_id,
                            by_id[r.message_id].purpose, by_id[r.message_id].source, by_id[r.message_id].contains_phi)
         for r, address in zip(recipients, addresses)
     ]
-    excluded = pipeline.ELIGIBILITY_CHECK(session, candidates) or {}
+    excluded = pipeline.eligibility(session, candidates) or {}
     for recipient in recipients:
         reason = excluded.get(recipient.id)
         if reason:

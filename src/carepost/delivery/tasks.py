@@ -4,7 +4,11 @@ lives in the database, so running a task twice, or on two workers, sends nothing
 
 * :func:`deliver_messages` — run the pipeline over up to ``CAREPOST_DELIVERY_BATCH_SIZE`` messages;
 * :func:`deliver_due` — every minute: retries whose time has come, and queued recipients whose
-  task was lost (a queue flushed, a worker killed, an enqueue that failed after the commit).
+  task was lost (a queue flushed, a worker killed, an enqueue that failed after the commit);
+* :func:`process_inbound_report` — apply a bounce or complaint report received by ``carepost
+  inbound`` (suppression, recipient status, events); :func:`requeue_inbound_reports` (every 15
+  minutes) queues reports still pending after 10 minutes; :func:`purge_inbound_reports` (daily)
+  deletes received reports past their retention.
 """
 
 from __future__ import annotations
@@ -75,3 +79,33 @@ def _has_stat_table(session) -> bool:
     from sqlalchemy import text
 
     return bool(session.execute(text("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_stat1'")).scalar())
+
+
+@huey.task(name="delivery.process_inbound_report", retries=3, retry_delay=30)
+def process_inbound_report(report_id: str) -> None:
+    from carepost.delivery.inbound import process_report
+
+    process_report(report_id)
+
+
+@huey.periodic_task(crontab(minute="*/15"), name="delivery.requeue_inbound_reports")
+def requeue_inbound_reports() -> None:
+    from datetime import timedelta
+
+    from carepost.delivery.inbound import pending_report_ids
+
+    ids = pending_report_ids(older_than=timedelta(minutes=10))
+    for report_id in ids:
+        process_inbound_report(report_id)
+    if ids:
+        log.info("inbound_reports_requeued", queued_count=len(ids))
+
+
+@huey.periodic_task(crontab(minute="41", hour="4"), name="delivery.purge_inbound_reports")
+def purge_inbound_reports() -> None:
+    from carepost.delivery.inbound import purge_reports
+
+    with system_session() as session:
+        count = purge_reports(session)
+        session.commit()
+    log.info("inbound_reports_purged", purged_count=count)

@@ -52,7 +52,7 @@ def _consent_choices(session, org_id: str) -> dict:
     """Topics, purposes that need an authorization, and published texts, for the selects."""
     out = {"topics": [], "purposes": [], "texts": []}
     try:
-        from carepost.consent import purposes as consent_purposes
+        from carepost.core import purposes as consent_purposes
         from carepost.consent import service as consent
     except ImportError:
         return out

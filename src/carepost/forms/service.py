@@ -114,7 +114,7 @@ def check_topic(session: Session, org_id: str, topic_id: str, field_name: str) -
 
 def check_authorization_block(session: Session, org_id: str, purpose: str, text_id: str | None, field_name: str) -> None:
     """The purpose must need an authorization (164.508(a)(3)) and a published text must exist."""
-    from carepost.consent import purposes
+    from carepost.core import purposes
 
     if purpose not in purposes.PURPOSES:
         raise ValidationFailed("Unknown communication purpose.", field=f"{field_name}.purpose")
@@ -1101,12 +1101,12 @@ def survey_results(session: Session, form: Form) -> dict:
 # --------------------------------------------------------------------------- patients hooks
 
 
-def _forget_contact(session: Session, org_id: str, contact_id: str, _indexes: dict) -> None:
+def forget_contact(session: Session, org_id: str, contact_id: str, _indexes: dict) -> None:
     """A deleted patient's form answers go with them (authorization evidence is kept by consent)."""
     session.execute(delete(FormSubmission).where(FormSubmission.org_id == org_id, FormSubmission.contact_id == contact_id))
 
 
-def _export_section(session: Session, org_id: str, contact_id: str) -> list[dict]:
+def export_section(session: Session, org_id: str, contact_id: str) -> list[dict]:
     rows = session.scalars(
         select(FormSubmission).where(FormSubmission.org_id == org_id, FormSubmission.contact_id == contact_id)
         .order_by(FormSubmission.created_at)
@@ -1120,16 +1120,3 @@ def _export_section(session: Session, org_id: str, contact_id: str) -> list[dict
             data[k] = data[k].isoformat() if data[k] else None
         out.append(data)
     return out
-
-
-def register_hooks() -> None:
-    from carepost.patients import service as patients
-
-    patients.register_deletion_hook(_forget_contact)
-    patients.register_export_section("form_submissions", _export_section)
-    tracking = _tracking()
-    if tracking is not None:
-        tracking.register_event_types(EVENT_TYPES)
-
-
-register_hooks()

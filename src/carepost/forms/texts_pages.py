@@ -30,7 +30,7 @@ def _auth():
 
 
 def _purposes():
-    from carepost.consent import purposes
+    from carepost.core import purposes
 
     return purposes
 

@@ -25,28 +25,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from carepost.core import clock
 from carepost.core.database import Base, OrgScoped
 from carepost.core.ids import new_id
-
-
-class InboundReport(OrgScoped, Base):
-    """A message received on an organization's return-path domain (a bounce, a complaint, or
-    anything else sent there), kept encrypted until it is processed and for a while after."""
-
-    __tablename__ = "inbound_reports"
-    __table_args__ = (Index("ix_inbound_reports_org_received", "org_id", "received_at"),)
-
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
-    received_at: Mapped[datetime] = mapped_column(default=clock.now)
-    envelope_recipients: Mapped[list] = mapped_column(JSON, default=list)  # return-path addresses: ids and MACs only
-    null_sender: Mapped[bool] = mapped_column(Boolean, default=False)
-    peer: Mapped[str | None] = mapped_column(String(64))  # the sending MTA's IP address
-    tls: Mapped[bool] = mapped_column(Boolean, default=False)
-    size: Mapped[int] = mapped_column(Integer, default=0)
-    raw_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
-    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | applied | ignored
-    kind: Mapped[str | None] = mapped_column(String(16))  # dsn | arf | other | unparseable
-    outcome: Mapped[dict] = mapped_column(JSON, default=dict)  # bounces.Outcome, no PHI
-    recipient_id: Mapped[str | None] = mapped_column(String(32))
-    processed_at: Mapped[datetime | None]
+from carepost.delivery.models import InboundReport  # noqa: F401 - the return path's table is delivery's
 
 
 class WebhookEndpoint(OrgScoped, Base):

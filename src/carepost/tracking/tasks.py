@@ -5,13 +5,6 @@
   a failed attempt schedules the next one on the backoff schedule).
 * ``sweep_webhook_deliveries`` (every minute) queues due deliveries nobody is working on — after a
   queue outage, a worker that died mid-attempt, or a lost schedule.
-* ``process_inbound_report(report_id)`` reads a bounce or complaint report received by
-  ``carepost inbound`` and applies it (suppression, recipient status, events). It lives here
-  because bounces and complaints are observations of delivery, and tracking is where
-  observations become events.
-* ``requeue_inbound_reports`` (every 15 minutes) queues reports still pending after 10 minutes
-  (received while the queue was unreachable, or whose task gave up).
-* ``purge_inbound_reports`` (daily) deletes received reports past their retention.
 * ``purge_webhook_log`` (daily) deletes finished deliveries, their attempts and events past
   ``CAREPOST_WEBHOOK_LOG_RETENTION_DAYS``.
 """
@@ -44,36 +37,6 @@ def sweep_webhook_deliveries() -> None:
         deliver_webhook(delivery_id)
     if ids:
         log.info("webhook_sweep", queued_count=len(ids))
-
-
-@huey.task(retries=3, retry_delay=30)
-def process_inbound_report(report_id: str) -> None:
-    from carepost.delivery.inbound import process_report
-
-    process_report(report_id)
-
-
-@huey.periodic_task(crontab(minute="*/15"))
-def requeue_inbound_reports() -> None:
-    from datetime import timedelta
-
-    from carepost.delivery.inbound import pending_report_ids
-
-    ids = pending_report_ids(older_than=timedelta(minutes=10))
-    for report_id in ids:
-        process_inbound_report(report_id)
-    if ids:
-        log.info("inbound_reports_requeued", queued_count=len(ids))
-
-
-@huey.periodic_task(crontab(minute="41", hour="4"))
-def purge_inbound_reports() -> None:
-    from carepost.delivery.inbound import purge_reports
-
-    with system_session() as session:
-        count = purge_reports(session)
-        session.commit()
-    log.info("inbound_reports_purged", purged_count=count)
 
 
 @huey.periodic_task(crontab(minute="47", hour="4"))

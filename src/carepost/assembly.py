@@ -1,0 +1,184 @@
+"""The composition root: the one function that assembles CarePost (ARCHITECTURE.md section 3).
+
+Every entry point — ``carepost serve`` (through :func:`carepost.app.create_app`), ``worker``,
+``smtp``, ``inbound``, ``run``, every other CLI command (through the CLI's callback), the
+benchmarks and the test fixtures — calls :func:`assemble` and nothing else assembles behaviour:
+
+1. **models**: every capability's tables, so metadata, Alembic and foreign keys see all of them;
+2. **tasks**: every capability's ``tasks.py``, so the worker knows each task by name;
+3. **ports**: what a lower capability calls upward is filled with the function of the owner —
+   audit events for accounts; the delivery pipeline's eligibility, quiet hours, List-Unsubscribe
+   and portal steps from consent and portal;
+4. **events and registries**: reactions across capabilities (an organization created → default
+   authorization texts; a recipient event → webhooks; a contact deleted → consent and forms
+   forget it; contact page sections; right-of-access export sections);
+5. **routers**: the modules whose ``router`` the ASGI app includes, in matching order.
+
+Fail closed: if a capability cannot be imported or a declared port is left unfilled,
+:func:`assemble` raises :class:`~carepost.core.ports.NotAssembled` and the process exits
+non-zero; a port called in a process that never assembled raises the same. No default stands in
+for a missing step, and nothing is wired by import side effects or by assigning module attributes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from dataclasses import dataclass, field
+
+from carepost.core.ports import NotAssembled, declared_ports, unfilled_ports
+
+# Routers, in the order they are matched. Each capability contributes api.py and pages.py.
+ROUTER_MODULES = [
+    "carepost.web.api",
+    "carepost.web.pages",
+    "carepost.accounts.api",
+    "carepost.accounts.pages",
+    "carepost.audit.api",
+    "carepost.audit.pages",
+    "carepost.patients.api",
+    "carepost.patients.pages",
+    "carepost.consent.api",
+    "carepost.consent.pages",
+    "carepost.forms.api",
+    "carepost.forms.pages",
+    "carepost.forms.hosted",
+    "carepost.forms.texts_pages",
+    "carepost.delivery.api",
+    "carepost.delivery.pages",
+    "carepost.portal.api",
+    "carepost.portal.pages",
+    "carepost.tracking.api",
+    "carepost.tracking.pages",
+    "carepost.content.api",
+]
+
+# Queue tasks of each capability (the worker must know every task it may be handed).
+TASK_MODULES = [
+    "carepost.accounts.tasks",
+    "carepost.patients.tasks",
+    "carepost.consent.tasks",
+    "carepost.delivery.tasks",
+    "carepost.portal.tasks",
+    "carepost.tracking.tasks",
+    "carepost.forms.tasks",
+]
+
+
+@dataclass
+class Assembly:
+    """What :func:`assemble` put together (for the app, the worker and the tests that check it)."""
+
+    models: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
+    routers: list[str] = field(default_factory=list)
+    ports: dict[str, str] = field(default_factory=dict)
+
+
+_lock = threading.RLock()
+_assembled: Assembly | None = None
+
+
+def assemble() -> Assembly:
+    """Assemble this process (idempotent; cheap after the first call)."""
+    global _assembled
+    with _lock:
+        if _assembled is not None:
+            return _assembled
+        try:
+            result = _assemble()
+        except NotAssembled:
+            raise
+        except ImportError as exc:
+            raise NotAssembled(f"a capability could not be loaded: {exc}") from exc
+        _assembled = result
+        return result
+
+
+def assembled() -> Assembly | None:
+    return _assembled
+
+
+def disassemble() -> None:
+    """Empty every port and event handler (tests that prove a bypass fails closed)."""
+    global _assembled
+    from carepost.core import events
+
+    with _lock:
+        for port in declared_ports().values():
+            port.empty()
+        events.reset()
+        _assembled = None
+
+
+def _assemble() -> Assembly:
+    from carepost.core import events
+    from carepost.models import MODEL_MODULES, load_all_models
+
+    load_all_models()
+    for name in TASK_MODULES:
+        importlib.import_module(name)
+
+    _fill_ports()
+    _wire_events()
+    _wire_registries()
+
+    missing = unfilled_ports()
+    if missing:
+        raise NotAssembled("ports left unfilled: " + ", ".join(missing))
+    events.mark_assembled()
+    return Assembly(
+        models=list(MODEL_MODULES),
+        tasks=list(TASK_MODULES),
+        routers=list(ROUTER_MODULES),
+        ports={name: repr(port) for name, port in sorted(declared_ports().items())},
+    )
+
+
+def _fill_ports() -> None:
+    from carepost.accounts import ports as accounts_ports
+    from carepost.audit import service as audit
+    from carepost.consent import eligibility
+    from carepost.delivery import pipeline
+    from carepost.portal import service as portal
+
+    accounts_ports.record.fill(audit.record)
+    accounts_ports.record_for.fill(audit.record_for)
+
+    # The delivery pipeline's steps owned by capabilities above delivery.
+    pipeline.eligibility.fill(eligibility.pipeline_eligibility)
+    pipeline.quiet_hours.fill(eligibility.pipeline_quiet_hours)
+    pipeline.list_unsubscribe.fill(eligibility.pipeline_list_unsubscribe)
+    pipeline.portal_store.fill(portal.store_portal_message)
+    pipeline.portal_notification.fill(portal.notification_email)
+
+
+def _wire_events() -> None:
+    from carepost.consent import service as consent
+    from carepost.core import events
+    from carepost.tracking import service as tracking
+
+    events.subscribe("organization.created", consent.ensure_default_texts)
+    events.subscribe("message.recipient_event", tracking.emit_message_event)
+
+
+def _wire_registries() -> None:
+    """Registries owned by a lower capability, filled with the functions of higher ones."""
+    from carepost.consent import pages as consent_pages
+    from carepost.consent import service as consent
+    from carepost.delivery import pages as delivery_pages
+    from carepost.forms import service as forms
+    from carepost.patients import pages as patient_pages
+    from carepost.patients import service as patients
+    from carepost.tracking import service as tracking
+
+    patients.register_deletion_hook(consent.forget_contact)
+    patients.register_export_section("consent", consent.export_section)
+    patients.register_deletion_hook(forms.forget_contact)
+    patients.register_export_section("form_submissions", forms.export_section)
+
+    patient_pages.register_contact_section("consent", "Consent and authorizations", consent_pages.consent_rows)
+    patient_pages.register_contact_section("messages", "Message history", delivery_pages.contact_messages_rows)
+    patient_pages.register_contact_section("keys", "Encryption keys", delivery_pages.contact_keys_rows)
+
+    tracking.register_event_types(forms.EVENT_TYPES)
