@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     enrollment_link_hours: int = Field(72, description="Validity of a new person's one-time enrollment link, in hours.")
     log_level: str = Field("INFO", description="Log level.")
     log_json: bool = Field(True, description="JSON log lines (false: human-readable console lines).")
+    access_log: bool = Field(
+        False, description="Log one line per HTTP request (uvicorn's access log). Link secrets in paths and every "
+        "query value are redacted from it, as from every log line.",
+    )
     capture_dir: Path | None = Field(
         None, description="Where `carepost run` stores captured mail. Default: <data dir>/mail-capture"
     )
@@ -79,6 +83,11 @@ class Settings(BaseSettings):
         None,
         description="Where to fetch a domain's MTA-STS policy: `example.test=127.0.0.1:8443`, comma-separated. "
         "The certificate is checked against mta-sts.<domain>.",
+    )
+    delivery_allowed_hosts: str | None = Field(
+        None, description="MX and MTA-STS hosts CarePost may connect to although they resolve to non-public addresses "
+        "(loopback, private, link-local): host names, addresses or networks (CIDR), comma-separated. Empty: only public "
+        "addresses. Addresses written in the overrides and the relay are trusted as written.",
     )
     extra_ca_file: Path | None = Field(None, description="PEM file of extra trust anchors for outbound TLS (SMTP, MTA-STS).")
     dns_timeout: float = Field(5.0, description="Seconds a DNS look-up may take.")

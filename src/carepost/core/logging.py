@@ -45,7 +45,85 @@ def _key_is_sensitive(key: str) -> bool:
     return k in SENSITIVE_KEYS or any(k.endswith("_" + s) for s in SENSITIVE_KEYS)
 
 
+# --- secrets in URLs (issue 9 item 24). Link tokens travel in paths (/p/<token>, /t/u/<token>,
+# /app/setup/<token>, /f/confirm/<token> ...) and query strings; whatever logs a URL (uvicorn's
+# access and error logs, CarePost's events, a traceback) goes through :func:`scrub_urls`.
+#
+# * After a segment that introduces a link secret, every following segment that is not a plain
+#   lowercase word ("confirm", "message", "thanks") is redacted.
+# * Anywhere in a path, a segment that looks like a random token (20+ characters of base64url
+#   with letters and digits or mixed case) is redacted; CarePost ids (32 lowercase hex) stay,
+#   logs reference them.
+# * Every query value is redacted; parameter names stay.
+SECRET_PATH_MARKERS = frozenset({
+    "p", "f", "t", "u", "setup", "enroll", "invite", "invitation", "invitations", "accept", "reset",
+    "password-reset", "recover", "recovery", "unsubscribe", "confirm", "preferences", "revoke",
+    "authorizations", "verify-email", "magic", "link", "links", "o", "c",
+})
+_WORD_SEGMENT = re.compile(r"^[a-z][a-z-]{0,23}$")
+_TOKEN_SEGMENT = re.compile(r"^[A-Za-z0-9_\-~.=+%]{20,}$")
+_CAREPOST_ID = re.compile(r"^[0-9a-f]{32}$")
+_URLISH = re.compile(r"[^\s\"'<>()\[\]{}|\\^`]*[/?][^\s\"'<>()\[\]{}|\\^`]*")
+
+
+def _looks_like_token(segment: str) -> bool:
+    if not _TOKEN_SEGMENT.match(segment) or _CAREPOST_ID.match(segment):
+        return False
+    has_digit = any(c.isdigit() for c in segment)
+    has_alpha = any(c.isalpha() for c in segment)
+    mixed_case = any(c.isupper() for c in segment) and any(c.islower() for c in segment)
+    return (has_digit and has_alpha) or mixed_case or "." in segment.strip(".")
+
+
+def _scrub_path(path: str) -> str:
+    segments = path.split("/")
+    secret_follows = False
+    for i, segment in enumerate(segments):
+        if not segment:
+            continue
+        if secret_follows and not _WORD_SEGMENT.match(segment):
+            segments[i] = REDACTED
+            continue
+        if _looks_like_token(segment):
+            segments[i] = REDACTED
+            continue
+        if segment in SECRET_PATH_MARKERS and i > 0:
+            secret_follows = True
+    return "/".join(segments)
+
+
+def _scrub_query(query: str) -> str:
+    fragment = ""
+    if "#" in query:
+        query, fragment = query.split("#", 1)
+        fragment = "#" + REDACTED
+    parts = []
+    for pair in query.split("&"):
+        if not pair:
+            parts.append(pair)
+            continue
+        name, sep, _value = pair.partition("=")
+        parts.append(f"{name}={REDACTED}" if sep else REDACTED if _looks_like_token(name) or len(name) > 40 else name)
+    return "&".join(parts) + fragment
+
+
+def _scrub_url(match: re.Match) -> str:
+    text = match.group(0)
+    path, sep, query = text.partition("?")
+    if "/" in path:
+        path = _scrub_path(path)
+    return path + (sep + _scrub_query(query) if sep else "")
+
+
+def scrub_urls(text: str) -> str:
+    """Redact link secrets and query values from every URL or path in ``text``."""
+    if "/" not in text and "?" not in text:
+        return text
+    return _URLISH.sub(_scrub_url, text)
+
+
 def scrub_text(text: str) -> str:
+    text = scrub_urls(text)
     for pattern in _PATTERNS:
         text = pattern.sub(REDACTED, text)
     return text
