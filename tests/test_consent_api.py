@@ -299,6 +299,7 @@ def test_reports(client, org, key):
     client.post(f"/api/v1/authorizations/{ids[2]}/revoke", headers=h)
     r = client.get("/api/v1/consent/reports", headers=h).json()
     assert r["totals"] == {"valid": 2, "expiring_30_days": 1, "revoked_this_month": 1}
+    assert r["excluded_contacts"] == {"deceased": 0}
     assert r["rows"][0]["purpose"] == "marketing" and r["rows"][0]["topic"] == "All topics"
     csv_text = client.get("/api/v1/consent/reports?format=csv", headers=h).text
     assert csv_text.splitlines() == ["purpose,topic,valid,expiring_30_days,revoked_this_month", "marketing,All topics,2,1,1"]

@@ -269,3 +269,23 @@ def test_next_allowed_time_same_day_window():
     at = datetime(2025, 6, 1, 13, 0, tzinfo=timezone.utc)
     assert eligibility.next_allowed_time(at, "UTC", "12:00", "14:00") == datetime(2025, 6, 1, 14, 0, tzinfo=timezone.utc)
     assert eligibility.next_allowed_time(at, "UTC", None, None) is None
+
+
+def test_deceased_contacts_are_excluded_from_every_purpose(org, session):
+    """Issue 10 item 2: a deceased patient is excluded with ``deceased`` whatever the purpose,
+    before the address and consent checks (even a valid authorization does not reach them)."""
+    with org_session(org.id) as s:
+        alive = make_contact(s, org.id, "alive@example.test")
+        dead = make_contact(s, org.id, "dead@example.test", deceased=True)
+        no_address = make_contact(s, org.id, None, deceased=True)
+        sign(s, org.id, alive.id)
+        sign(s, org.id, dead.id)
+        s.commit()
+        ids = [alive.id, dead.id, no_address.id]
+        for purpose in ("transactional", "treatment", "marketing"):
+            got = check(s, org.id, ids, purpose)
+            assert got == {alive.id: "eligible", dead.id: "deceased", no_address.id: "deceased"}, purpose
+        rows = [{"id": "r1", "contact_id": dead.id, "address_index": service.address_index(s, org.id, "dead@example.test")},
+                {"id": "r2", "contact_id": alive.id, "address_index": service.address_index(s, org.id, "alive@example.test")}]
+        assert eligibility.delivery_check(s, org.id, rows, "transactional") == {"r1": "deceased", "r2": "eligible"}
+        assert "deceased" in eligibility.REASONS and eligibility.REASON_TEXT["deceased"]

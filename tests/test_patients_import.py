@@ -69,6 +69,25 @@ def test_synthea_style_bundle_imports(db, org, session):
     assert session.scalar(select(AuditEvent).where(AuditEvent.org_id == org.id, AuditEvent.action == "import.finish"))
 
 
+def test_synthea_deceased_patient_gets_the_terminal_stage(db, org, session):
+    """Issue 10 item 2: Synthea writes ``deceasedDateTime``; the patient is stored deceased with
+    the stage ``deceased`` (not ``overdue``) and is excluded from every send as ``deceased``."""
+    from carepost.consent.service import check_eligibility
+
+    bundle = synthea_like(seed=9)
+    patient = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
+    patient["deceasedDateTime"] = "2021-03-04T05:06:07-05:00"
+    patient["telecom"] = [{"system": "email", "value": "late.patient@example.org"}]
+    report = run_import(org.id, json.dumps(bundle).encode())
+    assert report["status"] == "succeeded", report["errors"]
+    session.rollback()
+    contact = session.scalar(select(Contact).where(Contact.org_id == org.id))
+    assert contact.deceased is True and contact.care_stage == "deceased"
+    with org_session(org.id) as s:
+        for purpose in ("transactional", "treatment", "marketing"):
+            assert check_eligibility(s, [contact.id], purpose, org_id=org.id) == {contact.id: "deceased"}
+
+
 def test_reimport_is_idempotent(db, org, session):
     data = json.dumps(synthea_like(seed=3)).encode()
     first = run_import(org.id, data)

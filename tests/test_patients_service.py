@@ -143,6 +143,25 @@ def test_care_stage_derivation(db, org):
         assert exc.value.field == "care_stage"
 
 
+def test_deceased_is_a_terminal_stage(db, org):
+    """Issue 10 item 2: a deceased contact is never ``overdue`` (nor a stage set by hand); marking
+    them alive again returns the derived stage."""
+    cid, _ = _save(org.id, given_name="D")
+    clock.advance(timedelta(days=400))
+    with org_session(org.id) as s:
+        service.set_care_journey_config(s, org.id, {"stages": ["pregnancy"]})
+        assert service.get_contact(s, cid).care_stage == "overdue"
+        service.save_contact(s, org.id, ContactIn(deceased=True), contact=service.get_contact(s, cid))
+        assert service.get_contact(s, cid).care_stage == "deceased"
+        service.create_fact(s, org.id, cid, "encounters", FactIn(class_code="AMB", status="finished", start_at=clock.now() - timedelta(days=3)))
+        service.save_contact(s, org.id, ContactIn(care_stage="pregnancy"), contact=service.get_contact(s, cid))
+        service.refresh_care_stages(s, org.id, None)
+        assert service.get_contact(s, cid).care_stage == "deceased"
+        service.save_contact(s, org.id, ContactIn(deceased=False, care_stage=None), contact=service.get_contact(s, cid))
+        assert service.get_contact(s, cid).care_stage == "active"
+        s.commit()
+
+
 def test_fact_fields_checked_per_kind(db, org):
     cid, _ = _save(org.id, given_name="F")
     with org_session(org.id) as s:

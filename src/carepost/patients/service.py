@@ -320,6 +320,10 @@ def save_contact(
             setattr(contact, name, value)
     if "care_stage" in fields:
         set_stage_override(session, org_id, contact, fields["care_stage"])
+    if contact.deceased and contact.care_stage != TERMINAL_STAGE:
+        contact.care_stage = TERMINAL_STAGE
+        contact.care_stage_changed_at = clock.now()
+    revived = "deceased" in fields and not contact.deceased and contact.care_stage == TERMINAL_STAGE
 
     if created:
         session.flush()
@@ -329,7 +333,7 @@ def save_contact(
         set_attributes(session, org_id, contact, fields["attributes"])
     if not created:
         contact.updated_at = clock.now()
-        if "care_stage" in fields and not fields["care_stage"]:
+        if ("care_stage" in fields and not fields["care_stage"]) or revived:
             refresh_care_stages(session, org_id, [contact.id])  # back to the derived stage at once
     return SaveResult(contact, created)
 
@@ -545,8 +549,12 @@ def list_contacts(session: Session, org_id: str, filters: ContactFilters, *, cur
     return rows[:limit], next_cursor
 
 
-def count_contacts(session: Session, org_id: str) -> int:
-    return session.scalar(select(func.count()).select_from(Contact).where(Contact.org_id == org_id)) or 0
+def count_contacts(session: Session, org_id: str, *, deceased: bool | None = None) -> int:
+    """How many contacts (``deceased=True``: only those marked deceased, whom consent excludes from every send)."""
+    q = select(func.count()).select_from(Contact).where(Contact.org_id == org_id)
+    if deceased is not None:
+        q = q.where(Contact.deceased.is_(deceased))
+    return session.scalar(q) or 0
 
 
 # --------------------------------------------------------------------------- custom attributes
@@ -772,7 +780,8 @@ def _after_fact_change(session: Session, org_id: str, kind: str, contact_ids: li
 
 # --------------------------------------------------------------------------- care-journey stage
 
-DERIVED_STAGES = ("new", "active", "overdue", "at_risk")
+DERIVED_STAGES = ("new", "active", "overdue", "at_risk", "deceased")
+TERMINAL_STAGE = "deceased"  # a deceased patient is never "overdue" again, whatever the visits or an override say
 CARE_JOURNEY_DEFAULTS = {
     "overdue_after_days": 365,  # no visit for this long: overdue
     "at_risk_hospitalization_days": 90,  # a hospitalization this recent: at risk
@@ -826,7 +835,7 @@ def set_stage_override(session: Session, org_id: str, contact: Contact, stage: s
     if stage not in care_journey_config(session, org_id)["stages"]:
         raise ValidationFailed("Not a stage defined by the organization.", field="care_stage")
     contact.care_stage_override = stage
-    if contact.care_stage != stage:
+    if contact.care_stage != stage and not contact.deceased:
         contact.care_stage = stage
         contact.care_stage_changed_at = clock.now()
 
@@ -889,7 +898,9 @@ def _refresh_chunk(session: Session, org_id: str, ids: list[str], cfg: dict, now
     overdue_before = now - timedelta(days=cfg["overdue_after_days"])
     changed = 0
     for contact in session.scalars(select(Contact).where(Contact.org_id == org_id, Contact.id.in_(ids))):
-        if contact.care_stage_override:
+        if contact.deceased:
+            stage = TERMINAL_STAGE
+        elif contact.care_stage_override:
             stage = contact.care_stage_override
         elif contact.id in hospitalized or contact.id in noshows:
             stage = "at_risk"
