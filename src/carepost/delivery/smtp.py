@@ -291,9 +291,9 @@ class DeliveryClient:
             if not targets:
                 return self._all(envelope, "tls_unavailable" if envelope.require_verified_tls else "deferred",
                                  "no MX host matches the domain's enforced MTA-STS policy")
-        tls_failures, network_failures = [], []
+        tls_failures, network_failures, refusals = [], [], []
         for target in targets:
-            addresses = await self._addresses(target, network_failures)
+            addresses = await self._addresses(target, network_failures, refusals)
             for address in addresses[:2]:
                 try:
                     conn = await self.pool.acquire(target, address, require_verified=require)
@@ -310,6 +310,9 @@ class DeliveryClient:
                 network_failures.append(f"{target.host}: connection lost before the transaction")
         if tls_failures and envelope.require_verified_tls:
             return self._all(envelope, "tls_unavailable", "verified TLS unavailable: " + "; ".join(tls_failures))
+        if refusals and not (tls_failures or network_failures):
+            # Every MX resolves to non-public addresses only (SSRF guard): nothing to retry.
+            return self._all(envelope, "bounced", "no MX host with a public address: " + "; ".join(refusals))
         return self._all(envelope, "deferred", "; ".join(tls_failures + network_failures) or "no MX host reachable")
 
     async def _respect_rate(self, domain: str) -> None:
@@ -343,7 +346,7 @@ class DeliveryClient:
         self._sts[domain] = (clock.now().timestamp() + ttl, policy)
         return policy
 
-    async def _addresses(self, target: cpdns.MxTarget, failures: list[str]) -> list[str]:
+    async def _addresses(self, target: cpdns.MxTarget, failures: list[str], refusals: list[str]) -> list[str]:
         if target.address:
             return [target.address]
         try:
@@ -353,7 +356,11 @@ class DeliveryClient:
             return []
         if not addresses:
             failures.append(f"{target.host}: no address")
-        return addresses
+            return []
+        allowed, refused = tlsprobe.guard_addresses(target, addresses, self.settings)
+        if refused and not allowed:
+            refusals.append(f"{target.host}: refused: {refused}")
+        return allowed
 
     async def _send(self, conn: PooledConnection, envelope: Envelope, policy) -> tuple[list[RecipientResult] | None, bool]:
         """One transaction. Returns (results, connection healthy); results None means the

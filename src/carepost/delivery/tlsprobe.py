@@ -5,6 +5,13 @@ The findings feed two things: the pre-send security preview (which method each r
 get, and why) and the evidence kept for every delivery. They are cached per domain for
 ``CAREPOST_TLS_PROBE_CACHE_SECONDS`` (an MTA-STS policy no longer than its ``max_age``).
 
+Every address a user-chosen name (an MX host, ``mta-sts.<domain>``) resolves to passes the
+non-public-address guard (core/netguard.py, the one webhooks use) before CarePost connects:
+a recipient domain pointed at loopback, private or link-local addresses cannot make delivery or
+the security preview reach into the operator's network. Hosts and addresses the operator wrote
+(``CAREPOST_MX_OVERRIDES``, ``CAREPOST_MTA_STS_OVERRIDES``, the relay) are trusted as written;
+``CAREPOST_DELIVERY_ALLOWED_HOSTS`` allows more.
+
 "Verified TLS" means, here and in the delivery client: STARTTLS offered, TLS 1.2 or newer, a
 certificate chain to a trusted anchor (system store plus ``CAREPOST_EXTRA_CA_FILE``) and a
 certificate naming the MX host (the host name from DNS or from an ``CAREPOST_MX_OVERRIDES``
@@ -24,7 +31,7 @@ from datetime import datetime
 
 import aiosmtplib
 
-from carepost.core import clock
+from carepost.core import clock, netguard
 from carepost.core.config import Settings, get_settings
 from carepost.core.logging import get_logger
 from carepost.delivery import dns as cpdns
@@ -100,12 +107,36 @@ def verification_error(err: BaseException) -> str | None:
     return None
 
 
+class NonPublicAddress(OSError):
+    """A connection to a non-public address of a user-chosen host was refused (SSRF guard).
+    An OSError, so every caller's network-failure path handles it; nothing is ever sent."""
+
+
+def guard_addresses(target: cpdns.MxTarget, addresses: list[str], settings: Settings) -> tuple[list[str], str | None]:
+    """The addresses of ``target`` CarePost may connect to, and why others were dropped.
+    Overridden targets (written by the operator) are trusted as written."""
+    if target.overridden:
+        return list(addresses), None
+    return netguard.public_addresses(target.host, addresses, allowed=settings.delivery_allowed_hosts)
+
+
+def _guard(host: str, address: str, *, trusted: bool, settings: Settings) -> None:
+    if trusted:
+        return
+    try:
+        netguard.check_address(host, address, allowed=settings.delivery_allowed_hosts)
+    except netguard.Refused as err:
+        raise NonPublicAddress(f"refused: {err}") from None
+
+
 def helo_name(settings: Settings) -> str | None:
     return settings.smtp_helo_name
 
 
 async def connect(target: cpdns.MxTarget, address: str, settings: Settings) -> aiosmtplib.SMTP:
-    """An open SMTP connection to one address of an MX, EHLO done, no TLS yet."""
+    """An open SMTP connection to one address of an MX, EHLO done, no TLS yet. The address is
+    checked by the SSRF guard here too, the last place before a socket opens."""
+    _guard(target.host, address, trusted=target.overridden, settings=settings)
     smtp = aiosmtplib.SMTP(
         hostname=address, port=target.port, local_hostname=helo_name(settings), timeout=settings.smtp_timeout,
         start_tls=False, use_tls=False,
@@ -266,7 +297,10 @@ async def fetch_mta_sts(domain: str, settings: Settings | None = None) -> MtaSts
         addresses = await cpdns.resolve_addresses(host)
         if not addresses:
             raise MtaStsError("policy host has no address")
-        address, port = addresses[0], 443
+        allowed, refused = netguard.public_addresses(host, addresses, allowed=settings.delivery_allowed_hosts)
+        if not allowed:
+            raise MtaStsError(f"policy host refused: {refused}")
+        address, port = allowed[0], 443
     try:
         status, headers, body = await _https_get(address, port, host, "/.well-known/mta-sts.txt", settings)
     except ssl.SSLCertVerificationError as err:
@@ -342,6 +376,9 @@ class DomainTls:
             return f"{best.host} offers verified {best.tls_version}{sts}"
         reachable = [m for m in self.mx if m.reachable]
         if not reachable:
+            refused = next((m for m in self.mx if (m.error or "").startswith("refused")), None)
+            if refused is not None:
+                return f"{refused.host}: {refused.error}"
             return "no MX host could be reached"
         m = reachable[0]
         if not m.starttls:
@@ -363,6 +400,9 @@ async def probe_mx(target: cpdns.MxTarget, settings: Settings, policy: MtaStsPol
         return MxFinding(target.host, target.port, None, False, error=str(err), mta_sts_match=match)
     if not addresses:
         return MxFinding(target.host, target.port, None, False, error="host has no address", mta_sts_match=match)
+    addresses, refused = guard_addresses(target, addresses, settings)
+    if not addresses:
+        return MxFinding(target.host, target.port, None, False, error=f"refused: {refused}", mta_sts_match=match)
     last_error = "unreachable"
     for address in addresses[:2]:
         smtp = None

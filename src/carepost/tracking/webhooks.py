@@ -30,7 +30,6 @@ import base64
 import hashlib
 import hmac
 import http.client
-import ipaddress
 import json
 import secrets
 import socket
@@ -41,6 +40,7 @@ from datetime import timedelta
 from urllib.parse import urlsplit
 
 from carepost import __version__
+from carepost.core import netguard
 from carepost.core.config import Settings, get_settings
 from carepost.core.errors import ValidationFailed
 
@@ -103,43 +103,9 @@ def body_of(payload: dict) -> bytes:
 # --------------------------------------------------------------------------- SSRF guard
 
 
-class Refused(Exception):
-    """The target is not allowed (scheme, credentials, or a non-public address)."""
-
-
-def _allow_list(settings: Settings) -> tuple[set[str], list[ipaddress._BaseNetwork]]:
-    names: set[str] = set()
-    networks: list = []
-    for item in (settings.webhook_allowed_hosts or "").split(","):
-        item = item.strip().lower()
-        if not item:
-            continue
-        try:
-            networks.append(ipaddress.ip_network(item.strip("[]"), strict=False))
-        except ValueError:
-            names.add(item.rstrip("."))
-    return names, networks
-
-
-def non_public_reason(address: str) -> str | None:
-    """Why an address must not be a webhook target, or None when it is a public address."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address):
-        mapped = ip.ipv4_mapped or ip.sixtofour
-        if ip.teredo:
-            mapped = ip.teredo[1]
-        if mapped is not None:
-            ip = mapped
-    checks = (
-        ("loopback", ip.is_loopback), ("link-local", ip.is_link_local), ("multicast", ip.is_multicast),
-        ("unspecified", ip.is_unspecified), ("reserved", ip.is_reserved), ("private", ip.is_private),
-    )
-    for label, hit in checks:
-        if hit:
-            return f"a {label} address"
-    if not ip.is_global:
-        return "a non-public address"
-    return None
+# The guard itself lives in core/netguard.py: delivery (MX hosts, MTA-STS) uses the same one.
+Refused = netguard.Refused
+non_public_reason = netguard.non_public_reason
 
 
 @dataclass(frozen=True)
@@ -206,15 +172,10 @@ def resolve(target: Target, settings: Settings | None = None) -> list[str]:
 
 def check_address(host: str, address: str, settings: Settings | None = None) -> None:
     settings = settings or get_settings()
-    reason = non_public_reason(address)
-    if reason is None or settings.webhook_allow_private:
-        return
-    names, networks = _allow_list(settings)
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if host.lower() in names or any(ip in net for net in networks if net.version == ip.version):
-        return
-    raise Refused(f"the host resolves to {reason} ({ip}); an administrator can allow it with "
-                  "CAREPOST_WEBHOOK_ALLOWED_HOSTS or CAREPOST_WEBHOOK_ALLOW_PRIVATE")
+    netguard.check_address(host, address, allow_private=settings.webhook_allow_private,
+                           allowed=settings.webhook_allowed_hosts,
+                           hint="an administrator can allow it with CAREPOST_WEBHOOK_ALLOWED_HOSTS or "
+                           "CAREPOST_WEBHOOK_ALLOW_PRIVATE")
 
 
 def check_url(url: str, *, field: str = "url", settings: Settings | None = None) -> Target:
