@@ -131,3 +131,22 @@ def test_enrollment_link_expires(client, org, make_user):
     link = re.search(r'id="enrollment-link">http://localhost:8000(/app/enroll/[^<]+)<', r.text).group(1)
     clock.advance(timedelta(hours=73))
     assert client.get(link).status_code == 410
+
+
+def test_setup_link_dies_once_any_person_exists(client, db, session, monkeypatch):
+    """Issue 9 item 23: a setup link printed by ``carepost init`` stops working as soon as any
+    person exists (here created as ``carepost user create`` does), used or not."""
+    from carepost.accounts.service import create_member, create_organization
+
+    path = setup_link()
+    with system_session() as s:
+        other = create_organization(s, "Other Clinic")
+        create_member(s, other.id, email="owner@other.test", role="owner", password="Tidal-Lantern-Quartz-77",
+                      base_url="http://localhost:8000")
+        s.commit()
+    page = client.get(path)
+    assert page.status_code == 410 and "Setup is finished" in page.text
+    csrf = csrf_from(client.get("/app/login").text)
+    r = client.post(path, data={**GOOD, "csrf_token": csrf}, follow_redirects=False)
+    assert r.status_code == 410
+    assert count(session, Organization) == 1 and count(session, User) == 1

@@ -143,6 +143,10 @@ def find_link(session: Session, token: str, purpose: str) -> OneTimeLink:
         raise LinkGone("This link has already been used. Ask for a new one.", field="token")
     if clock.aware(link.expires_at) <= clock.now():
         raise LinkGone("This link has expired. Ask for a new one.", field="token")
+    if purpose == "setup" and session.scalar(select(func.count()).select_from(User)):
+        # Issue 9 item 23: the first-owner link dies once any person exists, however they were
+        # created (``carepost user create``, another setup).
+        raise LinkGone("Setup is finished: people already exist. Ask an owner to invite you.", field="token")
     return link
 
 
@@ -174,8 +178,8 @@ def setup_first_owner(session: Session, link: OneTimeLink, *, org_name: str, ema
     email = normalize_email(email)
     display_name = _display_name(display_name)
     validate_password(password, email=email, org_name=org_name, display_name=display_name)
-    if session.scalar(select(User.id).where(User.email == email)):
-        raise Conflict("A person with this email address already exists.", field="email")
+    if session.scalar(select(func.count()).select_from(User)):
+        raise LinkGone("Setup is finished: people already exist. Ask an owner to invite you.", field="token")
     org = create_organization(session, org_name)
     now = clock.now()
     user = User(email=email, display_name=display_name, password_hash=hash_password(password), password_changed_at=now)
