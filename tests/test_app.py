@@ -99,8 +99,9 @@ def test_hsts_only_when_served_over_https(db):
 
 
 def test_request_id_is_bounded(client):
+    # Not a trace id (hex, 16-64 characters): replaced by a new id (issue 9 item 22).
     response = client.get("/healthz", headers={"x-request-id": "r" * 500})
-    assert len(response.headers["x-request-id"]) == 64
+    assert len(response.headers["x-request-id"]) == 32 and response.headers["x-request-id"] != "r" * 32
 
 
 # --------------------------------------------------------------------------- request bodies
@@ -302,7 +303,7 @@ def test_readyz_is_503_when_the_database_is_unreachable(client, monkeypatch):
     from sqlalchemy import create_engine
     from sqlalchemy.orm import sessionmaker
 
-    from carepost.web import api as web_api
+    from carepost.dashboard import api as web_api
 
     unreachable = sessionmaker(create_engine("postgresql+psycopg://carepost@127.0.0.1:1/none", connect_args={"connect_timeout": 2}))
     monkeypatch.setattr(web_api, "session_factory", lambda: unreachable)
