@@ -101,3 +101,46 @@ def test_sender_question_and_expiry_from_the_api(env):
     assert r.status_code == 410 and "expired" in r.text
     [pat] = client.get(f"/api/v1/messages/{message_id}", headers=key).json()["recipients"]
     assert pat["status"] == "expired"
+
+
+def test_portal_answer_is_hashed_at_acceptance_never_stored_readable(env, session):
+    """Issue 9 item 17: the answer to the sender's question is Argon2id-hashed before the message
+    is stored; messages.portal_enc, decrypted with the organization's keys, holds no answer, and
+    the portal still accepts it ignoring case and spacing."""
+    import json
+
+    from carepost.core.crypto import get_keyring
+    from carepost.delivery.models import Message
+    from carepost.portal.models import PortalMessage
+
+    peers, sender, key, client = env
+    answer = "Blue Heron Lane"
+    message_id = _send(client, key, portal={"auth": "question", "question": "Street you grew up on?", "answer": answer})
+    session.rollback()
+    message = session.get(Message, message_id)
+    stored = get_keyring().decrypt_text(session, message.org_id, "messages", "portal", message.id, message.portal_enc)
+    options = json.loads(stored)
+    assert "answer" not in options and options["answer_hash"].startswith("$argon2id$")
+    for form in (answer, answer.lower(), "blue heron lane", "Blue", "Heron"):
+        assert form not in stored
+    pipeline.deliver([message_id])
+    session.rollback()
+    pm = session.query(PortalMessage).filter_by(message_id=message_id).one()
+    assert pm.answer_hash == options["answer_hash"]  # the portal copy keeps the same hash, nothing more
+    path = _link(_mails(peers)[0])
+    page = client.get(path)
+    r = client.post(f"{path}/verify", data={"answer": "wrong lane", "csrf_token": csrf_from(page.text)},
+                    follow_redirects=False)
+    assert r.status_code != 303
+    page = client.get(path)
+    r = client.post(f"{path}/verify", data={"answer": "  blue   HERON lane ", "csrf_token": csrf_from(page.text)},
+                    follow_redirects=False)
+    assert r.status_code == 303
+
+
+def test_portal_answer_too_short_is_refused_at_acceptance_naming_the_field(env):
+    peers, sender, key, client = env
+    body = {"from": "Bar Clinic <care@bar.example>", "to": ["pat@plain.test"], "subject": "Your lab result",
+            "text": PHI, "portal": {"auth": "question", "question": "Initial?", "answer": " x "}}
+    r = client.post("/api/v1/messages", json=body, headers=key)
+    assert r.status_code == 422 and "portal.answer" in r.text

@@ -484,7 +484,8 @@ def store_for_portal(run: Run, copies: list[Copy]) -> None:
                         Attachment(i.filename or i.cid, i.content, i.content_type) for i in content.inline],
                     sender_user_or_credential_id=content.message.created_by,
                     expires_at=_parse_time(expires) if expires else None, auth=options.get("auth") or "code",
-                    question=options.get("question"), answer=options.get("answer"),
+                    question=options.get("question"), answer_hash=options.get("answer_hash"),
+                    answer=options.get("answer"),  # only in messages accepted before answers were hashed
                 )
                 subject, text, html = portal_notification(session, pm)
         except ValidationFailed as exc:

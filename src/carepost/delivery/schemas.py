@@ -54,7 +54,8 @@ class PortalOptionsIn(_In):
 
     auth: Literal["code", "question"] = Field("code", description="A one-time code mailed to the recipient, or the sender's question.")
     question: str | None = Field(None, max_length=300)
-    answer: str | None = Field(None, max_length=200, description="Stored hashed once the portal copy is made.")
+    answer: str | None = Field(None, max_length=200, description="Hashed (Argon2id) when the message is accepted; never stored readable. "
+                        "Compared ignoring case and spacing.")
     expires_at: datetime | None = Field(None, description="Default: CAREPOST_PORTAL_EXPIRY_DAYS after delivery.")
 
     @model_validator(mode="after")

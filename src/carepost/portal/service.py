@@ -34,7 +34,6 @@ import hmac
 import html as html_lib
 import re
 import secrets
-import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -50,6 +49,7 @@ from carepost.core.errors import Conflict, NotFound, ValidationFailed
 from carepost.core.ids import is_id, new_id
 from carepost.delivery.mime import check_header_value, parse_address
 from carepost.delivery.models import MessageRecipient
+from carepost.delivery.portal_answer import hash_answer, is_answer_hash, normalize_answer
 from carepost.portal.models import AUTH_METHODS, PortalAttachment, PortalMessage, PortalReply, PortalSession
 
 CODE_DIGITS = 8
@@ -58,7 +58,6 @@ MAX_CODES = 20  # codes one message may ever send; then the recipient asks the s
 MAX_LOCKOUTS = 3  # lockouts before the message stays locked until the sender unlocks it
 MAX_REPLY_CHARS = 20_000
 MAX_QUESTION_CHARS = 300
-MAX_ANSWER_CHARS = 200
 SESSION_ABSOLUTE_FACTOR = 4  # a portal session lives at most 4 x the idle timeout
 ACTOR = "portal_recipient"
 
@@ -90,12 +89,6 @@ def _attachment_parts(item) -> tuple[str, str, bytes]:
         raise ValidationFailed("An attachment has no content.", field="attachments")
     check_header_value("attachment filename", str(filename))
     return str(filename)[:255], str(ctype)[:255], bytes(content)
-
-
-def normalize_answer(answer: str) -> str:
-    """Answers compare ignoring case, accents' composition and spacing: " Blue  Heron" == "blue heron"."""
-    text = unicodedata.normalize("NFKC", answer or "").casefold()
-    return " ".join(text.split())
 
 
 def _hasher():
@@ -132,6 +125,7 @@ def store_portal_message(
     question: str | None = None,
     answer: str | None = None,
     inline_images: list | tuple = (),
+    answer_hash: str | None = None,
 ) -> PortalMessage:
     """Keep one recipient's copy for pickup, encrypted and bound to its row; returns the row.
 
@@ -158,18 +152,19 @@ def store_portal_message(
         expires_at = now + timedelta(days=settings.portal_expiry_days)
     if clock.aware(expires_at) <= now:
         raise ValidationFailed("The portal expiry must be in the future.", field="expires_at")
-    answer_hash = None
+    if auth != "question":
+        answer_hash = None
     if auth == "question":
         if not question or not question.strip():
             raise ValidationFailed("A portal question is needed when the recipient answers a question.", field="question")
         if len(question) > MAX_QUESTION_CHARS:
             raise ValidationFailed(f"The portal question is longer than {MAX_QUESTION_CHARS} characters.", field="question")
-        normalized = normalize_answer(answer or "")
-        if len(normalized) < 2:
-            raise ValidationFailed("The answer to the portal question is missing or too short.", field="answer")
-        if len(normalized) > MAX_ANSWER_CHARS:
-            raise ValidationFailed(f"The answer is longer than {MAX_ANSWER_CHARS} characters.", field="answer")
-        answer_hash = _hasher().hash(normalized)
+        if answer_hash is not None:
+            # Hashed at acceptance (delivery.portal_answer): the answer itself never reaches us.
+            if not is_answer_hash(answer_hash):
+                raise ValidationFailed("The portal answer hash is not an Argon2id hash.", field="answer")
+        else:
+            answer_hash = hash_answer(answer or "", field="answer")
     files = [(*_attachment_parts(a), None) for a in attachments or ()]
     for image in inline_images or ():
         get = image.get if isinstance(image, dict) else (lambda k, d=None, _i=image: getattr(_i, k, d))
