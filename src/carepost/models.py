@@ -17,6 +17,7 @@ MODEL_MODULES = [
     "carepost.forms.models",
     "carepost.tracking.models",
     "carepost.content.models",
+    "carepost.segments.models",
 ]
 
 
