@@ -173,7 +173,7 @@ def test_import_upload_status_and_error_report(client, org, key, session, immedi
     assert status["counts"]["created"] == 2 and status["error_count"] == 1
     report = client.get(f"/api/v1/imports/{job['id']}/errors", headers=h)
     assert report.headers["content-type"].startswith("text/csv")
-    assert report.text.splitlines()[0] == "line,resource,field,reason" and "Condition/c2" in report.text
+    assert report.text.splitlines()[0] == "line,resource,field,reason,severity" and "Condition/c2" in report.text
     assert "rita" not in json.dumps(status).lower()
     assert client.get("/api/v1/imports", headers=h).json()["data"][0]["id"] == job["id"]
 

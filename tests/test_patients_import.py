@@ -167,14 +167,67 @@ def test_bad_resources_go_to_the_error_report_and_valid_ones_stay(db, org, sessi
     errors = {e["resource"]: e for e in report["errors"]}
     assert "neither in this file nor in CarePost" in errors["Condition/c2"]["reason"]
     assert errors["Condition/c3"]["field"] == "onsetDateTime"
-    assert "loinc" in errors["Condition/c4"]["reason"]
+    assert "loinc" in errors["Condition/c4"]["reason"] and errors["Condition/c4"]["severity"] == "warning"
     assert "more than once" in errors["Condition/c1"]["reason"]
     assert errors["Patient/p2"]["field"] == "birthDate"
     assert report["counts"]["by_type"]["Claim"] == {"skipped": 1}
-    assert count(session, Condition, org.id) == 1 and count(session, Observation, org.id) == 1
+    # c4 is kept (its code marked unverified): a warning, not a failure
+    assert count(session, Condition, org.id) == 2 and count(session, Observation, org.id) == 1
+    assert report["warning_count"] == 1 and report["counts"]["warnings"] == 1
+    assert report["error_count"] == 4 == sum(1 for e in report["errors"] if e["severity"] == "error")
     assert count(session, Contact, org.id) == 1
     for e in report["errors"]:
         assert "13-45" not in e["reason"] and "not a code" not in e["reason"]
+
+
+def test_a_malformed_code_keeps_the_record_flagged_unverified(db, org, session):
+    """Issue 10 item 4: a Synthea export with ``5089AAAA…`` labelled LOINC (and a bad SNOMED
+    encounter type, a bad ICD-10-CM condition code) keeps every Observation, Encounter and
+    Condition; the bad codes are flagged ``code_verified = False`` so code queries that require a
+    verified code skip them; each is a warning in the error report, counted apart from failures."""
+    bundle = synthea_like(seed=21)
+    by_type: dict[str, list[dict]] = {}
+    for e in bundle["entry"]:
+        by_type.setdefault(e["resource"]["resourceType"], []).append(e["resource"])
+    obs = next(o for o in by_type["Observation"] if not o.get("component"))
+    obs["code"]["coding"][0] = {"system": "http://loinc.org", "code": "5089AAAA-BBBB-CCCC", "display": "Glucose"}
+    bp = next(o for o in by_type["Observation"] if o.get("component"))
+    bp["component"][0]["code"]["coding"][0]["code"] = "8480XX"
+    enc = by_type["Encounter"][0]
+    enc["type"] = [{"coding": [{"system": "http://snomed.info/sct", "code": "not-snomed", "display": "Visit"}]}]
+    cond = by_type["Condition"][0]
+    cond["code"]["coding"] = [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "E11.9.9.9.9", "display": "Diabetes"}]
+    report = run_import(org.id, json.dumps(bundle).encode())
+    assert report["status"] == "succeeded", report["errors"]
+    assert report["error_count"] == 0 and report["counts"]["failed"] == 0
+    assert report["warning_count"] == 4 == report["counts"]["warnings"]
+    warnings = {(e["resource"], e["field"]): e for e in report["errors"]}
+    assert all(e["severity"] == "warning" and "unverified" in e["reason"] for e in warnings.values())
+    assert {k[1] for k in warnings} == {"code", "component.0.code", "type"}
+    assert "5089AAAA" not in json.dumps(report)  # the report names the field, never the value
+    session.rollback()
+    # every record is there: one row per Observation (plus components), Encounter and Condition
+    assert count(session, Encounter, org.id) == len(by_type["Encounter"])
+    assert count(session, Condition, org.id) == len(by_type["Condition"])
+    bad = session.scalar(select(Observation).where(Observation.org_id == org.id, Observation.code == "5089AAAA-BBBB-CCCC"))
+    assert bad is not None and bad.code_verified is False and bad.code_system == "loinc" and bad.effective_at is not None
+    verified = select(func.count()).select_from(Observation).where(
+        Observation.org_id == org.id, Observation.code_verified.is_(True), Observation.code.startswith("5089"))
+    assert session.scalar(verified) == 0  # a code query that requires verified codes does not match it
+    assert session.scalar(select(func.count()).select_from(Encounter).where(Encounter.org_id == org.id,
+                                                                            Encounter.code_verified.is_(False))) == 1
+    assert session.scalar(select(func.count()).select_from(Observation).where(
+        Observation.org_id == org.id, Observation.code_verified.is_(False))) == 2  # the glucose and one component
+    csv_lines = list(imports.error_report_csv(session, imports.get_job(session, report["id"])))
+    assert "".join(csv_lines).splitlines()[0] == "line,resource,field,reason,severity"
+    assert sum(line.count(",warning") for line in csv_lines) == 4
+    # importing the corrected file again verifies the codes
+    obs["code"]["coding"][0]["code"] = "2339-0"
+    report = run_import(org.id, json.dumps(bundle).encode())
+    assert report["warning_count"] == 3
+    session.rollback()
+    assert session.scalar(select(Observation).where(Observation.org_id == org.id, Observation.code == "2339-0",
+                                                    Observation.code_verified.is_(True))) is not None
 
 
 def test_malformed_json_keeps_what_came_before(db, org, session):

@@ -103,7 +103,7 @@ def test_import_wizard_csv_and_fhir(page, worker, clinic, tmp_path):
     with page.expect_download() as dl:
         page.get_by_test_id("error-report").click()
     report = Path(dl.value.path()).read_text()
-    assert report.splitlines()[0] == "line,resource,field,reason" and "3,,DOB," in report
+    assert report.splitlines()[0] == "line,resource,field,reason,severity" and "3,,DOB," in report
 
     bundle_path = tmp_path / "synthea.json"
     bundle_path.write_text(to_json(generate_bundle(profile="type2_diabetes", seed=21)))

@@ -58,19 +58,22 @@ def import_files(org: str, files: list[Path], *, format: str = "auto", mapping: 
             counts = job.counts or {}
             status = {"succeeded": "[green]succeeded[/green]", "failed": "[red]failed[/red]"}.get(job.status, f"[yellow]{job.status}[/yellow]")
             summary.append(f"{path.name}: {status}: {counts.get('created', 0)} created, {counts.get('updated', 0)} updated, "
-                           f"{counts.get('skipped', 0)} skipped, {job.error_count} failed (import {job.id})")
+                           f"{counts.get('skipped', 0)} skipped, {job.error_count} failed, "
+                           f"{job.warning_count or 0} kept with warnings (import {job.id})")
             if job.failure:
                 err.print(f"[red]{path}:[/red] {job.failure}")
                 worst = 2
-            if job.error_count:
-                worst = max(worst, 1)
+            if job.error_count or job.warning_count:
+                if job.error_count:
+                    worst = max(worst, 1)
                 rows = session.scalars(select(ImportRecordError).where(ImportRecordError.import_id == job.id)
                                        .order_by(ImportRecordError.seq).limit(10)).all()
                 for e in rows:
                     where = " ".join(x for x in (f"line {e.line}" if e.line else "", e.resource or "") if x)
-                    err.print(f"  {path.name}: {where}{' ' + e.field if e.field else ''}: {e.reason}")
-                if job.error_count > len(rows):
-                    err.print(f"  ... {job.error_count - len(rows)} more in the error report of import {job.id}")
+                    err.print(f"  {path.name}: {e.severity or 'error'}: {where}{' ' + e.field if e.field else ''}: {e.reason}")
+                reported = (job.error_count or 0) + (job.warning_count or 0)
+                if reported > len(rows):
+                    err.print(f"  ... {reported - len(rows)} more in the error report of import {job.id}")
     for line in summary:
         console.print(line, soft_wrap=True)
     return worst

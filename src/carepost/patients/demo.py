@@ -160,7 +160,7 @@ def load_demo(session, org_id: str, count: int = 200, seed: int = 1):
     sink = DbErrorSink(session, job)
     stats = FhirImporter(session, org_id, new_id(), sink).import_json(lambda: io.BytesIO(data))
     job.status = "completed_with_errors" if sink.seq else "succeeded"
-    job.counts, job.processed, job.error_count = stats.as_dict(), stats.processed, sink.seq
+    job.counts, job.processed, job.error_count, job.warning_count = stats.as_dict(), stats.processed, sink.seq, sink.warnings
     session.commit()
     return job
 

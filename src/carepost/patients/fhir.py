@@ -77,6 +77,7 @@ class ImportStats:
     skipped: int = 0
     by_type: dict[str, dict[str, int]] = field(default_factory=dict)
     patients: int = 0
+    warnings: int = 0  # records kept with a flagged value (not counted in ``failed``)
 
     def add(self, rtype: str, outcome: str, n: int = 1) -> None:
         setattr(self, outcome, getattr(self, outcome) + n)
@@ -89,7 +90,7 @@ class ImportStats:
 
     def as_dict(self) -> dict:
         return {"created": self.created, "updated": self.updated, "failed": self.failed, "skipped": self.skipped,
-                "patients": self.patients, "by_type": self.by_type}
+                "warnings": self.warnings, "patients": self.patients, "by_type": self.by_type}
 
 
 class ErrorSink(abc.ABC):
@@ -98,6 +99,10 @@ class ErrorSink(abc.ABC):
     @abc.abstractmethod
     def error(self, *, reason: str, line: int | None = None, resource: str | None = None, field: str | None = None) -> None:
         """Record one failed record with its line or resource id and the reason."""
+
+    def warning(self, *, reason: str, line: int | None = None, resource: str | None = None, field: str | None = None) -> None:
+        """Record one record kept with a flagged value (an unverified code). Sinks that keep no
+        warnings may ignore them."""
 
     def checkpoint(self, stats: ImportStats) -> None:
         """Called after each committed batch (progress, counts)."""
@@ -155,9 +160,15 @@ class MappingError(ValueError):
         self.field = field
 
 
-def pick_coding(concept: Any, preferred: tuple[str, ...] = service.PREFERRED_SYSTEMS, field: str = "code") -> tuple[str | None, str | None, str | None]:
+def pick_coding(concept: Any, preferred: tuple[str, ...] = service.PREFERRED_SYSTEMS, field: str = "code",
+                problems: list[tuple[str, str]] | None = None) -> tuple[str | None, str | None, str | None]:
     """(short system, code, display) of the best coding of a CodeableConcept; codes in a known
-    code system must have that system's shape."""
+    code system must have that system's shape.
+
+    A code that fails the check is still returned when ``problems`` is given, with
+    ``(field, reason)`` appended: the record is kept with its code flagged unverified (one bad
+    code in a real export must not drop a whole visit) and the import reports a warning.
+    Without ``problems`` it raises :class:`MappingError`."""
     if not isinstance(concept, dict):
         return None, None, None
     codings = [c for c in concept.get("coding") or [] if isinstance(c, dict) and c.get("code")]
@@ -173,7 +184,10 @@ def pick_coding(concept: Any, preferred: tuple[str, ...] = service.PREFERRED_SYS
     code = str(best["code"]).strip()
     pattern = _CODE_PATTERNS.get(system or "")
     if pattern and not pattern.match(code):
-        raise MappingError(f"{field} is not a valid {system} code", field)
+        reason = f"{field} is not a valid {system} code"
+        if problems is None:
+            raise MappingError(reason, field)
+        problems.append((field, reason + "; the record was kept with the code marked unverified"))
     return system, code[:64], _clip(best.get("display") or concept.get("text"), 300)
 
 
@@ -400,6 +414,10 @@ class MappedFact:
     patient_refs: list[str]
     source_ref: str
     member_id: tuple[str, str] | None = None  # Coverage.subscriberId -> (system, value)
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (field, reason): kept, code unverified
+
+    def __post_init__(self) -> None:
+        self.values.setdefault("code_verified", not self.warnings)
 
 
 def _subject(resource: dict, key: str = "subject") -> list[str]:
@@ -408,7 +426,8 @@ def _subject(resource: dict, key: str = "subject") -> list[str]:
 
 
 def map_condition(r: dict) -> list[MappedFact]:
-    system, code, display = pick_coding(r.get("code"), ("icd10cm", "snomed", "icd10"))
+    problems: list[tuple[str, str]] = []
+    system, code, display = pick_coding(r.get("code"), ("icd10cm", "snomed", "icd10"), problems=problems)
     onset = r.get("onsetDateTime") or _period(r.get("onsetPeriod"))[0]
     abatement = r.get("abatementDateTime") or _period(r.get("abatementPeriod"))[0]
     category = first_code((r.get("category") or [None])[0])[0]
@@ -418,7 +437,7 @@ def map_condition(r: dict) -> list[MappedFact]:
         "verification_status": first_code(r.get("verificationStatus"))[0],
         "category": category and category[:64],
         "onset_date": fhir_date(onset), "abatement_date": fhir_date(abatement), "recorded_date": fhir_date(r.get("recordedDate")),
-    }, _subject(r), "")]
+    }, _subject(r), "", warnings=problems)]
 
 
 _SUPPLY_DAYS = {"d": 1, "day": 1, "days": 1, "wk": 7, "week": 7, "weeks": 7, "mo": 30, "month": 30, "months": 30, "a": 365}
@@ -433,7 +452,8 @@ def _days(duration: Any) -> int | None:
 
 
 def map_medication_request(r: dict) -> list[MappedFact]:
-    system, code, display = pick_coding(r.get("medicationCodeableConcept"), ("rxnorm", "ndc", "snomed"), "medicationCodeableConcept")
+    problems: list[tuple[str, str]] = []
+    system, code, display = pick_coding(r.get("medicationCodeableConcept"), ("rxnorm", "ndc", "snomed"), "medicationCodeableConcept", problems)
     if code is None and isinstance(r.get("medicationReference"), dict):
         display = _clip(r["medicationReference"].get("display"), 300)
     dispense = r.get("dispenseRequest") or {}
@@ -447,40 +467,43 @@ def map_medication_request(r: dict) -> list[MappedFact]:
         "start_date": fhir_date(start) or authored, "end_date": fhir_date(end), "days_supply": days,
         "refills_allowed": dispense.get("numberOfRepeatsAllowed"),
         "next_refill_due": service.next_refill_due(authored, days) if status == "active" else None,
-    }, _subject(r), "")]
+    }, _subject(r), "", warnings=problems)]
 
 
 def map_medication_statement(r: dict) -> list[MappedFact]:
-    system, code, display = pick_coding(r.get("medicationCodeableConcept"), ("rxnorm", "ndc", "snomed"), "medicationCodeableConcept")
+    problems: list[tuple[str, str]] = []
+    system, code, display = pick_coding(r.get("medicationCodeableConcept"), ("rxnorm", "ndc", "snomed"), "medicationCodeableConcept", problems)
     start, end = _period(r.get("effectivePeriod"))
     start = start or r.get("effectiveDateTime")
     return [MappedFact(Medication, {
         "code_system": system, "code": code, "display": display, "status": r.get("status"),
         "source_type": "MedicationStatement", "start_date": fhir_date(start), "end_date": fhir_date(end),
         "authored_on": fhir_date(r.get("dateAsserted")),
-    }, _subject(r), "")]
+    }, _subject(r), "", warnings=problems)]
 
 
 def map_medication_dispense(r: dict) -> list[MappedFact]:
     """A fill: kept as a medication row of its own (last fill, supply, next refill due)."""
-    system, code, display = pick_coding(r.get("medicationCodeableConcept"), ("rxnorm", "ndc", "snomed"), "medicationCodeableConcept")
+    problems: list[tuple[str, str]] = []
+    system, code, display = pick_coding(r.get("medicationCodeableConcept"), ("rxnorm", "ndc", "snomed"), "medicationCodeableConcept", problems)
     filled = fhir_date(r.get("whenHandedOver") or r.get("whenPrepared"))
     days = _days(r.get("daysSupply"))
     return [MappedFact(Medication, {
         "code_system": system, "code": code, "display": display, "status": "active" if r.get("status") == "completed" else r.get("status"),
         "source_type": "MedicationDispense", "last_fill_date": filled, "days_supply": days,
         "next_refill_due": service.next_refill_due(filled, days),
-    }, _subject(r), "")]
+    }, _subject(r), "", warnings=problems)]
 
 
 def map_procedure(r: dict) -> list[MappedFact]:
-    system, code, display = pick_coding(r.get("code"), ("snomed", "cpt", "icd10pcs"))
+    problems: list[tuple[str, str]] = []
+    system, code, display = pick_coding(r.get("code"), ("snomed", "cpt", "icd10pcs"), problems=problems)
     start, end = _period(r.get("performedPeriod"))
     start = start or r.get("performedDateTime")
     return [MappedFact(Procedure, {
         "code_system": system, "code": code, "display": display, "status": r.get("status"),
         "performed_start": fhir_datetime(start), "performed_end": fhir_datetime(end),
-    }, _subject(r), "")]
+    }, _subject(r), "", warnings=problems)]
 
 
 def _obs_value(holder: dict) -> dict:
@@ -503,7 +526,8 @@ def _obs_value(holder: dict) -> dict:
 
 
 def map_observation(r: dict) -> list[MappedFact]:
-    system, code, display = pick_coding(r.get("code"), ("loinc", "snomed"))
+    problems: list[tuple[str, str]] = []
+    system, code, display = pick_coding(r.get("code"), ("loinc", "snomed"), problems=problems)
     effective = r.get("effectiveDateTime") or r.get("effectiveInstant") or _period(r.get("effectivePeriod"))[0]
     category = None
     for cat in r.get("category") or []:
@@ -513,23 +537,26 @@ def map_observation(r: dict) -> list[MappedFact]:
     interpretation = first_code((r.get("interpretation") or [None])[0])[0]
     base = {"status": r.get("status"), "category": category and category[:40], "effective_at": fhir_datetime(effective),
             "interpretation": interpretation and interpretation[:20]}
-    facts = [MappedFact(Observation, {**base, "code_system": system, "code": code, "display": display, **_obs_value(r)}, _subject(r), "")]
+    facts = [MappedFact(Observation, {**base, "code_system": system, "code": code, "display": display, **_obs_value(r)}, _subject(r), "", warnings=problems)]
     for i, comp in enumerate(r.get("component") or []):
         if not isinstance(comp, dict):
             continue
-        csys, ccode, cdisp = pick_coding(comp.get("code"), ("loinc", "snomed"), f"component.{i}.code")
+        comp_problems: list[tuple[str, str]] = []
+        csys, ccode, cdisp = pick_coding(comp.get("code"), ("loinc", "snomed"), f"component.{i}.code", comp_problems)
         value = _obs_value(comp)
         if ccode and value:
-            facts.append(MappedFact(Observation, {**base, "code_system": csys, "code": ccode, "display": cdisp, **value}, _subject(r), f"#component{i}"))
+            facts.append(MappedFact(Observation, {**base, "code_system": csys, "code": ccode, "display": cdisp, **value}, _subject(r), f"#component{i}",
+                                     warnings=comp_problems))
     return facts
 
 
 def map_immunization(r: dict) -> list[MappedFact]:
-    system, code, display = pick_coding(r.get("vaccineCode"), ("cvx", "snomed", "ndc"), "vaccineCode")
+    problems: list[tuple[str, str]] = []
+    system, code, display = pick_coding(r.get("vaccineCode"), ("cvx", "snomed", "ndc"), "vaccineCode", problems)
     return [MappedFact(Immunization, {
         "code_system": system, "code": code, "display": display, "status": r.get("status"),
         "occurrence_date": fhir_date(r.get("occurrenceDateTime")),
-    }, _subject(r, "patient"), "")]
+    }, _subject(r, "patient"), "", warnings=problems)]
 
 
 _INPATIENT = {"IMP", "ACUTE", "NONAC"}
@@ -538,7 +565,8 @@ _INPATIENT = {"IMP", "ACUTE", "NONAC"}
 def map_encounter(r: dict) -> list[MappedFact]:
     klass = r.get("class") if isinstance(r.get("class"), dict) else {}
     class_code = (klass.get("code") or "").upper() or None
-    system, code, display = pick_coding((r.get("type") or [None])[0], ("snomed", "cpt"), "type")
+    problems: list[tuple[str, str]] = []
+    system, code, display = pick_coding((r.get("type") or [None])[0], ("snomed", "cpt"), "type", problems)
     start, end = _period(r.get("period"))
     hosp = r.get("hospitalization") or {}
     disposition = first_code(hosp.get("dischargeDisposition"))[0]
@@ -547,28 +575,30 @@ def map_encounter(r: dict) -> list[MappedFact]:
         "class_code": class_code and class_code[:20], "start_at": fhir_datetime(start), "end_at": fhir_datetime(end),
         "is_hospitalization": class_code in _INPATIENT or bool(hosp.get("admitSource")),
         "discharge_disposition": disposition and disposition[:40],
-    }, _subject(r), "")]
+    }, _subject(r), "", warnings=problems)]
 
 
 def map_appointment(r: dict) -> list[MappedFact]:
     refs = [p["actor"]["reference"] for p in r.get("participant") or []
             if isinstance(p, dict) and isinstance(p.get("actor"), dict) and p["actor"].get("reference")]
     concept = (r.get("serviceType") or [None])[0] or r.get("appointmentType")
-    system, code, display = pick_coding(concept, ("snomed", "cpt"), "serviceType")
+    problems: list[tuple[str, str]] = []
+    system, code, display = pick_coding(concept, ("snomed", "cpt"), "serviceType", problems)
     return [MappedFact(Appointment, {
         "code_system": system, "code": code, "display": display, "status": r.get("status"),
         "start_at": fhir_datetime(r.get("start")), "end_at": fhir_datetime(r.get("end")),
         "minutes_duration": r.get("minutesDuration"),
-    }, refs, "")]
+    }, refs, "", warnings=problems)]
 
 
 def map_care_plan(r: dict) -> list[MappedFact]:
-    system, code, display = pick_coding((r.get("category") or [None])[0], ("snomed",), "category")
+    problems: list[tuple[str, str]] = []
+    system, code, display = pick_coding((r.get("category") or [None])[0], ("snomed",), "category", problems)
     start, end = _period(r.get("period"))
     return [MappedFact(CarePlan, {
         "code_system": system, "code": code, "display": display, "status": r.get("status"), "intent": r.get("intent"),
         "period_start": fhir_date(start), "period_end": fhir_date(end),
-    }, _subject(r), "")]
+    }, _subject(r), "", warnings=problems)]
 
 
 def map_coverage(r: dict) -> list[MappedFact]:
@@ -807,25 +837,32 @@ class FhirImporter:
             return
         pending, self._pending = self._pending, []
         try:
-            self._write_facts(pending)
+            written = self._write_facts(pending)
             self.session.flush()
         except SQLAlchemyError:
             # Unexpected (validated data should fit); isolate the bad record one by one.
             self.session.rollback()
             log.warning("import_batch_retry", import_id=self.import_id, batch_size=len(pending))
+            written = []
             for item in pending:
                 try:
                     with self.session.begin_nested():
-                        self._write_facts([item])
+                        done = self._write_facts([item])
                         self.session.flush()
+                    written.extend(done)
                 except SQLAlchemyError:
                     self._error(item.where, item.source_ref, "The database refused this record.", None, rtype=item.rtype)
+        for item in written:  # kept, with a code flagged unverified: a warning, not a failure
+            for field_name, reason in item.fact.warnings:
+                self._warning(item.where, item.source_ref, reason, field_name, rtype=item.rtype)
         self._since_commit += len(pending)
         if self._since_commit >= self.batch_size:
             self._commit()
 
-    def _write_facts(self, pending: list[_Pending]) -> None:
+    def _write_facts(self, pending: list[_Pending]) -> list[_Pending]:
+        """Write a batch; returns the items stored (created or updated)."""
         session, org_id = self.session, self.org_id
+        written: list[_Pending] = []
         keys = {}
         for item in pending:
             for ref in item.fact.patient_refs:
@@ -891,8 +928,10 @@ class FhirImporter:
                 self.stats.add(item.rtype, outcome)
             if fact.model in (Encounter, Appointment):
                 self._touched_stage.add(contact_id)
+            written.append(item)
         for model, rows in new_rows.items():
             session.execute(insert(model).execution_options(render_nulls=True), rows)
+        return written
 
     def _write_member_ids(self) -> None:
         """Coverage member ids become encrypted identifiers of the contact (type MB), found by
@@ -928,6 +967,11 @@ class FhirImporter:
     def _error(self, where: dict, label: str | None, reason: str, field: str | None, rtype: str | None = None) -> None:
         self.stats.add(rtype or "unknown", "failed")
         self.sink.error(reason=reason, line=where.get("line"), resource=label or (f"entry {where['entry']}" if where.get("entry") else None), field=field)
+
+    def _warning(self, where: dict, label: str | None, reason: str, field: str | None, rtype: str | None = None) -> None:
+        self.stats.warnings += 1
+        self.sink.warning(reason=reason, line=where.get("line"), resource=label or (f"entry {where['entry']}" if where.get("entry") else None),
+                          field=field)
 
     def _commit(self) -> None:
         self._write_member_ids()

@@ -206,15 +206,27 @@ class DbErrorSink(ErrorSink):
     def __init__(self, session: Session, job: ImportJob, progress: Callable[[ImportStats], None] | None = None):
         self.session = session
         self.job = job
-        self.seq = 0
+        self.seq = 0  # failures
+        self.warnings = 0
+        self.rows = 0  # report rows stored (errors and warnings share the order)
         self.progress = progress
+
+    def _row(self, severity: str, reason: str, line, resource, field) -> None:
+        self.rows += 1
+        if self.rows <= MAX_STORED_ERRORS:
+            self.session.add(ImportRecordError(org_id=self.job.org_id, import_id=self.job.id, seq=self.rows, line=line,
+                                               resource=resource and resource[:200], field=field and field[:200], reason=reason[:500],
+                                               severity=severity))
 
     def error(self, *, reason: str, line: int | None = None, resource: str | None = None, field: str | None = None) -> None:
         self.seq += 1
         self.job.error_count = self.seq
-        if self.seq <= MAX_STORED_ERRORS:
-            self.session.add(ImportRecordError(org_id=self.job.org_id, import_id=self.job.id, seq=self.seq, line=line,
-                                               resource=resource and resource[:200], field=field and field[:200], reason=reason[:500]))
+        self._row("error", reason, line, resource, field)
+
+    def warning(self, *, reason: str, line: int | None = None, resource: str | None = None, field: str | None = None) -> None:
+        self.warnings += 1
+        self.job.warning_count = self.warnings
+        self._row("warning", reason, line, resource, field)
 
     def checkpoint(self, stats: ImportStats) -> None:
         self.job.counts = stats.as_dict()
@@ -250,7 +262,7 @@ def run_job(session: Session, import_id: str, *, opener: Callable[[], IO[bytes]]
     session.execute(delete(ImportRecordError).where(ImportRecordError.org_id == job.org_id, ImportRecordError.import_id == job.id))
     job.status = "running"
     job.started_at = clock.now()
-    job.counts, job.processed, job.error_count, job.failure = {}, 0, 0, None
+    job.counts, job.processed, job.error_count, job.warning_count, job.failure = {}, 0, 0, 0, None
     session.commit()
 
     if opener is None:
@@ -295,6 +307,7 @@ def run_job(session: Session, import_id: str, *, opener: Callable[[], IO[bytes]]
         job.counts = stats.as_dict()
         job.processed = stats.processed
     job.error_count = max(job.error_count or 0, sink.seq)
+    job.warning_count = max(job.warning_count or 0, sink.warnings)
     job.finished_at = clock.now()
     discard_upload(session, job)
     from carepost.audit.service import record
@@ -302,7 +315,8 @@ def run_job(session: Session, import_id: str, *, opener: Callable[[], IO[bytes]]
     record(session, org_id=job.org_id, actor_type="system", actor_id="import", on_behalf_of=job.created_by,
            action="import.finish", target_type="import", target_id=job.id, outcome="success" if job.status != "failed" else "failure",
            details={"status": job.status, "format": job.format, "created": (job.counts or {}).get("created", 0),
-                    "updated": (job.counts or {}).get("updated", 0), "failed": (job.counts or {}).get("failed", 0)})
+                    "updated": (job.counts or {}).get("updated", 0), "failed": (job.counts or {}).get("failed", 0),
+                    "warnings": job.warning_count or 0})
     session.commit()
     return job
 
@@ -326,6 +340,7 @@ def job_dict(session: Session, job: ImportJob, *, with_errors: int = 20) -> dict
         "processed": job.processed,
         "counts": job.counts or {},
         "error_count": job.error_count,
+        "warning_count": job.warning_count or 0,
         "errors": errors,
         "failure": job.failure,
         "created_at": clock.aware(job.created_at).isoformat(),
@@ -336,14 +351,15 @@ def job_dict(session: Session, job: ImportJob, *, with_errors: int = 20) -> dict
 
 
 def error_dict(e: ImportRecordError) -> dict:
-    return {"line": e.line, "resource": e.resource, "field": e.field, "reason": e.reason}
+    return {"line": e.line, "resource": e.resource, "field": e.field, "reason": e.reason, "severity": e.severity or "error"}
 
 
 def error_report_csv(session: Session, job: ImportJob) -> Iterable[str]:
-    """The error report as CSV lines (line, resource, field, reason), streamed."""
+    """The error report as CSV lines (line, resource, field, reason, severity), streamed: failures
+    (``error``, not imported) and records kept with a flagged value (``warning``)."""
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["line", "resource", "field", "reason"])
+    writer.writerow(["line", "resource", "field", "reason", "severity"])
     yield out.getvalue()
     last = 0
     while True:
@@ -354,7 +370,7 @@ def error_report_csv(session: Session, job: ImportJob) -> Iterable[str]:
         out = io.StringIO()
         writer = csv.writer(out)
         for e in rows:
-            writer.writerow([e.line or "", e.resource or "", e.field or "", e.reason])
+            writer.writerow([e.line or "", e.resource or "", e.field or "", e.reason, e.severity or "error"])
         last = rows[-1].seq
         yield out.getvalue()
 

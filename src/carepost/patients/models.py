@@ -183,6 +183,9 @@ class ClinicalFact(OrgScoped):
     last_import_id: Mapped[str | None] = mapped_column(String(32))
     code_system: Mapped[str | None] = mapped_column(String(40))  # short name: icd10cm, snomed, rxnorm, loinc, cvx, ...
     code: Mapped[str | None] = mapped_column(String(64), index=True)
+    # False when the code failed its system's format check at import (``5089AAAA`` labelled LOINC):
+    # the record is kept, the import reports a warning, and code-matching queries must require True.
+    code_verified: Mapped[bool] = mapped_column(Boolean, default=True)
     display: Mapped[str | None] = mapped_column(String(300))
     status: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(default=clock.now)
@@ -317,7 +320,8 @@ class ImportJob(OrgScoped, Base):
     options: Mapped[dict] = mapped_column(JSON, default=dict)
     counts: Mapped[dict] = mapped_column(JSON, default=dict)
     processed: Mapped[int] = mapped_column(Integer, default=0)
-    error_count: Mapped[int] = mapped_column(Integer, default=0)
+    error_count: Mapped[int] = mapped_column(Integer, default=0)  # records that failed (not imported)
+    warning_count: Mapped[int] = mapped_column(Integer, default=0)  # records kept with a flagged value (an unverified code)
     failure: Mapped[str | None] = mapped_column(Text)  # why the whole import failed (no PHI)
     created_by: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=clock.now)
@@ -338,7 +342,8 @@ class ImportChunk(OrgScoped, Base):
 
 
 class ImportRecordError(OrgScoped, Base):
-    """A record that failed: where (line number or resource type/id) and why — never the value."""
+    """A record that failed (``severity`` error) or was kept with a flagged value (``warning``):
+    where (line number or resource type/id) and why — never the value."""
 
     __tablename__ = "import_errors"
     __table_args__ = (Index("ix_import_errors_import", "import_id", "seq"),)
@@ -350,6 +355,7 @@ class ImportRecordError(OrgScoped, Base):
     resource: Mapped[str | None] = mapped_column(String(200))
     field: Mapped[str | None] = mapped_column(String(200))
     reason: Mapped[str] = mapped_column(String(500))
+    severity: Mapped[str] = mapped_column(String(10), default="error")  # error | warning
 
 
 class CsvMapping(OrgScoped, Base):
