@@ -1,4 +1,5 @@
-"""S/MIME: CarePost encrypts with cryptography, Debian's openssl decrypts; certificates checked."""
+"""S/MIME: CarePost signs and encrypts (asn1crypto + cryptography), Debian's openssl decrypts and
+verifies; certificates checked."""
 
 from __future__ import annotations
 
@@ -36,33 +37,91 @@ def message(**kw) -> bytes:
     return compose(**args).as_bytes()
 
 
-def test_decrypts_with_openssl_cms_and_smime(smime_ca, pat):
+@pytest.fixture(scope="module")
+def signing_key():
+    return smime.generate_signing_key()
+
+
+CBC_ONLY = ["2.16.840.1.101.3.4.1.42", "1.2.840.113549.3.7"]  # AES-256-CBC, 3DES: a pre-GCM client
+GCM_256 = ["2.16.840.1.101.3.4.1.46", "2.16.840.1.101.3.4.1.42"]
+
+
+def test_default_is_signed_then_aes_gcm_auth_enveloped_with_oaep(smime_ca, pat, signing_key):
+    """Issue 9 item 19: RSAES-OAEP + AES-GCM AuthEnvelopedData (RFC 5083/5084) around an RFC 8551
+    signature; openssl cms decrypts it and verifies the signature."""
     raw = message()
-    encrypted = smime.encrypt_message(raw, pat.pem)
+    encrypted = smime.encrypt_message(raw, pat.pem, signing_key=signing_key)
     assert b"HbA1c" not in encrypted and b"lab results" not in encrypted
     outer = email.message_from_bytes(encrypted, policy=policy.default)
     assert outer.get_content_type() == "application/pkcs7-mime"
-    assert outer.get_param("smime-type") == "enveloped-data"
+    assert outer.get_param("smime-type") == "authEnveloped-data"
     original = email.message_from_bytes(raw, policy=policy.default)
     for header in ("From", "To", "Subject", "Date", "Message-ID"):
         assert outer[header] == original[header]
-    for decrypt in (smime_ca.decrypt, smime_ca.decrypt_smime):
-        plaintext = decrypt(encrypted, pat)
-        inner = email.message_from_bytes(plaintext, policy=policy.default)
-        assert "HbA1c is 6.1" in inner.get_body(("plain",)).get_content()
-        [attachment] = list(inner.iter_attachments())
-        assert attachment.get_content() == b"%PDF-1.4 lab results"
+    info = smime_ca.cms_info(encrypted)
+    assert "id-smime-ct-authEnvelopedData" in info and "rsaesOaep" in info and "aes-128-gcm" in info
+    assert "sha256" in info and "rsaEncryption" not in info  # OAEP with SHA-256, never PKCS#1 v1.5
+    signed = smime_ca.decrypt(encrypted, pat)
+    assert email.message_from_bytes(signed, policy=policy.default).get_content_type() == "multipart/signed"
+    inner = email.message_from_bytes(smime_ca.verify(signed), policy=policy.default)
+    assert "HbA1c is 6.1" in inner.get_body(("plain",)).get_content()
+    [attachment] = list(inner.iter_attachments())
+    assert attachment.get_content() == b"%PDF-1.4 lab results"
 
 
-def test_aes256_cbc_and_rsa_key_transport(smime_ca, pat):
-    info = smime_ca.cms_info(smime.encrypt_message(message(), pat.pem))
-    assert "aes-256-cbc" in info
-    assert "rsaEncryption" in info
+def test_signature_names_the_sender_and_breaks_when_content_changes(smime_ca, pat, signing_key):
+    signed = smime_ca.decrypt(smime.encrypt_message(message(), pat.pem, signing_key=signing_key), pat)
+    smime_ca.verify(signed)
+    signer = (smime_ca.dir / "signer.pem").read_text()
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(signer.encode())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.RFC822Name) == ["news@bar.example"]
+    with pytest.raises(RuntimeError):
+        smime_ca.verify(signed.replace(b"HbA1c is 6.1", b"HbA1c is 9.1"))
 
 
-def test_wrong_key_cannot_decrypt(smime_ca, pat):
+def test_gcm_ciphertext_is_authenticated(smime_ca, pat, signing_key):
+    """Unlike CBC, a changed byte of the AES-GCM ciphertext makes decryption fail outright."""
+    import base64
+
+    encrypted = smime.encrypt_message(message(), pat.pem, signing_key=signing_key)
+    head, _, b64 = encrypted.partition(b"\r\n\r\n")
+    der = bytearray(base64.b64decode(b64))
+    der[-40] ^= 0x01  # inside the encrypted content, before the 16-byte tag
+    tampered = head + b"\r\n\r\n" + base64.encodebytes(bytes(der)).replace(b"\n", b"\r\n")
+    with pytest.raises(RuntimeError):
+        smime_ca.decrypt(tampered, pat)
+
+
+def test_aes256_gcm_when_the_certificate_advertises_it(smime_ca, signing_key):
+    cert = smime_ca.issue("pat@example.org", capabilities=GCM_256)
+    assert smime.capabilities_for(cert.pem) == smime.GCM_256
+    encrypted = smime.encrypt_message(message(), cert.pem, signing_key=signing_key)
+    assert "aes-256-gcm" in smime_ca.cms_info(encrypted)
+    assert b"HbA1c is 6.1" in smime_ca.open(encrypted, cert)
+
+
+def test_cbc_only_when_the_recipient_capabilities_require_it(smime_ca, signing_key):
+    legacy = smime_ca.issue("old@example.org", capabilities=CBC_ONLY)
+    assert smime.capabilities_for(legacy.pem) == smime.CBC_256
+    encrypted = smime.encrypt_message(message(to=["old@example.org"]), legacy.pem, signing_key=signing_key)
+    outer = email.message_from_bytes(encrypted, policy=policy.default)
+    assert outer.get_param("smime-type") == "enveloped-data"
+    info = smime_ca.cms_info(encrypted)
+    assert "pkcs7-envelopedData" in info and "aes-256-cbc" in info and "rsaesOaep" in info
+    # openssl cms (the legacy `openssl smime` reads PKCS#1 v1.5 key transport only, which we no longer send)
+    assert b"HbA1c is 6.1" in smime_ca.open(encrypted, legacy)
+    # A certificate without capabilities gets the RFC 8551 default; the explicit flag forces CBC.
+    modern = smime_ca.issue("pat@example.org")
+    assert smime.capabilities_for(modern.pem) == smime.GCM_128
+    assert smime.capabilities_for(modern.pem, legacy_cbc=True) == smime.CBC_256
+
+
+def test_wrong_key_cannot_decrypt(smime_ca, pat, signing_key):
     other = smime_ca.issue("other@example.org")
-    encrypted = smime.encrypt_message(message(), pat.pem)
+    encrypted = smime.encrypt_message(message(), pat.pem, signing_key=signing_key)
     with pytest.raises(RuntimeError):
         smime_ca.decrypt(encrypted, other)
 

@@ -162,11 +162,30 @@ def test_smime_key_on_file(env, smime_ca):
     r = env.client.post("/api/v1/recipient-keys", json={"address": "pat@selfsigned.test", "kind": "smime", "key": cert.pem},
                         headers=env.key)
     assert r.status_code == 201, r.text
+    assert r.json()["smime_capabilities"] == "aes128-gcm"
     message_id = env.send(to=["pat@selfsigned.test"])
     pipeline.deliver([message_id])
     assert env.one(message_id)["method"] == "smime"
     [received] = env.received("selfsigned")
-    inner = email.message_from_bytes(smime_ca.decrypt(received.data, cert), policy=email_policy.default)
+    assert b"smime-type=authEnveloped-data" in received.data
+    # Decrypted with openssl cms, the signature (the sending domain's key) verifies with openssl cms -verify.
+    inner = email.message_from_bytes(smime_ca.open(received.data, cert), policy=email_policy.default)
+    assert PHI in inner.get_body(("plain",)).get_content()
+
+
+def test_smime_legacy_flag_on_upload_sends_signed_cbc(env, smime_ca):
+    """Issue 9 item 19: CBC only when the recipient's capabilities require it — here the explicit
+    flag on upload, recorded with the key."""
+    cert = smime_ca.issue("pat@selfsigned.test")
+    r = env.client.post("/api/v1/recipient-keys", json={"address": "pat@selfsigned.test", "kind": "smime", "key": cert.pem,
+                                                        "legacy_cbc": True}, headers=env.key)
+    assert r.status_code == 201 and r.json()["smime_capabilities"] == "aes256-cbc", r.text
+    message_id = env.send(to=["pat@selfsigned.test"])
+    pipeline.deliver([message_id])
+    [received] = env.received("selfsigned")
+    assert b"smime-type=enveloped-data" in received.data
+    assert "aes-256-cbc" in smime_ca.cms_info(received.data) and "rsaesOaep" in smime_ca.cms_info(received.data)
+    inner = email.message_from_bytes(smime_ca.open(received.data, cert), policy=email_policy.default)
     assert PHI in inner.get_body(("plain",)).get_content()
 
 

@@ -247,7 +247,7 @@ def mta_sts_policy() -> PlainTextResponse:
 
 def _key_out(info: service.KeyInfo) -> dict:
     return {"id": info.id, "kind": info.kind, "fingerprint": info.fingerprint, "expires_at": info.expires_at,
-            "expiring_soon": info.expiring_soon}
+            "expiring_soon": info.expiring_soon, "smime_capabilities": info.smime_capabilities}
 
 
 @router.post(f"{api}/recipient-keys", status_code=201, response_model=schemas.RecipientKeyOut,
@@ -256,7 +256,8 @@ def _key_out(info: service.KeyInfo) -> dict:
 def add_recipient_key(request: Request, body: schemas.RecipientKeyIn,
                       principal: Principal = Depends(require(P.MESSAGES_SEND))) -> dict:
     session = request.state.db
-    info = service.add_recipient_key(session, principal.org_id, body.address, body.kind, body.key, actor_id=principal.actor_id)
+    info = service.add_recipient_key(session, principal.org_id, body.address, body.kind, body.key, actor_id=principal.actor_id,
+                                     legacy_cbc=body.legacy_cbc)
     _audit(request, principal, "recipient_key.create", "recipient_key", info.id, kind=info.kind, fingerprint=info.fingerprint)
     session.commit()
     return _key_out(info)

@@ -46,6 +46,9 @@ class SendingDomain(OrgScoped, Base):
     dkim_rsa_record: Mapped[str] = mapped_column(Text)
     dkim_ed25519_private_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
     dkim_ed25519_record: Mapped[str | None] = mapped_column(Text)
+    # RSA-2048 key that signs S/MIME messages from this domain (RFC 8551), encrypted; made with
+    # the domain, or at its first S/MIME message for domains older than the signature.
+    smime_signing_private_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
     return_path_domain: Mapped[str] = mapped_column(String(253))
     mta_sts_id: Mapped[str] = mapped_column(String(32))
     checked_at: Mapped[datetime | None]
@@ -66,6 +69,9 @@ class RecipientKey(OrgScoped, Base):
     kind: Mapped[str] = mapped_column(String(8))  # pgp | smime
     key_enc: Mapped[bytes] = mapped_column(LargeBinary)  # armored OpenPGP certificate or PEM certificate
     fingerprint: Mapped[str] = mapped_column(String(64))
+    # S/MIME only: the content encryption the holder can read (aes128-gcm | aes256-gcm |
+    # aes256-cbc), from the certificate's SMIMECapabilities or the explicit legacy flag on upload.
+    smime_capabilities: Mapped[str | None] = mapped_column(String(16))
     expires_at: Mapped[datetime | None]
     created_by: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(default=clock.now)

@@ -146,6 +146,7 @@ class Content:
     cc: list[str]
     domain: SendingDomain | None = None
     dkim_keys: list[dkim.DkimKey] = field(default_factory=list)
+    smime_signing_key: object | None = None  # the domain's S/MIME signing key, loaded when a copy needs it
     composed: dict[tuple, tuple[bytes, bool]] = field(default_factory=dict)  # unsubscribe URIs -> (raw, smtputf8)
     signed: dict[tuple, bytes] = field(default_factory=dict)
 
@@ -368,6 +369,9 @@ def check_sender(run: Run) -> None:
             c.final = ("failed", "sending_domain_missing: the From domain is no longer a sending domain of the organization")
             continue
         c.envelope_from = return_path(run.session, c.org_id, domain.return_path_domain, c.recipient.id)
+        if "smime" in c.keys and c.content.smime_signing_key is None:
+            # Inside the first transaction: a domain older than S/MIME signing gets its key now.
+            c.content.smime_signing_key = service.smime_signing_key(run.session, domain)
 
 
 def decide(run: Run) -> None:
@@ -449,7 +453,10 @@ def protect(run: Run) -> None:
             continue
         if method in ("pgp", "smime"):
             try:
-                c.wire = dkim.sign(service.protect(raw, method, c.key_material[method]), c.content.dkim_keys)
+                c.wire = dkim.sign(service.protect(
+                    raw, method, c.key_material[method], smime_signing_key=c.content.smime_signing_key,
+                    smime_capabilities=c.keys[method].smime_capabilities if method == "smime" else None,
+                ), c.content.dkim_keys)
             except Exception as exc:  # noqa: BLE001 - a key that cannot encrypt: nothing is sent in clear
                 c.final = ("failed", f"encryption_failed: {type(exc).__name__}")
             continue

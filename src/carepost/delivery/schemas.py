@@ -164,6 +164,10 @@ class RecipientKeyIn(_In):
     address: str = Field(max_length=320)
     kind: Literal["pgp", "smime"]
     key: str = Field(min_length=1, max_length=256 * 1024, description="Armored OpenPGP certificate or PEM X.509 certificate.")
+    legacy_cbc: bool = Field(
+        False, description="S/MIME only: the recipient's client cannot read AES-GCM (RFC 5084), so messages use "
+        "AES-256-CBC. Without it the certificate's SMIMECapabilities decide, and AES-GCM is the default.",
+    )
 
 
 class RecipientKeyOut(BaseModel):
@@ -172,6 +176,8 @@ class RecipientKeyOut(BaseModel):
     fingerprint: str
     expires_at: datetime | None
     expiring_soon: bool
+    smime_capabilities: Literal["aes128-gcm", "aes256-gcm", "aes256-cbc"] | None = Field(
+        None, description="S/MIME only: the content encryption used for this recipient (CBC only for legacy clients).")
 
 
 class SendingDomainIn(_In):

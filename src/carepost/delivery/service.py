@@ -64,9 +64,25 @@ def create_sending_domain(session: Session, org_id: str, domain: str, *, ed25519
         row.dkim_ed25519_private_enc = ring.encrypt(session, org_id, SendingDomain.__tablename__,
                                                     "dkim_ed25519_private", row.id, dkim.private_key_pem(ed_key))
         row.dkim_ed25519_record = dkim.public_key_record(ed_key)
+    row.smime_signing_private_enc = ring.encrypt(session, org_id, SendingDomain.__tablename__, "smime_signing_private",
+                                                 row.id, dkim.private_key_pem(smime.generate_signing_key()))
     session.add(row)
     session.flush()
     return row
+
+
+def smime_signing_key(session: Session, row: SendingDomain):
+    """The domain's S/MIME signing key, decrypted in memory only; made (and stored on the row,
+    flushed with the caller's transaction) for a domain created before S/MIME was signed."""
+    ring = get_keyring()
+    if row.smime_signing_private_enc is None:
+        key = smime.generate_signing_key()
+        row.smime_signing_private_enc = ring.encrypt(session, row.org_id, SendingDomain.__tablename__,
+                                                     "smime_signing_private", row.id, dkim.private_key_pem(key))
+        return key
+    pem = ring.decrypt(session, row.org_id, SendingDomain.__tablename__, "smime_signing_private", row.id,
+                       row.smime_signing_private_enc)
+    return dkim.load_private_key(pem)
 
 
 def get_sending_domain(session: Session, domain: str) -> SendingDomain:
@@ -220,17 +236,20 @@ class KeyInfo:
     fingerprint: str
     expires_at: datetime | None
     expiring_soon: bool
+    smime_capabilities: str | None = None
 
 
 def _key_info(row: RecipientKey) -> KeyInfo:
     expires = clock.aware(row.expires_at)
     return KeyInfo(row.id, row.kind, row.fingerprint, expires,
-                   expires is not None and expires - clock.now() <= KEY_EXPIRY_WARNING)
+                   expires is not None and expires - clock.now() <= KEY_EXPIRY_WARNING, row.smime_capabilities)
 
 
 def add_recipient_key(session: Session, org_id: str, address: str, kind: str, key: str | bytes, *,
-                      actor_id: str | None = None) -> KeyInfo:
-    """Validate and store a recipient's certificate; replaces the address's key of that kind."""
+                      actor_id: str | None = None, legacy_cbc: bool = False) -> KeyInfo:
+    """Validate and store a recipient's certificate; replaces the address's key of that kind.
+    For S/MIME the content encryption the holder can read is recorded with it: AES-GCM unless
+    the certificate's capabilities or ``legacy_cbc`` (the sender knows the client) say CBC."""
     if kind not in KEY_KINDS:
         raise ValidationFailed("The key kind must be pgp or smime.", field="kind")
     parsed = parse_address(address, field_name="address", allow_display_name=False)
@@ -238,9 +257,11 @@ def add_recipient_key(session: Session, org_id: str, address: str, kind: str, ke
     if kind == "pgp":
         info = pgp.load_certificate(key, addr, field="key")
         material, fingerprint, expires = info.armored, info.fingerprint, info.expires_at
+        capabilities = None
     else:
         info = smime.load_certificate(key, addr, field="key")
         material, fingerprint, expires = info.pem, info.fingerprint, info.not_after
+        capabilities = smime.capabilities_for(info.pem, legacy_cbc=legacy_cbc)
     ring = get_keyring()
     index = ring.blind_index(session, org_id, "email", addr)
     row = session.scalars(
@@ -257,6 +278,7 @@ def add_recipient_key(session: Session, org_id: str, address: str, kind: str, ke
     row.address_enc = address_enc
     row.key_enc = key_enc
     row.fingerprint = fingerprint
+    row.smime_capabilities = capabilities
     row.expires_at = expires
     row.created_by = actor_id
     row.created_at = clock.now()
@@ -433,13 +455,15 @@ class Delivered:
         return self.decision.method == "portal"
 
 
-def protect(raw: bytes, method: str, key_material: str | None) -> bytes:
-    """The message as it must travel for ``method``: encrypted for PGP and S/MIME, as is for TLS
-    (and for opportunistic clear text). The portal never sends the message itself."""
+def protect(raw: bytes, method: str, key_material: str | None, *, smime_signing_key=None,
+            smime_capabilities: str | None = None) -> bytes:
+    """The message as it must travel for ``method``: encrypted for PGP and S/MIME (S/MIME signed
+    first with the sending domain's key), as is for TLS (and for opportunistic clear text). The
+    portal never sends the message itself."""
     if method == "pgp":
         return pgp.encrypt_message(raw, key_material)
     if method == "smime":
-        return smime.encrypt_message(raw, key_material)
+        return smime.encrypt_message(raw, key_material, signing_key=smime_signing_key, capability=smime_capabilities)
     if method in ("tls", "none"):
         return raw
     raise ValueError(f"method {method!r} does not send the message by email")
