@@ -143,7 +143,7 @@ def test_cli_domain_add_prints_the_records_and_check_reports_each(storage, org, 
 
 def test_doctor_flags_unverified_domains_and_outbound_overrides(sender, delivery_env):
     from carepost.core.config import Settings, get_settings
-    from carepost.core.doctor import check_outbound_overrides, check_sending_domains
+    from carepost.doctor import check_outbound_overrides, check_sending_domains
 
     [finding] = check_sending_domains(get_settings())
     assert finding.level == "warn" and "bar.example" in finding.message

@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from carepost.core.config import Settings
-from carepost.core.doctor import (
+from carepost.doctor import (
     check_base_url,
     check_connection_urls,
     check_data_dir,
@@ -248,7 +248,7 @@ def test_base_url_must_be_https_outside_localhost(tmp_path, url, level):
 
 
 def test_smtp_relay_is_reported_with_its_tls_requirement(tmp_path):
-    from carepost.core.doctor import check_smtp
+    from carepost.doctor import check_smtp
 
     [relay] = check_smtp(settings_for(tmp_path, smtp_relay="smtp.relay.example:587"))
     assert relay.level == "ok" and "smtp.relay.example" in relay.message and "verified TLS" in relay.message

@@ -30,8 +30,8 @@ from carepost.core.ports import NotAssembled, declared_ports, unfilled_ports
 
 # Routers, in the order they are matched. Each capability contributes api.py and pages.py.
 ROUTER_MODULES = [
-    "carepost.web.api",
-    "carepost.web.pages",
+    "carepost.dashboard.api",
+    "carepost.dashboard.pages",
     "carepost.accounts.api",
     "carepost.accounts.pages",
     "carepost.audit.api",
@@ -48,6 +48,7 @@ ROUTER_MODULES = [
     "carepost.delivery.pages",
     "carepost.portal.api",
     "carepost.portal.pages",
+    "carepost.portal.sender_pages",
     "carepost.tracking.api",
     "carepost.tracking.pages",
     "carepost.content.api",
@@ -139,6 +140,7 @@ def _fill_ports() -> None:
     from carepost.accounts import ports as accounts_ports
     from carepost.audit import service as audit
     from carepost.consent import eligibility
+    from carepost.delivery import pages as delivery_pages
     from carepost.delivery import pipeline
     from carepost.portal import service as portal
 
@@ -151,6 +153,7 @@ def _fill_ports() -> None:
     pipeline.list_unsubscribe.fill(eligibility.pipeline_list_unsubscribe)
     pipeline.portal_store.fill(portal.store_portal_message)
     pipeline.portal_notification.fill(portal.notification_email)
+    delivery_pages.portal_state.fill(portal.portal_state)
 
 
 def _wire_events() -> None:

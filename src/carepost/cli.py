@@ -196,7 +196,7 @@ def run(
 def doctor() -> None:
     """Check this configuration (keys, encryption, TLS, MFA, migrations, queue); exit 1 on any failure."""
     from carepost.core.config import get_settings
-    from carepost.core.doctor import run_checks, worst
+    from carepost.doctor import run_checks, worst
 
     findings = run_checks(get_settings())
     styles = {"ok": "green", "info": "blue", "warn": "yellow", "fail": "bold red"}

@@ -16,7 +16,6 @@ old versions keep decrypting old ciphertexts.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
@@ -25,14 +24,10 @@ import re
 import secrets
 import threading
 import unicodedata
-from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy import DateTime, Integer, LargeBinary, String, UniqueConstraint, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
@@ -41,149 +36,29 @@ from carepost.core import clock
 from carepost.core.config import Settings, get_settings
 from carepost.core.database import Base
 from carepost.core.ids import new_id
+from carepost.core.masterkeys import (  # noqa: F401 - the keyring's public names for master keys
+    _b64,
+    _unb64,
+    _write_json_0600,
+    create_database_secret,
+    database_key_file,
+    DecryptionFailed,
+    generate_master_key,
+    hkdf,
+    NONCE_BYTES,
+    KeyUnavailable,
+    load_master_keys,
+    MasterKey,
+    parse_master_key_env,
+    pending_master_key_file,
+    read_master_key_file,
+    sqlcipher_raw_key,
+    unwrap,
+    wrap,
+    write_master_key_file,
+)
 
 CIPHERTEXT_FORMAT = 1
-NONCE_BYTES = 12
-
-
-class KeyUnavailable(RuntimeError):
-    """A key needed to decrypt is missing or the master key is wrong."""
-
-
-class DecryptionFailed(RuntimeError):
-    """Ciphertext was altered, moved to another row/column/organization, or the key is wrong."""
-
-
-# --------------------------------------------------------------------------- master keys
-
-
-@dataclass(frozen=True)
-class MasterKey:
-    id: str
-    key: bytes
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def _unb64(text: str) -> bytes:
-    return base64.b64decode(text.encode(), validate=True)
-
-
-def generate_master_key() -> MasterKey:
-    return MasterKey(id="mk-" + new_id()[:20], key=secrets.token_bytes(32))
-
-
-def write_master_key_file(path: Path, master: MasterKey) -> None:
-    """Write atomically with mode 0600 from the first byte (never world-readable, even briefly)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump({"id": master.id, "key": _b64(master.key), "created_at": clock.now().isoformat()}, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def read_master_key_file(path: Path) -> MasterKey:
-    data = json.loads(path.read_text())
-    key = _unb64(data["key"])
-    if len(key) != 32:
-        raise KeyUnavailable(f"master key in {path} is not 32 bytes")
-    return MasterKey(id=data["id"], key=key)
-
-
-def parse_master_key_env(value: str) -> MasterKey:
-    key_id, _, b64 = value.partition(":")
-    if not key_id or not b64:
-        raise KeyUnavailable("CAREPOST_MASTER_KEY must be '<key id>:<base64 of 32 bytes>'")
-    key = _unb64(b64)
-    if len(key) != 32:
-        raise KeyUnavailable("CAREPOST_MASTER_KEY must hold 32 bytes")
-    return MasterKey(id=key_id, key=key)
-
-
-def pending_master_key_file(settings: Settings) -> Path:
-    """Where rotation writes the new master key before the re-wrap commits."""
-    p = settings.resolved_master_key_file
-    return p.with_name(p.name + ".new")
-
-
-def load_master_keys(settings: Settings | None = None) -> tuple[str, dict[str, MasterKey]]:
-    """Current master key id and every master key available (current plus one pending rotation)."""
-    settings = settings or get_settings()
-    keys: dict[str, MasterKey] = {}
-    current: MasterKey | None = None
-    if settings.master_key is not None:
-        current = parse_master_key_env(settings.master_key.get_secret_value())
-    else:
-        path = settings.resolved_master_key_file
-        if not path.exists():
-            raise KeyUnavailable(f"no master key at {path}: run `carepost init`")
-        current = read_master_key_file(path)
-    keys[current.id] = current
-    pending = pending_master_key_file(settings)
-    if settings.master_key is None and pending.exists():
-        extra = read_master_key_file(pending)
-        keys[extra.id] = extra
-    return current.id, keys
-
-
-def wrap(master: MasterKey, secret: bytes, purpose: str) -> dict:
-    nonce = secrets.token_bytes(NONCE_BYTES)
-    ct = AESGCM(master.key).encrypt(nonce, secret, f"carepost-wrap|{purpose}".encode())
-    return {"mk": master.id, "n": _b64(nonce), "c": _b64(ct)}
-
-
-def unwrap(masters: dict[str, MasterKey], wrapped: dict, purpose: str) -> bytes:
-    master = masters.get(wrapped["mk"])
-    if master is None:
-        raise KeyUnavailable(f"wrapped with master key {wrapped['mk']}, which is not available")
-    try:
-        return AESGCM(master.key).decrypt(_unb64(wrapped["n"]), _unb64(wrapped["c"]), f"carepost-wrap|{purpose}".encode())
-    except InvalidTag as exc:
-        raise KeyUnavailable(f"master key {master.id} does not unwrap {purpose}") from exc
-
-
-def hkdf(secret: bytes, info: str, length: int = 32) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info.encode()).derive(secret)
-
-
-# --------------------------------------------------------------------------- database key
-
-
-def database_key_file(settings: Settings) -> Path:
-    return settings.data_dir / "database.key"
-
-
-def create_database_secret(settings: Settings, masters: dict[str, MasterKey], current: str) -> None:
-    path = database_key_file(settings)
-    secret = secrets.token_bytes(32)
-    _write_json_0600(path, wrap(masters[current], secret, "database"))
-
-
-def sqlcipher_raw_key(settings: Settings | None = None) -> bytes:
-    """The raw 256-bit SQLCipher key: HKDF of the wrapped database secret (no passphrase stretching)."""
-    settings = settings or get_settings()
-    _, masters = load_master_keys(settings)
-    path = database_key_file(settings)
-    if not path.exists():
-        raise KeyUnavailable(f"no database key at {path}: run `carepost init`")
-    secret = unwrap(masters, json.loads(path.read_text()), "database")
-    return hkdf(secret, "carepost sqlcipher v1")
-
-
-def _write_json_0600(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- organization keys

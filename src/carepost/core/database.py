@@ -70,7 +70,7 @@ def normalize_url(url: str) -> str:
 def _sqlcipher_engine(path: str, settings: Settings) -> Engine:
     import sqlcipher3
 
-    from carepost.core.crypto import sqlcipher_raw_key
+    from carepost.core.masterkeys import sqlcipher_raw_key
 
     key_hex = sqlcipher_raw_key(settings).hex()
 

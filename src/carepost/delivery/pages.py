@@ -1,6 +1,6 @@
 """Web UI of secure delivery: sending domains (DNS records to publish, live check), the delivery
-log (per-recipient method, status and evidence), the security preview tool, recipient keys, and
-the sender's view of a portal message (receipts, replies, recall).
+log (per-recipient method, status and evidence), the security preview tool and recipient keys.
+(The sender's view of a portal message is the portal's: ``portal/sender_pages.py``.)
 
 Same rules as the API: recipient addresses are masked unless the person holds
 ``phi:read_unmasked``; every page that shows recipients, replies or keys is audited; searching
@@ -24,12 +24,17 @@ from carepost.core import clock
 from carepost.core.crypto import get_keyring
 from carepost.core.errors import CarePostError, NotFound, ValidationFailed
 from carepost.core.ids import is_id
+from carepost.core.ports import Port
 from carepost.delivery import policy, service
 from carepost.delivery.models import METHODS, RECIPIENT_STATUSES, Message, MessageEvent, MessageRecipient, RecipientKey, SendingDomain
 from carepost.patients import masking
 from carepost.web.rendering import render
 
 router = APIRouter(prefix="/app", include_in_schema=False)
+
+portal_state: Port = Port(
+    "delivery.portal_state",
+    "{recipient id: portal state dict} of a message's portal copies, for the message page (portal.service).")
 
 PAGE_SIZE = 50
 MAX_PREVIEW_ADDRESSES = 200
@@ -255,10 +260,7 @@ def delivery_detail(request: Request, message_id: str,
             if unmasked and r.reply_enc else None,
             "events": events.get(r.id, []),
         })
-    from carepost.portal import service as portal_service
-
-    portal = {pm.recipient_id: portal_service.portal_dict(session, pm)
-              for pm in portal_service.portal_messages_of(session, message.id) if pm.recipient_id}
+    portal = portal_state(session, message.id)
     for r in recipients:
         r["portal"] = portal.get(r["id"])
         r["portal_message_id"] = r["portal_message_id"] or (r["portal"] or {}).get("id")
@@ -408,92 +410,6 @@ def key_delete(request: Request, key_id: str, principal: Principal = Depends(req
                details={"via": "ui"})
     session.commit()
     return _see_other("/app/recipient-keys")
-
-
-# --------------------------------------------------------------------------- the sender's view of a portal message
-
-
-@router.get("/portal/{portal_message_id}")
-def portal_message_page(request: Request, portal_message_id: str,
-                        principal: Principal = Depends(require(P.MESSAGES_READ, P.PHI_READ_MASKED))):
-    from carepost.portal import service as portal_service
-
-    session = request.state.db
-    pm = portal_service.get_portal_message(session, portal_message_id)
-    replies = portal_service.replies(session, pm)
-    now = clock.now()
-    for row in replies:
-        if row.read_at is None:
-            row.read_at, row.read_by = now, principal.actor_id
-    data = portal_service.portal_dict(session, pm)
-    items = [portal_service.reply_dict(session, r) for r in replies]
-    record_for(session, principal, request, "portal.reply.read", target_type="portal_message", target_id=pm.id,
-               details={"reply_ids": [r.id for r in replies], "via": "ui"})
-    session.commit()
-    return render(request, "delivery/portal.html", {
-        "pm": data, "replies": items, "can_send": principal.can(P.MESSAGES_SEND),
-        "done": request.query_params.get("done"),
-    })
-
-
-@router.post("/portal/{portal_message_id}/recall")
-def portal_recall(request: Request, portal_message_id: str, principal: Principal = Depends(require(P.MESSAGES_SEND))):
-    from carepost.portal import service as portal_service
-
-    session = request.state.db
-    pm = portal_service.get_portal_message(session, portal_message_id)
-    changed = portal_service.recall(session, pm, principal.actor_id)
-    record_for(session, principal, request, "portal.recall", target_type="portal_message", target_id=pm.id,
-               details={"already_recalled": not changed, "via": "ui"})
-    session.commit()
-    return _see_other(f"/app/portal/{pm.id}?done=recalled")
-
-
-@router.post("/portal/{portal_message_id}/unlock")
-def portal_unlock(request: Request, portal_message_id: str, principal: Principal = Depends(require(P.MESSAGES_SEND))):
-    from carepost.portal import service as portal_service
-
-    session = request.state.db
-    pm = portal_service.get_portal_message(session, portal_message_id)
-    portal_service.unlock(session, pm)
-    record_for(session, principal, request, "portal.unlock", target_type="portal_message", target_id=pm.id,
-               details={"via": "ui"})
-    session.commit()
-    return _see_other(f"/app/portal/{pm.id}?done=unlocked")
-
-
-@router.get("/portal-settings")
-def portal_settings_page(request: Request, principal: Principal = Depends(require(P.ORG_MANAGE))):
-    from carepost.portal import service as portal_service
-
-    org = request.state.db.get(Organization, principal.org_id)
-    subject, body = portal_service.notification_templates(org)
-    return render(request, "delivery/portal_settings.html", {
-        "subject": subject, "body": body, "error": None, "field": None, "saved": request.query_params.get("saved") == "1",
-        "placeholders": portal_service.PLACEHOLDERS,
-    })
-
-
-@router.post("/portal-settings")
-def portal_settings_save(request: Request, subject: str = Form(""), body: str = Form(""),
-                         principal: Principal = Depends(require(P.ORG_MANAGE))):
-    from carepost.portal import service as portal_service
-
-    session = request.state.db
-    org = session.get(Organization, principal.org_id)
-    try:
-        portal_service.set_notification_templates(org, subject[:400], body[:10000])
-    except CarePostError as exc:
-        session.rollback()
-        return render(request, "delivery/portal_settings.html", {
-            "subject": subject[:400], "body": body[:10000], "error": exc.message, "field": exc.field, "saved": False,
-            "placeholders": portal_service.PLACEHOLDERS,
-        }, status_code=422)
-    record_for(session, principal, request, "portal.settings.update", target_type="organization", target_id=org.id,
-               details={"via": "ui"})
-    session.commit()
-    return _see_other("/app/portal-settings?saved=1")
-
 
 
 # --------------------------------------------------------------------------- contact page sections

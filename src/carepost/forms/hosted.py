@@ -26,7 +26,7 @@ from carepost.audit.service import record
 from carepost.core.config import get_settings
 from carepost.core.errors import CarePostError, NotFound, RateLimited
 from carepost.core.logging import get_logger
-from carepost.forms import service
+from carepost.forms import service, tasks
 from carepost.forms.models import Form, FormSubmission
 from carepost.forms.strings import strings
 from carepost.web.rendering import templates
@@ -206,7 +206,7 @@ def _submit(key: str, request: Request, session: Session, body: bytes) -> HTMLRe
     service.emit_submitted(session, form, sub)
     service.request_confirmation(session, form, sub)
     session.commit()
-    service.after_submit(sub)
+    tasks.after_submit(sub)
     return RedirectResponse(f"/f/{key}/thanks", status_code=303)
 
 

@@ -915,17 +915,6 @@ def emit_confirmed(session: Session, sub: FormSubmission) -> None:
     _emit(session, session.get(Form, sub.form_id), sub, "form.confirmed")
 
 
-def after_submit(sub: FormSubmission) -> None:
-    """Queue the confirmation email and the staff notification (after the commit: the worker
-    must find the row). A queue outage never loses the submission; the periodic sweep retries."""
-    from carepost.forms import tasks
-
-    try:
-        tasks.send_submission_emails(sub.id)
-    except Exception as exc:  # noqa: BLE001 - the submission is stored; the sweep sends later
-        log.warning("form_emails_not_queued", submission_id=sub.id, error_type=type(exc).__name__)
-
-
 def after_confirm(sub: FormSubmission) -> None:
     """Nothing to queue: copies of signed authorizations are the consent capability's job."""
     log.info("form_submission_confirmed", submission_id=sub.id, effect_count=len(sub.effects or []))

@@ -140,3 +140,12 @@ def sweep(now=None) -> dict:
 def sweep_form_submissions() -> None:
     result = sweep()
     log.info("form_sweep", expired_count=result["expired"], requeued_count=result["requeued"])
+
+
+def after_submit(sub: FormSubmission) -> None:
+    """Queue the confirmation email and the staff notification (after the commit: the worker
+    must find the row). A queue outage never loses the submission; the periodic sweep retries."""
+    try:
+        send_submission_emails(sub.id)
+    except Exception as exc:  # noqa: BLE001 - the submission is stored; the sweep sends later
+        log.warning("form_emails_not_queued", submission_id=sub.id, error_type=type(exc).__name__)

@@ -788,6 +788,11 @@ def recall(session: Session, pm: PortalMessage, actor_id: str | None) -> bool:
     return True
 
 
+def portal_state(session: Session, message_id: str) -> dict[str, dict]:
+    """``{recipient id: portal_dict}`` of a message's portal copies (the delivery message page)."""
+    return {pm.recipient_id: portal_dict(session, pm) for pm in portal_messages_of(session, message_id) if pm.recipient_id}
+
+
 def portal_dict(session: Session, pm: PortalMessage) -> dict:
     """For the sender's organization (API and UI): state and receipts, never the content."""
     until = locked_until(pm)

@@ -1,4 +1,6 @@
 """``carepost doctor``: checks a configuration against what HIPAA's technical safeguards need.
+It reads several capabilities (keys, database, queue, sending domains), so it sits at the top of
+the layers beside the composition root.
 
 Each check returns findings with a level:
 
@@ -286,7 +288,7 @@ def check_sending_domains(settings: Settings) -> list[Finding]:
     from sqlalchemy.orm import Session
 
     from carepost.core.database import make_engine
-    from carepost.delivery.service import unverified_sending_domains  # core imports no capability at import time
+    from carepost.delivery.service import unverified_sending_domains
 
     engine = make_engine(settings)
     try:
