@@ -80,9 +80,10 @@ def _codes_sql(alias: str, value_set: dict, params: dict, prefix: str) -> str:
     return "(" + " OR ".join(parts) + ")"
 
 
-def hand_sql(name: str, org_id: str, at: datetime) -> tuple[str, dict]:
+def hand_sql(name: str, org_id: str, at: datetime, message_days: int | None = None) -> tuple[str, dict]:
     """The hand-written SQL for a question, with its parameters (bounds computed as documented:
-    ages on the evaluation day, windows from the same instant N months ago to now)."""
+    ages on the evaluation day, windows from the same instant N months ago to now).
+    ``message_days`` overrides the engagement window (tests on small populations)."""
     from carepost.segments.library import shipped_value_set
 
     today = at.date()
@@ -90,7 +91,7 @@ def hand_sql(name: str, org_id: str, at: datetime) -> tuple[str, dict]:
     if name == "mammography_gap":
         params.update(b_old=_years_back(today, 75), b_young=_years_back(today, 50),
                       since=datetime.combine(_months_back(today, 24), at.timetz()),
-                      msg_since=datetime.combine(today - timedelta(days=365), at.timetz()))
+                      msg_since=datetime.combine(today - timedelta(days=message_days or 365), at.timetz()))
         codes = _codes_sql("p", shipped_value_set("mammography"), params, "m")
         sql = f"""
 SELECT count(*) FROM contacts c
@@ -104,7 +105,7 @@ WHERE c.org_id = :org AND (c.deceased IS NULL OR c.deceased = :false)
                  AND r.org_id = :org AND r.status IN ('delivered', 'portal_viewed'))"""
     elif name == "uncontrolled_a1c":
         params.update(b_adult=_years_back(today, 18), since=datetime.combine(_months_back(today, 12), at.timetz()),
-                      msg_since=datetime.combine(today - timedelta(days=90), at.timetz()))
+                      msg_since=datetime.combine(today - timedelta(days=message_days or 90), at.timetz()))
         vs = shipped_value_set("hba1c")
         codes_o = _codes_sql("o", vs, params, "a")
         codes_l = _codes_sql("l", vs, params, "a")

@@ -449,8 +449,10 @@ def _zip_pool(rng: random.Random, count: int = 2000) -> list[tuple[str, str, str
 
 
 def populate(engine, org_id: str, contacts: int, seed: int = 1, today: date | None = None, batch_size: int = 2000,
-             progress: bool = False) -> dict:
-    """Write ``contacts`` contacts with their facts into ``org_id``; returns counts and timing."""
+             progress: bool = False, drop_indexes: bool = True) -> dict:
+    """Write ``contacts`` contacts with their facts into ``org_id``; returns counts and timing.
+    ``drop_indexes``: drop the written tables' secondary indexes during the load and build them
+    afterwards (for an empty database; tests writing a few hundred rows keep them)."""
     from sqlalchemy import insert
 
     from carepost.delivery.models import Message
@@ -476,7 +478,7 @@ def populate(engine, org_id: str, contacts: int, seed: int = 1, today: date | No
     # build them again (one sort per index instead of millions of random B-tree inserts).
     from carepost.core.database import Base
 
-    indexes = [ix for t in Batch.COLUMNS for ix in Base.metadata.tables[t].indexes]
+    indexes = [ix for t in Batch.COLUMNS for ix in Base.metadata.tables[t].indexes] if drop_indexes else []
     with engine.begin() as conn:
         for ix in indexes:
             ix.drop(conn, checkfirst=True)
