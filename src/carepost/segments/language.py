@@ -577,6 +577,12 @@ def _check_parens(text: str) -> None:
         prev = ch
 
 
+def _end_of(text: str) -> tuple[int, int]:
+    """Line and column just after the last character that is not white space."""
+    body = text.rstrip()
+    return body.count("\n") + 1, len(body.rsplit("\n", 1)[-1]) + 1
+
+
 def parse(text: str) -> dict:
     """Text -> JSON tree (with private positions; see :func:`strip_positions`)."""
     if not isinstance(text, str):
@@ -589,13 +595,15 @@ def parse(text: str) -> dict:
     try:
         parsed = _parser.parse(text)
     except UnexpectedEOF as exc:
-        raise SegmentQueryError("the query ends too early", line=text.count("\n") + 1,
-                                column=len(text.rsplit("\n", 1)[-1]) + 1, found="end of query",
+        line, column = _end_of(text)
+        raise SegmentQueryError("the query ends too early", line=line, column=column, found="end of query",
                                 expected=_readable(exc.expected)) from None
     except UnexpectedToken as exc:
         found = "end of query" if exc.token.type == "$END" else _short(exc.token)
-        line = exc.line if exc.line and exc.line > 0 else text.count("\n") + 1
-        column = exc.column if exc.column and exc.column > 0 else len(text.rsplit("\n", 1)[-1]) + 1
+        if exc.token.type == "$END" or not exc.line or exc.line < 1:
+            line, column = _end_of(text)
+        else:
+            line, column = exc.line, exc.column
         raise SegmentQueryError(f"unexpected {found!r}", line=line, column=column, found=found,
                                 expected=_readable(exc.accepts or exc.expected)) from None
     except UnexpectedCharacters as exc:

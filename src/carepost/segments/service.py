@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import and_, case, delete, func, literal, select
+from sqlalchemy import and_, case, delete, event, func, literal, select
 from sqlalchemy.orm import Session
 
 from carepost.accounts.permissions import Permission
@@ -195,15 +195,22 @@ def explain(session: Session, org_id: str, query: Any, actor: Actor, *, at: date
     """The SQL the database runs (with its org filter) and the database's plan for it."""
     compiled = compile_for(session, org_id, query, actor, at=at)
     stmt = select(func.count(Contact.id)).where(compiled.predicate)
-    # Let the session apply the tenant criteria, then read the final SQL from the result context.
-    bind = session.get_bind()
-    dialect = bind.dialect
-    result = session.execute(stmt)
-    result.scalar()
-    ctx = result.context
-    sql, params = ctx.statement, ctx.parameters[0] if ctx.parameters else ()
-    prefix = "EXPLAIN QUERY PLAN " if dialect.name == "sqlite" else "EXPLAIN "
+    # Let the session apply the tenant criteria, and catch the final SQL on its way to the driver.
     conn = session.connection()
+    dialect = conn.dialect
+    captured: dict = {}
+
+    def grab(_conn, _cursor, statement, parameters, _context, _many):
+        captured.setdefault("sql", statement)
+        captured.setdefault("params", parameters)
+
+    event.listen(conn, "before_cursor_execute", grab)
+    try:
+        session.execute(stmt).scalar()
+    finally:
+        event.remove(conn, "before_cursor_execute", grab)
+    sql, params = captured["sql"], captured["params"]
+    prefix = "EXPLAIN QUERY PLAN " if dialect.name == "sqlite" else "EXPLAIN "
     plan_rows = conn.exec_driver_sql(prefix + sql, params).fetchall()
     plan = [" | ".join(str(c) for c in row) for row in plan_rows]
     _audit_sensitive(session, org_id, compiled, actor, "explain", None)
