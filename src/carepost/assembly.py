@@ -52,6 +52,7 @@ ROUTER_MODULES = [
     "carepost.tracking.api",
     "carepost.tracking.pages",
     "carepost.content.api",
+    "carepost.segments.api",
 ]
 
 # Queue tasks of each capability (the worker must know every task it may be handed).
