@@ -60,3 +60,85 @@ def test_a_well_formed_request_id_is_kept(api, org, supplied):
     assert response.headers["x-request-id"] == supplied
     [event] = _denied_events(org.id)
     assert event.request_id == supplied
+
+
+# --------------------------------------------------------------------------- item 26
+
+
+@pytest.fixture
+def full_api(app, session, org):
+    """A TestClient with a real API key of ``org`` holding every API scope."""
+    from carepost.accounts.permissions import API_SCOPES
+
+    cred, secret = creds.create_credential(session, org.id, name="Full key", scopes=sorted(API_SCOPES),
+                                           rate_limit_per_minute=100_000)
+    session.commit()
+    client = TestClient(app, base_url="http://localhost:8000", raise_server_exceptions=False)
+    client.headers["Authorization"] = f"Bearer {cred.key_id}.{secret}"
+    return client
+
+
+NUL = "\x00"
+# (method, path, json body or None, the field the 422 must name) — the inputs of the fuzzing report.
+CONTROL_CASES = [
+    ("POST", "/api/v1/contacts", {"given_name": "Ann", "city": f"Spring{NUL}field"}, "city"),
+    ("POST", "/api/v1/contacts", {"given_name": "Ann", "state": f"M{NUL}A"}, "state"),
+    ("POST", "/api/v1/contacts", {"given_name": "Ann", "gender_identity": f"x{NUL}"}, "gender_identity"),
+    ("POST", "/api/v1/contacts", {"given_name": "Ann", "city": "Bell\x07ville"}, "city"),
+    ("POST", "/api/v1/contacts", {"given_name": "Ann", "city": "Lone\ud800surrogate"}, "city"),
+    ("GET", "/api/v1/contacts?city=a%00b", None, "city"),
+    ("GET", "/api/v1/contacts?state=%00", None, "state"),
+    ("POST", "/api/v1/templates", {"name": f"Rem{NUL}inder", "subject": "Hello", "text": "Hi"}, "name"),
+    ("POST", "/api/v1/templates", {"name": "Reminder", "subject": "Hello", "text": f"Hi{NUL}"}, "text"),
+    ("POST", "/api/v1/forms", {"name": f"Intake{NUL}"}, "name"),
+    ("POST", "/api/v1/contact-attributes", {"key": "pet", "label": f"Pet{NUL}", "type": "text"}, "label"),
+    ("POST", "/api/v1/imports/mappings", {"name": f"Map{NUL}", "columns": {"Email": "email"}}, "name"),
+    ("POST", "/api/v1/eligibility", {"contact_ids": [f"abc{NUL}"], "purpose": "treatment"}, "contact_ids.0"),
+    ("GET", "/api/v1/webhooks/a%00b", None, "endpoint_id"),
+    ("GET", "/api/v1/templates/a%01b", None, "template_id"),
+]
+
+
+@pytest.mark.parametrize("method,path,body,field", CONTROL_CASES)
+def test_control_characters_are_refused_with_422_naming_the_field(full_api, session, org, method, path, body, field):
+    from carepost.patients.models import Contact
+
+    if body is None:
+        response = full_api.request(method, path)
+    else:
+        # Serialized by hand: a lone surrogate cannot be encoded by httpx's json=.
+        import json
+
+        response = full_api.request(method, path, content=json.dumps(body), headers={"content-type": "application/json"})
+    assert response.status_code == 422, (response.status_code, response.text)
+    error = response.json()["error"]
+    assert error["code"] == "validation_error" and error["field"] == field
+    assert "control characters" in error["message"]
+    assert NUL not in response.text and "\\u0000" not in response.text
+    assert session.scalars(select(Contact).where(Contact.org_id == org.id)).first() is None
+
+
+def test_tab_and_line_breaks_stay_allowed_in_text(full_api):
+    response = full_api.post("/api/v1/templates", json={"name": "Multi\tline", "subject": "Hello",
+                                                          "text": "Line one\r\nLine two\n\tindented"})
+    assert response.status_code == 201, response.text
+
+
+def test_form_fields_of_pages_are_guarded_too(client):
+    page = client.get("/app/login")
+    from tests.fixtures.accounts import csrf_from
+
+    response = client.post("/app/login", data={"email": f"a{NUL}@example.org", "password": "x",
+                                               "csrf_token": csrf_from(page.text)},
+                           headers={"accept": "application/json"}, follow_redirects=False)
+    assert response.status_code == 422 and response.json()["error"]["field"] == "email"
+
+
+def test_multipart_text_fields_are_guarded(client):
+    response = client.post("/app/recipient-keys", data={"address": f"ann{NUL}@example.org", "kind": "pgp"},
+                           files={"key_file": ("key.asc", b"-----BEGIN PGP PUBLIC KEY BLOCK-----\x00", "text/plain")})
+    assert response.status_code == 422 and response.json()["error"]["field"] == "address"
+    # A file's bytes are its importer's to judge: NUL inside the file alone is not refused here.
+    response = client.post("/app/recipient-keys", data={"address": "ann@example.org", "kind": "pgp"},
+                           files={"key_file": ("key.asc", b"binary\x00key", "application/octet-stream")})
+    assert response.status_code != 422

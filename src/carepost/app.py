@@ -70,9 +70,11 @@ class BodyLimitMiddleware:
                 started = True
             await send(message)
 
+        # ``except*``: a route that streams the body itself (imports) reads it inside the task group
+        # of a BaseHTTPMiddleware, which wraps the exception in an ExceptionGroup (was a 500).
         try:
             await self.app(scope, counting_receive, tracking_send)
-        except _BodyTooLarge:
+        except* _BodyTooLarge:
             if not started:
                 await _too_large(self.limit, send)
 
@@ -160,7 +162,17 @@ def accepted_request_id(value: str | None) -> str:
 
 
 def install_middleware(app: FastAPI, settings: Settings) -> None:
+    from carepost.web.inputs import ControlCharacterGuard
     from carepost.web.metrics import observe_request
+
+    async def _refuse_control_characters(request: Request, field: str) -> Response:
+        # One place for every text input (path, query, JSON, form fields): issue 9 item 26.
+        body = {"code": "validation_error", "message": f"{field}: control characters are not allowed", "field": field,
+                "errors": [{"field": field, "reason": "control characters are not allowed", "type": "control_characters"}]}
+        return _error_response(request, 422, body)
+
+    # Innermost: the refusal still gets the request id and security headers below.
+    app.add_middleware(ControlCharacterGuard, refuse=_refuse_control_characters, router_app=app)
 
     @app.middleware("http")
     async def _headers_and_ids(request: Request, call_next):
