@@ -127,6 +127,40 @@ def read_contact(request: Request, contact_id: str, masked: bool = False,
     return data
 
 
+@router.post("/contacts/{contact_id}/identifiers/{identifier_id}/reveal",
+             summary="Reveal one identifier in clear (government identifiers are otherwise shown to their last four)")
+def reveal_identifier(request: Request, contact_id: str, identifier_id: str,
+                      principal: Principal = Depends(require(P.PHI_READ_UNMASKED))) -> dict:
+    session = request.state.db
+    data = service.reveal_identifier(session, contact_id, identifier_id)
+    _audit(request, principal, "contact.identifier.reveal", contact_id, identifier_id=data["id"],
+           identifier_class=data["class"], type=data["type"], view="unmasked")
+    session.commit()
+    return data
+
+
+@router.get("/identifier-policy", summary="Government identifier systems the organization keeps (none by default)")
+def get_identifier_policy(request: Request, principal: Principal = Depends(require(P.PHI_READ_MASKED))) -> dict:
+    return service.identifier_policy(request.state.db, principal.org_id)
+
+
+class IdentifierPolicyIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    keep_systems: list[str] = Field(max_length=50, description="Systems (URIs) of SSN, driver's licence, passport or other "
+                                                               "government identifiers to store at import; none by default.")
+
+
+@router.put("/identifier-policy", summary="Opt in, per system, to storing government identifiers")
+def put_identifier_policy(request: Request, body: IdentifierPolicyIn, principal: Principal = Depends(require(P.ORG_MANAGE))) -> dict:
+    session = request.state.db
+    policy = service.set_identifier_policy(session, principal.org_id, body.keep_systems)
+    _audit(request, principal, "identifier_policy.update", principal.org_id, target_type="organization",
+           keep_systems=policy["keep_systems"])
+    session.commit()
+    return policy
+
+
 @router.patch("/contacts/{contact_id}", summary="Change some fields of a contact")
 def update_contact(request: Request, contact_id: str, body: ContactIn, principal: Principal = Depends(require(P.PHI_WRITE))) -> dict:
     session = request.state.db

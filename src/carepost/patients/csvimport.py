@@ -37,7 +37,7 @@ CONTACT_FIELDS = (
     "email", "email2", "phone", "mobile_phone", "work_phone", "address_line1", "address_line2", "city", "state",
     "postal_code", "country", "birth_date", "sex", "gender_identity", "preferred_language", "time_zone", "ethnicity",
     "race", "marital_status", "education", "employment_status", "household_status", "income_band", "coverage_type",
-    "coverage_plan", "religion", "deceased", "care_stage",
+    "coverage_plan", "religion", "deceased", "care_stage", "ssn", "drivers_license", "passport",
 )
 
 # Header spellings seen in exports, normalized (lowercase, letters and digits only).
@@ -79,6 +79,11 @@ ALIASES = {
     "religion": ["religion", "religiousaffiliation"],
     "deceased": ["deceased", "isdeceased"],
     "care_stage": ["carestage", "stage"],
+    # government identifiers: recognized so they can be left out (minimum necessary), stored only
+    # when the organization keeps their system (identifier_policy)
+    "ssn": ["ssn", "socialsecuritynumber", "socialsecurityno", "socialsecurity", "ss"],
+    "drivers_license": ["driverslicense", "driverslicence", "driverslicensenumber", "dl", "dlnumber", "licensenumber"],
+    "passport": ["passport", "passportnumber", "passportno"],
 }
 _ALIAS_INDEX = {alias: fieldname for fieldname, aliases in ALIASES.items() for alias in aliases}
 _SEX = {"f": "female", "female": "female", "w": "female", "woman": "female", "m": "male", "male": "male", "man": "male",
@@ -324,6 +329,7 @@ class CsvImporter:
             target = (exc.field or "").split(".")[0]
             return self._fail(line, column_of.get(target, exc.field), exc.message)
         self.stats.add("Contact", "created" if result.created else "updated")
+        self.stats.identifiers_not_kept += result.identifiers_not_kept
 
     def _convert(self, row: list[str], headers: list[str], columns: dict[int, str], date_format: str | None) -> tuple[dict, dict]:
         data: dict[str, Any] = {}
@@ -366,6 +372,10 @@ class CsvImporter:
                 data.setdefault("attributes", {})[target.split(".", 1)[1]] = value
             elif target == "postal_code":
                 data["postal_code"] = value.zfill(5) if value.isdigit() and len(value) < 5 else value
+            elif target in service.GOVERNMENT_COLUMNS:
+                system, type_code = service.GOVERNMENT_COLUMNS[target]
+                data.setdefault("identifiers", []).append({"system": system, "value": value[:200], "type": type_code})
+                column_of.setdefault("identifiers", header)
             else:
                 data[target] = value
         if emails:

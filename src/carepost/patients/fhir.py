@@ -78,6 +78,7 @@ class ImportStats:
     by_type: dict[str, dict[str, int]] = field(default_factory=dict)
     patients: int = 0
     warnings: int = 0  # records kept with a flagged value (not counted in ``failed``)
+    identifiers_not_kept: int = 0  # SSN, driver's licence, passport... left out (minimum necessary)
 
     def add(self, rtype: str, outcome: str, n: int = 1) -> None:
         setattr(self, outcome, getattr(self, outcome) + n)
@@ -90,7 +91,9 @@ class ImportStats:
 
     def as_dict(self) -> dict:
         return {"created": self.created, "updated": self.updated, "failed": self.failed, "skipped": self.skipped,
-                "warnings": self.warnings, "patients": self.patients, "by_type": self.by_type}
+                "warnings": self.warnings, "patients": self.patients,
+                "identifiers_not_kept": self.identifiers_not_kept,
+                "by_type": self.by_type}
 
 
 class ErrorSink(abc.ABC):
@@ -806,6 +809,7 @@ class FhirImporter:
         self.resolver.remember(refs, result.contact.id)
         self.stats.add("Patient", "created" if result.created else "updated")
         self.stats.patients += 1
+        self.stats.identifiers_not_kept += result.identifiers_not_kept
         self._touched_stage.add(result.contact.id)
         self._since_commit += 1
         if self._since_commit >= self.batch_size:

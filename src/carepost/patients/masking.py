@@ -66,8 +66,20 @@ def mask_contact(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def mask_government_identifiers(data: dict[str, Any]) -> dict[str, Any]:
+    """The unmasked view still shows government identifiers (SSN, driver's licence, passport)
+    only to their last four characters: each is revealed one by one, audited."""
+    from carepost.patients.service import GOVERNMENT_CLASS, mask_last_four
+
+    idents = data.get("identifiers") or []
+    if not any(i.get("class") == GOVERNMENT_CLASS for i in idents):
+        return data
+    return {**data, "identifiers": [{**i, "value": mask_last_four(i.get("value")), "revealed": False}
+                                    if i.get("class") == GOVERNMENT_CLASS else i for i in idents]}
+
+
 def present(data: dict[str, Any], unmasked: bool) -> dict[str, Any]:
-    return {**data, "masked": False} if unmasked else mask_contact(data)
+    return {**mask_government_identifiers(data), "masked": False} if unmasked else mask_contact(data)
 
 
 def may_unmask(principal) -> bool:

@@ -119,10 +119,29 @@ def _render_list(request, principal, rows, next_cursor, form, errors, *, searche
 
 @router.get("/contacts/{contact_id}")
 def contact_page(request: Request, contact_id: str, principal: Principal = Depends(require(P.PHI_READ_MASKED))):
+    return _contact_page(request, principal, contact_id)
+
+
+@router.post("/contacts/{contact_id}/identifiers/{identifier_id}/reveal")
+def contact_reveal_identifier(request: Request, contact_id: str, identifier_id: str,
+                              principal: Principal = Depends(require(P.PHI_READ_UNMASKED))):
+    """Show one government identifier in clear on the contact page (a POST: audited, one at a time)."""
+    session = request.state.db
+    revealed = service.reveal_identifier(session, contact_id, identifier_id)
+    record_for(session, principal, request, "contact.identifier.reveal", target_type="contact", target_id=contact_id,
+               details={"identifier_id": revealed["id"], "identifier_class": revealed["class"], "type": revealed["type"],
+                        "view": "unmasked"})
+    return _contact_page(request, principal, contact_id, revealed=revealed)
+
+
+def _contact_page(request: Request, principal: Principal, contact_id: str, revealed: dict | None = None):
     session = request.state.db
     contact = service.get_contact(session, contact_id)
     unmasked = masking.wants_unmasked(principal)
     data = masking.present(service.contact_dict(session, contact), unmasked)
+    if revealed:
+        data["identifiers"] = [{**i, "value": revealed["value"], "revealed": True} if i.get("id") == revealed["id"] else i
+                               for i in data["identifiers"]]
     facts = {}
     for kind in FACT_MODELS:
         facts[kind] = [service.fact_dict(f) for f in service.list_facts(session, principal.org_id, contact.id, kind, limit=100)]

@@ -82,6 +82,89 @@ def normalize_code_system(system: str | None) -> str | None:
     return CODE_SYSTEMS.get(system, system[:40])
 
 
+# --------------------------------------------------------------------------- identifier classes (minimum necessary)
+
+# 45 CFR 164.502(b), minimum necessary: no email needs a Social Security, driver's licence or
+# passport number. Identifiers of these classes are not stored unless the organization keeps
+# their system on purpose (``identifier_policy.keep_systems``); where kept, even the unmasked view
+# shows the last four characters unless one is revealed (audited).
+GOVERNMENT_CLASS = "government"
+RECORD_CLASS = "record"
+# HL7 v2 table 0203 identifier type codes of government-issued and national identifiers.
+GOVERNMENT_TYPE_CODES = frozenset({
+    "SS", "SSN", "DL", "PPN", "TAX", "NI", "SB", "CZ", "BC", "VS", "PRC", "MI", "WP", "TN", "ITIN", "EIN", "HC",
+})
+GOVERNMENT_SYSTEMS = frozenset({
+    "http://hl7.org/fhir/sid/us-ssn",
+    "urn:oid:2.16.840.1.113883.4.1",  # US SSN
+    "http://standardhealthrecord.org/fhir/StructureDefinition/passportNumber",  # Synthea's passports
+    "http://hl7.org/fhir/sid/us-itin",
+    "urn:carepost:ssn", "urn:carepost:drivers-license", "urn:carepost:passport",
+})
+GOVERNMENT_SYSTEM_PREFIXES = (
+    "urn:oid:2.16.840.1.113883.4.3.",  # US state driver's licences (Synthea: .4.3.25)
+    "urn:oid:2.16.840.1.113883.4.330.",  # passports by country
+    "http://hl7.org/fhir/sid/passport-",
+)
+# CSV columns of government identifiers -> (system, type code)
+GOVERNMENT_COLUMNS = {
+    "ssn": ("http://hl7.org/fhir/sid/us-ssn", "SS"),
+    "drivers_license": ("urn:carepost:drivers-license", "DL"),
+    "passport": ("urn:carepost:passport", "PPN"),
+}
+
+
+def identifier_class(system: str | None, type_code: str | None) -> str:
+    """``government`` (SSN, driver's licence, passport, tax and other national ids) or
+    ``record`` (MRN, member id, external id and everything else)."""
+    code = (type_code or "").strip().upper()
+    if code in GOVERNMENT_TYPE_CODES or (len(code) == 5 and code.startswith("NN") and code[2:].isalpha()):
+        return GOVERNMENT_CLASS
+    system = (system or "").strip()
+    if system in GOVERNMENT_SYSTEMS or system.startswith(GOVERNMENT_SYSTEM_PREFIXES):
+        return GOVERNMENT_CLASS
+    return RECORD_CLASS
+
+
+def kept_government_systems(session: Session, org_id: str) -> set[str]:
+    """Systems of government identifiers the organization chose to keep (none by default)."""
+    from carepost.accounts.service import get_organization
+
+    cache = session.info.setdefault("_carepost_identifier_policy", {})
+    if org_id not in cache:
+        org = get_organization(session, org_id)
+        cache[org_id] = set(((org.settings or {}).get("identifier_policy") or {}).get("keep_systems") or [])
+    return cache[org_id]
+
+
+def identifier_policy(session: Session, org_id: str) -> dict:
+    return {"keep_systems": sorted(kept_government_systems(session, org_id))}
+
+
+def set_identifier_policy(session: Session, org_id: str, keep_systems: list[str]) -> dict:
+    """Opt in, per system, to keeping government identifiers (SSN, driver's licence, passport...)."""
+    from carepost.accounts.service import get_organization
+
+    cleaned = []
+    for i, system in enumerate(keep_systems):
+        system = (system or "").strip()
+        if not system or len(system) > 255:
+            raise ValidationFailed("A system is a URI of at most 255 characters.", field=f"keep_systems.{i}")
+        cleaned.append(system)
+    org = get_organization(session, org_id)
+    org.settings = {**(org.settings or {}), "identifier_policy": {"keep_systems": sorted(set(cleaned))}}
+    session.info.pop("_carepost_identifier_policy", None)
+    session.flush()
+    return identifier_policy(session, org_id)
+
+
+def mask_last_four(value: str | None) -> str | None:
+    """``***1234``: what even the unmasked view shows of a government identifier."""
+    if not value:
+        return value
+    return "***" + value[-4:] if len(value) > 4 else "***"
+
+
 # --------------------------------------------------------------------------- encryption helpers
 
 
@@ -229,6 +312,7 @@ def contact_for_sources(session: Session, org_id: str, refs: Iterable[str]) -> s
 class SaveResult:
     contact: Contact
     created: bool
+    identifiers_not_kept: int = 0  # government identifiers left out (minimum necessary)
 
 
 class DuplicateInImport(ValidationFailed):
@@ -273,6 +357,18 @@ def save_contact(
     refs = [r for r in source_refs if r]
     source_idx = [source_index(session, org_id, r) for r in refs]
     specs = _identifier_specs(fields)
+    not_kept = 0
+    if specs:
+        kept = None
+        wanted = []
+        for system, value, type_code in specs:
+            if identifier_class(system, type_code) == GOVERNMENT_CLASS:
+                kept = kept_government_systems(session, org_id) if kept is None else kept
+                if system not in kept:
+                    not_kept += 1  # never stored, not even as a blind index
+                    continue
+            wanted.append((system, value, type_code))
+        specs = wanted
     spec_idx = [(s, v, t, identifier_index(session, org_id, "identifier", v, s)) for s, v, t in specs]
 
     holders: dict[str, str] = {}
@@ -335,7 +431,7 @@ def save_contact(
         contact.updated_at = clock.now()
         if ("care_stage" in fields and not fields["care_stage"]) or revived:
             refresh_care_stages(session, org_id, [contact.id])  # back to the derived stage at once
-    return SaveResult(contact, created)
+    return SaveResult(contact, created, not_kept)
 
 
 def _write_identifiers(session, org_id, contact, fields, existing, spec_idx, source_idx) -> None:
@@ -416,6 +512,18 @@ def _replace_set(session, org_id, rows, wanted, kind, add) -> None:
 # --------------------------------------------------------------------------- reading contacts
 
 
+def reveal_identifier(session: Session, contact_id: str, identifier_id: str) -> dict:
+    """One identifier of a contact in clear (a government identifier is otherwise shown to its
+    last four characters); the caller audits the reveal."""
+    contact = get_contact(session, contact_id)
+    row = session.get(ContactIdentifier, identifier_id) if is_id(identifier_id) else None
+    if row is None or row.contact_id != contact.id or row.kind != "identifier" or row.org_id != contact.org_id:
+        raise NotFound("No such identifier.", field="identifier_id")
+    value = _decrypt(session, contact.org_id, "contact_identifiers", "value", row.id, row.value_enc)
+    return {"id": row.id, "system": row.system, "type": row.type_code, "value": value,
+            "class": identifier_class(row.system, row.type_code)}
+
+
 def _attribute_definitions(session: Session, org_id: str) -> dict[str, CustomAttributeDefinition]:
     cache = session.info.setdefault("_carepost_attr_defs", {})
     if org_id not in cache:
@@ -475,7 +583,8 @@ def _contact_dict(session, c: Contact, idents: list[ContactIdentifier], attrs: d
         elif row.kind == "phone":
             phones.append({"value": value, "use": row.use})
         elif row.kind == "identifier":
-            identifiers.append({"system": row.system, "type": row.type_code, "value": value})
+            identifiers.append({"id": row.id, "system": row.system, "type": row.type_code, "value": value,
+                                "class": identifier_class(row.system, row.type_code)})
     out["email"] = emails[0] if emails else None
     out["emails"] = emails
     out["phone"] = phones[0]["value"] if phones else None
