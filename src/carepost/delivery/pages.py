@@ -338,7 +338,7 @@ def _key_rows(session, unmasked: bool) -> list[dict]:
     out = []
     now = clock.now()
     for r in rows:
-        info = service._key_info(r)
+        info = service.key_info(r)
         expired = info.expires_at is not None and info.expires_at <= now
         out.append({
             "id": r.id, "kind": r.kind, "fingerprint": r.fingerprint, "expires_at": info.expires_at,

@@ -1,0 +1,262 @@
+"""Sending domains: DKIM keys, the DNS records to publish, live checks, and the queries the API, CLI and doctor use.
+
+(Split out of ``delivery.service``, which still exports every public name.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+from dataclasses import asdict, dataclass
+from urllib.parse import urlparse
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from carepost.core import clock
+from carepost.core.config import Settings, get_settings
+from carepost.core.crypto import get_keyring
+from carepost.core.errors import Conflict, NotFound
+from carepost.core.ids import is_id, new_id
+from carepost.delivery import dkim, smime
+from carepost.delivery import dns as cpdns
+from carepost.delivery import tlsprobe
+from carepost.delivery.mime import ascii_domain
+from carepost.delivery.models import SendingDomain
+
+# --- sending domains ---------------------------------------------------------------------------
+
+
+def _selector() -> str:
+    return f"cp{clock.now():%Y%m}"
+
+
+def create_sending_domain(session: Session, org_id: str, domain: str, *, ed25519: bool = True) -> SendingDomain:
+    """Add a sending domain with fresh DKIM keys (RSA-2048, and Ed25519 unless disabled)."""
+    name = ascii_domain(domain, field_name="domain")
+    exists = session.scalars(select(SendingDomain).where(SendingDomain.org_id == org_id, SendingDomain.domain == name)).first()
+    if exists:
+        raise Conflict("This sending domain already exists.", field="domain")
+    row = SendingDomain(id=new_id(), org_id=org_id, domain=name, selector=_selector(), return_path_domain=f"bounces.{name}",
+                        mta_sts_id=secrets.token_hex(8), check_results={})
+    ring = get_keyring()
+    rsa_key = dkim.generate_rsa_key()
+    row.dkim_rsa_private_enc = ring.encrypt(session, org_id, SendingDomain.__tablename__, "dkim_rsa_private", row.id,
+                                            dkim.private_key_pem(rsa_key))
+    row.dkim_rsa_record = dkim.public_key_record(rsa_key)
+    if ed25519:
+        ed_key = dkim.generate_ed25519_key()
+        row.dkim_ed25519_private_enc = ring.encrypt(session, org_id, SendingDomain.__tablename__,
+                                                    "dkim_ed25519_private", row.id, dkim.private_key_pem(ed_key))
+        row.dkim_ed25519_record = dkim.public_key_record(ed_key)
+    row.smime_signing_private_enc = ring.encrypt(session, org_id, SendingDomain.__tablename__, "smime_signing_private",
+                                                 row.id, dkim.private_key_pem(smime.generate_signing_key()))
+    session.add(row)
+    session.flush()
+    return row
+
+
+def smime_signing_key(session: Session, row: SendingDomain):
+    """The domain's S/MIME signing key, decrypted in memory only; made (and stored on the row,
+    flushed with the caller's transaction) for a domain created before S/MIME was signed."""
+    ring = get_keyring()
+    if row.smime_signing_private_enc is None:
+        key = smime.generate_signing_key()
+        row.smime_signing_private_enc = ring.encrypt(session, row.org_id, SendingDomain.__tablename__,
+                                                     "smime_signing_private", row.id, dkim.private_key_pem(key))
+        return key
+    pem = ring.decrypt(session, row.org_id, SendingDomain.__tablename__, "smime_signing_private", row.id,
+                       row.smime_signing_private_enc)
+    return dkim.load_private_key(pem)
+
+
+def get_sending_domain(session: Session, domain: str) -> SendingDomain:
+    """The session's organization's sending domain by name (the session is org-scoped)."""
+    name = ascii_domain(domain, field_name="domain")
+    row = session.scalars(select(SendingDomain).where(SendingDomain.domain == name)).first()
+    if row is None:
+        raise NotFound("No such sending domain.", field="domain")
+    return row
+
+
+def dkim_keys(session: Session, row: SendingDomain) -> list[dkim.DkimKey]:
+    """The domain's signing keys, decrypted in memory only."""
+    ring = get_keyring()
+    pem = ring.decrypt(session, row.org_id, SendingDomain.__tablename__, "dkim_rsa_private", row.id, row.dkim_rsa_private_enc)
+    keys = [dkim.DkimKey(row.domain, row.selector, dkim.load_private_key(pem))]
+    if row.dkim_ed25519_private_enc:
+        pem = ring.decrypt(session, row.org_id, SendingDomain.__tablename__, "dkim_ed25519_private", row.id,
+                           row.dkim_ed25519_private_enc)
+        keys.append(dkim.DkimKey(row.domain, f"{row.selector}e", dkim.load_private_key(pem)))
+    return keys
+
+
+@dataclass(frozen=True)
+class DnsRecord:
+    purpose: str  # dkim | dkim-ed25519 | spf | dmarc | return-path-mx | mta-sts | mta-sts-host
+    type: str  # TXT | MX | CNAME
+    name: str
+    value: str
+    note: str = ""
+
+
+def mail_host(settings: Settings | None = None) -> str:
+    settings = settings or get_settings()
+    return (settings.smtp_helo_name or socket.getfqdn()).lower().rstrip(".")
+
+
+def dns_records(row: SendingDomain, settings: Settings | None = None) -> list[DnsRecord]:
+    """The exact records to publish for a sending domain."""
+    settings = settings or get_settings()
+    host = mail_host(settings)
+    web_host = urlparse(settings.base_url).hostname or host
+    rp = row.return_path_domain
+    records = [
+        DnsRecord("dkim", "TXT", dkim.record_name(row.selector, row.domain), row.dkim_rsa_record,
+                  "RSA-2048 DKIM key. Longer than 255 characters: most DNS hosts split it for you."),
+    ]
+    if row.dkim_ed25519_record:
+        records.append(DnsRecord("dkim-ed25519", "TXT", dkim.record_name(f"{row.selector}e", row.domain),
+                                 row.dkim_ed25519_record, "Ed25519 DKIM key (RFC 8463), the second signature."))
+    records += [
+        DnsRecord("spf", "TXT", rp, f"v=spf1 a:{host} -all",
+                  "The return path is a subdomain, so SPF aligns with the From domain under DMARC (relaxed)."),
+        DnsRecord("dmarc", "TXT", f"_dmarc.{row.domain}", f"v=DMARC1; p=none; adkim=r; aspf=r; rua=mailto:dmarc@{rp}",
+                  "p=none is the minimum Gmail and Yahoo require; move to quarantine once reports look clean."),
+        DnsRecord("return-path-mx", "MX", rp, f"10 {host}", "Bounces and complaints come back to CarePost here."),
+        DnsRecord("mta-sts", "TXT", f"_mta-sts.{rp}", f"v=STSv1; id={row.mta_sts_id}",
+                  "Tells senders of bounces to require TLS to the return-path host (RFC 8461)."),
+        DnsRecord("mta-sts-host", "CNAME", f"mta-sts.{rp}", web_host,
+                  "Serves the MTA-STS policy over HTTPS."),
+    ]
+    return records
+
+
+def mta_sts_policy(settings: Settings | None = None, *, mode: str = "enforce", max_age: int = 604800) -> str:
+    """The policy text served at https://mta-sts.<return-path domain>/.well-known/mta-sts.txt."""
+    return f"version: STSv1\nmode: {mode}\nmx: {mail_host(settings)}\nmax_age: {max_age}\n"
+
+
+@dataclass(frozen=True)
+class RecordCheck:
+    purpose: str
+    name: str
+    ok: bool
+    detail: str
+
+
+def _txt_check(record: DnsRecord, found: list[str]) -> RecordCheck:
+    def result(ok: bool, detail: str) -> RecordCheck:
+        return RecordCheck(record.purpose, record.name, ok, detail)
+
+    if record.purpose.startswith("dkim"):
+        wanted = record.value.split("p=", 1)[1]
+        keys = [t.replace(" ", "") for t in found if "p=" in t]
+        if any(k.split("p=", 1)[1].split(";")[0] == wanted for k in keys):
+            return result(True, "published")
+        return result(False, "a different DKIM key is published" if keys else "not published")
+    if record.purpose == "spf":
+        spf = [t for t in found if t.lower().startswith("v=spf1")]
+        if not spf:
+            return result(False, "no SPF record")
+        if len(spf) > 1:
+            return result(False, "more than one SPF record (RFC 7208 allows one)")
+        mechanism = record.value.split()[1]
+        if mechanism.lower() in spf[0].lower().split() or "include:" in spf[0].lower():
+            return result(True, "published")
+        return result(False, f"the SPF record does not contain {mechanism}")
+    if record.purpose == "dmarc":
+        dmarc = [t for t in found if t.replace(" ", "").lower().startswith("v=dmarc1")]
+        if len(dmarc) != 1:
+            return result(False, "no DMARC record" if not dmarc else "more than one DMARC record")
+        tags = dict(p.strip().split("=", 1) for p in dmarc[0].split(";") if "=" in p)
+        if tags.get("p", "").strip().lower() not in ("none", "quarantine", "reject"):
+            return result(False, "the DMARC record has no valid p= policy")
+        return result(True, f"published (p={tags['p'].strip().lower()})")
+    if record.purpose == "mta-sts":
+        return result(True, "published") if tlsprobe.parse_sts_txt(found) else result(False, "not published")
+    return result(False, "unknown record")
+
+
+async def check_dns(records: list[DnsRecord]) -> list[RecordCheck]:
+    """Look each record up live; pass or fail with the reason."""
+
+    async def one(record: DnsRecord) -> RecordCheck:
+        try:
+            if record.type == "TXT":
+                return _txt_check(record, await cpdns.lookup_txt(record.name))
+            if record.type == "MX":
+                host = record.value.split()[1]
+                try:
+                    targets = await cpdns.lookup_mx(record.name, settings=get_settings().model_copy(update={"mx_overrides": None}))
+                except cpdns.DnsError as err:
+                    if err.temporary:
+                        raise
+                    return RecordCheck(record.purpose, record.name, False, "no MX record")
+                ok = any(t.host == host for t in targets)
+                return RecordCheck(record.purpose, record.name, ok, "published" if ok else f"MX does not point to {host}")
+            addresses = await cpdns.resolve_addresses(record.name)
+            return RecordCheck(record.purpose, record.name, bool(addresses), "resolves" if addresses else "does not resolve")
+        except cpdns.DnsError as err:
+            return RecordCheck(record.purpose, record.name, False, f"look-up failed, try again: {err}")
+
+    return list(await asyncio.gather(*(one(r) for r in records)))
+
+
+def apply_dns_check(row: SendingDomain, results: list[RecordCheck]) -> None:
+    """Store a check's outcome on the domain (sending is allowed either way; the UI and
+    ``doctor`` flag a domain whose records do not check out)."""
+    row.check_results = {r.purpose: {"name": r.name, "ok": r.ok, "detail": r.detail} for r in results}
+    row.dns_ok = all(r.ok for r in results)
+    row.checked_at = clock.now()
+
+
+# --- sending domains (queries for the API, CLI and doctor) ------------------------------------
+
+
+def list_sending_domains(session: Session) -> list[SendingDomain]:
+    """The session's organization's sending domains (the session is org-scoped)."""
+    return list(session.scalars(select(SendingDomain).order_by(SendingDomain.domain)))
+
+
+def sending_domain_by_id(session: Session, domain_id: str) -> SendingDomain:
+    row = session.get(SendingDomain, domain_id) if is_id(domain_id) else None
+    if row is None or (session.info.get("org_id") and row.org_id != session.info["org_id"]):
+        raise NotFound("No such sending domain.", field="domain_id")
+    return row
+
+
+def delete_sending_domain(session: Session, row: SendingDomain) -> None:
+    """Remove a domain and its keys. Messages that were accepted from it and are not delivered
+    yet fail at delivery with reason ``sending_domain_missing``."""
+    session.delete(row)
+    session.flush()
+
+
+def sending_domain_for(session: Session, org_id: str, domain: str) -> SendingDomain | None:
+    """The organization's sending domain for a From domain: the domain itself or the closest
+    parent (DKIM d= of a parent aligns under relaxed DMARC alignment)."""
+    labels = domain.lower().split(".")
+    candidates = [".".join(labels[i:]) for i in range(len(labels) - 1)]
+    rows = session.scalars(
+        select(SendingDomain).where(SendingDomain.org_id == org_id, SendingDomain.domain.in_(candidates))
+    ).all()
+    return max(rows, key=lambda r: len(r.domain), default=None)
+
+
+def domain_view(row: SendingDomain, settings: Settings | None = None) -> dict:
+    """The API/CLI shape of a sending domain: its DNS records (DKIM TXT in full) and last check."""
+    checks = [{"purpose": purpose, **result} for purpose, result in (row.check_results or {}).items()]
+    return {
+        "id": row.id, "domain": row.domain, "selector": row.selector, "return_path_domain": row.return_path_domain,
+        "dns_ok": bool(row.dns_ok), "checked_at": clock.aware(row.checked_at),
+        "records": [asdict(r) for r in dns_records(row, settings)], "checks": checks,
+    }
+
+
+def unverified_sending_domains(session: Session) -> list[tuple[str, str]]:
+    """(organization id, domain) of every sending domain whose DNS records did not check out
+    (or were never checked). For ``carepost doctor``; needs a system session."""
+    rows = session.execute(select(SendingDomain.org_id, SendingDomain.domain).where(SendingDomain.dns_ok.is_(False))).all()
+    return [(org_id, domain) for org_id, domain in rows]

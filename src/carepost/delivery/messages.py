@@ -1,0 +1,452 @@
+"""Accepting messages (API, batch, SMTP submission): validation, idempotency, storage, the eligibility check at acceptance; and reading them back.
+
+(Split out of ``delivery.service``, which still exports every public name.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from carepost.core import clock
+from carepost.core import events as domain_events
+from carepost.core.crypto import get_keyring
+from carepost.core.errors import Conflict, NotFound, ValidationFailed
+from carepost.core.ids import is_id, new_id
+from carepost.delivery import policy, portal_answer
+from carepost.delivery.mime import MailAddress, message_id_for, parse_address
+from carepost.delivery.domains import sending_domain_for
+from carepost.delivery.outcomes import add_event
+from carepost.delivery.settings import check_purpose, delivery_settings
+from carepost.delivery.models import Message, MessageAttachment, MessageEvent, MessageRecipient, SendingDomain
+from carepost.delivery.schemas import MAX_ATTACHMENT_BYTES
+
+# --- accepting a message (API, batch, SMTP submission) ---------------------------------------
+# Everything is validated before anything is written, so a refused message (or one refused
+# message of a batch) leaves nothing behind, and the error names the field (with its index).
+
+# Attachments are checked by declared type, by file name and by content: executable content is
+# refused whatever it claims to be, and a type with a well-known signature must carry it.
+BLOCKED_EXTENSIONS = frozenset({
+    "exe", "com", "bat", "cmd", "scr", "pif", "msi", "msp", "mst", "vbs", "vbe", "js", "jse", "wsf", "wsh", "ps1",
+    "psm1", "jar", "cpl", "hta", "lnk", "reg", "dll", "scf", "apk", "app", "dmg", "iso", "sh", "py",
+})
+BLOCKED_TYPES = frozenset({
+    "application/x-msdownload", "application/x-msdos-program", "application/x-dosexec", "application/x-executable",
+    "application/vnd.microsoft.portable-executable", "application/x-sh", "application/x-csh", "application/java-archive",
+    "application/x-ms-installer", "application/x-msi", "application/hta", "text/javascript", "application/javascript",
+    "application/x-javascript", "application/vbscript", "text/vbscript", "application/x-bat", "application/x-python",
+})
+_SIGNATURES = {
+    "image/png": (b"\x89PNG\r\n\x1a\n",), "image/jpeg": (b"\xff\xd8\xff",), "image/gif": (b"GIF87a", b"GIF89a"),
+    "application/pdf": (b"%PDF-",), "image/webp": (b"RIFF",),
+}
+_EXECUTABLE_MAGIC = (b"MZ", b"\x7fELF", b"\xca\xfe\xba\xbe", b"\xcf\xfa\xed\xfe", b"\xce\xfa\xed\xfe", b"#!")
+_RESERVED_HEADER_PREFIX = "x-carepost-"
+
+
+@dataclass
+class PreparedMessage:
+    """A message that passed every check, ready to store."""
+
+    sender: MailAddress
+    sending_domain: SendingDomain
+    recipients: list[tuple[str, MailAddress]]  # (to | cc | bcc, address), each address once
+    reply_to: MailAddress | None
+    subject: str
+    html: str | None
+    text: str | None
+    attachments: list  # AttachmentIn
+    headers: dict[str, str]
+    purpose: str
+    security: str
+    contains_phi: bool
+    tags: list[str]
+    portal: dict | None
+    request_hash: str
+
+
+def request_fingerprint(data) -> str:
+    """SHA-256 of a message request, for Idempotency-Key: same key + same request = same
+    message; attachment bodies enter as their hashes."""
+    payload = data.model_dump(mode="python", by_alias=True)
+    if isinstance(payload.get("portal"), dict):
+        # A fast hash over the answer would be an oracle for it beside the Argon2id hash.
+        payload["portal"].pop("answer", None)
+    for attachment in payload.get("attachments") or []:
+        attachment["content"] = hashlib.sha256(attachment["content"]).hexdigest()
+    text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def idempotency_hash(key: str) -> str:
+    return hashlib.sha256(f"idempotency\x00{key}".encode()).hexdigest()
+
+
+def check_idempotency_key(key: str | None) -> str | None:
+    if key is None:
+        return None
+    if not (1 <= len(key) <= 200) or not key.isascii() or not key.isprintable():
+        raise ValidationFailed("The Idempotency-Key is 1 to 200 printable ASCII characters.", field="Idempotency-Key")
+    return key
+
+
+def _check_attachment(attachment, field_name: str, *, inline: bool) -> None:
+    ctype = (attachment.content_type or "").lower().strip()
+    filename = attachment.filename or ""
+    extension = filename.rsplit(".", 1)[-1].lower() if "." in filename else ""
+    content = bytes(attachment.content)
+    if ctype in BLOCKED_TYPES or extension in BLOCKED_EXTENSIONS or content.startswith(_EXECUTABLE_MAGIC):
+        raise ValidationFailed("Executable and script attachments are not allowed.", field=field_name)
+    if inline and not ctype.startswith("image/"):
+        raise ValidationFailed("An inline attachment (content_id) must be an image.", field=field_name)
+    signatures = _SIGNATURES.get(ctype)
+    if signatures and not content.startswith(signatures):
+        raise ValidationFailed(f"The content is not {ctype}.", field=field_name)
+
+
+def _prefixed(exc: ValidationFailed, prefix: str) -> ValidationFailed:
+    return ValidationFailed(exc.message, field=f"{prefix}{exc.field}" if exc.field else prefix.rstrip(".") or None,
+                            code=exc.code)
+
+
+def prepare_message(session: Session, org_id: str, data, *, prefix: str = "", org_settings: dict | None = None,
+                    domain_cache: dict | None = None) -> PreparedMessage:
+    """Check a message request (a :class:`schemas.MessageIn`) completely; raises
+    ValidationFailed naming ``prefix`` + the field (``to.2``, ``attachments.0``, ``security``...)."""
+    from carepost.delivery.mime import Attachment, InlineImage, compose
+
+    try:
+        return _prepare(session, org_id, data, org_settings or delivery_settings(session, org_id),
+                        domain_cache if domain_cache is not None else {}, Attachment, InlineImage, compose)
+    except ValidationFailed as exc:
+        raise _prefixed(exc, prefix) from None
+
+
+def _prepare(session, org_id, data, org_settings, domain_cache, Attachment, InlineImage, compose) -> PreparedMessage:
+    template_purpose = None
+    request = data  # the Idempotency-Key fingerprint is of the request, not of its rendering
+    if data.template_id is not None:
+        # A template renders once per message with its data (which may hold PHI: the result is
+        # stored encrypted like any body). Its PHI flag can only raise the message's.
+        from carepost.content.service import render_template
+
+        if data.html is not None or data.text is not None or data.subject is not None:
+            raise ValidationFailed("Give either a template_id with data, or subject and html/text — not both.",
+                                   field="template_id")
+        rendered = render_template(session, org_id, data.template_id, data.data)
+        data = data.model_copy(update={
+            "subject": rendered.subject, "html": rendered.html or None, "text": rendered.text or None,
+            "contains_phi": bool(data.contains_phi) or rendered.contains_phi,
+        })
+        template_purpose = rendered.purpose
+    purpose = data.purpose or template_purpose or org_settings.get("default_purpose")
+    if not purpose:
+        raise ValidationFailed("A purpose is required (the organization sets no default purpose).", field="purpose")
+    check_purpose(purpose)
+    mode = policy.effective_mode(org_settings["security_mode"], data.security)
+    if data.contains_phi is not False and mode == "opportunistic" and data.security is None:
+        # The organization's floor is opportunistic, but this message carries PHI: it gets the
+        # least mode PHI may travel in (raising, never lowering). Asking for opportunistic
+        # explicitly with PHI is refused below.
+        mode = "tls_required"
+    if data.contains_phi is not False and mode == "opportunistic":
+        raise ValidationFailed(
+            "Opportunistic TLS is only for messages marked as carrying no PHI; set contains_phi to false or choose "
+            "a stronger security mode.", field="security")
+    sender = parse_address(data.sender, field_name="from")
+    domain = domain_cache.get(sender.domain, False)
+    if domain is False:
+        domain = domain_cache[sender.domain] = sending_domain_for(session, org_id, sender.domain)
+    if domain is None:
+        raise ValidationFailed("The From address is not in a sending domain of the organization; add the domain first.",
+                               field="from")
+    recipients: list[tuple[str, MailAddress]] = []
+    seen: set[str] = set()
+    for kind in ("to", "cc", "bcc"):
+        for i, value in enumerate(getattr(data, kind)):
+            address = parse_address(value, field_name=f"{kind}.{i}")
+            key = address.addr_spec.lower()
+            if key not in seen:
+                seen.add(key)
+                recipients.append((kind, address))
+    reply_to = parse_address(data.reply_to, field_name="reply_to") if data.reply_to else None
+    headers = dict(data.headers or {})
+    for name in headers:
+        if name.lower().startswith(_RESERVED_HEADER_PREFIX):
+            raise ValidationFailed("X-CarePost-* headers are for SMTP submission only.", field="headers")
+    inline, files = [], []
+    for i, attachment in enumerate(data.attachments):
+        _check_attachment(attachment, f"attachments.{i}", inline=attachment.content_id is not None)
+        if attachment.content_id is not None:
+            inline.append(InlineImage(attachment.content_id, attachment.content, attachment.content_type, attachment.filename))
+        else:
+            files.append(Attachment(attachment.filename, attachment.content, attachment.content_type))
+    subject = data.subject or ""
+    # A trial composition: every header value, name, file name and part is checked exactly as
+    # the pipeline will build it later (header injection, reserved headers, content types).
+    compose(sender=data.sender, to=[a.addr_spec for k, a in recipients if k == "to"],
+            cc=[a.addr_spec for k, a in recipients if k == "cc"], bcc=[a.addr_spec for k, a in recipients if k == "bcc"],
+            subject=subject, text=data.text, html=data.html, reply_to=data.reply_to, inline_images=inline,
+            attachments=files, headers=headers, max_attachment_bytes=MAX_ATTACHMENT_BYTES)
+    portal = None
+    if data.portal is not None:
+        portal = data.portal.model_dump(mode="json")
+        if data.portal.expires_at is not None and clock.aware(data.portal.expires_at) <= clock.now():
+            raise ValidationFailed("The portal expiry must be in the future.", field="portal.expires_at")
+        # The question's answer is hashed (Argon2id) before anything is stored: portal_enc never
+        # holds it readable. One hash per distinct answer in a batch (the memo rides in the
+        # batch's shared cache under a key no domain name can take).
+        portal = portal_answer.protect(portal, domain_cache.setdefault(" portal-answers", {}))
+    return PreparedMessage(
+        sender=sender, sending_domain=domain, recipients=recipients, reply_to=reply_to, subject=subject,
+        html=data.html, text=data.text, attachments=list(data.attachments), headers=headers, purpose=purpose,
+        security=mode, contains_phi=data.contains_phi is not False, tags=list(data.tags), portal=portal,
+        request_hash=request_fingerprint(request),
+    )
+
+
+def find_idempotent(session: Session, org_id: str, key_hash: str) -> Message | None:
+    return session.scalars(select(Message).where(Message.org_id == org_id, Message.idempotency_key == key_hash)).first()
+
+
+def store_message(session: Session, org_id: str, prepared: PreparedMessage, *, source: str, created_by: str | None,
+                  sandbox: bool = False, idempotency_key: str | None = None) -> Message:
+    """Write a prepared message: encrypted content, one recipient row per address (encrypted,
+    blind-indexed, linked to the contact with that address), a ``queued`` event each. Flushes;
+    the caller commits and then enqueues delivery (:func:`carepost.delivery.tasks.enqueue_delivery`)."""
+    return store_messages(session, org_id, [prepared], source=source, created_by=created_by, sandbox=sandbox,
+                          idempotency_keys=[idempotency_key])[0]
+
+
+def store_messages(session: Session, org_id: str, prepared: list[PreparedMessage], *, source: str,
+                   created_by: str | None, sandbox: bool = False,
+                   idempotency_keys: list[str | None] | None = None) -> list[Message]:
+    """:func:`store_message` for many messages at once (one contact look-up per 500 recipients,
+    three flushes in all)."""
+    ring = get_keyring()
+    now = clock.now()
+    keys = idempotency_keys or [None] * len(prepared)
+
+    def enc(table: str, column: str, row_id: str, value) -> bytes | None:
+        return None if value is None else ring.encrypt(session, org_id, table, column, row_id, value)
+
+    mt, at, rt = Message.__tablename__, MessageAttachment.__tablename__, MessageRecipient.__tablename__
+    messages, dependents, recipients = [], [], []
+    for p, key in zip(prepared, keys):
+        message_id = new_id()
+        messages.append(Message(
+            id=message_id, org_id=org_id, source=source, sending_domain_id=p.sending_domain.id,
+            from_address=p.sender.addr_spec, from_name_enc=enc(mt, "from_name", message_id, p.sender.display_name or None),
+            reply_to_enc=enc(mt, "reply_to", message_id, _mailbox_text(p.reply_to) if p.reply_to else None),
+            subject_enc=enc(mt, "subject", message_id, p.subject), html_enc=enc(mt, "html", message_id, p.html),
+            text_enc=enc(mt, "text", message_id, p.text), contains_phi=p.contains_phi, security=p.security,
+            purpose=p.purpose, tags=p.tags, idempotency_key=idempotency_hash(key) if key else None,
+            request_hash=p.request_hash if key else None, sandbox=bool(sandbox), created_by=created_by, created_at=now,
+            message_id_header=message_id_for(p.sending_domain.domain),
+            headers_enc=enc(mt, "headers", message_id, json.dumps(p.headers)) if p.headers else None,
+            portal_enc=enc(mt, "portal", message_id, json.dumps(p.portal)) if p.portal else None,
+        ))
+        for attachment in p.attachments:
+            att_id = new_id()
+            dependents.append(MessageAttachment(
+                id=att_id, org_id=org_id, message_id=message_id, filename_enc=enc(at, "filename", att_id, attachment.filename),
+                content_type=attachment.content_type, content_enc=enc(at, "content", att_id, bytes(attachment.content)),
+                size=len(attachment.content), inline_cid=attachment.content_id,
+            ))
+        for kind, address in p.recipients:
+            rid = new_id()
+            recipients.append(MessageRecipient(
+                id=rid, org_id=org_id, message_id=message_id, kind=kind,
+                address_enc=enc(rt, "address", rid, address.addr_spec),
+                display_name_enc=enc(rt, "display_name", rid, address.display_name or None),
+                address_index=ring.blind_index(session, org_id, "email", address.addr_spec),
+                domain_index=ring.blind_index(session, org_id, "domain", address.domain),
+                status="queued", attempts=0, evidence={}, possible_duplicate=False, updated_at=now, enqueued_at=now,
+            ))
+    _link_contacts(session, org_id, recipients)
+    events = [MessageEvent(org_id=org_id, message_id=r.message_id, recipient_id=r.id, type="queued",
+                           details={"source": source, "sandbox": bool(sandbox)}, created_at=now) for r in recipients]
+    # In the order of the foreign keys (the models declare no relationships to sort by).
+    for batch in (messages, dependents + recipients, events):
+        session.add_all(batch)
+        session.flush()
+    for recipient, event in zip(recipients, events):  # message.queued to the organization's webhooks
+        domain_events.publish("message.recipient_event", session, recipient, event)
+    addresses = [address.addr_spec for p in prepared for _kind, address in p.recipients]
+    exclude_ineligible(session, messages, recipients, addresses)
+    return messages
+
+
+def exclude_ineligible(session: Session, messages: list[Message], recipients: list[MessageRecipient],
+                       addresses: list[str]) -> int:
+    """The eligibility check at acceptance (the pipeline checks again when it claims a
+    recipient). An ineligible recipient is still accepted — the message answers 202 — but is
+    ``excluded`` at once with the reason code, and never queued for delivery."""
+    from carepost.delivery import pipeline
+
+    by_id = {m.id: m for m in messages}
+    candidates = [
+        pipeline.Candidate(r.id, r.message_id, r.org_id, address, r.address_index, r.contact_id,
+                           by_id[r.message_id].purpose, by_id[r.message_id].source, by_id[r.message_id].contains_phi)
+        for r, address in zip(recipients, addresses)
+    ]
+    excluded = pipeline.eligibility(session, candidates) or {}
+    for recipient in recipients:
+        reason = excluded.get(recipient.id)
+        if reason:
+            recipient.status = "excluded"
+            recipient.reason = str(reason)[:200]
+            recipient.method = None
+            recipient.next_attempt_at = None
+            add_event(session, recipient, "excluded", reason=str(reason).split(":", 1)[0])
+    session.flush()
+    return len(excluded)
+
+
+def _mailbox_text(address: MailAddress) -> str:
+    return f"{address.display_name} <{address.addr_spec}>" if address.display_name else address.addr_spec
+
+
+def _link_contacts(session: Session, org_id: str, recipients: list[MessageRecipient]) -> None:
+    """Tie each recipient to the contact whose email has the same blind index (if any)."""
+    try:
+        from carepost.patients.service import contacts_by_index
+    except ImportError:
+        return
+    found = contacts_by_index(session, org_id, "email", [r.address_index for r in recipients])
+    for recipient in recipients:
+        recipient.contact_id = found.get(recipient.address_index)
+
+
+@dataclass
+class Accepted:
+    message: Message
+    created: bool  # False: an earlier request with the same Idempotency-Key
+
+
+def accept_message(session: Session, org_id: str, data, *, source: str, created_by: str | None, sandbox: bool = False,
+                   idempotency_key: str | None = None, prefix: str = "") -> Accepted:
+    """Check and store one message. With an Idempotency-Key the same request returns the
+    message stored the first time; a different request with the same key is a 409."""
+    key = check_idempotency_key(idempotency_key)
+    prepared = prepare_message(session, org_id, data, prefix=prefix)
+    if key is not None:
+        existing = find_idempotent(session, org_id, idempotency_hash(key))
+        if existing is not None:
+            if existing.request_hash != prepared.request_hash:
+                raise Conflict("This Idempotency-Key was used with a different request.", field="Idempotency-Key",
+                               code="idempotency_conflict")
+            return Accepted(existing, False)
+    return Accepted(store_message(session, org_id, prepared, source=source, created_by=created_by, sandbox=sandbox,
+                                  idempotency_key=key), True)
+
+
+def accept_batch(session: Session, org_id: str, messages: list, *, source: str, created_by: str | None,
+                 sandbox: bool = False) -> list[Message]:
+    """All or nothing: every message is checked first (the error names ``messages.<i>.<field>``),
+    then all are stored."""
+    org_settings = delivery_settings(session, org_id)
+    domain_cache: dict = {}
+    prepared = [prepare_message(session, org_id, m, prefix=f"messages.{i}.", org_settings=org_settings,
+                                domain_cache=domain_cache) for i, m in enumerate(messages)]
+    return store_messages(session, org_id, prepared, source=source, created_by=created_by, sandbox=sandbox)
+
+
+# --- reading messages ------------------------------------------------------------------------
+
+
+def get_message(session: Session, message_id: str) -> Message:
+    row = session.get(Message, message_id) if is_id(message_id) else None
+    if row is None or (session.info.get("org_id") and row.org_id != session.info["org_id"]):
+        raise NotFound("No such message.", field="message_id")
+    return row
+
+
+def recipient_address(session: Session, recipient: MessageRecipient) -> str:
+    return get_keyring().decrypt_text(session, recipient.org_id, MessageRecipient.__tablename__, "address",
+                                      recipient.id, recipient.address_enc)
+
+
+def _evidence_view(recipient: MessageRecipient, sandbox: bool) -> dict:
+    evidence = dict(recipient.evidence or {})
+    return {
+        "mx_host": evidence.get("mx_host"), "tls_version": evidence.get("tls_version"), "cipher": evidence.get("cipher"),
+        "cert_fingerprint": evidence.get("cert_fingerprint"), "cert_verified": bool(evidence.get("cert_verified")),
+        "mta_sts": evidence.get("mta_sts"), "relay": bool(evidence.get("relay")), "reply_code": evidence.get("reply_code"),
+        "key_fingerprint": recipient.key_fingerprint, "portal_message_id": recipient.portal_message_id,
+        "sandbox": bool(evidence.get("sandbox") or (sandbox and recipient.status != "queued")),
+    }
+
+
+def message_view(session: Session, message: Message, *, unmasked: bool) -> dict:
+    """The API shape of a message (``schemas.MessageOut``): per recipient the address (masked
+    unless ``unmasked``), status, method, reason, evidence and timestamped events."""
+    from carepost.patients.masking import mask_email
+
+    recipients = session.scalars(
+        select(MessageRecipient).where(MessageRecipient.message_id == message.id).order_by(MessageRecipient.id)
+    ).all()
+    events: dict[str, list[dict]] = {}
+    for event in session.scalars(
+        select(MessageEvent).where(MessageEvent.message_id == message.id).order_by(MessageEvent.created_at, MessageEvent.id)
+    ):
+        events.setdefault(event.recipient_id, []).append(
+            {"type": event.type, "at": clock.aware(event.created_at), "details": event.details or {}})
+    out = []
+    for r in recipients:
+        address = recipient_address(session, r)
+        out.append({
+            "address": address if unmasked else mask_email(address), "kind": r.kind, "status": r.status,
+            "method": r.method, "reason": r.reason, "possible_duplicate": bool(r.possible_duplicate),
+            "evidence": _evidence_view(r, message.sandbox), "events": events.get(r.id, []),
+        })
+    return {"id": message.id, "created_at": clock.aware(message.created_at), "purpose": message.purpose,
+            "security": message.security, "contains_phi": message.contains_phi, "recipients": out}
+
+
+def list_messages(session: Session, *, limit: int = 50, cursor: str | None = None, status: str | None = None,
+                  source: str | None = None) -> tuple[list[dict], str | None]:
+    """Newest first, for the API and the delivery log: per message the count of recipients by
+    status (no addresses, no content). ``cursor`` is the last id of the previous page."""
+    from sqlalchemy import func
+
+    q = select(Message).order_by(Message.created_at.desc(), Message.id.desc())
+    if cursor:
+        last = get_message(session, cursor)
+        q = q.where((Message.created_at < last.created_at) | ((Message.created_at == last.created_at) & (Message.id < last.id)))
+    if source:
+        q = q.where(Message.source == source)
+    if status:
+        q = q.where(Message.id.in_(select(MessageRecipient.message_id).where(MessageRecipient.status == status)))
+    rows = session.scalars(q.limit(limit + 1)).all()
+    page = rows[:limit]
+    counts: dict[str, dict[str, int]] = {m.id: {} for m in page}
+    if page:
+        for message_id, st, n in session.execute(
+            select(MessageRecipient.message_id, MessageRecipient.status, func.count())
+            .where(MessageRecipient.message_id.in_([m.id for m in page]))
+            .group_by(MessageRecipient.message_id, MessageRecipient.status)
+        ):
+            counts[message_id][st] = n
+    data = [{
+        "id": m.id, "created_at": clock.aware(m.created_at), "source": m.source, "purpose": m.purpose,
+        "security": m.security, "contains_phi": m.contains_phi, "sandbox": m.sandbox,
+        "recipients": sum(counts[m.id].values()), "statuses": counts[m.id],
+    } for m in page]
+    return data, (page[-1].id if len(rows) > limit else None)
+
+
+def sandbox_captures(session: Session, message_id: str) -> list[tuple[str, str, bytes]]:
+    """(recipient id, method, wire bytes) of what a sandbox message would have sent."""
+    from carepost.delivery.models import SandboxCapture
+
+    rows = session.scalars(select(SandboxCapture).where(SandboxCapture.message_id == message_id)
+                           .order_by(SandboxCapture.created_at)).all()
+    ring = get_keyring()
+    return [(r.recipient_id, r.method, ring.decrypt(session, r.org_id, SandboxCapture.__tablename__, "raw", r.id, r.raw_enc))
+            for r in rows]
