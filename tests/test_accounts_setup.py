@@ -97,17 +97,26 @@ def test_setup_form_needs_csrf(client, db, session):
     assert r.status_code == 403 and count(session, User) == 0
 
 
-def test_enrollment_link_from_users_page(client, org, make_user, session):
+def cli_enrollment_link(org, email: str, display_name: str = "") -> str:
+    """What ``carepost user create`` prints on the server console for a new person."""
+    from carepost.accounts.service import create_member
+
+    with system_session() as s:
+        _user, link = create_member(s, org.id, email=email, role="marketer", display_name=display_name,
+                                    base_url="http://localhost:8000")
+        s.commit()
+    return re.match(r"http://localhost:8000(/app/enroll/[\w-]+)$", link).group(1)
+
+
+def test_enrollment_link_from_the_server_cli(client, org, make_user, session):
     owner = make_user(org)
     csrf = login_client(client, owner)
-    r = client.post("/app/users", data={"email": "new.person@example.test", "role": "marketer", "display_name": "New Person",
-                                        "csrf_token": csrf})
-    assert r.status_code == 200
-    link = re.search(r'id="enrollment-link">http://localhost:8000(/app/enroll/[^<]+)<', r.text).group(1)
+    link = cli_enrollment_link(org, "new.person@example.test", "New Person")
     session.rollback()
     stored = session.scalar(select(OneTimeLink).where(OneTimeLink.purpose == "enrollment"))
     assert link.rsplit("/", 1)[1] not in stored.token_hash  # stored hashed
     assert "New Person" in client.get("/app/users").text and link not in client.get("/app/users").text  # shown once
+    assert csrf
 
     newcomer = type(client)(client.app, base_url="http://localhost:8000")
     page = newcomer.get(link)
@@ -126,9 +135,8 @@ def test_enrollment_link_from_users_page(client, org, make_user, session):
 
 def test_enrollment_link_expires(client, org, make_user):
     owner = make_user(org)
-    csrf = login_client(client, owner)
-    r = client.post("/app/users", data={"email": "late@example.test", "role": "analyst", "csrf_token": csrf})
-    link = re.search(r'id="enrollment-link">http://localhost:8000(/app/enroll/[^<]+)<', r.text).group(1)
+    login_client(client, owner)
+    link = cli_enrollment_link(org, "late@example.test")
     clock.advance(timedelta(hours=73))
     assert client.get(link).status_code == 410
 

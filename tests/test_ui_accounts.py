@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from datetime import timedelta
 
 import pytest
 
@@ -42,45 +41,6 @@ def make_person(role: str = "owner") -> TestUser:
         return TestUser(id=user.id, email=user.email, password=password, totp_secret=secret, org_id=org.id, role=role)
 
 
-def setup_path() -> str:
-    from carepost.accounts.models import OneTimeLink
-    from carepost.accounts.service import hash_token
-    from carepost.core import clock
-    from carepost.core.database import system_session
-
-    token = secrets.token_urlsafe(32)
-    with system_session() as s:
-        s.add(OneTimeLink(purpose="setup", token_hash=hash_token(token), expires_at=clock.now() + timedelta(hours=24)))
-        s.commit()
-    return f"/app/setup/{token}"
-
-
-def test_first_owner_setup_then_mfa_enrollment_then_dashboard(page):
-    page.goto(setup_path())
-    page.get_by_label("Organization name").fill("Harbor Family Practice")
-    page.get_by_label("Your name").fill("Olive Owner")
-    email = f"olive-{secrets.token_hex(3)}@harbor.test"
-    page.get_by_label("Your email address").fill(email)
-    page.get_by_label("Password").fill("short")
-    page.get_by_role("button", name="Create organization and owner").click()
-    error = page.locator("#password-error")
-    assert "at least 12" in error.inner_text()  # the error sits next to the field
-    page.get_by_label("Password").fill("Quiet-Harbor-Lamp-42")
-    page.get_by_role("button", name="Create organization and owner").click()
-    page.wait_for_url("**/app/mfa/enroll")
-    assert page.locator("img.qr").get_attribute("src").startswith("data:image/svg+xml")
-    page.screenshot(path="/tmp/ui-mfa-enroll.png", full_page=True)
-    secret = page.locator("#totp-secret").get_attribute("data-secret")
-    page.get_by_label("6-digit code").fill(mfa.totp_code(secret, int(time.time()) // mfa.TOTP_STEP))
-    page.get_by_role("button", name="Turn on two-step sign-in").click()
-    assert page.locator("#recovery-codes li").count() == 10
-    page.get_by_role("link", name=re.compile("continue")).click()
-    page.wait_for_url(re.compile(r".*/app$"))
-    assert page.get_by_test_id("current-org").inner_text() == "Harbor Family Practice"
-    assert email in page.locator(".topbar").inner_text()
-    page.screenshot(path="/tmp/ui-dashboard.png", full_page=True)
-
-
 def test_login_with_mfa(page):
     owner = make_person()
     page.goto("/app/login")
@@ -100,26 +60,84 @@ def test_login_with_mfa(page):
     page.wait_for_url(re.compile(r".*/app/login$"))
 
 
-def test_owner_adds_a_person(page):
+def _deliver_account_mail(org_id: str, mx) -> list:
+    """Run the delivery pipeline in this process on the account notices the server queued."""
+    import email
+    import email.policy
+
+    from sqlalchemy import select
+
+    from carepost.core.database import system_session
+    from carepost.delivery import pipeline
+    from carepost.delivery.models import Message
+
+    with system_session() as s:
+        ids = list(s.scalars(select(Message.id).where(Message.org_id == org_id,
+                                                      Message.created_by.like("system:account.%"))))
+    pipeline.reset()
+    pipeline.deliver(ids)
+    return [email.message_from_bytes(m.data, policy=email.policy.default) for m in mx.messages]
+
+
+def _sending_domain(org_id: str, domain: str) -> None:
+    from carepost.core.database import org_session
+    from carepost.delivery import service
+
+    with org_session(org_id) as s:
+        service.create_sending_domain(s, org_id, domain)
+        s.commit()
+
+
+def test_invitation_is_accepted_by_the_invitee_in_their_own_browser(page, delivery_env):
+    """Issue 9 item 1: the owner invites; the link reaches only the invitee's mailbox; the invitee
+    chooses their own password and second factor; a second organization's invitation is accepted
+    by the same person while signed in as themselves."""
+    from carepost.accounts.service import invite_member
+    from carepost.core.database import system_session
+
+    mx = delivery_env.mx["valid"].recorder
     owner = make_person()
+    _sending_domain(owner.org_id, f"c{secrets.token_hex(3)}.example")
+    invitee = f"dr.smith-{secrets.token_hex(3)}@valid.test"
     ui_login(page, owner)
     page.get_by_role("link", name="Users").click()
     page.wait_for_url("**/app/users")
-    page.get_by_label("Email address").fill("new.marketer@example.test")
-    page.get_by_label("Name", exact=True).fill("Nia Marketer")
+    page.get_by_label("Email address").fill(invitee)
+    page.get_by_label("Name", exact=True).fill("Dr Smith")
     page.get_by_label("Role", exact=True).select_option("marketer")
     page.get_by_role("button", name="Add person").click()
-    link = page.locator("#enrollment-link").inner_text()
-    assert re.match(r"^http://localhost:\d+/app/enroll/[\w-]+$", link)
-    row = page.locator("tr", has_text="new.marketer@example.test")
-    assert "invited" in row.inner_text()
-    assert row.locator("select").input_value() == "marketer"
-    page.screenshot(path="/tmp/ui-users.png", full_page=True)
-    # The newcomer opens the link in their own browser session and chooses a password.
+    assert f"Invitation emailed to {invitee}" in page.get_by_role("status").first.inner_text()
+    assert invitee in page.locator("#invitations-h").locator("..").inner_text()
+    assert "/app/invite/" not in page.content() and "/app/enroll/" not in page.content()
+    page.screenshot(path="/tmp/ui-users-invited.png", full_page=True)
+    [mail] = _deliver_account_mail(owner.org_id, mx)
+    assert mail["To"] == invitee
+    link = re.search(r"http://localhost:\d+(/app/invite/[\w-]+)", mail.get_body(("plain",)).get_content()).group(1)
+    # The invitee, in their own browser, chooses a password and a second factor.
     context = page.context.browser.new_context(base_url=page.url.split("/app")[0])
     newcomer = context.new_page()
     newcomer.goto(link)
     newcomer.get_by_label("Password").fill("Copper-Meadow-Violin-8")
     newcomer.get_by_role("button", name="Set password").click()
     newcomer.wait_for_url("**/app/mfa/enroll")
+    secret = newcomer.locator("#totp-secret").get_attribute("data-secret")
+    newcomer.get_by_label("6-digit code").fill(mfa.totp_code(secret, int(time.time()) // mfa.TOTP_STEP))
+    newcomer.get_by_role("button", name="Turn on two-step sign-in").click()
+    newcomer.get_by_role("link", name=re.compile("continue")).click()
+    newcomer.wait_for_url(re.compile(r".*/app$"))
+    # A second organization invites the same person: they accept it themselves, signed in.
+    other = make_person()
+    _sending_domain(other.org_id, f"d{secrets.token_hex(3)}.example")
+    mx.reset()
+    with system_session() as s:
+        invite_member(s, other.org_id, email=invitee, role="analyst", base_url=page.url.split("/app")[0])
+        s.commit()
+    [mail] = _deliver_account_mail(other.org_id, mx)
+    link = re.search(r"http://localhost:\d+(/app/invite/[\w-]+)", mail.get_body(("plain",)).get_content()).group(1)
+    newcomer.goto(link)
+    assert "Accept invitation" in newcomer.content()
+    newcomer.screenshot(path="/tmp/ui-invitation-accept.png", full_page=True)
+    newcomer.get_by_role("button", name="Accept invitation").click()
+    newcomer.wait_for_url(re.compile(r".*/app$"))
+    assert newcomer.get_by_test_id("current-org").inner_text().startswith("Clinic ")
     context.close()

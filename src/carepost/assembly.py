@@ -160,10 +160,12 @@ def _fill_ports() -> None:
 def _wire_events() -> None:
     from carepost.consent import service as consent
     from carepost.core import events
+    from carepost.delivery import notices
     from carepost.tracking import service as tracking
 
     events.subscribe("organization.created", consent.ensure_default_texts)
     events.subscribe("message.recipient_event", tracking.emit_message_event)
+    events.subscribe("account.notice", notices.handle_account_notice)
 
 
 def _wire_registries() -> None:

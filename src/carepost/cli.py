@@ -341,6 +341,9 @@ def user_create(
         except CarePostError as exc:
             fail(f"{exc.field}: {exc.message}" if exc.field else exc.message)
         session.commit()
+        if link is None and password is None:
+            console.print(f"{user.email} already has an account: an invitation was emailed; they join by accepting it.")
+            return
         console.print(f"Added {user.email} to {organization.slug} as {role} (user id {user.id}).")
         if link:
             console.print("Send them this one-time enrollment link (shown once) to choose a password and set up MFA:")
@@ -367,6 +370,30 @@ def user_list(org: str = typer.Option(..., "--org", help="Organization slug or i
             table.add_row(user.email, user.display_name, membership.role, status,
                           "on" if user.totp_confirmed_at else "off", user.id)
         console.print(table)
+
+
+@user_app.command("reset-mfa")
+def user_reset_mfa(email: str = typer.Option(..., "--email", help="The person's email address.")) -> None:
+    """Remove every second factor of a person (TOTP, security keys, recovery codes) and end their
+    sessions; they set up a new one at the next sign-in. Run on the server only; audited in each
+    of their organizations."""
+    from sqlalchemy import select
+
+    from carepost.accounts.models import User
+    from carepost.accounts.service import normalize_email, reset_mfa
+    from carepost.core.database import system_session
+    from carepost.core.errors import CarePostError
+
+    with system_session() as session:
+        try:
+            user = session.scalar(select(User).where(User.email == normalize_email(email)))
+        except CarePostError as exc:
+            fail(f"{exc.field}: {exc.message}" if exc.field else exc.message)
+        if user is None:
+            fail("email: no person with this email address.")
+        reset_mfa(session, user, reason="cli", audit={"actor_type": "system", "actor_id": "cli"})
+        session.commit()
+        console.print(f"Second factor of {user.email} reset; they set up a new one at their next sign-in.")
 
 
 # --------------------------------------------------------------------------- API credentials

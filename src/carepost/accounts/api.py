@@ -41,8 +41,11 @@ class PersonCreate(_BaseModel):
     display_name: str = _Field("", max_length=200)
 
 
-class PersonCreated(PersonOut):
-    enrollment_link: str | None = _Field(description="One-time link for a new person, shown only in this response")
+class Invitation(_BaseModel):
+    id: str = _Field(description="The invited person's id")
+    email: str
+    role: str
+    status: str = _Field(description="invited: the one-time link was emailed to the person; they join by accepting it")
 
 
 class PersonPatch(_BaseModel):
@@ -74,16 +77,33 @@ def api_get_user(user_id: str, request: _Request, principal: _Principal = _Depen
     return _person(*_people.get_member(request.state.db, principal.org_id, user_id))
 
 
-@router.post("/users", response_model=PersonCreated, status_code=201, summary="Add a person (returns a one-time enrollment link)")
+@router.post("/users", response_model=Invitation, status_code=202,
+             summary="Invite a person (the one-time link goes to their own mailbox)")
 def api_create_user(body: PersonCreate, request: _Request,
                     principal: _Principal = _Depends(_require(_Permission.USERS_MANAGE))):
+    """Issue 9 item 1: the caller never receives the link, a password or a second factor; the
+    person joins the organization only when they accept the emailed invitation themselves."""
     session = request.state.db
-    user, link = _people.create_member(session, principal.org_id, email=body.email, role=body.role,
-                                       display_name=body.display_name, base_url=_get_settings().base_url,
-                                       actor_role=principal.role, audit=_who(principal, request))
+    user = _people.invite_member(session, principal.org_id, email=body.email, role=body.role,
+                                 display_name=body.display_name, base_url=_get_settings().base_url,
+                                 actor_role=principal.role, audit=_who(principal, request))
     session.commit()
-    _, membership = _people.get_member(session, principal.org_id, user.id)
-    return _JSONResponse(PersonCreated(**_person(user, membership), enrollment_link=link).model_dump(mode="json"), status_code=201)
+    return _JSONResponse(Invitation(id=user.id, email=user.email, role=body.role, status="invited").model_dump(),
+                         status_code=202)
+
+
+class MfaResetOut(_BaseModel):
+    reset: bool = _Field(description="True once owners of every organization of the person approved: factors removed")
+
+
+@router.post("/users/{user_id}/mfa-reset", response_model=MfaResetOut,
+             summary="Approve resetting a person's second factor (owners of every organization of the person)")
+def api_mfa_reset(user_id: str, request: _Request, principal: _Principal = _Depends(_require(_Permission.USERS_MANAGE))):
+    session = request.state.db
+    done = _people.approve_mfa_reset(session, principal.org_id, user_id, actor_id=principal.actor_id,
+                                     actor_role=principal.role, audit=_who(principal, request))
+    session.commit()
+    return MfaResetOut(reset=done)
 
 
 @router.patch("/users/{user_id}", response_model=PersonOut, summary="Change a person's role")

@@ -154,7 +154,7 @@ class OneTimeLink(Base):
     __tablename__ = "one_time_links"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
-    purpose: Mapped[str] = mapped_column(String(20))  # setup | enrollment
+    purpose: Mapped[str] = mapped_column(String(20))  # setup | enrollment | invitation | password_reset
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     org_id: Mapped[str | None] = mapped_column(String(32), ForeignKey("organizations.id", ondelete="CASCADE"))
     user_id: Mapped[str | None] = mapped_column(String(32), ForeignKey("users.id", ondelete="CASCADE"))
@@ -162,3 +162,18 @@ class OneTimeLink(Base):
     created_at: Mapped[datetime] = mapped_column(default=clock.now)
     expires_at: Mapped[datetime]
     used_at: Mapped[datetime | None]
+
+
+class MfaResetApproval(Base):
+    """One owner's approval to reset a person's second factor (issue 9 item 1). The reset
+    happens only when an owner of every organization the person belongs to has approved within
+    a day — no single organization can take over a person shared with another."""
+
+    __tablename__ = "mfa_reset_approvals"
+    __table_args__ = (UniqueConstraint("user_id", "org_id"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(String(32), ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    org_id: Mapped[str] = mapped_column(String(32), ForeignKey("organizations.id", ondelete="CASCADE"))
+    approved_by: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(default=clock.now)

@@ -364,6 +364,144 @@ def enroll_submit(token: str, request: Request, display_name: str = Form(""), pa
     return _after_password(session, user, request)
 
 
+# ----- invitations and password reset (issue 9 item 1)
+
+
+def _invitation_ctx(session: Session, link, token: str) -> dict:
+    from carepost.accounts.models import Organization
+
+    org = session.get(Organization, link.org_id)
+    user = session.get(User, link.user_id)
+    return {"token": token, "org_name": org.name if org else "", "email": user.email if user else "",
+            "role_label": ROLE_LABELS.get(link.role or "", link.role or ""), "errors": {}}
+
+
+def _invitation_view(request: Request, session: Session, token: str, link, *, errors: dict | None = None,
+                     status_code: int = 200):
+    """A new person chooses a password; an existing account holder accepts while signed in as
+    themselves (second factor done); anyone else is told to sign in or sign out."""
+    user = session.get(User, link.user_id)
+    if user is not None and user.password_hash is None:
+        return _public_page(request, "accounts/enroll.html", {
+            "errors": errors or {}, "token": token, "email": user.email, "display_name": user.display_name,
+            "action": f"/app/invite/{token}"}, status_code)
+    ctx = _invitation_ctx(session, link, token)
+    ws = web_sessions.session_from_request(request, session)
+    if ws is None or ws.mfa_verified_at is None:
+        state = "sign_in"
+    elif ws.user_id != link.user_id:
+        state, status_code = "other_account", 403
+    else:
+        state = "accept"
+    return _public_page(request, "accounts/invitation.html", {**ctx, "state": state, "errors": errors or {}}, status_code)
+
+
+@router.get("/invite/{token}")
+def invitation_page(token: str, request: Request, session: Session = Depends(db_session),
+                    _=Depends(public("invitation: the one-time link sent to the invitee's mailbox"))):
+    session.info["scope"] = "system"
+    try:
+        link = accounts_service.find_link(session, token, "invitation")
+    except CarePostError as exc:
+        return _link_error_page(request, session, exc, "invitation")
+    return _invitation_view(request, session, token, link)
+
+
+@router.post("/invite/{token}")
+def invitation_accept(token: str, request: Request, display_name: str = Form(""), password: str | None = Form(None),
+                      csrf_token: str = Form(""), session: Session = Depends(db_session),
+                      _=Depends(public("invitation: the one-time link sent to the invitee's mailbox"))):
+    session.info["scope"] = "system"
+    try:
+        link = accounts_service.find_link(session, token, "invitation")
+    except CarePostError as exc:
+        return _link_error_page(request, session, exc, "invitation")
+    if not web_sessions.pre_auth_csrf_ok(request, csrf_token):
+        return _invitation_view(request, session, token, link, errors={"form": "The form expired. Please try again."},
+                                status_code=403)
+    user = session.get(User, link.user_id)
+    new_person = user is not None and user.password_hash is None
+    ws = web_sessions.session_from_request(request, session)
+    if new_person:
+        signed_in_as = user.id  # the link itself, from the person's own mailbox, proves who they are
+    else:
+        signed_in_as = ws.user_id if ws is not None and ws.mfa_verified_at is not None else None
+    try:
+        membership = accounts_service.accept_invitation(
+            session, link, user_id=signed_in_as or "", password=password if new_person else None,
+            display_name=display_name, audit=request_context(request))
+    except CarePostError as exc:
+        session.rollback()
+        return _invitation_view(request, session, token, link, errors=_errors(exc), status_code=exc.status_code)
+    if new_person:
+        return _after_password(session, user, request)
+    ws.org_id = membership.org_id
+    ws.state = {}
+    session.commit()
+    return _see_other("/app")
+
+
+@router.get("/password-reset")
+def password_reset_page(request: Request, _=Depends(public("password reset request form"))):
+    return _public_page(request, "accounts/password_reset.html", {"errors": {}, "email": "", "token": None})
+
+
+@router.post("/password-reset")
+def password_reset_request(request: Request, email: str = Form(""), csrf_token: str = Form(""),
+                           session: Session = Depends(db_session), _=Depends(public("password reset request"))):
+    session.info["scope"] = "system"
+    ctx = {"errors": {}, "email": email[:320], "token": None}
+    if not web_sessions.pre_auth_csrf_ok(request, csrf_token):
+        return _public_page(request, "accounts/password_reset.html",
+                            {**ctx, "errors": {"form": "The form expired. Please try again."}}, 403)
+    try:
+        web_sessions.check_ip_throttle(session, request)
+        web_sessions.count_ip_failure(session, request)  # each request counts: no mail bombing
+        accounts_service.request_password_reset(session, email, get_settings().base_url,
+                                                audit={"actor_type": "anonymous", "actor_id": None,
+                                                       **request_context(request)})
+    except RateLimited as exc:
+        session.rollback()
+        return _public_page(request, "accounts/password_reset.html", {**ctx, "errors": {"form": exc.message}}, 429)
+    except CarePostError as exc:
+        session.rollback()
+        return _public_page(request, "accounts/password_reset.html", {**ctx, "errors": _errors(exc)}, exc.status_code)
+    session.commit()
+    return _public_page(request, "accounts/password_reset.html", {**ctx, "sent": True})
+
+
+@router.get("/password-reset/{token}")
+def password_reset_form(token: str, request: Request, session: Session = Depends(db_session),
+                        _=Depends(public("password reset: the one-time link sent to the person's mailbox"))):
+    session.info["scope"] = "system"
+    try:
+        accounts_service.find_link(session, token, "password_reset")
+    except CarePostError as exc:
+        return _link_error_page(request, session, exc, "password_reset")
+    return _public_page(request, "accounts/password_reset.html", {"errors": {}, "email": "", "token": token})
+
+
+@router.post("/password-reset/{token}")
+def password_reset_submit(token: str, request: Request, password: str = Form(""), csrf_token: str = Form(""),
+                          session: Session = Depends(db_session),
+                          _=Depends(public("password reset: the one-time link sent to the person's mailbox"))):
+    session.info["scope"] = "system"
+    try:
+        link = accounts_service.find_link(session, token, "password_reset")
+    except CarePostError as exc:
+        return _link_error_page(request, session, exc, "password_reset")
+    ctx = {"errors": {}, "email": "", "token": token}
+    if not web_sessions.pre_auth_csrf_ok(request, csrf_token):
+        return _public_page(request, "accounts/password_reset.html", {**ctx, "errors": {"form": "The form expired."}}, 403)
+    try:
+        user = accounts_service.complete_password_reset(session, link, password, audit=request_context(request))
+    except CarePostError as exc:
+        session.rollback()
+        return _public_page(request, "accounts/password_reset.html", {**ctx, "errors": _errors(exc)}, exc.status_code)
+    # A fresh session that still needs the second factor (or its enrollment if it was reset).
+    return _after_password(session, user, request)
+
+
 # ----- organization switch
 
 
@@ -502,6 +640,9 @@ def _users_page(request: Request, principal: Principal, *, errors: dict | None =
         "members": members, "roles": [(r, ROLE_LABELS.get(r, r)) for r in ROLES],
         "can_manage": principal.can(Permission.USERS_MANAGE), "errors": errors or {}, "form": form or {},
         "new_link": new_link, "notice": notice, "link_hours": get_settings().enrollment_link_hours,
+        "invitations": [{"email": u.email, "role_label": ROLE_LABELS.get(link.role or "", link.role),
+                         "expires_at": clock.aware(link.expires_at)}
+                        for u, link in accounts_service.pending_invitations(session, principal.org_id)],
     }, status_code=status_code)
 
 
@@ -516,15 +657,16 @@ def users_create(request: Request, email: str = Form(""), role: str = Form(""), 
     session = request.state.db
     form = {"email": email[:320], "role": role[:40], "display_name": display_name[:200]}
     try:
-        user, link = accounts_service.create_member(
+        # Issue 9 item 1: the invitation goes to the person's own mailbox; the admin never sees
+        # the link, and the person joins only by accepting it.
+        user = accounts_service.invite_member(
             session, principal.org_id, email=email, role=role, display_name=display_name,
             base_url=get_settings().base_url, actor_role=principal.role, audit=_audit_kw(principal, request))
     except CarePostError as exc:
         session.rollback()
         return _users_page(request, principal, errors=_errors(exc), form=form, status_code=exc.status_code)
     session.commit()
-    notice = None if link else f"{user.email} already has an account and was added to this organization."
-    return _users_page(request, principal, new_link=link, notice=notice)
+    return _users_page(request, principal, notice=f"Invitation emailed to {user.email}. They join once they accept it.")
 
 
 @router.post("/users/{user_id}/role")

@@ -218,10 +218,11 @@ def create_enrollment_link(session: Session, user: User, org_id: str, role: str,
 def create_member(session: Session, org_id: str, *, email: str, role: str, display_name: str = "",
                   password: str | None = None, base_url: str, actor_role: str | None = None,
                   audit: dict | None = None) -> tuple[User, str | None]:
-    """Add a person to the organization. Returns (user, enrollment link or None).
+    """Add a person on the server (``carepost user create``). Returns (user, enrollment link or None).
 
-    A new person gets an enrollment link (shown once) unless a password is given (CLI
-    ``--password-stdin``). Someone who already has an account elsewhere is simply added.
+    A new person gets an enrollment link printed on the server console (shown once) unless a
+    password is given (``--password-stdin``). Someone who already has an account is invited
+    (:func:`invite_member`) and joins only by accepting. The API and the UI always invite.
     """
     from carepost.accounts.passwords import hash_password, validate_password
 
@@ -243,11 +244,13 @@ def create_member(session: Session, org_id: str, *, email: str, role: str, displ
                     password_changed_at=clock.now() if password is not None else None)
         session.add(user)
         session.flush()
-        created = True
     else:
-        created = False
         if password is not None:
             raise Conflict("This person already has an account; add them without a password.", field="email")
+        # Issue 9 item 1: an existing account holder accepts each new membership themselves.
+        return invite_member(session, org_id, email=email, role=role, display_name=display_name, base_url=base_url,
+                             actor_role=actor_role, audit=audit), None
+    created = True
     add_membership(session, org_id, user, role)
     if not user.is_active:
         user.is_active = True
@@ -343,6 +346,240 @@ def remove_member(session: Session, org_id: str, user_id: str, *, actor_role: st
     ) or 0
     if not others:
         user.is_active = False
+        forget_credentials(session, user)
     _record(audit, session=session, org_id=org_id, action="membership.remove", target_type="user", target_id=user.id,
             details={"role": membership.role, "deactivated": not others})
     return user
+
+
+# --------------------------------------------------------------------------- invitations and recovery
+# Issue 9 item 1. Accounts are global by email, so whoever can add a membership or learn a
+# credential of a person could act as that person in every organization they belong to. Hence:
+# an invitation reaches the invitee's own mailbox (``account.notice``, delivered by a higher
+# capability over the organization's protected mail) and is never shown to the inviting admin;
+# the membership exists only once the invitee accepts it — a new person by choosing their own
+# password (then their own second factor), an existing account holder while signed in as
+# themselves; recovery is by emailed link (the second factor still required) or by owners of
+# every organization of the person; a person with no organization left loses every credential.
+
+INVITATION_HOURS_DEFAULT = 72
+
+
+def _notify(session: Session, kind: str, *, org_id: str | None, user_id: str, **kwargs) -> bool:
+    """Publish ``account.notice``; True when a handler queued the email."""
+    return any(result is not None for result in events.publish("account.notice", session, kind, org_id=org_id,
+                                                                  user_id=user_id, **kwargs))
+
+
+def _new_link(session: Session, purpose: str, *, user_id: str, org_id: str | None, role: str | None,
+              hours: int) -> str:
+    """A fresh one-time link of ``purpose`` for the person (earlier unused ones of the same
+    purpose and organization stop working); the token, shown nowhere but in the email."""
+    query = select(OneTimeLink).where(OneTimeLink.purpose == purpose, OneTimeLink.user_id == user_id,
+                                      OneTimeLink.used_at.is_(None))
+    if org_id is not None:
+        query = query.where(OneTimeLink.org_id == org_id)
+    for old in session.scalars(query):
+        old.used_at = clock.now()
+    token = secrets.token_urlsafe(32)
+    session.add(OneTimeLink(purpose=purpose, token_hash=hash_token(token), org_id=org_id, user_id=user_id, role=role,
+                            expires_at=clock.now() + timedelta(hours=hours)))
+    session.flush()
+    return token
+
+
+def invite_member(session: Session, org_id: str, *, email: str, role: str, display_name: str = "", base_url: str,
+                  actor_role: str | None = None, audit: dict | None = None) -> User:
+    """Invite a person: a one-time link goes to their own mailbox; nothing is returned to the
+    caller but the (pending) person. No membership exists until they accept."""
+    from carepost.core.config import get_settings
+    from carepost.core.errors import PermissionDenied
+
+    email = normalize_email(email)
+    role = _role(role)
+    display_name = _display_name(display_name)
+    if role == "owner" and actor_role not in (None, "owner"):
+        raise PermissionDenied("Only an owner can add another owner.", code="owner_required")
+    user = session.scalar(select(User).where(User.email == email))
+    created = user is None
+    if user is None:
+        user = User(email=email, display_name=display_name, password_hash=None, is_active=True)
+        session.add(user)
+        session.flush()
+    elif session.scalar(select(Membership.id).where(Membership.user_id == user.id, Membership.org_id == org_id)):
+        raise Conflict("This person already belongs to the organization.", field="email")
+    token = _new_link(session, "invitation", user_id=user.id, org_id=org_id, role=role,
+                      hours=get_settings().enrollment_link_hours)
+    if not _notify(session, "invitation", org_id=org_id, user_id=user.id, role=role,
+                   link=f"{base_url}/app/invite/{token}"):
+        raise Conflict("Invitations are emailed to the person: add a sending domain to the organization first.",
+                       field="email", code="no_sending_domain")
+    _record(audit, session=session, org_id=org_id, action="membership.invite", target_type="user", target_id=user.id,
+            details={"role": role, "new_account": created})
+    return user
+
+
+def pending_invitations(session: Session, org_id: str) -> list[tuple[User, OneTimeLink]]:
+    rows = session.execute(
+        select(User, OneTimeLink).join(OneTimeLink, OneTimeLink.user_id == User.id)
+        .where(OneTimeLink.purpose == "invitation", OneTimeLink.org_id == org_id, OneTimeLink.used_at.is_(None),
+               OneTimeLink.expires_at > clock.now())
+        .order_by(User.email)
+    ).all()
+    return [(u, link) for u, link in rows]
+
+
+def accept_invitation(session: Session, link: OneTimeLink, *, user_id: str, password: str | None = None,
+                      display_name: str | None = None, audit: dict | None = None) -> Membership:
+    """The invitee accepts: ``user_id`` is who is signed in (an existing account holder) or the
+    link's own person choosing a first password (``password``). Anyone else is refused."""
+    from carepost.accounts.passwords import hash_password, validate_password
+    from carepost.core.errors import PermissionDenied
+
+    user = session.get(User, link.user_id) if link.user_id else None
+    if user is None or link.org_id is None:
+        raise NotFound("This link is not valid. Check that you copied all of it.", field="token")
+    if user_id != user.id:
+        raise PermissionDenied("This invitation is for another account. Sign out and open the link again.",
+                               field="token", code="wrong_account")
+    if password is not None:
+        if user.password_hash is not None:
+            raise Conflict("You already have an account: sign in, then open the link again.", field="password")
+        if display_name is not None and display_name.strip():
+            user.display_name = _display_name(display_name)
+        org = session.get(Organization, link.org_id)
+        validate_password(password, email=user.email, org_name=org.name if org else None, display_name=user.display_name)
+        user.password_hash = hash_password(password)
+        user.password_changed_at = clock.now()
+    elif user.password_hash is None:
+        raise ValidationFailed("Choose a password.", field="password")
+    user.is_active = True
+    membership = add_membership(session, link.org_id, user, _role(link.role or "read_only"))
+    link.used_at = clock.now()
+    _record(audit, session=session, org_id=link.org_id, actor_type="user", actor_id=user.id, action="membership.accept",
+            target_type="user", target_id=user.id, details={"role": membership.role})
+    return membership
+
+
+def request_password_reset(session: Session, email: str, base_url: str, *, audit: dict | None = None) -> None:
+    """Email a one-time reset link to the person, if the address has an active account with an
+    organization. Answers the same either way (no account enumeration)."""
+    from carepost.core.config import get_settings
+
+    try:
+        email = normalize_email(email)
+    except ValidationFailed:
+        raise
+    user = session.scalar(select(User).where(User.email == email, User.is_active.is_(True)))
+    if user is None or user.password_hash is None:
+        return
+    orgs = organizations_of_user(session, user.id)
+    if not orgs:
+        return
+    token = _new_link(session, "password_reset", user_id=user.id, org_id=None, role=None,
+                      hours=max(1, min(24, get_settings().enrollment_link_hours)))
+    link = f"{base_url}/app/password-reset/{token}"
+    sent = False
+    for org, _role_name in orgs:  # the first organization that can send mail
+        if _notify(session, "password_reset", org_id=org.id, user_id=user.id, link=link):
+            sent = True
+            break
+    _record(audit, session=session, org_id=orgs[0][0].id, actor_type="anonymous", actor_id=None,
+            action="auth.password_reset_request", target_type="user", target_id=user.id, details={"sent": sent})
+
+
+def complete_password_reset(session: Session, link: OneTimeLink, password: str, *, audit: dict | None = None) -> User:
+    """A new password from the emailed link. Sessions end; the second factor stays required."""
+    from carepost.accounts.passwords import hash_password, validate_password
+    from carepost.accounts.sessions import revoke_user_sessions
+
+    user = session.get(User, link.user_id) if link.user_id else None
+    if user is None or not user.is_active:
+        raise NotFound("This link is not valid. Check that you copied all of it.", field="token")
+    validate_password(password, email=user.email, display_name=user.display_name)
+    user.password_hash = hash_password(password)
+    user.password_changed_at = clock.now()
+    user.failed_logins = 0
+    user.locked_until = None
+    link.used_at = clock.now()
+    revoke_user_sessions(session, user.id)
+    for org, _r in organizations_of_user(session, user.id):
+        _record(audit, session=session, org_id=org.id, actor_type="user", actor_id=user.id,
+                action="auth.password_reset", target_type="user", target_id=user.id)
+    return user
+
+
+def _clear_second_factor(session: Session, user: User) -> None:
+    from carepost.accounts.mfa import RecoveryCode
+    from carepost.accounts.models import WebAuthnCredential
+
+    user.totp_secret = None
+    user.totp_confirmed_at = None
+    user.totp_last_step = None
+    for row in session.scalars(select(WebAuthnCredential).where(WebAuthnCredential.user_id == user.id)):
+        session.delete(row)
+    for row in session.scalars(select(RecoveryCode).where(RecoveryCode.user_id == user.id)):
+        session.delete(row)
+
+
+def reset_mfa(session: Session, user: User, *, reason: str, audit: dict | None = None) -> None:
+    """Remove every second factor of the person and end their sessions; audited in each of
+    their organizations. At the next sign-in they set up a new factor."""
+    from carepost.accounts.models import MfaResetApproval
+    from carepost.accounts.sessions import revoke_user_sessions
+
+    _clear_second_factor(session, user)
+    revoke_user_sessions(session, user.id)
+    for row in session.scalars(select(MfaResetApproval).where(MfaResetApproval.user_id == user.id)
+                               .execution_options(**ALL_ORGANIZATIONS)):
+        session.delete(row)
+    orgs = organizations_of_user(session, user.id)
+    for org, _r in orgs:
+        _record(audit, session=session, org_id=org.id, action="auth.mfa_reset", target_type="user", target_id=user.id,
+                details={"by": reason})
+    if orgs:
+        _notify(session, "mfa_reset", org_id=orgs[0][0].id, user_id=user.id)
+
+
+def approve_mfa_reset(session: Session, org_id: str, user_id: str, *, actor_id: str, actor_role: str | None,
+                      audit: dict | None = None) -> bool:
+    """An owner of ``org_id`` approves resetting the person's second factor. The reset happens
+    when an owner of every organization the person belongs to has approved within a day; True
+    then. One organization alone cannot take over a person it shares with another."""
+    from carepost.accounts.models import MfaResetApproval
+    from carepost.core.errors import PermissionDenied
+
+    if actor_role != "owner":
+        raise PermissionDenied("Only an owner can approve a second-factor reset.", code="owner_required")
+    user, _m = get_member(session, org_id, user_id)
+    if user.id == actor_id:
+        raise PermissionDenied("You cannot reset your own second factor; ask another owner.", code="not_self")
+    existing = session.scalar(select(MfaResetApproval).where(MfaResetApproval.user_id == user.id,
+                                                             MfaResetApproval.org_id == org_id))
+    if existing is None:
+        session.add(MfaResetApproval(user_id=user.id, org_id=org_id, approved_by=actor_id))
+    else:
+        existing.approved_by, existing.created_at = actor_id, clock.now()
+    session.flush()
+    _record(audit, session=session, org_id=org_id, action="auth.mfa_reset_approve", target_type="user", target_id=user.id)
+    since = clock.now() - timedelta(days=1)
+    approved = set(session.scalars(select(MfaResetApproval.org_id).where(
+        MfaResetApproval.user_id == user.id, MfaResetApproval.created_at >= since).execution_options(**ALL_ORGANIZATIONS)))
+    needed = {org.id for org, _r in organizations_of_user(session, user.id)}
+    if needed <= approved:
+        reset_mfa(session, user, reason="owners", audit=audit)
+        return True
+    return False
+
+
+def forget_credentials(session: Session, user: User) -> None:
+    """A person with no organization left keeps nothing to sign in with: a later invitation
+    starts from a new password and a new second factor (no old session, key or factor revives)."""
+    from carepost.accounts.sessions import revoke_user_sessions
+
+    user.password_hash = None
+    user.password_changed_at = None
+    _clear_second_factor(session, user)
+    revoke_user_sessions(session, user.id)
+    for link in session.scalars(select(OneTimeLink).where(OneTimeLink.user_id == user.id, OneTimeLink.used_at.is_(None))):
+        link.used_at = clock.now()
