@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 
 # Debian packages: Chromium for the UI tests (Playwright drives the system browser), gpg and
 # openssl to prove PGP and S/MIME output decrypts, PostgreSQL and Redis for the scale-out backends.
-DEBIAN_TEST_PACKAGES := chromium gnupg openssl postgresql redis-server
+DEBIAN_TEST_PACKAGES := chromium gnupg openssl postgresql redis-server unbound nsd ldnsutils
 
 .PHONY: help run test test-deps install clean-venv
 

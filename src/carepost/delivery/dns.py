@@ -6,6 +6,14 @@ run), and ``CAREPOST_MX_OVERRIDES`` routes a recipient domain to a host name, an
 port without DNS at all — the certificate is still checked against the host name, so the real
 delivery path runs against local servers.
 
+DNSSEC. Queries ask for DNSSEC data (the DO bit) and read the AD bit of the answer: "this
+answer was validated". CarePost does not validate signatures itself; it relies on a validating
+resolver, and believes the AD bit only from a resolver on the loopback interface (a validating
+resolver such as Debian's ``unbound`` on the same host, RFC 7672 section 2.1.1) — an AD bit
+that crossed a network could have been set by anyone on the path. :func:`lookup_tlsa` returns
+TLSA records (RFC 6698) only when the MX RRset, the host's address records and the TLSA RRset
+are all validated: that is when DANE (RFC 7672) applies.
+
 Failures are split the way SMTP needs them: a *permanent* answer (the domain does not exist,
 publishes a null MX, or names no reachable host) bounces the message; a *temporary* one
 (timeout, SERVFAIL) is retried later.
@@ -18,6 +26,7 @@ from dataclasses import dataclass
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
@@ -43,6 +52,18 @@ class MxTarget:
     port: int
     address: str | None = None  # fixed by an override; else resolved at connect time
     overridden: bool = False
+    dnssec: bool = False  # the MX RRset naming this host was DNSSEC-validated (AD from a trusted resolver)
+    tlsa: tuple = ()  # usable DANE TLSA records (Tlsa) found for this host: TLS is then authenticated by them
+
+
+@dataclass(frozen=True)
+class Tlsa:
+    """One TLSA record (RFC 6698): certificate usage, selector, matching type, association data."""
+
+    usage: int
+    selector: int
+    mtype: int
+    data: bytes
 
 
 def _split_host_port(text: str, default_port: int, what: str) -> tuple[str, int]:
@@ -118,6 +139,7 @@ def make_resolver(settings: Settings | None = None) -> dns.asyncresolver.Resolve
         resolver = dns.asyncresolver.Resolver()
     resolver.lifetime = settings.dns_timeout
     resolver.timeout = min(settings.dns_timeout, 2.0)
+    resolver.use_edns(0, dns.flags.DO, 1232)  # ask for DNSSEC data, so a validating resolver sets AD
     resolver.cache = dns.resolver.Cache()  # honours each answer's TTL
     return resolver
 
@@ -135,6 +157,18 @@ def resolver() -> dns.asyncresolver.Resolver:
     return _resolvers[key]
 
 
+def ad_trusted(res: dns.asyncresolver.Resolver | None = None) -> bool:
+    """Is the resolver's AD bit believable? Only when every nameserver is on the loopback interface."""
+    res = res or resolver()
+    hosts = []
+    for ns in res.nameservers:
+        hosts.append(getattr(ns, "address", None) or str(ns))
+    try:
+        return bool(hosts) and all(ipaddress.ip_address(h).is_loopback for h in hosts)
+    except ValueError:
+        return False
+
+
 def reset() -> None:
     """Forget resolvers and their answer caches (tests change DNS data between cases)."""
     _resolvers.clear()
@@ -144,11 +178,18 @@ async def _query(name: str, rdtype: str):
     """The answer's rdata, [] when the name exists without records of that type.
 
     NXDOMAIN is permanent; timeouts and SERVFAIL are temporary."""
+    return (await _query_secure(name, rdtype))[0]
+
+
+async def _query_secure(name: str, rdtype: str) -> tuple[list, bool]:
+    """(rdata, validated): ``validated`` is the AD bit of a trusted resolver's answer."""
     try:
-        answer = await resolver().resolve(name, rdtype, search=False)
-        return list(answer)
+        res = resolver()
+        answer = await res.resolve(name, rdtype, search=False)
+        secure = bool(answer.response.flags & dns.flags.AD) and ad_trusted(res)
+        return list(answer), secure
     except dns.resolver.NoAnswer:
-        return []
+        return [], False
     except dns.resolver.NXDOMAIN:
         raise DnsError(f"{name} does not exist", temporary=False) from None
     except (dns.exception.Timeout, dns.resolver.LifetimeTimeout):
@@ -200,7 +241,7 @@ async def lookup_mx(domain: str, *, settings: Settings | None = None) -> list[Mx
     overrides = parse_mx_overrides(settings.mx_overrides, settings.smtp_port)
     if domain in overrides:
         return [overrides[domain]]
-    records = await _query(domain, "MX")
+    records, secure = await _query_secure(domain, "MX")
     if not records:
         # RFC 5321 5.1: no MX records -> the domain itself is the implicit MX, if it has an address.
         if await resolve_addresses(domain):
@@ -211,4 +252,32 @@ async def lookup_mx(domain: str, *, settings: Settings | None = None) -> list[Mx
     )
     if len(targets) == 1 and targets[0][1] in ("", "."):
         raise DnsError(f"{domain} publishes a null MX: it accepts no mail (RFC 7505)", temporary=False)
-    return [MxTarget(host=host, preference=pref, port=settings.smtp_port) for pref, host in targets if host not in ("", ".")]
+    return [MxTarget(host=host, preference=pref, port=settings.smtp_port, dnssec=secure)
+            for pref, host in targets if host not in ("", ".")]
+
+
+async def lookup_tlsa(target: MxTarget) -> list[Tlsa]:
+    """The DANE TLSA records of an MX host (``_<port>._tcp.<host>``), [] unless DANE applies:
+    the MX RRset, the host's address records and the TLSA RRset must all be validated
+    (RFC 7672 2.2). Records of every usage are returned; the caller keeps the usable ones."""
+    if target.overridden or not target.dnssec:
+        return []
+    try:
+        addresses, address_secure = await _query_secure(target.host, "A")
+        if not addresses:
+            addresses, address_secure = await _query_secure(target.host, "AAAA")
+    except DnsError:
+        return []
+    if not address_secure:
+        return []
+    try:
+        records, secure = await _query_secure(f"_{target.port}._tcp.{target.host}", "TLSA")
+    except DnsError as err:
+        if err.temporary:
+            # A validated host whose TLSA answer fails (SERVFAIL: bogus, or blocked) must not be
+            # used: treating it as "no TLSA" would let an attacker downgrade DANE (RFC 7672 2.2).
+            raise
+        return []  # NXDOMAIN: no TLSA records
+    if not secure:
+        return []
+    return [Tlsa(r.usage, r.selector, r.mtype, bytes(r.cert)) for r in records]

@@ -239,3 +239,24 @@ class InboundReport(OrgScoped, Base):
     outcome: Mapped[dict] = mapped_column(JSON, default=dict)  # bounces.Outcome, no PHI
     recipient_id: Mapped[str | None] = mapped_column(String(32))
     processed_at: Mapped[datetime | None]
+
+
+class StoredMtaStsPolicy(Base):
+    """The last MTA-STS policy (RFC 8461) fetched for a recipient domain, kept until its
+    ``max_age`` runs out so that a failed refresh — an attacker blocking the policy host, or an
+    outage — does not downgrade delivery to "no policy" (RFC 8461 5.1).
+
+    Installation-wide (a recipient domain's policy is the same for every organization), so it is
+    not organization-scoped. A recipient's domain can identify a person, so the domain is kept
+    only as a keyed hash (``domain_index``, HMAC under the installation's ``mtasts`` key) and the
+    policy text (its MX patterns name the domain) encrypted under that key."""
+
+    __tablename__ = "mta_sts_policies"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    domain_index: Mapped[str] = mapped_column(String(64), unique=True)
+    policy_id: Mapped[str] = mapped_column(String(32))  # the id= of the _mta-sts TXT record
+    mode: Mapped[str] = mapped_column(String(8))  # enforce | testing | none
+    policy_enc: Mapped[bytes] = mapped_column(LargeBinary)  # JSON {"mx": [...], "max_age": n}, AES-GCM
+    fetched_at: Mapped[datetime]
+    expires_at: Mapped[datetime] = mapped_column(index=True)  # fetched_at + max_age

@@ -68,7 +68,7 @@ from carepost.core.errors import ValidationFailed
 from carepost.core.ids import new_id
 from carepost.core.logging import get_logger
 from carepost.core.ports import Port
-from carepost.delivery import dkim, policy, service
+from carepost.delivery import dkim, policy, service, tlsprobe
 from carepost.delivery.mime import Attachment, InlineImage, compose
 from carepost.delivery.models import (
     Message,
@@ -632,7 +632,8 @@ class DeliveryLoop:
 
     async def _client_for(self, settings: Settings) -> tuple[DeliveryClient, asyncio.Semaphore]:
         if self._client is None or self._client.settings is not settings:
-            old, self._client = self._client, DeliveryClient(settings)
+            # MTA-STS policies persist in the database with their max_age (RFC 8461 5.1).
+            old, self._client = self._client, DeliveryClient(settings, policy_store=tlsprobe.DatabasePolicyStore())
             self._semaphore = asyncio.Semaphore(max(1, settings.delivery_concurrency))
             if old is not None:
                 await old.close()

@@ -132,7 +132,13 @@ class EvidenceOut(BaseModel):
     cipher: str | None = None
     cert_fingerprint: str | None = None
     cert_verified: bool = False
-    mta_sts: str | None = None
+    dane: bool = Field(False, description="The certificate was authenticated by DNSSEC-validated TLSA records (DANE, RFC 7672).")
+    mta_sts: str | None = Field(None, description="The MTA-STS mode in force: enforce, testing or none.")
+    mta_sts_id: str | None = None
+    mta_sts_source: str | None = Field(
+        None, description="fetched, stored (unchanged id), or stored_after_failure (refresh failed; RFC 8461 5.1).")
+    mta_sts_report: str | None = Field(
+        None, description="Mode testing: what enforce would have refused (reported, not enforced).")
     relay: bool = False
     reply_code: int | None = None
     key_fingerprint: str | None = None

@@ -79,7 +79,11 @@ class Evidence:
     cipher: str | None = None
     cert_fingerprint: str | None = None
     cert_verified: bool = False
-    mta_sts: str | None = None  # the domain's MTA-STS mode when it publishes a policy
+    dane: bool = False  # the certificate was authenticated by DNSSEC-validated TLSA records (RFC 7672)
+    mta_sts: str | None = None  # the domain's MTA-STS mode when it publishes a policy (enforce | testing | none)
+    mta_sts_id: str | None = None
+    mta_sts_source: str | None = None  # fetched | stored | stored_after_failure (RFC 8461 5.1)
+    mta_sts_report: str | None = None  # mode testing: what enforce would have refused (reported, not enforced)
     relay: bool = False
     reply_code: int | None = None
     reply: str | None = None
@@ -161,6 +165,7 @@ async def open_connection(target: cpdns.MxTarget, address: str, *, require_verif
                           settings: Settings) -> PooledConnection:
     """Connect, EHLO, STARTTLS. With ``require_verified`` anything short of verified TLS 1.2+
     raises TlsUnavailable and the connection is closed before a single mail command."""
+    require_verified = require_verified or bool(target.tlsa)  # DANE: authenticated TLS or nothing (RFC 7672)
     smtp = await tlsprobe.connect(target, address, settings)
     if not smtp.supports_extension("starttls"):
         if require_verified:
@@ -254,7 +259,8 @@ def parse_relay(value: str) -> cpdns.MxTarget:
 
 class DeliveryClient:
     def __init__(self, settings: Settings | None = None, *, pool_size: int | None = None,
-                 max_messages_per_connection: int | None = None, per_domain_rate: float | None = None):
+                 max_messages_per_connection: int | None = None, per_domain_rate: float | None = None,
+                 policy_store: tlsprobe.PolicyStore | None = None):
         self.settings = settings or get_settings()
         self.pool = ConnectionPool(
             self.settings,
@@ -263,8 +269,9 @@ class DeliveryClient:
         )
         self.per_domain_rate = per_domain_rate
         self._next_slot: dict[str, float] = {}
-        self._sts: dict[str, tuple[float, tlsprobe.MtaStsPolicy | None]] = {}
+        self._sts: dict[str, tuple[float, tlsprobe.PolicyResult]] = {}
         self.relay = parse_relay(self.settings.smtp_relay) if self.settings.smtp_relay else None
+        self.policy_store = policy_store
 
     async def close(self) -> None:
         await self.pool.close()
@@ -283,15 +290,19 @@ class DeliveryClient:
         targets, failure = await self._find_targets(domain)
         if failure:
             return failure(envelope)
-        policy = None if self.relay else await self._mta_sts(domain)
+        sts = tlsprobe.PolicyResult(None) if self.relay else await self._mta_sts(domain)
+        policy = sts.policy
         enforce = policy is not None and policy.mode == "enforce"
         require = envelope.require_verified_tls or enforce or self.relay is not None
+        tls_failures, network_failures, refusals = [], [], []
+        if not self.relay:
+            targets = await self._with_dane(targets, tls_failures)
         if enforce:
-            targets = [t for t in targets if policy.matches(t.host)]
+            # A host DANE authenticates needs no MTA-STS listing (DANE takes precedence, RFC 8461 2).
+            targets = [t for t in targets if policy.matches(t.host) or t.tlsa]
             if not targets:
                 return self._all(envelope, "tls_unavailable" if envelope.require_verified_tls else "deferred",
                                  "no MX host matches the domain's enforced MTA-STS policy")
-        tls_failures, network_failures, refusals = [], [], []
         for target in targets:
             addresses = await self._addresses(target, network_failures, refusals)
             for address in addresses[:2]:
@@ -303,7 +314,7 @@ class DeliveryClient:
                 except NETWORK_ERRORS + (aiosmtplib.SMTPException,) as err:
                     network_failures.append(f"{target.host}: {_describe(err)}")
                     continue
-                results, healthy = await self._send(conn, envelope, policy)
+                results, healthy = await self._send(conn, envelope, sts)
                 await self.pool.release(conn, healthy=healthy)
                 if results is not None:
                     return results
@@ -334,17 +345,31 @@ class DeliveryClient:
             status, reason = ("deferred" if err.temporary else "bounced"), str(err)
             return [], lambda env: self._all(env, status, reason)
 
-    async def _mta_sts(self, domain: str) -> tlsprobe.MtaStsPolicy | None:
+    async def _mta_sts(self, domain: str) -> tlsprobe.PolicyResult:
+        """The policy in force (tlsprobe.resolve_mta_sts: stored policies outlive failed refreshes
+        until their max_age). Kept in memory briefly; a failure is retried after five minutes."""
         cached = self._sts.get(domain)
         if cached and cached[0] > clock.now().timestamp():
             return cached[1]
-        try:
-            policy = await tlsprobe.fetch_mta_sts(domain, self.settings)
-        except (tlsprobe.MtaStsError, cpdns.DnsError):
-            policy = None  # RFC 8461 5.1: a policy that cannot be fetched is treated as absent
-        ttl = min(self.settings.tls_probe_cache_seconds, policy.max_age if policy else 3600)
-        self._sts[domain] = (clock.now().timestamp() + ttl, policy)
-        return policy
+        result = await tlsprobe.resolve_mta_sts(domain, self.settings, self.policy_store)
+        if result.error:
+            ttl = 300
+        else:
+            ttl = min(self.settings.tls_probe_cache_seconds, result.policy.max_age if result.policy else 3600)
+        self._sts[domain] = (clock.now().timestamp() + ttl, result)
+        return result
+
+    async def _with_dane(self, targets: list[cpdns.MxTarget], tls_failures: list[str]) -> list[cpdns.MxTarget]:
+        """Each target with its usable DANE TLSA records; a validated host whose TLSA look-up
+        fails is dropped (a TLS failure: it must not be used without its records)."""
+        out = []
+        for target in targets:
+            found, note = await tlsprobe.with_dane(target)
+            if note == "lookup failed":
+                tls_failures.append(f"{target.host}: DANE TLSA look-up failed")
+                continue
+            out.append(found)
+        return out
 
     async def _addresses(self, target: cpdns.MxTarget, failures: list[str], refusals: list[str]) -> list[str]:
         if target.address:
@@ -362,12 +387,12 @@ class DeliveryClient:
             refusals.append(f"{target.host}: refused: {refused}")
         return allowed
 
-    async def _send(self, conn: PooledConnection, envelope: Envelope, policy) -> tuple[list[RecipientResult] | None, bool]:
+    async def _send(self, conn: PooledConnection, envelope: Envelope, sts) -> tuple[list[RecipientResult] | None, bool]:
         """One transaction. Returns (results, connection healthy); results None means the
         connection was found dead before anything was sent."""
         reused = conn.messages > 0
         try:
-            return await self._transaction(conn, envelope, policy), True
+            return await self._transaction(conn, envelope, sts), True
         except _StaleConnection:
             pass
         except _Broken as broken:
@@ -381,7 +406,7 @@ class DeliveryClient:
         except (TlsUnavailable, aiosmtplib.SMTPException) + NETWORK_ERRORS:
             return None, False
         try:
-            return await self._transaction(fresh, envelope, policy), False
+            return await self._transaction(fresh, envelope, sts), False
         except _StaleConnection:
             return None, False
         except _Broken as broken:
@@ -389,12 +414,15 @@ class DeliveryClient:
         finally:
             await tlsprobe.close_quietly(fresh.smtp)
 
-    def _evidence(self, conn: PooledConnection, policy, code: int | None, reply: str | None) -> Evidence:
+    def _evidence(self, conn: PooledConnection, sts, code: int | None, reply: str | None) -> Evidence:
+        policy = sts.policy if sts is not None else None
         return Evidence(
             mx_host=conn.target.host, address=conn.address, port=conn.target.port, tls_version=conn.tls.version,
             cipher=conn.tls.cipher, cert_fingerprint=conn.tls.cert_fingerprint, cert_verified=conn.tls.verified,
-            mta_sts=policy.mode if policy else None, relay=self.relay is not None, reply_code=code, reply=reply,
-            at=clock.now(),
+            dane=conn.tls.dane, mta_sts=policy.mode if policy else None, mta_sts_id=policy.id if policy else None,
+            mta_sts_source=sts.source if policy else None,
+            mta_sts_report=tlsprobe.testing_report(policy, conn.target.host, conn.tls.verified),
+            relay=self.relay is not None, reply_code=code, reply=reply, at=clock.now(),
         )
 
     async def _transaction(self, conn: PooledConnection, envelope: Envelope, policy) -> list[RecipientResult]:

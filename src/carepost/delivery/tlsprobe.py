@@ -12,6 +12,21 @@ the security preview reach into the operator's network. Hosts and addresses the 
 (``CAREPOST_MX_OVERRIDES``, ``CAREPOST_MTA_STS_OVERRIDES``, the relay) are trusted as written;
 ``CAREPOST_DELIVERY_ALLOWED_HOSTS`` allows more.
 
+MTA-STS policies (RFC 8461) are kept in the database (``mta_sts_policies``) with their
+``max_age``: an unchanged policy id is not fetched again, and when a refresh fails (the policy
+host unreachable or blocked) the stored policy stays in force until it expires (RFC 8461 5.1),
+instead of degrading to "no policy". Whether a policy was fetched now, reused from the store or
+used because the refresh failed is part of the evidence; under ``mode: testing`` what ``enforce``
+would have refused is reported in the evidence too, and delivery goes on (RFC 8461 5).
+
+DANE (RFC 7672). When the MX RRset, the host's addresses and its TLSA records are validated by a
+trusted (loopback) validating resolver (see dns.py), the host's certificate is authenticated by
+its usable TLSA records — DANE-EE(3) with selector 0 (certificate) or 1 (public key) and
+matching type 0, 1 (SHA-256) or 2 (SHA-512) — instead of by the Web PKI; TLS is then mandatory
+for that host, PHI or not, and a mismatch means nothing is sent to it. DANE-TA(2) records are
+not usable here (verifying them needs the peer's chain, which Python's ssl does not expose
+before 3.13): the host is then checked by the Web PKI as before, and the evidence says so.
+
 "Verified TLS" means, here and in the delivery client: STARTTLS offered, TLS 1.2 or newer, a
 certificate chain to a trusted anchor (system store plus ``CAREPOST_EXTRA_CA_FILE``) and a
 certificate naming the MX host (the host name from DNS or from an ``CAREPOST_MX_OVERRIDES``
@@ -23,11 +38,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
+import json
 import re
+import secrets
 import ssl
 import time
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 
 import aiosmtplib
 
@@ -79,9 +97,10 @@ class TlsSession:
     cipher: str | None
     cert_fingerprint: str | None  # SHA-256 of the leaf certificate (DER), hex
     verified: bool
+    dane: bool = False  # verified by the host's DNSSEC-validated TLSA records (RFC 7672), not the Web PKI
 
 
-def session_info(smtp: aiosmtplib.SMTP, verified: bool) -> TlsSession:
+def session_info(smtp: aiosmtplib.SMTP, verified: bool, dane: bool = False) -> TlsSession:
     ssl_object = smtp.get_transport_info("ssl_object")
     if ssl_object is None:
         return TlsSession(None, None, None, False)
@@ -92,7 +111,36 @@ def session_info(smtp: aiosmtplib.SMTP, verified: bool) -> TlsSession:
         cipher=cipher[0] if cipher else None,
         cert_fingerprint=hashlib.sha256(der).hexdigest() if der else None,
         verified=verified,
+        dane=dane,
     )
+
+
+# --- DANE (RFC 7672) ---------------------------------------------------------------------------
+
+
+class DaneMismatch(ssl.SSLError):
+    """The server's certificate matches none of the host's usable TLSA records."""
+
+
+def usable_tlsa(records) -> tuple:
+    """The records CarePost can check: DANE-EE(3), selector 0/1, matching type 0/1/2."""
+    return tuple(r for r in records if r.usage == 3 and r.selector in (0, 1) and r.mtype in (0, 1, 2))
+
+
+def dane_matches(der: bytes, records) -> bool:
+    """Does the leaf certificate (DER) match one of the DANE-EE records? Names and dates are not
+    checked for DANE-EE (RFC 7672 3.1.1): the DNSSEC-signed record is the authority."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    cert = x509.load_der_x509_certificate(der)
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    for record in usable_tlsa(records):
+        content = der if record.selector == 0 else spki
+        digest = {0: content, 1: hashlib.sha256(content).digest(), 2: hashlib.sha512(content).digest()}[record.mtype]
+        if hmac.compare_digest(digest, record.data):
+            return True
+    return False
 
 
 def verification_error(err: BaseException) -> str | None:
@@ -100,6 +148,8 @@ def verification_error(err: BaseException) -> str | None:
     expired"), or None when the failure was something else."""
     seen = 0
     while err is not None and seen < 5:
+        if isinstance(err, DaneMismatch):
+            return f"DANE: {err.args[0] if err.args else 'no TLSA match'}"
         if isinstance(err, ssl.SSLCertVerificationError):
             return err.verify_message or "certificate verification failed"
         err = err.__cause__ or err.__context__
@@ -149,6 +199,18 @@ async def connect(target: cpdns.MxTarget, address: str, settings: Settings) -> a
 async def starttls(smtp: aiosmtplib.SMTP, target: cpdns.MxTarget, *, verify: bool, settings: Settings) -> TlsSession:
     """Upgrade to TLS, checking the certificate against the MX host name when ``verify``.
     Re-issues EHLO afterwards (RFC 3207 4.2). Raises on failure; the connection is then unusable."""
+    if target.tlsa:
+        # DANE: the TLSA records authenticate the certificate; the Web PKI is not consulted.
+        await smtp.starttls(server_hostname=target.host, tls_context=tls_context(False, settings))
+        ssl_object = smtp.get_transport_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        version = ssl_object.version() if ssl_object else None
+        if not der or not dane_matches(der, target.tlsa):
+            raise DaneMismatch("certificate matches no DANE TLSA record of the MX host")
+        if version not in ("TLSv1.2", "TLSv1.3"):
+            raise DaneMismatch("TLS version too old")
+        await smtp.ehlo()
+        return session_info(smtp, True, dane=True)
     await smtp.starttls(server_hostname=target.host, tls_context=tls_context(verify, settings))
     await smtp.ehlo()
     return session_info(smtp, verify)
@@ -289,6 +351,12 @@ async def fetch_mta_sts(domain: str, settings: Settings | None = None) -> MtaSts
     ident = parse_sts_txt(await cpdns.lookup_txt(f"_mta-sts.{domain}"))
     if ident is None:
         return None
+    return await fetch_policy(domain, ident, settings)
+
+
+async def fetch_policy(domain: str, ident: str, settings: Settings) -> MtaStsPolicy:
+    """GET ``https://mta-sts.<domain>/.well-known/mta-sts.txt`` (no redirects, certificate checked,
+    SSRF guard on the address); MtaStsError says why it failed."""
     host = f"mta-sts.{domain}"
     overrides = cpdns.parse_address_overrides(settings.mta_sts_overrides, 443)
     if domain in overrides:
@@ -316,6 +384,147 @@ async def fetch_mta_sts(domain: str, settings: Settings | None = None) -> MtaSts
     return parse_policy(body.decode("utf-8", "replace"), ident)
 
 
+# --- MTA-STS policies kept with their max_age (RFC 8461 5.1) ----------------------------------
+
+
+class PolicyStore:
+    """Where fetched policies are kept across processes and restarts. This base keeps nothing
+    (tests of the fetch itself, and callers without a database)."""
+
+    def load(self, domain: str) -> tuple[MtaStsPolicy, datetime] | None:
+        return None
+
+    def save(self, domain: str, policy: MtaStsPolicy) -> None:
+        return None
+
+
+class DatabasePolicyStore(PolicyStore):
+    """``mta_sts_policies``: the domain as an HMAC under the installation's ``mtasts`` key, the
+    policy encrypted (AES-256-GCM) under a key derived from it. One short transaction per call,
+    never one held across the network."""
+
+    OWNER = "installation"
+
+    def _keys(self, session) -> tuple[bytes, bytes]:
+        from carepost.core.crypto import get_keyring
+
+        secret = get_keyring().named_key(session, self.OWNER, "mtasts")
+        return (hmac.new(secret, b"index", hashlib.sha256).digest(), hmac.new(secret, b"encrypt", hashlib.sha256).digest())
+
+    @staticmethod
+    def _index(key: bytes, domain: str) -> str:
+        return hmac.new(key, domain.lower().rstrip(".").encode(), hashlib.sha256).hexdigest()
+
+    def load(self, domain: str) -> tuple[MtaStsPolicy, datetime] | None:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        from sqlalchemy import select
+
+        from carepost.core.database import system_session
+        from carepost.delivery.models import StoredMtaStsPolicy
+
+        with system_session() as session:
+            index_key, enc_key = self._keys(session)
+            row = session.scalars(select(StoredMtaStsPolicy).where(
+                StoredMtaStsPolicy.domain_index == self._index(index_key, domain))).first()
+            session.commit()  # the key may have been created
+            if row is None:
+                return None
+            body = json.loads(AESGCM(enc_key).decrypt(row.policy_enc[:12], row.policy_enc[12:], row.domain_index.encode()))
+            policy = MtaStsPolicy(id=row.policy_id, mode=row.mode, mx=tuple(body["mx"]), max_age=int(body["max_age"]))
+            return policy, clock.aware(row.expires_at)
+
+    def save(self, domain: str, policy: MtaStsPolicy) -> None:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        from sqlalchemy import select
+
+        from carepost.core.database import system_session
+        from carepost.delivery.models import StoredMtaStsPolicy
+
+        now = clock.now()
+        with system_session() as session:
+            index_key, enc_key = self._keys(session)
+            index = self._index(index_key, domain)
+            nonce = secrets.token_bytes(12)
+            sealed = nonce + AESGCM(enc_key).encrypt(
+                nonce, json.dumps({"mx": list(policy.mx), "max_age": policy.max_age}).encode(), index.encode())
+            row = session.scalars(select(StoredMtaStsPolicy).where(StoredMtaStsPolicy.domain_index == index)).first()
+            if row is None:
+                row = StoredMtaStsPolicy(domain_index=index)
+                session.add(row)
+            row.policy_id, row.mode, row.policy_enc = policy.id, policy.mode, sealed
+            row.fetched_at, row.expires_at = now, now + timedelta(seconds=policy.max_age)
+            session.commit()
+
+
+@dataclass(frozen=True)
+class PolicyResult:
+    """The policy in force for a domain now, where it came from, and any refresh error."""
+
+    policy: MtaStsPolicy | None
+    source: str | None = None  # fetched | stored | stored_after_failure | None (no policy)
+    error: str | None = None
+
+
+async def resolve_mta_sts(domain: str, settings: Settings | None = None,
+                          store: PolicyStore | None = None) -> PolicyResult:
+    """RFC 8461 3.3 and 5.1 with a persistent cache: the TXT id decides whether to fetch; a
+    stored policy whose id is unchanged is used as is; a failed TXT look-up or fetch falls back to
+    the stored policy until its max_age runs out (never to "no policy" while one is in force)."""
+    settings = settings or get_settings()
+    store = store or PolicyStore()
+    stored = await asyncio.to_thread(_load_quietly, store, domain)
+    now = clock.now()
+    if stored and stored[1] <= now:
+        stored = None  # expired: as if never seen
+    try:
+        ident = parse_sts_txt(await cpdns.lookup_txt(f"_mta-sts.{domain}"))
+    except cpdns.DnsError as err:
+        if stored:
+            return PolicyResult(stored[0], "stored_after_failure", f"TXT look-up failed: {err}")
+        return PolicyResult(None, None, str(err))
+    if ident is None:
+        # No TXT record: RFC 8461 5.1 keeps an unexpired policy (the record may have been stripped).
+        return PolicyResult(stored[0], "stored") if stored else PolicyResult(None)
+    if stored and stored[0].id == ident:
+        return PolicyResult(stored[0], "stored")
+    try:
+        policy = await fetch_policy(domain, ident, settings)
+    except (MtaStsError, cpdns.DnsError) as err:
+        if stored:
+            return PolicyResult(stored[0], "stored_after_failure", str(err))
+        return PolicyResult(None, None, str(err))
+    await asyncio.to_thread(_save_quietly, store, domain, policy)
+    return PolicyResult(policy, "fetched")
+
+
+def _load_quietly(store: PolicyStore, domain: str):
+    try:
+        return store.load(domain)
+    except Exception as err:  # noqa: BLE001 - a store failure must not stop delivery; it is logged
+        log.warning("mta_sts_store_failed", operation="load", error=type(err).__name__)
+        return None
+
+
+def _save_quietly(store: PolicyStore, domain: str, policy: MtaStsPolicy) -> None:
+    try:
+        store.save(domain, policy)
+    except Exception as err:  # noqa: BLE001
+        log.warning("mta_sts_store_failed", operation="save", error=type(err).__name__)
+
+
+def testing_report(policy: MtaStsPolicy | None, host: str, verified: bool) -> str | None:
+    """Under ``mode: testing``, what ``enforce`` would have refused (RFC 8461 5: reported, not
+    enforced); None when nothing would have been refused or the mode is not testing."""
+    if policy is None or policy.mode != "testing":
+        return None
+    problems = []
+    if not policy.matches(host):
+        problems.append(f"{host} is not listed in the policy")
+    if not verified:
+        problems.append("TLS not verified")
+    return "; ".join(problems) or None
+
+
 # --- probe -------------------------------------------------------------------------------------
 
 
@@ -334,6 +543,7 @@ class MxFinding:
     cert_error: str | None = None
     error: str | None = None
     mta_sts_match: bool | None = None  # None: no policy to match against
+    dane: str | None = None  # verified | mismatch | unusable records | lookup failed; None: DANE does not apply
 
     @property
     def verified_tls(self) -> bool:
@@ -351,6 +561,7 @@ class DomainTls:
     dns_temporary: bool = False
     mx_overridden: bool = False
     notes: list[str] = field(default_factory=list)
+    mta_sts_source: str | None = None  # fetched | stored | stored_after_failure
 
     @property
     def verified_tls(self) -> bool:
@@ -361,6 +572,8 @@ class DomainTls:
     def usable_for_verified_tls(self, finding: MxFinding) -> bool:
         if not finding.verified_tls:
             return False
+        if finding.dane == "verified":
+            return True  # DANE takes precedence over MTA-STS (RFC 8461 2)
         if self.mta_sts and self.mta_sts.mode == "enforce":
             return self.mta_sts.matches(finding.host)
         return True
@@ -373,7 +586,8 @@ class DomainTls:
         if self.verified_tls:
             best = next(m for m in self.mx if self.usable_for_verified_tls(m))
             sts = f"; MTA-STS {self.mta_sts.mode}" if self.mta_sts else ""
-            return f"{best.host} offers verified {best.tls_version}{sts}"
+            dane = "; DANE" if best.dane == "verified" else ""
+            return f"{best.host} offers verified {best.tls_version}{dane}{sts}"
         reachable = [m for m in self.mx if m.reachable]
         if not reachable:
             refused = next((m for m in self.mx if (m.error or "").startswith("refused")), None)
@@ -392,8 +606,26 @@ class DomainTls:
         return f"{m.host} TLS could not be verified"
 
 
-async def probe_mx(target: cpdns.MxTarget, settings: Settings, policy: MtaStsPolicy | None = None) -> MxFinding:
+async def with_dane(target: cpdns.MxTarget) -> tuple[cpdns.MxTarget, str | None]:
+    """The target with its usable TLSA records (when DANE applies), and a note for evidence."""
+    try:
+        records = await cpdns.lookup_tlsa(target)
+    except cpdns.DnsError:
+        return target, "lookup failed"
+    if not records:
+        return target, None
+    usable = usable_tlsa(records)
+    if not usable:
+        return target, "unusable records"
+    return replace(target, tlsa=usable), "pending"
+
+
+async def probe_mx(target: cpdns.MxTarget, settings: Settings, policy: MtaStsPolicy | None = None,
+                   dane: str | None = None) -> MxFinding:
     match = policy.matches(target.host) if policy else None
+    if dane == "lookup failed":
+        return MxFinding(target.host, target.port, None, False, error="DANE TLSA look-up failed", mta_sts_match=match,
+                         dane=dane)
     try:
         addresses = [target.address] if target.address else await cpdns.resolve_addresses(target.host)
     except cpdns.DnsError as err:
@@ -419,7 +651,8 @@ async def probe_mx(target: cpdns.MxTarget, settings: Settings, policy: MtaStsPol
             try:
                 info = await starttls(smtp, target, verify=True, settings=settings)
                 return MxFinding(target.host, target.port, address, True, True, utf8, info.version, info.cipher,
-                                 info.cert_fingerprint, True, mta_sts_match=match)
+                                 info.cert_fingerprint, True, mta_sts_match=match,
+                                 dane="verified" if info.dane else (dane if dane != "pending" else None))
             except Exception as err:  # noqa: BLE001 - any TLS failure is a finding, not a crash
                 reason = verification_error(err) or (
                     "TLS version too old" if "VERSION" in str(err).upper() else f"TLS failed: {type(err).__name__}"
@@ -427,13 +660,14 @@ async def probe_mx(target: cpdns.MxTarget, settings: Settings, policy: MtaStsPol
             # Look again without verification, to record what the server does offer.
             await close_quietly(smtp)
             smtp = await connect(target, address, settings)
+            note = "mismatch" if target.tlsa else dane
             try:
-                info = await starttls(smtp, target, verify=False, settings=settings)
+                info = await starttls(smtp, replace(target, tlsa=()), verify=False, settings=settings)
                 return MxFinding(target.host, target.port, address, True, True, utf8, info.version, info.cipher,
-                                 info.cert_fingerprint, False, reason, mta_sts_match=match)
+                                 info.cert_fingerprint, False, reason, mta_sts_match=match, dane=note)
             except Exception:  # noqa: BLE001
                 return MxFinding(target.host, target.port, address, True, True, utf8, cert_error=reason,
-                                 mta_sts_match=match)
+                                 mta_sts_match=match, dane=note)
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as err:
             last_error = f"SMTP failed: {type(err).__name__}"
         finally:
@@ -464,8 +698,10 @@ class ProbeCache:
 cache = ProbeCache()
 
 
-async def probe_domain(domain: str, *, use_cache: bool = True, settings: Settings | None = None) -> DomainTls:
-    """MX, STARTTLS/TLS findings for each MX (up to three), and MTA-STS for ``domain``."""
+async def probe_domain(domain: str, *, use_cache: bool = True, settings: Settings | None = None,
+                       store: PolicyStore | None = None) -> DomainTls:
+    """MX, STARTTLS/TLS findings for each MX (up to three, DANE where it applies), and the
+    MTA-STS policy in force for ``domain`` (from ``store`` when a refresh fails)."""
     settings = settings or get_settings()
     domain = domain.lower().rstrip(".")
     if use_cache and (hit := cache.get(domain)):
@@ -478,15 +714,13 @@ async def probe_domain(domain: str, *, use_cache: bool = True, settings: Setting
         # Temporary failures are not worth remembering for long.
         cache.put(domain, result, 60 if err.temporary else settings.tls_probe_cache_seconds)
         return result
-    policy, policy_error = None, None
-    try:
-        policy = await fetch_mta_sts(domain, settings)
-    except (MtaStsError, cpdns.DnsError) as err:
-        policy_error = str(err)
-    findings = await asyncio.gather(*(probe_mx(t, settings, policy) for t in targets[:3]))
+    sts = await resolve_mta_sts(domain, settings, store)
+    policy, policy_error = sts.policy, sts.error
+    daned = await asyncio.gather(*(with_dane(t) for t in targets[:3]))
+    findings = await asyncio.gather(*(probe_mx(t, settings, policy, note) for t, note in daned))
     result = DomainTls(
         domain=domain, mx=list(findings), mta_sts=policy, mta_sts_error=policy_error, checked_at=clock.now(),
-        mx_overridden=any(t.overridden for t in targets),
+        mx_overridden=any(t.overridden for t in targets), mta_sts_source=sts.source,
     )
     ttl = settings.tls_probe_cache_seconds
     if policy:
