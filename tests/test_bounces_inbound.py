@@ -119,6 +119,18 @@ def test_starttls_is_offered_not_required(session, org, inbound):
     assert report.tls is False and report.outcome["effect"] == "soft_bounce"
 
 
+def test_no_auth_is_offered_even_after_starttls(session, org, inbound):
+    """The return path authenticates no one: AUTH is advertised neither in clear nor after
+    STARTTLS (it used to offer AUTH LOGIN PLAIN and then answer 535 to everything)."""
+    with _client(inbound) as smtp:  # EHLO again after STARTTLS
+        assert smtp.sock.version() in ("TLSv1.2", "TLSv1.3")
+        assert not smtp.has_extn("auth"), smtp.esmtp_features
+        assert smtp.ehlo_resp and b"AUTH" not in smtp.ehlo_resp.upper()
+        code, _ = smtp.docmd("AUTH", "PLAIN AGZvbwBiYXI=")
+        assert code in (502, 504)  # not offered: never a 535 as if credentials could work
+        assert smtp.noop()[0] == 250
+
+
 def test_oversized_reports_are_refused(session, org, inbound):
     sent = make_sent(session, org.id)
     big = sample("gmail_hard.eml", sent.verp) + (b"X" * 76 + b"\r\n") * 3300

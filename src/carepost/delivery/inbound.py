@@ -167,7 +167,13 @@ def pending_report_ids(*, older_than: timedelta = timedelta(0), limit: int = 100
 
 
 class InboundHandler:
-    """aiosmtpd handler: recipients checked at RCPT, the message stored at DATA."""
+    """aiosmtpd handler: recipients checked at RCPT, the message stored at DATA. The return path
+    takes mail from anyone and authenticates no one: AUTH is never advertised (aiosmtpd would
+    offer ``AUTH LOGIN PLAIN`` after STARTTLS and then answer 535 to every attempt)."""
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        return [line for line in responses if not line[4:].upper().startswith("AUTH")]
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
@@ -269,7 +275,7 @@ def create_controller(settings: Settings | None = None, *, host: str | None = No
         inbound_handler(), hostname=host or settings.inbound_host, port=port or settings.inbound_port,
         server_hostname=mail_host(settings), tls_context=tls_context(settings), require_starttls=False,
         data_size_limit=settings.inbound_max_bytes, enable_SMTPUTF8=True, decode_data=False,
-        ident="CarePost return path",
+        ident="CarePost return path", auth_exclude_mechanism=["LOGIN", "PLAIN"],
     )
 
 
