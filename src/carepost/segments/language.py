@@ -575,6 +575,12 @@ def _check_parens(text: str) -> None:
         elif ch == ")":
             depth = max(0, depth - 1)
         prev = ch
+    run = re.search(r"(?:\bnot\s+){%d}" % (MAX_DEPTH + 1), text, re.IGNORECASE)
+    if run:
+        offset = [m.start() for m in re.finditer(r"\bnot\b", run.group(0), re.IGNORECASE)][MAX_DEPTH] + run.start()
+        line = text.count("\n", 0, offset) + 1
+        column = offset - (text.rfind("\n", 0, offset) + 1) + 1
+        raise SegmentQueryError(f"nesting deeper than {MAX_DEPTH} levels", line=line, column=column, found="not")
 
 
 def _end_of(text: str) -> tuple[int, int]:
