@@ -547,6 +547,10 @@ from carepost.delivery.commands import domain_app  # noqa: E402
 
 app.add_typer(domain_app, name="domain")
 
+from carepost.segments.commands import segment_app  # noqa: E402
+
+app.add_typer(segment_app, name="segment")
+
 
 @app.command()
 def smtp(
