@@ -74,7 +74,12 @@ def _initialize(only_first_start: bool) -> None:
     from carepost.core.database import system_session
 
     settings = get_settings()
-    result = initialize_storage(settings)
+    from carepost.core.crypto import KeyUnavailable
+
+    try:
+        result = initialize_storage(settings)
+    except KeyUnavailable as exc:
+        fail(str(exc))
     if result.created_master_key:
         console.print(f"Created master key [bold]{settings.resolved_master_key_file}[/bold] (mode 0600). Back it up: without it nothing decrypts.")
     console.print(f"Data dir: {settings.data_dir.resolve()}")

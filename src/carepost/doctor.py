@@ -66,6 +66,18 @@ def check_master_key(settings: Settings) -> list[Finding]:
                 "manager with access control and a backup; anyone who reads it can decrypt everything.",
             )
         ]
+    if settings.master_key_command:
+        import shlex
+
+        program = (shlex.split(settings.master_key_command) or ["?"])[0]
+        try:
+            from carepost.core.masterkeys import run_master_key_command
+
+            key = run_master_key_command(settings.master_key_command)
+        except Exception as exc:  # noqa: BLE001 - reported as a failure
+            return [Finding("master key", "fail", f"The key command ({program}) did not give a master key: {exc}")]
+        return [Finding("master key", "ok", f"The master key ({key.id}) comes from the key command {program}; "
+                        "nothing on the data's disk decrypts it.")]
     path = settings.resolved_master_key_file
     if not path.exists():
         return [Finding("master key", "fail", f"No master key file at {path}: run `carepost init`.")]
@@ -73,12 +85,32 @@ def check_master_key(settings: Settings) -> list[Finding]:
     if mode & 0o077:
         return [Finding("master key", "fail", f"{path} has mode {mode:04o}; it must be 0600 (chmod 600 {path}).")]
     findings = [Finding("master key", "ok", f"{path} exists with mode {mode:04o}.")]
+    findings.extend(check_master_key_location(settings))
     pending = path.with_name(path.name + ".new")
     if pending.exists():
         findings.append(
             Finding("master key", "warn", f"{pending} exists: a key rotation was interrupted; run `carepost keys rotate` again.")
         )
     return findings
+
+
+def check_master_key_location(settings: Settings) -> list[Finding]:
+    """The master key file must not sit on the filesystem that holds the data it protects: a copied
+    data directory, a backup of the volume or a stolen disk would carry both (issue 9 item 4)."""
+    import os
+
+    key_dev = os.stat(settings.resolved_master_key_file).st_dev
+    data = [p for p in (settings.data_dir, settings.sqlite_path if settings.is_sqlite else None) if p is not None and p.exists()]
+    if not any(os.stat(p).st_dev == key_dev for p in data):
+        return [Finding("master key location", "ok", "The master key file is on another filesystem than the data.")]
+    message = (
+        f"The master key file {settings.resolved_master_key_file} is on the same filesystem as the data in "
+        f"{settings.data_dir}: a copy of that disk or its backup decrypts everything. Move the key to another "
+        "filesystem (CAREPOST_MASTER_KEY_FILE, e.g. a tmpfs filled at boot or a separate mounted volume), or give "
+        "it through CAREPOST_MASTER_KEY_COMMAND (a secret manager or KMS) or CAREPOST_MASTER_KEY."
+    )
+    return [Finding("master key location", "fail" if settings.is_production else "warn",
+                    message + ("" if settings.is_production else " Required in production mode."))]
 
 
 def check_data_dir(settings: Settings) -> list[Finding]:

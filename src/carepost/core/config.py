@@ -31,6 +31,17 @@ class Settings(BaseSettings):
     master_key: SecretStr | None = Field(
         None, description="Master key as `<key id>:<base64 32 bytes>`; takes precedence over the file."
     )
+    master_key_command: str | None = Field(
+        None,
+        description="A program (with arguments, run without a shell) that prints the master key as "
+        "`<key id>:<base64 32 bytes>`, as credential helpers do: the plug-in point for a secret manager or KMS. "
+        "Takes precedence over the file; CAREPOST_MASTER_KEY over it.",
+    )
+    production: bool | None = Field(
+        None,
+        description="Production mode: `doctor` fails (not warns) when the master key file sits on the data's "
+        "filesystem. Empty: on when the base URL is HTTPS on a host other than localhost.",
+    )
     base_url: str = Field("http://localhost:8000", description="Public URL of the web UI, links and WebAuthn origin.")
     host: str = Field("127.0.0.1", description="Address `serve` binds to.")
     port: int = Field(8000, description="Port `serve` binds to.")
@@ -185,6 +196,22 @@ class Settings(BaseSettings):
     @property
     def resolved_master_key_file(self) -> Path:
         return self.master_key_file or (self.data_dir / "master.key")
+
+    @property
+    def is_production(self) -> bool:
+        if self.production is not None:
+            return self.production
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.base_url)
+        host = (parts.hostname or "").lower()
+        local = host in ("localhost", "127.0.0.1", "::1") or host.endswith(".localhost") or host.startswith("127.")
+        return parts.scheme == "https" and not local
+
+    @property
+    def master_key_external(self) -> bool:
+        """The master key comes from the environment or a key command, not from a file CarePost manages."""
+        return self.master_key is not None or bool(self.master_key_command)
 
     @property
     def sqlite_path(self) -> Path:

@@ -121,7 +121,7 @@ class Keyring:
 
     def _stamp(self) -> tuple:
         """What the master key files look like now; a change means another process rotated."""
-        if self._settings is None or self._settings.master_key is not None:
+        if self._settings is None or self._settings.master_key_external:
             return ()
         stamp = []
         for path in (self._settings.resolved_master_key_file, pending_master_key_file(self._settings)):
@@ -341,8 +341,9 @@ def rotate_master_key(settings: Settings, session_factory) -> tuple[str, str, in
     4. move ``master.key.new`` over ``master.key``.
     A crash at any step leaves every wrapped key readable by a key that is on disk.
     """
-    if settings.master_key is not None:
-        raise KeyUnavailable("the master key comes from CAREPOST_MASTER_KEY: rotate it where it is stored")
+    if settings.master_key_external:
+        raise KeyUnavailable("the master key comes from CAREPOST_MASTER_KEY or CAREPOST_MASTER_KEY_COMMAND: "
+                             "rotate it where it is stored")
     pending = pending_master_key_file(settings)
     old_id, masters = load_master_keys(settings)  # includes a pending key from an interrupted run
     if pending.exists():

@@ -86,6 +86,52 @@ def parse_master_key_env(value: str) -> MasterKey:
     return MasterKey(id=key_id, key=key)
 
 
+# Output of CAREPOST_MASTER_KEY_COMMAND, per command line, for the life of the process (a secret
+# manager is asked once per process, not per connection).
+_COMMAND_CACHE: dict[str, MasterKey] = {}
+KEY_COMMAND_TIMEOUT = 30
+
+
+def run_master_key_command(command: str) -> MasterKey:
+    """Run the key command (no shell) and read ``<key id>:<base64 of 32 bytes>`` from its stdout.
+
+    The plug-in point for a KMS or secret manager, as git and docker credential helpers: a small
+    program that authenticates to the KMS (instance identity, a TPM, an operator's token), asks it to
+    unwrap or return the master key, and prints it. CarePost never sees the KMS credentials, and the
+    key never touches the data's disk. Its stderr is not read or logged (it may name paths)."""
+    import shlex
+    import subprocess
+
+    cached = _COMMAND_CACHE.get(command)
+    if cached is not None:
+        return cached
+    argv = shlex.split(command)
+    if not argv:
+        raise KeyUnavailable("CAREPOST_MASTER_KEY_COMMAND is empty")
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              timeout=KEY_COMMAND_TIMEOUT, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise KeyUnavailable(f"CAREPOST_MASTER_KEY_COMMAND could not run: {type(exc).__name__}") from None
+    if done.returncode != 0:
+        raise KeyUnavailable(f"CAREPOST_MASTER_KEY_COMMAND exited with status {done.returncode}")
+    try:
+        master = parse_master_key_env(done.stdout.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError, KeyUnavailable):
+        raise KeyUnavailable("CAREPOST_MASTER_KEY_COMMAND must print '<key id>:<base64 of 32 bytes>'") from None
+    _COMMAND_CACHE[command] = master
+    return master
+
+
+def master_key_source(settings: Settings) -> str:
+    """``environment``, ``command`` or ``file``: where the current master key comes from."""
+    if settings.master_key is not None:
+        return "environment"
+    if settings.master_key_command:
+        return "command"
+    return "file"
+
+
 def pending_master_key_file(settings: Settings) -> Path:
     """Where rotation writes the new master key before the re-wrap commits."""
     p = settings.resolved_master_key_file
@@ -99,6 +145,8 @@ def load_master_keys(settings: Settings | None = None) -> tuple[str, dict[str, M
     current: MasterKey | None = None
     if settings.master_key is not None:
         current = parse_master_key_env(settings.master_key.get_secret_value())
+    elif settings.master_key_command:
+        current = run_master_key_command(settings.master_key_command)
     else:
         path = settings.resolved_master_key_file
         if not path.exists():
@@ -106,7 +154,7 @@ def load_master_keys(settings: Settings | None = None) -> tuple[str, dict[str, M
         current = read_master_key_file(path)
     keys[current.id] = current
     pending = pending_master_key_file(settings)
-    if settings.master_key is None and pending.exists():
+    if not settings.master_key_external and pending.exists():
         extra = read_master_key_file(pending)
         keys[extra.id] = extra
     return current.id, keys
