@@ -176,6 +176,17 @@ def test_import_upload_status_and_error_report(client, org, key, session, immedi
     assert report.text.splitlines()[0] == "line,resource,field,reason,severity" and "Condition/c2" in report.text
     assert "rita" not in json.dumps(status).lower()
     assert client.get("/api/v1/imports", headers=h).json()["data"][0]["id"] == job["id"]
+    # issue 10 item 7: one patient (not two records), without an email address ...
+    assert status["patients"] == 1 and status["patients_without_email"] == 1
+    # ... whom the API can give one (PATCH any field)
+    cid = client.get("/api/v1/contacts", headers=h).json()["data"][0]["id"]
+    r = client.patch(f"/api/v1/contacts/{cid}", json={"email": "rita.roe@example.org", "city": "Salem", "deceased": False}, headers=h)
+    assert r.status_code == 200 and r.json()["email"] == "rita.roe@example.org" and r.json()["city"] == "Salem"
+    assert r.json()["family_name"] == "Roe"  # fields not sent are unchanged
+    r = client.patch(f"/api/v1/contacts/{cid}", json={"email": "not-an-address"}, headers=h)
+    assert r.status_code == 422 and r.json()["error"]["field"] == "email"
+    r = client.post("/api/v1/contacts", json={"given_name": "Hand", "family_name": "Made", "email": "hand@example.org"}, headers=h)
+    assert r.status_code == 201 and r.json()["source"] == "api"
 
 
 def test_import_limits_and_bad_requests(client, org, key, session, immediate_queue, monkeypatch):

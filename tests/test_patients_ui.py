@@ -104,6 +104,8 @@ def test_import_wizard_csv_and_fhir(page, worker, clinic, tmp_path):
         page.get_by_test_id("error-report").click()
     report = Path(dl.value.path()).read_text()
     assert report.splitlines()[0] == "line,resource,field,reason,severity" and "3,,DOB," in report
+    assert page.get_by_test_id("count-patients").inner_text() == "1"
+    assert page.get_by_test_id("no-email-warning").count() == 0  # Ann has an address
 
     bundle_path = tmp_path / "synthea.json"
     bundle_path.write_text(to_json(generate_bundle(profile="type2_diabetes", seed=21)))
@@ -112,6 +114,10 @@ def test_import_wizard_csv_and_fhir(page, worker, clinic, tmp_path):
     page.get_by_role("button", name="Start import").click()
     page.wait_for_url(re.compile(r".*/app/imports/[0-9a-f]{32}$"))
     expect(page.get_by_test_id("import-status")).to_have_text("succeeded", timeout=30000)
+    # issue 10 item 7: the summary counts patients (not the hundreds of records) and warns who has no email
+    assert page.get_by_test_id("count-patients").inner_text() == "1"
+    assert int(page.get_by_test_id("count-created").inner_text()) > 10
+    expect(page.get_by_test_id("no-email-warning")).to_contain_text("1 of them has no email address")
     page.get_by_role("link", name="Go to contacts").click()
     assert page.get_by_test_id("contacts").locator("tbody tr").count() == 2
 
@@ -143,5 +149,77 @@ def test_contact_page_masked_for_marketer_unmasked_for_owner(page, browser, live
         assert other.get_by_test_id("birth-date").inner_text() == "1980-05-17"
         assert "MRN-4242" in other.get_by_test_id("identifiers").inner_text()
         assert "recorded" in other.get_by_test_id("view-mode").inner_text()
+    finally:
+        context.close()
+
+
+def test_add_a_patient_by_hand_then_give_an_imported_patient_an_email(page, clinic):
+    """Issue 10 item 7: add a contact from the contacts page; a patient without an email is
+    flagged on their page and given one through Edit patient; a bad address is refused with the
+    field named and nothing saved."""
+    ui_login(page, clinic["owner"])
+    page.goto("/app/contacts")
+    page.get_by_test_id("add-contact").click()
+    page.wait_for_url(re.compile(r".*/app/contacts/new$"))
+    page.get_by_role("button", name="Add patient").click()  # nothing filled in
+    expect(page.get_by_test_id("form-errors")).to_be_visible()
+    assert "at least a name or an email" in page.locator("#given_name-error").inner_text()
+    page.fill("#f-given_name", "Zoë")
+    page.fill("#f-family_name", "Nguyễn")
+    page.fill("#f-birth_date", "1975-04-09")
+    page.select_option("#f-sex", "female")
+    page.fill("#f-city", "Springfield")
+    page.fill("#f-state", "IL")
+    page.get_by_role("button", name="Add patient").click()
+    page.wait_for_url(re.compile(r".*/app/contacts/[0-9a-f]{32}\?m=created$"))
+    assert page.get_by_test_id("contact-name").inner_text() == "Zoë Nguyễn"
+    assert page.get_by_test_id("birth-date").inner_text() == "1975-04-09"
+    expect(page.get_by_test_id("no-email")).to_contain_text("cannot be emailed")
+
+    page.get_by_test_id("edit-contact").click()
+    page.wait_for_url(re.compile(r".*/edit$"))
+    assert page.locator("#f-given_name").input_value() == "Zoë"  # the owner sees what is on file
+    page.fill("#f-email", "not an address")
+    page.get_by_role("button", name="Save changes").click()
+    expect(page.locator("#email-error")).to_be_visible()
+    page.fill("#f-email", "zoe.nguyen@example.org")
+    page.fill("#f-phone", "(555) 010-2030")
+    page.fill("#f-city", "")
+    page.get_by_role("button", name="Save changes").click()
+    page.wait_for_url(re.compile(r".*\?m=saved$"))
+    assert page.get_by_test_id("email").inner_text() == "zoe.nguyen@example.org"
+    assert page.get_by_test_id("no-email").count() == 0
+    assert "Springfield" not in page.get_by_test_id("demographics").inner_text()  # an emptied field is cleared
+    with org_session(clinic["org_id"]) as s:
+        ids = service.find_contact_ids(s, clinic["org_id"], email="zoe.nguyen@example.org")
+        assert len(ids) == 1
+        data = service.contact_dict(s, service.get_contact(s, ids[0]))
+        assert data["source"] == "ui" and data["phone"] == "(555) 010-2030" and data["city"] is None
+
+
+def test_contact_form_at_phone_width(browser, live_server, clinic):
+    """The add-patient form at 390 px: every field fits the screen (no sideways scrolling) and it works."""
+    context = browser.new_context(base_url=live_server.url, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    phone = context.new_page()
+    try:
+        ui_login(phone, clinic["owner"])
+        phone.goto("/app/contacts/new")
+        # the form itself fits the screen: nothing inside it scrolls sideways (the page chrome
+        # around it — top bar and menu at phone width — is issue 10 item 15)
+        form = phone.get_by_test_id("contact-form")
+        box = form.bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 390
+        assert form.evaluate("f => f.scrollWidth <= f.clientWidth")
+        for field in ("#f-given_name", "#f-email", "#f-phone", "#f-birth_date", "#f-sex", "#f-deceased"):
+            box = phone.locator(field).bounding_box()
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, field
+        box = phone.get_by_role("button", name="Add patient").bounding_box()
+        assert box["x"] + box["width"] <= 390
+        phone.fill("#f-given_name", "Mobile")
+        phone.fill("#f-family_name", "Entry")
+        phone.fill("#f-email", "mobile.entry@example.org")
+        phone.get_by_role("button", name="Add patient").click()
+        phone.wait_for_url(re.compile(r".*\?m=created$"))
+        assert phone.get_by_test_id("contact-name").inner_text() == "Mobile Entry"
     finally:
         context.close()

@@ -57,7 +57,9 @@ def import_files(org: str, files: list[Path], *, format: str = "auto", mapping: 
                 continue
             counts = job.counts or {}
             status = {"succeeded": "[green]succeeded[/green]", "failed": "[red]failed[/red]"}.get(job.status, f"[yellow]{job.status}[/yellow]")
-            summary.append(f"{path.name}: {status}: {counts.get('created', 0)} created, {counts.get('updated', 0)} updated, "
+            summary.append(f"{path.name}: {status}: {counts.get('patients', 0)} patients "
+                           f"({counts.get('patients_without_email', 0)} without an email address); records: "
+                           f"{counts.get('created', 0)} created, {counts.get('updated', 0)} updated, "
                            f"{counts.get('skipped', 0)} skipped, {job.error_count} failed, "
                            f"{job.warning_count or 0} kept with warnings (import {job.id})")
             if job.failure:

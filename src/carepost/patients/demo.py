@@ -158,7 +158,11 @@ def load_demo(session, org_id: str, count: int = 200, seed: int = 1):
     data = json.dumps({"resourceType": "Bundle", "type": "collection",
                        "entry": [e for b in synthetic_bundles(count, seed) for e in b["entry"]]}).encode()
     sink = DbErrorSink(session, job)
-    stats = FhirImporter(session, org_id, new_id(), sink).import_json(lambda: io.BytesIO(data))
+    run_id = new_id()
+    stats = FhirImporter(session, org_id, run_id, sink).import_json(lambda: io.BytesIO(data))
+    from carepost.patients.imports import patient_counts
+
+    stats.patients, stats.patients_without_email = patient_counts(session, org_id, run_id)
     job.status = "completed_with_errors" if sink.seq else "succeeded"
     job.counts, job.processed, job.error_count, job.warning_count = stats.as_dict(), stats.processed, sink.seq, sink.warnings
     session.commit()

@@ -79,6 +79,7 @@ class ImportStats:
     patients: int = 0
     warnings: int = 0  # records kept with a flagged value (not counted in ``failed``)
     identifiers_not_kept: int = 0  # SSN, driver's licence, passport... left out (minimum necessary)
+    patients_without_email: int = 0  # of ``patients``: who cannot be emailed until an address is added
 
     def add(self, rtype: str, outcome: str, n: int = 1) -> None:
         setattr(self, outcome, getattr(self, outcome) + n)
@@ -91,7 +92,7 @@ class ImportStats:
 
     def as_dict(self) -> dict:
         return {"created": self.created, "updated": self.updated, "failed": self.failed, "skipped": self.skipped,
-                "warnings": self.warnings, "patients": self.patients,
+                "warnings": self.warnings, "patients": self.patients, "patients_without_email": self.patients_without_email,
                 "identifiers_not_kept": self.identifiers_not_kept,
                 "by_type": self.by_type}
 

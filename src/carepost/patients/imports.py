@@ -291,6 +291,7 @@ def run_job(session: Session, import_id: str, *, opener: Callable[[], IO[bytes]]
             fhir = FhirImporter(session, job.org_id, run_id, sink, validate=validate)
             stats = fhir.import_ndjson(opener) if fmt == "ndjson" else fhir.import_json(opener)
         job.status = "completed_with_errors" if sink.seq else "succeeded"
+        stats.patients, stats.patients_without_email = patient_counts(session, job.org_id, run_id)
     except (FileFailure, CarePostError) as exc:
         session.rollback()
         job = get_job(session, import_id)
@@ -321,6 +322,22 @@ def run_job(session: Session, import_id: str, *, opener: Callable[[], IO[bytes]]
     return job
 
 
+def patient_counts(session: Session, org_id: str, run_id: str) -> tuple[int, int]:
+    """(patients this import created or updated, how many of them have no email address): the
+    summary counts people, not records, and says who cannot be emailed yet."""
+    from sqlalchemy import exists
+
+    from carepost.patients.models import Contact, ContactIdentifier
+
+    patients = session.scalar(select(func.count()).select_from(Contact).where(
+        Contact.org_id == org_id, Contact.last_import_id == run_id)) or 0
+    has_email = exists().where(ContactIdentifier.org_id == org_id, ContactIdentifier.contact_id == Contact.id,
+                               ContactIdentifier.kind == "email")
+    without = session.scalar(select(func.count()).select_from(Contact).where(
+        Contact.org_id == org_id, Contact.last_import_id == run_id, ~has_email)) or 0
+    return patients, without
+
+
 def _mapping_of(session: Session, job: ImportJob):
     from carepost.patients.csvimport import get_mapping
 
@@ -339,6 +356,8 @@ def job_dict(session: Session, job: ImportJob, *, with_errors: int = 20) -> dict
         "size_bytes": job.size_bytes,
         "processed": job.processed,
         "counts": job.counts or {},
+        "patients": (job.counts or {}).get("patients", 0),
+        "patients_without_email": (job.counts or {}).get("patients_without_email", 0),
         "error_count": job.error_count,
         "warning_count": job.warning_count or 0,
         "errors": errors,

@@ -15,13 +15,16 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import RedirectResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from carepost.accounts.access import Principal, require
 from carepost.accounts.permissions import Permission as P
 from carepost.audit.service import record_for
-from carepost.core.errors import ValidationFailed
+from carepost.core.errors import CarePostError, ValidationFailed
 from carepost.patients import csvimport, imports, masking, service
 from carepost.patients.models import FACT_MODELS
+from carepost.patients.schemas import SEXES, ContactIn
 from carepost.web.rendering import render
 
 router = APIRouter(prefix="/app", include_in_schema=False)
@@ -113,8 +116,163 @@ def _render_list(request, principal, rows, next_cursor, form, errors, *, searche
     return render(request, "patients/list.html", {
         "contacts": data, "next_cursor": next_cursor, "form": form, "errors": errors, "searched": searched,
         "stages": stages, "unmasked": unmasked, "total": service.count_contacts(session, principal.org_id),
-        "query": query, "can_import": principal.can(P.CONTACTS_IMPORT),
+        "query": query, "can_import": principal.can(P.CONTACTS_IMPORT), "can_write": principal.can(P.PHI_WRITE),
     }, status_code=422 if errors else 200)
+
+
+# --------------------------------------------------------------------------- add and edit by hand
+
+# (name, label, kind): kind "text" | "email" | "tel" | "date" — fieldsets of the contact form.
+FORM_GROUPS: list[tuple[str, list[tuple[str, str, str]]]] = [
+    ("Name", [("name_prefix", "Prefix", "text"), ("given_name", "Given name", "text"), ("middle_name", "Middle name", "text"),
+              ("family_name", "Family name", "text"), ("name_suffix", "Suffix", "text")]),
+    ("Reach", [("email", "Email address", "email"), ("phone", "Phone", "tel")]),
+    ("Address", [("address_line1", "Street address", "text"), ("address_line2", "Address line 2", "text"), ("city", "City", "text"),
+                 ("state", "State", "text"), ("postal_code", "ZIP code", "text"), ("country", "Country (2 letters)", "text")]),
+    ("Identity", [("mrn", "Medical record number (MRN)", "text"), ("birth_date", "Birth date", "date")]),
+    ("More about the patient", [(n, n.replace("_", " ").capitalize(), "text") for n in (
+        "gender_identity", "preferred_language", "time_zone", "ethnicity", "race", "marital_status", "education",
+        "employment_status", "household_status", "income_band", "coverage_type", "coverage_plan", "religion")]),
+]
+TEXT_FIELDS = [name for _, fields in FORM_GROUPS for name, _, _ in fields]
+# Shown only to those who may see clear values; for others the field is empty and left unchanged when empty.
+HIDDEN_WHEN_MASKED = {"name_prefix", "given_name", "middle_name", "family_name", "name_suffix", "email", "phone",
+                      "address_line1", "address_line2", "mrn", "birth_date"}
+MAX_FORM_VALUE = 320
+
+
+def _form_values(current: dict | None, unmasked: bool) -> dict:
+    if current is None:
+        return {}
+    values = {name: "" if (name in HIDDEN_WHEN_MASKED and not unmasked) else (current.get(name) or "") for name in TEXT_FIELDS}
+    values["sex"] = current.get("sex") or ""
+    values["deceased"] = bool(current.get("deceased"))
+    return values
+
+
+def _changes(form, current: dict | None, unmasked: bool) -> dict:
+    """The ContactIn fields the form changes: every filled field of a new contact; of an existing
+    one, only what differs (an emptied field is cleared; a field hidden from a masked viewer is
+    changed only when filled). The other email addresses and phones of the contact are kept."""
+    data: dict[str, Any] = {}
+    for name in TEXT_FIELDS:
+        value = str(form.get(name) or "").strip()[:MAX_FORM_VALUE]
+        if current is None:
+            if value:
+                data[name] = value
+            continue
+        if name in HIDDEN_WHEN_MASKED and not unmasked:
+            if value:
+                data[name] = value
+            continue
+        if value != str(current.get(name) or ""):
+            data[name] = value or None
+    sex = str(form.get("sex") or "")
+    if (current is None and sex) or (current is not None and sex != (current.get("sex") or "")):
+        data["sex"] = sex or None
+    deceased = form.get("deceased") == "on"
+    if (current is None and deceased) or (current is not None and deceased != bool(current.get("deceased"))):
+        data["deceased"] = deceased
+    if current is not None:
+        if "email" in data:  # the primary address changes; the others stay
+            others = [e for e in current.get("emails") or [] if e != current.get("email")]
+            data["emails"] = ([data.pop("email")] if data.get("email") else []) + others
+            data.pop("email", None)
+        if "phone" in data:
+            others = [p for p in current.get("phones") or [] if p.get("value") != current.get("phone")]
+            first = [{"value": data.pop("phone"), "use": (current.get("phones") or [{}])[0].get("use")}] if data.get("phone") else []
+            data.pop("phone", None)
+            data["phones"] = first + [{"value": p["value"], "use": p.get("use")} for p in others]
+        if "mrn" in data:
+            if not data["mrn"]:
+                data.pop("mrn")  # an MRN is replaced, never removed, by hand
+            else:
+                system = next((i["system"] for i in current.get("identifiers") or [] if i.get("type") == service.MRN_TYPE), None)
+                if system:
+                    data["mrn_system"] = system
+    return data
+
+
+def _form_errors_from(exc: ValidationError) -> dict[str, str]:
+    errors: dict[str, str] = {}
+    for err in exc.errors(include_input=False, include_url=False):
+        loc = [str(p) for p in err.get("loc", ())]
+        name = {"emails": "email", "phones": "phone"}.get(loc[0], loc[0]) if loc else "form"
+        errors.setdefault(name, str(err.get("msg", "invalid")).replace("Value error, ", "").capitalize() + ".")
+    return errors
+
+
+def _save_form(request: Request, principal: Principal, form, contact_id: str | None):
+    session = request.state.db
+    unmasked = masking.wants_unmasked(principal)
+    contact = service.get_contact(session, contact_id) if contact_id else None
+    current = service.contact_dict(session, contact) if contact is not None else None
+    data = _changes(form, current, unmasked)
+    errors: dict[str, str] = {}
+    if contact is None and not (data.get("given_name") or data.get("family_name") or data.get("email")):
+        errors["given_name"] = "Enter at least a name or an email address."
+    body = None
+    if not errors:
+        try:
+            body = ContactIn.model_validate(data)
+        except ValidationError as exc:
+            errors = _form_errors_from(exc)
+    if body is not None and not errors:
+        try:
+            result = service.save_contact(session, principal.org_id, body, source="ui", contact=contact)
+            session.flush()
+        except CarePostError as exc:
+            session.rollback()
+            field = (exc.field or "form").split(".")[0]
+            errors[{"emails": "email", "phones": "phone", "identifiers": "mrn"}.get(field, field)] = exc.message
+        else:
+            created = contact is None
+            record_for(session, principal, request, "contact.create" if created else "contact.update", target_type="contact",
+                       target_id=result.contact.id, details={"fields": sorted(body.model_fields_set), "page": "contact_form",
+                                                             "view": "unmasked" if unmasked else "masked"})
+            session.commit()
+            return RedirectResponse(f"/app/contacts/{result.contact.id}?m={'created' if created else 'saved'}", status_code=303)
+    values = {name: str(form.get(name) or "")[:MAX_FORM_VALUE] for name in TEXT_FIELDS}
+    values["sex"] = str(form.get("sex") or "")
+    values["deceased"] = form.get("deceased") == "on"
+    return _render_form(request, principal, current, values, errors, status_code=422)
+
+
+def _render_form(request, principal, current: dict | None, values: dict, errors: dict, status_code: int = 200):
+    unmasked = masking.wants_unmasked(principal)
+    return render(request, "patients/form.html", {
+        "c": current, "values": values, "errors": errors, "groups": FORM_GROUPS, "sexes": SEXES, "unmasked": unmasked,
+        "hidden_when_masked": HIDDEN_WHEN_MASKED,
+    }, status_code=status_code)
+
+
+@router.get("/contacts/new")
+def contact_new_page(request: Request, principal: Principal = Depends(require(P.PHI_WRITE))):
+    return _render_form(request, principal, None, {}, {})
+
+
+@router.post("/contacts/new")
+async def contact_create(request: Request, principal: Principal = Depends(require(P.PHI_WRITE))):
+    form = await request.form()
+    return await run_in_threadpool(_save_form, request, principal, form, None)
+
+
+@router.get("/contacts/{contact_id}/edit")
+def contact_edit_page(request: Request, contact_id: str, principal: Principal = Depends(require(P.PHI_WRITE))):
+    session = request.state.db
+    contact = service.get_contact(session, contact_id)
+    unmasked = masking.wants_unmasked(principal)
+    current = service.contact_dict(session, contact)
+    record_for(session, principal, request, "contact.read", target_type="contact", target_id=contact.id,
+               details={"view": "unmasked" if unmasked else "masked", "page": "contact_form"})
+    session.commit()
+    return _render_form(request, principal, current, _form_values(current, unmasked), {})
+
+
+@router.post("/contacts/{contact_id}/edit")
+async def contact_update(request: Request, contact_id: str, principal: Principal = Depends(require(P.PHI_WRITE))):
+    form = await request.form()
+    return await run_in_threadpool(_save_form, request, principal, form, contact_id)
 
 
 @router.get("/contacts/{contact_id}")
