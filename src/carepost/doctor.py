@@ -336,6 +336,27 @@ def check_sending_domains(settings: Settings) -> list[Finding]:
                     f"{names}. Publish the records and run `carepost domain check`.")]
 
 
+def check_api_credentials(settings: Settings) -> list[Finding]:
+    """API credentials expiring within 30 days (issue 9 item 6): replace them before they stop."""
+    from sqlalchemy.orm import Session
+
+    from carepost.accounts.credentials import expiring_credentials
+    from carepost.core.database import make_engine
+
+    engine = make_engine(settings)
+    try:
+        with Session(engine) as session:
+            session.info["scope"] = "system"
+            soon = [(c.key_id, c.expires_at) for c in expiring_credentials(session)]
+    finally:
+        engine.dispose()
+    if not soon:
+        return [Finding("API credentials", "ok", "No API credential expires within 30 days.")]
+    names = ", ".join(f"{key_id} ({at:%Y-%m-%d})" for key_id, at in sorted(soon, key=lambda x: x[1])[:10])
+    return [Finding("API credentials", "warn", f"{len(soon)} API credential(s) expire within 30 days: {names}. "
+                    "Create replacements and revoke the old ones.")]
+
+
 def check_base_url(settings: Settings) -> list[Finding]:
     parts = urlsplit(settings.base_url)
     if parts.scheme == "https":
@@ -388,6 +409,7 @@ CHECKS: list[tuple[str, Callable[[Settings], list[Finding]]]] = [
     ("SMTP", check_smtp),
     ("outbound mail", check_outbound_overrides),
     ("sending domains", check_sending_domains),
+    ("API credentials", check_api_credentials),
     ("base URL", check_base_url),
     ("MFA", check_mfa),
     ("task queue", check_queue),

@@ -161,7 +161,7 @@ class ApiCredentialCreate(BaseModel):
 
     name: str = Field(min_length=1, max_length=creds.NAME_MAX, description="What the credential is for")
     scopes: list[str] = Field(default_factory=list, description="API scopes; never more than your own permissions")
-    expires_in_days: int | None = Field(None, ge=1, le=creds.MAX_EXPIRY_DAYS, description="Empty: does not expire")
+    expires_in_days: int | None = Field(None, ge=1, le=creds.MAX_EXPIRY_DAYS, description="Empty: the installation default (CAREPOST_API_KEY_EXPIRY_DAYS, one year)")
     sandbox: bool = Field(False, description="Requests made with it are test traffic: nothing is delivered")
     rate_limit_per_minute: int | None = Field(None, ge=1, le=100_000, description="Empty: the server default")
 
@@ -178,7 +178,9 @@ class ApiCredentialOut(BaseModel):
     expires_at: datetime | None
     revoked_at: datetime | None
     last_used_at: datetime | None
-    status: str = Field(description="active, expired or revoked")
+    status: str = Field(description="active, suspended (scopes exceed the creator's current role), expired or revoked")
+    suspended_at: datetime | None = None
+    expires_soon: bool = Field(False, description="Active and expiring within 30 days: replace it")
 
 
 class ApiCredentialCreated(ApiCredentialOut):

@@ -114,10 +114,15 @@ def hash_access_token(token: str) -> str:
 # --------------------------------------------------------------------------- managing credentials
 
 
+EXPIRY_WARNING = timedelta(days=30)
+
+
 def credential_status(cred: ApiCredential, now: datetime | None = None) -> str:
     now = now or clock.now()
     if cred.revoked_at is not None:
         return "revoked"
+    if cred.suspended_at is not None:
+        return "suspended"
     if cred.expires_at is not None and clock.aware(cred.expires_at) <= now:
         return "expired"
     return "active"
@@ -163,7 +168,11 @@ def create_credential(
     if not name or len(name) > NAME_MAX or any(ord(c) < 32 for c in name):
         raise ValidationFailed(f"A credential needs a name of 1 to {NAME_MAX} printable characters.", field="name")
     wanted = validate_scopes(scopes, creator_permissions)
-    expires_at = None
+    if expires_in_days is None:
+        # Issue 9 item 6: no key lives forever by default (CAREPOST_API_KEY_EXPIRY_DAYS).
+        from carepost.core.config import get_settings
+
+        expires_in_days = get_settings().api_key_expiry_days
     if expires_in_days is not None:
         if isinstance(expires_in_days, bool) or not isinstance(expires_in_days, int) or not 1 <= expires_in_days <= MAX_EXPIRY_DAYS:
             raise ValidationFailed(f"Expiry must be 1 to {MAX_EXPIRY_DAYS} days.", field="expires_in_days")
@@ -248,7 +257,58 @@ def credential_view(cred: ApiCredential, now: datetime | None = None) -> dict:
         "revoked_at": clock.aware(cred.revoked_at),
         "last_used_at": clock.aware(cred.last_used_at),
         "status": credential_status(cred, now),
+        "suspended_at": clock.aware(cred.suspended_at),
+        "expires_soon": expires_soon(cred, now),
     }
+
+
+def expires_soon(cred: ApiCredential, now: datetime | None = None) -> bool:
+    """Active and expiring within :data:`EXPIRY_WARNING` (the warning in doctor, UI and API)."""
+    now = now or clock.now()
+    return (credential_status(cred, now) == "active" and cred.expires_at is not None
+            and clock.aware(cred.expires_at) - now <= EXPIRY_WARNING)
+
+
+def expiring_credentials(session: Session, now: datetime | None = None) -> list[ApiCredential]:
+    """Active credentials of every organization expiring within :data:`EXPIRY_WARNING` (doctor)."""
+    from carepost.core.database import ALL_ORGANIZATIONS
+
+    now = now or clock.now()
+    rows = session.scalars(select(ApiCredential).where(
+        ApiCredential.revoked_at.is_(None), ApiCredential.suspended_at.is_(None),
+        ApiCredential.expires_at.is_not(None), ApiCredential.expires_at > now,
+        ApiCredential.expires_at <= now + EXPIRY_WARNING).execution_options(**ALL_ORGANIZATIONS))
+    return list(rows)
+
+
+def credentials_created_by(session: Session, org_id: str, user_id: str) -> list[ApiCredential]:
+    return list(session.scalars(select(ApiCredential).where(
+        ApiCredential.org_id == org_id, ApiCredential.created_by == user_id, ApiCredential.revoked_at.is_(None))))
+
+
+def follow_creator_role(session: Session, org_id: str, user_id: str, permissions) -> tuple[list[str], list[str]]:
+    """Issue 9 item 6: a credential never holds more than its creator now may. Suspend the
+    creator's credentials whose scopes exceed ``permissions`` (None: the creator left — revoke
+    them all); lift a suspension once the role covers the scopes again. Returns (suspended or
+    revoked ids, resumed ids)."""
+    stopped, resumed = [], []
+    now = clock.now()
+    for cred in credentials_created_by(session, org_id, user_id):
+        if permissions is None:
+            revoke_credential(session, cred)
+            stopped.append(cred.id)
+            continue
+        exceeds = any(scope not in permissions for scope in (cred.scopes or []))
+        if exceeds and cred.suspended_at is None:
+            cred.suspended_at = now
+            session.execute(update(OAuthToken).where(OAuthToken.org_id == org_id, OAuthToken.credential_id == cred.id,
+                                                     OAuthToken.revoked_at.is_(None)).values(revoked_at=now))
+            stopped.append(cred.id)
+        elif not exceeds and cred.suspended_at is not None:
+            cred.suspended_at = None
+            resumed.append(cred.id)
+    session.flush()
+    return stopped, resumed
 
 
 # --------------------------------------------------------------------------- scoping helpers
@@ -320,13 +380,15 @@ class _Authenticated:
     extra: dict = field(default_factory=dict)
 
 
-def principal_from_authorization(request, session: Session) -> Principal | None:
+def principal_from_authorization(request, session: Session, *, count_request: bool = True) -> Principal | None:
     """Authenticate the ``Authorization`` header of an API request; None means 401.
 
     Called by ``access._authenticate`` with the request's still unscoped session. Commits its
     own bookkeeping (consumed nonce, last use, the audit event of a failure) because it must
     persist even when the route then fails or the caller is refused. Raises
-    :class:`RateLimited` when the credential is over its limit."""
+    :class:`RateLimited` when the credential is over its limit. ``count_request=False``: the
+    authentication is not a request of its own (SMTP AUTH: the limit counts messages, each one
+    at DATA)."""
     header = request.headers.get("authorization", "")
     scheme, _, rest = header.strip().partition(" ")
     method = scheme.lower() or "none"
@@ -366,7 +428,8 @@ def principal_from_authorization(request, session: Session) -> Principal | None:
         rate_limit_per_minute=limit,
         extra={"auth_method": auth.method, "key_id": cred.key_id, "credential_name": cred.name, **auth.extra},
     )
-    enforce(f"credential:{cred.id}", limit)
+    if count_request:
+        enforce(f"credential:{cred.id}", limit)
     return principal
 
 

@@ -120,6 +120,8 @@ class ApiCredential(OrgScoped, Base):
     created_at: Mapped[datetime] = mapped_column(default=clock.now)
     expires_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+    # Issue 9 item 6: set while the scopes exceed what the creator's role now allows.
+    suspended_at: Mapped[datetime | None]
     last_used_at: Mapped[datetime | None]
 
 

@@ -777,7 +777,8 @@ from carepost.accounts import credentials as api_creds  # noqa: E402
 from carepost.accounts.permissions import API_SCOPES  # noqa: E402
 from carepost.core.errors import ValidationFailed  # noqa: E402
 
-_EXPIRY_CHOICES = [("30", "in 30 days"), ("90", "in 90 days"), ("365", "in a year"), ("", "never")]
+# No "never" (issue 9 item 6): empty means the installation default (CAREPOST_API_KEY_EXPIRY_DAYS).
+_EXPIRY_CHOICES = [("30", "in 30 days"), ("90", "in 90 days"), ("365", "in a year"), ("", "installation default")]
 
 
 def _api_credentials_page(request: Request, principal: Principal, *, errors: dict | None = None, form: dict | None = None,

@@ -319,7 +319,23 @@ def change_role(session: Session, org_id: str, user_id: str, role: str, *, actor
     membership.role = role
     _record(audit, session=session, org_id=org_id, action="membership.role_change", target_type="user",
             target_id=user.id, details={"old_role": old, "new_role": role})
+    _follow_keys(session, org_id, user.id, permissions_for(role), audit)
     return membership
+
+
+def _follow_keys(session: Session, org_id: str, user_id: str, permissions, audit: dict | None) -> None:
+    """Issue 9 item 6: the API credentials a person created follow their role (suspended when
+    their scopes exceed it, resumed when it covers them again) and die with their membership."""
+    from carepost.accounts.credentials import follow_creator_role
+
+    stopped, resumed = follow_creator_role(session, org_id, user_id, permissions)
+    action = "api_credential.revoke" if permissions is None else "api_credential.suspend"
+    for cred_id in stopped:
+        _record(audit, session=session, org_id=org_id, action=action, target_type="api_credential", target_id=cred_id,
+                details={"reason": "creator_removed" if permissions is None else "creator_role_narrowed"})
+    for cred_id in resumed:
+        _record(audit, session=session, org_id=org_id, action="api_credential.resume", target_type="api_credential",
+                target_id=cred_id, details={"reason": "creator_role_covers_scopes"})
 
 
 def remove_member(session: Session, org_id: str, user_id: str, *, actor_role: str | None,
@@ -336,6 +352,7 @@ def remove_member(session: Session, org_id: str, user_id: str, *, actor_role: st
         if _owner_count(session, org_id) <= 1:
             raise Conflict("The last owner cannot be removed. Make someone else owner first.", field="user_id")
     session.delete(membership)
+    _follow_keys(session, org_id, user.id, None, audit)
     for ws in session.scalars(select(WebSession).where(WebSession.user_id == user.id, WebSession.org_id == org_id, WebSession.revoked_at.is_(None))):
         ws.revoked_at = clock.now()
     for link in session.scalars(select(OneTimeLink).where(OneTimeLink.user_id == user.id, OneTimeLink.org_id == org_id, OneTimeLink.used_at.is_(None))):

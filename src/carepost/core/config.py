@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     argon2_memory_cost: int = Field(65536, description="Argon2id memory in KiB for password hashes.")
     argon2_parallelism: int = Field(4, description="Argon2id lanes for password hashes.")
     enrollment_link_hours: int = Field(72, description="Validity of a new person's one-time enrollment link, in hours.")
+    api_key_expiry_days: int = Field(
+        365, ge=1, le=3650,
+        description="Lifetime of a new API credential created without an explicit expiry, in days (1 to 3650). "
+        "Credentials expiring within 30 days are flagged by `doctor`, the UI and the API (`expires_soon`).",
+    )
     log_level: str = Field("INFO", description="Log level.")
     log_json: bool = Field(True, description="JSON log lines (false: human-readable console lines).")
     access_log: bool = Field(
