@@ -279,3 +279,24 @@ def test_parsing_hostile_submissions_never_raises_anything_but_a_clear_refusal(h
         assert exc.field
         return
     assert data["to"] + data["cc"] + data["bcc"] and isinstance(data["contains_phi"], bool)
+
+
+def test_the_rate_limit_counts_messages_not_authentications(submission, session):
+    """``--rate-limit N`` accepts exactly N messages a minute, however many times the client
+    authenticates (AUTH used to count too: a client that logs in per message got N/2)."""
+    from carepost.accounts.credentials import create_credential
+
+    cred, secret = create_credential(session, submission.sender.org_id, name="limited", scopes=["messages:send"],
+                                     rate_limit_per_minute=3)
+    session.commit()
+    for _ in range(3):  # a new session, and a new AUTH, for every message
+        with submission.connect() as client:
+            client.login(cred.key_id, secret)
+            assert client.send_message(message(), to_addrs=["pat@valid.test"]) == {}
+    with submission.connect() as client:
+        client.login(cred.key_id, secret)  # authenticating is not a message: still allowed
+        with pytest.raises(smtplib.SMTPDataError) as exc:
+            client.send_message(message(), to_addrs=["pat@valid.test"])
+        assert exc.value.smtp_code == 451 and b"4.7.1" in exc.value.smtp_error
+    assert len(stored(session)) == 3
+

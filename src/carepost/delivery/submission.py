@@ -88,7 +88,8 @@ def authenticate(key_id: str, secret: str, peer: str | None) -> Submitter | None
 
     session = session_factory()()
     try:
-        principal = principal_from_authorization(_AuthRequest(peer, key_id, secret), session)
+        # Not counted against the rate limit: the limit is per message (accept_submission).
+        principal = principal_from_authorization(_AuthRequest(peer, key_id, secret), session, count_request=False)
         if principal is None:
             return None
         if not principal.can(Permission.MESSAGES_SEND):
