@@ -105,6 +105,18 @@ def test_verified_tls_delivery_with_evidence_and_dkim(env):
     assert len(env.received("valid")) == 3
 
 
+def test_evidence_names_the_mx_address_and_port(env):
+    """docs/delivery.md: evidence per recipient names the MX host, address and port it was handed
+    to — recorded by the pipeline and shown by the message view."""
+    message_id = env.send()
+    assert pipeline.deliver([message_id]).statuses == {"delivered": 1}
+    [received] = env.received("valid")
+    assert received.tls
+    ev = env.one(message_id)["evidence"]
+    assert ev["mx_host"] == "mx.valid.test"
+    assert ev["address"] == "127.0.0.1" and ev["port"] == env.peers.mx["valid"].port
+
+
 @pytest.mark.parametrize("name", ["plain", "selfsigned", "expired", "wronghost"])
 def test_no_verified_tls_means_the_portal_and_a_notification_without_phi(env, session, name):
     from carepost.portal.models import PortalMessage

@@ -375,7 +375,8 @@ def recipient_address(session: Session, recipient: MessageRecipient) -> str:
 def _evidence_view(recipient: MessageRecipient, sandbox: bool) -> dict:
     evidence = dict(recipient.evidence or {})
     return {
-        "mx_host": evidence.get("mx_host"), "tls_version": evidence.get("tls_version"), "cipher": evidence.get("cipher"),
+        "mx_host": evidence.get("mx_host"), "address": evidence.get("address"), "port": evidence.get("port"),
+        "tls_version": evidence.get("tls_version"), "cipher": evidence.get("cipher"),
         "cert_fingerprint": evidence.get("cert_fingerprint"), "cert_verified": bool(evidence.get("cert_verified")),
         "mta_sts": evidence.get("mta_sts"), "relay": bool(evidence.get("relay")), "reply_code": evidence.get("reply_code"),
         "key_fingerprint": recipient.key_fingerprint, "portal_message_id": recipient.portal_message_id,

@@ -128,6 +128,8 @@ class EventOut(BaseModel):
 
 class EvidenceOut(BaseModel):
     mx_host: str | None = None
+    address: str | None = Field(None, description="The IP address of the MX host the message was handed to.")
+    port: int | None = Field(None, description="The port of that connection.")
     tls_version: str | None = None
     cipher: str | None = None
     cert_fingerprint: str | None = None

@@ -191,6 +191,14 @@ async def open_connection(target: cpdns.MxTarget, address: str, *, require_verif
     return PooledConnection(smtp, target, address, TlsSession(None, None, None, False))
 
 
+def _peer(conn: PooledConnection) -> tuple | None:
+    try:
+        peer = conn.smtp.get_transport_info("peername")
+    except Exception:  # noqa: BLE001 - a closed transport: fall back to the address dialed
+        return None
+    return (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) and len(peer) >= 2 else None
+
+
 class ConnectionPool:
     """Idle connections per destination (MX host, address, port), at most ``size`` in use and
     kept per destination. A connection carries its TLS state; one without verified TLS is never
@@ -416,8 +424,10 @@ class DeliveryClient:
 
     def _evidence(self, conn: PooledConnection, sts, code: int | None, reply: str | None) -> Evidence:
         policy = sts.policy if sts is not None else None
+        peer = _peer(conn)  # the connected socket's peer: the MX address and port it was handed to
         return Evidence(
-            mx_host=conn.target.host, address=conn.address, port=conn.target.port, tls_version=conn.tls.version,
+            mx_host=conn.target.host, address=peer[0] if peer else conn.address,
+            port=peer[1] if peer else conn.target.port, tls_version=conn.tls.version,
             cipher=conn.tls.cipher, cert_fingerprint=conn.tls.cert_fingerprint, cert_verified=conn.tls.verified,
             dane=conn.tls.dane, mta_sts=policy.mode if policy else None, mta_sts_id=policy.id if policy else None,
             mta_sts_source=sts.source if policy else None,
