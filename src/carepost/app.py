@@ -105,6 +105,9 @@ def _error_response(request: Request, status: int, body: dict, headers: dict | N
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
+WWW_AUTHENTICATE = 'Bearer realm="CarePost API", Basic realm="CarePost API", charset="UTF-8"'
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CarePostError)
     async def _carepost_error(request: Request, exc: CarePostError):
@@ -114,7 +117,18 @@ def install_error_handlers(app: FastAPI) -> None:
 
             # A browser that is not signed in, or has not finished MFA, is sent to finish it.
             return RedirectResponse("/app/login" if exc.status_code == 401 else "/app/mfa", status_code=303)
+        if exc.status_code == 401:
+            # RFC 9110 15.5.2: a 401 names the schemes that would work (RFC 6750 Bearer, RFC 7617 Basic).
+            headers = {**(headers or {}), "WWW-Authenticate": WWW_AUTHENTICATE}
         return _error_response(request, exc.status_code, exc.to_dict(), headers)
+
+    from sqlalchemy.orm.exc import StaleDataError
+
+    @app.exception_handler(StaleDataError)
+    async def _stale(request: Request, exc: StaleDataError):
+        # The row was deleted (or changed) by another request between reading and writing it.
+        return _error_response(request, 404, {"code": "not_found", "message": "It was removed or changed meanwhile; "
+                                              "reload and try again."})
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -136,7 +150,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException):
         codes = {404: "not_found", 405: "method_not_allowed", 401: "authentication_required", 403: "permission_denied"}
         message = exc.detail if isinstance(exc.detail, str) else "error"
-        return _error_response(request, exc.status_code, {"code": codes.get(exc.status_code, "http_error"), "message": message}, getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 401:
+            headers.setdefault("WWW-Authenticate", WWW_AUTHENTICATE)
+        return _error_response(request, exc.status_code, {"code": codes.get(exc.status_code, "http_error"), "message": message},
+                               headers or None)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_HTML = 512 * 1024
 MAX_TEXT = 256 * 1024
+# One line: no line breaks or other control characters (refused here, at acceptance, not at send).
+ONE_LINE = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*$"
 
 
 class TemplateIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=200, description="Unique in the organization.")
-    subject: str = Field(min_length=1, max_length=998, description="One line. With contains_phi, no variables.")
-    preheader: str = Field(default="", max_length=1000, description="Inbox preview text. With contains_phi, no variables.")
+    name: str = Field(min_length=1, max_length=200, pattern=ONE_LINE, description="Unique in the organization.")
+    subject: str = Field(min_length=1, max_length=998, pattern=ONE_LINE, description="One line. With contains_phi, no variables.")
+    preheader: str = Field(default="", max_length=1000, pattern=ONE_LINE,
+                           description="Inbox preview text. With contains_phi, no variables.")
     html: str = Field(default="", max_length=MAX_HTML, description="Jinja2 (sandboxed), autoescaped.")
     text: str = Field(default="", max_length=MAX_TEXT, description="Jinja2 (sandboxed), not escaped.")
     contains_phi: bool = Field(default=True, description="Messages from this template carry PHI (the default).")
@@ -36,6 +39,12 @@ class TemplateOut(BaseModel):
     variables: list[str] = Field(description="Top-level data names the template uses.")
     created_at: datetime
     updated_at: datetime
+
+    @field_validator("created_at", "updated_at")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        # SQLite gives timestamps back without their zone; every CarePost timestamp is UTC.
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
 class PreviewIn(BaseModel):

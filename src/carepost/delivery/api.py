@@ -217,6 +217,9 @@ def check_domain(request: Request, domain_id: str, principal: Principal = Depend
     records = service.dns_records(row)
     session.commit()  # no transaction stays open while DNS answers
     results = asyncio.run(service.check_dns(records))
+    # Read it again from the database: it may have been deleted while DNS answered (404, not a
+    # StaleDataError from updating a row that is gone).
+    session.expire_all()
     row = service.sending_domain_by_id(session, domain_id)
     service.apply_dns_check(row, results)
     _audit(request, principal, "sending_domain.check", "sending_domain", row.id, dns_ok=row.dns_ok,

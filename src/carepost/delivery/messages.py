@@ -96,17 +96,10 @@ def check_idempotency_key(key: str | None) -> str | None:
 
 
 def _check_attachment(attachment, field_name: str, *, inline: bool) -> None:
-    ctype = (attachment.content_type or "").lower().strip()
-    filename = attachment.filename or ""
-    extension = filename.rsplit(".", 1)[-1].lower() if "." in filename else ""
-    content = bytes(attachment.content)
-    if ctype in BLOCKED_TYPES or extension in BLOCKED_EXTENSIONS or content.startswith(_EXECUTABLE_MAGIC):
-        raise ValidationFailed("Executable and script attachments are not allowed.", field=field_name)
-    if inline and not ctype.startswith("image/"):
-        raise ValidationFailed("An inline attachment (content_id) must be an image.", field=field_name)
-    signatures = _SIGNATURES.get(ctype)
-    if signatures and not content.startswith(signatures):
-        raise ValidationFailed(f"The content is not {ctype}.", field=field_name)
+    # The one allow-list, shared with the portal's downloads (delivery/attachments.py).
+    from carepost.delivery.attachments import check_attachment
+
+    check_attachment(attachment.filename, attachment.content_type, bytes(attachment.content), field_name, inline=inline)
 
 
 def _prefixed(exc: ValidationFailed, prefix: str) -> ValidationFailed:

@@ -710,6 +710,10 @@ def attachment(session: Session, pm: PortalMessage, attachment_id: str, ctx: dic
     ring = get_keyring()
     filename = ring.decrypt_text(session, pm.org_id, PortalAttachment.__tablename__, "filename", row.id, row.filename_enc)
     content = ring.decrypt(session, pm.org_id, PortalAttachment.__tablename__, "content", row.id, row.content_enc)
+    # The same allow-list as acceptance: a file stored before it (or by another path) is not served.
+    from carepost.delivery.attachments import check_attachment
+
+    check_attachment(filename, row.content_type, content, "attachment")
     _audit(session, pm, "portal.attachment.download", ctx, attachment_id=row.id, size=row.size)
     return filename, row.content_type, content
 
