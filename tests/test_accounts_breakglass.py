@@ -8,7 +8,8 @@ from datetime import timedelta
 from sqlalchemy import select
 from starlette.requests import Request
 
-from carepost.accounts.models import BreakGlassGrant
+from carepost.accounts import emergency
+from carepost.accounts.models import BreakGlassGrant, InAppNotice
 from carepost.accounts.sessions import COOKIE_NAME, principal_from_cookie
 from carepost.audit.models import AuditEvent
 from carepost.core import clock
@@ -32,7 +33,7 @@ def actions(session, org_id):
 
 
 def test_break_glass_lifecycle(client, org, make_user, session):
-    marketer = make_user(org, role="marketer")
+    marketer = make_user(org, role="care_team")
     csrf = login_client(client, marketer)
     assert "phi:read_unmasked" not in principal_of(client).permissions
     page = client.get("/app/break-glass")
@@ -45,7 +46,8 @@ def test_break_glass_lifecycle(client, org, make_user, session):
     # The reason is kept on the grant, not copied into the audit log.
     session.rollback()
     grant = session.scalar(select(BreakGlassGrant))
-    assert grant.reason == REASON and grant.user_id == marketer.id
+    assert emergency.reason_of(session, grant) == REASON and grant.user_id == marketer.id
+    assert REASON.encode() not in grant.reason_enc  # stored encrypted
     start = session.scalar(select(AuditEvent).where(AuditEvent.action == "breakglass.start"))
     assert start.target_id == grant.id and start.actor_id == marketer.id and REASON not in str(start.details)
     # Time runs out: permissions go, the end is audited once.
@@ -60,7 +62,7 @@ def test_break_glass_lifecycle(client, org, make_user, session):
 
 
 def test_end_early_and_compliance_review(client, org, make_user, session):
-    marketer = make_user(org, role="marketer")
+    marketer = make_user(org, role="care_team")
     officer = make_user(org, role="compliance_officer")
     csrf = login_client(client, marketer)
     client.post("/app/break-glass", data={"reason": REASON, "minutes": "60", "csrf_token": csrf})
@@ -91,7 +93,7 @@ def test_end_early_and_compliance_review(client, org, make_user, session):
 
 
 def test_break_glass_bad_input_and_permission(client, org, make_user, session, monkeypatch):
-    marketer = make_user(org, role="marketer")
+    marketer = make_user(org, role="care_team")
     csrf = login_client(client, marketer)
     r = client.post("/app/break-glass", data={"reason": "need it", "minutes": "30", "csrf_token": csrf})
     assert r.status_code == 422 and 'id="reason-error"' in r.text
@@ -117,8 +119,8 @@ def test_grant_is_per_organization(client, org, make_user, session):
 
     second = create_organization(session, "Zeta Health")
     session.commit()
-    marketer = make_user(org, role="marketer")
-    make_user(second, role="marketer", email=marketer.email)
+    marketer = make_user(org, role="care_team")
+    make_user(second, role="care_team", email=marketer.email)
     csrf = login_client(client, marketer)
     client.post("/app/break-glass", data={"reason": REASON, "minutes": "30", "csrf_token": csrf})
     assert principal_of(client).break_glass_grant_id
@@ -127,3 +129,88 @@ def test_grant_is_per_organization(client, org, make_user, session):
     client.post("/app/switch-org", data={"org_id": second.id, "csrf_token": csrf})
     p = principal_of(client)
     assert p.org_id == second.id and p.break_glass_grant_id is None and "phi:read_unmasked" not in p.permissions
+
+
+# --------------------------------------------------------------------------- issue 9 item 8
+
+
+def test_only_care_and_compliance_duties_may_break_the_glass(client, org, make_user, session, app):
+    """A marketer (or analyst, developer, read-only) cannot grant itself unmasked access, even
+    if a permission were added to its role: the role itself is checked."""
+    from fastapi.testclient import TestClient
+
+    from carepost.accounts.permissions import ROLES, Permission
+
+    for role in ("marketer", "analyst", "developer", "read_only"):
+        person = make_user(org, role=role)
+        c = TestClient(app)
+        csrf = login_client(c, person)
+        assert Permission.BREAKGLASS_USE not in ROLES[role]
+        r = c.post("/app/break-glass", data={"reason": REASON, "minutes": "5", "csrf_token": csrf})
+        assert r.status_code == 403, role
+    for role in ("care_team", "admin"):
+        person = make_user(org, role=role)
+        c = TestClient(app)
+        csrf = login_client(c, person)
+        r = c.post("/app/break-glass", data={"reason": REASON, "minutes": "5", "csrf_token": csrf}, follow_redirects=False)
+        assert r.status_code == 303, role
+    session.rollback()
+    assert len(list(session.scalars(select(BreakGlassGrant)))) == 2
+    # Defence in depth: the role check holds even for a principal that carries the permission.
+    from carepost.accounts.access import Principal
+    from carepost.core.errors import PermissionDenied
+
+    fake = Principal(kind="user", org_id=org.id, actor_id="x", user_id="x", role="marketer",
+                     permissions=frozenset({Permission.BREAKGLASS_USE}))
+    try:
+        emergency.check_role(fake)
+        raise AssertionError("a marketer passed the break-glass role check")
+    except PermissionDenied:
+        pass
+
+
+def test_every_use_alerts_compliance_users_at_once_by_email_and_in_app(client, org, make_user, session, app,
+                                                                       delivery_env, delivery_queue):
+    import email as email_lib
+    import email.policy
+
+    from fastapi.testclient import TestClient
+
+    from carepost.core.database import org_session
+    from carepost.delivery import pipeline
+    from carepost.delivery import service as delivery
+    from carepost.delivery.models import Message
+
+    with org_session(org.id) as s:
+        delivery.create_sending_domain(s, org.id, "bar.example")
+        s.commit()
+    officer = make_user(org, role="compliance_officer", email="privacy@valid.test")
+    owner = make_user(org, role="owner", email="boss@valid.test")
+    nurse = make_user(org, role="care_team")
+    csrf = login_client(client, nurse)
+    for _ in range(3):
+        r = client.post("/app/break-glass", data={"reason": REASON, "minutes": "5", "csrf_token": csrf},
+                        follow_redirects=False)
+        assert r.status_code == 303
+        clock.advance(timedelta(minutes=6))
+        client.get("/app/break-glass")
+    session.rollback()
+    session.expire_all()
+    notices = list(session.scalars(select(InAppNotice).where(InAppNotice.kind == "break_glass")))
+    assert sorted({n.user_id for n in notices}) == sorted({officer.id, owner.id}) and len(notices) == 6
+    ids = list(session.scalars(select(Message.id).where(Message.created_by == "system:account.break_glass")))
+    assert len(ids) == 6
+    pipeline.deliver(ids)
+    received = delivery_env.mx["valid"].recorder.messages
+    assert sorted({m.rcpt_tos[0] for m in received}) == ["boss@valid.test", "privacy@valid.test"]
+    for m in received:
+        assert REASON.encode() not in m.data and b"4411" not in m.data  # no reason, no case, no patient
+        parsed = email_lib.message_from_bytes(m.data, policy=email.policy.default)
+        assert parsed["Subject"] == "Emergency access used in Bar Clinic"
+    # The compliance view: new alerts, the decrypted reason, repeated use flagged.
+    oc = TestClient(app)
+    login_client(oc, officer)
+    page = oc.get("/app/break-glass")
+    assert 'data-testid="break-glass-alerts"' in page.text and "3 new uses" in page.text
+    assert REASON in page.text and page.text.count("repeated") >= 3
+    assert 'data-testid="break-glass-alerts"' not in oc.get("/app/break-glass").text  # read once seen

@@ -17,8 +17,11 @@ from datetime import timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from carepost.accounts.models import BreakGlassGrant, User
+from carepost.accounts.models import BreakGlassGrant, Membership, User
+from carepost.accounts.permissions import BREAK_GLASS_ROLES, ROLES, Permission
 from carepost.accounts.ports import record
+from carepost.core.crypto import get_keyring
+from carepost.core.ids import new_id
 from carepost.core import clock
 from carepost.core.config import get_settings
 from carepost.core.database import ALL_ORGANIZATIONS
@@ -64,6 +67,7 @@ def close_expired(session: Session, org_id: str, *, user_id: str | None = None) 
 
 
 def start(session: Session, principal, reason: str, minutes: int | str | None, ctx: dict) -> BreakGlassGrant:
+    check_role(principal)
     settings = get_settings()
     reason = " ".join((reason or "").split())
     if len(reason) < settings.break_glass_min_reason:
@@ -83,15 +87,78 @@ def start(session: Session, principal, reason: str, minutes: int | str | None, c
     if active_grant(session, principal.org_id, principal.user_id):
         raise Conflict("Emergency access is already active for you.", field="reason")
     now = clock.now()
-    grant = BreakGlassGrant(org_id=principal.org_id, user_id=principal.user_id, reason=reason, started_at=now,
+    grant = BreakGlassGrant(id=new_id(), org_id=principal.org_id, user_id=principal.user_id, started_at=now,
                             expires_at=now + timedelta(minutes=minutes))
+    # The reason is free text and may name a patient: encrypted, and the audit event only
+    # references the grant row.
+    grant.reason_enc = get_keyring().encrypt(session, principal.org_id, BreakGlassGrant.__tablename__, "reason",
+                                             grant.id, reason)
     session.add(grant)
     session.flush()
-    # The reason is free text and may name a patient: the audit event references the grant row.
     record(session, org_id=principal.org_id, actor_type="user", actor_id=principal.user_id, action="breakglass.start",
            target_type="break_glass_grant", target_id=grant.id, details={"minutes": minutes}, **ctx)
     log.warning("break_glass_started", org_id=principal.org_id, grant_id=grant.id, actor_id=principal.user_id, minutes=minutes)
+    alert_compliance(session, principal.org_id, grant, minutes)
     return grant
+
+
+def check_role(principal) -> None:
+    """Issue 9 item 8: only a role with a care or compliance duty may break the glass — an API
+    credential or any other role never, whatever permissions it was given."""
+    if principal.user_id is None or principal.role not in BREAK_GLASS_ROLES:
+        raise PermissionDenied("Emergency access is for people with a care or compliance duty.",
+                               code="breakglass_role")
+
+
+def reason_of(session: Session, grant: BreakGlassGrant) -> str:
+    return get_keyring().decrypt_text(session, grant.org_id, BreakGlassGrant.__tablename__, "reason", grant.id,
+                                      grant.reason_enc) or ""
+
+
+def compliance_users(session: Session, org_id: str) -> list[str]:
+    """The people who review emergency access in the organization (``breakglass:review``)."""
+    reviewers = [role for role, perms in ROLES.items() if Permission.BREAKGLASS_REVIEW in perms]
+    return list(session.scalars(select(Membership.user_id).where(Membership.org_id == org_id,
+                                                                 Membership.role.in_(reviewers))
+                                .execution_options(**ALL_ORGANIZATIONS)))
+
+
+def alert_compliance(session: Session, org_id: str, grant: BreakGlassGrant, minutes: int) -> int:
+    """At once, every compliance user of the organization gets an in-app notice and an email
+    (``account.notice`` of kind ``break_glass``: ids only — no reason, no patient). Returns the
+    number of people alerted."""
+    from carepost.accounts.models import InAppNotice
+    from carepost.core import events
+
+    link = f"{get_settings().base_url}/app/break-glass"
+    alerted = 0
+    for user_id in compliance_users(session, org_id):
+        if user_id == grant.user_id:
+            continue
+        session.add(InAppNotice(org_id=org_id, user_id=user_id, kind="break_glass", target_type="break_glass_grant",
+                                target_id=grant.id))
+        events.publish("account.notice", session, "break_glass", org_id=org_id, user_id=user_id, link=link,
+                       minutes=minutes)
+        alerted += 1
+    session.flush()
+    return alerted
+
+
+def unread_notices(session: Session, org_id: str, user_id: str) -> list:
+    from carepost.accounts.models import InAppNotice
+
+    return list(session.scalars(select(InAppNotice).where(InAppNotice.org_id == org_id, InAppNotice.user_id == user_id,
+                                                          InAppNotice.read_at.is_(None))
+                                .order_by(InAppNotice.created_at.desc()).limit(100)))
+
+
+def uses_by_person(session: Session, org_id: str, days: int = 30) -> dict[str, int]:
+    """Grants per person in the last ``days`` days: repeated use stands out in the review."""
+    from sqlalchemy import func
+
+    since = clock.now() - timedelta(days=days)
+    return dict(session.execute(select(BreakGlassGrant.user_id, func.count()).where(
+        BreakGlassGrant.org_id == org_id, BreakGlassGrant.started_at >= since).group_by(BreakGlassGrant.user_id)).all())
 
 
 def end(session: Session, principal, grant_id: str, ctx: dict) -> BreakGlassGrant:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, ForeignKey, Integer, LargeBinary, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from carepost.core import clock
@@ -93,7 +93,8 @@ class BreakGlassGrant(OrgScoped, Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     user_id: Mapped[str] = mapped_column(String(32), ForeignKey("users.id", ondelete="CASCADE"), index=True)
-    reason: Mapped[str] = mapped_column(Text)
+    # Free text that may name a patient: encrypted under the organization's data key (issue 9 item 8).
+    reason_enc: Mapped[bytes] = mapped_column(LargeBinary)
     started_at: Mapped[datetime] = mapped_column(default=clock.now)
     expires_at: Mapped[datetime]
     ended_at: Mapped[datetime | None]
@@ -179,3 +180,18 @@ class MfaResetApproval(Base):
     org_id: Mapped[str] = mapped_column(String(32), ForeignKey("organizations.id", ondelete="CASCADE"))
     approved_by: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(default=clock.now)
+
+
+class InAppNotice(OrgScoped, Base):
+    """A notice shown to one person inside CarePost (a break-glass alert for compliance staff).
+    Holds references, never PHI."""
+
+    __tablename__ = "in_app_notices"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(String(32), ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    target_type: Mapped[str | None] = mapped_column(String(40))
+    target_id: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(default=clock.now)
+    read_at: Mapped[datetime | None]

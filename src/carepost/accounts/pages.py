@@ -18,7 +18,7 @@ from carepost.accounts import service as accounts_service  # noqa: E402
 from carepost.accounts import sessions as web_sessions  # noqa: E402
 from carepost.accounts.access import Principal, authenticated, db_session, public, request_context, require  # noqa: E402
 from carepost.accounts.models import User, WebAuthnCredential  # noqa: E402
-from carepost.accounts.permissions import ROLE_LABELS, ROLES, Permission  # noqa: E402
+from carepost.accounts.permissions import BREAK_GLASS_ROLES, ROLE_LABELS, ROLES, Permission  # noqa: E402
 from carepost.accounts.ports import record  # noqa: E402
 from carepost.core import clock  # noqa: E402
 from carepost.core.config import get_settings  # noqa: E402
@@ -712,17 +712,27 @@ def _break_glass_page(request: Request, principal: Principal, *, errors: dict | 
     mine = emergency.grants_of_user(session, principal.org_id, principal.user_id)
     active = next((g for g in mine if g.ended_at is None and clock.aware(g.expires_at) > now), None)
     review = []
+    alerts = []
     if principal.can(Permission.BREAKGLASS_REVIEW):
+        uses = emergency.uses_by_person(session, principal.org_id)
+        notices = emergency.unread_notices(session, principal.org_id, principal.user_id)
+        alerts = [n.target_id for n in notices if n.kind == "break_glass"]
+        for n in notices:  # seen now
+            n.read_at = now
+        session.commit()
         for g, email in emergency.grants_for_review(session, principal.org_id):
             review.append({"grant": g, "email": email, "active": g.ended_at is None and clock.aware(g.expires_at) > now,
+                           "reason": emergency.reason_of(session, g), "uses_30d": uses.get(g.user_id, 0),
+                           "new": g.id in alerts,
                            "started_at": clock.aware(g.started_at), "expires_at": clock.aware(g.expires_at),
                            "ended_at": clock.aware(g.ended_at), "reviewed_at": clock.aware(g.reviewed_at),
                            "is_self": g.user_id == principal.user_id})
     return render(request, "accounts/break_glass.html", {
-        "can_use": principal.can(Permission.BREAKGLASS_USE), "can_review": principal.can(Permission.BREAKGLASS_REVIEW),
+        "can_use": principal.can(Permission.BREAKGLASS_USE) and principal.role in BREAK_GLASS_ROLES,
+        "can_review": principal.can(Permission.BREAKGLASS_REVIEW), "alerts": len(alerts),
         "active": active, "active_expires": clock.aware(active.expires_at) if active else None,
         "mine": [{"grant": g, "started_at": clock.aware(g.started_at), "ended_at": clock.aware(g.ended_at),
-                  "expires_at": clock.aware(g.expires_at)} for g in mine],
+                  "expires_at": clock.aware(g.expires_at), "reason": emergency.reason_of(session, g)} for g in mine],
         "review": review, "max_minutes": get_settings().break_glass_max_minutes,
         "min_reason": get_settings().break_glass_min_reason, "errors": errors or {}, "form": form or {},
     }, status_code=status_code)

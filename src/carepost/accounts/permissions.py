@@ -56,9 +56,12 @@ ROLES: dict[str, frozenset[Permission]] = {
         {
             P.PHI_READ_MASKED, P.CONTACTS_IMPORT, P.SEGMENTS_READ, P.SEGMENTS_MANAGE, P.TEMPLATES_MANAGE,
             P.CAMPAIGNS_MANAGE, P.CAMPAIGNS_SEND, P.JOURNEYS_MANAGE, P.FORMS_MANAGE,
-            P.MESSAGES_READ, P.ANALYTICS_READ, P.BREAKGLASS_USE,
+            P.MESSAGES_READ, P.ANALYTICS_READ,
         }
     ),
+    # People who care for patients (nurses, care coordinators): masked by default, with
+    # break-glass for an emergency. Issue 9 item 8: only care and compliance duties hold it.
+    "care_team": frozenset({P.PHI_READ_MASKED, P.MESSAGES_READ, P.BREAKGLASS_USE}),
     "analyst": frozenset({P.PHI_READ_MASKED, P.ANALYTICS_READ, P.MESSAGES_READ, P.SEGMENTS_READ}),
     "developer": frozenset(
         {
@@ -74,10 +77,14 @@ ROLE_LABELS = {
     "admin": "Administrator",
     "compliance_officer": "Compliance officer",
     "marketer": "Marketer",
+    "care_team": "Care team",
     "analyst": "Analyst",
     "developer": "Developer",
     "read_only": "Read-only",
 }
+
+# Roles with a care or compliance duty: the only ones that may invoke break-glass (issue 9 item 8).
+BREAK_GLASS_ROLES = frozenset({"owner", "admin", "compliance_officer", "care_team"})
 
 # Roles whose holders administer the organization; they may never work without MFA.
 ADMIN_ROLES = frozenset({"owner", "admin", "compliance_officer"})
