@@ -47,9 +47,9 @@ def test_pgp_mime_decrypts_with_gpg(gpg, pat_cert):
     assert control.get_content_type() == "application/pgp-encrypted"
     assert control.get_payload(decode=True).strip() == b"Version: 1"
     assert payload.get_content_type() == "application/octet-stream"
-    # Envelope headers stay outside; Message-ID and Date unchanged.
+    # Date and Message-ID stay outside unchanged; Subject and names are protected (see below).
     original = email.message_from_bytes(raw, policy=policy.default)
-    for header in ("From", "To", "Subject", "Date", "Message-ID"):
+    for header in ("Date", "Message-ID"):
         assert outer[header] == original[header]
 
     armored = payload.get_payload(decode=True)
@@ -62,6 +62,27 @@ def test_pgp_mime_decrypts_with_gpg(gpg, pat_cert):
     assert attachment.get_filename() == "results.pdf" and attachment.get_content() == b"%PDF-1.4 lab results"
     # RFC 3156 section 3: the encrypted entity uses CRLF line endings.
     assert b"\r\n" in plaintext and b"\n" not in plaintext.replace(b"\r\n", b"")
+
+
+def test_headers_are_protected_inside_and_neutral_outside(gpg, pat_cert):
+    """Issue 9 item 9 (RFC 9788 header protection): the real Subject, the display names and custom
+    headers travel only inside the encryption; outside: "Secure message" and bare addresses."""
+    raw = message(cc=["Jordan Vale <jordan@example.org>"], reply_to="Dr. Quill <quill@bar.example>",
+                  headers={"X-Clinic-Ref": "oncology-7731"}, subject="Your biopsy result")
+    encrypted = pgp.encrypt_message(raw, pat_cert)
+    outer_text = encrypted.split(b"\r\n\r\n", 1)[0]
+    for leak in (b"Pat Doe", b"Jordan Vale", b"Quill", b"Bar Clinic", b"biopsy", b"X-Clinic-Ref", b"oncology"):
+        assert leak not in outer_text, leak
+    outer = email.message_from_bytes(encrypted, policy=policy.default)
+    assert outer["Subject"] == "Secure message"
+    assert (outer["From"], outer["To"], outer["Cc"], outer["Reply-To"]) == (
+        "news@bar.example", "pat@example.org", "jordan@example.org", "quill@bar.example")
+    inner = email.message_from_bytes(gpg.decrypt(outer.get_payload()[1].get_payload(decode=True)), policy=policy.default)
+    assert inner["Subject"] == "Your biopsy result" and inner["To"] == "Pat Doe <pat@example.org>"
+    assert inner["From"] == "Bar Clinic <news@bar.example>" and inner["X-Clinic-Ref"] == "oncology-7731"
+    assert inner.get_param("hp") == "cipher" and inner.get_param("protected-headers") == "v1"
+    assert "Subject: Secure message" in inner.get_all("HP-Outer") and "To: pat@example.org" in inner.get_all("HP-Outer")
+    assert "HbA1c is 6.1" in inner.get_body(("plain",)).get_content()
 
 
 def test_rsa_gpg_key_also_works(gpg):

@@ -56,14 +56,19 @@ def test_default_is_signed_then_aes_gcm_auth_enveloped_with_oaep(smime_ca, pat, 
     assert outer.get_content_type() == "application/pkcs7-mime"
     assert outer.get_param("smime-type") == "authEnveloped-data"
     original = email.message_from_bytes(raw, policy=policy.default)
-    for header in ("From", "To", "Subject", "Date", "Message-ID"):
+    for header in ("Date", "Message-ID"):
         assert outer[header] == original[header]
+    # Header protection (issue 9 item 9): neutral Subject and bare addresses outside, the real ones inside.
+    assert outer["Subject"] == "Secure message" and outer["To"] == "pat@example.org" and outer["From"] == "news@bar.example"
+    assert b"Pat Doe" not in encrypted and b"Your results" not in encrypted and b"Bar Clinic" not in encrypted
     info = smime_ca.cms_info(encrypted)
     assert "id-smime-ct-authEnvelopedData" in info and "rsaesOaep" in info and "aes-128-gcm" in info
     assert "sha256" in info and "rsaEncryption" not in info  # OAEP with SHA-256, never PKCS#1 v1.5
     signed = smime_ca.decrypt(encrypted, pat)
     assert email.message_from_bytes(signed, policy=policy.default).get_content_type() == "multipart/signed"
     inner = email.message_from_bytes(smime_ca.verify(signed), policy=policy.default)
+    assert inner["Subject"] == "Your results" and inner["To"] == "Pat Doe <pat@example.org>"
+    assert inner.get_param("hp") == "cipher" and "Subject: Secure message" in inner.get_all("HP-Outer")
     assert "HbA1c is 6.1" in inner.get_body(("plain",)).get_content()
     [attachment] = list(inner.iter_attachments())
     assert attachment.get_content() == b"%PDF-1.4 lab results"

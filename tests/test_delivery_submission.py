@@ -300,3 +300,23 @@ def test_the_rate_limit_counts_messages_not_authentications(submission, session)
         assert exc.value.smtp_code == 451 and b"4.7.1" in exc.value.smtp_error
     assert len(stored(session)) == 3
 
+
+def test_phi_in_the_subject_is_refused_on_the_smtp_path(submission, session):
+    """Issue 9 item 9: SMTP submission runs the same PHI lint on the subject of a message that
+    carries PHI (the default): a 550 naming the field, nothing stored, the text never echoed."""
+    key_id, secret = submission.credential()
+    with submission.connect() as client:
+        client.login(key_id, secret)
+        for subject in ("Your biopsy result", "Pat, your results are in", "Results of 03/12/2026"):
+            msg = message()
+            msg.replace_header("Subject", subject)
+            with pytest.raises(smtplib.SMTPDataError) as exc:
+                client.send_message(msg, to_addrs=["pat@valid.test"])
+            text = exc.value.smtp_error.decode()
+            assert exc.value.smtp_code == 550 and text.startswith("5.6.0 subject:"), text
+            assert "biopsy" not in text and "03/12" not in text and "Pat," not in text
+        # Marked as carrying no PHI, the same subject is accepted.
+        msg = message(X_CarePost_Contains_PHI="false")
+        msg.replace_header("Subject", "Flu shots on 10/14")
+        client.send_message(msg, to_addrs=["pat@valid.test"])
+    assert [m.contains_phi for m in stored(session)] == [False]

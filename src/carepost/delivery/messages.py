@@ -17,6 +17,7 @@ from carepost.core import events as domain_events
 from carepost.core.crypto import get_keyring
 from carepost.core.errors import Conflict, NotFound, ValidationFailed
 from carepost.core.ids import is_id, new_id
+from carepost.content import phi_lint
 from carepost.delivery import policy, portal_answer
 from carepost.delivery.mime import MailAddress, message_id_for, parse_address
 from carepost.delivery.domains import sending_domain_for
@@ -180,6 +181,11 @@ def _prepare(session, org_id, data, org_settings, domain_cache, Attachment, Inli
         else:
             files.append(Attachment(attachment.filename, attachment.content, attachment.content_type))
     subject = data.subject or ""
+    if data.contains_phi is not False:
+        # The subject is shown outside the protected content (inbox lists, notifications, and
+        # outside clients that ignore header protection): no PHI in it, on every path (API, SMTP
+        # submission, templates). The error names the kind of finding, never the text.
+        phi_lint.check_subject(subject, names=[a.display_name for _, a in recipients if a.display_name])
     # A trial composition: every header value, name, file name and part is checked exactly as
     # the pipeline will build it later (header injection, reserved headers, content types).
     compose(sender=data.sender, to=[a.addr_spec for k, a in recipients if k == "to"],

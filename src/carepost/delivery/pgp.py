@@ -1,10 +1,10 @@
 """PGP/MIME (RFC 3156) encryption with Sequoia (``pysequoia``).
 
 The whole MIME body of the message (its ``Content-*`` headers and payload, CRLF line ends,
-RFC 3156 section 3) is encrypted to the recipient's certificate; the envelope headers (From,
-To, Subject, Date, Message-ID, List-Unsubscribe...) stay outside, so the result can be DKIM
-signed and delivered like any other message. Subjects never carry PHI (an invariant enforced
-where subjects are written), so leaving the subject readable discloses nothing.
+RFC 3156 section 3) is encrypted to the recipient's certificate, together with the real header
+section (header protection, ``header_protection.py``: the real Subject, names and custom headers
+only inside; outside a neutral "Secure message", bare addresses, Date, Message-ID and the
+List-Unsubscribe pair), so the result can be DKIM signed and delivered like any other message.
 
 A certificate is checked when it is uploaded, with the reason given when it is refused:
 parseable, exactly one public certificate (never a secret key), not revoked, not expired, a
@@ -23,6 +23,7 @@ import pysequoia
 
 from carepost.core import clock
 from carepost.core.errors import ValidationFailed
+from carepost.delivery import header_protection
 from carepost.delivery.dkim import split_message
 
 MAX_CERTIFICATE_BYTES = 256 * 1024
@@ -106,7 +107,7 @@ def boundary() -> str:
 def encrypt_message(message: bytes, certificate: str | bytes) -> bytes:
     """The message as PGP/MIME ``multipart/encrypted`` for the certificate's holder."""
     cert = pysequoia.Cert.from_bytes(certificate.encode() if isinstance(certificate, str) else certificate)
-    outer, entity = mime_entity(message)
+    outer, entity = header_protection.protect(message)
     armored = pysequoia.encrypt(entity, recipients=[cert], armor=True)
     if isinstance(armored, str):
         armored = armored.encode("ascii")

@@ -50,7 +50,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from carepost.core import clock
 from carepost.core.errors import ValidationFailed
-from carepost.delivery.pgp import boundary, mime_entity
+from carepost.delivery import header_protection
+from carepost.delivery.pgp import boundary
 
 MAX_CERTIFICATE_BYTES = 64 * 1024
 MIN_RSA_BITS = 2048
@@ -309,7 +310,7 @@ def encrypt_message(message: bytes, certificate: str | bytes, *, signing_key: rs
     ``capability`` (recorded per recipient key, else read from the certificate) says so."""
     cert = _parse(certificate)
     capability = capability if capability in CAPABILITIES else capabilities_of(cert)
-    outer, entity = mime_entity(message)
+    outer, entity = header_protection.protect(message)  # real Subject and names inside only
     inner = sign_entity(entity, signing_key, _from_address(outer)) if signing_key is not None else entity
     if capability == CBC_256:
         der, smime_type = _enveloped_cbc(inner, cert), b"enveloped-data"

@@ -1,0 +1,71 @@
+"""PHI lint for subject lines (and other header text) of messages that carry PHI.
+
+A subject travels where the body does not: in inbox lists, notifications on a locked phone,
+server logs, and outside the encryption of clients that ignore header protection. So a message
+marked as carrying PHI may not put PHI in its subject, on every path — the raw API, SMTP
+submission and templates alike (ARCHITECTURE.md section 5).
+
+This is a lint, not a proof: it refuses what most often leaks — the recipient's own name, an
+email address, dates (of birth or of service), numbers long enough to be a record, account,
+phone or social security number, and names of conditions, tests and treatments that disclose a
+diagnosis. The refusal names the kind of finding, never the text (errors carry no PHI).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+_MONTHS = r"(?:jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec)[a-z]*\.?"
+_PATTERNS: tuple[tuple[str, re.Pattern], ...] = (
+    ("an email address", re.compile(r"[^\s@<>]+@[^\s@<>]+\.[a-z]{2,}", re.IGNORECASE)),
+    ("a date", re.compile(
+        r"\b\d{1,4}[/.-]\d{1,2}(?:[/.-]\d{2,4})?\b"
+        rf"|\b{_MONTHS}\s+\d{{1,2}}(?:st|nd|rd|th)?\b"
+        rf"|\b\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+)?{_MONTHS}(?:\s|$)", re.IGNORECASE)),
+    ("a number that could identify a person (record, account, phone or social security number)",
+     re.compile(r"\d(?:[\s().-]{0,2}\d){5,}")),
+)
+# Conditions, tests and treatments whose mere mention discloses health information. Generic
+# words ("results", "appointment", "visit", "lab") are allowed: they say only that care exists.
+CLINICAL_TERMS = (
+    "hiv", "aids", "cancer", "tumor", "tumour", "oncology", "chemo", "chemotherapy", "radiation therapy", "biopsy",
+    "malignant", "benign", "metasta", "leukemia", "lymphoma", "diabetes", "diabetic", "hba1c", "a1c", "insulin",
+    "pregnan", "prenatal", "abortion", "miscarriage", "ivf", "fertility", "std", "sti", "hepatitis", "chlamydia",
+    "gonorrh", "syphilis", "herpes", "hpv", "psychiatr", "depress", "anxiety", "bipolar", "schizo", "ptsd", "adhd",
+    "autism", "dementia", "alzheimer", "suicid", "substance", "opioid", "methadone", "suboxone", "addiction",
+    "alcohol", "overdose", "rehab", "dialysis", "kidney failure", "transplant", "hiv test", "positive", "diagnos",
+    "prescription", "medication", "dosage", "covid",
+)
+_TERM_RE = re.compile(r"\b(?:" + "|".join(re.escape(t) for t in CLINICAL_TERMS) + r")", re.IGNORECASE)
+_NAME_STOP = {"dr", "mr", "mrs", "ms", "md", "the", "and", "of", "de", "la", "van", "von", "jr", "sr"}
+
+
+def _fold(text: str) -> str:
+    return unicodedata.normalize("NFKC", text or "").casefold()
+
+
+def findings(text: str, *, names: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """What in ``text`` looks like PHI, as kinds ("a date", ...), never the matched text."""
+    folded = _fold(text)
+    found = [label for label, pattern in _PATTERNS if pattern.search(folded)]
+    for name in names:
+        tokens = {t for t in re.split(r"[^\w'-]+", _fold(name)) if len(t) >= 2 and t not in _NAME_STOP}
+        if any(re.search(rf"(?<!\w){re.escape(t)}(?!\w)", folded) for t in tokens):
+            found.append("the recipient's name")
+            break
+    if _TERM_RE.search(folded):
+        found.append("a clinical term (a condition, test or treatment)")
+    return found
+
+
+def check_subject(subject: str, *, names=(), field: str = "subject") -> None:
+    """Refuse a PHI-carrying message's subject that shows PHI; the error names the kind only."""
+    from carepost.core.errors import ValidationFailed
+
+    found = findings(subject, names=names)
+    if found:
+        raise ValidationFailed(
+            f"The subject of a message that carries PHI may not contain {found[0]}: subjects are shown outside the "
+            "protected content (inbox lists, notifications). Put it in the body, or mark the message contains_phi: "
+            "false if it carries none.", field=field)
