@@ -11,6 +11,7 @@ from datetime import timedelta
 from email import policy as email_policy
 
 import pytest
+from sqlalchemy import select
 
 from carepost.core import clock
 from carepost.delivery import pipeline
@@ -42,10 +43,26 @@ def _link(mail) -> str:
     return re.search(r"http://localhost:8000(/p/[A-Za-z0-9_-]+)", text).group(1)
 
 
+def _contact(sender, email: str, birth: str = "1980-01-02") -> None:
+    from datetime import date
+
+    from carepost.core.database import org_session
+    from carepost.patients.schemas import ContactIn
+    from carepost.patients.service import save_contact
+
+    with org_session(sender.org_id) as s:
+        save_contact(s, sender.org_id, ContactIn(email=email, birth_date=date.fromisoformat(birth)))
+        s.commit()
+
+
 def test_api_message_to_a_domain_without_tls_is_read_in_the_portal(env):
+    """Issue 9 item 3: the link went down a path without verified TLS, so the second factor may
+    not follow it: the code email is refused there (not sent at all), and the recipient confirms
+    the date of birth the organization holds instead."""
     from carepost.core.queue import huey
 
     peers, sender, key, client = env
+    _contact(sender, "pat@plain.test")
     message_id = _send(client, key)
     pipeline.deliver([message_id])
     [notification] = _mails(peers)
@@ -57,16 +74,23 @@ def test_api_message_to_a_domain_without_tls_is_read_in_the_portal(env):
     [pat] = client.get(f"/api/v1/messages/{message_id}", headers=key).json()["recipients"]
     assert pat["method"] == "portal" and pat["status"] == "sent"
 
+    page = client.get(path)
+    assert 'data-testid="birth-date-form"' in page.text
     huey.immediate = True
     try:
-        page = client.get(path)
         client.post(f"{path}/code", data={"csrf_token": csrf_from(page.text)})
     finally:
         huey.immediate = False
-    code_mail = _mails(peers)[-1]
-    code = "".join(re.search(r"(\d{4}) (\d{4})", code_mail.get_body(("plain",)).get_content()).groups())
+    # plain.test offers no STARTTLS: the code never left (only the notification arrived).
+    assert len(_mails(peers)) == 1
     page = client.get(path)
-    r = client.post(f"{path}/verify", data={"code": code, "csrf_token": csrf_from(page.text)}, follow_redirects=False)
+    assert 'data-testid="code-unavailable"' in page.text
+    r = client.post(f"{path}/verify", data={"birth_date": "1980-02-01", "csrf_token": csrf_from(page.text)},
+                    follow_redirects=False)
+    assert r.status_code == 422 and "date of birth is not right" in r.text
+    page = client.get(path)
+    r = client.post(f"{path}/verify", data={"birth_date": "1980-01-02", "csrf_token": csrf_from(page.text)},
+                    follow_redirects=False)
     assert r.status_code == 303
     page = client.get(f"{path}/message")
     assert "Your lab result" in page.text and "HbA1c is 7.9" in page.text
@@ -82,6 +106,42 @@ def test_api_message_to_a_domain_without_tls_is_read_in_the_portal(env):
     pm_id = pat["evidence"]["portal_message_id"]
     replies = client.get(f"/api/v1/portal-messages/{pm_id}/replies", headers=sender.key("messages:read", "phi:read_masked"))
     assert replies.json()["items"][0]["text"] == "Thanks, I will call."
+
+
+def test_code_goes_only_over_verified_tls(env, session, make_user):
+    """The code email is a second factor: sent when the recipient's server offers verified TLS
+    (here a secure-mode message to valid.test, held in the portal by policy), with that TLS
+    recorded in the audit trail."""
+    from carepost.audit.models import AuditEvent
+    from carepost.core.queue import huey
+    from tests.fixtures.accounts import login_client
+
+    peers, sender, key, client = env
+    owner = make_user(sender.org_id, role="owner")
+    csrf = login_client(client, owner)
+    assert client.patch("/api/v1/delivery-settings", json={"security_mode": "secure"},
+                        headers={"X-CSRF-Token": csrf}).status_code == 200
+    client.cookies.clear()
+    message_id = _send(client, key, to=["pat@valid.test"])
+    pipeline.deliver([message_id])
+    [notification] = _mails(peers, "valid")
+    path = _link(notification)
+    page = client.get(path)
+    assert 'data-testid="birth-date-form"' not in page.text  # no contact on file: code only
+    huey.immediate = True
+    try:
+        client.post(f"{path}/code", data={"csrf_token": csrf_from(page.text)})
+    finally:
+        huey.immediate = False
+    code_mail = _mails(peers, "valid")[-1]
+    assert peers.mx["valid"].recorder.messages[-1].tls
+    code = "".join(re.search(r"(\d{4}) (\d{4})", code_mail.get_body(("plain",)).get_content()).groups())
+    page = client.get(path)
+    r = client.post(f"{path}/verify", data={"code": code, "csrf_token": csrf_from(page.text)}, follow_redirects=False)
+    assert r.status_code == 303
+    session.rollback()
+    sent = session.scalars(select(AuditEvent).where(AuditEvent.action == "portal.code.sent")).all()
+    assert [e.details["status"] for e in sent] == ["delivered"] and sent[0].details["tls"].startswith("TLSv1.")
 
 
 def test_sender_question_and_expiry_from_the_api(env):

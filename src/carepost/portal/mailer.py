@@ -52,8 +52,11 @@ def sender_for(session: Session, org_id: str) -> tuple[str, str, SendingDomain |
     return f'"{name}" <no-reply@{host}>', f"no-reply@{host}", None
 
 
-def prepare_notice(session: Session, org_id: str, to: str, subject: str, text: str, html: str) -> Envelope:
-    """Compose and DKIM-sign one short email without PHI (reads the sending domain's keys)."""
+def prepare_notice(session: Session, org_id: str, to: str, subject: str, text: str, html: str, *,
+                   require_verified_tls: bool = False) -> Envelope:
+    """Compose and DKIM-sign one short email without PHI (reads the sending domain's keys).
+    ``require_verified_tls``: a second factor (the one-time code) goes only over verified TLS,
+    never down the unverified path the link may have taken; otherwise it is not sent at all."""
     from carepost.delivery import dkim
 
     from_header, envelope_from, domain = sender_for(session, org_id)
@@ -62,7 +65,7 @@ def prepare_notice(session: Session, org_id: str, to: str, subject: str, text: s
     keys = delivery_service.dkim_keys(session, domain) if domain is not None else []
     wire = dkim.sign(composed.as_bytes(), keys) if keys else composed.as_bytes()
     return Envelope(sender=composed.envelope_from, recipients=composed.recipients, message=wire,
-                    smtputf8=composed.smtputf8, require_verified_tls=False)
+                    smtputf8=composed.smtputf8, require_verified_tls=require_verified_tls)
 
 
 def send(envelope: Envelope) -> Sent:

@@ -42,6 +42,12 @@ class PortalMessage(OrgScoped, Base):
     auth: Mapped[str] = mapped_column(String(8), default="code")  # code | question
     question_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
     answer_hash: Mapped[str | None] = mapped_column(String(200))
+    # Knowledge check the organization already holds: Argon2id of the recipient contact's date of
+    # birth (ISO), kept with auth "code" so the second factor never has to travel by email over
+    # a path without verified TLS (the path the link took).
+    birth_date_hash: Mapped[str | None] = mapped_column(String(200))
+    # The last code email could not be sent over verified TLS, so it was not sent at all.
+    code_tls_unavailable: Mapped[bool] = mapped_column(Boolean, default=False)
     code_hash: Mapped[str | None] = mapped_column(String(200))
     code_expires_at: Mapped[datetime | None]
     code_requested_at: Mapped[datetime | None]  # a code email is owed (the task clears it once sent)

@@ -120,6 +120,8 @@ def _signin_page(request: Request, session: Session, pm: PortalMessage, token: s
         "question": service.question_text(session, pm) if pm.auth == "question" else None,
         "masked_address": service.masked_address(session, pm),
         "code_sent": pm.auth == "code" and service.code_pending(pm),
+        "birth_date_check": pm.auth == "code" and bool(pm.birth_date_hash),
+        "code_tls_unavailable": pm.auth == "code" and bool(pm.code_tls_unavailable),
         "code_minutes": get_settings().portal_code_minutes,
         "error": error,
         "notice": notice,
@@ -187,7 +189,8 @@ def _after_signin(request: Request, session: Session, pm: PortalMessage, token: 
 
 
 @router.post("/{token}/verify")
-def verify(request: Request, token: str, code: str = Form(""), answer: str = Form(""), csrf_token: str = Form(""),
+def verify(request: Request, token: str, code: str = Form(""), answer: str = Form(""), birth_date: str = Form(""),
+           csrf_token: str = Form(""),
            session: Session = Depends(db_session), _=Depends(LINK_PROOF)):
     pm = _load(session, token)
     if pm is None:
@@ -199,7 +202,9 @@ def verify(request: Request, token: str, code: str = Form(""), answer: str = For
     if not _same_origin(request) or not _pre_csrf_ok(request, csrf_token):
         return _signin_page(request, session, pm, token, error="The form expired. Please try again.", status_code=403)
     ctx = request_context(request)
-    if pm.auth == "code":
+    if pm.auth == "code" and birth_date and not code:
+        result = service.verify_birth_date(session, pm, birth_date[:40], ctx)
+    elif pm.auth == "code":
         result = service.verify_code(session, pm, code[:40], ctx)
     else:
         result = service.verify_answer(session, pm, answer[:1000], ctx)

@@ -165,6 +165,7 @@ def store_portal_message(
                 raise ValidationFailed("The portal answer hash is not an Argon2id hash.", field="answer")
         else:
             answer_hash = hash_answer(answer or "", field="answer")
+    birth_date_hash = _birth_date_hash(session, recipient_id) if auth == "code" else None
     files = [(*_attachment_parts(a), None) for a in attachments or ()]
     for image in inline_images or ():
         get = image.get if isinstance(image, dict) else (lambda k, d=None, _i=image: getattr(_i, k, d))
@@ -204,7 +205,7 @@ def store_portal_message(
         ))
     row = PortalMessage(
         id=row_id, org_id=org_id, message_id=message_id, recipient_id=recipient_id, sender_id=sender_user_or_credential_id,
-        auth=auth, answer_hash=answer_hash, expires_at=expires_at, created_at=now, codes_sent=0, failed_attempts=0,
+        auth=auth, answer_hash=answer_hash, birth_date_hash=birth_date_hash, expires_at=expires_at, created_at=now, codes_sent=0, failed_attempts=0,
         lockouts=0, view_count=0, **values,
     )
     session.add(row)
@@ -459,6 +460,64 @@ def code_pending(pm: PortalMessage) -> bool:
     return pm.code_requested_at is not None or (pm.code_hash is not None and expires is not None and expires > clock.now())
 
 
+def normalize_birth_date(value: str) -> str | None:
+    """``1980-01-02`` (a date input), ``01/02/1980`` (US order) or ``1980/1/2`` -> ``1980-01-02``;
+    None when it is not a date."""
+    from datetime import date
+
+    text = (value or "").strip()
+    m = re.fullmatch(r"(\d{4})[-/.](\d{1,2})[-/.](\d{1,2})", text)
+    if m:
+        y, mo, d = m.groups()
+    else:
+        m = re.fullmatch(r"(\d{1,2})[-/.](\d{1,2})[-/.](\d{4})", text)
+        if not m:
+            return None
+        mo, d, y = m.groups()
+    try:
+        return date(int(y), int(mo), int(d)).isoformat()
+    except ValueError:
+        return None
+
+
+def _birth_date_hash(session: Session, recipient_id: str | None) -> str | None:
+    """Argon2id of the recipient contact's date of birth, when the organization holds one."""
+    if not recipient_id:
+        return None
+    recipient = session.get(MessageRecipient, recipient_id)
+    if recipient is None or not recipient.contact_id:
+        return None
+    from carepost.patients.service import get_contact
+
+    try:
+        contact = get_contact(session, recipient.contact_id)
+    except NotFound:
+        return None
+    if contact is None or contact.birth_date is None:
+        return None
+    return _hasher().hash(contact.birth_date.isoformat())
+
+
+def verify_birth_date(session: Session, pm: PortalMessage, value: str, ctx: dict | None = None) -> AuthResult:
+    """The knowledge check: the recipient's date of birth as the organization holds it. Wrong
+    dates count toward the same lockout as wrong codes and answers."""
+    if pm.auth != "code" or not pm.birth_date_hash or state(pm) != "open":
+        return AuthResult(False, "This message cannot be opened now.")
+    normalized = normalize_birth_date(value[:40])
+    if normalized is None or not _verify_hash(pm.birth_date_hash, normalized):
+        return _fail(session, pm, ctx, "birth_date")
+    pm.failed_attempts = 0
+    _audit(session, pm, "portal.auth", ctx, method="birth_date")
+    return AuthResult(True)
+
+
+def code_not_sent_unverified(session: Session, pm: PortalMessage) -> None:
+    """The code email found no verified TLS and was not sent: void the code drawn for it."""
+    pm.code_hash = None
+    pm.code_expires_at = None
+    pm.code_tls_unavailable = True
+
+
 def issue_code(session: Session, pm: PortalMessage) -> str:
     """A fresh one-time code (the previous one stops working); only its hash is kept."""
     code = f"{secrets.randbelow(10 ** CODE_DIGITS):0{CODE_DIGITS}d}"
@@ -497,7 +556,7 @@ def _fail(session: Session, pm: PortalMessage, ctx: dict | None, how: str) -> Au
     left = settings.portal_max_attempts - pm.failed_attempts
     _audit(session, pm, "portal.auth", ctx, outcome="failure", method=how, failed_attempts=pm.failed_attempts)
     if left > 0:
-        word = "code" if how == "code" else "answer"
+        word = {"code": "code", "birth_date": "date of birth"}.get(how, "answer")
         return AuthResult(False, f"That {word} is not right. {left} {'try' if left == 1 else 'tries'} left.", left)
     pm.failed_attempts = 0
     pm.lockouts += 1

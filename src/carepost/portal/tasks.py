@@ -49,14 +49,29 @@ def deliver_code(session: Session, portal_message_id: str) -> str | None:
         pm.code_requested_at = None
         session.commit()
         return None
+    settings = get_settings()
+    if settings.smtp_relay and not settings.smtp_relay_enforces_tls:
+        # A relay that does not promise verified TLS onward is an unverified path: no code.
+        service.code_not_sent_unverified(session, pm)
+        service._audit(session, pm, "portal.code.sent", None, outcome="failure", status="tls_unavailable", relay=True)
+        pm.code_requested_at = None
+        session.commit()
+        return "tls_unavailable"
     code = service.issue_code(session, pm)
     address = service.recipient_address(session, pm)
-    envelope = mailer.prepare_notice(session, pm.org_id, address, *service.code_email(session, pm, code))
+    # The code is a second factor: it travels only over verified TLS (issue 9 item 3), never down
+    # the unverified path the notification with the link may have taken.
+    envelope = mailer.prepare_notice(session, pm.org_id, address, *service.code_email(session, pm, code),
+                                     require_verified_tls=True)
     session.commit()  # the hash is stored before the code leaves; no transaction is open while sending
     sent = mailer.send(envelope)
     outcome = "success" if sent.status == "delivered" else "failure"
     service._audit(session, pm, "portal.code.sent", None, outcome=outcome, status=sent.status,
                    reply_code=sent.reply_code, tls=sent.tls_version)
+    if sent.status == "tls_unavailable":
+        service.code_not_sent_unverified(session, pm)
+    elif sent.status == "delivered":
+        pm.code_tls_unavailable = False
     if sent.status != "deferred":
         pm.code_requested_at = None
     session.commit()
