@@ -23,7 +23,7 @@ from carepost.accounts.access import Principal, require
 from carepost.accounts.permissions import Permission as P
 from carepost.audit.service import record_for
 from carepost.core.config import get_settings
-from carepost.core.errors import ValidationFailed
+from carepost.core.errors import PermissionDenied, ValidationFailed
 from carepost.patients import csvimport, imports, masking, service
 from carepost.patients.schemas import AttributeDefinitionIn, ContactIn, CsvMappingIn, FactIn
 
@@ -97,18 +97,29 @@ class SearchIn(BaseModel):
     mrn: str | None = Field(None, max_length=200)
     identifier: str | None = Field(None, max_length=200)
     system: str | None = Field(None, max_length=255)
+    name: str | None = Field(None, max_length=200, description="Given and/or family name, any order; accents and case "
+                                                               "ignored; every word must match. Needs phi:read_unmasked.")
     masked: bool = False
 
 
-@router.post("/contacts/search", summary="Find contacts by exact email, phone or MRN (blind index)")
+@router.post("/contacts/search", summary="Find contacts by exact email, phone or MRN, or by name (blind indexes)")
 def search_contacts(request: Request, body: SearchIn, principal: Principal = Depends(require(P.PHI_READ_MASKED))) -> dict:
+    """The value is in the body, never in the URL. A name search is identifier-like (it confirms
+    who is a patient here), so it needs ``phi:read_unmasked``."""
     session = request.state.db
-    ids = service.find_contact_ids(session, principal.org_id, email=body.email, phone=body.phone, mrn=body.mrn,
-                                   identifier=body.identifier, system=body.system)
+    if body.name is not None and not principal.can(P.PHI_READ_UNMASKED):
+        raise PermissionDenied("Searching by name needs the permission to see unmasked PHI (phi:read_unmasked).", field="name")
+    ids = None
+    if body.email or body.phone or body.mrn or body.identifier or body.name is None:
+        ids = service.find_contact_ids(session, principal.org_id, email=body.email, phone=body.phone, mrn=body.mrn,
+                                       identifier=body.identifier, system=body.system)
+    if body.name is not None:
+        by_name = service.find_contact_ids_by_name(session, principal.org_id, body.name)
+        ids = by_name if ids is None else sorted(set(ids) & set(by_name))
     rows, _ = service.list_contacts(session, principal.org_id, service.ContactFilters(ids=ids), limit=500)
     unmasked, view = _view(principal, body.masked)
     data = [masking.present(d, unmasked) for d in service.contact_dicts(session, rows)]
-    searched_by = [k for k in ("email", "phone", "mrn", "identifier") if getattr(body, k)]
+    searched_by = [k for k in ("email", "phone", "mrn", "identifier", "name") if getattr(body, k)]
     _audit(request, principal, "contact.search", None, target_type="contact_list", view=view, by=searched_by,
            count=len(data), contact_ids=[d["id"] for d in data])
     session.commit()

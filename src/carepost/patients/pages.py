@@ -88,19 +88,27 @@ def contacts_page(request: Request, principal: Principal = Depends(require(P.PHI
 
 
 @router.post("/contacts/search")
-def contacts_search(request: Request, email: str = Form(""), mrn: str = Form(""), phone: str = Form(""),
+def contacts_search(request: Request, email: str = Form(""), mrn: str = Form(""), phone: str = Form(""), name: str = Form(""),
                     principal: Principal = Depends(require(P.PHI_READ_MASKED))):
     session = request.state.db
     errors: dict[str, str] = {}
     rows = []
+    name = name.strip()[:200]
     try:
-        ids = service.find_contact_ids(session, principal.org_id, email=email.strip()[:320] or None, mrn=mrn.strip()[:200] or None,
-                                       phone=phone.strip()[:40] or None)
+        if name and not masking.may_unmask(principal):
+            raise ValidationFailed("Searching by name needs the permission to see unmasked PHI.", field="name")
+        ids = None
+        if email.strip() or mrn.strip() or phone.strip() or not name:
+            ids = service.find_contact_ids(session, principal.org_id, email=email.strip()[:320] or None, mrn=mrn.strip()[:200] or None,
+                                           phone=phone.strip()[:40] or None)
+        if name:  # by the blind indexes of its tokens (accents and case ignored)
+            by_name = service.find_contact_ids_by_name(session, principal.org_id, name)
+            ids = by_name if ids is None else sorted(set(ids) & set(by_name))
         rows, _ = service.list_contacts(session, principal.org_id, service.ContactFilters(ids=ids), limit=500)
     except ValidationFailed as exc:
         errors["search"] = exc.message
     return _render_list(request, principal, rows, None, {}, errors, searched=True,
-                        by=[k for k, v in (("email", email), ("mrn", mrn), ("phone", phone)) if v.strip()])
+                        by=[k for k, v in (("email", email), ("mrn", mrn), ("phone", phone), ("name", name)) if v.strip()])
 
 
 def _render_list(request, principal, rows, next_cursor, form, errors, *, searched: bool, by: list[str] | None = None):

@@ -195,6 +195,90 @@ def identifier_index(session: Session, org_id: str, kind: str, value: str, syste
 
 _PHONE_DIGITS = re.compile(r"\D")
 
+# --------------------------------------------------------------------------- name tokens (search without clear names)
+
+NAME_KIND = "name"  # ContactIdentifier rows holding only the blind index of one name token
+NAME_FIELDS = ("given_name", "middle_name", "family_name")
+MAX_NAME_TOKENS = 12
+_TOKEN_SPLIT = re.compile(r"[^\w]+|_")
+
+
+def name_tokens(*parts: str | None) -> list[str]:
+    """Normalized tokens of names: NFKD, accents stripped, case-folded, split on anything that is
+    not a letter or digit (``Nguyễn-Smith`` -> ``nguyen``, ``smith``; ``O'Brien`` -> ``o``,
+    ``brien``). Distinct, in order; a search and the index use the same function."""
+    import unicodedata
+
+    out: list[str] = []
+    for part in parts:
+        if not part:
+            continue
+        text = unicodedata.normalize("NFKD", part)
+        text = "".join(ch for ch in text if not unicodedata.combining(ch)).casefold()
+        text = text.replace("ß", "ss").replace("ø", "o").replace("ł", "l").replace("đ", "d").replace("æ", "ae").replace("œ", "oe")
+        for token in _TOKEN_SPLIT.split(text):
+            if token and token not in out:
+                out.append(token)
+    return out[:MAX_NAME_TOKENS]
+
+
+def name_token_indexes(session: Session, org_id: str, tokens: Iterable[str]) -> list[str]:
+    """Keyed blind indexes (the organization's blind-index key, as for email and MRN) of tokens."""
+    return [blind_index(session, org_id, NAME_KIND, t) for t in tokens]
+
+
+def write_name_tokens(session: Session, org_id: str, contact: Contact, names: dict[str, str | None] | None = None) -> int:
+    """Replace the name-token indexes of a contact from its names (``names`` given, else
+    decrypted from the contact). Returns how many tokens it holds now."""
+    if names is None:
+        names = {n: _decrypt(session, org_id, "contacts", n, contact.id, getattr(contact, f"{n}_enc")) for n in NAME_FIELDS}
+    session.execute(delete(ContactIdentifier).where(ContactIdentifier.org_id == org_id, ContactIdentifier.contact_id == contact.id,
+                                                    ContactIdentifier.kind == NAME_KIND))
+    indexes = list(dict.fromkeys(name_token_indexes(session, org_id, name_tokens(*(names.get(n) for n in NAME_FIELDS)))))
+    for rank, idx in enumerate(indexes):
+        session.add(ContactIdentifier(id=new_id(), org_id=org_id, contact_id=contact.id, kind=NAME_KIND, rank=rank, blind_index=idx))
+    return len(indexes)
+
+
+def find_contact_ids_by_name(session: Session, org_id: str, name: str) -> list[str]:
+    """Contacts whose names hold every token of ``name`` (any order, any name part; accents and
+    case ignored), found by blind index: no name is decrypted or scanned."""
+    tokens = name_tokens(name)
+    if not tokens:
+        raise ValidationFailed("Enter a name to search for.", field="name")
+    indexes = list(dict.fromkeys(name_token_indexes(session, org_id, tokens)))
+    rows = session.execute(
+        select(ContactIdentifier.contact_id).where(
+            ContactIdentifier.org_id == org_id, ContactIdentifier.kind == NAME_KIND, ContactIdentifier.blind_index.in_(indexes))
+        .group_by(ContactIdentifier.contact_id).having(func.count(func.distinct(ContactIdentifier.blind_index)) == len(indexes))
+    ).scalars().all()
+    return sorted(rows)
+
+
+def reindex_names(session: Session, org_id: str, *, only_missing: bool = True, chunk: int = 500,
+                  progress: Callable[[int], None] | None = None) -> int:
+    """Write name tokens for the organization's contacts (only those that have none, by
+    default): the migration path for contacts stored before name search. Commits per chunk."""
+    done = 0
+    last = ""
+    while True:
+        contacts = list(session.scalars(select(Contact).where(Contact.org_id == org_id, Contact.id > last).order_by(Contact.id).limit(chunk)))
+        if not contacts:
+            break
+        last = contacts[-1].id
+        ids = [c.id for c in contacts]
+        have = set(session.scalars(select(ContactIdentifier.contact_id).where(
+            ContactIdentifier.org_id == org_id, ContactIdentifier.kind == NAME_KIND, ContactIdentifier.contact_id.in_(ids)).distinct()))
+        for c in contacts:
+            if only_missing and c.id in have:
+                continue
+            if write_name_tokens(session, org_id, c) or c.id in have:
+                done += 1
+        session.commit()
+        if progress:
+            progress(len(contacts))
+    return done
+
 
 def normalize_phone(value: str, field: str = "phone") -> str:
     """Keep what the person typed (it is encrypted), but refuse what cannot be a phone number."""
@@ -425,6 +509,11 @@ def save_contact(
         session.flush()
     existing = [] if created else list(session.scalars(select(ContactIdentifier).where(ContactIdentifier.contact_id == contact.id)))
     _write_identifiers(session, org_id, contact, fields, existing, spec_idx, source_idx)
+    if any(n in fields for n in NAME_FIELDS):
+        write_name_tokens(session, org_id, contact, {n: fields[n] if n in fields else _decrypt(
+            session, org_id, "contacts", n, contact.id, getattr(contact, f"{n}_enc")) for n in NAME_FIELDS})
+    elif not created and not any(row.kind == NAME_KIND for row in existing):
+        write_name_tokens(session, org_id, contact)  # stored before name search: indexed when next written
     if "attributes" in fields and fields["attributes"] is not None:
         set_attributes(session, org_id, contact, fields["attributes"])
     if not created:
@@ -544,7 +633,7 @@ def contact_dicts(session: Session, contacts: list[Contact]) -> list[dict]:
     ids = [c.id for c in contacts]
     idents: dict[str, list[ContactIdentifier]] = {}
     for row in session.scalars(
-        select(ContactIdentifier).where(ContactIdentifier.contact_id.in_(ids), ContactIdentifier.kind != "source")
+        select(ContactIdentifier).where(ContactIdentifier.contact_id.in_(ids), ContactIdentifier.kind.notin_(("source", NAME_KIND)))
         .order_by(ContactIdentifier.kind, ContactIdentifier.rank, ContactIdentifier.created_at)
     ):
         idents.setdefault(row.contact_id, []).append(row)
@@ -1063,7 +1152,7 @@ def delete_contact(session: Session, org_id: str, contact_id: str) -> DeletionRe
     for kind, idx in session.execute(
         select(ContactIdentifier.kind, ContactIdentifier.blind_index).where(ContactIdentifier.contact_id == contact.id)
     ):
-        if kind != "source":
+        if kind not in ("source", NAME_KIND):
             indexes.setdefault(kind, []).append(idx)
     for hook in list(_DELETION_HOOKS):
         hook(session, org_id, contact.id, indexes)

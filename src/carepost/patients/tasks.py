@@ -4,7 +4,8 @@
   job is left alone; a job interrupted half-way (a worker that stopped) starts over, and since
   records are upserted by source id, running it again never duplicates.
 * ``refresh_care_stages_nightly`` re-derives every contact's care-journey stage once a day, so
-  "overdue" follows the calendar without any new data arriving.
+  "overdue" follows the calendar without any new data arriving; it also gives name-search tokens
+  to contacts stored before name search existed (``reindex_name_tokens`` does it on demand).
 """
 
 from __future__ import annotations
@@ -40,6 +41,18 @@ def refresh_care_stages_nightly() -> None:
             changed = refresh_care_stages(session, org_id, None)
             session.commit()
         log.info("care_stages_refreshed", org_id=org_id, changed_count=changed)
+        reindex_name_tokens.call_local(org_id)
+
+
+@huey.task(retries=2, retry_delay=30)
+def reindex_name_tokens(org_id: str, all_contacts: bool = False) -> None:
+    """Write the name-search tokens of an organization's contacts that have none (every contact
+    with ``all_contacts``). Idempotent; commits per chunk."""
+    from carepost.patients.service import reindex_names
+
+    with org_session(org_id) as session:
+        done = reindex_names(session, org_id, only_missing=not all_contacts)
+    log.info("name_tokens_reindexed", org_id=org_id, contacts_count=done)
 
 
 def start_import(import_id: str, org_id: str) -> None:
