@@ -209,7 +209,10 @@ def read_value_set(request: Request, key: str, principal: Principal = Depends(re
 
 @router.get("/value-sets/{key}/versions", summary="Every version of a user value set")
 def value_set_versions(request: Request, key: str, principal: Principal = Depends(require(P.SEGMENTS_READ))) -> dict:
-    return {"data": valuesets.value_set_versions(request.state.db, principal.org_id, key)}
+    rows = valuesets.value_set_versions(request.state.db, principal.org_id, key)
+    if not rows:
+        raise NotFound("No user value set with this key.", field="key")
+    return {"data": rows}
 
 
 @router.post("/value-sets", status_code=201, summary="Create a value set (a shipped key is overridden for this organization)")
