@@ -111,3 +111,14 @@ def test_testing_mode_is_reported_in_the_evidence(db, delivery_env):
     publish(delivery_env, "valid.test", ENFORCE.replace("enforce", "testing"))
     ok = deliver(envelope("valid.test"), tlsprobe.DatabasePolicyStore())
     assert ok.status == "delivered" and ok.evidence.mta_sts == "testing" and ok.evidence.mta_sts_report is None
+
+
+def test_security_preview_uses_the_stored_policy_when_the_refresh_fails(db, delivery_env):
+    from carepost.delivery.preview import security_preview
+
+    publish(delivery_env, "valid.test", ENFORCE)
+    run(tlsprobe.resolve_mta_sts("valid.test", store=tlsprobe.DatabasePolicyStore()))
+    publish(delivery_env, "valid.test", "gone", ident="2026z", status=503)
+    tlsprobe.cache.clear()
+    [row] = run(security_preview({"pat@valid.test": {"pgp": False, "smime": False}}, org_mode="tls_required"))
+    assert row.method == "tls" and "MTA-STS enforce" in row.reason

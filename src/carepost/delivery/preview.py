@@ -42,7 +42,9 @@ async def security_preview(session_keys: dict[str, dict[str, bool]], *, org_mode
     domains = sorted({a.rsplit("@", 1)[1].lower() for a in session_keys})
     probes = {}
     if relay is None:
-        found = await asyncio.gather(*(tlsprobe.probe_domain(d, settings=settings) for d in domains))
+        # The same MTA-STS policies delivery uses: stored with their max_age (RFC 8461 5.1).
+        store = tlsprobe.DatabasePolicyStore()
+        found = await asyncio.gather(*(tlsprobe.probe_domain(d, settings=settings, store=store) for d in domains))
         probes = dict(zip(domains, found))
     rows = []
     for address, keys in session_keys.items():
