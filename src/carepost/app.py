@@ -268,4 +268,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         module = importlib.import_module(module_name)
         app.include_router(module.router)
     enforce_declared_access(app)
+    from carepost.web.openapi import install_openapi
+
+    install_openapi(app)  # the document as the API behaves (issue 9 item 28)
     return app

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 
 from carepost.accounts.access import Principal, require
 from carepost.accounts.permissions import Permission as P
@@ -31,6 +32,22 @@ router = APIRouter(prefix="/api/v1", tags=["contacts"])
 
 FactKind = Literal["conditions", "medications", "procedures", "observations", "immunizations", "encounters",
                    "appointments", "care-plans", "coverages"]
+
+
+class _FactKindConvertor(Convertor):
+    """``{kind:fact_kind}`` matches only the kinds of clinical facts, so a path such as
+    ``/contacts/{id}/consent/evidence`` is never taken by the facts routes (issue 9 item 28)."""
+
+    regex = "|".join(FactKind.__args__)
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("fact_kind", _FactKindConvertor())
 
 
 def _audit(request: Request, principal: Principal, action: str, target_id: str | None = None, target_type: str = "contact", **details):
@@ -212,7 +229,7 @@ def export_contact(request: Request, contact_id: str, format: Literal["json", "h
 # --------------------------------------------------------------------------- clinical facts
 
 
-@router.get("/contacts/{contact_id}/{kind}", summary="List clinical facts of one kind")
+@router.get("/contacts/{contact_id}/{kind:fact_kind}", summary="List clinical facts of one kind")
 def list_facts(request: Request, contact_id: str, kind: FactKind, principal: Principal = Depends(require(P.PHI_READ_MASKED))) -> dict:
     session = request.state.db
     rows = service.list_facts(session, principal.org_id, contact_id, kind)
@@ -221,7 +238,7 @@ def list_facts(request: Request, contact_id: str, kind: FactKind, principal: Pri
     return {"data": [service.fact_dict(r) for r in rows]}
 
 
-@router.post("/contacts/{contact_id}/{kind}", status_code=201, summary="Add a clinical fact")
+@router.post("/contacts/{contact_id}/{kind:fact_kind}", status_code=201, summary="Add a clinical fact")
 def create_fact(request: Request, contact_id: str, kind: FactKind, body: FactIn,
                 principal: Principal = Depends(require(P.PHI_WRITE))) -> dict:
     session = request.state.db
@@ -231,7 +248,7 @@ def create_fact(request: Request, contact_id: str, kind: FactKind, body: FactIn,
     return service.fact_dict(fact)
 
 
-@router.patch("/contacts/{contact_id}/{kind}/{fact_id}", summary="Change a clinical fact")
+@router.patch("/contacts/{contact_id}/{kind:fact_kind}/{fact_id}", summary="Change a clinical fact")
 def update_fact(request: Request, contact_id: str, kind: FactKind, fact_id: str, body: FactIn,
                 principal: Principal = Depends(require(P.PHI_WRITE))) -> dict:
     session = request.state.db
@@ -241,7 +258,7 @@ def update_fact(request: Request, contact_id: str, kind: FactKind, fact_id: str,
     return service.fact_dict(fact)
 
 
-@router.delete("/contacts/{contact_id}/{kind}/{fact_id}", status_code=204, summary="Delete a clinical fact")
+@router.delete("/contacts/{contact_id}/{kind:fact_kind}/{fact_id}", status_code=204, summary="Delete a clinical fact")
 def delete_fact(request: Request, contact_id: str, kind: FactKind, fact_id: str,
                 principal: Principal = Depends(require(P.PHI_WRITE))) -> Response:
     session = request.state.db

@@ -1,0 +1,158 @@
+"""The OpenAPI document as the API behaves (issue 9 item 28).
+
+FastAPI documents the success answer and 422; CarePost's routes also answer 400, 401, 403, 404,
+409, 413 and 429, in one error shape. Instead of repeating ``responses=`` on every route, the
+document is completed here from what each route declares:
+
+* its access declaration (``accounts.access``): a permissioned or authenticated route can answer
+  401 (with ``WWW-Authenticate``), 403 and 429 (with ``Retry-After``), and names the security
+  schemes; a public route does not;
+* its path parameters: 404 (a missing id and an id of another organization look the same);
+* its method and body: 400 and 409 for writes, 413 for bodies over the limit, 422 for any input;
+* the media types it really answers with (CSV exports, NDJSON).
+
+Routes may still add their own with :func:`error_responses` (the shared helper), which uses the
+same schema. ``tests/test_openapi_fuzz.py`` runs schemathesis over the live document and fails on
+any 5xx, undocumented status code, content type or schema mismatch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": {"type": "string", "description": "Stable machine-readable code, e.g. not_found, validation_error."},
+                "message": {"type": "string", "description": "What went wrong, for people. Never repeats submitted values."},
+                "field": {"type": ["string", "null"], "description": "The input at fault (dotted path), when there is one."},
+                "errors": {"type": "array", "items": {"type": "object"}, "description": "Every input at fault (422)."},
+            },
+        }
+    },
+}
+OAUTH_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string"}, "error_description": {"type": "string"}},
+    "description": "RFC 6749 section 5.2 error response.",
+}
+DESCRIPTIONS = {
+    400: "Bad request", 401: "Authentication required (see WWW-Authenticate)", 403: "Permission denied",
+    404: "Not found (in the caller's organization)", 405: "Method not allowed (see Allow)",
+    409: "Conflict with the current state", 410: "Gone", 413: "Request body too large",
+    415: "Unsupported media type", 422: "Invalid input (the field is named)", 429: "Rate limited (see Retry-After)",
+}
+SECURITY_SCHEMES: dict[str, Any] = {
+    "bearerAuth": {"type": "http", "scheme": "bearer",
+                   "description": "`Authorization: Bearer <key id>.<secret>` (an API key), or an OAuth 2.0 access token."},
+    "basicAuth": {"type": "http", "scheme": "basic", "description": "HTTP Basic with the key id as user name and the secret as password."},
+    "oauth2": {"type": "oauth2", "description": "OAuth 2.0 client credentials (RFC 6749 section 4.4); the client is an API key.",
+               "flows": {"clientCredentials": {"tokenUrl": "/api/v1/oauth/token", "scopes": {}}}},
+    "hmacSignature": {"type": "apiKey", "in": "header", "name": "Authorization",
+                      "description": "`CarePost-HMAC-SHA256 Credential=<key id>, Timestamp=<unix seconds>, Nonce=<nonce>, "
+                                     "Signature=<base64>`: a signed request, the secret never sent (docs/api.md)."},
+}
+SECURITY = [{"bearerAuth": []}, {"basicAuth": []}, {"oauth2": []}, {"hmacSignature": []}]
+
+# Media types answered besides JSON, and success codes answered besides the declared one.
+CSV = {"text/csv": {"schema": {"type": "string"}}}
+EXTRA_CONTENT: dict[tuple[str, str], dict[int, dict]] = {
+    ("get", "/api/v1/consent/reports"): {200: CSV},
+    ("get", "/api/v1/suppressions/export"): {200: CSV},
+    ("get", "/api/v1/imports/{import_id}/errors"): {200: CSV},
+}
+EXTRA_SUCCESS: dict[tuple[str, str], list[int]] = {
+    ("post", "/api/v1/contacts"): [201],  # 201 created, 200 updated (same external id)
+}
+
+
+def error_responses(*codes: int, oauth: bool = False) -> dict[int, dict]:
+    """``responses=`` for a route: each code with the shared error schema (the shared helper)."""
+    out: dict[int, dict] = {}
+    for code in codes:
+        # The token endpoints answer RFC 6749 errors; input validation (422) is CarePost's shape.
+        schema = OAUTH_ERROR_SCHEMA if oauth and code in (400, 401) else {"$ref": "#/components/schemas/Error"}
+        entry: dict[str, Any] = {"description": DESCRIPTIONS.get(code, "Error"),
+                                 "content": {"application/json": {"schema": schema}}}
+        if code == 401:
+            entry["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
+        if code == 429:
+            entry["headers"] = {"Retry-After": {"schema": {"type": "integer"}}}
+        out[code] = entry
+    return out
+
+
+def _codes_for(method: str, path: str, kind: str, operation: dict) -> list[int]:
+    codes = {400, 413} if method in ("post", "put", "patch", "delete") else {400}
+    if operation.get("parameters") or operation.get("requestBody"):
+        codes.add(422)
+    if method in ("post", "put", "patch", "delete"):
+        codes.update({409, 422})
+    if "{" in path:
+        codes.add(404)
+    if kind != "public" and (operation.get("parameters") or operation.get("requestBody")):
+        codes.add(404)  # an id it refers to (in the query or body) is not in the caller's organization
+    if kind != "public":
+        codes.update({401, 403, 429})
+    elif path.startswith("/api/v1/oauth/"):
+        codes.update({401})
+    return sorted(codes)
+
+
+def complete_document(app: FastAPI, document: dict) -> dict:
+    from fastapi.routing import APIRoute, iter_route_contexts
+
+    from carepost.accounts.access import declared_access
+
+    components = document.setdefault("components", {})
+    components.setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+    components["schemas"]["OAuthError"] = OAUTH_ERROR_SCHEMA
+    components["securitySchemes"] = SECURITY_SCHEMES
+    kinds: dict[tuple[str, str], str] = {}
+    for context in iter_route_contexts(app.routes):
+        route = context.route
+        if isinstance(route, APIRoute):
+            kind = (declared_access(route) or ("public",))[0]
+            for method in context.methods or ():
+                kinds[(method.lower(), context.path)] = kind
+    for path, item in (document.get("paths") or {}).items():
+        for method, operation in item.items():
+            if not isinstance(operation, dict) or method not in ("get", "put", "post", "patch", "delete"):
+                continue
+            kind = kinds.get((method, path), "public")
+            responses = operation.setdefault("responses", {})
+            oauth = path.startswith("/api/v1/oauth/")
+            for code, entry in error_responses(*_codes_for(method, path, kind, operation), oauth=oauth).items():
+                existing = responses.get(str(code))
+                if existing is None or code == 422:
+                    responses[str(code)] = entry
+            for code, content in EXTRA_CONTENT.get((method, path), {}).items():
+                responses.setdefault(str(code), {"description": "OK"}).setdefault("content", {}).update(content)
+            for code in EXTRA_SUCCESS.get((method, path), []):
+                ok = responses.get("200") or {"description": "OK"}
+                responses.setdefault(str(code), {**ok, "description": "Created"})
+            if kind != "public":
+                operation["security"] = SECURITY
+    return document
+
+
+def install_openapi(app: FastAPI) -> None:
+    """Replace ``app.openapi`` with the completed document (built once)."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            document = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                                   description=app.description or None)
+            app.openapi_schema = complete_document(app, document)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
