@@ -548,3 +548,26 @@ def test_a_real_worker_process_delivers_what_the_api_accepted(storage, env, sess
     assert "delivery_run" in output
     for text in ("patient1@", "pat@", "HbA1c"):
         assert text not in output
+
+
+def test_smime_signing_key_is_made_for_a_domain_older_than_signing(env, smime_ca):
+    """A sending domain created before S/MIME was signed gets its signing key at its first S/MIME
+    message, stored encrypted; the message is signed with it."""
+    from carepost.core.database import org_session
+    from carepost.delivery.models import SendingDomain
+
+    with org_session(env.sender.org_id) as s:
+        s.get(SendingDomain, env.sender.domain_id).smime_signing_private_enc = None
+        s.commit()
+    cert = smime_ca.issue("pat@selfsigned.test")
+    r = env.client.post("/api/v1/recipient-keys", json={"address": "pat@selfsigned.test", "kind": "smime", "key": cert.pem},
+                        headers=env.key)
+    assert r.status_code == 201, r.text
+    message_id = env.send(to=["pat@selfsigned.test"])
+    pipeline.deliver([message_id])
+    [received] = env.received("selfsigned")
+    inner = email.message_from_bytes(smime_ca.open(received.data, cert), policy=email_policy.default)
+    assert PHI in inner.get_body(("plain",)).get_content()
+    with org_session(env.sender.org_id) as s:
+        stored = s.get(SendingDomain, env.sender.domain_id).smime_signing_private_enc
+        assert stored and b"PRIVATE KEY" not in stored
