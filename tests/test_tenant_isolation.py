@@ -359,3 +359,54 @@ def test_a_owner_cannot_switch_into_b(tenants):
     r = web.request("POST", "/app/switch-org", data={"org_id": tenants["b_org"].id}, follow_redirects=False)
     assert r.status_code in REJECTED
     assert web.request("GET", "/api/v1/me").json()["org_id"] == tenants["a_org"].id
+
+
+def test_a_session_of_a_cannot_insert_a_row_of_b(db, session):
+    """Issue 9 item 14: the tenant scope refuses INSERT statements that write another
+    organization's ``org_id`` — one row, many rows (executemany) or a table-level insert — and
+    ORM objects at flush; the organization's own rows still go in."""
+    from sqlalchemy import insert
+
+    from carepost.accounts.models import Membership, User
+    from carepost.accounts.service import create_organization
+    from carepost.core.database import TenantScopeError, org_session
+    from carepost.core.ids import new_id
+
+    a = create_organization(session, "Alpha Clinic")
+    b = create_organization(session, "Zeta Health")
+    user = User(email="someone@example.test", display_name="")
+    session.add(user)
+    session.commit()
+    attempts = [
+        lambda s: s.execute(insert(Membership).values(id=new_id(), org_id=b.id, user_id=user.id, role="owner")),
+        lambda s: s.execute(insert(Membership), [{"id": new_id(), "org_id": b.id, "user_id": user.id, "role": "owner"}]),
+        lambda s: s.execute(Membership.__table__.insert().values(id=new_id(), org_id=b.id, user_id=user.id,
+                                                                  role="owner", created_at=clock_now())),
+        lambda s: s.execute(insert(Membership).values([{"id": new_id(), "org_id": a.id, "user_id": user.id, "role": "analyst"},
+                                                       {"id": new_id(), "org_id": b.id, "user_id": user.id, "role": "owner"}])),
+    ]
+    for attempt in attempts:
+        with org_session(a.id) as s:
+            with pytest.raises(TenantScopeError):
+                attempt(s)
+                s.flush()
+            s.rollback()
+    with org_session(a.id) as s:
+        s.add(Membership(org_id=b.id, user_id=user.id, role="owner"))
+        with pytest.raises(TenantScopeError):
+            s.flush()
+        s.rollback()
+    # Nothing reached B; A's own insert works.
+    with org_session(a.id) as s:
+        s.execute(insert(Membership).values(id=new_id(), org_id=a.id, user_id=user.id, role="analyst"))
+        s.commit()
+    with org_session(b.id) as s:
+        assert s.scalars(select(Membership)).all() == []
+    with org_session(a.id) as s:
+        assert [m.role for m in s.scalars(select(Membership))] == ["analyst"]
+
+
+def clock_now():
+    from carepost.core import clock
+
+    return clock.now()

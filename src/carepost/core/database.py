@@ -18,6 +18,7 @@ from datetime import datetime
 
 from sqlalchemy import DateTime, ForeignKey, MetaData, String, create_engine, event
 from sqlalchemy.engine import Engine
+from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -196,8 +197,59 @@ def _scoped_mappers(state: ORMExecuteState) -> bool:
     return any(isinstance(m.class_, type) and issubclass(m.class_, OrgScoped) for m in state.all_mappers)
 
 
+def _org_scoped_tables() -> frozenset[str]:
+    return frozenset(m.local_table.name for m in Base.registry.mappers
+                     if isinstance(m.class_, type) and issubclass(m.class_, OrgScoped))
+
+
+def _inserted_org_ids(state: ORMExecuteState) -> set:
+    """Every ``org_id`` an INSERT statement would write: from its VALUES (one or many rows) and
+    from the parameters it is executed with (executemany)."""
+    found = set()
+    params = state.parameters
+    for row in (params if isinstance(params, (list, tuple)) else [params or {}]):
+        if isinstance(row, dict) and "org_id" in row:
+            found.add(row["org_id"])
+    stmt = state.statement
+
+    def add_from(values) -> None:
+        for key, value in (values or {}).items():
+            if getattr(key, "key", key) == "org_id":
+                found.add(value.value if isinstance(value, BindParameter) else value)
+
+    add_from(getattr(stmt, "_values", None))
+    for rows in getattr(stmt, "_multi_values", None) or ():
+        for row in rows:
+            if isinstance(row, dict):
+                add_from(row)
+    return found
+
+
+def _check_insert(state: ORMExecuteState) -> None:
+    """Issue 9 item 14: the tenant scope covers INSERT statements too (``insert(Model).values``
+    and executemany with rows): a session of organization A cannot write a row of B. ORM objects
+    added to the session are checked at flush (:func:`_stamp_organization`)."""
+    table = getattr(state.statement, "table", None)
+    if table is None or getattr(table, "name", None) not in _org_scoped_tables():
+        return
+    session = state.session
+    org_id = session.info.get("org_id")
+    if org_id is None:
+        if session.info.get("scope") == "system" or state.execution_options.get(ALL_ORGANIZATIONS_OPTION):
+            return
+        raise TenantScopeError(f"insert into {table.name} without an organization scope")
+    if getattr(state.statement, "select", None) is not None:
+        return  # INSERT ... SELECT: its select is scoped like any query (its org_id comes from the caller)
+    others = {value for value in _inserted_org_ids(state) if value != org_id}
+    if others:
+        raise TenantScopeError(f"insert into {table.name} for another organization")
+
+
 @event.listens_for(Session, "do_orm_execute")
 def _scope_to_organization(state: ORMExecuteState) -> None:
+    if state.is_insert:
+        _check_insert(state)
+        return
     if not (state.is_select or state.is_update or state.is_delete):
         return
     if state.execution_options.get(ALL_ORGANIZATIONS_OPTION):
