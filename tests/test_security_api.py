@@ -142,3 +142,81 @@ def test_multipart_text_fields_are_guarded(client):
     response = client.post("/app/recipient-keys", data={"address": "ann@example.org", "kind": "pgp"},
                            files={"key_file": ("key.asc", b"binary\x00key", "application/octet-stream")})
     assert response.status_code != 422
+
+
+# --------------------------------------------------------------------------- item 25
+
+
+def _key_client(app, session, org_id: str, name: str) -> TestClient:
+    from carepost.accounts.permissions import API_SCOPES
+
+    cred, secret = creds.create_credential(session, org_id, name=name, scopes=sorted(API_SCOPES),
+                                           rate_limit_per_minute=100_000)
+    session.commit()
+    client = TestClient(app, base_url="http://localhost:8000", raise_server_exceptions=False)
+    client.headers["Authorization"] = f"Bearer {cred.key_id}.{secret}"
+    return client
+
+
+def test_probing_another_organizations_ids_is_audited_with_the_same_404(app, session, org, make_user):
+    from carepost.accounts.service import create_organization
+    from carepost.audit.models import AuditEvent
+    from carepost.core.ids import new_id
+    from tests.fixtures.accounts import login_client
+
+    other = create_organization(session, "Zeta Probe Clinic")
+    session.commit()
+    a = _key_client(app, session, org.id, "Alpha")
+    b = _key_client(app, session, other.id, "Zeta")
+    created = b.post("/api/v1/contacts", json={"given_name": "Zed", "family_name": "Zeta", "city": "Zetaville"})
+    assert created.status_code in (200, 201), created.text
+    b_contact = created.json()["id"]
+    b_template = b.post("/api/v1/templates", json={"name": "Zeta", "subject": "Hello", "text": "Hi"}).json()["id"]
+    nowhere = new_id()
+
+    probes = [
+        ("GET", f"/api/v1/contacts/{b_contact}", "contact"),
+        ("PATCH", f"/api/v1/contacts/{b_contact}", "contact"),
+        ("DELETE", f"/api/v1/contacts/{b_contact}", "contact"),
+        ("GET", f"/api/v1/templates/{b_template}", "template"),
+    ]
+    for method, path, kind in probes:
+        kwargs = {"json": {"city": "Alphaville"}} if method == "PATCH" else {}
+        probe = a.request(method, path, **kwargs)
+        miss = a.request(method, path.rsplit("/", 1)[0] + "/" + nowhere, **kwargs)
+        assert probe.status_code == miss.status_code == 404, (path, probe.text)
+        assert probe.json() == miss.json()  # nothing tells the caller the id exists
+    # A signed-in owner of A through the web UI.
+    owner = make_user(org, role="owner")
+    web = TestClient(app, base_url="http://localhost:8000", raise_server_exceptions=False)
+    login_client(web, owner)
+    assert web.get(f"/api/v1/contacts/{b_contact}").status_code == 404
+
+    from carepost.core.database import read_only_session
+
+    with read_only_session() as s:
+        events = list(s.scalars(select(AuditEvent).where(AuditEvent.chain == org.id, AuditEvent.action == "access.denied")
+                                .order_by(AuditEvent.seq)))
+        b_events = list(s.scalars(select(AuditEvent).where(AuditEvent.chain == other.id,
+                                                           AuditEvent.action == "access.denied")))
+    probed = [e for e in events if e.target_id in (b_contact, b_template)]
+    assert len(probed) == len(probes) + 1
+    for event, (method, _path, kind) in zip(probed, probes, strict=False):
+        assert event.outcome == "denied" and event.details["reason"] == "not_found_in_org"
+        assert event.target_type == kind and event.details["method"] == method
+        assert event.request_id
+    assert probed[-1].actor_type == "user" and probed[-1].actor_id == owner.id
+    assert sum(1 for e in events if e.target_id == nowhere) == len(probes)  # misses are recorded alike
+    assert b_events == []  # B's chain learns nothing of A's probes; A's compliance view sees them
+
+
+def test_a_free_text_path_value_is_stored_hashed(app, session, org):
+    from carepost.audit.models import AuditEvent
+    from carepost.core.database import read_only_session
+
+    a = _key_client(app, session, org.id, "Alpha")
+    response = a.get("/api/v1/contacts/jane.doe@example.org")
+    assert response.status_code == 404
+    with read_only_session() as s:
+        [event] = s.scalars(select(AuditEvent).where(AuditEvent.chain == org.id, AuditEvent.action == "access.denied"))
+    assert event.target_id.startswith("sha256:") and "jane" not in str(event.details)

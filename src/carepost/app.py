@@ -112,6 +112,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CarePostError)
     async def _carepost_error(request: Request, exc: CarePostError):
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
+        if exc.status_code == 404 and getattr(request.state, "principal", None) is not None:
+            # A lookup outside the caller's organization looks like any other miss (same 404) but
+            # leaves an audit trace (issue 9 item 25).
+            from starlette.concurrency import run_in_threadpool
+
+            from carepost.accounts.denials import record_not_found
+
+            await run_in_threadpool(record_not_found, request, exc.field)
         if _wants_html(request) and (exc.status_code == 401 or exc.code == "mfa_required"):
             from fastapi.responses import RedirectResponse
 
