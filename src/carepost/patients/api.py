@@ -126,6 +126,11 @@ def search_contacts(request: Request, body: SearchIn, principal: Principal = Dep
     session = request.state.db
     if body.name is not None and not principal.can(P.PHI_READ_UNMASKED):
         raise PermissionDenied("Searching by name needs the permission to see unmasked PHI (phi:read_unmasked).", field="name")
+    # Issue 9 item 7: an exact identifier confirms who a patient is — the unmasked right only.
+    by_identifier = next((k for k in ("email", "phone", "mrn", "identifier") if getattr(body, k)), None)
+    if by_identifier is not None and not principal.can(P.PHI_READ_UNMASKED):
+        raise PermissionDenied("Searching by email, phone, MRN or identifier needs the permission to see unmasked PHI "
+                               "(phi:read_unmasked).", field=by_identifier)
     ids = None
     if body.email or body.phone or body.mrn or body.identifier or body.name is None:
         ids = service.find_contact_ids(session, principal.org_id, email=body.email, phone=body.phone, mrn=body.mrn,
@@ -233,9 +238,12 @@ def export_contact(request: Request, contact_id: str, format: Literal["json", "h
 def list_facts(request: Request, contact_id: str, kind: FactKind, principal: Principal = Depends(require(P.PHI_READ_MASKED))) -> dict:
     session = request.state.db
     rows = service.list_facts(session, principal.org_id, contact_id, kind)
-    _audit(request, principal, f"contact.{kind}.read", contact_id, count=len(rows))
+    unmasked, view = _view(principal, False)
+    _audit(request, principal, f"contact.{kind}.read", contact_id, count=len(rows), view=view)
     session.commit()
-    return {"data": [service.fact_dict(r) for r in rows]}
+    facts = [service.fact_dict(r) for r in rows]
+    # Issue 9 item 7: masked viewers get categories and counts, never codes' text, dates or notes.
+    return {"data": facts} if unmasked else masking.mask_facts(kind, facts)
 
 
 @router.post("/contacts/{contact_id}/{kind:fact_kind}", status_code=201, summary="Add a clinical fact")

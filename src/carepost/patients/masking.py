@@ -45,25 +45,67 @@ def mask_birth_date(value: str | None) -> str | None:
     return value[:4] if value else value
 
 
+# Safe Harbor (164.514(b)(2)(i)(B)): ZIP3 areas of 20,000 people or fewer become 000 (HHS 2012
+# guidance, 2000 census). The same list as segments.geo.RESTRICTED_ZIP3 (segments sits above us).
+RESTRICTED_ZIP3 = frozenset({"036", "059", "063", "102", "203", "556", "692", "790", "821", "823", "830", "831",
+                             "878", "879", "884", "890", "893"})
+
+
+def mask_postal_code(value: str | None) -> str | None:
+    if not value:
+        return value
+    digits = re.sub(r"\D", "", value)[:3]
+    if len(digits) < 3:
+        return None
+    return "000" if digits in RESTRICTED_ZIP3 else digits
+
+
+def _year(value) -> str | None:
+    """An ISO date or timestamp cut to its year (no exact dates in the masked view)."""
+    return str(value)[:4] if value else None
+
+
 def mask_contact(data: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a contact dict (see ``service.contact_dicts``) with direct identifiers masked."""
+    """A copy of a contact dict (see ``service.contact_dicts``) for viewers without the unmasked
+    right (issue 9 item 7): no direct identifier at all — not even an initial, an email domain
+    or the last digits of a phone or MRN, which together re-identify a patient —, no exact date
+    (the year at most), no free text, geography no finer than ZIP3 (Safe Harbor) and state."""
     out = dict(data)
     for name in ("given_name", "middle_name", "family_name"):
-        out[name] = mask_name(out.get(name))
+        out[name] = MASK if out.get(name) else None
     for name in ("name_prefix", "name_suffix"):
         out[name] = None
-    for name in ("address_line1", "address_line2"):
+    for name in ("address_line1", "address_line2", "city"):
         out[name] = MASK if out.get(name) else None
-    out["email"] = mask_email(out.get("email"))
-    out["emails"] = [mask_email(e) for e in out.get("emails") or []]
-    out["phone"] = mask_phone(out.get("phone"))
-    out["phones"] = [{**p, "value": mask_phone(p.get("value"))} for p in out.get("phones") or []]
-    out["identifiers"] = [{**i, "value": mask_identifier(i.get("value"))} for i in out.get("identifiers") or []]
-    out["mrn"] = mask_identifier(out.get("mrn"))
-    out["external_id"] = mask_identifier(out.get("external_id"))
+    out["postal_code"] = mask_postal_code(out.get("postal_code"))
+    out["email"] = MASK if out.get("email") else None
+    out["emails"] = [MASK for _ in out.get("emails") or []]
+    out["phone"] = MASK if out.get("phone") else None
+    out["phones"] = [{**p, "value": MASK} for p in out.get("phones") or []]
+    out["identifiers"] = [{**i, "value": MASK} for i in out.get("identifiers") or []]
+    out["mrn"] = MASK if out.get("mrn") else None
+    out["external_id"] = MASK if out.get("external_id") else None
     out["birth_date"] = mask_birth_date(out.get("birth_date"))
+    for name in ("created_at", "updated_at"):
+        if name in out:
+            out[name] = _year(out[name])
+    if isinstance(out.get("deceased"), str) and len(out["deceased"]) >= 10:
+        out["deceased"] = _year(out["deceased"])
+    # Custom attributes may be free text: only yes/no and numbers stay.
+    out["attributes"] = {key: (value if isinstance(value, (bool, int, float)) or value is None else MASK)
+                         for key, value in (out.get("attributes") or {}).items()}
     out["masked"] = True
     return out
+
+
+def mask_facts(kind: str, facts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Clinical facts for a masked viewer: a count per category (the coding system and status),
+    never a code's text, a date or a note."""
+    categories: dict[str, int] = {}
+    for fact in facts:
+        label = "/".join(str(fact[k]) for k in ("code_system", "status") if fact.get(k)) or kind
+        categories[label] = categories.get(label, 0) + 1
+    return {"data": [], "masked": True, "count": len(facts), "categories": categories}
 
 
 def mask_government_identifiers(data: dict[str, Any]) -> dict[str, Any]:
