@@ -84,7 +84,7 @@ def _wait_for_code(recorder, timeout: float = 30.0) -> str:
 
 
 def test_recipient_gets_the_code_by_email_reads_downloads_and_replies(page, worker, mx_servers, tmp_path):
-    recorder = mx_servers["plain"].recorder
+    recorder = mx_servers["valid"].recorder
     recorder.reset()
     a, org_name = _arrange()
     page.goto(f"/p/{a.token}")
@@ -92,7 +92,7 @@ def test_recipient_gets_the_code_by_email_reads_downloads_and_replies(page, work
     expect(page.locator("body")).not_to_contain_text(PHI_SUBJECT)
     page.get_by_test_id("send-code").click()
     page.wait_for_url(re.compile(r".*\?sent=1$"))
-    expect(page.locator("body")).to_contain_text("j•••@plain.test")
+    expect(page.locator("body")).to_contain_text("j•••@valid.test")
     code = _wait_for_code(recorder)
     page.fill("#code", f"{code[:4]} {code[4:]}")
     page.get_by_test_id("verify").click()
