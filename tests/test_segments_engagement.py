@@ -81,3 +81,15 @@ def test_portal_forms_distance_and_scoping(db):
                   "or has condition or has encounter or suppressed or authorized for marketing")
     assert _ids(a, everything) <= {opened, submitted, idle}
     assert _ids(b, everything) <= set(other)
+    # a snapshot, the members of a segment and a breakdown stay inside the organization too
+    from carepost.core.database import org_session
+    from carepost.segments import service
+
+    with org_session(a) as s:
+        seg = service.create_segment(s, a, {"name": "All", "kind": "snapshot", "query": "zip3 in (021, 627)"}, service.SYSTEM)
+        dyn = service.create_segment(s, a, {"name": "Dyn", "query": "zip3 in (021, 627)"}, service.SYSTEM)
+        s.commit()
+        assert set(service.members(s, a, seg, service.SYSTEM)[0]) == {opened, submitted, idle}
+        assert set(service.members(s, a, dyn, service.SYSTEM)[0]) == {opened, submitted, idle}
+        groups = service.breakdown(s, a, "zip3 in (021, 627)", "zip3", service.SYSTEM)["groups"]
+        assert groups == [{"value": "021", "count": 2}, {"value": "627", "count": 1}]

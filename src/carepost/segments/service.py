@@ -317,14 +317,30 @@ def delete_segment(session: Session, org_id: str, seg: Segment) -> None:
     session.flush()
 
 
+SNAPSHOT_CHUNK = 5000
+
+
 def take_snapshot(session: Session, org_id: str, seg: Segment, actor: Actor) -> int:
-    """Freeze the current members (one INSERT ... SELECT, evaluated by the database)."""
+    """Freeze the current members. The ids are read through the organization-scoped SELECT in
+    keyset chunks and written in bulk: an ``INSERT ... SELECT`` would bypass the central tenant
+    criteria, which apply to SELECT, UPDATE and DELETE statements only."""
     compiled = compiler.compile_query(session, org_id, language.validate(seg.query), segment_id=seg.id)
     session.execute(delete(SegmentMember).where(SegmentMember.segment_id == seg.id))
-    ids = select(literal(org_id), literal(seg.id), compiled.statement.subquery().c.id)
-    session.execute(SegmentMember.__table__.insert().from_select(["org_id", "segment_id", "contact_id"], ids))
+    table = SegmentMember.__table__
+    n, after = 0, None
+    while True:
+        stmt = compiled.statement.order_by(Contact.id).limit(SNAPSHOT_CHUNK)
+        if after is not None:
+            stmt = stmt.where(Contact.id > after)
+        ids = list(session.scalars(stmt))
+        if not ids:
+            break
+        session.execute(table.insert(), [{"org_id": org_id, "segment_id": seg.id, "contact_id": cid} for cid in ids])
+        n += len(ids)
+        after = ids[-1]
+        if len(ids) < SNAPSHOT_CHUNK:
+            break
     seg.snapshot_at = clock.now()
-    n = int(session.scalar(select(func.count()).select_from(SegmentMember).where(SegmentMember.segment_id == seg.id)) or 0)
     _audit_sensitive(session, org_id, compiled, actor, "snapshot", seg, count=n)
     _note_use(session, seg, actor, "snapshot", n)
     return n
