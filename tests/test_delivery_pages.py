@@ -274,3 +274,16 @@ def test_delivery_pages_need_their_permissions(client, org, make_user):
         assert client.get(path).status_code == 403, path
     home = client.get("/app").text
     assert "/app/domains" not in home and "Delivery log" not in home
+
+
+def test_message_page_shows_dane_and_mta_sts_evidence(owner_client, session, org):
+    """Issue 9 item 10: DANE authentication, the MTA-STS policy id, a policy kept after a failed
+    refresh and what testing mode would have refused are shown with the delivery evidence."""
+    msg, rcpt = _logged_message(session, org.id)
+    rcpt.evidence = {**rcpt.evidence, "dane": True, "mta_sts": "testing", "mta_sts_id": "2026a",
+                     "mta_sts_source": "stored_after_failure", "mta_sts_report": "mx.valid.test is not listed in the policy"}
+    session.commit()
+    detail = owner_client.get(f"/app/deliveries/{msg.id}")
+    assert "verified by DANE" in detail.text and "policy 2026a" in detail.text
+    assert "kept from before (refresh failed)" in detail.text
+    assert 'data-testid="mta-sts-report">would fail enforce: mx.valid.test is not listed' in detail.text
