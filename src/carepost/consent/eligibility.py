@@ -462,7 +462,7 @@ def _topics(session: Session, org_id: str) -> list[Topic]:
 
 
 def pipeline_eligibility(session: Session, candidates: list) -> dict[str, str]:
-    """``delivery.pipeline.ELIGIBILITY_CHECK``: the full check for recipients being delivered
+    """The delivery pipeline's ``eligibility`` step (filled by ``carepost.assembly``): the full check for recipients being delivered
     (at claim time), grouped by organization, purpose and topic. Returns the excluded ones:
     ``{recipient id: reason code}``. Invalid addresses stay excluded as ``invalid_address``."""
     from carepost.delivery.mime import parse_address
@@ -493,7 +493,7 @@ def pipeline_eligibility(session: Session, candidates: list) -> dict[str, str]:
 
 
 def pipeline_list_unsubscribe(session: Session, candidates: list) -> dict[str, list[str]]:
-    """``delivery.pipeline.LIST_UNSUBSCRIBE``: RFC 8058 one-click URIs for every recipient whose
+    """The delivery pipeline's ``list_unsubscribe`` step: RFC 8058 one-click URIs for every recipient whose
     message needs an opt-out (commercial purposes) or belongs to a topic."""
     from carepost.consent.service import unsubscribe_url
 
@@ -514,7 +514,7 @@ def pipeline_list_unsubscribe(session: Session, candidates: list) -> dict[str, l
 
 
 def pipeline_quiet_hours(session: Session, candidates: list) -> dict[str, datetime]:
-    """``delivery.pipeline.QUIET_HOURS``: recipients of messages that need an opt-out (marketing
+    """The delivery pipeline's ``quiet_hours`` step: recipients of messages that need an opt-out (marketing
     and the like) who are inside the organization's quiet hours in their own time zone get
     the next allowed time — a deferral, never an exclusion."""
     out: dict[str, datetime] = {}

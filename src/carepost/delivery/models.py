@@ -156,6 +156,10 @@ class MessageRecipient(OrgScoped, Base):
     updated_at: Mapped[datetime] = mapped_column(default=clock.now, onupdate=clock.now)
     display_name_enc: Mapped[bytes | None] = mapped_column(LargeBinary)  # "Pat Doe" of "Pat Doe <pat@...>", encrypted
     enqueued_at: Mapped[datetime | None]  # last time a delivery task was queued for it (the sweep re-queues lost ones)
+    # Set (and committed) before the SMTP transaction of an attempt begins, cleared when its
+    # outcome is recorded: still set when the recipient is claimed again means a worker died
+    # while the message may have reached the server, so a new send is a possible duplicate.
+    sending_since: Mapped[datetime | None]
 
 
 class MessageEvent(OrgScoped, Base):

@@ -41,6 +41,7 @@ def record_result(session: Session, recipient: MessageRecipient, result: Recipie
     recipient.possible_duplicate = recipient.possible_duplicate or result.possible_duplicate
     recipient.lease_until = None
     recipient.lease_owner = None
+    recipient.sending_since = None
     if result.evidence is not None:
         # Evidence.to_dict() without dataclasses.asdict's deep copy (every value is a scalar):
         # this runs once per delivered recipient.

@@ -7,7 +7,7 @@ Postal's ``outgoing_message_processor``)::
     with the database (one short transaction):
       1. claim              lease the due recipients (one UPDATE): no other worker sends them
       2. load               messages, contents, addresses, keys, DKIM keys: decrypted in memory only
-      3. check_eligibility  ELIGIBILITY_CHECK again: a suppression or revocation since acceptance wins
+      3. check_eligibility  consent's steps (ports): eligibility, quiet hours, List-Unsubscribe
       4. check_sender       the From domain must still be a sending domain of the organization
     without a transaction (SQLite's write lock is free for everyone else):
       5. decide             the secure method per recipient (``policy.decide``)
@@ -16,14 +16,20 @@ Postal's ``outgoing_message_processor``)::
       8. store_for_portal   portal recipients: the copy goes to the portal, a notification by email
       9. send               pooled SMTP connections (or, for sandbox credentials, the capture)
      10. fall_back          verified TLS unavailable at send time: the portal, or not sent at all
-     11. record             status, method, evidence, events; deferred ones get their next attempt
+     11. record             status, method, evidence, events, as servers answer (steps 9-10 flush small groups)
 
 Why it is safe to run twice, or on two workers at once: step 1 leases a recipient only when it
 is due and nobody holds it (``lease_until``), in one UPDATE that both databases serialize; step
-11 writes only rows whose lease is still this run's. A worker that dies mid-run leaves its lease
-to expire (``CAREPOST_DELIVERY_LEASE_SECONDS``); the periodic sweep (``tasks.deliver_due``)
-queues the recipients again. A connection lost after the message's final "." is recorded as
-``possible_duplicate``: nobody can know whether it arrived.
+11 writes only rows whose lease is still this run's. A connection lost after the message's final
+"." is recorded as ``possible_duplicate``: nobody can know whether it arrived.
+
+Why a crash sends nothing twice unflagged: outcomes are recorded as the servers answer, in small
+groups committed every ``FLUSH_SECONDS`` (not once for the whole batch at the end), and before
+a copy's SMTP transaction begins its row is marked ``sending_since`` in a committed group (the
+sender waits for that commit). A worker killed mid-send thus leaves at most the copies in
+flight — at most ``CAREPOST_DELIVERY_CONCURRENCY`` — marked and unrecorded; when they are sent
+again they are flagged ``possible_duplicate``. Their lease (``CAREPOST_DELIVERY_LEASE_SECONDS``)
+expires and the next periodic sweep (``tasks.deliver_due``, every minute) queues them again.
 
 A message that needs protection is never sent in clear: the policy decides TLS only with
 ``require_verified_tls``, the SMTP client refuses anything less, and the fallback is the portal
@@ -50,6 +56,7 @@ and there is no weaker default:
 from __future__ import annotations
 
 import asyncio
+import queue
 import hashlib
 import json
 import threading
@@ -173,6 +180,8 @@ class Copy:
     final: tuple[str, str] | None = None  # (status, reason) decided without an SMTP result
     defer_until: datetime | None = None  # with final ("deferred", ...): when to try again
     fell_back_from: str | None = None
+    interrupted: bool = False  # an earlier attempt was cut off mid-send: a new send may be a duplicate
+    recorded: bool = False
 
     @property
     def org_id(self) -> str:
@@ -197,6 +206,7 @@ class Run:
     contents: dict[str, Content] = field(default_factory=dict)
     org_modes: dict[str, str] = field(default_factory=dict)
     claimed: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
 
     def open_copies(self) -> list[Copy]:
         return [c for c in self.copies if c.open]
@@ -234,8 +244,9 @@ def deliver(message_ids: list[str], *, settings: Settings | None = None) -> RunR
         _no_transaction_across_the_network(session)
         send(run, [c for c in run.open_copies() if c.wire is not None])
         fall_back(run)
-        report = record(run)
+        record(run)
         session.commit()
+        report = RunReport(claimed=run.claimed, statuses=run.statuses)
     log.info("delivery_run", claimed_count=report.claimed, **{f"{k}_count": v for k, v in report.statuses.items()})
     return report
 
@@ -264,7 +275,8 @@ def claim(run: Run, message_ids: list[str]) -> None:
             .execution_options(populate_existing=True)
         ).all()
     run.claimed = len(rows)
-    run.copies = [Copy(recipient=r, content=None, address="", display_name=None, keys={}, key_material={})  # type: ignore[arg-type]
+    run.copies = [Copy(recipient=r, content=None, address="", display_name=None, keys={}, key_material={},  # type: ignore[arg-type]
+                       interrupted=r.sending_since is not None)
                   for r in rows]
 
 
@@ -523,9 +535,71 @@ def send(run: Run, copies: list[Copy]) -> None:
         return
     envelopes = [Envelope(sender=c.envelope_from, recipients=[c.address], message=c.wire, smtputf8=c.smtputf8,
                           require_verified_tls=c.require_verified_tls) for c in outgoing]
-    results = _LOOP.deliver(envelopes, run.settings)
-    for c, result in zip(outgoing, results):
-        c.result = result
+    record(run, [c for c in run.copies if c.final is not None])  # decided without SMTP: recorded before any send
+    run.session.commit()
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    sending = _LOOP.submit(envelopes, run.settings, inbox)
+    _record_as_answered(run, outgoing, inbox, sending)
+
+
+FLUSH_SECONDS = 0.1  # how long an answered copy may wait for its outcome to be committed
+
+
+def _record_as_answered(run: Run, outgoing: list[Copy], inbox: queue.SimpleQueue, sending) -> None:
+    """Commit, in small groups, the marks of copies about to be sent (their senders wait for the
+    commit) and the outcomes of copies the servers answered. A copy that found no verified TLS
+    waits for step 10 (its fallback); nothing of it was sent."""
+    session = run.session
+    while True:
+        finished = sending.done()
+        items = _drain(inbox, 0 if finished else FLUSH_SECONDS)
+        if not items:
+            if finished:
+                break
+            continue
+        starts, answered = [], []
+        for kind, i, payload in items:
+            if kind == "start":
+                starts.append((outgoing[i], payload))
+            else:
+                outgoing[i].result = payload
+                answered.append(outgoing[i])
+        try:
+            if starts:
+                _mark_sending(run, [c for c, _ in starts])
+            record(run, [c for c in answered if c.notification or c.result.status != "tls_unavailable"])
+            session.commit()
+        except Exception:
+            session.rollback()
+            for _, release in starts:
+                release(False)  # not marked: the sender gives up on that copy (deferred, not sent)
+            raise
+        for _, release in starts:
+            release(True)
+    sending.result()  # surface an error of the loop itself
+
+
+def _drain(inbox: queue.SimpleQueue, timeout: float) -> list:
+    try:
+        items = [inbox.get(timeout=timeout) if timeout else inbox.get_nowait()]
+    except queue.Empty:
+        return []
+    while True:
+        try:
+            items.append(inbox.get_nowait())
+        except queue.Empty:
+            return items
+
+
+def _mark_sending(run: Run, copies: list[Copy]) -> None:
+    now = clock.now()
+    ids = [c.recipient.id for c in copies]
+    for start in range(0, len(ids), 500):
+        run.session.execute(update(MessageRecipient)
+                            .where(MessageRecipient.id.in_(ids[start:start + 500]), MessageRecipient.lease_owner == run.owner)
+                            .values(sending_since=now).execution_options(synchronize_session=False))
+    for c in copies:
+        c.recipient.sending_since = now
 
 
 def fall_back(run: Run) -> None:
@@ -546,19 +620,23 @@ def fall_back(run: Run) -> None:
         send(run, [c for c in retry if c.open and c.wire is not None])
 
 
-def record(run: Run) -> RunReport:
-    """Step 11: outcomes on rows this run still holds; events; the next attempt of deferred ones."""
+def record(run: Run, copies: list[Copy] | None = None) -> None:
+    """Step 11: outcomes on rows this run still holds; events; the next attempt of deferred ones.
+    ``copies`` (default: every copy) not recorded yet; the send step records as servers answer."""
     session = run.session
-    ids = [c.recipient.id for c in run.copies]
+    copies = [c for c in (run.copies if copies is None else copies) if not c.recorded]
+    if not copies:
+        return
+    ids = [c.recipient.id for c in copies]
     still_ours = set()
     for start in range(0, len(ids), 500):
         still_ours.update(session.scalars(
             select(MessageRecipient.id).where(MessageRecipient.id.in_(ids[start:start + 500]),
                                               MessageRecipient.lease_owner == run.owner)
         ).all())
-    report = RunReport(claimed=run.claimed)
     ring = get_keyring()
-    for c in run.copies:
+    for c in copies:
+        c.recorded = True
         r = c.recipient
         if r.id not in still_ours:
             log.warning("lease_lost", recipient_id=r.id)
@@ -572,6 +650,9 @@ def record(run: Run) -> RunReport:
             _finish(session, r, status, reason, c.decision.method if c.decision else None, until=c.defer_until)
         elif c.result is not None:
             result, method = c.result, c.decision.method
+            if c.interrupted and result.status in ("delivered", "sent", "deferred", "bounced"):
+                # An earlier attempt was cut off after its transaction began: it may have arrived.
+                result = _with_duplicate_flag(result)
             if c.sandbox:
                 capture = SandboxCapture(id=new_id(), org_id=r.org_id, message_id=r.message_id, recipient_id=r.id,
                                          method=method, raw_enc=b"")
@@ -590,9 +671,8 @@ def record(run: Run) -> RunReport:
                 r.evidence = {**(r.evidence or {}), "sandbox": True}
         else:  # unreachable: every open copy gets a result or a final outcome
             _finish(session, r, "deferred", "internal: no outcome", None, retry=True)
-        report.statuses[r.status] = report.statuses.get(r.status, 0) + 1
+        run.statuses[r.status] = run.statuses.get(r.status, 0) + 1
     session.flush()
-    return report
 
 
 # --------------------------------------------------------------------------- the delivery loop
@@ -630,6 +710,13 @@ class DeliveryLoop:
         loop = self._ensure()
         return asyncio.run_coroutine_threadsafe(self._deliver_all(envelopes, settings), loop).result()
 
+    def submit(self, envelopes: list[Envelope], settings: Settings, inbox: queue.SimpleQueue):
+        """Start sending; returns a future. Into ``inbox`` go ``("start", i, release)`` before
+        envelope ``i``'s transaction begins — it waits until ``release(True)`` says its mark is
+        committed (``release(False)``: not sent) — and ``("done", i, result)`` when it is answered."""
+        loop = self._ensure()
+        return asyncio.run_coroutine_threadsafe(self._deliver_all(envelopes, settings, inbox), loop)
+
     async def _client_for(self, settings: Settings) -> tuple[DeliveryClient, asyncio.Semaphore]:
         if self._client is None or self._client.settings is not settings:
             # MTA-STS policies persist in the database with their max_age (RFC 8461 5.1).
@@ -639,21 +726,41 @@ class DeliveryLoop:
                 await old.close()
         return self._client, self._semaphore
 
-    async def _deliver_all(self, envelopes: list[Envelope], settings: Settings) -> list[RecipientResult]:
+    async def _deliver_all(self, envelopes: list[Envelope], settings: Settings,
+                           inbox: queue.SimpleQueue | None = None) -> list[RecipientResult]:
         client, semaphore = await self._client_for(settings)
         deadline = max(30.0, settings.delivery_lease_seconds - 60.0)
+        loop = asyncio.get_running_loop()
 
-        async def one(envelope: Envelope) -> RecipientResult:
+        async def marked(i: int) -> bool:
+            committed = loop.create_future()
+
+            def release(ok: bool) -> None:
+                loop.call_soon_threadsafe(lambda: committed.done() or committed.set_result(ok))
+
+            inbox.put(("start", i, release))
+            try:
+                return await asyncio.wait_for(committed, MARK_TIMEOUT)
+            except asyncio.TimeoutError:
+                return False
+
+        async def one(i: int, envelope: Envelope) -> RecipientResult:
             async with semaphore:
-                try:
-                    [result] = await asyncio.wait_for(client.deliver(envelope), deadline)
-                    return result
-                except Exception as exc:  # noqa: BLE001 - an outcome for every copy, whatever happened
-                    # Whether the message left is unknown: retry, and say it may be a duplicate.
-                    return RecipientResult(envelope.recipients[0], "deferred", f"internal error: {type(exc).__name__}",
-                                           None, True, None)
+                if inbox is not None and not await marked(i):
+                    result = RecipientResult(envelope.recipients[0], "deferred", "internal: attempt not recorded",
+                                             None, False, None)
+                else:
+                    try:
+                        [result] = await asyncio.wait_for(client.deliver(envelope), deadline)
+                    except Exception as exc:  # noqa: BLE001 - an outcome for every copy, whatever happened
+                        # Whether the message left is unknown: retry, and say it may be a duplicate.
+                        result = RecipientResult(envelope.recipients[0], "deferred",
+                                                 f"internal error: {type(exc).__name__}", None, True, None)
+                if inbox is not None:
+                    inbox.put(("done", i, result))
+                return result
 
-        return list(await asyncio.gather(*(one(e) for e in envelopes)))
+        return list(await asyncio.gather(*(one(i, e) for i, e in enumerate(envelopes))))
 
     def close(self) -> None:
         """Close the pooled connections and stop the loop (tests; process exit)."""
@@ -671,6 +778,8 @@ class DeliveryLoop:
         if self._thread is not None:
             self._thread.join(5)
 
+
+MARK_TIMEOUT = 30.0  # seconds a sender waits for its "being sent" mark to be committed
 
 _LOOP = DeliveryLoop()
 
@@ -695,6 +804,9 @@ def due_message_ids(session: Session, limit: int = 10000) -> list[str]:
     due = and_(
         or_(R.lease_until.is_(None), R.lease_until < now),
         or_(
+            # claimed by a worker that died: due as soon as its lease expired (queued again once)
+            and_(R.status == "queued", R.lease_until.is_not(None),
+                 or_(R.enqueued_at.is_(None), R.enqueued_at < R.lease_until)),
             and_(R.status == "queued", or_(R.enqueued_at.is_(None), R.enqueued_at < stale)),
             and_(R.status == "deferred", R.next_attempt_at <= now,
                  or_(R.enqueued_at.is_(None), R.enqueued_at < R.next_attempt_at, R.enqueued_at < stale)),
@@ -784,8 +896,13 @@ def _finish(session: Session, recipient: MessageRecipient, status: str, reason: 
     recipient.method = method if status != "excluded" else None
     recipient.lease_until = None
     recipient.lease_owner = None
+    recipient.sending_since = None
     recipient.next_attempt_at = until or (now + timedelta(minutes=5) if retry else None)
     service.add_event(session, recipient, status, method=recipient.method, reason=reason.split(":", 1)[0])
+
+
+def _with_duplicate_flag(result: RecipientResult) -> RecipientResult:
+    return RecipientResult(result.address, result.status, result.reason, result.reply_code, True, result.evidence)
 
 
 def _with_status(result: RecipientResult, status: str) -> RecipientResult:
