@@ -114,3 +114,29 @@ def test_export_links_work_with_the_session(client, org, make_user):
     assert f"/api/v1/contacts/{cid}/export?format=html" in page.text
     r = client.get(f"/api/v1/contacts/{cid}/export?format=html")
     assert r.status_code == 200 and "Type 2 diabetes" in r.text and "<script" not in r.text
+
+
+def test_import_page_counts_warnings_apart_from_failures(client, org, make_user):
+    """Issue 10 item 4: a record kept with an unverified code is a warning in the UI summary and
+    the error table, not a failure."""
+    from carepost.core.queue import huey
+
+    user = make_user(org, role="marketer")
+    csrf = login_client(client, user)
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [
+        {"resource": {"resourceType": "Patient", "id": "p1", "name": [{"family": "Roe", "given": ["Rita"]}]}},
+        {"resource": {"resourceType": "Observation", "id": "o1", "status": "final", "subject": {"reference": "Patient/p1"},
+                      "code": {"coding": [{"system": "http://loinc.org", "code": "5089AAAA"}]}, "effectiveDateTime": "2025-01-01"}},
+        {"resource": {"resourceType": "Condition", "id": "c1", "subject": {"reference": "Patient/nobody"}}},
+    ]}
+    huey.immediate = True
+    try:
+        r = client.post("/api/v1/imports", content=json.dumps(bundle).encode(),
+                        headers={"Content-Type": "application/fhir+json", "X-CSRF-Token": csrf})
+    finally:
+        huey.immediate = False
+    assert r.status_code == 202, r.text
+    page = client.get(f"/app/imports/{r.json()['id']}").text
+    assert 'data-testid="count-failed">1<' in page and 'data-testid="count-warnings">1<' in page
+    assert "warning" in page and "unverified" in page and 'data-testid="count-patients">1<' in page
+    assert 'data-testid="no-email-warning"' in page

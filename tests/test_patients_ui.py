@@ -199,7 +199,7 @@ def test_add_a_patient_by_hand_then_give_an_imported_patient_an_email(page, clin
 
 def test_contact_form_at_phone_width(browser, live_server, clinic):
     """The add-patient form at 390 px: every field fits the screen (no sideways scrolling) and it works."""
-    context = browser.new_context(base_url=live_server.url, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    context = browser.new_context(base_url=live_server.url, viewport={"width": 390, "height": 844})
     phone = context.new_page()
     try:
         ui_login(phone, clinic["owner"])
