@@ -392,3 +392,25 @@ def test_no_phi_in_logs(client, session, portal, delivery_env):
     assert "portal_code" in logged  # the capture saw the work
     for phi in PHI_VALUES:
         assert phi not in logged, phi
+
+
+def test_no_code_through_a_relay_that_does_not_enforce_tls(client, session, portal, delivery_env, monkeypatch):
+    """Issue 9 item 3: a relay that does not promise verified TLS onward is an unverified path,
+    so no code goes through it (the local capture of `carepost run` excepted: it is final)."""
+    from carepost.core.config import reset_settings
+    from carepost.portal.models import PortalMessage
+    from carepost.portal.tasks import deliver_code
+
+    monkeypatch.setenv("CAREPOST_SMTP_RELAY", "relay.test@127.0.0.1:9")
+    reset_settings()
+    pm = session.get(PortalMessage, portal.portal_message_id)
+    pm.code_requested_at = pm.last_code_sent_at = clock.now()
+    session.commit()
+    assert deliver_code(session, portal.portal_message_id) == "tls_unavailable"
+    session.rollback()
+    pm = session.get(PortalMessage, portal.portal_message_id)
+    assert pm.code_tls_unavailable and pm.code_hash is None and pm.code_requested_at is None
+    [event] = _events(session, portal.portal_message_id, "portal.code.sent")
+    assert event.details["status"] == "tls_unavailable" and event.details["relay"] is True
+    page = client.get(f"/p/{portal.token}")
+    assert 'data-testid="code-unavailable"' in page.text

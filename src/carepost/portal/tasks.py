@@ -50,7 +50,10 @@ def deliver_code(session: Session, portal_message_id: str) -> str | None:
         session.commit()
         return None
     settings = get_settings()
-    if settings.smtp_relay and not settings.smtp_relay_enforces_tls:
+    # The local capture of `carepost run` is a final destination on this host (loopback only),
+    # not a path onward: codes go there.
+    to_capture = settings.smtp_relay == f"localhost@{settings.capture_host}:{settings.capture_port}"
+    if settings.smtp_relay and not settings.smtp_relay_enforces_tls and not to_capture:
         # A relay that does not promise verified TLS onward is an unverified path: no code.
         service.code_not_sent_unverified(session, pm)
         service._audit(session, pm, "portal.code.sent", None, outcome="failure", status="tls_unavailable", relay=True)
