@@ -97,3 +97,21 @@ def test_schemathesis_over_the_live_document_finds_nothing(app, session, org):
             failures[operation.label] = str(exc)[:800]
     assert operations > 50
     assert not failures, "\n\n".join(f"{label}:\n{text}" for label, text in sorted(failures.items()))
+
+
+def test_a_boolean_where_an_integer_is_declared_is_refused(app, session, org):
+    """Strict types: pydantic's lax mode read ``true`` as 1; the document says integer."""
+    cred, secret = creds.create_credential(session, org.id, name="Strict", scopes=["consent:manage", "phi:write",
+                                                                                     "phi:read_masked"])
+    session.commit()
+    client = TestClient(app, base_url="http://localhost:8000", raise_server_exceptions=False)
+    client.headers["Authorization"] = f"Bearer {cred.key_id}.{secret}"
+    response = client.post("/api/v1/eligibility", json={"contact_ids": ["0" * 32], "purpose": "treatment",
+                                                        "prescription_lapsed_days": True})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["field"] == "prescription_lapsed_days" and "not true or false" in error["message"]
+    # A boolean where a boolean is declared, and a number where a number is, still pass the guard.
+    assert client.post("/api/v1/contacts", json={"given_name": "Ann", "deceased": False}).status_code in (200, 201)
+    assert client.post("/api/v1/eligibility", json={"contact_ids": ["0" * 32], "purpose": "treatment",
+                                                    "prescription_lapsed_days": 30}).status_code != 422

@@ -191,10 +191,11 @@ def install_middleware(app: FastAPI, settings: Settings) -> None:
     from carepost.web.inputs import ControlCharacterGuard
     from carepost.web.metrics import observe_request
 
-    async def _refuse_control_characters(request: Request, field: str) -> Response:
-        # One place for every text input (path, query, JSON, form fields): issue 9 item 26.
-        body = {"code": "validation_error", "message": f"{field}: control characters are not allowed", "field": field,
-                "errors": [{"field": field, "reason": "control characters are not allowed", "type": "control_characters"}]}
+    async def _refuse_control_characters(request: Request, field: str, reason: str) -> Response:
+        # One place for every text input (path, query, JSON, form fields): issue 9 items 26 and 28.
+        kind = "control_characters" if reason.startswith("control") else "strict_type"
+        body = {"code": "validation_error", "message": f"{field}: {reason}", "field": field,
+                "errors": [{"field": field, "reason": reason, "type": kind}]}
         return _error_response(request, 422, body)
 
     # Innermost: the refusal still gets the request id and security headers below.

@@ -146,11 +146,12 @@ def _multipart_field(body: bytes, content_type: str) -> str | None:
     return None
 
 
-Refuse = Callable[[Request, str], Awaitable[Response]]
+Refuse = Callable[[Request, str, str], Awaitable[Response]]
 
 
 class ControlCharacterGuard:
-    """ASGI middleware: answers 422 (via ``refuse(request, field)``) before the app sees the input."""
+    """ASGI middleware: answers 422 (via ``refuse(request, field, reason)``) before the app sees the input.
+    Also refuses ``true``/``false`` where the operation's request schema declares a number (strict types)."""
 
     def __init__(self, app: ASGIApp, refuse: Refuse, router_app: ASGIApp | None = None):
         self.app = app
@@ -197,6 +198,10 @@ class ControlCharacterGuard:
         field = self._body_field(kind, bytes(body), content_type)
         if field is not None:
             return await self._refuse(scope, field, send)
+        if kind == "json" and self.router_app is not None:
+            field = self._boolean_for_number(scope, bytes(body))
+            if field is not None:
+                return await self._refuse(scope, field, send, reason="must be a number, not true or false")
 
         replay = iter(messages)
 
@@ -226,9 +231,23 @@ class ControlCharacterGuard:
             return _pairs_field(pairs, multiline=True)
         return _multipart_field(body, content_type)
 
-    async def _refuse(self, scope: Scope, field: str, send: Send) -> None:
+    def _boolean_for_number(self, scope: Scope, body: bytes) -> str | None:
+        """Strict types: ``true`` where the operation's schema declares an integer or number."""
+        from carepost.web.openapi import boolean_for_number, request_body_schema
+
+        try:
+            document = json.loads(body)
+            found = request_body_schema(self.router_app, scope.get("method", ""), scope.get("path", ""))
+        except Exception:  # noqa: BLE001 - the route's own validation answers
+            return None
+        if found is None:
+            return None
+        schema, openapi = found
+        return boolean_for_number(document, schema, openapi, [])
+
+    async def _refuse(self, scope: Scope, field: str, send: Send, reason: str = "control characters are not allowed") -> None:
         async def no_body() -> Message:
             return {"type": "http.request", "body": b"", "more_body": False}
 
-        response = await self.refuse(Request(scope, no_body), field)
+        response = await self.refuse(Request(scope, no_body), field, reason)
         await response(scope, no_body, send)

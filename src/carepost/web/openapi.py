@@ -156,3 +156,122 @@ def install_openapi(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+# --------------------------------------------------------------------------- strict numbers
+#
+# Pydantic's lax mode takes ``true`` for an integer (1) and a number. The document says integer,
+# so a boolean is refused with 422 naming the field — checked against the operation's request
+# body schema in the one input guard (web/inputs.py), not model by model.
+
+def _resolve(schema: dict, document: dict) -> dict:
+    seen = 0
+    while isinstance(schema, dict) and "$ref" in schema and seen < 32:
+        name = schema["$ref"].rsplit("/", 1)[-1]
+        schema = document.get("components", {}).get("schemas", {}).get(name, {})
+        seen += 1
+    return schema if isinstance(schema, dict) else {}
+
+
+def _types(schema: dict, document: dict) -> set[str]:
+    schema = _resolve(schema, document)
+    out: set[str] = set()
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        out.update(kind)
+    elif isinstance(kind, str):
+        out.add(kind)
+    for key in ("anyOf", "oneOf", "allOf"):
+        for sub in schema.get(key) or []:
+            out |= _types(sub, document)
+    if not out and not any(k in schema for k in ("anyOf", "oneOf", "allOf")):
+        out.add("any")
+    return out
+
+
+def _subschema(schema: dict, document: dict, key) -> dict | None:
+    schema = _resolve(schema, document)
+    candidates = [schema, *[_resolve(s, document) for k in ("anyOf", "oneOf", "allOf") for s in schema.get(k) or []]]
+    for candidate in candidates:
+        if isinstance(key, int) and "items" in candidate:
+            return candidate["items"]
+        if isinstance(key, str):
+            props = candidate.get("properties") or {}
+            if key in props:
+                return props[key]
+            extra = candidate.get("additionalProperties")
+            if isinstance(extra, dict):
+                return extra
+    return None
+
+
+def boolean_for_number(value, schema: dict, document: dict, path: list[str]) -> str | None:
+    """The dotted field where ``value`` holds a boolean the schema declares a number, else None."""
+    if isinstance(value, bool):
+        types = _types(schema, document)
+        if types & {"integer", "number"} and not types & {"boolean", "any"}:
+            return ".".join(path) or "body"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            sub = _subschema(schema, document, str(key))
+            if sub is not None:
+                found = boolean_for_number(item, sub, document, [*path, str(key)])
+                if found:
+                    return found
+    elif isinstance(value, list):
+        sub = _subschema(schema, document, 0)
+        if sub is not None:
+            for index, item in enumerate(value):
+                found = boolean_for_number(item, sub, document, [*path, str(index)])
+                if found:
+                    return found
+    return None
+
+
+_ROUTE_TABLES: dict[int, tuple[FastAPI, list]] = {}
+_ROUTE_SCHEMAS: dict[int, tuple[object, tuple[dict, dict] | None]] = {}
+
+
+def _route_table(app: FastAPI) -> list:
+    entry = _ROUTE_TABLES.get(id(app))
+    if entry is None or entry[0] is not app:
+        from fastapi.routing import APIRoute, iter_route_contexts
+        from starlette.routing import compile_path
+
+        table = []
+        for context in iter_route_contexts(app.routes):
+            template = getattr(context, "path", None)
+            if template and isinstance(context.route, APIRoute):
+                table.append((compile_path(template)[0], set(context.methods or ()), context.route))
+        entry = _ROUTE_TABLES[id(app)] = (app, table)
+    return entry[1]
+
+
+def _route_body_schema(route) -> tuple[dict, dict] | None:
+    """The JSON schema of a route's body, from its own body field (not the whole document: that
+    costs seconds to build, and this runs on the first request of every app)."""
+    cached = _ROUTE_SCHEMAS.get(id(route))
+    if cached is None or cached[0] is not route:
+        result = None
+        field = getattr(route, "body_field", None)
+        annotation = getattr(getattr(field, "field_info", None), "annotation", None)
+        if annotation is not None:
+            from pydantic import TypeAdapter
+
+            try:
+                schema = TypeAdapter(annotation).json_schema(ref_template="#/components/schemas/{model}")
+            except Exception:  # noqa: BLE001 - no schema, no strictness check
+                schema = None
+            if schema:
+                result = (schema, {"components": {"schemas": schema.pop("$defs", {})}})
+        cached = _ROUTE_SCHEMAS[id(route)] = (route, result)
+    return cached[1]
+
+
+def request_body_schema(app: FastAPI, method: str, path: str) -> tuple[dict, dict] | None:
+    """(JSON request body schema, its definitions) of the route ``method path`` reaches, if any."""
+    for regex, methods, route in _route_table(app):
+        if method in methods and regex.match(path):
+            return _route_body_schema(route)
+    return None
