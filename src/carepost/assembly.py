@@ -53,6 +53,7 @@ ROUTER_MODULES = [
     "carepost.tracking.pages",
     "carepost.content.api",
     "carepost.segments.api",
+    "carepost.segments.pages",
 ]
 
 # Queue tasks of each capability (the worker must know every task it may be handed).

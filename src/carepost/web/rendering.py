@@ -20,6 +20,7 @@ NAV: list[tuple[str, str, str, str | None]] = [
     ("Patients", "Contacts", "/app/contacts", "phi:read_masked"),
     ("Patients", "Import", "/app/imports", "contacts:import"),
     ("Patients", "Forms and surveys", "/app/forms", "forms:manage"),
+    ("Patients", "Segments", "/app/segments", "segments:read"),
     ("Delivery", "Sending domains", "/app/domains", "domains:manage"),
     ("Delivery", "Delivery log", "/app/deliveries", "messages:read"),
     ("Delivery", "Security preview", "/app/security-preview", "messages:send"),
