@@ -10,8 +10,11 @@ Messages are personalized (name, date and a token in text and html), marked as c
 (so verified TLS is required) and accepted through ``delivery.service.accept_batch`` in this
 process first (not timed: that is the API's work). Then the delivery tasks are queued and ONE
 worker process is started; the clock runs from its start until every recipient is delivered.
-Prints JSON: messages per second, the worker's resident memory sampled during the run, and how
-long accepting took.
+Prints JSON (and writes it to ``--out``): messages per second; the worker's CPU time (user +
+system, from the kernel's accounting of the worker process, ``/proc/<pid>/stat``) per message
+and messages per worker CPU-second; the rate and CPU per message in each decile of the run (does
+it fall as the tables grow?); OpenSSL's RSA-2048 signing rate measured in the same run and the
+ratio to it; the worker's resident memory sampled during the run; how long accepting took.
 
 Speed is measured here, never asserted in tests (ARCHITECTURE.md section 7).
 """
@@ -43,6 +46,43 @@ def rss_mib(pid: int) -> float:
     except FileNotFoundError:
         pass
     return 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (all its threads), from the kernel."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def openssl_rsa2048_signs_per_second(seconds: int = 3) -> float | None:
+    """``openssl speed`` on one core, in this run: the yardstick the worker's rate is set against."""
+    try:
+        out = subprocess.run(["openssl", "speed", "-seconds", str(seconds), "rsa2048"], capture_output=True,
+                             text=True, timeout=120).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.splitlines():
+        bits = line.split()
+        if bits[:2] == ["rsa", "2048"] and len(bits) >= 6:
+            return float(bits[5])
+    return None
+
+
+def deciles(samples: list[tuple[int, float, float]], total: int) -> list[dict]:
+    """Rate and CPU per message between the samples where 10 %, 20 %, ... of the messages were done."""
+    out, previous = [], (0, 0.0, 0.0)
+    for k in range(1, 11):
+        target = total * k / 10
+        sample = next((s for s in samples if s[0] >= target), samples[-1])
+        done, seconds, cpu = sample[0] - previous[0], sample[1] - previous[1], sample[2] - previous[2]
+        if done > 0 and seconds > 0:
+            out.append({"decile": k, "messages_per_second": round(done / seconds, 1),
+                        "cpu_ms_per_message": round(1000 * cpu / done, 3)})
+        previous = sample
+    return out
 
 
 def free_port() -> int:
@@ -101,7 +141,9 @@ def main() -> None:
     parser.add_argument("--pool-size", type=int, default=16, help="CAREPOST_SMTP_POOL_SIZE (connections to the sink)")
     parser.add_argument("--database-url", default=None, help="PostgreSQL instead of the embedded SQLCipher file")
     parser.add_argument("--queue-url", default=None, help="redis://... instead of the SQLite queue")
+    parser.add_argument("--out", default=None, help="write the JSON here too (default bench/results/...)")
     args = parser.parse_args()
+    rsa_signs = openssl_rsa2048_signs_per_second()
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -154,18 +196,21 @@ def main() -> None:
                                    "--no-periodic"], env={**os.environ, **env}, stdout=worker_log,
                                   stderr=subprocess.STDOUT, text=True)
         started = time.perf_counter()
-        samples, statuses = [], {}
+        samples, statuses, progress = [], {}, []
         try:
             while True:
-                time.sleep(1.0)
+                time.sleep(0.5)
                 statuses = count_statuses(org_id)
                 done = statuses.get("delivered", 0) + statuses.get("failed", 0) + statuses.get("bounced", 0)
-                samples.append((done, round(rss_mib(worker.pid), 1), time.perf_counter() - started))
+                now = time.perf_counter() - started
+                samples.append((done, round(rss_mib(worker.pid), 1), now))
+                progress.append((done, now, cpu_seconds(worker.pid)))
                 if worker.poll() is not None:
                     raise SystemExit("worker exited: " + (tmp_path / "worker.log").read_text()[-3000:])
                 if done >= len(ids):
                     break
             elapsed = time.perf_counter() - started
+            worker_cpu = cpu_seconds(worker.pid)
         finally:
             worker.send_signal(signal.SIGTERM)
             try:
@@ -184,8 +229,19 @@ def main() -> None:
     first = next(s for s in samples if s[0] > 0)
     steady = (len(ids) - first[0]) / max(elapsed - first[2], 1e-9)
     rss = [(done, mib) for done, mib, _ in samples]
+    rate = len(ids) / elapsed
+    first_cpu = next(p for p in progress if p[0] > 0)
+    steady_cpu = (worker_cpu - first_cpu[2]) / max(len(ids) - first_cpu[0], 1)
     result = {
-        "messages": len(ids), "seconds": round(elapsed, 2), "messages_per_second": round(len(ids) / elapsed, 1),
+        "messages": len(ids), "seconds": round(elapsed, 2), "messages_per_second": round(rate, 1),
+        "worker_cpu_seconds": round(worker_cpu, 2),
+        "worker_cpu_ms_per_message": round(1000 * worker_cpu / len(ids), 3),
+        "steady_worker_cpu_ms_per_message": round(1000 * steady_cpu, 3),
+        "messages_per_worker_cpu_second": round(len(ids) / worker_cpu, 1) if worker_cpu else None,
+        "deciles": deciles(progress, len(ids)),
+        "openssl_rsa2048_signs_per_second": rsa_signs,
+        "ratio_to_openssl_rsa2048_signing": round(rate / rsa_signs, 3) if rsa_signs else None,
+        "load_average_at_end": os.getloadavg(),
         "steady_messages_per_second": round(steady, 1), "worker_start_seconds": round(first[2], 1),
         "statuses": statuses, "worker_threads": args.threads, "batch_size": args.batch_size,
         "concurrency": args.concurrency, "pool_size": args.pool_size,
@@ -195,7 +251,12 @@ def main() -> None:
         "sink_received": int(out.split()[-1]) if out.strip() else None,
         "worker_errors": len(errors),
     }
-    print(json.dumps(result, indent=2))
+    text = json.dumps(result, indent=2)
+    print(text)
+    out = Path(args.out) if args.out else HERE / "results" / (
+        f"delivery_worker_{result['database']}_{len(ids)}_{time.strftime('%Y%m%dT%H%M%S')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
 
 
 if __name__ == "__main__":
