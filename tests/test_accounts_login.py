@@ -161,9 +161,9 @@ def test_csrf_required_on_cookie_posts(client, org, make_user, session):
     csrf = login_client(client, user)
     assert client.post("/app/logout", follow_redirects=False).status_code == 403
     assert client.post("/app/logout", data={"csrf_token": "0" * 64}, follow_redirects=False).status_code == 403
-    assert client.post("/api/v1/users", json={"email": "a@example.test", "role": "analyst"}).status_code == 403
+    assert client.post("/api/v1/api-credentials", json={"name": "k", "scopes": []}).status_code == 403
     assert events(session, org.id, "access.denied")[-1].details["reason"] == "csrf"
-    r = client.post("/api/v1/users", json={"email": "a@example.test", "role": "analyst"}, headers={"x-csrf-token": csrf})
+    r = client.post("/api/v1/api-credentials", json={"name": "k", "scopes": []}, headers={"x-csrf-token": csrf})
     assert r.status_code == 201
 
 
@@ -302,3 +302,21 @@ def test_deactivated_user_cannot_sign_in(client, org, make_user, session):
 def _settings_restored():
     yield
     reset_settings()
+
+
+def test_an_attacker_cannot_lock_staff_out_from_elsewhere(app, org, make_user, session, monkeypatch):
+    """Issue 9 item 15: failures lock the account for the source they came from only; the
+    person signs in from their own address meanwhile."""
+    from fastapi.testclient import TestClient
+
+    monkeypatch.setenv("CAREPOST_LOGIN_MAX_FAILURES", "3")
+    reset_settings()
+    user = make_user(org)
+    attacker = TestClient(app, base_url="http://localhost:8000", client=("203.0.113.66", 4000))
+    staff = TestClient(app, base_url="http://localhost:8000", client=("198.51.100.7", 4000))
+    for _ in range(3):
+        assert password_step(attacker, user.email, "Not-the-password-123").status_code == 401
+    assert password_step(attacker, user.email, user.password).status_code == 401  # locked from there
+    assert events(session, org.id, "auth.lockout")
+    ok = password_step(staff, user.email, user.password)  # not from here
+    assert ok.status_code == 303 and ok.headers["location"] == "/app/mfa"

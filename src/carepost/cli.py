@@ -115,7 +115,9 @@ def serve(
             port=port or settings.port,
             workers=workers,
             access_log=settings.access_log,
-            proxy_headers=True,
+            # Issue 9 item 15: forwarded headers only from the configured proxies (never by default).
+            proxy_headers=bool(settings.trusted_proxies),
+            forwarded_allow_ips=settings.trusted_proxies or "127.0.0.1",  # unused without proxy_headers
             server_header=False,
             log_config=None,
         )

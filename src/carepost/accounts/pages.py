@@ -89,7 +89,7 @@ def _finish_mfa(session: Session, request: Request, principal: Principal, user: 
 
 def _mfa_failure(session: Session, request: Request, principal: Principal, user: User, method: str) -> bool:
     """Count a wrong second factor like a wrong password; True when the account got locked."""
-    locked = web_sessions.register_user_failure(session, user)
+    locked = web_sessions.register_user_failure(session, user, request)
     record(session, org_id=principal.org_id, actor_type="user", actor_id=user.id, action="auth.mfa", outcome="failure",
            target_type="user", target_id=user.id, details={"method": method}, **request_context(request))
     if locked:
@@ -178,7 +178,7 @@ def mfa_submit(request: Request, code: str = Form(""), principal: Principal = De
     user = session.get(User, principal.user_id)
     if user.totp_confirmed_at is None:
         return _see_other("/app/mfa/enroll")
-    if web_sessions.is_locked(user):
+    if web_sessions.is_locked(user, request):
         web_sessions.revoke_session(session, _current_ws(request, session))
         session.commit()
         return _signed_out("/app/login?m=locked")
@@ -259,7 +259,7 @@ def mfa_webauthn_verify(request: Request, credential: dict = Body(..., embed=Tru
     user = session.get(User, principal.user_id)
     if principal.mfa_verified:
         return JSONResponse({"redirect": "/app"})
-    if web_sessions.is_locked(user):
+    if web_sessions.is_locked(user, request):
         web_sessions.revoke_session(session, _current_ws(request, session))
         session.commit()
         response = JSONResponse({"error": {"code": "locked", "message": "Sign in again later."}, "redirect": "/app/login?m=locked"}, status_code=401)

@@ -342,19 +342,56 @@ def audit_login(session: Session, request: Request | None, user: User | None, ou
            outcome=outcome, target_type="user", target_id=user.id, details=details, **ctx)
 
 
-def register_user_failure(session: Session, user: User) -> bool:
-    """Count a failed password or second factor; returns True when this failure locked the account."""
+def _account_source_key(user: User, request: Request | None) -> str:
+    return f"acct:{user.id}:{_client_ip(request)}"[:100]
+
+
+def register_user_failure(session: Session, user: User, request: Request | None = None) -> bool:
+    """Count a failed password or second factor for this account *from this source*; True when
+    this failure locked the account for that source.
+
+    Issue 9 item 15: the lock holds per account and source address (the client address as the
+    trusted proxies report it, ``CAREPOST_TRUSTED_PROXIES``), so an attacker guessing from one
+    place cannot lock the person out everywhere; guessing from many places is bounded by the
+    per-address throttle."""
     settings = get_settings()
-    user.failed_logins = (user.failed_logins or 0) + 1
-    if user.failed_logins >= settings.login_max_failures:
-        user.locked_until = clock.now() + timedelta(seconds=settings.login_lockout_seconds)
-        user.failed_logins = 0
+    key = _account_source_key(user, request)
+    now = clock.now()
+    row = session.get(LoginThrottle, key)
+    if row is None:
+        row = LoginThrottle(key=key, failures=0, window_started_at=now)
+        session.add(row)
+    elif clock.aware(row.window_started_at) + timedelta(seconds=settings.login_lockout_seconds) <= now:
+        row.failures, row.window_started_at = 0, now
+    row.failures += 1
+    user.failed_logins = (user.failed_logins or 0) + 1  # shown to administrators; locks nothing
+    session.flush()
+    return row.failures == settings.login_max_failures
+
+
+def is_locked(user: User, request: Request | None = None) -> bool:
+    """Locked for this source (see :func:`register_user_failure`), or locked by an administrator
+    (``locked_until``)."""
+    if user.locked_until is not None and clock.aware(user.locked_until) > clock.now():
         return True
-    return False
+    row = session_of(user).get(LoginThrottle, _account_source_key(user, request))
+    if row is None:
+        return False
+    settings = get_settings()
+    return (row.failures >= settings.login_max_failures
+            and clock.aware(row.window_started_at) + timedelta(seconds=settings.login_lockout_seconds) > clock.now())
 
 
-def is_locked(user: User) -> bool:
-    return user.locked_until is not None and clock.aware(user.locked_until) > clock.now()
+def session_of(user: User) -> Session:
+    from sqlalchemy.orm import object_session
+
+    return object_session(user)
+
+
+def clear_user_failures(session: Session, user: User, request: Request | None) -> None:
+    row = session.get(LoginThrottle, _account_source_key(user, request))
+    if row is not None:
+        session.delete(row)
 
 
 def check_password_login(session: Session, request: Request | None, email: str, password: str) -> User:
@@ -373,14 +410,14 @@ def check_password_login(session: Session, request: Request | None, email: str, 
         count_ip_failure(session, request)
         audit_login(session, request, None, "failure", "unknown_user")
         raise LoginFailed(GENERIC_LOGIN_ERROR)
-    if is_locked(user):
+    if is_locked(user, request):
         verify_password(None, password)
         count_ip_failure(session, request)
         audit_login(session, request, user, "denied", "locked")
         raise LoginFailed(GENERIC_LOGIN_ERROR)
     if not verify_password(user.password_hash, password):
         count_ip_failure(session, request)
-        locked = register_user_failure(session, user)
+        locked = register_user_failure(session, user, request)
         audit_login(session, request, user, "failure", "bad_password")
         if locked:
             audit_login(session, request, user, "success", "too_many_failures", action="auth.lockout")
@@ -392,5 +429,5 @@ def check_password_login(session: Session, request: Request | None, email: str, 
     if needs_rehash(user.password_hash):
         user.password_hash = hash_password(password)
     user.failed_logins = 0
-    user.locked_until = None
+    clear_user_failures(session, user, request)
     return user

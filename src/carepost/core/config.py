@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     argon2_memory_cost: int = Field(65536, description="Argon2id memory in KiB for password hashes.")
     argon2_parallelism: int = Field(4, description="Argon2id lanes for password hashes.")
     enrollment_link_hours: int = Field(72, description="Validity of a new person's one-time enrollment link, in hours.")
+    trusted_proxies: str | None = Field(
+        None,
+        description="Comma-separated addresses or networks of the reverse proxies whose X-Forwarded-For and "
+        "X-Forwarded-Proto `serve` believes (uvicorn's forwarded_allow_ips; `*` trusts any). Empty: no proxy "
+        "headers are believed and the client address is the connecting peer's.",
+    )
     api_key_expiry_days: int = Field(
         365, ge=1, le=3650,
         description="Lifetime of a new API credential created without an explicit expiry, in days (1 to 3650). "
