@@ -93,3 +93,26 @@ def test_portal_forms_distance_and_scoping(db):
         assert set(service.members(s, a, dyn, service.SYSTEM)[0]) == {opened, submitted, idle}
         groups = service.breakdown(s, a, "zip3 in (021, 627)", "zip3", service.SYSTEM)["groups"]
         assert groups == [{"value": "021", "count": 2}, {"value": "627", "count": 1}]
+
+
+def test_the_daily_task_keeps_one_count_per_segment_and_day(db):
+    from sqlalchemy import select
+
+    from carepost.core.database import org_session, read_only_session
+    from carepost.segments import service, tasks
+    from carepost.segments.models import SegmentDailyCount
+
+    a, b = _org("Daily A"), _org("Daily B")
+    _world(a, "a")
+    _world(b, "b")
+    with org_session(a) as s:
+        service.create_segment(s, a, {"name": "Near", "query": "within 5 miles of zip 02139"}, service.SYSTEM)
+        s.commit()
+    with org_session(b) as s:
+        service.create_segment(s, b, {"name": "Forms", "query": "has form_submitted"}, service.SYSTEM)
+        s.commit()
+    assert tasks.count_all_organizations() == 2
+    assert tasks.count_all_organizations() == 2  # the same day: updated, not added
+    with read_only_session() as s:
+        rows = sorted((r.org_id == a, r.count) for r in s.scalars(select(SegmentDailyCount)))
+    assert rows == [(False, 1), (True, 2)]
