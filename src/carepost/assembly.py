@@ -65,6 +65,7 @@ TASK_MODULES = [
     "carepost.portal.tasks",
     "carepost.tracking.tasks",
     "carepost.forms.tasks",
+    "carepost.segments.tasks",
 ]
 
 
