@@ -85,6 +85,28 @@ def deciles(samples: list[tuple[int, float, float]], total: int) -> list[dict]:
     return out
 
 
+def summarize_profile(path: Path, top: int = 25) -> dict:
+    """Top functions of py-spy's folded stacks: by samples on the CPU in the function itself
+    (self) and anywhere below it (inclusive), as shares of all samples."""
+    own, inclusive, total = {}, {}, 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].rsplit("/", 2)[-1] + ")" if " (" in f else f
+                  for f in stack.split(";")]
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + n
+
+    def share(d):
+        return [{"function": k, "share": round(v / total, 4)} for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
+
+    return {"samples": total, "self": share(own), "inclusive": share(inclusive)}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -142,6 +164,9 @@ def main() -> None:
     parser.add_argument("--database-url", default=None, help="PostgreSQL instead of the embedded SQLCipher file")
     parser.add_argument("--queue-url", default=None, help="redis://... instead of the SQLite queue")
     parser.add_argument("--out", default=None, help="write the JSON here too (default bench/results/...)")
+    parser.add_argument("--profile", default=None, metavar="FILE",
+                        help="sample the worker with py-spy (all threads, idle excluded) into FILE (folded stacks) "
+                             "and add its top costs to the JSON")
     args = parser.parse_args()
     rsa_signs = openssl_rsa2048_signs_per_second()
 
@@ -195,6 +220,11 @@ def main() -> None:
         worker = subprocess.Popen([sys.executable, "-m", "carepost.cli", "worker", "--threads", str(args.threads),
                                    "--no-periodic"], env={**os.environ, **env}, stdout=worker_log,
                                   stderr=subprocess.STDOUT, text=True)
+        spy = None
+        if args.profile:
+            spy = subprocess.Popen(["py-spy", "record", "--pid", str(worker.pid), "--rate", "100", "--format", "raw",
+                                    "--nonblocking", "-o", args.profile], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
         started = time.perf_counter()
         samples, statuses, progress = [], {}, []
         try:
@@ -212,6 +242,9 @@ def main() -> None:
             elapsed = time.perf_counter() - started
             worker_cpu = cpu_seconds(worker.pid)
         finally:
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(timeout=60)
             worker.send_signal(signal.SIGTERM)
             try:
                 worker.wait(timeout=60)
@@ -251,6 +284,8 @@ def main() -> None:
         "sink_received": int(out.split()[-1]) if out.strip() else None,
         "worker_errors": len(errors),
     }
+    if args.profile:
+        result["profile"] = summarize_profile(Path(args.profile))
     text = json.dumps(result, indent=2)
     print(text)
     out = Path(args.out) if args.out else HERE / "results" / (
