@@ -247,3 +247,39 @@ def test_regenerating_recovery_codes_voids_old_ones(client, org, make_user):
         assert not mfa.use_recovery_code(s, row, old[0])
         assert mfa.use_recovery_code(s, row, new[0])
         s.rollback()
+
+
+def test_the_same_totp_code_cannot_pass_twice_in_racing_sign_ins(db, org, make_user):
+    """Issue 9 item 21: two sign-ins with the same code at the same moment. The first holds the
+    person's row locked until it commits; the second then sees the step already used. (On
+    PostgreSQL without the lock the second read the old step and passed too.)"""
+    import threading
+    import time as _time
+
+    from carepost.accounts import mfa as _mfa
+    from carepost.accounts.models import User as _User
+    from carepost.core.database import system_session
+
+    person = make_user(org)
+    code = _mfa.totp_code(person.totp_secret, _mfa.current_step())
+    first_verified, results = threading.Event(), {}
+
+    def first():
+        with system_session() as s:
+            results["first"] = _mfa.verify_totp(s, s.get(_User, person.id), code)
+            first_verified.set()
+            _time.sleep(1.0)  # still in its transaction
+            s.commit()
+
+    def second():
+        first_verified.wait(10)
+        with system_session() as s:
+            results["second"] = _mfa.verify_totp(s, s.get(_User, person.id), code)
+            s.commit()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == {"first": True, "second": False}

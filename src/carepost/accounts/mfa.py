@@ -25,7 +25,7 @@ from datetime import datetime
 from urllib.parse import urlsplit
 
 import pyotp
-from sqlalchemy import ForeignKey, String, select
+from sqlalchemy import ForeignKey, String, inspect, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from carepost.accounts.models import User, WebAuthnCredential, WebSession
@@ -104,6 +104,11 @@ def verify_totp(session: Session, user: User, code: str) -> bool:
         return False
     secret = totp_secret_of(session, user)
     now_step = current_step()
+    # Issue 9 item 21: lock the person's row (SELECT ... FOR UPDATE on PostgreSQL; SQLite's
+    # writer lock serializes anyway) and re-read the last accepted step, so two sign-ins racing
+    # with the same code cannot both pass.
+    if inspect(user).persistent:
+        session.refresh(user, attribute_names=["totp_last_step"], with_for_update=True)
     last = user.totp_last_step if user.totp_last_step is not None else -1
     for step in range(now_step - TOTP_DRIFT_STEPS, now_step + TOTP_DRIFT_STEPS + 1):
         if step <= last:
