@@ -6,6 +6,8 @@ Runs in its own process (so it does not share the benchmark's interpreter lock):
 
 Supports EHLO, STARTTLS, MAIL, RCPT, DATA, RSET, NOOP, QUIT; counts messages and prints the
 count on SIGTERM. Not a test double for correctness (tests use aiosmtpd): only for speed.
+``--record FILE`` appends each accepted message's Message-ID to FILE (one line each, flushed), so
+a benchmark can count what arrived, and what arrived twice.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import signal
 import ssl
 
 COUNT = 0
+RECORD = None
 
 
 async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ctx: ssl.SSLContext) -> None:
@@ -47,8 +50,11 @@ async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ctx
             elif cmd == b"DATA":
                 send(b"354 go ahead\r\n")
                 await writer.drain()
-                await reader.readuntil(b"\r\n.\r\n")
+                data = await reader.readuntil(b"\r\n.\r\n")
                 COUNT += 1
+                if RECORD is not None:
+                    RECORD.write(_message_id(data) + "\n")
+                    RECORD.flush()
                 send(b"250 2.0.0 Ok: queued\r\n")
             elif cmd == b"QUIT":
                 send(b"221 2.0.0 Bye\r\n")
@@ -63,12 +69,24 @@ async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ctx
         writer.close()
 
 
+def _message_id(data: bytes) -> str:
+    head = data.split(b"\r\n\r\n", 1)[0]
+    for line in head.split(b"\r\n"):
+        if line[:11].lower() == b"message-id:":
+            return line[11:].strip().decode("ascii", "replace")
+    return "-"
+
+
 async def main() -> None:
+    global RECORD
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--cert", required=True)
     parser.add_argument("--key", required=True)
+    parser.add_argument("--record", default=None, help="append each message's Message-ID to this file")
     args = parser.parse_args()
+    if args.record:
+        RECORD = open(args.record, "a")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(args.cert, args.key)
     server = await asyncio.start_server(lambda r, w: client(r, w, ctx), "127.0.0.1", args.port, limit=1 << 22)
