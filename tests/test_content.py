@@ -205,7 +205,9 @@ def test_templates_api_crud_preview_and_audit(client, session, org):
     actions = session.scalars(
         select(AuditEvent.action).where(AuditEvent.org_id == org.id, AuditEvent.target_id == tid).order_by(AuditEvent.seq)
     ).all()
-    assert actions == ["template.create", "template.update", "template.delete"]
+    # The read after deletion found nothing in the organization: audited as a denied lookup
+    # (issue 9 item 25); the foreign organization's probes are in its own chain.
+    assert actions == ["template.create", "template.update", "template.delete", "access.denied"]
     denied = session.scalars(select(AuditEvent).where(AuditEvent.org_id == org.id, AuditEvent.action == "access.denied")).all()
     assert denied, "refusals are audited"
 
