@@ -55,7 +55,7 @@ from carepost.portal.models import PortalMessage
 from carepost.segments import language as lang
 from carepost.segments.language import Pos, SegmentQueryError, where_of
 from carepost.segments.models import Segment, SegmentMember
-from carepost.segments.valuesets import resolve_value_set, sensitive_value_sets
+from carepost.segments.valuesets import org_value_sets
 
 # --------------------------------------------------------------------------- definitions shared with the docs
 
@@ -202,7 +202,6 @@ class _Ctx:
     categories: set[str] = field(default_factory=set)
     value_sets: set[str] = field(default_factory=set)
     segments: set[str] = field(default_factory=set)
-    _vs_cache: dict = field(default_factory=dict)
     _sensitive: list | None = None
     _attrs: dict | None = None
 
@@ -321,12 +320,9 @@ def _codes_of(ctx: _Ctx, node: dict, pos: Pos) -> list[dict] | None:
     """The entries a criterion names (None: any code), noting value sets and sensitive categories."""
     if "valueset" in node:
         key = node["valueset"]
-        vs = ctx._vs_cache.get(key)
+        vs = org_value_sets(ctx.session, ctx.org_id).get(key)
         if vs is None:
-            vs = resolve_value_set(ctx.session, ctx.org_id, key)
-            if vs is None:
-                raise pos.error(f"unknown value set '{lang._short(key)}'", found=lang._short(key))
-            ctx._vs_cache[key] = vs
+            raise pos.error(f"unknown value set '{lang._short(key)}'", found=lang._short(key))
         ctx.value_sets.add(key)
         if vs.get("sensitive_category"):
             ctx.categories.add(vs["sensitive_category"])
@@ -337,7 +333,7 @@ def _codes_of(ctx: _Ctx, node: dict, pos: Pos) -> list[dict] | None:
     if "codes" in node:
         entries = _entries_for_codes(node["codes"])
         if ctx._sensitive is None:
-            ctx._sensitive = sensitive_value_sets(ctx.session, ctx.org_id)
+            ctx._sensitive = [vs for vs in org_value_sets(ctx.session, ctx.org_id).values() if vs.get("sensitive_category")]
         for vs in ctx._sensitive:
             vs_entries = vs["codes"] + [{**e, "system": "icd10"} for e in vs["codes"] if e["system"] == "icd10cm"]
             if any(_overlaps(lit, e) for lit in entries for e in vs_entries):
@@ -682,7 +678,7 @@ def _segment(ctx: _Ctx, node: dict, pos: Pos) -> ColumnElement:
     if seg.kind == "snapshot":
         return _in(select(SegmentMember.contact_id).where(SegmentMember.segment_id == seg.id))
     inner = _Ctx(ctx.session, ctx.org_id, ctx.at, ctx.stack + (seg.id,), ctx.categories, ctx.value_sets, ctx.segments,
-                 ctx._vs_cache, ctx._sensitive, ctx._attrs)
+                 ctx._sensitive, ctx._attrs)
     try:
         tree = lang.validate(seg.query)
         return _segment_predicate(inner, tree)

@@ -3,6 +3,9 @@ versioned sets (a user set with a shipped key overrides it for that organization
 
 from __future__ import annotations
 
+import threading
+import time
+
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -56,6 +59,33 @@ def sensitive_value_sets(session: Session, org_id: str) -> list[dict]:
     return [vs for vs in all_value_sets(session, org_id).values() if vs.get("sensitive_category")]
 
 
+# Compiling a segment needs the organization's value sets (the ones it names, and every sensitive
+# one for the category check). Reading them for every keystroke of a live count cost more than
+# parsing and compiling together, so each process keeps them for a few seconds; a change made
+# in this process is seen at once, one made by another process within CACHE_SECONDS.
+CACHE_SECONDS = 5.0
+_cache: dict[str, tuple[float, dict[str, dict]]] = {}
+_cache_lock = threading.Lock()
+
+
+def org_value_sets(session: Session, org_id: str) -> dict[str, dict]:
+    """key -> value set as segments resolve it (read-only: callers must not modify it)."""
+    now = time.monotonic()
+    with _cache_lock:
+        hit = _cache.get(org_id)
+    if hit is not None and now - hit[0] < CACHE_SECONDS:
+        return hit[1]
+    sets = all_value_sets(session, org_id)
+    with _cache_lock:
+        _cache[org_id] = (now, sets)
+    return sets
+
+
+def forget_value_sets(org_id: str) -> None:
+    with _cache_lock:
+        _cache.pop(org_id, None)
+
+
 def _validated(data: dict, key: str) -> dict:
     doc = {"key": key, "name": data.get("name"), "version": "1", "source": data.get("source") or "user",
            "sensitive_category": data.get("sensitive_category"), "codes": data.get("codes")}
@@ -83,6 +113,7 @@ def save_value_set(session: Session, org_id: str, key: str, data: dict, *, creat
                    sensitive_category=doc.get("sensitive_category"), codes=doc["codes"], created_by=created_by)
     session.add(row)
     session.flush()
+    forget_value_sets(org_id)
     return row
 
 
@@ -96,6 +127,7 @@ def delete_value_set(session: Session, org_id: str, key: str, *, created_by: str
                          sensitive_category=current.sensitive_category, codes=current.codes, deleted=True,
                          created_by=created_by))
     session.flush()
+    forget_value_sets(org_id)
 
 
 def value_set_versions(session: Session, org_id: str, key: str) -> list[dict]:
