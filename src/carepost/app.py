@@ -161,6 +161,13 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 401:
             headers.setdefault("WWW-Authenticate", WWW_AUTHENTICATE)
+        if exc.status_code == 405:
+            # Every method of every route on this path (Starlette names only the first route's).
+            from carepost.web.openapi import allowed_methods
+
+            allowed = allowed_methods(request.app, request.url.path)
+            if allowed:
+                headers["Allow"] = ", ".join(allowed)
         return _error_response(request, exc.status_code, {"code": codes.get(exc.status_code, "http_error"), "message": message},
                                headers or None)
 

@@ -275,3 +275,15 @@ def request_body_schema(app: FastAPI, method: str, path: str) -> tuple[dict, dic
         if method in methods and regex.match(path):
             return _route_body_schema(route)
     return None
+
+
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """The methods some route answers on ``path``, for the ``Allow`` header of a 405."""
+    methods: set[str] = set()
+    for regex, route_methods, _route in _route_table(app):
+        if regex.match(path):
+            methods |= route_methods
+    if "GET" in methods:
+        methods.add("HEAD")
+    order = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+    return sorted(methods, key=lambda m: order.index(m) if m in order else len(order))
