@@ -168,6 +168,11 @@ def _wire_events() -> None:
     events.subscribe("organization.created", consent.ensure_default_texts)
     events.subscribe("message.recipient_event", tracking.emit_message_event)
     events.subscribe("account.notice", notices.handle_account_notice)
+    # Consent's changes become webhooks (consent is below tracking: it publishes, tracking hears).
+    events.subscribe("consent.unsubscribed", tracking.emit_consent_unsubscribed)
+    events.subscribe("consent.subscribed", tracking.emit_consent_subscribed)
+    events.subscribe("authorization.signed", tracking.emit_authorization_signed)
+    events.subscribe("authorization.revoked", tracking.emit_authorization_revoked)
 
 
 def _wire_registries() -> None:

@@ -398,7 +398,22 @@ def record_authorization(
     session.flush()
     if send_copy:
         send_copy_to_patient(session, row, text)
+    from carepost.consent.service import announce
+
+    announce(session, "authorization.signed", org_id, _event_data(row))
     return row
+
+
+def _event_data(row: Authorization) -> dict:
+    """What an ``authorization.*`` webhook carries: ids, codes and dates, never the text or the
+    signature."""
+    def ts(value):
+        return clock.aware(value).isoformat().replace("+00:00", "Z") if value else None
+
+    return {"authorization_id": row.id, "contact_id": row.contact_id, "purpose": row.purpose, "topic_id": row.topic_id,
+            "status": row.status, "method": row.method, "signed_at": ts(row.signed_at),
+            "expires_at": ts(row.expires_at), "revoked_at": ts(row.revoked_at),
+            "revoked_by_type": row.revoked_by_type}
 
 
 def send_copy_to_patient(session: Session, row: Authorization, text: AuthorizationText | None = None) -> str:
@@ -463,6 +478,9 @@ def revoke_authorization(session: Session, org_id: str, authorization_id: str, *
     row.revoked_by = by
     row.revocation_method = method[:12]
     session.flush()
+    from carepost.consent.service import announce
+
+    announce(session, "authorization.revoked", org_id, _event_data(row))
     return row, True
 
 

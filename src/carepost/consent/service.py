@@ -458,14 +458,31 @@ def _subscription_row(session: Session, org_id: str, contact_id: str, topic_id: 
     return row
 
 
+def announce(session: Session, name: str, org_id: str, data: dict) -> None:
+    """Publish a consent domain event (``consent.unsubscribed`` and the like; declared in
+    ``core.events``): ids and codes only. Tracking turns them into webhooks (wired by
+    ``carepost.assembly``); consent never imports tracking."""
+    from carepost.core import events
+
+    events.publish(name, session, org_id, {k: v for k, v in data.items()})
+
+
+def _subscription_event(row: Subscription, source: str, **extra) -> dict:
+    return {"subscription_id": row.id, "contact_id": row.contact_id, "topic_id": row.topic_id,
+            "scope": "topic" if row.topic_id else "marketing", "status": row.status, "source": source[:32],
+            "recipient_id": None, "message_id": None, **extra}
+
+
 def unsubscribe_contact(session: Session, org_id: str, contact_id: str, topic_id: str | None, *, source: str,
-                        extra_indexes: Iterable[str] = ()) -> Subscription:
+                        extra_indexes: Iterable[str] = (), recipient_id: str | None = None,
+                        message_id: str | None = None) -> Subscription:
     """Opt a contact out of one topic (``topic_id``) or of all marketing (None), at once: the
     contact's subscription says so, and every address of the contact (plus ``extra_indexes``,
     e.g. the address a message went to) gets an address-level ``unsubscribe`` suppression."""
     now = clock.now()
     row = _subscription_row(session, org_id, contact_id, topic_id)
-    if row.status != "unsubscribed":
+    changed = row.status != "unsubscribed"
+    if changed:
         row.status = "unsubscribed"
         row.unsubscribed_at = now
     row.source = source[:32]
@@ -476,6 +493,9 @@ def unsubscribe_contact(session: Session, org_id: str, contact_id: str, topic_id
         add_suppression_by_index(session, org_id, idx, "unsubscribe", scope, topic_id, source=source,
                                  details={"contact_id": contact_id})
     session.flush()
+    if changed:
+        announce(session, "consent.unsubscribed", org_id,
+                 _subscription_event(row, source, recipient_id=recipient_id, message_id=message_id))
     return row
 
 
@@ -492,6 +512,7 @@ def resubscribe_contact(session: Session, org_id: str, contact_id: str, topic_id
         if frequency not in FREQUENCIES:
             raise ValidationFailed(f"frequency must be one of {', '.join(FREQUENCIES)}.", field="frequency")
         row.frequency = frequency
+    was_subscribed = row.status == "subscribed"
     needs_confirmation = topic is not None and topic.double_opt_in and not confirmed
     if row.status == "subscribed" and row.confirmed_at is not None:
         needs_confirmation = False
@@ -506,6 +527,8 @@ def resubscribe_contact(session: Session, org_id: str, contact_id: str, topic_id
     row.source = source[:32]
     row.updated_at = now
     session.flush()
+    if row.status == "subscribed" and not was_subscribed:
+        announce(session, "consent.subscribed", org_id, _subscription_event(row, source))
     return row
 
 
@@ -557,6 +580,7 @@ def confirm_subscription(session: Session, token: str) -> Subscription:
         row.updated_at = clock.now()
         _lift_unsubscribes(session, data.org_id, row.contact_id, row.topic_id)
         session.flush()
+        announce(session, "consent.subscribed", data.org_id, _subscription_event(row, "confirmation"))
     return row
 
 
@@ -702,10 +726,15 @@ def apply_unsubscribe(session: Session, subject: LinkSubject, *, all_marketing: 
         topic_id = None  # the topic was deleted since: honor the wider opt-out
     if subject.contact_id:
         unsubscribe_contact(session, subject.org_id, subject.contact_id, topic_id, source=f"link:{method}"[:32],
-                            extra_indexes=[subject.address_index] if subject.address_index else [])
+                            extra_indexes=[subject.address_index] if subject.address_index else [],
+                            recipient_id=subject.recipient_id, message_id=subject.message_id)
     elif subject.address_index:
         add_suppression_by_index(session, subject.org_id, subject.address_index, "unsubscribe",
                                  "topic" if topic_id else "marketing", topic_id, source=f"link:{method}")
+        announce(session, "consent.unsubscribed", subject.org_id, {
+            "subscription_id": None, "contact_id": None, "topic_id": topic_id,
+            "scope": "topic" if topic_id else "marketing", "status": "unsubscribed",
+            "source": f"link:{method}"[:32], "recipient_id": subject.recipient_id, "message_id": subject.message_id})
     event = {"org_id": subject.org_id, "recipient_id": subject.recipient_id, "message_id": subject.message_id,
              "contact_id": subject.contact_id, "topic_id": topic_id, "scope": "topic" if topic_id else "marketing",
              "method": method}

@@ -23,6 +23,10 @@ EVENTS: dict[str, str] = {
     "organization.created": "An organization was created (org_id). Consent writes its default texts.",
     "message.recipient_event": "A recipient's delivery event was recorded (recipient, event rows). Tracking emits webhooks.",
     "account.notice": "A person must be told something by email (kind, org_id, ids). Delivered over protected mail.",
+    "consent.unsubscribed": "A contact or address opted out of a topic or of all marketing (org_id, ids and codes). Tracking emits webhooks.",
+    "consent.subscribed": "A contact opted in to a topic or to marketing again (org_id, ids and codes). Tracking emits webhooks.",
+    "authorization.signed": "A patient's authorization was recorded (org_id, ids and codes). Tracking emits webhooks.",
+    "authorization.revoked": "A patient's authorization was revoked (org_id, ids and codes). Tracking emits webhooks.",
 }
 
 Handler = Callable[..., Any]

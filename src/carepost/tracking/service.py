@@ -69,6 +69,14 @@ register_event_types({
     "message.failed": "Delivery to a recipient failed for good (retries over, or no allowed secure method).",
     "message.complained": "A recipient reported the message as spam (feedback report).",
     "message.portal_viewed": "A recipient opened the message in the secure portal for the first time.",
+    "message.excluded": "A recipient was not sent the message; data.reason is the reason code (unsubscribed_all, "
+                        "no_authorization, no_opt_out, deceased, ...).",
+    "consent.unsubscribed": "A contact (or an address) opted out of a topic (scope topic) or of all marketing "
+                            "(scope marketing), by a link, the preference center, a reply, staff or the API.",
+    "consent.subscribed": "A contact opted in to a topic or to marketing again (confirmed, when the topic asks for "
+                          "double opt-in).",
+    "authorization.signed": "A patient's HIPAA authorization (164.508) was recorded.",
+    "authorization.revoked": "A patient's authorization was revoked (by the patient, staff or the API).",
     TEST_EVENT: "A test event sent on request to one endpoint.",
 })
 
@@ -197,6 +205,8 @@ def emit_message_event(session: Session, recipient, event) -> list[str]:
     }
     if event.type in ("bounced", "failed", "deferred", "excluded") and recipient.reason:
         data["reason"] = recipient.reason
+    if event.type == "excluded":
+        data["reason_code"] = (details.get("reason") or recipient.reason or "").split(":", 1)[0] or None
 
     def phi() -> dict:
         address = get_keyring().decrypt_text(session, recipient.org_id, "message_recipients", "address", recipient.id,
@@ -204,6 +214,53 @@ def emit_message_event(session: Session, recipient, event) -> list[str]:
         return {"address": address}
 
     return emit(session, recipient.org_id, type_, data, phi=phi)
+
+
+# The consent events (published by consent through ``core.events``, wired by ``carepost.assembly``).
+# ``data`` holds ids, codes and dates; endpoints that receive PHI also get the address concerned.
+
+
+def _consent_phi(session: Session, org_id: str, data: dict) -> Callable[[], dict]:
+    def phi() -> dict:
+        ring = get_keyring()
+        if data.get("recipient_id"):
+            from carepost.delivery.models import MessageRecipient
+
+            rec = session.get(MessageRecipient, data["recipient_id"])
+            if rec is not None and rec.org_id == org_id and rec.address_enc:
+                return {"address": ring.decrypt_text(session, org_id, "message_recipients", "address", rec.id,
+                                                     rec.address_enc)}
+        if data.get("contact_id"):
+            from carepost.patients.models import ContactIdentifier
+
+            ident = session.scalars(select(ContactIdentifier).where(
+                ContactIdentifier.org_id == org_id, ContactIdentifier.contact_id == data["contact_id"],
+                ContactIdentifier.kind == "email").order_by(ContactIdentifier.rank, ContactIdentifier.id)).first()
+            if ident is not None and ident.value_enc:
+                return {"address": ring.decrypt_text(session, org_id, ContactIdentifier.__tablename__, "value",
+                                                     ident.id, ident.value_enc)}
+        return {}
+    return phi
+
+
+def _emit_consent(type_: str, session: Session, org_id: str, data: dict) -> list[str]:
+    return emit(session, org_id, type_, dict(data), phi=_consent_phi(session, org_id, data))
+
+
+def emit_consent_unsubscribed(session: Session, org_id: str, data: dict) -> list[str]:
+    return _emit_consent("consent.unsubscribed", session, org_id, data)
+
+
+def emit_consent_subscribed(session: Session, org_id: str, data: dict) -> list[str]:
+    return _emit_consent("consent.subscribed", session, org_id, data)
+
+
+def emit_authorization_signed(session: Session, org_id: str, data: dict) -> list[str]:
+    return _emit_consent("authorization.signed", session, org_id, data)
+
+
+def emit_authorization_revoked(session: Session, org_id: str, data: dict) -> list[str]:
+    return _emit_consent("authorization.revoked", session, org_id, data)
 
 
 # --------------------------------------------------------------------------- endpoints
