@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import segments_population as population  # noqa: E402
+import segments_population as population
 
 QUESTIONS = {
     "mammography_gap": ('age between 50 and 74 and sex = female and not has procedure in valueset "mammography" within 24 months '
@@ -213,7 +213,7 @@ def run(args, org_id: str) -> dict:
                                  "median_cpu_s": round(statistics.median(engine_cpu), 4)}
                 res["engine_over_hand"] = round(statistics.median(engine_times) / statistics.median(hand_times), 2)
                 res["counts_agree"] = engine_n == hand_n
-                csql, cparams = _captured_statement(s, lambda: service.count(s, org_id, query, service.SYSTEM, at=at))
+                csql, cparams = _captured_statement(s, lambda q=query: service.count(s, org_id, q, service.SYSTEM, at=at))
                 res["engine_sql"] = " ".join(csql.split())
                 res["engine_plan"] = _plan_driver(s, csql, cparams)
                 # parse + compile alone

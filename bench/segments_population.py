@@ -40,14 +40,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import secrets
 import tempfile
 import time
 import uuid
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 # --------------------------------------------------------------------------- vocabulary
@@ -196,7 +195,7 @@ class Generator:
         self.org_id = org_id
         self.seed = seed
         self.today = today
-        self.now = datetime(today.year, today.month, today.day, 12, 0, tzinfo=timezone.utc)
+        self.now = datetime(today.year, today.month, today.day, 12, 0, tzinfo=UTC)
         self.zips = zips
         # heavy-tailed ZIP weights: a few big practices' ZIPs hold most patients
         weights = [1.0 / (i + 10) ** 0.9 for i in range(len(zips))]
@@ -214,7 +213,7 @@ class Generator:
         return self.today - timedelta(days=rng.randint(days_back_min, days_back_max))
 
     def _at(self, d: date, hour: int = 9) -> datetime:
-        return datetime(d.year, d.month, d.day, hour, 0, tzinfo=timezone.utc)
+        return datetime(d.year, d.month, d.day, hour, 0, tzinfo=UTC)
 
     def contact(self, b: Batch, index: int) -> None:
         rng = random.Random(self.seed * 10_000_019 + index)
@@ -377,7 +376,7 @@ _SQLITE_CACHE: dict = {}
 def _sqlite_datetime(v: datetime) -> str:
     out = _SQLITE_CACHE.get(v)
     if out is None:
-        u = v.astimezone(timezone.utc)  # the format SQLAlchemy's SQLite DateTime stores
+        u = v.astimezone(UTC)  # the format SQLAlchemy's SQLite DateTime stores
         out = _SQLITE_CACHE[v] = f"{u.year:04d}-{u.month:02d}-{u.day:02d} {u.hour:02d}:{u.minute:02d}:{u.second:02d}.{u.microsecond:06d}"
     return out
 
@@ -458,15 +457,14 @@ def populate(engine, org_id: str, contacts: int, seed: int = 1, today: date | No
     from carepost.delivery.models import Message
 
     rng = random.Random(seed)
-    today = today or datetime.now(timezone.utc).date()
-    now = datetime.now(timezone.utc)
+    today = today or datetime.now(UTC).date()
     filler = secrets.token_bytes(48)
     messages = []
     with engine.begin() as conn:
         rows = []
         for i in range(40):
             mid = f"ms{seed:02x}{i:028x}"
-            at = datetime(today.year, today.month, today.day, 15, 0, tzinfo=timezone.utc) - timedelta(days=int(730 * (i / 40)) + 3)
+            at = datetime(today.year, today.month, today.day, 15, 0, tzinfo=UTC) - timedelta(days=int(730 * (i / 40)) + 3)
             messages.append((mid, at))
             rows.append({"id": mid, "org_id": org_id, "source": "campaign", "from_address": "news@clinic.example", "subject_enc": filler,
                          "security": "tls", "purpose": "marketing" if i % 3 else "care_reminder", "tags": [], "contains_phi": False,

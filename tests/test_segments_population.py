@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -15,8 +15,8 @@ from sqlalchemy import select, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-import segments as bench  # noqa: E402
-import segments_population as population  # noqa: E402
+import segments as bench
+import segments_population as population
 
 N = 400
 
@@ -37,7 +37,7 @@ def populated(db):
 
 
 def _aware(v):
-    return v if v is None or v.tzinfo else v.replace(tzinfo=timezone.utc)
+    return v if v is None or v.tzinfo else v.replace(tzinfo=UTC)
 
 
 def test_population_shape_and_codes(populated):

@@ -21,7 +21,7 @@ from tests.fixtures.accounts import ui_login
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-import segments_population as population  # noqa: E402
+import segments_population as population
 
 pytestmark = [pytest.mark.ui, pytest.mark.slow]
 
