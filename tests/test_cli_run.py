@@ -41,7 +41,7 @@ def _gone(pid: int) -> bool:
 
 
 class Running:
-    def __init__(self, tmp_path: Path):
+    def __init__(self, tmp_path: Path, prepare=None):
         self.data = tmp_path / "data"
         self.port = free_port()
         self.capture_port = free_port()
@@ -50,6 +50,8 @@ class Running:
             self.data, CAREPOST_PORT=str(self.port), CAREPOST_BASE_URL=self.url, CAREPOST_CAPTURE_PORT=str(self.capture_port),
             CAREPOST_INBOUND_PORT=str(free_port()), CAREPOST_SMTP_SUBMISSION_PORT=str(free_port()),
         )
+        if prepare is not None:
+            prepare(self.env)  # CLI commands against the data dir before `run` starts
         self.log_path = tmp_path / "run.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
@@ -60,7 +62,7 @@ class Running:
         return self.log_path.read_text()
 
     def wait_ready(self) -> list[int]:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # two shared cores: five Python processes start slowly
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.output()[-3000:]
             try:
@@ -221,3 +223,49 @@ def test_capture_certificate_is_made_once_and_verifies_for_localhost(tmp_path):
         controller.stop()
     [eml] = list((tmp_path / "capture").glob("*.eml"))
     assert "Subject: t" in eml.read_text()
+
+
+def test_phi_message_under_run_goes_by_verified_tls_to_the_capture(tmp_path):
+    """Issue 10 item 10: the capture is the final destination and declared as enforcing TLS, so a
+    PHI message sent under `carepost run` ends with method `tls` (not a portal fallback)."""
+    import re
+
+    from tests.test_cli import cli
+
+    secrets = {}
+
+    def prepare(env):
+        assert cli(env, "init").returncode == 0
+        assert cli(env, "org", "create", "Run Clinic").returncode == 0
+        created = cli(env, "apikey", "create", "--org", "run-clinic", "--name", "t", "--scope", "messages:send", "--scope", "messages:read")
+        assert created.returncode == 0, created.stderr
+        secrets["bearer"] = re.search(r"bearer:\s+(\S+)", created.stdout).group(1)
+        added = cli(env, "domain", "add", "clinic.test", "--org", "run-clinic")
+        assert added.returncode == 0, added.stderr + added.stdout
+
+    running = Running(tmp_path, prepare=prepare)
+    try:
+        kids = running.wait_ready()
+        worker = next(k for k in kids if "carepost.cli worker" in _cmdline(k))
+        assert _environ(worker)["CAREPOST_SMTP_RELAY_ENFORCES_TLS"] == "true"
+        headers = {"Authorization": f"Bearer {secrets['bearer']}"}
+        r = httpx.post(running.url + "/api/v1/messages", headers=headers, timeout=30, json={
+            "from": "Run Clinic <care@clinic.test>", "to": ["patient@example.test"], "subject": "Your results",
+            "text": "Your HbA1c is 6.1%.", "contains_phi": True, "purpose": "treatment"})
+        assert r.status_code == 202, r.text
+        message_id = r.json()["id"]
+        deadline = time.monotonic() + 60
+        recipient = None
+        while time.monotonic() < deadline:
+            got = httpx.get(f"{running.url}/api/v1/messages/{message_id}", headers=headers, timeout=10).json()
+            recipient = got["recipients"][0]
+            if recipient["status"] not in ("queued", "sending", "deferred"):
+                break
+            time.sleep(0.5)
+        assert recipient["status"] == "sent", recipient  # accepted by the relay (the capture)
+        assert recipient["method"] == "tls", recipient
+        assert recipient["evidence"]["relay"] is True
+        captured = [f.read_text() for f in (running.data / "mail-capture").glob("*.eml")]
+        assert any("Your HbA1c is 6.1%" in c for c in captured)  # the message itself, not a portal notice
+    finally:
+        running.stop()

@@ -57,3 +57,44 @@ def test_demo_population_loads_once(db, session):
     contacts = session.scalars(select(Contact)).all()
     assert all(c.postal_code and c.time_zone for c in contacts)
     assert {c.care_stage for c in contacts} <= {"new", "active", "overdue", "at_risk"}
+
+
+def _memberships(session, user_id):
+    from carepost.accounts.models import Membership, Organization
+
+    session.rollback()
+    rows = session.execute(select(Organization.name, Membership.role).join(Membership, Membership.org_id == Organization.id)
+                           .where(Membership.user_id == user_id))
+    return sorted(tuple(r) for r in rows)
+
+
+def test_demo_loaded_before_setup_is_reachable_by_the_first_owner(client, db, session):
+    """Issue 10 item 10: `carepost run --demo` runs before the setup link is used; the demo is a
+    distinctly named organization the owner the setup link creates belongs to."""
+    from carepost.accounts.models import Organization, User
+    from tests.test_accounts_setup import setup_link, submit
+
+    slug, loaded = demo.ensure_demo_population(count=2, seed=5)
+    assert loaded == 2
+    session.rollback()
+    org = session.scalar(select(Organization).where(Organization.slug == slug))
+    assert org.name == "Demo Clinic (synthetic patients)" and org.settings.get("demo") is True
+    r = submit(client, setup_link(), org_name="Demo Clinic")
+    assert r.status_code == 303
+    session.rollback()
+    owner = session.scalar(select(User))
+    assert _memberships(session, owner.id) == [("Demo Clinic", "owner"), ("Demo Clinic (synthetic patients)", "owner")]
+    # Two organizations, named apart; a second call loads nothing and adds nobody.
+    assert demo.ensure_demo_population(count=2, seed=5) == (slug, 0)
+    assert sorted(session.scalars(select(Organization.name))) == ["Demo Clinic", "Demo Clinic (synthetic patients)"]
+
+
+def test_demo_loaded_after_setup_joins_the_setup_owner(client, db, session):
+    from carepost.accounts.models import User
+    from tests.test_accounts_setup import setup_link, submit
+
+    assert submit(client, setup_link()).status_code == 303
+    session.rollback()
+    owner = session.scalar(select(User))
+    demo.ensure_demo_population(count=2, seed=5)
+    assert _memberships(session, owner.id) == [("Bar Clinic", "owner"), ("Demo Clinic (synthetic patients)", "owner")]

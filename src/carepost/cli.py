@@ -169,9 +169,9 @@ def inbound(
 
 @app.command()
 def run(
-    demo: bool = typer.Option(False, "--demo", help="Load a synthetic patient population into a \"Demo Clinic\" organization first."),
+    demo: bool = typer.Option(False, "--demo", help="Load a synthetic patient population into a \"Demo Clinic (synthetic patients)\" organization (the setup owner belongs to it)."),
 ) -> None:
-    """Run everything on one machine: server, worker and local mail capture.
+    """Run everything on one machine: server, worker, local mail capture, inbound return path and SMTP submission.
 
     Initializes the data dir first when needed. Captured mail never leaves the machine.
     Ctrl-C or SIGTERM stops all of it; if one part dies, the rest stop and the exit code is non-zero.

@@ -186,6 +186,13 @@ def setup_first_owner(session: Session, link: OneTimeLink, *, org_name: str, ema
     session.add(user)
     session.flush()
     add_membership(session, org.id, user, "owner")
+    # `carepost run --demo` may have loaded its synthetic population before anyone existed: the
+    # first owner becomes an owner of that demo organization too (issue 10 item 10).
+    for demo in session.scalars(select(Organization).where(Organization.id != org.id)):
+        if (demo.settings or {}).get("demo"):
+            add_membership(session, demo.id, user, "owner")
+            _record(audit, session=session, org_id=demo.id, actor_type="user", actor_id=user.id, action="membership.create",
+                    target_type="user", target_id=user.id, details={"role": "owner", "demo": True})
     link.used_at = now
     link.org_id = org.id
     link.user_id = user.id

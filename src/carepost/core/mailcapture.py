@@ -8,6 +8,8 @@ CarePost delivers only over verified TLS to a relay, so the capture offers START
 certificate for ``localhost`` issued by a local CA made on first start (``capture-tls/`` in the
 data dir). ``carepost run`` points the server and worker at it: ``CAREPOST_SMTP_RELAY`` is the
 capture and ``CAREPOST_EXTRA_CA_FILE`` the local CA, so every message CarePost sends lands here.
+The capture is declared a final, TLS-enforcing destination (``CAREPOST_SMTP_RELAY_ENFORCES_TLS``):
+messages that need verified TLS show ``tls`` as in production.
 
 Run on its own: ``python -m carepost.core.mailcapture`` (``carepost run`` does this).
 """
@@ -158,12 +160,23 @@ def server_tls_context(tls: CaptureTls) -> ssl.SSLContext:
 
 
 def relay_environment(settings) -> dict[str, str]:
-    """What ``carepost run`` gives the server and worker so their mail goes to the capture."""
+    """What ``carepost run`` gives the server and worker so their mail goes to the capture.
+
+    The capture is the final destination, not a path onward: nothing leaves it, and the hop to
+    it is verified TLS (STARTTLS with the local CA's ``localhost`` certificate, which the worker
+    trusts through ``CAREPOST_EXTRA_CA_FILE``). So the relay is declared as enforcing TLS and
+    messages show ``tls`` as they would in production, not a portal fallback. Notices of an
+    organization with no sending domain yet come from ``no-reply@carepost.localhost``."""
     tls = ensure_capture_tls(capture_tls_dir(settings))
     return {
         "CAREPOST_SMTP_RELAY": f"localhost@{settings.capture_host}:{settings.capture_port}",
         "CAREPOST_EXTRA_CA_FILE": str(tls.ca_file),
+        "CAREPOST_SMTP_RELAY_ENFORCES_TLS": "true",
+        "CAREPOST_NOTICE_SENDER_DOMAIN": CAPTURE_NOTICE_DOMAIN,
     }
+
+
+CAPTURE_NOTICE_DOMAIN = "carepost.localhost"
 
 
 def start_capture(directory: Path, host: str, port: int, tls: CaptureTls | None = None) -> Controller:

@@ -169,26 +169,40 @@ def load_demo(session, org_id: str, count: int = 200, seed: int = 1):
     return job
 
 
-DEMO_ORG_NAME = "Demo Clinic"
+DEMO_ORG_NAME = "Demo Clinic (synthetic patients)"
 
 
 def ensure_demo_population(count: int = 200, seed: int = 1) -> tuple[str, int]:
-    """Create the "Demo Clinic" organization with ``count`` synthetic patients, once: a second
-    call finds it and changes nothing. Returns (organization slug, patients loaded now)."""
+    """Create the demo organization (flagged ``settings.demo``) with ``count`` synthetic
+    patients, once: a second call finds it and changes nothing. Returns (organization slug,
+    patients loaded now).
+
+    Its name says what it is, so it is never mistaken for the clinic the setup link creates.
+    The person who used the setup link becomes an owner of it (here when setup is already done,
+    at setup otherwise: ``accounts.service.setup_first_owner``), so the demo is reachable from
+    the organization menu rather than stranded in an organization nobody belongs to."""
     from sqlalchemy import select
 
-    from carepost.accounts.models import Organization
-    from carepost.accounts.service import create_organization
+    from carepost.accounts.models import Membership, OneTimeLink, Organization, User
+    from carepost.accounts.service import add_membership, create_organization
     from carepost.audit.service import record
     from carepost.core.database import org_session, system_session
 
     with system_session() as s:
-        org = s.scalar(select(Organization).where(Organization.name == DEMO_ORG_NAME))
+        org = next((o for o in s.scalars(select(Organization)) if (o.settings or {}).get("demo")), None)
         if org is not None:
             return org.slug, 0
         org = create_organization(s, DEMO_ORG_NAME)
+        org.settings = {**(org.settings or {}), "demo": True}
         record(s, org_id=org.id, actor_type="system", actor_id="demo", action="organization.create",
                target_type="organization", target_id=org.id, details={"demo": True})
+        owner_id = s.scalar(select(OneTimeLink.user_id).where(OneTimeLink.purpose == "setup", OneTimeLink.used_at.is_not(None),
+                                                             OneTimeLink.user_id.is_not(None)).order_by(OneTimeLink.used_at))
+        owner = s.get(User, owner_id) if owner_id else None
+        if owner is not None and not s.scalar(select(Membership.id).where(Membership.org_id == org.id, Membership.user_id == owner.id)):
+            add_membership(s, org.id, owner, "owner")
+            record(s, org_id=org.id, actor_type="system", actor_id="demo", action="membership.create",
+                   target_type="user", target_id=owner.id, details={"role": "owner", "demo": True})
         s.commit()
         org_id, slug = org.id, org.slug
     with org_session(org_id) as s:
