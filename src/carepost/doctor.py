@@ -109,7 +109,8 @@ def check_master_key_location(settings: Settings) -> list[Finding]:
         "filesystem (CAREPOST_MASTER_KEY_FILE, e.g. a tmpfs filled at boot or a separate mounted volume), or give "
         "it through CAREPOST_MASTER_KEY_COMMAND (a secret manager or KMS) or CAREPOST_MASTER_KEY."
     )
-    return [Finding("master key location", "fail" if settings.is_production else "warn",
+    # A local trial is told (info), not warned: `make run` keeps everything in one data dir.
+    return [Finding("master key location", "fail" if settings.is_production else "info",
                     message + ("" if settings.is_production else " Required in production mode."))]
 
 
@@ -336,6 +337,45 @@ def check_sending_domains(settings: Settings) -> list[Finding]:
                     f"{names}. Publish the records and run `carepost domain check`.")]
 
 
+def check_notice_sender(settings: Settings) -> list[Finding]:
+    """CarePost's own notices (form confirmations, portal codes) of an organization without a
+    sending domain come from ``no-reply@<notice sender domain or HELO name>``: on a fresh install
+    the HELO name is often ``localhost``, which no message may carry (issue 10 item 11)."""
+    from sqlalchemy import func, select
+    from sqlalchemy.orm import Session
+
+    from carepost.accounts.models import Organization
+    from carepost.core.database import make_engine
+    from carepost.delivery.models import SendingDomain
+    from carepost.portal.mailer import NoNoticeSender, notice_domain
+
+    try:
+        domain = notice_domain(settings)
+    except NoNoticeSender:
+        domain = None
+    if domain is not None:
+        return [Finding("notice sender", "ok", f"Notices of an organization without a sending domain come from no-reply@{domain}.")]
+    engine = make_engine(settings)
+    try:
+        with Session(engine) as session:
+            session.info["scope"] = "system"
+            orgs = session.scalar(select(func.count()).select_from(Organization)) or 0
+            with_domain = session.scalar(select(func.count(func.distinct(SendingDomain.org_id)))) or 0
+    except Exception:  # noqa: BLE001 - no database yet: the data dir check reports it
+        orgs, with_domain = 0, 0
+    finally:
+        engine.dispose()
+    missing = max(orgs - with_domain, 0)
+    if not missing:
+        return [Finding("notice sender", "info",
+                        "No notice sender (the HELO name is not a domain and CAREPOST_NOTICE_SENDER_DOMAIN is not set): "
+                        "every organization needs a sending domain before it can send form confirmations or portal codes.")]
+    return [Finding("notice sender", "warn",
+                    f"No notice sender: the HELO name is not a domain and CAREPOST_NOTICE_SENDER_DOMAIN is not set, so "
+                    f"{missing} organization(s) without a sending domain cannot send form confirmations or portal codes. "
+                    "Add a sending domain to each organization, or set CAREPOST_NOTICE_SENDER_DOMAIN.")]
+
+
 def check_api_credentials(settings: Settings) -> list[Finding]:
     """API credentials expiring within 30 days (issue 9 item 6): replace them before they stop."""
     from sqlalchemy.orm import Session
@@ -409,6 +449,7 @@ CHECKS: list[tuple[str, Callable[[Settings], list[Finding]]]] = [
     ("SMTP", check_smtp),
     ("outbound mail", check_outbound_overrides),
     ("sending domains", check_sending_domains),
+    ("notice sender", check_notice_sender),
     ("API credentials", check_api_credentials),
     ("base URL", check_base_url),
     ("MFA", check_mfa),

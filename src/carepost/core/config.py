@@ -132,6 +132,12 @@ class Settings(BaseSettings):
         description="Declare that the relay delivers onward only over verified TLS. Without it, messages that need "
         "verified TLS to the recipient go by PGP, S/MIME or the portal in relay mode.",
     )
+    notice_sender_domain: str | None = Field(
+        None,
+        description="Domain of the From address (`no-reply@<domain>`) of CarePost's own notices (form confirmations, "
+        "portal codes) for an organization that has no sending domain yet. Empty: the HELO name, which must then be a "
+        "real domain name. `carepost run` sets `carepost.localhost` for the local mail capture.",
+    )
 
     # Hosted forms (forms/service.py).
     form_min_fill_seconds: int = Field(3, description="Fewest seconds between showing a hosted form and accepting it (spam protection).")

@@ -219,8 +219,13 @@ def thanks(key: str, request: Request, session: Session = Depends(db_session),
         return _message(404, "not_found_title", exc.message)
     t = strings(form.language)
     confirm_note = form.kind != "survey" and any(f.get("contact_field") == "email" for f in form.fields)
+    from carepost.portal.mailer import can_send_notices
+
+    # Never tell a patient an email is on its way when this installation cannot send one (issue 10 item 11).
+    no_email = confirm_note and not can_send_notices(session, form.org_id)
     return _page("forms/thanks.html", {"t": t, "lang": form.language, "org_name": _org_name(session, form.org_id),
-                                       "message": form.settings.get("success_message", ""), "confirm_note": confirm_note})
+                                       "message": form.settings.get("success_message", ""),
+                                       "confirm_note": confirm_note and not no_email, "no_email": no_email})
 
 
 # --------------------------------------------------------------------------- confirmation

@@ -330,8 +330,11 @@ def submissions_page(form_id: str, request: Request, principal: Principal = Depe
     record_for(session, principal, request, "form.submission.list", target_type="form", target_id=form.id,
                details={"view": "unmasked" if unmasked else "masked", "count": len(subs), "submission_ids": [s["id"] for s in subs]})
     session.commit()
+    from carepost.portal.mailer import can_send_notices
+
     return render(request, "forms/submissions.html", {"form": form, "subs": subs, "next_cursor": next_cursor, "status": status,
                                                       "unmasked": unmasked, "error": error,
+                                                      "cannot_send": not can_send_notices(session, form.org_id),
                                                       "columns": [f for f in form.fields if f["type"] != "authorization"][:4]})
 
 

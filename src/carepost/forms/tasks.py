@@ -44,9 +44,21 @@ def prepare_email(session, org_id: str, to: str, subject: str, text: str):
 
 def send_prepared(envelope) -> str:
     """Send outside any transaction (a slow server never holds a database lock); the status."""
+    return send_prepared_result(envelope).status
+
+
+def send_prepared_result(envelope):
     from carepost.portal.mailer import send
 
-    return send(envelope).status
+    return send(envelope)
+
+
+def _failure_reason(sent) -> str:
+    """What staff are told about an email that did not go: a reply code, or CarePost's own words
+    (a receiving server's free text may quote the address, so it is not kept)."""
+    if sent.reply_code:
+        return f"the receiving server answered {sent.reply_code}" + (" (refused)" if sent.status == "bounced" else " (try later)")
+    return (sent.reason or sent.status)[:200]
 
 
 def _submitted_email(session, form: Form, sub: FormSubmission) -> str | None:
@@ -83,8 +95,16 @@ def staff_envelopes(session, form: Form, sub: FormSubmission) -> list:
 
 def process_submission(submission_id: str) -> dict:
     """Send whatever a submission still needs; safe to run twice. Emails are prepared in one
-    transaction, sent with none open, and marked sent in another."""
+    transaction, sent with none open, and marked sent in another.
+
+    What happened to the confirmation is kept on the submission (``outcome.confirmation_email``:
+    status and reason, never the address) so staff see a failure rather than "pending" forever:
+    no sender (a fresh install with neither a sending domain nor a notice sender domain) and a
+    refusal are final; a deferral is retried by the queue."""
+    from carepost.portal.mailer import NoNoticeSender
+
     done = {"confirmation": False, "staff": 0}
+    failure = None
     with system_session() as session:
         sub = session.get(FormSubmission, submission_id)
         if sub is None:
@@ -92,23 +112,36 @@ def process_submission(submission_id: str) -> dict:
         service.scope_to(session, sub.org_id)
         form = session.get(Form, sub.form_id)
         confirm = None
-        if sub.status == "pending_confirmation" and sub.confirmation_sent_at is None:
-            confirm = confirmation_envelope(session, form, sub)
-        staff = staff_envelopes(session, form, sub) if sub.staff_notified_at is None else None
+        failed_before = (sub.outcome or {}).get("confirmation_email", {}).get("status") == "failed"
+        try:
+            if sub.status == "pending_confirmation" and sub.confirmation_sent_at is None and not failed_before:
+                confirm = confirmation_envelope(session, form, sub)
+            staff = staff_envelopes(session, form, sub) if sub.staff_notified_at is None else None
+        except NoNoticeSender as exc:
+            confirm, staff, failure = None, None, ("failed", str(exc))
         session.commit()
-    confirmed = confirm is not None and send_prepared(confirm) == "delivered"
-    sent = sum(1 for envelope in staff or [] if send_prepared(envelope) == "delivered")
+    sent = send_prepared_result(confirm) if confirm is not None else None
+    confirmed = sent is not None and sent.status == "delivered"
+    if sent is not None and not confirmed:
+        failure = ("failed" if sent.status == "bounced" else "deferred", _failure_reason(sent))
+    staff_sent = sum(1 for envelope in staff or [] if send_prepared(envelope) == "delivered")
     with system_session() as session:
         sub = session.get(FormSubmission, submission_id)
         service.scope_to(session, sub.org_id)
         if confirmed:
             sub.confirmation_sent_at = clock.now()
+            sub.outcome = {**(sub.outcome or {}), "confirmation_email": {"status": "sent", "at": clock.now().isoformat()}}
+        elif failure is not None:
+            sub.outcome = {**(sub.outcome or {}), "confirmation_email": {"status": failure[0], "reason": failure[1],
+                                                                         "at": clock.now().isoformat()}}
         if staff is not None:
             sub.staff_notified_at = clock.now()
         session.commit()
-    done.update(confirmation=confirmed, staff=sent)
-    if confirm is not None and not confirmed:
-        raise RuntimeError("the confirmation email was not delivered; the task retries")
+    done.update(confirmation=confirmed, staff=staff_sent)
+    if failure is not None:
+        log.warning("form_confirmation_not_sent", submission_id=submission_id, status=failure[0])
+        if failure[0] == "deferred":
+            raise RuntimeError("the confirmation email was deferred; the task retries")
     return done
 
 

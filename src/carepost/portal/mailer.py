@@ -48,8 +48,43 @@ def sender_for(session: Session, org_id: str) -> tuple[str, str, SendingDomain |
     name = (org.name if org else "CarePost").replace('"', "'")
     if domain is not None:
         return f'"{name}" <no-reply@{domain.domain}>', f"no-reply@{domain.return_path_domain}", domain
-    host = delivery_service.mail_host()
+    host = notice_domain()
     return f'"{name}" <no-reply@{host}>', f"no-reply@{host}", None
+
+
+class NoNoticeSender(ValueError):
+    """No sending domain, and neither CAREPOST_NOTICE_SENDER_DOMAIN nor the HELO name is a domain."""
+
+
+NO_SENDER_REASON = ("no sender: the organization has no sending domain and this installation has no notice sender "
+                    "(set CAREPOST_NOTICE_SENDER_DOMAIN, or add a sending domain)")
+
+
+def notice_domain(settings=None) -> str:
+    """The domain of notices of an organization without a sending domain: the configured notice
+    sender domain, else the HELO name. Raises :class:`NoNoticeSender` when that is not a domain
+    name a message may carry (``localhost`` on a fresh install)."""
+    from carepost.core.config import get_settings
+    from carepost.core.errors import ValidationFailed
+    from carepost.delivery.mime import ascii_domain
+
+    settings = settings or get_settings()
+    host = settings.notice_sender_domain or delivery_service.mail_host(settings)
+    try:
+        return ascii_domain(host, field_name="notice_sender_domain")
+    except ValidationFailed:
+        raise NoNoticeSender(NO_SENDER_REASON) from None
+
+
+def can_send_notices(session: Session, org_id: str) -> bool:
+    """Whether the organization's own notices have a valid sender (a setup warning otherwise)."""
+    if _sending_domain(session, org_id) is not None:
+        return True
+    try:
+        notice_domain()
+    except NoNoticeSender:
+        return False
+    return True
 
 
 def prepare_notice(session: Session, org_id: str, to: str, subject: str, text: str, html: str, *,
