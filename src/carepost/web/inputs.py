@@ -153,6 +153,10 @@ class ControlCharacterGuard:
     """ASGI middleware: answers 422 (via ``refuse(request, field, reason)``) before the app sees the input.
     Also refuses ``true``/``false`` where the operation's request schema declares a number (strict types)."""
 
+    # Form bodies of pages that check control characters themselves and answer the page again with
+    # the error beside the field (hosted forms): the guard leaves their bodies to them.
+    SELF_CHECKED_FORMS = re.compile(r"^/f/[^/]+$")
+
     def __init__(self, app: ASGIApp, refuse: Refuse, router_app: ASGIApp | None = None):
         self.app = app
         self.refuse = refuse
@@ -183,6 +187,8 @@ class ControlCharacterGuard:
             else None
         )
         if kind is None or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        if kind in ("form", "multipart") and self.SELF_CHECKED_FORMS.match(scope.get("path", "")):
             return await self.app(scope, receive, send)
 
         messages: list[Message] = []
