@@ -107,3 +107,67 @@ def test_sending_domain_setup_with_live_dns_check(page, developer, dns_server):
         expect(page.locator(f"[data-purpose={purpose}] [data-testid=record-status]")).to_have_text("Pass")
     page.get_by_role("link", name="Sending domains").first.click()
     expect(page.get_by_test_id("domains")).to_contain_text("All records pass")
+
+
+def test_domain_page_warns_of_local_names_and_deletes_a_domain_after_confirmation(page, developer, live_server):
+    """Issue 10 item 12: the live server's base URL is a loopback address, so the page warns that
+    the records are useless; the HELO name is a real name, so no HELO warning. Removing a domain
+    asks first (dismissing keeps it), then removes it and audits the removal."""
+    from sqlalchemy import select
+
+    from carepost.audit.models import AuditEvent
+    from carepost.core.database import system_session
+
+    domain = f"del{secrets.token_hex(3)}.example"
+    ui_login(page, developer)
+    page.goto(live_server.url + "/app/domains")
+    warnings = page.get_by_test_id("domain-setup-warning")
+    expect(warnings).to_have_count(1)
+    expect(warnings).to_contain_text("The base URL is http://")
+    expect(warnings).to_contain_text("CAREPOST_BASE_URL")
+    page.fill("#domain", domain)
+    page.get_by_role("button", name="Add domain").click()
+    page.wait_for_url(re.compile(r".*/app/domains/[0-9a-f]{32}$"))
+    domain_id = page.url.rsplit("/", 1)[-1]
+    expect(page.get_by_test_id("domain-setup-warning")).to_have_count(1)
+
+    page.once("dialog", lambda d: d.dismiss())
+    page.get_by_test_id("delete-domain").click()
+    expect(page.locator("h1")).to_have_text(domain)  # dismissed: nothing happened
+    messages = []
+
+    def accept(dialog):
+        messages.append(dialog.message)
+        dialog.accept()
+
+    page.once("dialog", accept)
+    page.get_by_test_id("delete-domain").click()
+    page.wait_for_url(re.compile(r".*/app/domains\?deleted=1$"))
+    assert domain in messages[0]
+    expect(page.get_by_test_id("domain-deleted")).to_be_visible()
+    expect(page.locator("body")).not_to_contain_text(domain)
+    assert page.goto(f"{live_server.url}/app/domains/{domain_id}").status == 404
+    with system_session() as s:
+        event = s.scalars(select(AuditEvent).where(AuditEvent.action == "domain.delete", AuditEvent.target_id == domain_id)).one()
+        assert event.details["domain"] == domain and event.details["via"] == "ui"
+
+
+@pytest.mark.parametrize(("base_url", "helo", "expected"), [
+    ("http://localhost:8000", "localhost", ["base URL", "HELO name"]),
+    ("https://care.clinic.example", "mx.clinic.example", []),
+    ("https://care.clinic.example", "laptop", ["HELO name"]),
+    ("http://127.0.0.1:8000", "mx.clinic.example", ["base URL"]),
+])
+def test_setup_warnings_name_what_is_local(monkeypatch, base_url, helo, expected):
+    from carepost.core.config import reset_settings
+    from carepost.delivery.pages import setup_warnings
+
+    monkeypatch.setenv("CAREPOST_BASE_URL", base_url)
+    monkeypatch.setenv("CAREPOST_SMTP_HELO_NAME", helo)
+    reset_settings()
+    try:
+        found = setup_warnings()
+        assert [w.split(" is ", 1)[0].removeprefix("The ") for w in found] == expected
+    finally:
+        monkeypatch.undo()
+        reset_settings()

@@ -81,12 +81,41 @@ def _domain_view(row: SendingDomain) -> dict:
     }
 
 
+def _local_name(host: str | None) -> bool:
+    """``localhost``, a loopback address, or a name without a dot: nothing others can look up."""
+    from carepost.core.mailcapture import is_loopback
+
+    host = (host or "").strip().rstrip(".").lower()
+    return not host or is_loopback(host) or host.endswith(".localhost") or "." not in host
+
+
+def setup_warnings() -> list[str]:
+    """Why the DNS records shown would be useless (issue 10 item 12): they name this
+    installation's web host (the MTA-STS host) and mail host (SPF, the return-path MX)."""
+    from urllib.parse import urlparse
+
+    from carepost.core.config import get_settings
+
+    settings = get_settings()
+    out = []
+    web_host = urlparse(settings.base_url).hostname
+    if _local_name(web_host):
+        out.append(f"The base URL is {settings.base_url}: the MTA-STS record below points at “{web_host}”, which no "
+                   "one else can reach. Set CAREPOST_BASE_URL to this installation's public https address.")
+    mail_host = service.mail_host(settings)
+    if _local_name(mail_host):
+        out.append(f"The HELO name is “{mail_host}”: the SPF and return-path MX records below name a host no one else "
+                   "can find. Set CAREPOST_SMTP_HELO_NAME to this server's public DNS name.")
+    return out
+
+
 def _domains_page(request: Request, principal: Principal, *, form_domain: str = "", error: str | None = None,
                   status_code: int = 200):
     session = request.state.db
     rows = session.scalars(select(SendingDomain).order_by(SendingDomain.domain)).all()
     return render(request, "delivery/domains.html", {
         "domains": [_domain_view(r) for r in rows], "form_domain": form_domain, "error": error,
+        "setup_warnings": setup_warnings(), "deleted": request.query_params.get("deleted") == "1",
     }, status_code=status_code)
 
 
@@ -123,7 +152,20 @@ def _get_domain(session, domain_id: str) -> SendingDomain:
 @router.get("/domains/{domain_id}")
 def domain_page(request: Request, domain_id: str, principal: Principal = Depends(require(P.DOMAINS_MANAGE))):
     row = _get_domain(request.state.db, domain_id)
-    return render(request, "delivery/domain.html", {"d": _domain_view(row), "checked": request.query_params.get("checked") == "1"})
+    return render(request, "delivery/domain.html", {"d": _domain_view(row), "checked": request.query_params.get("checked") == "1",
+                                                    "setup_warnings": setup_warnings()})
+
+
+@router.post("/domains/{domain_id}/delete")
+def domain_delete(request: Request, domain_id: str, principal: Principal = Depends(require(P.DOMAINS_MANAGE))):
+    """Remove a sending domain and its DKIM keys (the page asks for confirmation first); audited."""
+    session = request.state.db
+    row = _get_domain(session, domain_id)
+    record_for(session, principal, request, "domain.delete", target_type="sending_domain", target_id=row.id,
+               details={"domain": row.domain, "via": "ui"})
+    service.delete_sending_domain(session, row)
+    session.commit()
+    return _see_other("/app/domains?deleted=1")
 
 
 @router.post("/domains/{domain_id}/check")
