@@ -21,7 +21,10 @@ PLACES = {"10001": "Manhattan", "02108": "Boston", "60601": "Chicago", "59001": 
 
 
 def main() -> None:
+    from carepost.assembly import assemble
     from carepost.segments import geo
+
+    assemble()  # the one composition root, as every entry point
 
     t = time.perf_counter()
     geo.zip_centroid("02108")

@@ -286,5 +286,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     enforce_declared_access(app)
     from carepost.web.openapi import install_openapi
 
-    install_openapi(app)  # the document as the API behaves (issue 9 item 28)
+    # the document as the API behaves (issue 9 item 28)
+    install_openapi(app, lambda route: (declared_access(route) or ("public",))[0])
     return app

@@ -18,10 +18,12 @@ any 5xx, undocumented status code, content type or schema mismatch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
 
 ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -108,10 +110,10 @@ def _codes_for(method: str, path: str, kind: str, operation: dict) -> list[int]:
     return sorted(codes)
 
 
-def complete_document(app: FastAPI, document: dict) -> dict:
-    from fastapi.routing import APIRoute, iter_route_contexts
-
-    from carepost.accounts.access import declared_access
+def complete_document(app: FastAPI, document: dict, access_kind: Callable[[APIRoute], str]) -> dict:
+    """``access_kind(route)``: "public", "authenticated" or "permission" — the app passes
+    accounts' reading of the route's access declaration (web imports no capability)."""
+    from fastapi.routing import iter_route_contexts
 
     components = document.setdefault("components", {})
     components.setdefault("schemas", {})["Error"] = ERROR_SCHEMA
@@ -121,7 +123,7 @@ def complete_document(app: FastAPI, document: dict) -> dict:
     for context in iter_route_contexts(app.routes):
         route = context.route
         if isinstance(route, APIRoute):
-            kind = (declared_access(route) or ("public",))[0]
+            kind = access_kind(route)
             for method in context.methods or ():
                 kinds[(method.lower(), context.path)] = kind
     for path, item in (document.get("paths") or {}).items():
@@ -145,14 +147,14 @@ def complete_document(app: FastAPI, document: dict) -> dict:
     return document
 
 
-def install_openapi(app: FastAPI) -> None:
+def install_openapi(app: FastAPI, access_kind: Callable[[APIRoute], str]) -> None:
     """Replace ``app.openapi`` with the completed document (built once)."""
 
     def openapi() -> dict:
         if app.openapi_schema is None:
             document = get_openapi(title=app.title, version=app.version, routes=app.routes,
                                    description=app.description or None)
-            app.openapi_schema = complete_document(app, document)
+            app.openapi_schema = complete_document(app, document, access_kind)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
