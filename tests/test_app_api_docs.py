@@ -80,3 +80,17 @@ def test_docs_render_in_chromium_without_other_hosts_or_csp_violations(page, liv
     assert page.locator(".opblock-summary-path", has_text="/healthz").count() >= 1
     assert page.locator(".info .title", has_text="CarePost API").count() == 1
     assert violations == []
+
+
+def test_the_staff_ui_links_to_the_api_docs_from_the_nav(client, org, make_user):
+    """Issue 10 item 16: every signed-in person finds the API reference in the menu."""
+    import re
+
+    from tests.fixtures.accounts import login_client
+
+    login_client(client, make_user(org, role="marketer"))
+    page = client.get("/app")
+    assert page.status_code == 200
+    nav = page.text.split('<nav class="sidenav"', 1)[1].split("</nav>", 1)[0]
+    assert re.search(r'<a href="/api/docs"[^>]*>API documentation</a>', nav)
+    assert client.get("/api/docs").status_code == 200

@@ -32,6 +32,7 @@ import dns.rdatatype
 import dns.resolver
 
 from carepost.core.config import Settings, get_settings
+from carepost.core.plainwords import describe_error
 from carepost.delivery.mime import ascii_domain
 
 
@@ -197,7 +198,7 @@ async def _query_secure(name: str, rdtype: str) -> tuple[list, bool]:
     except dns.resolver.NoNameservers:
         raise DnsError(f"no DNS server answered for {name}", temporary=True) from None
     except dns.exception.DNSException as err:
-        raise DnsError(f"DNS look-up of {name} failed: {type(err).__name__}", temporary=True) from None
+        raise DnsError(f"DNS look-up of {name} failed: {describe_error(err)}", temporary=True) from None
 
 
 async def lookup_txt(name: str) -> list[str]:

@@ -37,6 +37,7 @@ import aiosmtplib
 from carepost.core import clock
 from carepost.core.config import Settings, get_settings
 from carepost.core.logging import get_logger
+from carepost.core.plainwords import describe_error
 from carepost.delivery import dns as cpdns
 from carepost.delivery import tlsprobe
 from carepost.delivery.tlsprobe import TlsSession
@@ -138,7 +139,7 @@ def _describe(err: BaseException) -> str:
         return "connection lost"
     if isinstance(err, ConnectionRefusedError):
         return "connection refused"
-    return type(err).__name__
+    return describe_error(err)
 
 
 def classify_code(code: int | None) -> str:

@@ -52,6 +52,7 @@ import aiosmtplib
 from carepost.core import clock, netguard
 from carepost.core.config import Settings, get_settings
 from carepost.core.logging import get_logger
+from carepost.core.plainwords import describe_error
 from carepost.delivery import dns as cpdns
 
 log = get_logger(__name__)
@@ -374,7 +375,7 @@ async def fetch_policy(domain: str, ident: str, settings: Settings) -> MtaStsPol
     except ssl.SSLCertVerificationError as err:
         raise MtaStsError(f"policy host certificate: {err.verify_message}") from None
     except (OSError, asyncio.TimeoutError, ssl.SSLError) as err:
-        raise MtaStsError(f"policy fetch failed: {type(err).__name__}") from None
+        raise MtaStsError(f"policy fetch failed: {describe_error(err)}") from None
     if status != 200:
         raise MtaStsError(f"policy fetch answered HTTP {status}")
     if not headers.get("content-type", "").lower().startswith("text/plain"):
@@ -641,7 +642,7 @@ async def probe_mx(target: cpdns.MxTarget, settings: Settings, policy: MtaStsPol
         try:
             smtp = await connect(target, address, settings)
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as err:
-            last_error = f"connect failed: {type(err).__name__}"
+            last_error = f"connect failed: {describe_error(err)}"
             continue
         try:
             offers = smtp.supports_extension("starttls")
@@ -655,7 +656,7 @@ async def probe_mx(target: cpdns.MxTarget, settings: Settings, policy: MtaStsPol
                                  dane="verified" if info.dane else (dane if dane != "pending" else None))
             except Exception as err:  # noqa: BLE001 - any TLS failure is a finding, not a crash
                 reason = verification_error(err) or (
-                    "TLS version too old" if "VERSION" in str(err).upper() else f"TLS failed: {type(err).__name__}"
+                    "TLS version too old" if "VERSION" in str(err).upper() else f"TLS failed: {describe_error(err)}"
                 )
             # Look again without verification, to record what the server does offer.
             await close_quietly(smtp)
@@ -669,7 +670,7 @@ async def probe_mx(target: cpdns.MxTarget, settings: Settings, policy: MtaStsPol
                 return MxFinding(target.host, target.port, address, True, True, utf8, cert_error=reason,
                                  mta_sts_match=match, dane=note)
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as err:
-            last_error = f"SMTP failed: {type(err).__name__}"
+            last_error = f"SMTP failed: {describe_error(err)}"
         finally:
             await close_quietly(smtp)
     return MxFinding(target.host, target.port, None, False, error=last_error, mta_sts_match=match)

@@ -43,6 +43,7 @@ from carepost import __version__
 from carepost.core import netguard
 from carepost.core.config import Settings, get_settings
 from carepost.core.errors import ValidationFailed
+from carepost.core.plainwords import describe_error
 
 SECRET_PREFIX = "whsec_"
 SECRET_BYTES = 32
@@ -157,7 +158,7 @@ def resolve(target: Target, settings: Settings | None = None) -> list[str]:
     try:
         infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError, OSError) as err:
-        raise Refused(f"the host does not resolve ({err.__class__.__name__})") from None
+        raise Refused(f"the host does not resolve ({describe_error(err)})") from None
     addresses = []
     for info in infos:
         address = info[4][0]
@@ -277,7 +278,7 @@ def post(url: str, body: bytes, headers: dict[str, str], settings: Settings | No
             last_error = "connection refused"
             continue
         except (OSError, http.client.HTTPException) as err:
-            last_error = f"network: {err.__class__.__name__}"
+            last_error = f"network: {describe_error(err)}"
             continue
         finally:
             conn.close()

@@ -37,6 +37,7 @@ NAV: list[tuple[str, str, str, str | None]] = [
     ("Settings", "Topics", "/app/consent/topics", "consent:manage"),
     ("Settings", "Consent settings", "/app/consent/settings", "consent:manage"),
     ("Settings", "Security", "/app/account/security", None),
+    ("Settings", "API documentation", "/api/docs", None),  # the interactive OpenAPI reference (issue 10 item 16)
 ]
 
 
