@@ -96,7 +96,8 @@ def test_marketing_carries_signed_one_click_headers_that_work(env, session):
     [received] = peers.mx["valid"].recorder.messages
     msg = email.message_from_bytes(received.data, policy=email_policy.default)
     assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
-    url = str(msg["List-Unsubscribe"]).strip("<>")
+    url, mailto = (u.strip().strip("<>") for u in str(msg["List-Unsubscribe"]).split(","))
+    assert mailto.startswith("mailto:u+") and "@bounces.bar.example" in mailto  # the return path handles it
     assert url.startswith("https://localhost:8000/t/u/") and "pat" not in url
     signed = " ".join(str(h) for h in msg.get_all("DKIM-Signature")).lower().replace(" ", "")
     assert "list-unsubscribe" in signed and "list-unsubscribe-post" in signed

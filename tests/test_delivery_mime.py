@@ -97,9 +97,17 @@ def test_list_unsubscribe_headers():
     )
     assert msg["List-Unsubscribe"] == "<https://bar.example/t/u/tok123>, <mailto:unsub@bar.example>"
     assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    # RFC 2369 allows an http link (a base URL without TLS); one-click (RFC 8058) needs https
+    plain = email.message_from_bytes(compose(sender="a@bar.example", to=["b@example.org"], subject="s", text="x",
+                                             list_unsubscribe=["http://bar.example/u"]).as_bytes())
+    assert plain["List-Unsubscribe"] == "<http://bar.example/u>" and plain["List-Unsubscribe-Post"] is None
     with pytest.raises(ValidationFailed) as err:
         compose(sender="a@bar.example", to=["b@example.org"], subject="s", text="x",
-                list_unsubscribe=["http://bar.example/u"])
+                list_unsubscribe=["http://bar.example/u"], list_unsubscribe_post=True)
+    assert err.value.field == "list_unsubscribe"
+    with pytest.raises(ValidationFailed) as err:
+        compose(sender="a@bar.example", to=["b@example.org"], subject="s", text="x",
+                list_unsubscribe=["ftp://bar.example/u"])
     assert err.value.field == "list_unsubscribe"
     with pytest.raises(ValidationFailed):
         compose(sender="a@bar.example", to=["b@example.org"], subject="s", text="x", list_unsubscribe_post=True)

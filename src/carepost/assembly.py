@@ -154,6 +154,9 @@ def _fill_ports() -> None:
     pipeline.eligibility.fill(eligibility.pipeline_eligibility)
     pipeline.quiet_hours.fill(eligibility.pipeline_quiet_hours)
     pipeline.list_unsubscribe.fill(eligibility.pipeline_list_unsubscribe)
+    from carepost.delivery import inbound
+
+    inbound.unsubscribe_request.fill(eligibility.mailto_unsubscribe)
     pipeline.portal_store.fill(portal.store_portal_message)
     pipeline.portal_notification.fill(portal.notification_email)
     delivery_pages.portal_state.fill(portal.portal_state)

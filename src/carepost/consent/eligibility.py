@@ -40,6 +40,7 @@ ELIGIBLE = "eligible"
 REASONS = (
     "deceased", "no_authorization", "authorization_expired", "authorization_revoked", "unsubscribed_topic", "unsubscribed_all",
     "suppressed_bounce", "suppressed_complaint", "suppressed_manual", "frequency_cap", "no_address", "invalid_address",
+    "no_postal_address", "no_opt_out",
 )
 REASON_TEXT = {
     "eligible": "Eligible",
@@ -55,6 +56,8 @@ REASON_TEXT = {
     "frequency_cap": "The organization's frequency cap was reached",
     "no_address": "No email address",
     "invalid_address": "The email address is invalid or does not exist",
+    "no_postal_address": "The organization's postal address (consent settings) is needed for commercial messages",
+    "no_opt_out": "No working unsubscribe link could be formed for this commercial message",
 }
 CHANNELS = ("email",)
 CHUNK = 1000
@@ -486,15 +489,44 @@ def pipeline_eligibility(session: Session, candidates: list) -> dict[str, str]:
         rows = [{"id": c.recipient_id, "contact_id": c.contact_id, "address_index": c.address_index,
                  "message_id": c.message_id} for c in group]
         topic = session.get(Topic, topic_id) if topic_id else None
-        for rid, code in delivery_check(session, org_id, rows, purpose, topic).items():
+        checked = delivery_check(session, org_id, rows, purpose, topic)
+        needs_footer = purposes.requirements(purpose).opt_out_required
+        no_postal = needs_footer and not consent_settings(session, org_id).get("postal_address")
+        for rid, code in checked.items():
             if code != ELIGIBLE:
                 excluded[rid] = code
+            elif no_postal:
+                excluded[rid] = "no_postal_address"  # CAN-SPAM: never sent without the sender's postal address
     return excluded
 
 
+def mailto_unsubscribe(session: Session, org_id: str, recipient_id: str) -> None:
+    """The return path received a mail at a recipient's List-Unsubscribe ``mailto:`` address
+    (``carepost inbound``; filled into ``delivery.inbound.unsubscribe_request`` by the composition
+    root): unsubscribe that recipient from the message's topic, or from all marketing."""
+    from carepost.consent.service import LinkSubject, apply_unsubscribe
+    from carepost.delivery.models import MessageRecipient
+
+    rec = session.scalars(select(MessageRecipient).where(MessageRecipient.org_id == org_id,
+                                                         MessageRecipient.id == recipient_id)).first()
+    if rec is None:
+        return
+    topic_id = message_topics(session, org_id, [rec.message_id]).get(rec.message_id)
+    contact_id = rec.contact_id
+    if contact_id:
+        from carepost.patients.models import Contact
+
+        if session.get(Contact, contact_id) is None:
+            contact_id = None
+    apply_unsubscribe(session, LinkSubject(org_id, contact_id, rec.address_index, rec.id, rec.message_id, topic_id),
+                      all_marketing=False, method="mailto")
+
+
 def pipeline_list_unsubscribe(session: Session, candidates: list) -> dict[str, list[str]]:
-    """The delivery pipeline's ``list_unsubscribe`` step: RFC 8058 one-click URIs for every recipient whose
-    message needs an opt-out (commercial purposes) or belongs to a topic."""
+    """The delivery pipeline's ``list_unsubscribe`` step: the unsubscribe URL for every recipient whose
+    message needs an opt-out (commercial purposes) or belongs to a topic — https (RFC 8058 one-click)
+    when ``CAREPOST_BASE_URL`` is https, else the http link; the pipeline adds the ``mailto:`` of the
+    return path and the visible footer, and excludes (``no_opt_out``) a commercial copy with no link."""
     from carepost.consent.service import unsubscribe_url
 
     out: dict[str, list[str]] = {}
@@ -508,7 +540,7 @@ def pipeline_list_unsubscribe(session: Session, candidates: list) -> dict[str, l
             purpose = c.purpose if c.purpose in purposes.PURPOSES else "transactional"
             if topic_id or purposes.requirements(purpose).opt_out_required:
                 url = unsubscribe_url(session, org_id, c.recipient_id, topic_id)
-                if url.startswith("https://"):  # RFC 8058 one-click needs https (CAREPOST_BASE_URL)
+                if url.startswith(("https://", "http://")):
                     out[c.recipient_id] = [url]
     return out
 

@@ -685,6 +685,7 @@ async def settings_save(request: Request, principal: Principal = Depends(MANAGE)
         for key in ("quiet_hours_start", "quiet_hours_end", "default_time_zone"):
             raw = (form.get(key) or "").strip()[:64]
             values[key] = raw or (None if key != "default_time_zone" else service.CONSENT_DEFAULTS["default_time_zone"])
+        values["postal_address"] = (form.get("postal_address") or "").strip()[:1000] or None
         if not errors:
             try:
                 service.set_consent_settings(session, principal.org_id, values)
@@ -693,7 +694,7 @@ async def settings_save(request: Request, principal: Principal = Depends(MANAGE)
                 errors[exc.field or "form"] = exc.message
         if errors:
             shown = {**service.consent_settings(session, principal.org_id),
-                     **{k: (form.get(k) or "")[:64] for k in values}}
+                     **{k: (form.get(k) or "")[:64 if k != "postal_address" else 1000] for k in values}}
             return render(request, "consent/settings.html", {"cfg": shown, "errors": errors, "saved": False}, status_code=422)
         record_for(session, principal, request, "consent.settings_update", target_type="organization",
                    target_id=principal.org_id, details={"fields": sorted(values)})

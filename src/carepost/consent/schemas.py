@@ -126,3 +126,6 @@ class SettingsIn(_In):
     default_time_zone: str | None = Field(None, max_length=64)
     authorization_default_months: int | None = Field(None, ge=1, le=120)
     confirmation_link_hours: int | None = Field(None, ge=1, le=720)
+    postal_address: str | None = Field(None, max_length=300,
+                                       description="The organization's postal address (CAN-SPAM), shown in the "
+                                                   "footer of every commercial message; required before marketing is sent.")

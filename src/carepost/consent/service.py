@@ -210,7 +210,11 @@ CONSENT_DEFAULTS: dict = {
     "default_time_zone": "America/New_York",  # for contacts without a time zone
     "authorization_default_months": 24,  # expiry of an authorization signed without one
     "confirmation_link_hours": 48,  # validity of a double opt-in confirmation link
+    # CAN-SPAM (15 U.S.C. 7704(a)(5)(A)(iii)): a valid physical postal address in every commercial
+    # message. Required before marketing can be sent (recipients are excluded as no_postal_address).
+    "postal_address": None,
 }
+POSTAL_ADDRESS_MAX = 300
 
 
 def consent_settings(session: Session, org_id: str) -> dict:
@@ -250,6 +254,16 @@ def set_consent_settings(session: Session, org_id: str, values: dict) -> dict:
         elif key == "confirmation_link_hours":
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 720:
                 raise ValidationFailed("Enter a number of hours from 1 to 720.", field=key)
+        elif key == "postal_address":
+            if value is not None and not isinstance(value, str):
+                raise ValidationFailed("Enter the postal address as text.", field=key)
+            value = "\n".join(line.strip() for line in (value or "").strip().splitlines() if line.strip()) or None
+            if value is not None:
+                if len(value) > POSTAL_ADDRESS_MAX:
+                    raise ValidationFailed(f"The postal address is longer than {POSTAL_ADDRESS_MAX} characters.", field=key)
+                if len(value) < 10 or any(ord(c) < 0x20 and c != "\n" or ord(c) == 0x7F for c in value):
+                    raise ValidationFailed("Enter the organization's full postal address (street or PO box, city, "
+                                           "state, ZIP).", field=key)
         cfg[key] = value
     if (cfg["quiet_hours_start"] is None) != (cfg["quiet_hours_end"] is None):
         raise ValidationFailed("Quiet hours need both a start and an end.", field="quiet_hours_end")

@@ -426,6 +426,20 @@ def return_path(session: Session, org_id: str, return_path_domain: str, recipien
     return verp_address(return_path_domain, recipient_id, verp_secret(session, org_id), prefix=VERP_PREFIX)
 
 
+UNSUBSCRIBE_PREFIX = "u"
+
+
+def unsubscribe_mailbox(session: Session, org_id: str, return_path_domain: str, recipient_id: str) -> str:
+    """The ``mailto:`` List-Unsubscribe address of one recipient: ``u+<recipient id>.<mac>@<return-path
+    domain>`` — opaque (an id and a MAC, no PHI), received by ``carepost inbound``."""
+    return verp_address(return_path_domain, recipient_id, verp_secret(session, org_id), prefix=UNSUBSCRIBE_PREFIX)
+
+
+def unsubscribe_recipient_id(session: Session, org_id: str, address: str) -> str | None:
+    """The recipient id an unsubscribe mailbox names when its MAC verifies for ``org_id``."""
+    return parse_verp(address, verp_secret(session, org_id), prefix=UNSUBSCRIBE_PREFIX)
+
+
 def verp_recipient_id(session: Session, org_id: str, address: str) -> str | None:
     """The recipient id a VERP address names when its MAC verifies for ``org_id``; else None."""
     return parse_verp(address, verp_secret(session, org_id), prefix=VERP_PREFIX)

@@ -46,6 +46,12 @@ from carepost.delivery.models import InboundReport
 log = get_logger("carepost.delivery.inbound")
 
 ROLE_MAILBOXES = frozenset({"postmaster", "abuse", "fbl", "dmarc"})
+
+from carepost.core.ports import Port  # noqa: E402
+
+unsubscribe_request: Port = Port(
+    "delivery.unsubscribe_request",
+    "A mail to a recipient's List-Unsubscribe mailto address: (session, org_id, recipient_id) -> None (consent).")
 MAX_RECIPIENTS = 50
 
 
@@ -79,7 +85,8 @@ def accept_recipient(address: str) -> list[str]:
         if local in ROLE_MAILBOXES:
             return orgs
         if "+" in local:
-            matching = [org_id for org_id in orgs if bounces.verp_recipient_id(session, org_id, address) is not None]
+            matching = [org_id for org_id in orgs if bounces.verp_recipient_id(session, org_id, address) is not None
+                        or bounces.unsubscribe_recipient_id(session, org_id, address) is not None]
             session.commit()  # a VERP key created on first use is kept
             if matching:
                 return matching
@@ -132,6 +139,20 @@ def process_report(report_id: str) -> str | None:
         row = session.scalars(q).first()
         if row is None or row.status != "pending" or row.raw_enc is None:
             return None
+        unsubscribing = [rid for rid in (bounces.unsubscribe_recipient_id(session, org_id, a)
+                                         for a in (row.envelope_recipients or [])) if rid]
+        if unsubscribing:
+            # RFC 2369 mailto: unsubscribe: the mail itself is not read (its content is the sender's).
+            for rid in unsubscribing:
+                unsubscribe_request(session, org_id, rid)
+            row.kind = "unsubscribe"
+            row.status = "unsubscribed"
+            row.recipient_id = unsubscribing[0]
+            row.outcome = {"status": "unsubscribed", "recipient_id": unsubscribing[0]}
+            row.processed_at = clock.now()
+            session.commit()
+            log.info("inbound_unsubscribe_processed", report_id=report_id, org_id=org_id, recipient_id=unsubscribing[0])
+            return "unsubscribed"
         raw = get_keyring().decrypt(session, org_id, InboundReport.__tablename__, "raw", row.id, row.raw_enc)
         report = bounces.parse_report(raw)
         outcome = bounces.apply_report(session, org_id, report, list(row.envelope_recipients or []), report_id=row.id)

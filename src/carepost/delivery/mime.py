@@ -267,8 +267,9 @@ def _unsubscribe_header(uris: list[str]) -> str:
     parts = []
     for uri in uris:
         check_header_value("List-Unsubscribe", uri)
-        if not (uri.startswith("https://") or uri.startswith("mailto:")):
-            raise ValidationFailed("List-Unsubscribe URIs must be https: or mailto:.", field="list_unsubscribe")
+        # RFC 2369: http(s) or mailto; one-click (RFC 8058) needs https, checked in compose.
+        if not uri.startswith(("https://", "http://", "mailto:")):
+            raise ValidationFailed("List-Unsubscribe URIs must be https:, http: or mailto:.", field="list_unsubscribe")
         if any(ch in uri for ch in "<> \t,") or not uri.isascii():
             raise ValidationFailed("A List-Unsubscribe URI has characters that are not allowed.", field="list_unsubscribe")
         parts.append(f"<{uri}>")

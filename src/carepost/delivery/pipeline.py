@@ -358,8 +358,15 @@ def check_eligibility(run: Run) -> None:
             excluded = {**excluded, c.recipient.id: "quiet_hours"}  # no List-Unsubscribe work for it now
     remaining = [cand for cand in candidates if cand.recipient_id not in excluded]
     uris = list_unsubscribe(run.session, remaining) or {} if remaining else {}
+    from carepost.core import purposes
+
     for c in run.copies:
         c.unsubscribe = tuple(uris.get(c.recipient.id) or ())
+        purpose = c.content.message.purpose
+        if (c.final is None and purpose in purposes.PURPOSES and purposes.requirements(purpose).opt_out_required
+                and not any(u.startswith(("https://", "http://")) for u in c.unsubscribe)):
+            # A commercial message never goes out without a working opt-out (fail closed).
+            c.final = ("excluded", "no_opt_out")
 
 
 def check_sender(run: Run) -> None:
@@ -381,6 +388,12 @@ def check_sender(run: Run) -> None:
             c.final = ("failed", "sending_domain_missing: the From domain is no longer a sending domain of the organization")
             continue
         c.envelope_from = return_path(run.session, c.org_id, domain.return_path_domain, c.recipient.id)
+        if c.unsubscribe:
+            # RFC 2369 mailto: handled by the return path (carepost inbound); opaque, no PHI.
+            from carepost.delivery.bounces import unsubscribe_mailbox
+
+            c.unsubscribe = (*c.unsubscribe, "mailto:" + unsubscribe_mailbox(
+                run.session, c.org_id, domain.return_path_domain, c.recipient.id) + "?subject=unsubscribe")
         if "smime" in c.keys and c.content.smime_signing_key is None:
             # Inside the first transaction: a domain older than S/MIME signing gets its key now.
             c.content.smime_signing_key = service.smime_signing_key(run.session, domain)
@@ -413,7 +426,8 @@ def compose_messages(run: Run) -> None:
         variant = c.unsubscribe
         if variant in content.composed:
             continue
-        text, html = with_unsubscribe_footer(content.text, content.html, variant)
+        text, html = with_unsubscribe_footer(content.text, content.html, variant,
+                                             org_footer(run.session, c.org_id) if variant else None)
         try:
             composed = compose(
                 sender=content.sender, to=content.to, cc=content.cc, bcc=[] if (content.to or content.cc) else [c.address],
@@ -434,19 +448,39 @@ def compose_messages(run: Run) -> None:
             c.final = ("failed", "composition_failed")
 
 
-def with_unsubscribe_footer(text: str | None, html: str | None, uris: tuple[str, ...]) -> tuple[str | None, str | None]:
+def org_footer(session: Session, org_id: str) -> tuple[str, str | None]:
+    """(organization name, postal address) for the footer of a commercial message (CAN-SPAM: the
+    sender's valid physical postal address, kept in the organization's consent settings)."""
+    from carepost.accounts.models import Organization
+
+    org = session.get(Organization, org_id)
+    if org is None:
+        return "", None
+    return org.name or "", ((org.settings or {}).get("consent") or {}).get("postal_address")
+
+
+def with_unsubscribe_footer(text: str | None, html: str | None, uris: tuple[str, ...],
+                            sender: tuple[str, str | None] | None = None) -> tuple[str | None, str | None]:
     """A message that needs an opt-out carries a visible link in its body too (CAN-SPAM: clear
-    and conspicuous), not only the List-Unsubscribe header; the URL holds an opaque token only."""
+    and conspicuous), not only the List-Unsubscribe header, and the organization's name and postal
+    address; the URL holds an opaque token only."""
     url = next((u for u in uris if u.startswith(("https://", "http://"))), None)
     if url is None:
         return text, html
     from html import escape
 
+    name, postal = sender or ("", None)
+    postal_lines = [line for line in (postal or "").splitlines() if line.strip()]
     if text is not None:
         text = f"{text.rstrip()}\n\n--\nTo stop receiving these emails, unsubscribe: {url}\n"
+        if name or postal_lines:
+            text += "\n".join([x for x in [name, *postal_lines] if x]) + "\n"
     if html is not None:
         footer = (f'<p class="carepost-unsubscribe">To stop receiving these emails, '
                   f'<a href="{escape(url)}">unsubscribe</a>.</p>')
+        if name or postal_lines:
+            footer += ('<p class="carepost-postal-address">'
+                       + "<br>".join(escape(x) for x in [name, *postal_lines] if x) + "</p>")
         lowered = html.lower()
         at = lowered.rfind("</body>")
         html = html[:at] + footer + html[at:] if at != -1 else html + footer
@@ -496,9 +530,13 @@ def store_for_portal(run: Run, copies: list[Copy]) -> None:
         expires = options.get("expires_at")
         try:
             with session.begin_nested():
+                # The portal copy of a commercial message carries the same visible opt-out and postal
+                # address as an emailed copy; the notification carries List-Unsubscribe.
+                copy_text, copy_html = with_unsubscribe_footer(
+                    content.text, content.html, c.unsubscribe, org_footer(session, c.org_id) if c.unsubscribe else None)
                 pm = portal_store(
                     session, org_id=c.org_id, message_id=content.message.id, recipient_id=c.recipient.id,
-                    recipient_address=c.address, subject=content.subject, html=content.html, text=content.text,
+                    recipient_address=c.address, subject=content.subject, html=copy_html, text=copy_text,
                     attachments=list(content.attachments) + [
                         Attachment(i.filename or i.cid, i.content, i.content_type) for i in content.inline],
                     sender_user_or_credential_id=content.message.created_by,
@@ -511,7 +549,11 @@ def store_for_portal(run: Run, copies: list[Copy]) -> None:
             c.final = ("failed", f"portal: {exc.field or 'invalid'}")
             continue
         # To: the bare address; a display name would put the patient's name into the notification.
-        notification = compose(sender=content.sender, to=[c.address], subject=subject, text=text, html=html)
+        if c.unsubscribe:
+            text, html = with_unsubscribe_footer(text, html, c.unsubscribe, org_footer(session, c.org_id))
+        notification = compose(sender=content.sender, to=[c.address], subject=subject, text=text, html=html,
+                               list_unsubscribe=list(c.unsubscribe) or None,
+                               list_unsubscribe_post=any(u.startswith("https://") for u in c.unsubscribe))
         c.portal_message_id = pm.id
         c.notification = True
         c.smtputf8 = notification.smtputf8
