@@ -157,6 +157,9 @@ def _fill_ports() -> None:
     from carepost.delivery import inbound
 
     inbound.unsubscribe_request.fill(eligibility.mailto_unsubscribe)
+    from carepost.delivery import messages as delivery_messages
+
+    delivery_messages.topic_of.fill(eligibility.resolve_message_topic)
     pipeline.portal_store.fill(portal.store_portal_message)
     pipeline.portal_notification.fill(portal.notification_email)
     delivery_pages.portal_state.fill(portal.portal_state)

@@ -443,19 +443,39 @@ TOPIC_TAG = "topic:"
 
 
 def message_topics(session: Session, org_id: str, message_ids: Iterable[str]) -> dict[str, str | None]:
-    """A message's topic: the tag ``topic:<key or id>`` (messages have no topic column yet)."""
+    """A message's topic: its ``topic_id`` field; for messages stored before the field, the tag
+    ``topic:<key or id>``."""
     from carepost.delivery.models import Message
 
     ids = list(dict.fromkeys(message_ids))
-    topics = {t.key: t.id for t in _topics(session, org_id)}
-    topic_ids = set(topics.values())
+    topics: dict[str, str] | None = None
     out: dict[str, str | None] = {}
     for i in range(0, len(ids), CHUNK):
-        for mid, tags in session.execute(select(Message.id, Message.tags).where(Message.org_id == org_id,
-                                                                               Message.id.in_(ids[i : i + CHUNK]))):
+        for mid, topic_id, tags in session.execute(select(Message.id, Message.topic_id, Message.tags).where(
+                Message.org_id == org_id, Message.id.in_(ids[i : i + CHUNK]))):
+            if topic_id:
+                out[mid] = topic_id
+                continue
             ref = next((t[len(TOPIC_TAG):] for t in (tags or []) if isinstance(t, str) and t.startswith(TOPIC_TAG)), None)
-            out[mid] = topics.get(ref) or (ref if ref in topic_ids else None) if ref else None
+            if ref and topics is None:
+                topics = {t.key: t.id for t in _topics(session, org_id)}
+            out[mid] = (topics.get(ref) or (ref if ref in set(topics.values()) else None)) if ref else None
     return out
+
+
+def resolve_message_topic(session: Session, org_id: str, ref: str) -> str:
+    """The delivery port ``messages.topic_of``: a message names its topic by id or short name; an
+    unknown or archived topic is refused (422 naming ``topic``)."""
+    from carepost.core.errors import NotFound
+
+    try:
+        topic = get_topic(session, org_id, ref, "topic")
+    except NotFound:
+        raise ValidationFailed("No such topic: use a topic's id or short name (see /api/v1/topics).",
+                               field="topic") from None
+    if topic.archived:
+        raise ValidationFailed("This topic is archived: messages can no longer be sent in it.", field="topic")
+    return topic.id
 
 
 def _topics(session: Session, org_id: str) -> list[Topic]:

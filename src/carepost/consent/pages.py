@@ -657,6 +657,33 @@ async def topics_add(request: Request, principal: Principal = Depends(MANAGE)):
     return await run_in_threadpool(run)
 
 
+@router.post("/app/consent/topics/{topic_id}")
+async def topics_edit(request: Request, topic_id: str, principal: Principal = Depends(MANAGE)):
+    """Change a topic's name, description, opt-in and confirmation, or archive it (its short name
+    stays: messages and links name it)."""
+    form = await _form(request)
+    from starlette.concurrency import run_in_threadpool
+
+    def run():
+        session = request.state.db
+        values = {"name": (form.get("name") or "").strip()[:1000], "description": (form.get("description") or "").strip()[:2000],
+                  "opt_in_required": form.get("opt_in_required") == "on", "double_opt_in": form.get("double_opt_in") == "on",
+                  "archived": form.get("archived") == "on"}
+        try:
+            topic = service.update_topic(session, principal.org_id, topic_id, values)
+        except CarePostError as exc:
+            session.rollback()
+            topics = service.list_topics(session, principal.org_id, include_archived=True)
+            return render(request, "consent/topics.html", {"topics": topics, "errors": {"form": exc.message}, "form": {}},
+                          status_code=exc.status_code)
+        record_for(session, principal, request, "topic.update", target_type="topic", target_id=topic.id,
+                   details={"fields": sorted(values)})
+        session.commit()
+        return _see_other("/app/consent/topics")
+
+    return await run_in_threadpool(run)
+
+
 @router.get("/app/consent/settings")
 def settings_page(request: Request, principal: Principal = Depends(MANAGE)):
     cfg = service.consent_settings(request.state.db, principal.org_id)

@@ -81,7 +81,8 @@ class TopicIn(_In):
     name: str = Field(min_length=1, max_length=200)
     description: str = Field("", max_length=1000)
     opt_in_required: bool = False
-    double_opt_in: bool = True
+    double_opt_in: bool = Field(True, description="Ask for confirmation by email; applies to opt-in topics only "
+                                                  "(ignored, stored false, for an opt-out topic).")
 
 
 class TopicUpdate(_In):

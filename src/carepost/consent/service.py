@@ -339,7 +339,8 @@ def _topic_key(value: str) -> str:
 
     key = (value or "").strip().lower()
     if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", key):
-        raise ValidationFailed("A topic key is 1 to 64 lowercase letters, digits, - or _.", field="key")
+        raise ValidationFailed("A topic's short name is 1 to 64 lowercase letters, digits, - or _ "
+                               "(for example flu-clinic).", field="key")
     return key
 
 
@@ -349,9 +350,10 @@ def create_topic(session: Session, org_id: str, *, key: str, name: str, descript
     name = _plain(name, "name", 200, required=True)
     description = _plain(description or "", "description", 1000)
     if session.scalar(select(Topic.id).where(Topic.org_id == org_id, Topic.key == key)):
-        raise Conflict("A topic with this key exists.", field="key")
+        raise Conflict("A topic with this short name exists.", field="key")
+    # Double opt-in (a confirmation email) only means something for an opt-in topic.
     topic = Topic(id=new_id(), org_id=org_id, key=key, name=name, description=description,
-                  opt_in_required=bool(opt_in_required), double_opt_in=bool(double_opt_in))
+                  opt_in_required=bool(opt_in_required), double_opt_in=bool(double_opt_in) and bool(opt_in_required))
     session.add(topic)
     session.flush()
     return topic
@@ -370,6 +372,8 @@ def update_topic(session: Session, org_id: str, topic_id: str, values: dict) -> 
             setattr(topic, key, value)
         else:
             raise ValidationFailed("This field cannot be changed.", field=key)
+    if not topic.opt_in_required:
+        topic.double_opt_in = False  # double opt-in applies to opt-in topics only
     session.flush()
     return topic
 
@@ -527,7 +531,7 @@ def resubscribe_contact(session: Session, org_id: str, contact_id: str, topic_id
             raise ValidationFailed(f"frequency must be one of {', '.join(FREQUENCIES)}.", field="frequency")
         row.frequency = frequency
     was_subscribed = row.status == "subscribed"
-    needs_confirmation = topic is not None and topic.double_opt_in and not confirmed
+    needs_confirmation = topic is not None and topic.opt_in_required and topic.double_opt_in and not confirmed
     if row.status == "subscribed" and row.confirmed_at is not None:
         needs_confirmation = False
     if needs_confirmation:

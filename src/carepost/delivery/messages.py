@@ -50,6 +50,14 @@ _EXECUTABLE_MAGIC = (b"MZ", b"\x7fELF", b"\xca\xfe\xba\xbe", b"\xcf\xfa\xed\xfe"
 _RESERVED_HEADER_PREFIX = "x-carepost-"
 
 
+
+from carepost.core.ports import Port  # noqa: E402
+
+topic_of: Port = Port(
+    "delivery.topic_of",
+    "A message's topic named by id or short name -> the topic id; ValidationFailed(field='topic') for an "
+    "unknown or archived one (consent).")
+
 @dataclass
 class PreparedMessage:
     """A message that passed every check, ready to store."""
@@ -69,6 +77,7 @@ class PreparedMessage:
     tags: list[str]
     portal: dict | None
     request_hash: str
+    topic_id: str | None = None
 
 
 def request_fingerprint(data) -> str:
@@ -142,6 +151,7 @@ def _prepare(session, org_id, data, org_settings, domain_cache, Attachment, Inli
     if not purpose:
         raise ValidationFailed("A purpose is required (the organization sets no default purpose).", field="purpose")
     check_purpose(purpose)
+    topic_id = topic_of(session, org_id, data.topic) if data.topic else None
     mode = policy.effective_mode(org_settings["security_mode"], data.security)
     if data.contains_phi is not False and mode == "opportunistic" and data.security is None:
         # The organization's floor is opportunistic, but this message carries PHI: it gets the
@@ -205,7 +215,7 @@ def _prepare(session, org_id, data, org_settings, domain_cache, Attachment, Inli
         sender=sender, sending_domain=domain, recipients=recipients, reply_to=reply_to, subject=subject,
         html=data.html, text=data.text, attachments=list(data.attachments), headers=headers, purpose=purpose,
         security=mode, contains_phi=data.contains_phi is not False, tags=list(data.tags), portal=portal,
-        request_hash=request_fingerprint(request),
+        request_hash=request_fingerprint(request), topic_id=topic_id,
     )
 
 
@@ -244,7 +254,7 @@ def store_messages(session: Session, org_id: str, prepared: list[PreparedMessage
             reply_to_enc=enc(mt, "reply_to", message_id, _mailbox_text(p.reply_to) if p.reply_to else None),
             subject_enc=enc(mt, "subject", message_id, p.subject), html_enc=enc(mt, "html", message_id, p.html),
             text_enc=enc(mt, "text", message_id, p.text), contains_phi=p.contains_phi, security=p.security,
-            purpose=p.purpose, tags=p.tags, idempotency_key=idempotency_hash(key) if key else None,
+            purpose=p.purpose, topic_id=p.topic_id, tags=p.tags, idempotency_key=idempotency_hash(key) if key else None,
             request_hash=p.request_hash if key else None, sandbox=bool(sandbox), created_by=created_by, created_at=now,
             message_id_header=message_id_for(p.sending_domain.domain),
             headers_enc=enc(mt, "headers", message_id, json.dumps(p.headers)) if p.headers else None,
@@ -406,7 +416,7 @@ def message_view(session: Session, message: Message, *, unmasked: bool) -> dict:
             "evidence": _evidence_view(r, message.sandbox), "events": events.get(r.id, []),
         })
     return {"id": message.id, "created_at": clock.aware(message.created_at), "purpose": message.purpose,
-            "security": message.security, "contains_phi": message.contains_phi, "recipients": out}
+            "topic": message.topic_id, "security": message.security, "contains_phi": message.contains_phi, "recipients": out}
 
 
 def list_messages(session: Session, *, limit: int = 50, cursor: str | None = None, status: str | None = None,

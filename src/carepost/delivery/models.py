@@ -100,6 +100,9 @@ class Message(OrgScoped, Base):
     security: Mapped[str] = mapped_column(String(16))  # effective mode
     purpose: Mapped[str | None] = mapped_column(String(64))
     tags: Mapped[list] = mapped_column(JSON, default=list)
+    # The consent topic (consent.models.Topic id) the message belongs to; its opt-outs apply.
+    # Messages stored before the field carry a ``topic:<key>`` tag instead (still read).
+    topic_id: Mapped[str | None] = mapped_column(String(32))
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     sandbox: Mapped[bool] = mapped_column(Boolean, default=False)
     created_by: Mapped[str | None] = mapped_column(String(32))  # user or API credential id

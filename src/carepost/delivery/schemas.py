@@ -80,6 +80,10 @@ class MessageIn(_In):
     contains_phi: bool = True
     security: SecurityMode | None = Field(None, description="Raises the organization's mode for this message; never lowers it.")
     purpose: str | None = Field(None, max_length=64)
+    topic: str | None = Field(None, min_length=1, max_length=64,
+                              description="The consent topic the message belongs to (its id or short name): "
+                                          "patients unsubscribed from it are excluded, and its unsubscribe link "
+                                          "opts out of that topic.")
     tags: list[str] = Field(default_factory=list, max_length=20)
     headers: dict[str, str] = Field(default_factory=dict, max_length=20)
     portal: PortalOptionsIn | None = Field(None, description="Sign-in and expiry for recipients who get the secure portal.")
@@ -163,6 +167,7 @@ class MessageOut(BaseModel):
     id: str
     created_at: datetime | None = None
     purpose: str | None = None
+    topic: str | None = Field(None, description="The consent topic's id (null when the message has none).")
     security: SecurityMode | None = None
     contains_phi: bool = True
     recipients: list[RecipientOut]

@@ -149,6 +149,7 @@ def message_request(raw: bytes, rcpt_tos: list[str]) -> dict:
                 if address:
                     shown.setdefault(address.lower(), (kind.lower(), _mailbox(name, address)))
         purpose = _header_text(msg, "X-CarePost-Purpose")
+        topic = _header_text(msg, "X-CarePost-Topic")
         security = _header_text(msg, "X-CarePost-Security")
         phi = _flag(_header_text(msg, "X-CarePost-Contains-PHI"), "x_carepost_contains_phi")
     except ValidationFailed:
@@ -163,6 +164,8 @@ def message_request(raw: bytes, rcpt_tos: list[str]) -> dict:
         data[kind].append(mailbox)
     if purpose:
         data["purpose"] = purpose.strip()
+    if topic and topic.strip():
+        data["topic"] = topic.strip()
     if security:
         data["security"] = security.strip().lower()
     data["contains_phi"] = True if phi is None else phi
