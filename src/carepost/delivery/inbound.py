@@ -7,7 +7,9 @@ What it accepts, and why:
 * only recipients at a return-path domain of some organization's sending domain — anything else
   is refused with 550 (this is not an open relay, and no other mail is taken in);
 * at those domains, only a VERP address whose MAC verifies for one of the domain's organizations
-  (``b+<recipient id>.<mac>@``, where bounces arrive), or the role mailboxes ``postmaster``,
+  (``b+<recipient id>.<mac>@``, where bounces arrive; ``u+<recipient id>.<mac>@``, the
+  List-Unsubscribe ``mailto:`` — a mail there unsubscribes that recipient through the
+  ``unsubscribe_request`` port, its content unread), or the role mailboxes ``postmaster``,
   ``abuse``, ``fbl`` (feedback loops) and ``dmarc`` (the DMARC ``rua`` address). A forged VERP is
   refused and logged without the address;
 * at most ``CAREPOST_INBOUND_MAX_BYTES`` a message (552 above); STARTTLS is offered (not
