@@ -415,7 +415,8 @@ def test_unsubscribe_headers_step_is_dkim_signed(env, refill):
     pipeline.deliver([env.send()])
     [received] = env.received("valid")
     parsed = email.message_from_bytes(received.data, policy=email_policy.default)
-    assert parsed["List-Unsubscribe"] == "<https://bar.example/t/u/abc>"
+    # the step's link first; the pipeline adds the mailto: opt-out of the return path after it
+    assert parsed["List-Unsubscribe"].startswith("<https://bar.example/t/u/abc>")
     assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     assert "list-unsubscribe-post" in parsed["DKIM-Signature"].lower().replace(" ", "").replace("\n", "")
     assert env.dkim_verifies(received.data) == [True, True]

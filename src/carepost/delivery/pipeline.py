@@ -24,10 +24,11 @@ is due and nobody holds it (``lease_until``), in one UPDATE that both databases 
 "." is recorded as ``possible_duplicate``: nobody can know whether it arrived.
 
 Why a crash sends nothing twice unflagged: outcomes are recorded as the servers answer, in small
-groups committed every ``FLUSH_SECONDS`` (not once for the whole batch at the end), and before
-a copy's SMTP transaction begins its row is marked ``sending_since`` in a committed group (the
-sender waits for that commit). A worker killed mid-send thus leaves at most the copies in
-flight — at most ``CAREPOST_DELIVERY_CONCURRENCY`` — marked and unrecorded; when they are sent
+groups committed as soon as the previous group is (not once for the whole batch at the end),
+and before a copy's SMTP transaction begins its row is marked ``sending_since`` in a committed
+group. A sender waits for the commit of its mark before it sends and of its outcome before it
+frees its place among the concurrent sends, so a worker killed mid-send leaves at most
+``CAREPOST_DELIVERY_CONCURRENCY`` copies marked and unrecorded; when they are sent
 again they are flagged ``possible_duplicate``. Their lease (``CAREPOST_DELIVERY_LEASE_SECONDS``)
 expires and the next periodic sweep (``tasks.deliver_due``, every minute) queues them again.
 
@@ -584,13 +585,15 @@ def send(run: Run, copies: list[Copy]) -> None:
     _record_as_answered(run, outgoing, inbox, sending)
 
 
-FLUSH_SECONDS = 0.1  # how long an answered copy may wait for its outcome to be committed
+FLUSH_SECONDS = 0.1  # how long the recorder waits for the first mark or answer of a group
 
 
 def _record_as_answered(run: Run, outgoing: list[Copy], inbox: queue.SimpleQueue, sending) -> None:
-    """Commit, in small groups, the marks of copies about to be sent (their senders wait for the
-    commit) and the outcomes of copies the servers answered. A copy that found no verified TLS
-    waits for step 10 (its fallback); nothing of it was sent."""
+    """Commit, in small groups, the marks of copies about to be sent and the outcomes of copies the
+    servers answered; each sender waits for the commit — of its mark before it sends, of its
+    outcome before it frees its place — so at most CAREPOST_DELIVERY_CONCURRENCY copies are ever
+    marked without a recorded outcome. A copy that found no verified TLS waits for step 10 (its
+    fallback); nothing of it was sent."""
     session = run.session
     while True:
         finished = sending.done()
@@ -599,24 +602,25 @@ def _record_as_answered(run: Run, outgoing: list[Copy], inbox: queue.SimpleQueue
             if finished:
                 break
             continue
-        starts, answered = [], []
-        for kind, i, payload in items:
+        starts, answered, releases = [], [], []
+        for kind, i, payload, release in items:
+            releases.append(release)
             if kind == "start":
-                starts.append((outgoing[i], payload))
+                starts.append(outgoing[i])
             else:
                 outgoing[i].result = payload
                 answered.append(outgoing[i])
         try:
             if starts:
-                _mark_sending(run, [c for c, _ in starts])
+                _mark_sending(run, starts)
             record(run, [c for c in answered if c.notification or c.result.status != "tls_unavailable"])
             session.commit()
         except Exception:
             session.rollback()
-            for _, release in starts:
-                release(False)  # not marked: the sender gives up on that copy (deferred, not sent)
+            for release in releases:
+                release(False)  # a start not marked gives up on that copy (deferred, not sent)
             raise
-        for _, release in starts:
+        for release in releases:
             release(True)
     sending.result()  # surface an error of the loop itself
 
@@ -753,9 +757,10 @@ class DeliveryLoop:
         return asyncio.run_coroutine_threadsafe(self._deliver_all(envelopes, settings), loop).result()
 
     def submit(self, envelopes: list[Envelope], settings: Settings, inbox: queue.SimpleQueue):
-        """Start sending; returns a future. Into ``inbox`` go ``("start", i, release)`` before
-        envelope ``i``'s transaction begins — it waits until ``release(True)`` says its mark is
-        committed (``release(False)``: not sent) — and ``("done", i, result)`` when it is answered."""
+        """Start sending; returns a future. Into ``inbox`` go ``("start", i, None, release)``
+        before envelope ``i``'s transaction begins — it waits until ``release(True)`` says its mark
+        is committed (``release(False)``: not sent) — and ``("done", i, result, release)`` when it
+        is answered; it keeps its place among the concurrent sends until that outcome is committed."""
         loop = self._ensure()
         return asyncio.run_coroutine_threadsafe(self._deliver_all(envelopes, settings, inbox), loop)
 
@@ -774,21 +779,21 @@ class DeliveryLoop:
         deadline = max(30.0, settings.delivery_lease_seconds - 60.0)
         loop = asyncio.get_running_loop()
 
-        async def marked(i: int) -> bool:
-            committed = loop.create_future()
+        async def committed(kind: str, i: int, payload) -> bool:
+            done = loop.create_future()
 
             def release(ok: bool) -> None:
-                loop.call_soon_threadsafe(lambda: committed.done() or committed.set_result(ok))
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(ok))
 
-            inbox.put(("start", i, release))
+            inbox.put((kind, i, payload, release))
             try:
-                return await asyncio.wait_for(committed, MARK_TIMEOUT)
+                return await asyncio.wait_for(done, MARK_TIMEOUT)
             except asyncio.TimeoutError:
                 return False
 
         async def one(i: int, envelope: Envelope) -> RecipientResult:
             async with semaphore:
-                if inbox is not None and not await marked(i):
+                if inbox is not None and not await committed("start", i, None):
                     result = RecipientResult(envelope.recipients[0], "deferred", "internal: attempt not recorded",
                                              None, False, None)
                 else:
@@ -799,7 +804,7 @@ class DeliveryLoop:
                         result = RecipientResult(envelope.recipients[0], "deferred",
                                                  f"internal error: {type(exc).__name__}", None, True, None)
                 if inbox is not None:
-                    inbox.put(("done", i, result))
+                    await committed("done", i, result)  # this place frees once the outcome is committed
                 return result
 
         return list(await asyncio.gather(*(one(i, e) for i, e in enumerate(envelopes))))
