@@ -237,7 +237,8 @@ def test_protected_api_routes_refuse_anonymous_callers(client):
     for template, methods, route in api_routes(client.app):
         if not template.startswith("/api/v1") or declared_access(route)[0] == "public":
             continue
-        path = re.sub(r"\{[^}]+\}", "0" * 32, template)
+        path = re.sub(r"\{[^}:]+:fact_kind\}", "conditions", template)  # a converter takes only its values
+        path = re.sub(r"\{[^}]+\}", "0" * 32, path)
         method = sorted(methods - {"HEAD"})[0]
         response = client.request(method, path, headers={"accept": "application/json"})
         assert response.status_code == 401, f"{method} {template} -> {response.status_code}"
