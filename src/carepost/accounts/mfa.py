@@ -108,6 +108,7 @@ def verify_totp(session: Session, user: User, code: str) -> bool:
     # writer lock serializes anyway) and re-read the last accepted step, so two sign-ins racing
     # with the same code cannot both pass.
     if inspect(user).persistent:
+        session.flush()  # a step accepted earlier in this transaction must survive the re-read
         session.refresh(user, attribute_names=["totp_last_step"], with_for_update=True)
     last = user.totp_last_step if user.totp_last_step is not None else -1
     for step in range(now_step - TOTP_DRIFT_STEPS, now_step + TOTP_DRIFT_STEPS + 1):
