@@ -211,7 +211,8 @@ def test_drawn_signature_and_default_expiry(client, org, key):
 def test_topics_and_subscriptions(client, org, key, session):
     h = key(org.id)
     cid = contact(client, h)
-    r = client.post("/api/v1/topics", headers=h, json={"key": "screenings", "name": "Screenings"})
+    # an opt-in topic: double opt-in applies (it does not to opt-out topics, issue 10 item 6)
+    r = client.post("/api/v1/topics", headers=h, json={"key": "screenings", "name": "Screenings", "opt_in_required": True})
     assert r.status_code == 201
     tid = r.json()["id"]
     assert client.post("/api/v1/topics", headers=h, json={"key": "screenings", "name": "Again"}).status_code == 409
@@ -221,7 +222,7 @@ def test_topics_and_subscriptions(client, org, key, session):
     el = client.post("/api/v1/eligibility", headers=h, json={"contact_ids": [cid], "purpose": "own_products", "topic": "screenings"})
     assert el.json()["results"] == {cid: "unsubscribed_topic"}
     r = client.put("/api/v1/subscriptions", headers=h, json={"contact_id": cid, "topic_id": tid, "status": "subscribed"})
-    assert r.json()["status"] == "pending"  # double opt-in by default
+    assert r.json()["status"] == "pending"  # double opt-in by default on an opt-in topic
     r = client.put("/api/v1/subscriptions", headers=h,
                    json={"contact_id": cid, "topic_id": tid, "status": "subscribed", "confirmed": True, "frequency": "weekly"})
     assert r.json()["status"] == "subscribed" and r.json()["frequency"] == "weekly"
