@@ -12,10 +12,11 @@ transaction that created the message commits, never before.
 
 from __future__ import annotations
 
-from sqlalchemy import event, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from carepost.core.logging import get_logger
+from carepost.delivery.notices import enqueue_after_commit
 
 log = get_logger("carepost.consent.mailer")
 
@@ -45,26 +46,6 @@ def deliver_through_pipeline(session: Session, email) -> str | None:
         "tags": [f"consent:{email.kind}"],
     })
     accepted = delivery.accept_message(session, email.org_id, data, source="api", created_by="system:consent")
-    _enqueue_after_commit(session, accepted.message.id)
+    enqueue_after_commit(session, accepted.message.id)
     log.info("patient_email_queued", kind=email.kind, message_id=accepted.message.id)
     return accepted.message.id
-
-
-def _enqueue_after_commit(session: Session, message_id: str) -> None:
-    pending = session.info.setdefault(_PENDING, [])
-    pending.append(message_id)
-    if len(pending) == 1:
-        event.listen(session, "after_commit", _flush_queue, once=True)
-        event.listen(session, "after_rollback", _forget, once=True)
-
-
-def _flush_queue(session: Session) -> None:
-    ids = session.info.pop(_PENDING, [])
-    if ids:
-        from carepost.delivery.tasks import enqueue_delivery
-
-        enqueue_delivery(ids)
-
-
-def _forget(session: Session) -> None:
-    session.info.pop(_PENDING, None)

@@ -89,12 +89,13 @@ def handle_account_notice(session: Session, kind: str, *, org_id: str | None, us
         "tags": [f"account:{kind}"],
     })
     accepted = delivery.accept_message(session, org_id, data, source="api", created_by=f"system:account.{kind}")
-    _enqueue_after_commit(session, accepted.message.id)
+    enqueue_after_commit(session, accepted.message.id)
     log.info("account_notice_queued", kind=kind, message_id=accepted.message.id)
     return accepted.message.id
 
 
-def _enqueue_after_commit(session: Session, message_id: str) -> None:
+def enqueue_after_commit(session: Session, message_id: str) -> None:
+    """Queue the message's delivery once the session commits (nothing on rollback)."""
     pending = session.info.setdefault(_PENDING, [])
     pending.append(message_id)
     if len(pending) == 1:
