@@ -146,6 +146,24 @@ def test_concurrency_is_bounded_by_pool_size(delivery_env):
     assert 1 <= opened <= 2 and len(delivery_env.mx["valid"].recorder.messages) == 12
 
 
+def test_burst_after_idle_connections_went_stale(delivery_env, monkeypatch):
+    """A burst of senders meets idle connections that outlived IDLE_SECONDS: each stale one is
+    closed once and every sender gets a connection (a worker's first sweep after a quiet
+    minute once failed three sends with ``list.remove(x): x not in list``)."""
+    async def scenario():
+        async with DeliveryClient(pool_size=4) as client:
+            first = await asyncio.gather(*(client.deliver(envelope("valid.test", local=[f"a{i}"])) for i in range(8)))
+            for idle in client.pool._idle.values():
+                for conn in idle:
+                    conn.last_used -= cpsmtp.IDLE_SECONDS + 1
+            second = await asyncio.gather(*(client.deliver(envelope("valid.test", local=[f"b{i}"])) for i in range(8)))
+            return first + second
+
+    results = run(scenario())
+    assert [r[0].status for r in results] == ["delivered"] * 16, [r[0].reason for r in results]
+    assert len(delivery_env.mx["valid"].recorder.messages) == 16
+
+
 def test_connection_renewed_after_max_messages(delivery_env):
     envelopes = [envelope("valid.test", local=[f"p{i}"]) for i in range(5)]
     _, opened = run(deliver_all(*envelopes, client_kw={"max_messages_per_connection": 2}))

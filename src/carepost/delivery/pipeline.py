@@ -801,6 +801,7 @@ class DeliveryLoop:
                         [result] = await asyncio.wait_for(client.deliver(envelope), deadline)
                     except Exception as exc:  # noqa: BLE001 - an outcome for every copy, whatever happened
                         # Whether the message left is unknown: retry, and say it may be a duplicate.
+                        log.error("delivery_internal_error", error=type(exc).__name__)
                         result = RecipientResult(envelope.recipients[0], "deferred",
                                                  f"internal error: {type(exc).__name__}", None, True, None)
                 if inbox is not None:

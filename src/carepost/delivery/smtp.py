@@ -222,17 +222,18 @@ class ConnectionPool:
         key = (target.host, address, target.port)
         await self._slot(key).acquire()
         try:
+            # Take what is needed from the idle list before the first await: other senders share
+            # it, and a connection they took while this one awaited must not be taken twice.
             idle = self._idle.get(key, [])
             now = time.monotonic()
-            for conn in list(idle):
-                if not conn.smtp.is_connected or now - conn.last_used > IDLE_SECONDS:
-                    idle.remove(conn)
-                    await tlsprobe.close_quietly(conn.smtp)
-                    continue
-                if require_verified and not conn.tls.verified:
-                    continue
-                idle.remove(conn)
-                return conn
+            stale = [c for c in idle if not c.smtp.is_connected or now - c.last_used > IDLE_SECONDS]
+            usable = [c for c in idle if c not in stale and (c.tls.verified or not require_verified)]
+            chosen = usable[0] if usable else None
+            idle[:] = [c for c in idle if c not in stale and c is not chosen]
+            for conn in stale:
+                await tlsprobe.close_quietly(conn.smtp)
+            if chosen is not None:
+                return chosen
             conn = await open_connection(target, address, require_verified=require_verified, settings=self.settings)
             self.opened += 1
             return conn
