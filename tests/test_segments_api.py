@@ -237,3 +237,55 @@ def test_explain_returns_the_sql_and_the_plan(client, clinic, storage):
     assert body["dialect"] == ("sqlite" if storage.backend == "sqlite" else "postgresql")
     assert client.post("/api/v1/segments/explain", json={"query": "age > 1"}, headers=viewer).status_code == 403
     assert date.today()
+
+
+def test_distance_from_a_location_of_the_organization(client, session, clinic):
+    """Women live in Cambridge (02139), men in Austin (78701); the clinic's locations are named in
+    queries and resolved when the query runs."""
+    org, ids, manager, viewer, _ = clinic
+    r = client.post("/api/v1/locations", json={"name": "Main Street Clinic", "postal_code": "02108"}, headers=manager)
+    assert r.status_code == 201, r.text
+    main = r.json()
+    assert main["postal_code"] == "02108"
+    assert client.post("/api/v1/locations", json={"name": "x", "postal_code": "02108"}, headers=viewer).status_code == 403
+    # bad input names the field; nothing stored
+    r = client.post("/api/v1/locations", json={"name": "Nowhere", "postal_code": "00000"}, headers=manager)
+    assert r.status_code == 422 and r.json()["error"]["field"] == "postal_code"
+    r = client.post("/api/v1/locations", json={"name": "Nowhere", "postal_code": "12"}, headers=manager)
+    assert r.status_code == 422 and "postal_code" in r.text
+    r = client.post("/api/v1/locations", json={"name": "main  STREET clinic", "postal_code": "78701"}, headers=manager)
+    assert r.status_code == 409 and r.json()["error"]["field"] == "name"
+
+    query = 'within 5 miles of location "Main Street Clinic"'
+    parsed = client.post("/api/v1/segments/parse", json={"text": query}, headers=viewer).json()
+    assert parsed["tree"] == {"type": "distance", "miles": 5, "location": "Main Street Clinic"}
+    assert client.post("/api/v1/segments/parse", json={"tree": parsed["tree"]}, headers=viewer).json()["text"] == query
+    assert client.post("/api/v1/segments/count", json={"query": query}, headers=manager).json()["count"] == 15
+    r = client.post("/api/v1/segments/count", json={"query": 'within 5 miles of location "Elm Clinic"'}, headers=manager)
+    assert r.status_code == 422 and "no location named 'Elm Clinic'" in r.json()["error"]["message"]
+    r = client.post("/api/v1/segments/count", json={"query": {"type": "distance", "miles": 5, "zip": "02108",
+                                                                "location": "Main Street Clinic"}}, headers=manager)
+    assert r.status_code == 422
+    # another organization's location of the same name is not this one's
+    from carepost.accounts.service import create_organization
+
+    other_org = create_organization(session, "Elsewhere Clinic")
+    session.commit()
+    other = _headers(session, other_org.id, MANAGER, "other")
+    assert client.post("/api/v1/locations", json={"name": "Main Street Clinic", "postal_code": "78701"},
+                       headers=other).status_code == 201
+    assert client.post("/api/v1/segments/count", json={"query": query}, headers=manager).json()["count"] == 15
+    assert [x["id"] for x in client.get("/api/v1/locations", headers=viewer).json()["data"]] == [main["id"]]
+
+    # a saved segment follows the location when it moves; rename and delete wait for the segment
+    seg = client.post("/api/v1/segments", json={"name": "Near main", "query": query}, headers=manager).json()
+    r = client.put(f"/api/v1/locations/{main['id']}", json={"name": "Main Street Clinic", "postal_code": "78701"},
+                   headers=manager)
+    assert r.status_code == 200, r.text
+    assert client.post(f"/api/v1/segments/{seg['id']}/count", headers=manager).json()["count"] == 4
+    r = client.put(f"/api/v1/locations/{main['id']}", json={"name": "Elm Clinic", "postal_code": "78701"}, headers=manager)
+    assert r.status_code == 409 and "Near main" in r.json()["error"]["message"]
+    assert client.delete(f"/api/v1/locations/{main['id']}", headers=manager).status_code == 409
+    assert client.delete(f"/api/v1/segments/{seg['id']}", headers=manager).status_code == 204
+    assert client.delete(f"/api/v1/locations/{main['id']}", headers=manager).status_code == 204
+    assert [e.target_id for e in _events(session, "location.delete")] == [main["id"]]

@@ -21,8 +21,8 @@ from carepost.accounts.access import Principal, require
 from carepost.accounts.permissions import Permission as P
 from carepost.audit.service import record_for
 from carepost.core.errors import NotFound, PermissionDenied
-from carepost.segments import language, service, valuesets
-from carepost.segments.schemas import CountIn, ParseIn, PreviewIn, QueryIn, SegmentIn, SegmentPatch, ValueSetIn, ValueSetPatch
+from carepost.segments import language, locations, service, valuesets
+from carepost.segments.schemas import CountIn, LocationIn, ParseIn, PreviewIn, QueryIn, SegmentIn, SegmentPatch, ValueSetIn, ValueSetPatch
 from carepost.segments.service import Actor
 
 router = APIRouter(prefix="/api/v1", tags=["segments"])
@@ -245,5 +245,46 @@ def delete_value_set(request: Request, key: str, principal: Principal = Depends(
     session = request.state.db
     valuesets.delete_value_set(session, principal.org_id, key, created_by=principal.actor_id)
     record_for(session, principal, request, "value_set.delete", target_type="value_set", target_id=key)
+    session.commit()
+    return Response(status_code=204)
+
+
+# --------------------------------------------------------------------------- locations
+
+
+@router.get("/locations", tags=["segments"], summary="The organization's locations, for distance criteria")
+def list_locations(request: Request, principal: Principal = Depends(require(P.SEGMENTS_READ))) -> dict:
+    return {"data": [locations.to_dict(r) for r in locations.list_locations(request.state.db, principal.org_id)]}
+
+
+@router.post("/locations", status_code=201, tags=["segments"],
+             summary='Add a location (`within 25 miles of location "Main Street Clinic"`)')
+def create_location(request: Request, body: LocationIn, principal: Principal = Depends(require(P.SEGMENTS_MANAGE))):
+    session = request.state.db
+    row = locations.save(session, principal.org_id, name=body.name, postal_code=body.postal_code,
+                         created_by=principal.actor_id)
+    record_for(session, principal, request, "location.create", target_type="location", target_id=row.id)
+    session.commit()
+    return JSONResponse(locations.to_dict(row), status_code=201)
+
+
+@router.put("/locations/{location_id}", tags=["segments"],
+            summary="Change a location (a rename is refused while saved segments name it)")
+def update_location(request: Request, location_id: str, body: LocationIn,
+                    principal: Principal = Depends(require(P.SEGMENTS_MANAGE))) -> dict:
+    session = request.state.db
+    row = locations.save(session, principal.org_id, name=body.name, postal_code=body.postal_code,
+                         created_by=principal.actor_id, location_id=location_id)
+    record_for(session, principal, request, "location.update", target_type="location", target_id=row.id)
+    session.commit()
+    return locations.to_dict(row)
+
+
+@router.delete("/locations/{location_id}", status_code=204, tags=["segments"],
+               summary="Delete a location (refused while saved segments name it)")
+def delete_location(request: Request, location_id: str, principal: Principal = Depends(require(P.SEGMENTS_MANAGE))):
+    session = request.state.db
+    row = locations.delete(session, principal.org_id, location_id)
+    record_for(session, principal, request, "location.delete", target_type="location", target_id=row.id)
     session.commit()
     return Response(status_code=204)

@@ -602,12 +602,21 @@ def _birthday(ctx: _Ctx, node: dict, pos: Pos) -> ColumnElement:
 def _distance(ctx: _Ctx, node: dict, pos: Pos) -> ColumnElement:
     from carepost.segments import geo
 
+    if "location" in node:
+        from carepost.segments import locations
+
+        place = locations.find(ctx.session, ctx.org_id, node["location"])
+        if place is None:
+            raise pos.error(f"the organization has no location named '{node['location']}'", found=node["location"])
+        center = place.postal_code
+    else:
+        center = node["zip"]
     try:
-        zips = geo.zips_within(node["zip"], float(node["miles"]))
+        zips = geo.zips_within(center, float(node["miles"]))
     except ValueError as exc:
         raise pos.error(str(exc)) from None
     if not zips:
-        raise pos.error(f"unknown ZIP code '{node['zip']}'", found=node["zip"])
+        raise pos.error(f"unknown ZIP code '{center}'", found=center)
     col = func.substr(Contact.postal_code, 1, 5)
     return and_(Contact.postal_code.isnot(None), col.in_(zips))
 

@@ -48,6 +48,7 @@ MAX_DEPTH = 16  # nested groups (and/or/not/parentheses)
 MAX_NODES = 300  # criteria and groups in one query
 MAX_LIST = 500  # values in one list
 MAX_STRING = 200
+LOCATION_NAME_MAX = 120  # a location of the organization, by its name
 
 # --------------------------------------------------------------------------- vocabulary
 
@@ -242,6 +243,7 @@ codespec: CODE                                 -> cs_codes
 last_crit: LAST NAME codespec CMP NUMBER time?
 refill_crit: REFILL DUE _WITHIN INT UNIT (_FOR codespec)?
 distance_crit: _WITHIN NUMBER MILES _OF ZIPWORD value
+     | _WITHIN NUMBER MILES _OF LOCATIONWORD STRING -> distance_location
 segment_crit: _IN SEGMENT STRING
 
 time: _WITHIN INT UNIT                         -> t_within
@@ -283,6 +285,7 @@ REFILL: "refill"i
 DUE: "due"i
 MILES: "miles"i | "mile"i
 ZIPWORD: "zip"i
+LOCATIONWORD: "location"i
 SEGMENT: "segment"i
 CHANGED: "changed"i
 UNIT: "days"i | "day"i | "weeks"i | "week"i | "months"i | "month"i | "years"i | "year"i
@@ -519,6 +522,9 @@ class _ToTree(Transformer):
         zip_tok = c[3]
         zip5 = _unquote(str(zip_tok)) if zip_tok.type == "STRING" else str(zip_tok)
         return {"type": "distance", "miles": _tok_value(c[0]), "zip": zip5, "_pos": _pos(meta)}
+
+    def distance_location(self, meta, c):
+        return {"type": "distance", "miles": _tok_value(c[0]), "location": _unquote(str(c[3])), "_pos": _pos(meta)}
 
     def segment_crit(self, meta, c):
         return {"type": "segment", "segment": _unquote(str(c[1])), "_pos": _pos(meta)}
@@ -805,7 +811,7 @@ _ALLOWED_KEYS = {
     "last": {"type", "kind", "codes", "valueset", "op", "value", "time"},
     "refill_due": {"type", "days", "codes", "valueset"},
     "birthday": {"type", "days"},
-    "distance": {"type", "miles", "zip"},
+    "distance": {"type", "miles", "zip", "location"},
     "stage_changed": {"type", "time"},
     "authorized": {"type", "purpose"},
     "subscribed": {"type", "topic"},
@@ -894,6 +900,16 @@ def _check_criterion(node: dict, pos: Pos) -> dict:
         miles = node.get("miles")
         if isinstance(miles, bool) or not isinstance(miles, (int, float)) or not 0 <= miles <= 500:
             raise pos.error("miles must be a number from 0 to 500", found=_short(miles))
+        if ("zip" in node) == ("location" in node):
+            raise pos.error("a distance is measured from a zip or from a location of the organization, one of them",
+                            expected=["zip", "location"])
+        if "location" in node:
+            name = node.get("location")
+            if not isinstance(name, str) or not name.strip() or len(name) > LOCATION_NAME_MAX:
+                raise pos.error(f"the location is the name of one of the organization's locations "
+                                f"(1 to {LOCATION_NAME_MAX} characters)", found=_short(name))
+            out.update(miles=miles, location=name)
+            return out
         zip5 = str(node.get("zip"))
         if not re.fullmatch(r"\d{5}", zip5):
             raise pos.error("the ZIP code must be five digits", found=_short(zip5), expected=["five digits"])
@@ -982,7 +998,7 @@ def strip_positions(tree: Any) -> Any:
 _BARE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 KEYWORDS = {"or", "and", "not", "in", "is", "empty", "between", "at", "has", "no", "for", "to", "from", "of", "within",
             "before", "after", "since", "next", "least", "most", "exactly", "valueset", "last", "refill", "due",
-            "miles", "mile", "zip", "segment", "changed", "true", "false", "days", "day", "weeks", "week", "months",
+            "miles", "mile", "zip", "location", "segment", "changed", "true", "false", "days", "day", "weeks", "week", "months",
             "month", "years", "year"}
 
 
@@ -1061,6 +1077,8 @@ def _criterion_text(n: dict) -> str:
     if t == "birthday":
         return f"birthday within {n['days']} days"
     if t == "distance":
+        if "location" in n:
+            return f"within {_lit(n['miles'])} miles of location {_str(n['location'])}"
         return f"within {_lit(n['miles'])} miles of zip {_str(n['zip'])}"
     if t == "stage_changed":
         return f"stage changed {_time_text(n['time'])}"

@@ -96,3 +96,18 @@ class ValueSet(OrgScoped, Base):
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
     created_by: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=clock.now)
+
+
+class Location(OrgScoped, Base):
+    """A place of the organization (a clinic, a pharmacy) that distance criteria measure from:
+    ``within 25 miles of location "Main Street Clinic"``. Not PHI: the organization's own sites."""
+
+    __tablename__ = "organization_locations"
+    __table_args__ = (UniqueConstraint("org_id", "name_key"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(120))
+    name_key: Mapped[str] = mapped_column(String(120))  # the name folded for case-insensitive look-up
+    postal_code: Mapped[str] = mapped_column(String(5))
+    created_by: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=clock.now)

@@ -80,3 +80,11 @@ class ValueSetPatch(BaseModel):
     source: str = Field("", max_length=1000)
     sensitive_category: str | None = None
     codes: list[ValueSetCode] = Field(min_length=1, max_length=5000)
+
+
+class LocationIn(BaseModel):
+    """A location of the organization (a clinic, a pharmacy) that distance criteria measure from."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=120, description="Unique within the organization (case-insensitive)")
+    postal_code: str = Field(pattern=r"^\d{5}(-?\d{4})?$", description="A US ZIP code (ZIP+4 is cut to five digits)")

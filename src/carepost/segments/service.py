@@ -433,6 +433,7 @@ def field_catalog() -> dict:
         {"field": "attr.<key>", "type": "custom", "description": "A custom attribute, typed by its definition"},
         {"criterion": "birthday", "example": "birthday within 30 days"},
         {"criterion": "distance", "example": 'within 10 miles of zip "02139"'},
+        {"criterion": "distance", "example": 'within 10 miles of location "Main Street Clinic"'},
     ]
     clinical = [{"criterion": "has", "kind": k, "qualifiers": list(language.QUALIFIERS.get(k, ())),
                  "example": f"has {k} within 12 months"} for k in language.CLINICAL_KINDS]

@@ -83,6 +83,7 @@
     groups.forEach(function (g) { byName[g[0]] = g[1]; });
     (catalog.demographic || []).forEach(function (f) {
       if (f.field && f.field.indexOf("<") < 0) { byName.Demographic.push(["field:" + f.field, f.field.replace(/_/g, " ")]); }
+      if (f.criterion) { byName.Demographic.push(["text:" + f.example, f.example.replace(/ "[^"]*"$/, " (…)")]); }
     });
     (catalog.clinical || []).forEach(function (c) {
       if (c.criterion === "has") { byName.Clinical.push(["has:" + c.kind, "has " + c.kind.replace(/_/g, " ")]); }
