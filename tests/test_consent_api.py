@@ -116,17 +116,17 @@ def test_text_bad_input_names_the_field(client, org, key):
 def test_authorization_create_list_revoke(client, org, key, session):
     h = key(org.id)
     cid = contact(client, h, preferred_language="es-MX")
-    r = client.post("/api/v1/authorizations", headers=h, json={
+    r = client.post("/api/v1/authorizations", json={
         "email": "ANN@example.test", "purpose": "marketing",
         "signature": {"name": "Ann Example", "signed_at": clock.now().isoformat()},
         "expires_at": (clock.now() + timedelta(days=365)).isoformat(),
-        "representative": {"name": "Bea Example", "authority": "parent"},
-        "ip": "203.0.113.9", "user_agent": "Test/1.0"})
+        "representative": {"name": "Bea Example", "authority": "parent"}}, headers={**h, "User-Agent": "Recorder/1.0"})
     assert r.status_code == 201, r.text
     a = r.json()
     assert a["contact_id"] == cid and a["status"] == "valid" and a["language"] == "es" and a["text_version"] == 1
     assert a["signed_by_representative"] and a["copy_delivered"] == "link" and len(a["text_hash"]) == 64
-    assert "Ann Example" not in r.text and "203.0.113.9" not in r.text  # evidence is not echoed
+    assert a["method"] == "api" and a["backdated"] is False and a["scan"] is None
+    assert "Ann Example" not in r.text and "Recorder/1.0" not in r.text  # evidence is not echoed
     listed = client.get(f"/api/v1/authorizations?contact_id={cid}", headers=h).json()["data"]
     assert [x["id"] for x in listed] == [a["id"]]
     r = client.post(f"/api/v1/authorizations/{a['id']}/revoke", headers=h)
@@ -140,10 +140,12 @@ def test_authorization_create_list_revoke(client, org, key, session):
     assert {"authorization.create", "authorization.list", "authorization.revoke", "eligibility.check"} <= set(acts)
     session.rollback()
     ev = session.scalars(select(AuditEvent).where(AuditEvent.action == "authorization.create")).one()
-    assert "Ann" not in json.dumps(ev.details) and "203.0.113" not in json.dumps(ev.details)
+    assert "Ann" not in json.dumps(ev.details) and "Recorder/1.0" not in json.dumps(ev.details)
     # the evidence export has it all, and is audited
     r = client.get(f"/api/v1/contacts/{cid}/consent/evidence", headers=h)
-    assert r.status_code == 200 and "Ann Example" in r.text and "203.0.113.9" in r.text and "parent" in r.text
+    assert r.status_code == 200 and "Ann Example" in r.text and "parent" in r.text
+    # the API client's own request facts, labelled as the recorder's (issue 9 item 12)
+    assert "Recorder/1.0" in r.text and "the staff member or API client who recorded it" in r.text
     assert "matches the stored text" in r.text and "<script" not in r.text
     assert "consent.evidence_export" in actions(session, org.id)
 
@@ -204,8 +206,8 @@ def test_drawn_signature_and_default_expiry(client, org, key):
     assert r.status_code == 201 and r.json()["signature_kind"] == "drawn"
     assert r.json()["expires_at"][:4] == str(clock.now().year + 2)
     r = client.post("/api/v1/authorizations", headers=h, json={"contact_id": cid, "purpose": "marketing",
-                                                               "signature": {"name": "Ann"}, "expiration_event": "End of the study"})
-    assert r.status_code == 201 and r.json()["expires_at"] is None and r.json()["expiration_event"] == "End of the study"
+                                                               "signature": {"name": "Ann"}, "expiration_event": "end_of_treatment"})
+    assert r.status_code == 201 and r.json()["expires_at"] is None and r.json()["expiration_event"] == "end_of_treatment"
 
 
 def test_topics_and_subscriptions(client, org, key, session):

@@ -5,12 +5,14 @@ reports. Permission checks, CSRF, audit, masked addresses."""
 from __future__ import annotations
 
 import io
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import select
 
 from carepost.audit.models import AuditEvent
 from carepost.consent import authorizations, eligibility, service
+from carepost.core import clock
 from carepost.core.database import org_session
 from tests.fixtures.accounts import login_client
 
@@ -67,13 +69,17 @@ def test_paper_authorization_form(client, org, staff):
                     data={"csrf_token": staff, "text_id": text_id, "signature_name": "<b>Kim</b>",
                           "representative_name": "Lee", "representative_authority": ""})
     assert r.status_code == 422 and "authority" in r.text and "<b>Kim</b>" not in r.text
+    signed_on = (clock.now() - timedelta(days=2)).strftime("%Y-%m-%d")
     r = client.post(f"/app/contacts/{cid}/consent/authorizations",
-                    data={"csrf_token": staff, "text_id": text_id, "signature_name": "Kim Example", "signed_on": "2025-01-02"},
+                    data={"csrf_token": staff, "text_id": text_id, "signature_name": "Kim Example", "signed_on": signed_on,
+                          "method": "paper"},
+                    files={"scan": ("signed.pdf", b"%PDF-1.4\n% signed page\n", "application/pdf")},
                     follow_redirects=False)
-    assert r.status_code == 303
+    assert r.status_code == 303, r.text
     with org_session(org.id) as s:
         [row] = authorizations.authorizations_of(s, org.id, cid)
-        assert row.method == "paper" and row.signed_at.strftime("%Y-%m-%d") == "2025-01-02"
+        assert row.method == "paper" and row.signed_at.strftime("%Y-%m-%d") == signed_on and row.scan_id
+        assert not row.backdated
 
 
 def test_suppressions_page(client, org, staff, session):

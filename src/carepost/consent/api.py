@@ -14,7 +14,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from carepost.accounts.access import Principal, require
+from carepost.accounts.access import Principal, request_context, require
 from carepost.accounts.permissions import Permission as P
 from carepost.audit.service import record_for
 from carepost.consent import authorizations as auth
@@ -23,6 +23,7 @@ from carepost.core import purposes
 from carepost.consent.schemas import (
     AuthorizationIn,
     EligibilityIn,
+    ExpirationEventIn,
     RequirementsIn,
     SettingsIn,
     SubscriptionIn,
@@ -133,11 +134,14 @@ def create_authorization(request: Request, body: AuthorizationIn, principal: Pri
         expiration_event=body.expiration_event,
         representative_name=body.representative.name if body.representative else None,
         representative_authority=body.representative.authority if body.representative else None,
-        language=body.language, ip=body.ip, user_agent=body.user_agent, created_by=_by(principal),
+        language=body.language, created_by=_by(principal), backdate_reason=body.backdate_reason,
+        scan=body.scan.content if body.scan else None, scan_content_type=body.scan.content_type if body.scan else None,
+        # The API client's own request facts (it is not the patient's browser): evidence "of": "recorder".
+        ip=request_context(request)["ip"], user_agent=request_context(request)["user_agent"],
     )
     _audit(request, principal, "authorization.create", "authorization", row.id, contact_id=contact_id,
            purpose=row.purpose, text_id=row.text_id, text_hash=row.text_hash, method=row.method,
-           copy=row.copy_delivered)
+           copy=row.copy_delivered, backdated=row.backdated or None, scan_id=row.scan_id)
     session.commit()
     return auth.authorization_dict(session, row)
 
@@ -170,6 +174,38 @@ def revoke_authorization(request: Request, authorization_id: str, principal: Pri
                                              by=_by(principal), method="api" if principal.kind == "api_credential" else "staff")
     _audit(request, principal, "authorization.revoke", "authorization", row.id, contact_id=row.contact_id,
            purpose=row.purpose, already_revoked=not changed or None)
+    session.commit()
+    return auth.authorization_dict(session, row)
+
+
+@router.get("/authorizations/{authorization_id}/scan", summary="The scan of a paper authorization (PHI, audited)",
+            response_class=Response, responses={200: {"content": {"application/pdf": {}, "image/png": {}, "image/jpeg": {}}}})
+def read_scan(request: Request, authorization_id: str,
+              principal: Principal = Depends(require(P.CONSENT_MANAGE, P.PHI_READ_UNMASKED))) -> Response:
+    session = request.state.db
+    row = auth.get_authorization(session, principal.org_id, authorization_id)
+    content, stored = auth.get_scan(session, row)
+    _audit(request, principal, "authorization.scan_download", "authorization", row.id, contact_id=row.contact_id,
+           scan_id=stored.id, sha256=stored.sha256)
+    session.commit()
+    return scan_response(row.id, content, stored.content_type)
+
+
+def scan_response(authorization_id: str, content: bytes, content_type: str) -> Response:
+    ext = {"application/pdf": "pdf", "image/png": "png", "image/jpeg": "jpg"}[content_type]
+    return Response(content, media_type=content_type, headers={
+        "Content-Disposition": f'attachment; filename="authorization-{authorization_id}.{ext}"',
+        "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"})
+
+
+@router.post("/authorizations/{authorization_id}/expiration-event",
+             summary="Record that the expiration event an authorization names has happened (it ends then)")
+def record_expiration_event(request: Request, authorization_id: str, body: ExpirationEventIn,
+                            principal: Principal = Depends(MANAGE)) -> dict:
+    session = request.state.db
+    row = auth.record_expiration_event(session, principal.org_id, authorization_id, body.occurred_at)
+    _audit(request, principal, "authorization.expiration_event", "authorization", row.id, contact_id=row.contact_id,
+           event=row.expiration_event)
     session.commit()
     return auth.authorization_dict(session, row)
 

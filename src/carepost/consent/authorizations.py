@@ -27,7 +27,18 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from carepost.core import purposes
-from carepost.consent.models import AUTHORIZATION_METHODS, Authorization, AuthorizationText
+from carepost.consent.models import (
+    AUTHORIZATION_METHODS,
+    BACKDATE_WINDOW_DAYS,
+    EXPIRATION_EVENTS,
+    RECORDED_METHODS,
+    SCAN_MAX_BYTES,
+    SCAN_TYPES,
+    WITNESSED_METHODS,
+    Authorization,
+    AuthorizationScan,
+    AuthorizationText,
+)
 from carepost.consent.texts import DEFAULT_TEXTS, HEADINGS
 from carepost.core import clock
 from carepost.core.crypto import get_keyring
@@ -306,6 +317,54 @@ def _language_for(contact, text: AuthorizationText, language: str | None) -> str
     return preferred if preferred in text.elements else ("en" if "en" in text.elements else next(iter(text.elements)))
 
 
+def check_scan(content: bytes, content_type: str | None = None) -> str:
+    """The scan of a paper authorization: PDF, PNG or JPEG as its first bytes say (a declared
+    type must agree), at most :data:`SCAN_MAX_BYTES`. Returns the content type."""
+    if not isinstance(content, (bytes, bytearray)) or not content:
+        raise ValidationFailed("The scan is empty.", field="scan")
+    if len(content) > SCAN_MAX_BYTES:
+        raise ValidationFailed(f"The scan is larger than {SCAN_MAX_BYTES // (1024 * 1024)} MB.", field="scan")
+    found = next((ctype for ctype, magic in SCAN_TYPES.items() if bytes(content[:16]).startswith(magic)), None)
+    if found is None:
+        raise ValidationFailed("The scan must be a PDF, PNG or JPEG file.", field="scan")
+    declared = (content_type or "").split(";")[0].strip().lower()
+    if declared in ("image/jpg", "image/pjpeg"):
+        declared = "image/jpeg"
+    if declared and declared != "application/octet-stream" and declared != found:
+        raise ValidationFailed(f"The scan's content is {found}, not {declared[:40]}.", field="scan")
+    return found
+
+
+def get_scan(session: Session, row: Authorization) -> tuple[bytes, AuthorizationScan]:
+    """The decrypted scan of a paper authorization (PHI: the caller audits)."""
+    stored = session.get(AuthorizationScan, row.scan_id) if row.scan_id else None
+    if stored is None or stored.org_id != row.org_id:
+        raise NotFound("This authorization has no scan.", field="authorization_id")
+    content = get_keyring().decrypt(session, row.org_id, AuthorizationScan.__tablename__, "content", stored.id,
+                                    stored.content_enc)
+    return content, stored
+
+
+def record_expiration_event(session: Session, org_id: str, authorization_id: str,
+                            occurred_at: datetime | None = None) -> Authorization:
+    """The expiration event an authorization names has happened: it ends then (and stays ended)."""
+    row = get_authorization(session, org_id, authorization_id)
+    if not row.expiration_event:
+        raise ValidationFailed("This authorization expires on a date, not at an event.", field="authorization_id")
+    if row.expiration_event_at is not None:
+        raise Conflict("The expiration event was already recorded.", field="authorization_id")
+    now = clock.now()
+    at = clock.aware(occurred_at) if occurred_at else now
+    if at > now + timedelta(minutes=5):
+        raise ValidationFailed("The event cannot be in the future.", field="occurred_at")
+    if at < clock.aware(row.signed_at):
+        raise ValidationFailed("The event cannot come before the signing date.", field="occurred_at")
+    row.expiration_event_at = now
+    row.expires_at = at
+    session.flush()
+    return row
+
+
 def record_authorization(
     session: Session,
     org_id: str,
@@ -327,8 +386,18 @@ def record_authorization(
     user_agent: str | None = None,
     created_by: str | None = None,
     send_copy: bool = True,
+    backdate_reason: str | None = None,
+    scan: bytes | None = None,
+    scan_content_type: str | None = None,
 ) -> Authorization:
-    """Record a signed authorization (every check first; nothing is stored when one fails)."""
+    """Record a signed authorization (every check first; nothing is stored when one fails).
+
+    ``method`` is one of :data:`WITNESSED_METHODS` only when CarePost's own flow (a hosted form,
+    the portal, an email confirmation link) witnessed the signing; ``ip`` and ``user_agent`` are
+    then the patient's. For :data:`RECORDED_METHODS` (API and staff) they are the recording
+    actor's own request facts, kept as such (``"of": "recorder"``); ``paper`` needs the ``scan``;
+    a signing date more than :data:`BACKDATE_WINDOW_DAYS` back needs a ``backdate_reason`` and
+    flags the row ``backdated``."""
     from carepost.consent import service
 
     contact = service._contact(session, contact_id)
@@ -336,7 +405,16 @@ def record_authorization(
     if purpose not in purposes.AUTHORIZATION_PURPOSES:
         raise ValidationFailed("This purpose needs no authorization.", field="purpose")
     if method not in AUTHORIZATION_METHODS:
-        raise ValidationFailed(f"method must be one of {', '.join(AUTHORIZATION_METHODS)}.", field="method")
+        raise ValidationFailed(f"method must be one of {', '.join(RECORDED_METHODS)}.", field="method")
+    witnessed = method in WITNESSED_METHODS
+    scan_type = None
+    if method == "paper":
+        if not scan:
+            raise ValidationFailed("A paper authorization needs the uploaded scan of the signed page "
+                                   "(PDF, PNG or JPEG).", field="scan")
+        scan_type = check_scan(scan, scan_content_type)
+    elif scan is not None:
+        raise ValidationFailed("A scan is kept only with a paper authorization (method paper).", field="scan")
     if text_id:
         text = get_text(session, org_id, text_id)
         if text.purpose != purpose:
@@ -358,7 +436,25 @@ def record_authorization(
     signed = clock.aware(signed_at) if signed_at else now
     if signed > now + timedelta(minutes=5):
         raise ValidationFailed("The signing date is in the future.", field="signature.signed_at")
-    event = _clean_line(expiration_event, "expiration_event", 300, required=False)
+    # CarePost's own flows set the signing time themselves (a form's is when it was sent, before
+    # the email confirmation); a date an API client or staff enter is checked.
+    backdated = not witnessed and signed < now - timedelta(days=BACKDATE_WINDOW_DAYS)
+    reason = _clean_line(backdate_reason, "backdate_reason", 500, required=False)
+    if backdated and reason is None:
+        raise ValidationFailed(f"The signing date is more than {BACKDATE_WINDOW_DAYS} days ago: give a "
+                               "backdate_reason (why it is recorded only now).", field="backdate_reason")
+    if reason is not None and not backdated:
+        raise ValidationFailed(f"Only a signing date more than {BACKDATE_WINDOW_DAYS} days ago takes a "
+                               "backdate_reason.", field="backdate_reason")
+    event = expiration_event.strip() if isinstance(expiration_event, str) and expiration_event.strip() else None
+    if event is not None and event not in EXPIRATION_EVENTS:
+        raise ValidationFailed("expiration_event must be one of " + ", ".join(EXPIRATION_EVENTS)
+                               + " (or give expires_at).", field="expiration_event")
+    if event is not None and expires_at is not None:
+        raise ValidationFailed("Give an expiry date or an expiration event, not both.", field="expiration_event")
+    if event == "age_of_majority" and not representative_name:
+        raise ValidationFailed("age_of_majority ends an authorization a personal representative signed for a minor.",
+                               field="expiration_event")
     if expires_at is not None:
         expires = clock.aware(expires_at)
         if expires <= signed:
@@ -386,11 +482,22 @@ def record_authorization(
         purpose=purpose, topic_id=topic.id if topic else None, text_id=text.id, text_version=text.version,
         text_hash=text.content_hash, language=lang, signature_kind=sig_kind, signed_at=signed, method=method,
         expires_at=expires, expiration_event=event, status="active", created_by=created_by, created_at=now,
+        backdated=backdated,
     )
     row.signature_enc = _encrypt(session, org_id, "signature", row.id, sig_value)
     if ip or user_agent:
-        row.evidence_enc = _encrypt(session, org_id, "evidence", row.id,
-                                    json.dumps({"ip": ip, "user_agent": (user_agent or "")[:300]}))
+        row.evidence_enc = _encrypt(session, org_id, "evidence", row.id, json.dumps(
+            {"ip": ip, "user_agent": (user_agent or "")[:300], "of": "patient" if witnessed else "recorder"}))
+    if reason is not None:
+        row.backdate_reason_enc = _encrypt(session, org_id, "backdate_reason", row.id, reason)
+    if scan_type is not None:
+        stored = AuthorizationScan(id=new_id(), org_id=org_id, content_type=scan_type, size=len(scan),
+                                   sha256=hashlib.sha256(scan).hexdigest(), created_by=created_by, created_at=now)
+        stored.content_enc = get_keyring().encrypt(session, org_id, AuthorizationScan.__tablename__, "content",
+                                                   stored.id, scan)
+        session.add(stored)
+        session.flush()
+        row.scan_id = stored.id
     if rep_name:
         row.representative_enc = _encrypt(session, org_id, "representative", row.id,
                                           json.dumps({"name": rep_name, "authority": rep_authority}))
@@ -514,7 +621,13 @@ def authorization_dict(session: Session, row: Authorization, *, include_evidence
         "status": state_at(row), "revoked_at": ts(row.revoked_at), "revoked_by_type": row.revoked_by_type,
         "revocation_method": row.revocation_method, "copy_delivered": row.copy_delivered,
         "signed_by_representative": row.representative_enc is not None, "created_at": ts(row.created_at),
+        "expiration_event_recorded_at": ts(row.expiration_event_at),
+        "backdated": bool(row.backdated), "scan": None,
     }
+    if row.scan_id:
+        stored = session.get(AuthorizationScan, row.scan_id)
+        if stored is not None:
+            out["scan"] = {"content_type": stored.content_type, "size": stored.size, "sha256": stored.sha256}
     if include_evidence:
         sig = _decrypt(session, row, "signature") or b""
         out["signature"] = (sig.decode() if row.signature_kind == "typed"
@@ -522,6 +635,10 @@ def authorization_dict(session: Session, row: Authorization, *, include_evidence
         evidence = json.loads(_decrypt(session, row, "evidence") or b"{}")
         out["ip"] = evidence.get("ip")
         out["user_agent"] = evidence.get("user_agent")
+        # Rows recorded before issue 9 item 12 carry no "of"; witnessed methods' are the patient's.
+        out["evidence_of"] = evidence.get("of") or ("patient" if row.method in WITNESSED_METHODS else "unknown")
+        reason = _decrypt(session, row, "backdate_reason")
+        out["backdate_reason"] = reason.decode() if reason else None
         rep = json.loads(_decrypt(session, row, "representative") or b"{}")
         out["representative"] = rep or None
     return out
@@ -564,4 +681,5 @@ def evidence_html(session: Session, org_id: str, contact_id: str) -> str:
     from carepost.web.rendering import templates
 
     data = evidence(session, org_id, contact_id)
-    return templates.env.get_template("consent/evidence.html").render(data=data, purposes=purposes.PURPOSES)
+    return templates.env.get_template("consent/evidence.html").render(
+        data=data, purposes=purposes.PURPOSES, events=EXPIRATION_EVENTS, backdate_days=BACKDATE_WINDOW_DAYS)

@@ -103,7 +103,52 @@ class AuthorizationText(OrgScoped, Base):
     published_by: Mapped[str | None] = mapped_column(String(64))
 
 
-AUTHORIZATION_METHODS = ("api", "form", "staff", "paper", "portal")
+# How an authorization was obtained (issue 9 item 12, forgeable evidence).
+# * Witnessed by CarePost itself: set only by CarePost's own flows (hosted forms, the portal, an
+#   email confirmation link), which also record the patient's own IP address and user agent.
+WITNESSED_METHODS = ("form", "portal", "email_link")
+# * Recorded by an API client (``api``) or by staff (``paper`` with an uploaded scan, ``verbal``):
+#   the evidence kept is the recording actor's own request facts, never caller-supplied "patient"
+#   ones. Staff pages offer ``paper`` and ``verbal``.
+RECORDED_METHODS = ("api", "paper", "verbal")
+STAFF_METHODS = ("paper", "verbal")
+AUTHORIZATION_METHODS = WITNESSED_METHODS + RECORDED_METHODS
+# Rows recorded before this rule may say ``staff``; nothing new is recorded with it.
+LEGACY_METHODS = ("staff",)
+
+# A recorded authorization signed more than this many days before it is recorded needs a
+# ``backdate_reason`` and is flagged ``backdated``.
+BACKDATE_WINDOW_DAYS = 7
+
+# 164.508(c)(1)(v): "an expiration date or an expiration event that relates to the individual or
+# the purpose of the use or disclosure". The events an authorization may name instead of a date
+# (free text was refused: it let authorizations never end). Staff or the API record when the
+# event happened (``POST /api/v1/authorizations/{id}/expiration-event``); it ends then.
+EXPIRATION_EVENTS: dict[str, str] = {
+    "end_of_treatment": "the end of the individual's course of treatment with the organization",
+    "end_of_enrollment": "the end of the individual's enrollment in the health plan or program",
+    "end_of_program": "the end of the marketing program or offer that the authorization describes",
+    "age_of_majority": "the individual (a minor, signed for by a personal representative) reaching the age of majority",
+}
+
+
+SCAN_TYPES = {"application/pdf": b"%PDF-", "image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff"}
+SCAN_MAX_BYTES = 10 * 1024 * 1024
+
+
+class AuthorizationScan(OrgScoped, Base):
+    """The uploaded scan of a paper authorization (PDF, PNG or JPEG, told by its magic bytes),
+    encrypted like every other stored file (bound to organization, table, column and row)."""
+
+    __tablename__ = "authorization_scans"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    content_type: Mapped[str] = mapped_column(String(32))
+    size: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    content_enc: Mapped[bytes] = mapped_column(LargeBinary)
+    created_by: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=clock.now)
 
 
 class Authorization(OrgScoped, Base):
@@ -135,10 +180,14 @@ class Authorization(OrgScoped, Base):
     signature_enc: Mapped[bytes] = mapped_column(LargeBinary)
     signed_at: Mapped[datetime]
     method: Mapped[str] = mapped_column(String(12))
-    evidence_enc: Mapped[bytes | None] = mapped_column(LargeBinary)  # {"ip", "user_agent"}
+    evidence_enc: Mapped[bytes | None] = mapped_column(LargeBinary)  # {"ip", "user_agent", "of": "patient" | "recorder"}
     representative_enc: Mapped[bytes | None] = mapped_column(LargeBinary)  # {"name", "authority"}
     expires_at: Mapped[datetime | None]
     expiration_event: Mapped[str | None] = mapped_column(String(300))
+    expiration_event_at: Mapped[datetime | None]  # when staff or the API recorded that the event happened
+    backdated: Mapped[bool] = mapped_column(Boolean, default=False)
+    backdate_reason_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
+    scan_id: Mapped[str | None] = mapped_column(String(32), ForeignKey("authorization_scans.id"))
     status: Mapped[str] = mapped_column(String(12), default="active")  # active | revoked
     revoked_at: Mapped[datetime | None]
     revoked_by_type: Mapped[str | None] = mapped_column(String(12))  # patient | staff | api

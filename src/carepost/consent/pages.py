@@ -33,7 +33,17 @@ from carepost.audit.service import record, record_for
 from carepost.consent import authorizations as auth
 from carepost.consent import eligibility, reports, service, tokens
 from carepost.core import purposes
-from carepost.consent.models import ALL_MARKETING, FREQUENCIES, SUPPRESSION_REASONS, SUPPRESSION_SCOPES, AuthorizationText
+from carepost.consent.models import (
+    ALL_MARKETING,
+    BACKDATE_WINDOW_DAYS,
+    EXPIRATION_EVENTS,
+    FREQUENCIES,
+    SCAN_MAX_BYTES,
+    STAFF_METHODS,
+    SUPPRESSION_REASONS,
+    SUPPRESSION_SCOPES,
+    AuthorizationText,
+)
 from carepost.core import clock
 from carepost.core.errors import CarePostError
 from carepost.patients.masking import wants_unmasked
@@ -307,7 +317,8 @@ def _authorization_view(session: Session, row) -> dict:
     text = session.get(AuthorizationText, row.text_id)
     return {"purpose": purposes.PURPOSES.get(row.purpose, row.purpose), "signed_at": clock.aware(row.signed_at),
             "expires_at": clock.aware(row.expires_at) if row.expires_at else None, "state": auth.state_at(row),
-            "expiration_event": row.expiration_event, "title": text.title,
+            "expiration_event": EXPIRATION_EVENTS.get(row.expiration_event, row.expiration_event) if row.expiration_event else None,
+            "title": text.title,
             "text": text.rendered.get(row.language) or text.rendered.get("en", ""), "language": row.language,
             "version": row.text_version, "hash": row.text_hash, "method": row.method,
             "org_name": _org_name(session, row.org_id)}
@@ -411,6 +422,7 @@ def _contact_ctx(request: Request, principal: Principal, contact_id: str, errors
         "texts": [t for t in (auth.current_text(session, principal.org_id, p) for p in purposes.AUTHORIZATION_PURPOSES) if t],
         "topics": service.list_topics(session, principal.org_id),
         "can_export": principal.can(P.PHI_READ_UNMASKED), "errors": errors or {}, "form": form or {},
+        "staff_methods": STAFF_METHODS, "expiration_events": EXPIRATION_EVENTS, "backdate_days": BACKDATE_WINDOW_DAYS,
     }
 
 
@@ -425,27 +437,54 @@ def contact_consent_page(request: Request, contact_id: str, principal: Principal
 
 
 @router.post("/app/contacts/{contact_id}/consent/authorizations")
-async def record_paper_authorization(request: Request, contact_id: str, principal: Principal = Depends(MANAGE)):
-    form = await _form(request)
+async def record_staff_authorization(request: Request, contact_id: str, principal: Principal = Depends(MANAGE)):
+    """Staff record a paper (with the uploaded scan) or verbal authorization (issue 9 item 12:
+    methods CarePost witnesses itself — form, portal, email link — are never offered here)."""
+    form: dict[str, str] = {}
+    scan: tuple[bytes, str | None] | None = None
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
+        data = await request.form()
+        for k, v in data.items():
+            if isinstance(v, str):
+                form[k] = v
+            elif k == "scan" and hasattr(v, "read") and getattr(v, "filename", None):
+                content = await v.read(SCAN_MAX_BYTES + 1)
+                if content:
+                    scan = (content, getattr(v, "content_type", None))
     from starlette.concurrency import run_in_threadpool
 
-    return await run_in_threadpool(_record_paper, request, principal, contact_id, form)
+    return await run_in_threadpool(_record_staff, request, principal, contact_id, form, scan)
 
 
-def _record_paper(request: Request, principal: Principal, contact_id: str, form: dict):
+def _record_staff(request: Request, principal: Principal, contact_id: str, form: dict,
+                  scan: tuple[bytes, str | None] | None):
     session = request.state.db
-    clean = {k: (form.get(k) or "").strip()[:300] for k in ("text_id", "signature_name", "signed_on", "expires_on",
-                                                           "representative_name", "representative_authority", "topic_id")}
+    clean = {k: (form.get(k) or "").strip()[:500] for k in (
+        "text_id", "signature_name", "signed_on", "expires_on", "expiration_event", "representative_name",
+        "representative_authority", "topic_id", "method", "backdate_reason")}
+    clean["method"] = clean["method"] or "paper"
     try:
+        if clean["method"] not in STAFF_METHODS:
+            from carepost.core.errors import ValidationFailed
+
+            raise ValidationFailed("Choose paper or verbal.", field="method")
         contact = service._contact(session, contact_id)
         text = auth.get_text(session, principal.org_id, clean["text_id"])
         signed_at = _date_field(clean["signed_on"], "signed_on") or clock.now()
         expires_at = _date_field(clean["expires_on"], "expires_on")
+        if scan is not None and clean["method"] != "paper":
+            scan = None  # a file picked before switching to verbal is not kept
+        ctx = request_context(request)
         row = auth.record_authorization(
-            session, principal.org_id, contact_id=contact.id, purpose=text.purpose, text_id=text.id, method="paper",
-            topic_id=clean["topic_id"] or None, signature_name=clean["signature_name"] or None, signed_at=signed_at,
-            expires_at=expires_at, representative_name=clean["representative_name"] or None,
+            session, principal.org_id, contact_id=contact.id, purpose=text.purpose, text_id=text.id,
+            method=clean["method"], topic_id=clean["topic_id"] or None, signature_name=clean["signature_name"] or None,
+            signed_at=signed_at, expires_at=expires_at, expiration_event=clean["expiration_event"] or None,
+            representative_name=clean["representative_name"] or None,
             representative_authority=clean["representative_authority"] or None,
+            backdate_reason=clean["backdate_reason"] or None,
+            scan=scan[0] if scan else None, scan_content_type=scan[1] if scan else None,
+            ip=ctx["ip"], user_agent=ctx["user_agent"],  # the staff member's own request (evidence "of": "recorder")
             created_by=f"user:{principal.actor_id}")
     except CarePostError as exc:
         session.rollback()
@@ -454,9 +493,24 @@ def _record_paper(request: Request, principal: Principal, contact_id: str, form:
         ctx = _contact_ctx(request, principal, contact_id, {field: exc.message}, clean)
         return render(request, "consent/contact.html", ctx, status_code=exc.status_code)
     record_for(session, principal, request, "authorization.create", target_type="authorization", target_id=row.id,
-               details={"contact_id": contact.id, "purpose": row.purpose, "method": "paper", "text_hash": row.text_hash})
+               details={"contact_id": contact.id, "purpose": row.purpose, "method": row.method, "text_hash": row.text_hash,
+                        **({"backdated": True} if row.backdated else {}), **({"scan_id": row.scan_id} if row.scan_id else {})})
     session.commit()
     return _see_other(f"/app/contacts/{contact.id}/consent")
+
+
+@router.get("/app/authorizations/{authorization_id}/scan")
+def staff_scan_download(request: Request, authorization_id: str,
+                        principal: Principal = Depends(require(P.CONSENT_MANAGE, P.PHI_READ_UNMASKED))):
+    from carepost.consent.api import scan_response
+
+    session = request.state.db
+    row = auth.get_authorization(session, principal.org_id, authorization_id)
+    content, stored = auth.get_scan(session, row)
+    record_for(session, principal, request, "authorization.scan_download", target_type="authorization", target_id=row.id,
+               details={"contact_id": row.contact_id, "scan_id": stored.id, "sha256": stored.sha256})
+    session.commit()
+    return scan_response(row.id, content, stored.content_type)
 
 
 def _date_field(value: str, field: str) -> datetime | None:

@@ -1,6 +1,7 @@
 """Consent reports (issue item 11): contacts holding a valid authorization per purpose and topic,
 authorizations expiring in the next 30 days, revocations this month. Aggregates only (counts of
-distinct contacts), computed in SQL; exportable as CSV."""
+distinct contacts), computed in SQL; exportable as CSV. Plus the list of backdated authorizations
+(references and dates) for review."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from carepost.consent.models import Authorization
+from carepost.consent.models import BACKDATE_WINDOW_DAYS, Authorization
 from carepost.core.purposes import PURPOSES
 from carepost.consent.service import list_topics
 from carepost.core import clock
 
 EXPIRING_DAYS = 30
+BACKDATED_LISTED = 100
 
 
 def consent_report(session: Session, org_id: str, at: datetime | None = None) -> dict:
@@ -50,7 +52,20 @@ def consent_report(session: Session, org_id: str, at: datetime | None = None) ->
     # Contacts every send excludes whatever their consent (eligibility reason ``deceased``).
     excluded = {"deceased": count_contacts(session, org_id, deceased=True)}
     return {"generated_at": at.isoformat(), "month_start": month_start.isoformat(), "rows": rows, "totals": totals,
-            "excluded_contacts": excluded}
+            "excluded_contacts": excluded, "backdated": backdated_authorizations(session, org_id)}
+
+
+def backdated_authorizations(session: Session, org_id: str, limit: int = BACKDATED_LISTED) -> dict:
+    """Authorizations flagged ``backdated`` (recorded by staff or the API with a signing date more
+    than ``BACKDATE_WINDOW_DAYS`` back, issue 9 item 12), newest recorded first, for the
+    compliance officer to review: references and dates only (the reason is evidence)."""
+    flagged = and_(Authorization.org_id == org_id, Authorization.backdated.is_(True))
+    count = session.scalar(select(func.count(Authorization.id)).where(flagged)) or 0
+    rows = session.scalars(select(Authorization).where(flagged).order_by(Authorization.created_at.desc()).limit(limit))
+    items = [{"id": a.id, "contact_id": a.contact_id, "purpose": a.purpose, "method": a.method,
+              "signed_at": clock.aware(a.signed_at).isoformat(), "recorded_at": clock.aware(a.created_at).isoformat(),
+              "recorded_by": a.created_by} for a in rows]
+    return {"count": count, "window_days": BACKDATE_WINDOW_DAYS, "items": items}
 
 
 def report_csv(report: dict) -> str:

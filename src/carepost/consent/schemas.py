@@ -5,9 +5,21 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import base64
+import binascii
 
-from carepost.consent.models import FREQUENCIES, SUPPRESSION_REASONS, SUPPRESSION_SCOPES
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from carepost.consent.models import (
+    BACKDATE_WINDOW_DAYS,
+    EXPIRATION_EVENTS,
+    FREQUENCIES,
+    RECORDED_METHODS,
+    SCAN_MAX_BYTES,
+    SCAN_TYPES,
+    SUPPRESSION_REASONS,
+    SUPPRESSION_SCOPES,
+)
 from carepost.core.purposes import PURPOSES, REMUNERATION
 
 PurposeName = Literal[tuple(PURPOSES)]  # type: ignore[valid-type]
@@ -40,7 +52,9 @@ class TextUpdate(_In):
 class SignatureIn(_In):
     name: str | None = Field(None, min_length=1, max_length=200, description="Typed name of the signer.")
     image: str | None = Field(None, max_length=300_000, description="Drawn signature: data:image/png;base64,...")
-    signed_at: datetime | None = Field(None, description="When it was signed (default: now).")
+    signed_at: datetime | None = Field(None, description=f"When it was signed (default: now). Not in the future; more "
+                                                         f"than {BACKDATE_WINDOW_DAYS} days back needs backdate_reason "
+                                                         "and flags the authorization backdated.")
 
     @model_validator(mode="after")
     def _one(self):
@@ -54,6 +68,32 @@ class RepresentativeIn(_In):
     authority: str = Field(min_length=1, max_length=200, description="e.g. parent, legal guardian, health care power of attorney")
 
 
+class ScanIn(_In):
+    content_type: Literal[tuple(SCAN_TYPES)] | None = Field(  # type: ignore[valid-type]
+        None, description="Optional; the content's first bytes decide (PDF, PNG or JPEG) and must agree.")
+    content: bytes = Field(description=f"Base64 of the scanned signed page, at most {SCAN_MAX_BYTES} bytes.")
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _decode(cls, value):
+        if isinstance(value, (bytes, bytearray)):
+            value = value.decode("ascii", "replace")
+        if not isinstance(value, str):
+            raise ValueError("must be base64 text")
+        try:
+            data = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("must be base64") from None
+        if len(data) > SCAN_MAX_BYTES:
+            raise ValueError(f"larger than {SCAN_MAX_BYTES} bytes")
+        return data
+
+
+class ExpirationEventIn(_In):
+    occurred_at: datetime | None = Field(None, description="When the event happened (default: now); not before the "
+                                                           "signing date, not in the future.")
+
+
 class AuthorizationIn(_In):
     contact_id: str | None = Field(None, min_length=32, max_length=32)
     email: str | None = Field(None, max_length=320, description="Find the contact by email instead of contact_id.")
@@ -61,13 +101,20 @@ class AuthorizationIn(_In):
     text_id: str | None = Field(None, min_length=32, max_length=32, description="Default: the current published text.")
     topic_id: str | None = Field(None, max_length=64, description="Limit the authorization to one topic (id or key).")
     signature: SignatureIn
-    expires_at: datetime | None = None
-    expiration_event: str | None = Field(None, max_length=300)
+    expires_at: datetime | None = Field(None, description="The expiry date (after signing); or give expiration_event.")
+    expiration_event: Literal[tuple(EXPIRATION_EVENTS)] | None = Field(  # type: ignore[valid-type]
+        None, description="An event relating to the patient or the purpose (45 CFR 164.508(c)(1)(v)): "
+        + "; ".join(f"{k}: {v}" for k, v in EXPIRATION_EVENTS.items())
+        + ". Record when it happened with POST /authorizations/{id}/expiration-event.")
     representative: RepresentativeIn | None = None
     language: Literal["en", "es"] | None = None
-    method: Literal["api", "form", "staff", "paper", "portal"] = "api"
-    ip: str | None = Field(None, max_length=64, description="Where the patient signed (evidence).")
-    user_agent: str | None = Field(None, max_length=300)
+    method: Literal[tuple(RECORDED_METHODS)] = Field(  # type: ignore[valid-type]
+        "api", description="How the authorization was obtained: api, paper (needs scan) or verbal. form, portal and "
+        "email_link are set only by CarePost's own flows, which witness the signing.")
+    scan: ScanIn | None = Field(None, description="The scan of the signed paper (required with method paper).")
+    backdate_reason: str | None = Field(None, min_length=3, max_length=500, description=(
+        f"Why an authorization signed more than {BACKDATE_WINDOW_DAYS} days ago is recorded only now (required then; "
+        "the authorization is flagged backdated)."))
 
     @model_validator(mode="after")
     def _who(self):
