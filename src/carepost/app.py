@@ -223,7 +223,7 @@ def install_middleware(app: FastAPI, settings: Settings) -> None:
         if settings.base_url.startswith("https://"):
             response.headers["Strict-Transport-Security"] = "max-age=31536000; includeSubDomains"
         path = request.url.path
-        if not path.startswith("/static/"):
+        if not path.startswith(("/static/", "/b/")):  # /b/: an organization's public logo and colours, no PHI
             # PHI may be on any API response or page: never cache (ASVS 8.2.1).
             response.headers["Cache-Control"] = "no-store"
             response.headers["Pragma"] = "no-cache"

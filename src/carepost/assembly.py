@@ -34,6 +34,7 @@ ROUTER_MODULES = [
     "carepost.dashboard.pages",
     "carepost.accounts.api",
     "carepost.accounts.pages",
+    "carepost.accounts.branding_pages",
     "carepost.audit.api",
     "carepost.audit.pages",
     "carepost.patients.api",

@@ -9,6 +9,7 @@ MODEL_MODULES = [
     "carepost.accounts.models",
     "carepost.accounts.sessions",  # LoginThrottle
     "carepost.accounts.mfa",  # RecoveryCode
+    "carepost.accounts.branding",  # OrganizationBranding
     "carepost.audit.models",
     "carepost.patients.models",
     "carepost.delivery.models",

@@ -87,10 +87,15 @@ def _topic_name(session: Session, org_id: str, topic_id: str | None) -> str | No
 
 
 def _org_name(session: Session, org_id: str) -> str:
-    from carepost.accounts.models import Organization
+    brand = brand_for(session, org_id)
+    return brand["name"] if brand else ""
 
-    org = session.get(Organization, org_id)
-    return org.name if org else ""
+
+def brand_for(session: Session, org_id: str) -> dict | None:
+    """The organization's name, logo and colours for a patient page (issue 10 item 16)."""
+    from carepost.accounts.branding import brand_for as _brand_for
+
+    return _brand_for(session, org_id)
 
 
 @router.get("/t/u/{token}")
@@ -101,7 +106,7 @@ def unsubscribe_page(request: Request, token: str, session: Session = Depends(db
     except tokens.InvalidToken as exc:
         return _invalid(request, session, exc, "unsubscribe")
     ctx = {"token": token, "topic": _topic_name(session, subject.org_id, subject.topic_id),
-           "org_name": _org_name(session, subject.org_id), "done": None,
+           "org_name": _org_name(session, subject.org_id), "brand": brand_for(session, subject.org_id), "done": None,
            "preferences_token": _preferences_token_for(session, subject)}
     session.commit()  # a named key created on first use
     return render(request, "consent/unsubscribe.html", ctx)
@@ -130,7 +135,7 @@ def _unsubscribe(request: Request, token: str, session: Session, form: dict) -> 
     service.apply_unsubscribe(session, subject, all_marketing=all_marketing, method=method,
                               context=request_context(request))
     topic = None if all_marketing else _topic_name(session, subject.org_id, subject.topic_id)
-    ctx = {"token": token, "topic": topic, "org_name": _org_name(session, subject.org_id),
+    ctx = {"token": token, "topic": topic, "org_name": _org_name(session, subject.org_id), "brand": brand_for(session, subject.org_id),
            "done": "all" if all_marketing else "topic", "preferences_token": _preferences_token_for(session, subject)}
     session.commit()
     return render(request, "consent/unsubscribe.html", ctx)
@@ -191,7 +196,7 @@ def preferences_page(request: Request, token: str, session: Session = Depends(db
         subject = service.resolve_link(session, _verified(session, token, "p"))
     except tokens.InvalidToken as exc:
         return _invalid(request, session, exc, "preferences")
-    ctx = {"token": token, "org_name": _org_name(session, subject.org_id), "frequencies": FREQUENCIES, "saved": False,
+    ctx = {"token": token, "org_name": _org_name(session, subject.org_id), "brand": brand_for(session, subject.org_id), "frequencies": FREQUENCIES, "saved": False,
            **_preference_state(session, subject)}
     session.commit()
     return render(request, "consent/preferences.html", ctx)
@@ -246,7 +251,7 @@ def _save_preferences(request: Request, token: str, session: Session, form: dict
                action="consent.preferences_update", target_type="contact" if subject.contact_id else "message_recipient",
                target_id=subject.contact_id or subject.recipient_id, details={"changes": changes}, **ctx_audit)
     session.flush()
-    ctx = {"token": token, "org_name": _org_name(session, org_id), "frequencies": FREQUENCIES, "saved": True,
+    ctx = {"token": token, "org_name": _org_name(session, org_id), "brand": brand_for(session, org_id), "frequencies": FREQUENCIES, "saved": True,
            **_preference_state(session, subject)}
     session.commit()
     return render(request, "consent/preferences.html", ctx)
@@ -321,7 +326,7 @@ def _authorization_view(session: Session, row) -> dict:
             "title": text.title,
             "text": text.rendered.get(row.language) or text.rendered.get("en", ""), "language": row.language,
             "version": row.text_version, "hash": row.text_hash, "method": row.method,
-            "org_name": _org_name(session, row.org_id)}
+            "org_name": _org_name(session, row.org_id), "brand": brand_for(session, row.org_id)}
 
 
 @router.get("/t/revoke/{token}")

@@ -54,10 +54,15 @@ def _page(name: str, ctx: dict, status_code: int = 200, headers: dict | None = N
 
 
 def _org_name(session: Session, org_id: str) -> str:
-    from carepost.accounts.models import Organization
+    brand = brand_for(session, org_id)
+    return brand["name"] if brand else ""
 
-    org = session.get(Organization, org_id)
-    return org.name if org else ""
+
+def brand_for(session: Session, org_id: str) -> dict | None:
+    """The organization's name, logo and colours for the hosted pages (issue 10 item 16)."""
+    from carepost.accounts.branding import brand_for as _brand_for
+
+    return _brand_for(session, org_id)
 
 
 def _message(status: int, title_key: str, message: str, language: str = "en", org_name: str = "",
@@ -92,7 +97,7 @@ def form_context(session: Session, form: Form, *, values: dict | None = None, er
                  preview: bool = False) -> dict:
     return {
         "form": form,
-        "org_name": _org_name(session, form.org_id),
+        "org_name": _org_name(session, form.org_id), "brand": brand_for(session, form.org_id),
         "lang": form.language,
         "t": strings(form.language),
         "values": values or {},
@@ -223,7 +228,7 @@ def thanks(key: str, request: Request, session: Session = Depends(db_session),
 
     # Never tell a patient an email is on its way when this installation cannot send one (issue 10 item 11).
     no_email = confirm_note and not can_send_notices(session, form.org_id)
-    return _page("forms/thanks.html", {"t": t, "lang": form.language, "org_name": _org_name(session, form.org_id),
+    return _page("forms/thanks.html", {"t": t, "lang": form.language, "org_name": _org_name(session, form.org_id), "brand": brand_for(session, form.org_id),
                                        "message": form.settings.get("success_message", ""),
                                        "confirm_note": confirm_note and not no_email, "no_email": no_email})
 
@@ -241,7 +246,7 @@ def _confirm_context(session: Session, sub: FormSubmission) -> dict:
             signed.append(texts.get(f["key"], {}).get("title", f["label"]))
         if f["type"] == "consent" and answers.get(f["key"]):
             topics.append(service.topic_name(session, sub.org_id, f["topic_id"]) or f["label"])
-    return {"t": strings(form.language), "lang": form.language, "org_name": _org_name(session, sub.org_id),
+    return {"t": strings(form.language), "lang": form.language, "org_name": _org_name(session, sub.org_id), "brand": brand_for(session, sub.org_id),
             "form_name": form.name, "effects": list(sub.effects or []), "signed": signed, "topics": topics}
 
 

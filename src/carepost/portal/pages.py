@@ -90,12 +90,19 @@ def _page(request: Request, name: str, ctx: dict, status_code: int = 200, *, csr
     return response
 
 
+def brand_for(session, org_id: str) -> dict | None:
+    """The organization's name, logo and colours for the portal pages (issue 10 item 16)."""
+    from carepost.accounts.branding import brand_for as _brand_for
+
+    return _brand_for(session, org_id)
+
+
 def _not_found(request: Request) -> Response:
     return _page(request, "portal/closed.html", {"state": "invalid", "org_name": None}, status_code=404)
 
 
 def _closed(request: Request, session: Session, pm: PortalMessage, st: str) -> Response:
-    ctx = {"state": st, "org_name": service.organization_name(session, pm)}
+    ctx = {"state": st, "org_name": service.organization_name(session, pm), "brand": brand_for(session, pm.org_id)}
     if st == "locked":
         until = service.locked_until(pm)
         ctx["locked_minutes"] = None if until is None else max(1, int((until - service.clock.now()).total_seconds() // 60) + 1)
@@ -115,7 +122,7 @@ def _signin_page(request: Request, session: Session, pm: PortalMessage, token: s
     csrf, new = _pre_csrf(request)
     ctx = {
         "token": token,
-        "org_name": service.organization_name(session, pm),
+        "org_name": service.organization_name(session, pm), "brand": brand_for(session, pm.org_id),
         "auth": pm.auth,
         "question": service.question_text(session, pm) if pm.auth == "question" else None,
         "masked_address": service.masked_address(session, pm),
@@ -233,7 +240,7 @@ def message(request: Request, token: str, session: Session = Depends(db_session)
     own_replies = [service.reply_dict(session, r) for r in service.replies(session, pm)]
     service.record_view(session, pm, request_context(request))
     ctx = {
-        "token": token, "org_name": service.organization_name(session, pm), "m": content, "replies": own_replies,
+        "token": token, "org_name": service.organization_name(session, pm), "brand": brand_for(session, pm.org_id), "m": content, "replies": own_replies,
         "expires_at": service.clock.aware(pm.expires_at), "replied": request.query_params.get("replied") == "1",
         "reply_error": None, "reply_text": "",
     }
@@ -290,7 +297,7 @@ def reply(request: Request, token: str, text: str = Form(""), csrf_token: str = 
     except CarePostError as exc:
         content = service.message_content(session, pm)
         ctx = {
-            "token": token, "org_name": service.organization_name(session, pm), "m": content,
+            "token": token, "org_name": service.organization_name(session, pm), "brand": brand_for(session, pm.org_id), "m": content,
             "replies": [service.reply_dict(session, r) for r in service.replies(session, pm)],
             "expires_at": service.clock.aware(pm.expires_at), "replied": False, "reply_error": exc.message,
             "reply_text": text[: service.MAX_REPLY_CHARS],

@@ -36,6 +36,7 @@ NAV: list[tuple[str, str, str, str | None]] = [
     ("Settings", "Webhooks", "/app/webhooks", "webhooks:manage"),
     ("Settings", "Topics", "/app/consent/topics", "consent:manage"),
     ("Settings", "Consent settings", "/app/consent/settings", "consent:manage"),
+    ("Settings", "Branding", "/app/branding", "org:manage"),  # patient pages in the organization's name and colours
     ("Settings", "Security", "/app/account/security", None),
     ("Settings", "API documentation", "/api/docs", None),  # the interactive OpenAPI reference (issue 10 item 16)
 ]
