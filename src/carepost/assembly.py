@@ -47,6 +47,7 @@ ROUTER_MODULES = [
     "carepost.forms.texts_pages",
     "carepost.delivery.api",
     "carepost.delivery.pages",
+    "carepost.delivery.settings_pages",
     "carepost.portal.api",
     "carepost.portal.pages",
     "carepost.portal.sender_pages",

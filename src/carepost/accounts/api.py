@@ -160,7 +160,8 @@ class ApiCredentialCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=creds.NAME_MAX, description="What the credential is for")
-    scopes: list[str] = Field(default_factory=list, description="API scopes; never more than your own permissions")
+    scopes: list[str] = Field(default_factory=list, description="API scopes; never more than your own permissions. "
+                              "`org:manage` (the organization's delivery and portal settings) only an owner may grant.")
     expires_in_days: int | None = Field(None, ge=1, le=creds.MAX_EXPIRY_DAYS, description="Empty: the installation default (CAREPOST_API_KEY_EXPIRY_DAYS, one year)")
     sandbox: bool = Field(False, description="Requests made with it are test traffic: nothing is delivered")
     rate_limit_per_minute: int | None = Field(None, ge=1, le=100_000, description="Empty: the server default")
@@ -234,6 +235,7 @@ def create_api_credential(
         name=body.name,
         scopes=body.scopes,
         creator_permissions=principal.permissions,
+        creator_role=principal.role if principal.kind == "user" else None,
         created_by=principal.user_id or principal.actor_id,
         expires_in_days=body.expires_in_days,
         sandbox=body.sandbox,

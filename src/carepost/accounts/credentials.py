@@ -46,7 +46,7 @@ from sqlalchemy.orm import Session
 
 from carepost.accounts.access import Principal, request_context
 from carepost.accounts.models import ApiCredential, OAuthToken, Organization, RequestNonce
-from carepost.accounts.permissions import API_SCOPES
+from carepost.accounts.permissions import API_SCOPES, OWNER_ONLY_SCOPES
 from carepost.accounts.ratelimit import enforce, redis_client
 from carepost.accounts.ports import record
 from carepost.core import clock
@@ -128,8 +128,9 @@ def credential_status(cred: ApiCredential, now: datetime | None = None) -> str:
     return "active"
 
 
-def validate_scopes(scopes, creator_permissions=None, field_name: str = "scopes") -> list[str]:
-    """Scopes must be API scopes, and never more than the creating person holds."""
+def validate_scopes(scopes, creator_permissions=None, field_name: str = "scopes", creator_role: str | None = None) -> list[str]:
+    """Scopes must be API scopes, and never more than the creating person holds; an owner-only
+    scope (``org:manage``) only from an owner."""
     if scopes is None:
         return []
     if isinstance(scopes, str) or not all(isinstance(s, str) for s in scopes):
@@ -144,6 +145,9 @@ def validate_scopes(scopes, creator_permissions=None, field_name: str = "scopes"
         beyond = [s for s in wanted if s not in creator_permissions]
         if beyond:
             raise PermissionDenied(f"You cannot grant the scope {beyond[0]!r}: you do not hold it yourself.", field=field_name)
+        owner_only = [s for s in wanted if s in OWNER_ONLY_SCOPES]
+        if owner_only and creator_role != "owner":
+            raise PermissionDenied(f"Only an owner can grant the scope {owner_only[0]!r}.", field=field_name)
     return wanted
 
 
@@ -154,6 +158,7 @@ def create_credential(
     name: str,
     scopes=None,
     creator_permissions=None,
+    creator_role: str | None = None,
     created_by: str | None = None,
     expires_in_days: int | None = None,
     sandbox: bool = False,
@@ -163,11 +168,12 @@ def create_credential(
 
     Validates everything before writing, so bad input leaves nothing half-created.
     ``creator_permissions`` (a person's permissions) caps the scopes; None (the CLI, run by the
-    operator of the installation) allows any API scope."""
+    operator of the installation) allows any API scope; ``creator_role`` must be ``owner`` for an
+    owner-only scope."""
     name = (name or "").strip()
     if not name or len(name) > NAME_MAX or any(ord(c) < 32 for c in name):
         raise ValidationFailed(f"A credential needs a name of 1 to {NAME_MAX} printable characters.", field="name")
-    wanted = validate_scopes(scopes, creator_permissions)
+    wanted = validate_scopes(scopes, creator_permissions, creator_role=creator_role)
     if expires_in_days is None:
         # Issue 9 item 6: no key lives forever by default (CAREPOST_API_KEY_EXPIRY_DAYS).
         from carepost.core.config import get_settings
@@ -286,11 +292,12 @@ def credentials_created_by(session: Session, org_id: str, user_id: str) -> list[
         ApiCredential.org_id == org_id, ApiCredential.created_by == user_id, ApiCredential.revoked_at.is_(None))))
 
 
-def follow_creator_role(session: Session, org_id: str, user_id: str, permissions) -> tuple[list[str], list[str]]:
+def follow_creator_role(session: Session, org_id: str, user_id: str, permissions,
+                        role: str | None = None) -> tuple[list[str], list[str]]:
     """Issue 9 item 6: a credential never holds more than its creator now may. Suspend the
     creator's credentials whose scopes exceed ``permissions`` (None: the creator left — revoke
     them all); lift a suspension once the role covers the scopes again. Returns (suspended or
-    revoked ids, resumed ids)."""
+    revoked ids, resumed ids). An owner-only scope (``org:manage``) exceeds any role but owner."""
     stopped, resumed = [], []
     now = clock.now()
     for cred in credentials_created_by(session, org_id, user_id):
@@ -298,7 +305,8 @@ def follow_creator_role(session: Session, org_id: str, user_id: str, permissions
             revoke_credential(session, cred)
             stopped.append(cred.id)
             continue
-        exceeds = any(scope not in permissions for scope in (cred.scopes or []))
+        exceeds = any(scope not in permissions or (scope in OWNER_ONLY_SCOPES and role != "owner")
+                      for scope in (cred.scopes or []))
         if exceeds and cred.suspended_at is None:
             cred.suspended_at = now
             session.execute(update(OAuthToken).where(OAuthToken.org_id == org_id, OAuthToken.credential_id == cred.id,

@@ -784,7 +784,7 @@ def break_glass_review(grant_id: str, request: Request,
 # --------------------------------------------------------------------------- API credentials
 # (owned by the API credentials work)
 from carepost.accounts import credentials as api_creds  # noqa: E402
-from carepost.accounts.permissions import API_SCOPES  # noqa: E402
+from carepost.accounts.permissions import API_SCOPES, OWNER_ONLY_SCOPES, may_grant_scope  # noqa: E402
 from carepost.core.errors import ValidationFailed  # noqa: E402
 
 # No "never" (issue 9 item 6): empty means the installation default (CAREPOST_API_KEY_EXPIRY_DAYS).
@@ -798,7 +798,8 @@ def _api_credentials_page(request: Request, principal: Principal, *, errors: dic
     now = clock.now()
     return render(request, "accounts/api_credentials.html", {
         "credentials": [api_creds.credential_view(c, now) for c in api_creds.list_credentials(session, principal.org_id)],
-        "scopes": [{"name": s, "allowed": principal.can(s)} for s in sorted(API_SCOPES)],
+        "scopes": [{"name": s, "allowed": may_grant_scope(s, principal.permissions, principal.role),
+                    "owner_only": s in OWNER_ONLY_SCOPES} for s in sorted(API_SCOPES)],
         "expiry_choices": _EXPIRY_CHOICES, "errors": errors or {}, "form": form or {},
         "created": created, "created_secret": created_secret, "notice": notice,
     }, status_code=status_code)
@@ -827,8 +828,8 @@ def _api_credentials_create(request: Request, principal: Principal, form: dict):
             days = int(form["expires_in_days"])
         cred, secret = api_creds.create_credential(
             session, principal.org_id, name=form["name"], scopes=form["scopes"],
-            creator_permissions=principal.permissions, created_by=principal.user_id or principal.actor_id,
-            expires_in_days=days, sandbox=form["sandbox"],
+            creator_permissions=principal.permissions, creator_role=principal.role,
+            created_by=principal.user_id or principal.actor_id, expires_in_days=days, sandbox=form["sandbox"],
         )
         record(session, org_id=principal.org_id, action="api_credential.create", target_type="api_credential",
                target_id=cred.id, details={"key_id": cred.key_id, "scopes": list(cred.scopes), "sandbox": cred.sandbox},

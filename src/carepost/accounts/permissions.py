@@ -95,8 +95,22 @@ API_SCOPES = frozenset(
         P.PHI_READ_MASKED, P.PHI_READ_UNMASKED, P.PHI_WRITE, P.CONTACTS_IMPORT, P.CONSENT_MANAGE,
         P.MESSAGES_SEND, P.MESSAGES_READ, P.DOMAINS_MANAGE, P.WEBHOOKS_MANAGE, P.SEGMENTS_READ, P.SEGMENTS_MANAGE,
         P.TEMPLATES_MANAGE, P.CAMPAIGNS_MANAGE, P.ANALYTICS_READ, P.AUDIT_READ, P.FORMS_MANAGE,
+        P.ORG_MANAGE,
     }
 )
+
+# Scopes only an owner may put on a credential (issue 10 item 9): ``org:manage`` changes the
+# organization's delivery settings (security mode, default purpose) for a deployment that
+# automates its setup. An administrator holds the permission but cannot hand it to a key, and a
+# key holding it is suspended when its creator stops being an owner.
+OWNER_ONLY_SCOPES = frozenset({P.ORG_MANAGE})
+
+
+def may_grant_scope(scope: str, permissions, role: str | None) -> bool:
+    """Whether a person with ``permissions`` and ``role`` may put ``scope`` on a credential."""
+    if scope in OWNER_ONLY_SCOPES and role != "owner":
+        return False
+    return scope in permissions
 
 # Permissions that reveal or change PHI: they need MFA in a web session, and break-glass grants them.
 PHI_PERMISSIONS = frozenset({P.PHI_READ_MASKED, P.PHI_READ_UNMASKED, P.PHI_WRITE, P.CONTACTS_IMPORT})

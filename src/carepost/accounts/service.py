@@ -326,16 +326,17 @@ def change_role(session: Session, org_id: str, user_id: str, role: str, *, actor
     membership.role = role
     _record(audit, session=session, org_id=org_id, action="membership.role_change", target_type="user",
             target_id=user.id, details={"old_role": old, "new_role": role})
-    _follow_keys(session, org_id, user.id, permissions_for(role), audit)
+    _follow_keys(session, org_id, user.id, permissions_for(role), audit, role=role)
     return membership
 
 
-def _follow_keys(session: Session, org_id: str, user_id: str, permissions, audit: dict | None) -> None:
+def _follow_keys(session: Session, org_id: str, user_id: str, permissions, audit: dict | None,
+                 role: str | None = None) -> None:
     """Issue 9 item 6: the API credentials a person created follow their role (suspended when
     their scopes exceed it, resumed when it covers them again) and die with their membership."""
     from carepost.accounts.credentials import follow_creator_role
 
-    stopped, resumed = follow_creator_role(session, org_id, user_id, permissions)
+    stopped, resumed = follow_creator_role(session, org_id, user_id, permissions, role)
     action = "api_credential.revoke" if permissions is None else "api_credential.suspend"
     for cred_id in stopped:
         _record(audit, session=session, org_id=org_id, action=action, target_type="api_credential", target_id=cred_id,

@@ -25,6 +25,7 @@ NAV: list[tuple[str, str, str, str | None]] = [
     ("Delivery", "Delivery log", "/app/deliveries", "messages:read"),
     ("Delivery", "Security preview", "/app/security-preview", "messages:send"),
     ("Delivery", "Recipient keys", "/app/recipient-keys", "messages:read"),
+    ("Delivery", "Delivery settings", "/app/delivery-settings", "org:manage"),
     ("Delivery", "Portal notification", "/app/portal-settings", "org:manage"),
     ("Compliance", "Audit log", "/app/audit", "audit:read"),
     ("Compliance", "Authorization texts", "/app/consent/texts", "consent:manage"),
