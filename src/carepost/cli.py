@@ -222,33 +222,121 @@ def doctor() -> None:
 
 
 @keys_app.command("rotate")
-def keys_rotate() -> None:
+def keys_rotate(
+    reencrypt: bool = typer.Option(False, "--reencrypt", help="Queue the re-encryption job: old data-key versions are re-encrypted and retired."),
+    data_only: bool = typer.Option(False, "--data-only", help="Add data-key versions only; keep the master key (works with CAREPOST_MASTER_KEY)."),
+) -> None:
     """Rotate the master key: re-wrap every key, add a data-key version for new writes.
-    Old ciphertexts keep decrypting. Restart serve and worker processes afterwards."""
+    Old ciphertexts keep decrypting; running processes switch within CAREPOST_KEY_REFRESH_SECONDS."""
     from sqlalchemy import func, select
 
     from carepost.audit.service import record
     from carepost.core.config import get_settings
-    from carepost.core.crypto import KeyUnavailable, OrgKey, rotate_master_key
+    from carepost.core.crypto import KeyUnavailable, OrgKey, get_keyring, rotate_master_key
     from carepost.core.database import session_factory, system_session
 
     from carepost.models import load_all_models
 
     load_all_models()
     settings = get_settings()
-    try:
-        old_id, new_id_, rewrapped = rotate_master_key(settings, session_factory())
-    except KeyUnavailable as exc:
-        fail(str(exc))
+    if data_only:
+        with system_session() as session:
+            added = get_keyring().rotate_keys(session, "data")
+            record(session, org_id=None, actor_type="system", actor_id="cli", action="keys.data_rotated",
+                   target_type="data_key", target_id="all", details={"data_key_versions_added": len(added)})
+            session.commit()
+        console.print(f"New data-key version for {len(added)} owner(s). Running processes use it within "
+                      f"{settings.key_refresh_seconds}s.")
+    else:
+        try:
+            old_id, new_id_, rewrapped = rotate_master_key(settings, session_factory())
+        except KeyUnavailable as exc:
+            fail(f"{exc} (or use --data-only to rotate data keys alone)")
+        with system_session() as session:
+            orgs = session.scalar(select(func.count(func.distinct(OrgKey.org_id))).where(OrgKey.kind == "data"))
+            record(session, org_id=None, actor_type="system", actor_id="cli", action="keys.master_rotated",
+                   target_type="master_key", target_id=new_id_,
+                   details={"old_key_id": old_id, "new_key_id": new_id_, "rewrapped_count": rewrapped, "data_key_versions_added": orgs})
+            session.commit()
+        console.print(f"Master key rotated: {old_id} -> [bold]{new_id_}[/bold]")
+        console.print(f"Re-wrapped {rewrapped} key(s); new data-key version for {orgs} owner(s). Back up {settings.resolved_master_key_file} now.")
+        console.print(f"Running serve and worker processes pick up the new master key at once and the new data-key "
+                      f"version within {settings.key_refresh_seconds}s; no restart needed.")
+    if reencrypt:
+        from carepost.core.tasks import reencrypt_data_keys
+
+        reencrypt_data_keys()
+        console.print("Re-encryption job queued: `carepost keys status` shows when old versions are retired.")
+
+
+@keys_app.command("retire")
+def keys_retire(
+    grace: int | None = typer.Option(None, "--grace", min=0, help="Seconds the newest version must have existed (default: twice CAREPOST_KEY_REFRESH_SECONDS)."),
+) -> None:
+    """Re-encrypt ciphertexts of old data-key versions now, then retire (destroy) the versions nothing needs."""
+    from carepost.audit.service import record
+    from carepost.core.database import session_factory, system_session
+    from carepost.core.reencrypt import reencrypt_and_retire
+
+    from carepost.models import load_all_models
+
+    load_all_models()
+    report = reencrypt_and_retire(session_factory(), grace_seconds=grace)
     with system_session() as session:
-        orgs = session.scalar(select(func.count(func.distinct(OrgKey.org_id))).where(OrgKey.kind == "data"))
-        record(session, org_id=None, actor_type="system", actor_id="cli", action="keys.master_rotated",
-               target_type="master_key", target_id=new_id_,
-               details={"old_key_id": old_id, "new_key_id": new_id_, "rewrapped_count": rewrapped, "data_key_versions_added": orgs})
+        record(session, org_id=None, actor_type="system", actor_id="cli", action="keys.data_retired",
+               target_type="data_key", target_id="all", details=report.as_dict())
         session.commit()
-    console.print(f"Master key rotated: {old_id} -> [bold]{new_id_}[/bold]")
-    console.print(f"Re-wrapped {rewrapped} key(s); new data-key version for {orgs} owner(s). Back up {settings.resolved_master_key_file} now.")
-    console.print("Restart running serve and worker processes so they load the new master key.")
+    console.print(f"Scanned {report.scanned} ciphertext(s) in {report.columns} column(s); re-encrypted {report.reencrypted}.")
+    for owner, version in report.retired:
+        console.print(f"Retired data key {owner} v{version} (key material destroyed).")
+    for owner, version, why in report.kept:
+        console.print(f"Kept data key {owner} v{version}: {why}.")
+    if report.undecodable:
+        err.print(f"[yellow]{report.undecodable} ciphertext(s) could not be opened; the versions they name are kept.[/yellow]")
+
+
+@keys_app.command("rotate-secret")
+def keys_rotate_secret(
+    kind: str = typer.Argument(..., help="portal, consent, audit, forms or verp"),
+) -> None:
+    """Add a new version of a secret (portal links, consent tokens, audit chain MACs, ...) for
+    every owner. New MACs use it; MACs made before keep verifying under their version."""
+    from sqlalchemy import select
+
+    from carepost.audit.service import record
+    from carepost.core.crypto import NAMED_SECRET_KINDS, OrgKey, get_keyring
+    from carepost.core.database import system_session
+
+    from carepost.models import load_all_models
+
+    if kind not in NAMED_SECRET_KINDS:
+        fail(f"kind must be one of {', '.join(NAMED_SECRET_KINDS)}")
+    load_all_models()
+    with system_session() as session:
+        owners = sorted(set(session.scalars(select(OrgKey.org_id).where(OrgKey.kind == kind)).all()))
+        added = get_keyring().rotate_keys(session, kind, owners)
+        record(session, org_id=None, actor_type="system", actor_id="cli", action="keys.secret_rotated",
+               target_type="secret", target_id=kind, details={"kind": kind, "versions_added_count": len(added)})
+        session.commit()
+    console.print(f"New {kind} secret version for {len(added)} owner(s).")
+
+
+@keys_app.command("status")
+def keys_status() -> None:
+    """Every key version: owner, kind, version, state (current, previous, retired), master key."""
+    from carepost.core.database import read_only_session
+    from carepost.core.reencrypt import key_status
+
+    from carepost.models import load_all_models
+
+    load_all_models()
+    with read_only_session() as session:
+        rows = key_status(session)
+    table = Table("owner", "kind", "version", "state", "master key", "created", "retired")
+    for r in rows:
+        table.add_row(r["owner"], r["kind"], str(r["version"]), r["state"], r["master_key_id"],
+                      r["created_at"].strftime("%Y-%m-%d %H:%M"), r["retired_at"].strftime("%Y-%m-%d %H:%M") if r["retired_at"] else "")
+    console.print(table)
 
 
 @keys_app.command("rekey-database")

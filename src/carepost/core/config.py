@@ -37,6 +37,10 @@ class Settings(BaseSettings):
         "`<key id>:<base64 32 bytes>`, as credential helpers do: the plug-in point for a secret manager or KMS. "
         "Takes precedence over the file; CAREPOST_MASTER_KEY over it.",
     )
+    key_refresh_seconds: int = Field(
+        60, ge=1, description="How often (seconds) a running process re-reads the current key versions, so every process "
+        "encrypts with a newly rotated data key, blind-index key or secret within this bound (docs/keys.md).",
+    )
     production: bool | None = Field(
         None,
         description="Production mode: `doctor` fails (not warns) when the master key file sits on the data's "

@@ -23,13 +23,14 @@ import os
 import re
 import secrets
 import threading
+import time
 import unicodedata
 from datetime import datetime
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy import DateTime, Integer, LargeBinary, String, UniqueConstraint, select
+from sqlalchemy import DateTime, Integer, LargeBinary, String, UniqueConstraint, func, select, text
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from carepost.core import clock
@@ -59,6 +60,9 @@ from carepost.core.masterkeys import (  # noqa: F401 - the keyring's public name
 )
 
 CIPHERTEXT_FORMAT = 1
+# Named secrets (``Keyring.named_key``) that ``carepost keys rotate-secret`` rotates: each MAC made
+# with one records or finds its version, so a rotation never breaks what was made before.
+NAMED_SECRET_KINDS = ("portal", "consent", "audit", "forms", "verp")
 
 
 # --------------------------------------------------------------------------- organization keys
@@ -75,8 +79,11 @@ class OrgKey(Base):
     kind: Mapped[str] = mapped_column(String(8))
     version: Mapped[int] = mapped_column(Integer)
     master_key_id: Mapped[str] = mapped_column(String(40))
-    wrapped: Mapped[bytes] = mapped_column(LargeBinary)
+    wrapped: Mapped[bytes] = mapped_column(LargeBinary)  # emptied when the version is retired
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=clock.now)
+    # Set by the re-encryption job once no ciphertext or index needs this version: its key
+    # material is destroyed (``wrapped`` emptied) and it can no longer decrypt anything.
+    retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 def _purpose(org_id: str, kind: str, version: int) -> str:
@@ -105,17 +112,26 @@ def normalize_for_index(kind: str, value: str, *, system: str | None = None) -> 
 
 
 class Keyring:
-    """Per-process cache of unwrapped keys. Thread-safe; safe to share across sessions."""
+    """Per-process cache of unwrapped keys. Thread-safe; safe to share across sessions.
 
-    def __init__(self, current_master_id: str, masters: dict[str, MasterKey], settings: Settings | None = None):
+    The current version of each versioned key (data, index, named secrets) is re-read from the
+    database at most ``CAREPOST_KEY_REFRESH_SECONDS`` after it was last read, so a version added
+    by another process (``carepost keys rotate``) is used for new writes within that bound.
+    """
+
+    def __init__(self, current_master_id: str, masters: dict[str, MasterKey], settings: Settings | None = None,
+                 refresh_seconds: float | None = None):
         self.current_master_id = current_master_id
         self.masters = masters
         self._settings = settings
+        if refresh_seconds is None:
+            refresh_seconds = settings.key_refresh_seconds if settings is not None else 60
+        self.refresh_seconds = float(refresh_seconds)
         self._master_stamp = self._stamp()
         self._lock = threading.Lock()
-        self._data: dict[tuple[str, int], bytes] = {}
-        self._current_version: dict[str, int] = {}
-        self._index: dict[str, bytes] = {}
+        # (owner, kind, version) -> secret; (owner, kind) -> (current version, monotonic time read)
+        self._keys: dict[tuple[str, str, int], bytes] = {}
+        self._current: dict[tuple[str, str], tuple[int, float]] = {}
 
     # -- master keys on disk
 
@@ -134,16 +150,21 @@ class Keyring:
 
     def refresh_masters(self, force: bool = False) -> None:
         """Pick up a master key rotated by another process (``carepost keys rotate`` while servers
-        and workers run): new wraps must use the new key, and keys it wrapped must unwrap."""
+        and workers run): new wraps must use the new key, and keys it wrapped must unwrap.
+
+        While a rotation is under way (``master.key.new`` exists) new keys are wrapped with the
+        pending key: the rotation never deletes it (it resumes with it, then moves it over
+        ``master.key``), so a key made at any moment of the rotation stays readable after it."""
         if self._settings is None:
             return
         stamp = self._stamp()
         if not force and stamp == self._master_stamp:
             return
         current, masters = load_master_keys(self._settings)
+        pending = next((k for k in masters if k != current), None)
         with self._lock:
             self.masters = {**self.masters, **masters}
-            self.current_master_id = current
+            self.current_master_id = pending or current
             self._master_stamp = stamp
 
     def _unwrap(self, wrapped: dict, purpose: str) -> bytes:
@@ -151,13 +172,21 @@ class Keyring:
             self.refresh_masters(force=True)
         return unwrap(self.masters, wrapped, purpose)
 
+    def _wrapping_master(self, session: Session) -> MasterKey:
+        """The master key new keys are wrapped with, read inside the key-creation lock so that a
+        master-key rotation either re-wraps this key or happened before and is seen here."""
+        key_creation_lock(session, exclusive=False)
+        self.refresh_masters(force=True)
+        return self.masters[self.current_master_id]
+
     # -- key records
 
     def ensure_org_keys(self, session: Session, org_id: str) -> None:
         """Create the first data key and the blind-index key of a new organization."""
         existing = session.scalars(select(OrgKey.kind).where(OrgKey.org_id == org_id)).all()
-        self.refresh_masters()
-        master = self.masters[self.current_master_id]
+        if "data" in existing and "index" in existing:
+            return
+        master = self._wrapping_master(session)
         for kind in ("data", "index"):
             if kind not in existing:
                 secret = secrets.token_bytes(32)
@@ -172,67 +201,110 @@ class Keyring:
                 )
         session.flush()
 
+    def _current_version(self, session: Session, owner: str, kind: str) -> int | None:
+        """The newest live version of ``kind`` for ``owner``, cached for ``refresh_seconds``."""
+        now = time.monotonic()
+        with self._lock:
+            cached = self._current.get((owner, kind))
+            if cached is not None and now - cached[1] < self.refresh_seconds:
+                return cached[0]
+        rows = session.execute(
+            select(OrgKey.version, OrgKey.retired_at).where(OrgKey.org_id == owner, OrgKey.kind == kind)
+        ).all()
+        live = [v for v, retired in rows if retired is None]
+        if not live:
+            return None
+        current = max(live)
+        retired = {v for v, r in rows if r is not None}
+        with self._lock:
+            self._current[(owner, kind)] = (current, now)
+            for v in retired:  # destroyed in the database: forget our copy too
+                self._keys.pop((owner, kind, v), None)
+        return current
+
     def _load(self, session: Session, org_id: str, kind: str, version: int | None) -> tuple[int, bytes]:
-        q = select(OrgKey).where(OrgKey.org_id == org_id, OrgKey.kind == kind)
-        q = q.where(OrgKey.version == version) if version is not None else q.order_by(OrgKey.version.desc()).limit(1)
-        rec = session.scalars(q).first()
+        # Also when a version is named: re-reading the current version every refresh_seconds
+        # drops this process's copy of versions retired meanwhile.
+        current = self._current_version(session, org_id, kind)
+        if version is None:
+            version = current
+            if version is None:
+                raise KeyUnavailable(f"no {kind} key for organization {org_id}")
+        with self._lock:
+            secret = self._keys.get((org_id, kind, version))
+        if secret is not None:
+            return version, secret
+        rec = session.scalars(
+            select(OrgKey).where(OrgKey.org_id == org_id, OrgKey.kind == kind, OrgKey.version == version)
+        ).first()
         if rec is None:
-            raise KeyUnavailable(f"no {kind} key version {version or 'current'} for organization {org_id}")
+            raise KeyUnavailable(f"no {kind} key version {version} for organization {org_id}")
+        if rec.retired_at is not None:
+            raise KeyUnavailable(f"{kind} key version {version} of organization {org_id} was retired")
         secret = self._unwrap(json.loads(rec.wrapped), _purpose(org_id, kind, rec.version))
-        return rec.version, secret
+        with self._lock:
+            self._keys[(org_id, kind, version)] = secret
+        return version, secret
 
     def data_key(self, session: Session, org_id: str, version: int | None = None) -> tuple[int, bytes]:
-        with self._lock:
-            if version is None and org_id in self._current_version:
-                version = self._current_version[org_id]
-            if version is not None and (org_id, version) in self._data:
-                return version, self._data[(org_id, version)]
-        got_version, secret = self._load(session, org_id, "data", version)
-        with self._lock:
-            self._data[(org_id, got_version)] = secret
-            if version is None:
-                self._current_version[org_id] = got_version
-        return got_version, secret
+        return self._load(session, org_id, "data", version)
 
-    def index_key(self, session: Session, org_id: str) -> bytes:
+    def index_key(self, session: Session, org_id: str, version: int | None = None) -> bytes:
+        return self._load(session, org_id, "index", version)[1]
+
+    def forget_current_versions(self) -> None:
+        """Re-read every current version at next use (after this process rotated keys)."""
         with self._lock:
-            if org_id in self._index:
-                return self._index[org_id]
-        _, secret = self._load(session, org_id, "index", 1)
+            self._current.clear()
+
+    def forget_key(self, owner: str, kind: str, version: int) -> None:
+        """Drop this process's copy of a key (it was just retired)."""
         with self._lock:
-            self._index[org_id] = secret
-        return secret
+            self._keys.pop((owner, kind, version), None)
+            self._current.pop((owner, kind), None)
+
+    def live_versions(self, session: Session, owner: str, kind: str) -> list[int]:
+        """Every version of ``kind`` not yet retired, newest first."""
+        return sorted(session.scalars(select(OrgKey.version).where(
+            OrgKey.org_id == owner, OrgKey.kind == kind, OrgKey.retired_at.is_(None))).all(), reverse=True)
 
     def named_key(self, session: Session, owner_id: str, kind: str) -> bytes:
-        """A single-version secret of ``kind`` (e.g. ``audit``) for an owner, created on first use."""
-        cache_key = f"{owner_id}\x00{kind}"
-        with self._lock:
-            if cache_key in self._index:
-                return self._index[cache_key]
-        rec = session.scalars(select(OrgKey).where(OrgKey.org_id == owner_id, OrgKey.kind == kind)).first()
-        if rec is None:
-            self.refresh_masters()
-            master = self.masters[self.current_master_id]
-            secret = secrets.token_bytes(32)
-            try:
-                with session.begin_nested():
-                    session.add(
-                        OrgKey(
-                            org_id=owner_id,
-                            kind=kind,
-                            version=1,
-                            master_key_id=master.id,
-                            wrapped=json.dumps(wrap(master, secret, _purpose(owner_id, kind, 1))).encode(),
-                        )
+        """The current secret of ``kind`` (e.g. ``audit``, ``portal``, ``consent``) for an owner,
+        created on first use."""
+        return self.named_key_version(session, owner_id, kind)[1]
+
+    def named_key_version(self, session: Session, owner_id: str, kind: str) -> tuple[int, bytes]:
+        """``(version, secret)`` of the current secret of ``kind``, created on first use."""
+        try:
+            return self._load(session, owner_id, kind, None)
+        except KeyUnavailable:
+            if session.scalars(select(OrgKey.id).where(OrgKey.org_id == owner_id, OrgKey.kind == kind)).first():
+                raise
+        master = self._wrapping_master(session)
+        secret = secrets.token_bytes(32)
+        try:
+            with session.begin_nested():
+                session.add(
+                    OrgKey(
+                        org_id=owner_id,
+                        kind=kind,
+                        version=1,
+                        master_key_id=master.id,
+                        wrapped=json.dumps(wrap(master, secret, _purpose(owner_id, kind, 1))).encode(),
                     )
-            except IntegrityError:
-                rec = session.scalars(select(OrgKey).where(OrgKey.org_id == owner_id, OrgKey.kind == kind)).one()
-                secret = self._unwrap(json.loads(rec.wrapped), _purpose(owner_id, kind, 1))
-        else:
-            secret = self._unwrap(json.loads(rec.wrapped), _purpose(owner_id, kind, rec.version))
+                )
+        except IntegrityError:
+            return self._load(session, owner_id, kind, 1)
         with self._lock:
-            self._index[cache_key] = secret
-        return secret
+            self._keys[(owner_id, kind, 1)] = secret
+            self._current[(owner_id, kind)] = (1, time.monotonic())
+        return 1, secret
+
+    def named_keys(self, session: Session, owner_id: str, kind: str) -> list[tuple[int, bytes]]:
+        """Every live version of a named secret, newest first: to verify a MAC made before a
+        rotation (a link already sent) while new MACs use the current one."""
+        self.named_key(session, owner_id, kind)
+        return [self._load(session, owner_id, kind, v) for v in self.live_versions(session, owner_id, kind)]
 
     # -- field encryption
 
@@ -262,47 +334,64 @@ class Keyring:
     def key_version_of(blob: bytes) -> int:
         return int.from_bytes(blob[1:5], "big")
 
-    def blind_index(self, session: Session, org_id: str, kind: str, value: str, *, system: str | None = None) -> str:
-        """Keyed HMAC for equality look-ups; the kind is part of the input so an email and a
-        phone with equal text never collide."""
-        key = self.index_key(session, org_id)
+    def blind_index(self, session: Session, org_id: str, kind: str, value: str, *, system: str | None = None,
+                    version: int | None = None) -> str:
+        """Keyed HMAC for equality look-ups, under the current blind-index key (what writes
+        store); the kind is part of the input so an email and a phone with equal text never collide."""
+        key = self.index_key(session, org_id, version)
         msg = f"{kind}\x00{normalize_for_index(kind, value, system=system)}".encode()
         return hmac.new(key, msg, hashlib.sha256).hexdigest()
 
+    def blind_indexes(self, session: Session, org_id: str, kind: str, value: str, *, system: str | None = None) -> list[str]:
+        """The value's index under every live blind-index key, current first: what a look-up
+        matches while a re-index after a rotation is under way (rows not yet re-indexed still
+        hold the index under the previous key)."""
+        current = self._current_version(session, org_id, "index")
+        versions = [current] + [v for v in self.live_versions(session, org_id, "index") if v != current]
+        return [self.blind_index(session, org_id, kind, value, system=system, version=v) for v in versions if v is not None]
+
     # -- rotation
+
+    def add_version(self, session: Session, owner: str, kind: str) -> int:
+        """Add a new version of ``kind`` for ``owner`` (wrapped under the current master key,
+        read inside the key-creation lock); new writes use it. Returns the new version."""
+        master = self._wrapping_master(session)
+        latest = session.scalar(select(func.max(OrgKey.version)).where(OrgKey.org_id == owner, OrgKey.kind == kind)) or 0
+        new_version = latest + 1
+        session.add(
+            OrgKey(
+                org_id=owner,
+                kind=kind,
+                version=new_version,
+                master_key_id=master.id,
+                wrapped=json.dumps(wrap(master, secrets.token_bytes(32), _purpose(owner, kind, new_version))).encode(),
+            )
+        )
+        session.flush()
+        with self._lock:
+            self._current.pop((owner, kind), None)
+        return new_version
+
+    def rotate_keys(self, session: Session, kind: str, owners: list[str] | None = None) -> dict[str, int]:
+        """Add a new version of ``kind`` for every owner that has one (or for ``owners``)."""
+        if owners is None:
+            owners = sorted(set(session.scalars(select(OrgKey.org_id).where(OrgKey.kind == kind)).all()))
+        return {owner: self.add_version(session, owner, kind) for owner in owners}
 
     def rotate_data_keys(self, session: Session) -> int:
         """Add a new data-key version for every organization; new writes use it."""
-        self.refresh_masters()
-        master = self.masters[self.current_master_id]
-        rows = session.execute(
-            select(OrgKey.org_id, OrgKey.version).where(OrgKey.kind == "data").order_by(OrgKey.org_id, OrgKey.version)
-        ).all()
-        latest: dict[str, int] = {}
-        for org_id, version in rows:
-            latest[org_id] = max(version, latest.get(org_id, 0))
-        for org_id, version in latest.items():
-            new_version = version + 1
-            session.add(
-                OrgKey(
-                    org_id=org_id,
-                    kind="data",
-                    version=new_version,
-                    master_key_id=master.id,
-                    wrapped=json.dumps(wrap(master, secrets.token_bytes(32), _purpose(org_id, "data", new_version))).encode(),
-                )
-            )
-        session.flush()
-        with self._lock:
-            self._current_version.clear()
-        return len(latest)
+        return len(self.rotate_keys(session, "data"))
 
-    def rewrap_all(self, session: Session, new_master: MasterKey) -> int:
-        """Re-wrap every organization key under ``new_master`` (the old master unwraps)."""
+    def rewrap_all(self, session: Session, new_master: MasterKey, *, only_other_masters: bool = False) -> int:
+        """Re-wrap every organization key under ``new_master`` (the old master unwraps).
+        Retired versions hold no key material and are left alone."""
         masters = dict(self.masters)
         masters[new_master.id] = new_master
         count = 0
-        for rec in session.scalars(select(OrgKey)).all():
+        q = select(OrgKey).where(OrgKey.retired_at.is_(None))
+        if only_other_masters:
+            q = q.where(OrgKey.master_key_id != new_master.id)
+        for rec in session.scalars(q).all():
             purpose = _purpose(rec.org_id, rec.kind, rec.version)
             secret = unwrap(masters, json.loads(rec.wrapped), purpose)
             rec.wrapped = json.dumps(wrap(new_master, secret, purpose)).encode()
@@ -310,6 +399,25 @@ class Keyring:
             count += 1
         session.flush()
         return count
+
+
+_KEY_LOCK_ID = 0x43617265  # pg advisory lock id of key creation vs. master-key rotation ("Care")
+
+
+def key_creation_lock(session: Session, *, exclusive: bool) -> None:
+    """Serialize wrapping new keys with re-wrapping them all (master-key rotation).
+
+    PostgreSQL: a transaction-level advisory lock, shared by key creators and exclusive for the
+    rotation, so the rotation waits for creators in flight and re-wraps what they made, and a
+    creator that starts later reads the master key files after the rotation wrote the new one.
+    SQLite: every CarePost transaction begins IMMEDIATE and holds the single writer lock, so
+    beginning it is enough (a read-only session that tries to write after a rotation
+    committed fails with "database is locked" rather than wrap with the old key)."""
+    if session.get_bind().dialect.name == "postgresql":
+        fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+        session.execute(text(f"SELECT {fn}(:k)"), {"k": _KEY_LOCK_ID})
+    else:
+        session.execute(text("SELECT 1"))
 
 
 _keyring: Keyring | None = None
@@ -356,6 +464,7 @@ def rotate_master_key(settings: Settings, session_factory) -> tuple[str, str, in
     ring = Keyring(old_id, {**masters, new.id: new})
     with session_factory() as session:
         session.info["scope"] = "system"
+        key_creation_lock(session, exclusive=True)  # creators in flight finish first; later ones see master.key.new
         count = ring.rewrap_all(session, new)
         ring.current_master_id = new.id
         ring.rotate_data_keys(session)
@@ -365,5 +474,16 @@ def rotate_master_key(settings: Settings, session_factory) -> tuple[str, str, in
         secret = unwrap({**masters, new.id: new}, json.loads(db_file.read_text()), "database")
         _write_json_0600(db_file, wrap(new, secret, "database"))
     os.replace(pending, settings.resolved_master_key_file)
+    # Belt and braces: nothing may stay wrapped by the old key, which is no longer on disk (a key
+    # made by a process that did not take the creation lock). This process still holds it.
+    while True:
+        with session_factory() as session:
+            session.info["scope"] = "system"
+            key_creation_lock(session, exclusive=True)
+            late = ring.rewrap_all(session, new, only_other_masters=True)
+            session.commit()
+        count += late
+        if not late:
+            break
     reset_keyring()
     return old_id, new.id, count
