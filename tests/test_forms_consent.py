@@ -179,6 +179,8 @@ def test_new_person_signs_only_after_confirming(api, topic, client, session, org
 
     evidence = authorization_dict(scoped(session, org.id), auth, include_evidence=True)
     assert evidence["signature"] == "Pat Example" and evidence["ip"] == "testclient"
+    # the form witnessed the signing: its IP address and user agent are the patient's (issue 9 item 12)
+    assert evidence["evidence_of"] == "patient" and not evidence["backdated"] and evidence["scan"] is None
     [subscription] = subscriptions(session, org.id)
     assert (subscription.topic_id, subscription.status, subscription.source) == (topic.id, "subscribed", "form")
     assert check_eligibility(scoped(session, org.id), [sub.contact_id], "marketing")[sub.contact_id] == "eligible"
