@@ -47,6 +47,7 @@ ROUTER_MODULES = [
     "carepost.forms.texts_pages",
     "carepost.delivery.api",
     "carepost.delivery.pages",
+    "carepost.delivery.compose_pages",
     "carepost.delivery.settings_pages",
     "carepost.portal.api",
     "carepost.portal.pages",
@@ -166,6 +167,11 @@ def _fill_ports() -> None:
     pipeline.portal_store.fill(portal.store_portal_message)
     pipeline.portal_notification.fill(portal.notification_email)
     delivery_pages.portal_state.fill(portal.portal_state)
+    from carepost.delivery import compose
+
+    compose.topic_choices.fill(eligibility.compose_topics)
+    compose.recipient_eligibility.fill(eligibility.recipients_eligibility)
+    compose.reason_text.fill(eligibility.reason_sentence)
 
 
 def _wire_events() -> None:

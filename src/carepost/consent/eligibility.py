@@ -508,16 +508,35 @@ def pipeline_eligibility(session: Session, candidates: list) -> dict[str, str]:
     for (org_id, purpose, topic_id), group in groups.items():
         rows = [{"id": c.recipient_id, "contact_id": c.contact_id, "address_index": c.address_index,
                  "message_id": c.message_id} for c in group]
-        topic = session.get(Topic, topic_id) if topic_id else None
-        checked = delivery_check(session, org_id, rows, purpose, topic)
-        needs_footer = purposes.requirements(purpose).opt_out_required
-        no_postal = needs_footer and not consent_settings(session, org_id).get("postal_address")
-        for rid, code in checked.items():
-            if code != ELIGIBLE:
-                excluded[rid] = code
-            elif no_postal:
-                excluded[rid] = "no_postal_address"  # CAN-SPAM: never sent without the sender's postal address
+        checked = recipients_eligibility(session, org_id, rows, purpose, topic_id)
+        excluded.update({rid: code for rid, code in checked.items() if code != ELIGIBLE})
     return excluded
+
+
+def recipients_eligibility(session: Session, org_id: str, rows: list[dict], purpose: str,
+                           topic_id: str | None) -> dict[str, str]:
+    """``{row id: "eligible" | reason}`` for recipient rows of one purpose and topic: the
+    delivery check plus the CAN-SPAM rule that commercial mail needs the sender's postal address.
+    The pipeline's eligibility uses it, and so does the compose page's preview (delivery port
+    ``compose.recipient_eligibility``) for a message not stored yet."""
+    topic = session.get(Topic, topic_id) if topic_id else None
+    checked = delivery_check(session, org_id, rows, purpose, topic)
+    if purposes.requirements(purpose).opt_out_required and not consent_settings(session, org_id).get("postal_address"):
+        # CAN-SPAM: never sent without the sender's postal address
+        checked = {rid: ("no_postal_address" if code == ELIGIBLE else code) for rid, code in checked.items()}
+    return checked
+
+
+def compose_topics(session: Session, org_id: str) -> list[dict]:
+    """The delivery port ``compose.topic_choices``: topics a new message may name (not archived)."""
+    from carepost.consent.service import list_topics
+
+    return [{"id": t.id, "key": t.key, "name": t.name} for t in list_topics(session, org_id)]
+
+
+def reason_sentence(code: str) -> str:
+    """The delivery port ``compose.reason_text``: an exclusion reason in words."""
+    return REASON_TEXT.get(code, code.replace("_", " "))
 
 
 def mailto_unsubscribe(session: Session, org_id: str, recipient_id: str) -> None:

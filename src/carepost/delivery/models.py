@@ -267,3 +267,15 @@ class StoredMtaStsPolicy(Base):
     policy_enc: Mapped[bytes] = mapped_column(LargeBinary)  # JSON {"mx": [...], "max_age": n}, AES-GCM
     fetched_at: Mapped[datetime]
     expires_at: Mapped[datetime] = mapped_column(index=True)  # fetched_at + max_age
+
+
+class ComposedSend(OrgScoped, Base):
+    """What one press of "Send" on the compose page stored (issue 10 item 5): one message per
+    recipient, listed together on the page that follows. Ids only: no address, no content."""
+
+    __tablename__ = "composed_sends"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    message_ids: Mapped[list] = mapped_column(JSON, default=list)
+    created_by: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(default=clock.now)

@@ -14,13 +14,15 @@ from carepost import __version__
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
-# Navigation, filled by the capabilities: (section, label, path, permission or None).
-NAV: list[tuple[str, str, str, str | None]] = [
+# Navigation, filled by the capabilities: (section, label, path, permission, a tuple of which any
+# one suffices, or None).
+NAV: list[tuple[str, str, str, str | tuple[str, ...] | None]] = [
     ("Overview", "Dashboard", "/app", None),
     ("Patients", "Contacts", "/app/contacts", "phi:read_masked"),
     ("Patients", "Import", "/app/imports", "contacts:import"),
     ("Patients", "Forms and surveys", "/app/forms", "forms:manage"),
     ("Patients", "Segments", "/app/segments", "segments:read"),
+    ("Delivery", "Compose", "/app/compose", ("messages:send", "campaigns:send")),  # any of them (issue 10 item 5)
     ("Delivery", "Sending domains", "/app/domains", "domains:manage"),
     ("Delivery", "Delivery log", "/app/deliveries", "messages:read"),
     ("Delivery", "Security preview", "/app/security-preview", "messages:send"),
@@ -61,7 +63,8 @@ def nav_for(principal) -> list[tuple[str, list[tuple[str, str]]]]:
     for section, label, path, permission in NAV:
         if principal is None:
             continue
-        if permission and not principal.can(permission):
+        wanted = permission if isinstance(permission, tuple) else (permission,) if permission else ()
+        if wanted and not any(principal.can(p) for p in wanted):
             continue
         sections.setdefault(section, []).append((label, path))
     return list(sections.items())
