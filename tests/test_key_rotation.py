@@ -275,3 +275,55 @@ def test_keys_cli_rotate_reencrypt_retire_and_status(db, org):
     result = runner.invoke(carepost_cli.app, ["keys", "status"])
     assert result.exit_code == 0, result.output
     assert "retired" in result.output and "current" in result.output
+
+
+# --------------------------------------------------------------------------- audit key rotation
+
+
+def test_a_new_audit_key_version_keeps_earlier_entries_verifying(db, org):
+    import shutil
+
+    from carepost import cli as carepost_cli
+    from carepost.audit import checkpoints
+    from carepost.audit.models import AuditEvent
+    from carepost.audit.service import record
+    from carepost.audit.verify import verify
+    from carepost.core.database import read_only_session
+
+    shutil.rmtree(checkpoints.checkpoint_dir(), ignore_errors=True)
+
+    def append(n):
+        with system_session() as s:
+            for i in range(n):
+                record(s, org_id=org.id, actor_type="user", actor_id="u1", action="contact.read",
+                       target_type="contact", target_id=f"c{i}")
+            s.commit()
+
+    append(3)
+    result = CliRunner().invoke(carepost_cli.app, ["keys", "rotate-secret", "audit"])
+    assert result.exit_code == 0, result.output
+    get_keyring().forget_current_versions()
+    append(2)  # the checkpoint on disk was signed with version 1; appending must accept it
+    with read_only_session() as s:
+        versions = [e.key_version for e in s.scalars(select(AuditEvent).where(AuditEvent.chain == org.id).order_by(AuditEvent.seq))]
+        assert versions[:3] == [1, 1, 1] and versions[3:] == [2, 2]
+        report = verify(s, org_id=org.id)
+    assert report.ok, report.to_dict()
+    chain = report.chains[0]
+    assert chain.events == 5 and all(cp["status"] == "ok" for cp in chain.checkpoints)
+
+    # an event re-labelled with the other key version no longer verifies
+    with system_session() as s:
+        first = s.scalars(select(AuditEvent).where(AuditEvent.chain == org.id, AuditEvent.seq == 1)).one()
+        first.key_version = 2
+        s.commit()
+    with read_only_session() as s:
+        problem = verify(s, org_id=org.id).first_problem
+    assert problem is not None and problem.seq == 1
+
+
+def test_rotate_secret_refuses_an_unknown_kind(db):
+    from carepost import cli as carepost_cli
+
+    result = CliRunner().invoke(carepost_cli.app, ["keys", "rotate-secret", "bogus"])
+    assert result.exit_code == 1 and "kind must be one of" in result.output

@@ -297,10 +297,10 @@ def keys_retire(
 
 @keys_app.command("rotate-secret")
 def keys_rotate_secret(
-    kind: str = typer.Argument(..., help="portal, consent, audit, forms or verp"),
+    kind: str = typer.Argument(..., help="audit (the audit chains' HMAC keys)"),
 ) -> None:
-    """Add a new version of a secret (portal links, consent tokens, audit chain MACs, ...) for
-    every owner. New MACs use it; MACs made before keep verifying under their version."""
+    """Add a new version of a secret (the audit chains' HMAC keys) for every owner. New MACs use
+    it; MACs made before keep verifying under their version."""
     from sqlalchemy import select
 
     from carepost.audit.service import record

@@ -42,6 +42,9 @@ class AuditEvent(Base):
     details: Mapped[dict] = mapped_column(JSON, default=dict)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+    # The version of the chain's audit key that made ``hash``: a rotated key (``carepost keys
+    # rotate-secret audit``) signs new events while earlier ones keep verifying under theirs.
+    key_version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
 
 class AuditChainHead(Base):

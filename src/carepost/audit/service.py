@@ -115,7 +115,7 @@ def record(
         prev_hash=head.hash,
     )
     event.id = new_id()
-    key = chain_key(session, chain)
+    event.key_version, key = get_keyring().named_key_version(session, chain, "audit")
     event.hash = event_hash(key, event)
     head.seq = event.seq
     head.hash = event.hash
@@ -307,7 +307,8 @@ def _file_continues_chain(session: Session, chain: str, key: bytes, first_seq: i
         return False
     if cp is None:
         return True
-    if cp.chain != chain or not checkpoints.mac_ok(key, cp):
+    keys = [key] + [k for _, k in get_keyring().named_keys(session, chain, "audit") if k != key]
+    if cp.chain != chain or not any(checkpoints.mac_ok(k, cp) for k in keys):  # signed before a key rotation too
         log.error("audit_checkpoint_invalid", chain=chain)
         return False
     if cp.seq == first_seq - 1:

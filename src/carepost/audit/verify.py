@@ -105,6 +105,14 @@ def begin_snapshot(session: Session) -> None:
         session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
 
 
+def _existing_chain_keys(session: Session, chain: str) -> dict[int, bytes] | None:
+    """Every live version of the chain's audit key (a rotation adds one; events keep theirs)."""
+    exists = session.scalar(select(OrgKey.id).where(OrgKey.org_id == chain, OrgKey.kind == "audit"))
+    if exists is None:
+        return None
+    return dict(get_keyring().named_keys(session, chain, "audit"))
+
+
 def _existing_chain_key(session: Session, chain: str) -> bytes | None:
     """The chain's audit key, without creating one (verification never writes)."""
     exists = session.scalar(select(OrgKey.id).where(OrgKey.org_id == chain, OrgKey.kind == "audit"))
@@ -163,7 +171,8 @@ def _verify_chain(session: Session, chain: str, cps: list[Checkpoint], result: C
     head = session.execute(select(AuditChainHead.seq, AuditChainHead.hash).where(AuditChainHead.chain == chain)).first()
     result.head_seq = head.seq if head else None
     try:
-        key = _existing_chain_key(session, chain)
+        keys = _existing_chain_keys(session, chain)
+        key = keys[max(keys)] if keys else None
     except KeyUnavailable as exc:
         result.problem = Problem("key_unavailable", chain, None, None, f"the chain key cannot be unwrapped: {exc}")
         return result
@@ -183,7 +192,7 @@ def _verify_chain(session: Session, chain: str, cps: list[Checkpoint], result: C
                 "and its key were deleted (or the checkpoint belongs to another installation)",
             )
             return result
-        if cp.chain != chain or key is None or not checkpoints.mac_ok(key, cp):
+        if cp.chain != chain or key is None or not any(checkpoints.mac_ok(k, cp) for k in keys.values()):
             entry["status"] = "invalid"
             result.problem = Problem(
                 "checkpoint_invalid", chain, cp.seq, cp.event_id,
@@ -212,7 +221,7 @@ def _verify_chain(session: Session, chain: str, cps: list[Checkpoint], result: C
     prev_hash = GENESIS
     for event, nxt in _with_next(_events(session, chain)):
         expected = (prev.seq + 1) if prev else 1
-        problem = _check_event(key, chain, event, nxt, prev, prev_hash, expected)
+        problem = _check_event(keys.get(event.key_version or 1) if keys else None, chain, event, nxt, prev, prev_hash, expected)
         if problem:
             result.problem = problem
             return result
@@ -277,7 +286,9 @@ def _check_event(
         )
     if event.seq < expected:
         return Problem("duplicate", chain, event.seq, event.id, f"{_describe(event)} repeats a seq already used")
-    assert key is not None
+    if key is None:
+        return Problem("key_missing", chain, event.seq, event.id,
+                       f"{_describe(event)} names audit key version {event.key_version}, which is not in the database")
     authentic = hmac.compare_digest(event_hash(key, event), event.hash)
     if not authentic:
         original = _written_as_seq(key, event)

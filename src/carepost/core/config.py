@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     )
     key_refresh_seconds: int = Field(
         60, ge=1, description="How often (seconds) a running process re-reads the current key versions, so every process "
-        "encrypts with a newly rotated data key, blind-index key or secret within this bound (docs/keys.md).",
+        "encrypts with a newly rotated data-key or audit-key version within this bound (docs/keys.md).",
     )
     production: bool | None = Field(
         None,
