@@ -37,7 +37,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, inspect, select, update
 from sqlalchemy.orm import Session
 
 from carepost.accounts.models import Organization
@@ -498,9 +498,25 @@ def _birth_date_hash(session: Session, recipient_id: str | None) -> str | None:
     return _hasher().hash(contact.birth_date.isoformat())
 
 
+# Issue 9 item 21: the second-factor checks read and write the message's counters (failed
+# attempts, lockouts, the one-time code); two attempts racing on PostgreSQL would both read the
+# same count and one wrong try would be lost. Each check first locks the row (SELECT ... FOR
+# UPDATE; SQLite's writer lock serializes anyway) and re-reads what it decides on, so N wrong
+# tries count N and the lockout applies, and a code is accepted once.
+_AUTH_STATE = ["failed_attempts", "locked_until", "lockouts", "code_hash", "code_expires_at", "recalled_at",
+               "expires_at", "wiped_at"]
+
+
+def _lock_for_auth(session: Session, pm: PortalMessage) -> None:
+    if inspect(pm).persistent:
+        session.flush()  # what this transaction already wrote must survive the re-read
+        session.refresh(pm, attribute_names=_AUTH_STATE, with_for_update=True)
+
+
 def verify_birth_date(session: Session, pm: PortalMessage, value: str, ctx: dict | None = None) -> AuthResult:
     """The knowledge check: the recipient's date of birth as the organization holds it. Wrong
     dates count toward the same lockout as wrong codes and answers."""
+    _lock_for_auth(session, pm)
     if pm.auth != "code" or not pm.birth_date_hash or state(pm) != "open":
         return AuthResult(False, "This message cannot be opened now.")
     normalized = normalize_birth_date(value[:40])
@@ -573,6 +589,7 @@ def _fail(session: Session, pm: PortalMessage, ctx: dict | None, how: str) -> Au
 
 
 def verify_code(session: Session, pm: PortalMessage, code: str, ctx: dict | None = None) -> AuthResult:
+    _lock_for_auth(session, pm)
     if pm.auth != "code" or state(pm) != "open":
         return AuthResult(False, "This message cannot be opened now.")
     candidate = re.sub(r"[\s-]", "", code or "")
@@ -593,6 +610,7 @@ def verify_code(session: Session, pm: PortalMessage, code: str, ctx: dict | None
 
 
 def verify_answer(session: Session, pm: PortalMessage, answer: str, ctx: dict | None = None) -> AuthResult:
+    _lock_for_auth(session, pm)
     if pm.auth != "question" or state(pm) != "open":
         return AuthResult(False, "This message cannot be opened now.")
     normalized = normalize_answer((answer or "")[:1000])
