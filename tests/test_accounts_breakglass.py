@@ -15,6 +15,7 @@ from carepost.audit.models import AuditEvent
 from carepost.core import clock
 from carepost.core.database import session_factory
 from tests.fixtures.accounts import login_client
+from tests.fixtures.delivery import prove_ownership
 
 REASON = "Patient in ED, attending requested chart review for case 4411"
 
@@ -182,7 +183,7 @@ def test_every_use_alerts_compliance_users_at_once_by_email_and_in_app(client, o
     from carepost.delivery.models import Message
 
     with org_session(org.id) as s:
-        delivery.create_sending_domain(s, org.id, "bar.example")
+        prove_ownership(s, delivery.create_sending_domain(s, org.id, "bar.example"))
         s.commit()
     officer = make_user(org, role="compliance_officer", email="privacy@valid.test")
     owner = make_user(org, role="owner", email="boss@valid.test")

@@ -22,6 +22,7 @@ from carepost.audit.models import AuditEvent
 from carepost.delivery import pipeline
 from carepost.delivery.models import Message
 from tests.fixtures.accounts import TestUser, csrf_from, login_client, strong_password
+from tests.fixtures.delivery import prove_ownership
 
 LINK = re.compile(r"http://localhost:8000(/app/(?:invite|enroll|password-reset)/[\w-]+)")
 
@@ -36,7 +37,7 @@ def two_orgs(session, org, delivery_env, delivery_queue):
     session.commit()
     for o, domain in ((org, "bar.example"), (org_b, "baz.example")):
         with org_session(o.id) as s:
-            service.create_sending_domain(s, o.id, domain)
+            prove_ownership(s, service.create_sending_domain(s, o.id, domain))
             s.commit()
     return org, org_b, delivery_env
 

@@ -17,6 +17,7 @@ from sqlalchemy import select
 from carepost.core import clock
 from carepost.delivery import bounces
 from carepost.delivery.bounces import classify_status, describe_status, parse_report
+from tests.fixtures.delivery import prove_ownership
 
 SAMPLES = Path(__file__).parent / "fixtures" / "bounces"
 PATIENT = "pat.doe@gmail.example"
@@ -200,6 +201,7 @@ def make_sent(session, org_id: str, address: str = PATIENT, *, domain_row=None) 
         domain_row = session.scalars(select(SendingDomain).where(SendingDomain.org_id == org_id)).first()
     if domain_row is None:
         domain_row = create_sending_domain(session, org_id, FROM_DOMAIN, ed25519=False)
+        prove_ownership(session, domain_row)  # only the domain's proven owner receives its reports
     message = Message(id=new_id(), org_id=org_id, from_address=f"care@{FROM_DOMAIN}", security="tls_required",
                       sending_domain_id=domain_row.id, purpose="treatment",
                       subject_enc=b"")

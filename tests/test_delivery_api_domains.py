@@ -95,8 +95,11 @@ def test_domains_need_domains_manage_and_stay_in_their_organization(client, send
     assert client.get(f"/api/v1/domains/{sender.domain_id}", headers=theirs).status_code == 404
     assert client.delete(f"/api/v1/domains/{sender.domain_id}", headers=theirs).status_code == 404
     assert client.get("/api/v1/domains", headers=theirs).json()["data"] == []
-    # The same domain may be another organization's sending domain too (each proves it by DNS).
-    assert client.post("/api/v1/domains", json={"domain": "bar.example"}, headers=theirs).status_code == 201
+    # A domain whose ownership one organization proved cannot be claimed by another (issue 9
+    # item 2): 409 naming the field, without naming the organization that holds it.
+    taken = client.post("/api/v1/domains", json={"domain": "bar.example"}, headers=theirs)
+    assert taken.status_code == 409 and taken.json()["error"]["field"] == "domain"
+    assert taken.json()["error"]["code"] == "domain_taken" and sender.org_id not in taken.text
 
 
 def test_mta_sts_policy_is_public_text(client, monkeypatch):
@@ -123,10 +126,12 @@ def test_cli_domain_add_prints_the_records_and_check_reports_each(storage, org, 
     assert added.returncode == 0, added.stderr
     with org_session(org.id) as s:
         row = service.get_sending_domain(s, "news.example")
-        records = [r.__dict__ for r in service.dns_records(row)]
+        records = [r.__dict__ for r in service.records_to_check(row)]
     dkim = next(r for r in records if r["purpose"] == "dkim")
     assert dkim["value"] in added.stdout.replace("\n", "")  # the DKIM TXT record in full, unbroken
     assert "bounces.news.example" in added.stdout and "carepost domain check news.example" in added.stdout
+    ownership = next(r for r in records if r["purpose"] == "ownership")
+    assert ownership["name"] == "_carepost-challenge.news.example" and ownership["value"] in added.stdout
 
     failing = cli("domain", "check", "news.example", "--org", org.slug, env_extra=storage.env)
     assert failing.returncode == 1 and "fail" in failing.stdout
@@ -135,7 +140,8 @@ def test_cli_domain_add_prints_the_records_and_check_reports_each(storage, org, 
     assert passing.returncode == 0, passing.stdout + passing.stderr
     assert "All records check out." in passing.stdout
     listed = cli("domain", "list", "--org", org.slug, env_extra=storage.env)
-    assert "news.example" in listed.stdout and "ok" in listed.stdout
+    assert "news.example" in listed.stdout and "ok" in listed.stdout and "proven" in listed.stdout
+    assert [e.details["via"] for e in audit(session, org.id, "sending_domain.verify")] == ["cli"]
     missing = cli("domain", "check", "nope.example", "--org", org.slug, env_extra=storage.env)
     assert missing.returncode == 1 and "No such sending domain" in missing.stderr
     assert [e.action for e in audit(session, org.id, "sending_domain.create")] == ["sending_domain.create"]

@@ -44,11 +44,14 @@ def test_add_domain_shows_records_and_the_live_check_passes_and_fails_per_record
     assert row.dkim_rsa_record in detail.text  # the DKIM TXT record in full
     assert f"_dmarc.bar.example" in detail.text and "bounces.bar.example" in detail.text
     assert detail.text.count("data-copy-target") >= 14 and "Not checked" in detail.text
+    # Issue 9 item 2: the ownership record comes first, and nothing is sent until it is found.
+    assert f"_carepost-challenge.bar.example" in detail.text and f"carepost-verify={row.ownership_token}" in detail.text
+    assert 'data-testid="ownership-pending"' in detail.text and "Ownership not proven" in detail.text
 
     # Publish some records: DKIM and DMARC pass, SPF is wrong, the rest missing.
     from carepost.delivery import service
 
-    records = {rec.purpose: rec for rec in service.dns_records(row)}
+    records = {rec.purpose: rec for rec in service.records_to_check(row)}
     delivery_env.dns.add(records["dkim"].name, "TXT", txt(records["dkim"].value))
     delivery_env.dns.add(records["dmarc"].name, "TXT", txt(records["dmarc"].value))
     delivery_env.dns.add(records["spf"].name, "TXT", txt("v=spf1 mx -all"))
@@ -58,6 +61,7 @@ def test_add_domain_shows_records_and_the_live_check_passes_and_fails_per_record
     statuses = dict(re.findall(r'data-purpose="([^"]+)".*?data-testid="record-status">(\w+)', page, re.S))
     assert statuses["dkim"] == "Pass" and statuses["dmarc"] == "Pass"
     assert statuses["spf"] == "Fail" and statuses["return-path-mx"] == "Fail" and statuses["mta-sts"] == "Fail"
+    assert statuses["ownership"] == "Fail" and "Ownership not proven" in page
     assert "does not contain a:carepost.bar.example" in page and "not check out yet" in page
 
     # Publish everything: the htmx check answers the fragment with every record passing.
@@ -74,9 +78,10 @@ def test_add_domain_shows_records_and_the_live_check_passes_and_fails_per_record
             delivery_env.dns.add(rec.name, "A", "127.0.0.1")
     r = c.post(f"/app/domains/{row.id}/check", headers={"HX-Request": "true", "X-CSRF-Token": c.csrf})
     assert r.status_code == 200 and "<html" not in r.text and "Every record passes" in r.text
-    assert "Fail</span>" not in r.text
+    assert "Fail</span>" not in r.text and "Ownership proven" in r.text
     session.rollback()
-    assert session.get(SendingDomain, row.id).dns_ok
+    assert session.get(SendingDomain, row.id).dns_ok and session.get(SendingDomain, row.id).verified_at is not None
+    assert [e.details["domain"] for e in _actions(session, "domain.verify")] == ["bar.example"]
     assert "All records pass" in c.get("/app/domains").text
     assert [e.details["ok"] for e in _actions(session, "domain.check")] == [False, True]
 

@@ -14,6 +14,7 @@ import pytest
 
 from carepost.accounts import mfa
 from tests.fixtures.accounts import TestUser, strong_password, ui_login
+from tests.fixtures.delivery import prove_ownership
 
 pytestmark = pytest.mark.ui
 
@@ -84,7 +85,7 @@ def _sending_domain(org_id: str, domain: str) -> None:
     from carepost.delivery import service
 
     with org_session(org_id) as s:
-        service.create_sending_domain(s, org_id, domain)
+        prove_ownership(s, service.create_sending_domain(s, org_id, domain))
         s.commit()
 
 

@@ -25,6 +25,7 @@ from playwright.sync_api import expect
 from sqlalchemy import select
 
 from carepost.core.database import system_session
+from tests.fixtures.delivery import prove_ownership
 
 pytestmark = pytest.mark.ui
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +61,7 @@ def clinic(live_server):
     with system_session() as s:
         org = create_organization(s, f"Consent Flow Clinic {tag}")
         forms.scope_to(s, org.id)
-        delivery.create_sending_domain(s, org.id, f"mail-{tag}.example", ed25519=False)
+        prove_ownership(s, delivery.create_sending_domain(s, org.id, f"mail-{tag}.example", ed25519=False))
         cred, secret = creds.create_credential(s, org.id, name="Consent flow",
                                                scopes=["messages:send", "messages:read", "phi:read_unmasked"])
         form = forms.create_form(s, org.id, FormIn(name="Stay in touch", fields=[

@@ -12,7 +12,6 @@ transaction that created the message commits, never before.
 
 from __future__ import annotations
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from carepost.core.logging import get_logger
@@ -26,7 +25,6 @@ _PENDING = "carepost_consent_mail_pending"
 def deliver_through_pipeline(session: Session, email) -> str | None:
     from carepost.accounts.models import Organization
     from carepost.delivery import service as delivery
-    from carepost.delivery.models import SendingDomain
     from carepost.delivery.schemas import MessageIn
     from carepost.patients.service import contact_dict, get_contact
 
@@ -34,8 +32,8 @@ def deliver_through_pipeline(session: Session, email) -> str | None:
     address = contact_dict(session, contact).get("email")
     if not address:
         return None
-    domain = session.scalars(select(SendingDomain).where(SendingDomain.org_id == email.org_id)
-                             .order_by(SendingDomain.dns_ok.desc(), SendingDomain.created_at)).first()
+    # A domain whose ownership the organization has proven (issue 9 item 2).
+    domain = delivery.notice_sending_domain(session, email.org_id)
     if domain is None:
         return None
     org = session.get(Organization, email.org_id)

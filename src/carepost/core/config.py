@@ -91,6 +91,11 @@ class Settings(BaseSettings):
     )
     capture_host: str = Field("127.0.0.1", description="Address the local mail capture of `carepost run` listens on.")
     capture_port: int = Field(2525, description="SMTP port of the local mail capture of `carepost run`.")
+    mail_capture: bool = Field(
+        False, description="Set by `carepost run`: outgoing mail goes only to the local mail capture, so sending "
+        "domains may send before their ownership is proven. Has no effect unless CAREPOST_SMTP_RELAY names a loopback "
+        "address (nothing can leave the machine).",
+    )
     queue_name: str = Field("carepost", description="Name of the task queue (keys in Redis, rows in the SQLite queue).")
     worker_threads: int = Field(4, description="Task threads per `carepost worker` process.")
     worker_shutdown_timeout: int = Field(30, description="Seconds `carepost worker` lets running tasks finish after SIGTERM.")

@@ -166,13 +166,16 @@ def relay_environment(settings) -> dict[str, str]:
     it is verified TLS (STARTTLS with the local CA's ``localhost`` certificate, which the worker
     trusts through ``CAREPOST_EXTRA_CA_FILE``). So the relay is declared as enforcing TLS and
     messages show ``tls`` as they would in production, not a portal fallback. Notices of an
-    organization with no sending domain yet come from ``no-reply@carepost.localhost``."""
+    organization with no sending domain yet come from ``no-reply@carepost.localhost``, and a
+    sending domain may send before its ownership is proven (``CAREPOST_MAIL_CAPTURE``)."""
     tls = ensure_capture_tls(capture_tls_dir(settings))
     return {
         "CAREPOST_SMTP_RELAY": f"localhost@{settings.capture_host}:{settings.capture_port}",
         "CAREPOST_EXTRA_CA_FILE": str(tls.ca_file),
         "CAREPOST_SMTP_RELAY_ENFORCES_TLS": "true",
         "CAREPOST_NOTICE_SENDER_DOMAIN": CAPTURE_NOTICE_DOMAIN,
+        # Sending domains need no proven ownership here: nothing leaves the machine.
+        "CAREPOST_MAIL_CAPTURE": "true",
     }
 
 

@@ -131,7 +131,9 @@ def default_children(settings: Settings, mail_env: dict[str, str] | None = None)
         Child("inbound", [py, "-m", "carepost.cli", "inbound"]),  # the return path: bounces and complaints
         # SMTP submission for applications; on one machine with a self-signed certificate kept in
         # the data dir unless CAREPOST_SMTP_SUBMISSION_CERT_FILE is set.
-        Child("smtp", [py, "-m", "carepost.cli", "smtp", "--self-signed"]),
+        # It gets the mail environment too: messages it accepts go to the capture, so a sending
+        # domain whose ownership is not proven yet may be used here as through the API.
+        Child("smtp", [py, "-m", "carepost.cli", "smtp", "--self-signed"], dict(mail_env or {})),
     ]
 
 

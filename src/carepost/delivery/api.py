@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from carepost.accounts.access import Principal, public, require
 from carepost.accounts.permissions import Permission as P
 from carepost.audit.service import record_for
-from carepost.core.errors import Conflict
+from carepost.core.errors import CarePostError, Conflict
 from carepost.delivery import schemas, service
 from carepost.delivery.schemas import RecipientStatus
 
@@ -117,7 +117,7 @@ def _idempotent_batch(session, principal: Principal, body: schemas.MessageBatchI
     org_settings = service.delivery_settings(session, principal.org_id)
     cache: dict = {}
     prepared = [service.prepare_message(session, principal.org_id, m, prefix=f"messages.{i}.", org_settings=org_settings,
-                                        domain_cache=cache) for i, m in enumerate(body.messages)]
+                                        domain_cache=cache, sandbox=principal.sandbox) for i, m in enumerate(body.messages)]
     for p, h in zip(prepared, hashes):
         p.request_hash = h
     stored = service.store_messages(session, principal.org_id, prepared, source="api", created_by=principal.actor_id,
@@ -193,7 +193,7 @@ def change_delivery_settings(request: Request, body: schemas.DeliverySettingsIn,
 def add_domain(request: Request, body: schemas.SendingDomainIn, principal: Principal = Depends(require(P.DOMAINS_MANAGE))) -> dict:
     session = request.state.db
     row = service.create_sending_domain(session, principal.org_id, body.domain)
-    _audit(request, principal, "sending_domain.create", "sending_domain", row.id, domain=row.domain)
+    _audit(request, principal, "sending_domain.create", "sending_domain", row.id, domain=row.domain, ownership="claimed")
     session.commit()
     return service.domain_view(row)
 
@@ -214,16 +214,48 @@ def read_domain(request: Request, domain_id: str, principal: Principal = Depends
 def check_domain(request: Request, domain_id: str, principal: Principal = Depends(require(P.DOMAINS_MANAGE))) -> dict:
     session = request.state.db
     row = service.sending_domain_by_id(session, domain_id)
-    records = service.dns_records(row)
+    records = service.records_to_check(row)
     session.commit()  # no transaction stays open while DNS answers
     results = asyncio.run(service.check_dns(records))
     # Read it again from the database: it may have been deleted while DNS answered (404, not a
     # StaleDataError from updating a row that is gone).
     session.expire_all()
     row = service.sending_domain_by_id(session, domain_id)
-    service.apply_dns_check(row, results)
+    was_verified = service.is_verified(row)
+    service.apply_checks(session, row, results)
     _audit(request, principal, "sending_domain.check", "sending_domain", row.id, dns_ok=row.dns_ok,
            failed=[r.purpose for r in results if not r.ok])
+    if service.is_verified(row) and not was_verified:
+        _audit(request, principal, "sending_domain.verify", "sending_domain", row.id, domain=row.domain)
+    session.commit()
+    return service.domain_view(row)
+
+
+@router.post(f"{api}/domains/{{domain_id}}/verify", response_model=schemas.SendingDomainOut,
+             summary="Prove ownership of the domain: look up its _carepost-challenge TXT record", tags=["domains"],
+             responses={409: {"description": "Another organization on this installation has proven this domain"}})
+def verify_domain(request: Request, domain_id: str, principal: Principal = Depends(require(P.DOMAINS_MANAGE))) -> dict:
+    """Until its ownership is proven a domain cannot send (sandbox credentials excepted). The
+    answer says whether it is ``verified``; its ``checks`` entry ``ownership`` says why not."""
+    session = request.state.db
+    row = service.sending_domain_by_id(session, domain_id)
+    if service.is_verified(row):
+        return service.domain_view(row)
+    session.commit()  # no transaction stays open while DNS answers
+    result = asyncio.run(service.check_ownership(row))
+    session.expire_all()
+    row = service.sending_domain_by_id(session, domain_id)
+    try:
+        verified = service.apply_ownership_check(session, row, result)
+    except CarePostError:
+        session.rollback()
+        row = service.sending_domain_by_id(session, domain_id)
+        _audit(request, principal, "sending_domain.verify", "sending_domain", row.id, domain=row.domain,
+               outcome="refused", reason="domain_taken")
+        session.commit()
+        raise
+    _audit(request, principal, "sending_domain.verify", "sending_domain", row.id, domain=row.domain,
+           outcome="verified" if verified else "failed", detail=result.detail)
     session.commit()
     return service.domain_view(row)
 

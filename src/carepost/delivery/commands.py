@@ -19,7 +19,8 @@ def _fail(message: str) -> None:
 
 def _print_records(view: dict) -> None:
     console.print(f"Publish these DNS records for [bold]{view['domain']}[/bold]:\n")
-    for record in view["records"]:
+    records = view["records"] if view.get("verified") else [view["ownership_record"], *view["records"]]
+    for record in records:
         console.print(f"[bold]{record['purpose']}[/bold]  {record['type']}  {record['name']}")
         console.print(f"  {record['value']}", soft_wrap=True, highlight=False)
         if record.get("note"):
@@ -47,10 +48,11 @@ def domain_add(
         except CarePostError as exc:
             _fail(f"{exc.field}: {exc.message}" if exc.field else exc.message)
         record(session, org_id=organization.id, actor_type="system", actor_id="cli", action="sending_domain.create",
-               target_type="sending_domain", target_id=row.id, details={"domain": row.domain})
+               target_type="sending_domain", target_id=row.id, details={"domain": row.domain, "ownership": "claimed"})
         session.commit()
         view = service.domain_view(row)
     _print_records(view)
+    console.print("Nothing can be sent from the domain until its ownership record is found.")
     console.print(f"Then run: carepost domain check {view['domain']} --org {organization.slug}")
 
 
@@ -80,20 +82,31 @@ def domain_check(
             row = service.get_sending_domain(session, domain)
         except CarePostError as exc:
             _fail(exc.message)
-        records = service.dns_records(row)
+        records = service.records_to_check(row)
         session.commit()  # nothing stays open while DNS answers
         results = asyncio.run(service.check_dns(records))
         row = service.get_sending_domain(session, domain)
-        service.apply_dns_check(row, results)
+        was_verified = service.is_verified(row)
+        service.apply_checks(session, row, results)
         record(session, org_id=org_id, actor_type="system", actor_id="cli", action="sending_domain.check",
                target_type="sending_domain", target_id=row.id,
                details={"dns_ok": row.dns_ok, "failed": [r.purpose for r in results if not r.ok]})
+        verified = service.is_verified(row)
+        if verified and not was_verified:
+            record(session, org_id=org_id, actor_type="system", actor_id="cli", action="sending_domain.verify",
+                   target_type="sending_domain", target_id=row.id, details={"domain": row.domain, "via": "cli"})
+        ownership = (row.check_results or {}).get(service.OWNERSHIP) or {}
         session.commit()
         ok = row.dns_ok
     table = Table("record", "name", "result", "detail")
     for r in results:
-        table.add_row(r.purpose, r.name, "[green]pass[/green]" if r.ok else "[red]fail[/red]", r.detail)
+        detail = ownership.get("detail", r.detail) if r.purpose == service.OWNERSHIP else r.detail
+        table.add_row(r.purpose, r.name, "[green]pass[/green]" if r.ok and (r.purpose != service.OWNERSHIP or verified)
+                      else "[red]fail[/red]", detail)
     console.print(table)
+    if not verified:
+        err.print("Ownership is not proven: nothing can be sent from this domain until the ownership record is found.")
+        raise typer.Exit(1)
     if not ok:
         err.print("Some records do not check out yet. Sending is allowed but flagged until they do.")
         raise typer.Exit(1)
@@ -113,11 +126,12 @@ def domain_list(org: str = typer.Option(..., "--org", help="Organization slug or
             org_id = get_organization(session, org).id
         except CarePostError as exc:
             _fail(exc.message)
-    table = Table("domain", "DKIM selector", "DNS", "checked", "id")
+    table = Table("domain", "ownership", "DKIM selector", "DNS", "checked", "id")
     with org_session(org_id) as session:
         for row in service.list_sending_domains(session):
             checked = row.checked_at.strftime("%Y-%m-%d %H:%M") if row.checked_at else "never"
-            table.add_row(row.domain, row.selector, "[green]ok[/green]" if row.dns_ok else "[yellow]not verified[/yellow]",
+            table.add_row(row.domain, "[green]proven[/green]" if service.is_verified(row) else "[red]not proven[/red]",
+                          row.selector, "[green]ok[/green]" if row.dns_ok else "[yellow]not verified[/yellow]",
                           checked, row.id)
     console.print(table)
 

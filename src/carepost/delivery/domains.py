@@ -12,11 +12,13 @@ from dataclasses import asdict, dataclass
 from urllib.parse import urlparse
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from carepost.core import clock
 from carepost.core.config import Settings, get_settings
 from carepost.core.crypto import get_keyring
+from carepost.core.database import ALL_ORGANIZATIONS
 from carepost.core.errors import Conflict, NotFound
 from carepost.core.ids import is_id, new_id
 from carepost.delivery import dkim, smime
@@ -32,14 +34,33 @@ def _selector() -> str:
     return f"cp{clock.now():%Y%m}"
 
 
+DOMAIN_TAKEN = ("This domain's ownership has been proven by another organization on this installation; a domain "
+                "sends for one organization only.")
+
+
+def _verified_elsewhere(session: Session, org_id: str, name: str) -> bool:
+    """Has another organization proven ownership of ``name``? Reads across organizations (the
+    one fact needed, never which organization), hence ``ALL_ORGANIZATIONS``."""
+    found = session.scalars(
+        select(SendingDomain.id).where(SendingDomain.domain == name, SendingDomain.org_id != org_id,
+                                       SendingDomain.verified_at.is_not(None)).execution_options(**ALL_ORGANIZATIONS)
+    ).first()
+    return found is not None
+
+
 def create_sending_domain(session: Session, org_id: str, domain: str, *, ed25519: bool = True) -> SendingDomain:
-    """Add a sending domain with fresh DKIM keys (RSA-2048, and Ed25519 unless disabled)."""
+    """Add a sending domain with fresh DKIM keys (RSA-2048, and Ed25519 unless disabled) and a
+    random ownership token. The new claim cannot send until :func:`verify_ownership` finds the
+    token in DNS. A domain another organization has proven is refused (409 on ``domain``,
+    without saying which organization); unproven claims of several organizations may coexist."""
     name = ascii_domain(domain, field_name="domain")
     exists = session.scalars(select(SendingDomain).where(SendingDomain.org_id == org_id, SendingDomain.domain == name)).first()
     if exists:
         raise Conflict("This sending domain already exists.", field="domain")
+    if _verified_elsewhere(session, org_id, name):
+        raise Conflict(DOMAIN_TAKEN, field="domain", code="domain_taken")
     row = SendingDomain(id=new_id(), org_id=org_id, domain=name, selector=_selector(), return_path_domain=f"bounces.{name}",
-                        mta_sts_id=secrets.token_hex(8), check_results={})
+                        mta_sts_id=secrets.token_hex(8), check_results={}, ownership_token=secrets.token_hex(16))
     ring = get_keyring()
     rsa_key = dkim.generate_rsa_key()
     row.dkim_rsa_private_enc = ring.encrypt(session, org_id, SendingDomain.__tablename__, "dkim_rsa_private", row.id,
@@ -176,6 +197,13 @@ def _txt_check(record: DnsRecord, found: list[str]) -> RecordCheck:
         return result(True, f"published (p={tags['p'].strip().lower()})")
     if record.purpose == "mta-sts":
         return result(True, "published") if tlsprobe.parse_sts_txt(found) else result(False, "not published")
+    if record.purpose == OWNERSHIP:
+        values = [t.strip() for t in found]
+        if record.value in values:
+            return result(True, "published")
+        if any(v.startswith(OWNERSHIP_PREFIX) for v in values):
+            return result(False, "a different ownership token is published")
+        return result(False, "not published")
     return result(False, "unknown record")
 
 
@@ -205,11 +233,128 @@ async def check_dns(records: list[DnsRecord]) -> list[RecordCheck]:
 
 
 def apply_dns_check(row: SendingDomain, results: list[RecordCheck]) -> None:
-    """Store a check's outcome on the domain (sending is allowed either way; the UI and
-    ``doctor`` flag a domain whose records do not check out)."""
-    row.check_results = {r.purpose: {"name": r.name, "ok": r.ok, "detail": r.detail} for r in results}
+    """Store a check's outcome on the domain (once its ownership is proven, sending is allowed
+    either way; the UI and ``doctor`` flag a domain whose records do not check out). The last
+    ownership check is kept: it is not one of the mail records ``dns_ok`` sums up."""
+    kept = {k: v for k, v in (row.check_results or {}).items() if k == OWNERSHIP}
+    row.check_results = {**kept, **{r.purpose: {"name": r.name, "ok": r.ok, "detail": r.detail} for r in results}}
     row.dns_ok = all(r.ok for r in results)
     row.checked_at = clock.now()
+
+
+# --- ownership (issue 9 item 2) ------------------------------------------------------------------
+#
+# A sending domain is a claim until the organization proves it controls the domain's DNS: it
+# publishes ``_carepost-challenge.<domain> TXT "carepost-verify=<token>"`` with the claim's own
+# random token, and a check finds it through the same resolver as every other look-up
+# (``CAREPOST_DNS_NAMESERVERS``). Until then the domain cannot send (acceptance and the pipeline
+# refuse it) and reports to its return-path domain are not stored for the organization.
+# Exceptions, where nothing can reach another party: sandbox credentials (the message is
+# captured, never sent) and the local mail capture of ``carepost run``.
+
+OWNERSHIP = "ownership"
+OWNERSHIP_LABEL = "_carepost-challenge"
+OWNERSHIP_PREFIX = "carepost-verify="
+
+
+def ownership_record(row: SendingDomain) -> DnsRecord:
+    """The TXT record that proves the organization controls the domain."""
+    return DnsRecord(OWNERSHIP, "TXT", f"{OWNERSHIP_LABEL}.{row.domain}", f"{OWNERSHIP_PREFIX}{row.ownership_token}",
+                     "Proves the domain is yours. Nothing can be sent from the domain until this record is found; "
+                     "it may stay published afterwards.")
+
+
+def is_verified(row: SendingDomain | None) -> bool:
+    return row is not None and row.verified_at is not None
+
+
+def local_capture(settings: Settings | None = None) -> bool:
+    """Is all outgoing mail going to the local mail capture of ``carepost run``? Only when the
+    capture flag is set *and* the relay is a loopback address, so the flag alone cannot open
+    real delivery to unproven domains."""
+    from carepost.core.mailcapture import is_loopback
+
+    settings = settings or get_settings()
+    if not settings.mail_capture or not settings.smtp_relay:
+        return False
+    from carepost.delivery.smtp import parse_relay
+
+    try:
+        relay = parse_relay(settings.smtp_relay)
+    except ValueError:
+        return False
+    return is_loopback(relay.address or relay.host)
+
+
+def may_send(row: SendingDomain | None, *, sandbox: bool = False, settings: Settings | None = None) -> bool:
+    """May mail From this sending domain be sent? Only when its ownership is proven, or when it
+    cannot reach anyone (a sandbox credential's message, the local capture of ``carepost run``)."""
+    if row is None:
+        return False
+    return is_verified(row) or bool(sandbox) or local_capture(settings)
+
+
+UNVERIFIED_REASON = ("sending_domain_unverified: the organization has not proven ownership of the From domain "
+                     "(publish its ownership TXT record and check the domain)")
+
+
+async def check_ownership(row: SendingDomain) -> RecordCheck:
+    """Look the ownership record up live: pass when one TXT string is exactly the expected value."""
+    return (await check_dns([ownership_record(row)]))[0]
+
+
+def confirm_ownership(session: Session, row: SendingDomain) -> None:
+    """Record that the organization proved ownership of the domain (the one place ``verified_at``
+    is set). Refused with 409 on ``domain`` when another organization proved it first; the
+    partial unique index settles a race between two checks."""
+    if row.verified_at is not None:
+        return
+    if _verified_elsewhere(session, row.org_id, row.domain):
+        raise Conflict(DOMAIN_TAKEN, field="domain", code="domain_taken")
+    try:
+        with session.begin_nested():
+            row.verified_at = clock.now()
+            session.flush()
+    except IntegrityError:
+        row.verified_at = None
+        raise Conflict(DOMAIN_TAKEN, field="domain", code="domain_taken") from None
+
+
+def apply_ownership_check(session: Session, row: SendingDomain, result: RecordCheck) -> bool:
+    """Store an ownership check on the domain and, when it passed, prove the claim; True when
+    the domain is verified afterwards. A domain proven once stays proven when the record is
+    later removed (the check then shows it as not published). Raises 409 ``domain_taken`` when
+    another organization proved the domain first."""
+    ok, detail = result.ok, result.detail
+    taken = ok and row.verified_at is None and _verified_elsewhere(session, row.org_id, row.domain)
+    if taken:
+        ok, detail = False, "another organization has proven ownership of this domain"
+    row.check_results = {**(row.check_results or {}), OWNERSHIP: {"name": result.name, "ok": ok, "detail": detail}}
+    if taken:
+        raise Conflict(DOMAIN_TAKEN, field="domain", code="domain_taken")
+    if ok:
+        confirm_ownership(session, row)
+    return is_verified(row)
+
+
+def records_to_check(row: SendingDomain, settings: Settings | None = None) -> list[DnsRecord]:
+    """What "check now" looks up: the mail records and, while unproven, the ownership record."""
+    records = dns_records(row, settings)
+    return records if is_verified(row) else [ownership_record(row), *records]
+
+
+def apply_checks(session: Session, row: SendingDomain, results: list[RecordCheck]) -> None:
+    """Store a "check now" outcome: the mail records (``dns_ok``) and the ownership record,
+    which proves the claim when it passes. A domain another organization proved first stays
+    unproven here, with that reason on its ownership check (no error: the mail records are
+    still stored)."""
+    apply_dns_check(row, [r for r in results if r.purpose != OWNERSHIP])
+    for result in results:
+        if result.purpose == OWNERSHIP:
+            try:
+                apply_ownership_check(session, row, result)
+            except Conflict:
+                pass
 
 
 # --- sending domains (queries for the API, CLI and doctor) ------------------------------------
@@ -246,13 +391,25 @@ def sending_domain_for(session: Session, org_id: str, domain: str) -> SendingDom
 
 
 def domain_view(row: SendingDomain, settings: Settings | None = None) -> dict:
-    """The API/CLI shape of a sending domain: its DNS records (DKIM TXT in full) and last check."""
+    """The API/CLI shape of a sending domain: the ownership record and whether it is proven, its
+    DNS records (DKIM TXT in full) and last check."""
     checks = [{"purpose": purpose, **result} for purpose, result in (row.check_results or {}).items()]
     return {
         "id": row.id, "domain": row.domain, "selector": row.selector, "return_path_domain": row.return_path_domain,
+        "verified": is_verified(row), "verified_at": clock.aware(row.verified_at),
+        "ownership_record": asdict(ownership_record(row)),
         "dns_ok": bool(row.dns_ok), "checked_at": clock.aware(row.checked_at),
         "records": [asdict(r) for r in dns_records(row, settings)], "checks": checks,
     }
+
+
+def verified_owner(session: Session, domain: str) -> str | None:
+    """The organization that proved ownership of ``domain``, if any (needs a system session or
+    reads across organizations: the inbound return path routes reports by it)."""
+    return session.scalars(
+        select(SendingDomain.org_id).where(SendingDomain.domain == domain, SendingDomain.verified_at.is_not(None))
+        .execution_options(**ALL_ORGANIZATIONS)
+    ).first()
 
 
 def unverified_sending_domains(session: Session) -> list[tuple[str, str]]:
@@ -260,3 +417,14 @@ def unverified_sending_domains(session: Session) -> list[tuple[str, str]]:
     (or were never checked). For ``carepost doctor``; needs a system session."""
     rows = session.execute(select(SendingDomain.org_id, SendingDomain.domain).where(SendingDomain.dns_ok.is_(False))).all()
     return [(org_id, domain) for org_id, domain in rows]
+
+
+def notice_sending_domain(session: Session, org_id: str) -> SendingDomain | None:
+    """The organization's domain for its own notices (account, consent and portal emails): a
+    proven one first (DNS checking out first, then the oldest); an unproven one only where it
+    may send (the local capture of ``carepost run``). None: notices need another sender."""
+    rows = session.scalars(
+        select(SendingDomain).where(SendingDomain.org_id == org_id)
+        .order_by(SendingDomain.verified_at.is_(None), SendingDomain.dns_ok.desc(), SendingDomain.created_at)
+    ).all()
+    return next((r for r in rows if may_send(r)), None)

@@ -4,9 +4,11 @@ record points here — see ``service.dns_records``).
 
 What it accepts, and why:
 
-* only recipients at a return-path domain of some organization's sending domain — anything else
-  is refused with 550 (this is not an open relay, and no other mail is taken in);
-* at those domains, only a VERP address whose MAC verifies for one of the domain's organizations
+* only recipients at the return-path domain of a sending domain whose ownership an organization
+  has proven (``_carepost-challenge`` TXT record; at most one organization per domain) — anything
+  else, a domain merely claimed included, is refused with 550 (this is not an open relay, no other
+  mail is taken in, and a claim on another's domain never receives its reports);
+* at those domains, only a VERP address whose MAC verifies for the domain's owner
   (``b+<recipient id>.<mac>@``, where bounces arrive; ``u+<recipient id>.<mac>@``, the
   List-Unsubscribe ``mailto:`` — a mail there unsubscribes that recipient through the
   ``unsubscribe_request`` port, its content unread), or the role mailboxes ``postmaster``,
@@ -67,9 +69,13 @@ class Refusal(Exception):
 
 
 def _return_path_orgs(session, domain: str) -> list[str]:
+    """The organization that proved ownership of the sending domain whose return path this is
+    (at most one, issue 9 item 2). An organization that merely claims a domain gets none of its
+    bounces, complaints or DMARC reports: a claim on another's domain must not read its reports."""
     from carepost.delivery.models import SendingDomain
 
-    return sorted(set(session.scalars(select(SendingDomain.org_id).where(SendingDomain.return_path_domain == domain))))
+    return sorted(set(session.scalars(select(SendingDomain.org_id).where(SendingDomain.return_path_domain == domain,
+                                                                         SendingDomain.verified_at.is_not(None)))))
 
 
 def accept_recipient(address: str) -> list[str]:

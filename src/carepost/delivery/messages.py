@@ -20,7 +20,7 @@ from carepost.core.ids import is_id, new_id
 from carepost.content import phi_lint
 from carepost.delivery import policy, portal_answer
 from carepost.delivery.mime import MailAddress, message_id_for, parse_address
-from carepost.delivery.domains import sending_domain_for
+from carepost.delivery.domains import may_send, sending_domain_for
 from carepost.delivery.outcomes import add_event
 from carepost.delivery.settings import check_purpose, delivery_settings
 from carepost.delivery.models import Message, MessageAttachment, MessageEvent, MessageRecipient, SendingDomain
@@ -118,19 +118,23 @@ def _prefixed(exc: ValidationFailed, prefix: str) -> ValidationFailed:
 
 
 def prepare_message(session: Session, org_id: str, data, *, prefix: str = "", org_settings: dict | None = None,
-                    domain_cache: dict | None = None) -> PreparedMessage:
+                    domain_cache: dict | None = None, sandbox: bool = False) -> PreparedMessage:
     """Check a message request (a :class:`schemas.MessageIn`) completely; raises
-    ValidationFailed naming ``prefix`` + the field (``to.2``, ``attachments.0``, ``security``...)."""
+    ValidationFailed naming ``prefix`` + the field (``to.2``, ``attachments.0``, ``security``...).
+    ``sandbox``: a sandbox credential's message, which may come from a domain whose ownership is
+    not proven yet (it is captured, never sent)."""
     from carepost.delivery.mime import Attachment, InlineImage, compose
 
     try:
         return _prepare(session, org_id, data, org_settings or delivery_settings(session, org_id),
-                        domain_cache if domain_cache is not None else {}, Attachment, InlineImage, compose)
+                        domain_cache if domain_cache is not None else {}, Attachment, InlineImage, compose,
+                        sandbox=sandbox)
     except ValidationFailed as exc:
         raise _prefixed(exc, prefix) from None
 
 
-def _prepare(session, org_id, data, org_settings, domain_cache, Attachment, InlineImage, compose) -> PreparedMessage:
+def _prepare(session, org_id, data, org_settings, domain_cache, Attachment, InlineImage, compose, *,
+             sandbox: bool = False) -> PreparedMessage:
     template_purpose = None
     request = data  # the Idempotency-Key fingerprint is of the request, not of its rendering
     if data.template_id is not None:
@@ -169,6 +173,11 @@ def _prepare(session, org_id, data, org_settings, domain_cache, Attachment, Inli
     if domain is None:
         raise ValidationFailed("The From address is not in a sending domain of the organization; add the domain first.",
                                field="from")
+    if not may_send(domain, sandbox=sandbox):
+        # Issue 9 item 2: a domain sends only for the organization that proved it owns it.
+        raise ValidationFailed("The organization has not proven ownership of the From domain: publish the domain's "
+                               "ownership TXT record and check the domain first.", field="from",
+                               code="sending_domain_unverified")
     recipients: list[tuple[str, MailAddress]] = []
     seen: set[str] = set()
     for kind in ("to", "cc", "bcc"):
@@ -343,7 +352,7 @@ def accept_message(session: Session, org_id: str, data, *, source: str, created_
     """Check and store one message. With an Idempotency-Key the same request returns the
     message stored the first time; a different request with the same key is a 409."""
     key = check_idempotency_key(idempotency_key)
-    prepared = prepare_message(session, org_id, data, prefix=prefix)
+    prepared = prepare_message(session, org_id, data, prefix=prefix, sandbox=sandbox)
     if key is not None:
         existing = find_idempotent(session, org_id, idempotency_hash(key))
         if existing is not None:
@@ -362,7 +371,7 @@ def accept_batch(session: Session, org_id: str, messages: list, *, source: str, 
     org_settings = delivery_settings(session, org_id)
     domain_cache: dict = {}
     prepared = [prepare_message(session, org_id, m, prefix=f"messages.{i}.", org_settings=org_settings,
-                                domain_cache=domain_cache) for i, m in enumerate(messages)]
+                                domain_cache=domain_cache, sandbox=sandbox) for i, m in enumerate(messages)]
     return store_messages(session, org_id, prepared, source=source, created_by=created_by, sandbox=sandbox)
 
 

@@ -18,9 +18,10 @@ and row):
 
 from __future__ import annotations
 
+import secrets
 from datetime import datetime
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from carepost.core import clock
@@ -34,10 +35,24 @@ METHODS = ("tls", "pgp", "smime", "portal", "none")
 
 
 class SendingDomain(OrgScoped, Base):
-    """A domain an organization sends from, with its DKIM keys and DNS check results."""
+    """A domain an organization sends from, with its DKIM keys and DNS check results.
+
+    Ownership (issue 9 item 2): a row is the organization's *claim* on the domain. Several
+    organizations may hold unverified claims on the same name (so a claim that never verifies
+    blocks no one), but at most one claim per domain is verified on the installation — the
+    partial unique index below enforces it on both databases. A claim is verified when the
+    organization's own random ``ownership_token`` is found in the TXT record
+    ``_carepost-challenge.<domain>`` (``domains.verify_ownership``); only then may the domain send
+    (except to the local capture of ``carepost run`` and for sandbox credentials), and only the
+    verified owner receives the reports sent to its return-path domain.
+    """
 
     __tablename__ = "sending_domains"
-    __table_args__ = (UniqueConstraint("org_id", "domain"),)
+    __table_args__ = (
+        UniqueConstraint("org_id", "domain"),
+        Index("uq_sending_domains_verified_domain", "domain", unique=True,
+              sqlite_where=text("verified_at IS NOT NULL"), postgresql_where=text("verified_at IS NOT NULL")),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     domain: Mapped[str] = mapped_column(String(253))  # A-label form
@@ -55,6 +70,10 @@ class SendingDomain(OrgScoped, Base):
     check_results: Mapped[dict] = mapped_column(JSON, default=dict)
     dns_ok: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=clock.now)
+    # Published by the domain's owner as ``_carepost-challenge.<domain> TXT "carepost-verify=<token>"``;
+    # random per claim, so one organization's record never verifies another's claim.
+    ownership_token: Mapped[str] = mapped_column(String(64), default=lambda: secrets.token_hex(16))
+    verified_at: Mapped[datetime | None]  # when the ownership record was found; None: not proven
 
 
 class RecipientKey(OrgScoped, Base):

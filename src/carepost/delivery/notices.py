@@ -11,15 +11,15 @@ appears in the delivery log with its evidence. The body is stored encrypted and 
 through the API or the UI — an invitation link sent this way is never shown to the admin who
 invited the person.
 
-From ``no-reply@<the organization's sending domain>``. Without a sending domain nothing can be
-sent: the handler returns None and accounts refuses the action (an invitation) or answers as if
+From ``no-reply@<the organization's sending domain>`` (one whose ownership it has proven, see
+``domains.notice_sending_domain``). Without such a domain nothing can be sent: the handler returns None and accounts refuses the action (an invitation) or answers as if
 it were sent (a password reset, which must not reveal whether an address has an account).
 Delivery is queued when the transaction commits, never before.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import event, select
+from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from carepost.core.logging import get_logger
@@ -64,7 +64,6 @@ def handle_account_notice(session: Session, kind: str, *, org_id: str | None, us
     from carepost.accounts.models import Organization, User
     from carepost.accounts.permissions import ROLE_LABELS
     from carepost.delivery import service as delivery
-    from carepost.delivery.models import SendingDomain
     from carepost.delivery.schemas import MessageIn
 
     if kind not in TEXTS:
@@ -72,8 +71,7 @@ def handle_account_notice(session: Session, kind: str, *, org_id: str | None, us
     user = session.get(User, user_id)
     if user is None or not org_id:
         return None
-    domain = session.scalars(select(SendingDomain).where(SendingDomain.org_id == org_id)
-                             .order_by(SendingDomain.dns_ok.desc(), SendingDomain.created_at)).first()
+    domain = delivery.notice_sending_domain(session, org_id)
     if domain is None:
         log.warning("account_notice_not_sent", kind=kind, reason="no_sending_domain")
         return None

@@ -65,19 +65,24 @@ def _address(session, org_id: str, table: str, row_id: str, blob: bytes, unmaske
 
 
 RECORD_LABELS = {
-    "dkim": "DKIM (RSA)", "dkim-ed25519": "DKIM (Ed25519)", "spf": "SPF", "dmarc": "DMARC",
+    "ownership": "Ownership", "dkim": "DKIM (RSA)", "dkim-ed25519": "DKIM (Ed25519)", "spf": "SPF", "dmarc": "DMARC",
     "return-path-mx": "Return-path MX", "mta-sts": "MTA-STS", "mta-sts-host": "MTA-STS host",
 }
 
 
 def _domain_view(row: SendingDomain) -> dict:
-    records = service.dns_records(row)
+    verified = service.is_verified(row)
+    # The ownership record comes first while it is unproven: nothing can be sent until it passes.
+    records = service.dns_records(row) if verified else [service.ownership_record(row), *service.dns_records(row)]
     checks = row.check_results or {}
+    mail_checks = [c for purpose, c in checks.items() if purpose != service.OWNERSHIP]
     return {
         "id": row.id, "domain": row.domain, "dns_ok": row.dns_ok, "checked_at": clock.aware(row.checked_at),
+        "verified": verified, "verified_at": clock.aware(row.verified_at),
+        "ownership": checks.get(service.OWNERSHIP),
         "records": [{**r.__dict__, "label": RECORD_LABELS.get(r.purpose, r.purpose), "check": checks.get(r.purpose)}
                     for r in records],
-        "failing": sum(1 for c in checks.values() if not c.get("ok")),
+        "failing": sum(1 for c in mail_checks if not c.get("ok")),
     }
 
 
@@ -136,7 +141,7 @@ def domain_add(request: Request, domain: str = Form(""), principal: Principal = 
         session.rollback()
         return _domains_page(request, principal, form_domain=domain, error=exc.message, status_code=exc.status_code)
     record_for(session, principal, request, "domain.create", target_type="sending_domain", target_id=row.id,
-               details={"domain": row.domain, "via": "ui"})
+               details={"domain": row.domain, "via": "ui", "ownership": "claimed"})
     row_id = row.id
     session.commit()
     return _see_other(f"/app/domains/{row_id}")
@@ -174,7 +179,7 @@ def domain_check(request: Request, domain_id: str, principal: Principal = Depend
     server never holds the database."""
     session = request.state.db
     row = _get_domain(session, domain_id)
-    records = service.dns_records(row)
+    records = service.records_to_check(row)
     session.commit()
     # "Check now" means now: answers cached by this process (NXDOMAIN included, kept for the
     # zone's negative TTL) would hide a record published a minute ago.
@@ -183,9 +188,13 @@ def domain_check(request: Request, domain_id: str, principal: Principal = Depend
     cpdns.reset()
     results = asyncio.run(service.check_dns(records))
     row = _get_domain(session, domain_id)
-    service.apply_dns_check(row, results)
+    was_verified = service.is_verified(row)
+    service.apply_checks(session, row, results)
     record_for(session, principal, request, "domain.check", target_type="sending_domain", target_id=row.id,
                details={"ok": row.dns_ok, "failing": [r.purpose for r in results if not r.ok]})
+    if service.is_verified(row) and not was_verified:
+        record_for(session, principal, request, "domain.verify", target_type="sending_domain", target_id=row.id,
+                   details={"domain": row.domain, "via": "ui"})
     session.commit()
     if request.headers.get("hx-request") == "true":
         return render(request, "delivery/_records.html", {"d": _domain_view(row), "checked": True})

@@ -8,7 +8,7 @@ Postal's ``outgoing_message_processor``)::
       1. claim              lease the due recipients (one UPDATE): no other worker sends them
       2. load               messages, contents, addresses, keys, DKIM keys: decrypted in memory only
       3. check_eligibility  consent's steps (ports): eligibility, quiet hours, List-Unsubscribe
-      4. check_sender       the From domain must still be a sending domain of the organization
+      4. check_sender       the From domain must still be a sending domain of the organization, ownership proven
     without a transaction (SQLite's write lock is free for everyone else):
       5. decide             the secure method per recipient (``policy.decide``)
       6. compose            MIME once per message (per recipient when unsubscribe headers differ)
@@ -371,8 +371,8 @@ def check_eligibility(run: Run) -> None:
 
 
 def check_sender(run: Run) -> None:
-    """Step 4: the From domain must still be a sending domain of the organization (verified or
-    flagged); its DKIM keys sign the message. The return path (VERP) names the recipient row."""
+    """Step 4: the From domain must still be a sending domain of the organization, whose
+    ownership it has proven (its DNS records may still be flagged); its DKIM keys sign the message. The return path (VERP) names the recipient row."""
     from carepost.delivery.bounces import return_path
 
     for content in run.contents.values():
@@ -387,6 +387,12 @@ def check_sender(run: Run) -> None:
         domain = c.content.domain
         if domain is None:
             c.final = ("failed", "sending_domain_missing: the From domain is no longer a sending domain of the organization")
+            continue
+        if not service.may_send(domain, sandbox=c.sandbox, settings=run.settings):
+            # Checked again at delivery: a message accepted under the local capture, or from a
+            # claim that was never proven, does not go out for an organization that does not
+            # own the From domain (issue 9 item 2).
+            c.final = ("failed", service.UNVERIFIED_REASON)
             continue
         c.envelope_from = return_path(run.session, c.org_id, domain.return_path_domain, c.recipient.id)
         if c.unsubscribe:

@@ -217,6 +217,10 @@ class SendingDomainOut(BaseModel):
     domain: str
     selector: str
     return_path_domain: str
+    verified: bool = Field(description="Ownership proven (the ownership TXT record was found): only then can the "
+                           "domain send, except with sandbox credentials")
+    verified_at: datetime | None = None
+    ownership_record: DnsRecordOut = Field(description="Publish this TXT record, then verify the domain")
     dns_ok: bool
     checked_at: datetime | None
     records: list[DnsRecordOut]

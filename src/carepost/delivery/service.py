@@ -1,6 +1,6 @@
 """Secure delivery logic over the database, by subject:
 
-* ``domains`` — sending domains: DKIM keys, the DNS records to publish, live checks, and the queries the API, CLI and doctor use.
+* ``domains`` — sending domains: ownership proof, DKIM keys, the DNS records to publish, live checks, and the queries the API, CLI and doctor use.
 * ``recipient_keys`` — recipients' PGP and S/MIME keys on file: validation on upload, look-up by address, expiry, listing.
 * ``preview`` — the pre-send security preview: which secure method each address would get, and why.
 * ``outcomes`` — recording delivery outcomes: a recipient's events, and one attempt's result applied to its row.
@@ -17,25 +17,39 @@ the names callers import from ``delivery.service``.
 from __future__ import annotations
 
 from carepost.delivery.domains import (  # noqa: F401
+    DOMAIN_TAKEN,
+    OWNERSHIP,
+    UNVERIFIED_REASON,
     DnsRecord,
     RecordCheck,
     _selector,
     _txt_check,
+    apply_checks,
     apply_dns_check,
+    apply_ownership_check,
     check_dns,
+    check_ownership,
+    confirm_ownership,
     create_sending_domain,
     delete_sending_domain,
     dkim_keys,
     dns_records,
     domain_view,
     get_sending_domain,
+    is_verified,
     list_sending_domains,
+    local_capture,
     mail_host,
+    may_send,
     mta_sts_policy,
+    notice_sending_domain,
+    ownership_record,
+    records_to_check,
     sending_domain_by_id,
     sending_domain_for,
     smime_signing_key,
     unverified_sending_domains,
+    verified_owner,
 )
 from carepost.delivery.recipient_keys import (  # noqa: F401
     KEY_EXPIRY_WARNING,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from carepost.accounts.models import Organization
@@ -34,11 +33,9 @@ class Sent:
 
 
 def _sending_domain(session: Session, org_id: str) -> SendingDomain | None:
-    """The organization's sending domain whose DNS checks out first, else its oldest one."""
-    return session.scalars(
-        select(SendingDomain).where(SendingDomain.org_id == org_id)
-        .order_by(SendingDomain.dns_ok.desc(), SendingDomain.created_at)
-    ).first()
+    """The organization's sending domain whose ownership it has proven (its DNS checking out
+    first, else the oldest); an unproven claim is never signed for (issue 9 item 2)."""
+    return delivery_service.notice_sending_domain(session, org_id)
 
 
 def sender_for(session: Session, org_id: str) -> tuple[str, str, SendingDomain | None]:
