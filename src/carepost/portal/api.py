@@ -5,6 +5,9 @@
 * Replies are written by patients, so reading them is PHI access: ``messages:read`` and
   ``phi:read_masked``, audited (``portal.reply.read``) with the reply ids.
 * Recall and unlock need ``messages:send``: the sender's side of a message it sent.
+* A staff answer in the thread (``POST .../answers``, issue 10 item 13) needs ``messages:send``
+  and ``phi:read_masked`` (those who may send a message with PHI); the patient is told by an
+  email without PHI and reads the answer in the portal. Audited (``portal.staff_reply.create``).
 * The notification wording (``/api/v1/portal-settings``) needs ``org:manage``.
 """
 
@@ -38,7 +41,8 @@ class PortalMessageOut(BaseModel):
     locked: bool
     locked_until: str | None
     codes_sent: int
-    reply_count: int
+    reply_count: int = Field(description="the recipient's replies")
+    answer_count: int = Field(0, description="staff answers in the thread")
     created_at: str
 
 
@@ -50,8 +54,15 @@ class ReplyOut(BaseModel):
     id: str
     portal_message_id: str
     text: str
+    author: str = Field("recipient", description="recipient (the patient's reply) or staff (an answer)")
     created_at: str
-    read_at: str | None
+    read_at: str | None = Field(description="recipient replies: first read by staff; staff answers: first seen by the recipient")
+
+
+class AnswerIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(description="The answer; kept encrypted in the portal, never emailed")
 
 
 class ReplyList(BaseModel):
@@ -103,13 +114,31 @@ def list_replies(request: Request, portal_message_id: str,
     rows = service.replies(session, pm)
     now = clock.now()
     for row in rows:
-        if row.read_at is None and principal.user_id:
+        if (row.author or "recipient") == "recipient" and row.read_at is None and principal.user_id:
             row.read_at, row.read_by = now, principal.actor_id
     items = [service.reply_dict(session, r) for r in rows]
     record_for(session, principal, request, "portal.reply.read", target_type="portal_message", target_id=pm.id,
                details={"reply_ids": [r.id for r in rows], "via": "api"})
     session.commit()
     return {"items": items}
+
+
+@router.post("/portal-messages/{portal_message_id}/answers", response_model=ReplyOut, status_code=201,
+             summary="Answer the recipient in the same thread (PHI: audited)")
+def answer(request: Request, portal_message_id: str, body: AnswerIn,
+           principal: Principal = Depends(require(P.MESSAGES_SEND, P.PHI_READ_MASKED))):
+    from carepost.portal import tasks, threads
+
+    session = request.state.db
+    pm = _load(request, portal_message_id)
+    row = threads.add_staff_reply(session, pm, body.text[: threads.MAX_ANSWER_CHARS + 1],
+                                  author_id=principal.user_id or principal.actor_id)
+    record_for(session, principal, request, "portal.staff_reply.create", target_type="portal_message", target_id=pm.id,
+               details={"reply_id": row.id, "via": "api"})
+    out = service.reply_dict(session, row)
+    session.commit()
+    tasks.notify_answer(row.id)
+    return out
 
 
 @router.post("/portal-messages/{portal_message_id}/recall", response_model=PortalMessageOut,

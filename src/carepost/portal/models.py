@@ -81,8 +81,14 @@ class PortalAttachment(OrgScoped, Base):
     inline_cid: Mapped[str | None] = mapped_column(String(200))  # an image the HTML shows as cid:...
 
 
+REPLY_AUTHORS = ("recipient", "staff")
+
+
 class PortalReply(OrgScoped, Base):
-    """A recipient's secure reply; the sender's organization reads it in the UI or the API."""
+    """One message of a portal message's thread after the first: the recipient's secure reply
+    (the sender's organization reads it in the UI or the API), or a staff member's answer
+    (issue 10 item 13; the recipient reads it in the portal, notified by an email without PHI).
+    The text is encrypted like the message's."""
 
     __tablename__ = "portal_replies"
     __table_args__ = (Index("ix_portal_replies_message_created", "portal_message_id", "created_at"),)
@@ -91,8 +97,13 @@ class PortalReply(OrgScoped, Base):
     portal_message_id: Mapped[str] = mapped_column(String(32), ForeignKey("portal_messages.id", ondelete="CASCADE"))
     text_enc: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(default=clock.now)
+    # recipient: the patient wrote it in the portal; staff: a person of the organization (author_id).
+    author: Mapped[str] = mapped_column(String(16), default="recipient", server_default="recipient")
+    author_id: Mapped[str | None] = mapped_column(String(32))
+    # Recipient replies: when staff first read it. Staff answers: when the recipient first saw it.
     read_at: Mapped[datetime | None]
     read_by: Mapped[str | None] = mapped_column(String(32))
+    notified_at: Mapped[datetime | None]  # staff answers: when the recipient's notification email left
 
 
 class PortalSession(OrgScoped, Base):

@@ -775,7 +775,12 @@ def record_view(session: Session, pm: PortalMessage, ctx: dict | None) -> bool:
 
             recipient.status = "portal_viewed"
             add_event(session, recipient, "portal_viewed", method="portal", portal_message_id=pm.id)
-    _audit(session, pm, "portal.message.read", ctx, first_view=first, view=pm.view_count)
+    # Staff answers in the thread (issue 10 item 13) get their read receipt now.
+    seen = [r for r in replies(session, pm) if r.author == "staff" and r.read_at is None]
+    for r in seen:
+        r.read_at, r.read_by = clock.now(), "portal_recipient"
+    _audit(session, pm, "portal.message.read", ctx, first_view=first, view=pm.view_count,
+           **({"answers_seen": [r.id for r in seen]} if seen else {}))
     return first
 
 
@@ -831,7 +836,10 @@ def reply_text(session: Session, row: PortalReply) -> str:
 
 
 def reply_dict(session: Session, row: PortalReply) -> dict:
+    """One entry of the thread: ``author`` is ``recipient`` (the patient's reply) or ``staff``
+    (an answer of the organization's, ``portal.threads``)."""
     return {"id": row.id, "portal_message_id": row.portal_message_id, "text": reply_text(session, row),
+            "author": row.author or "recipient",
             "created_at": clock.aware(row.created_at).isoformat(),
             "read_at": clock.aware(row.read_at).isoformat() if row.read_at else None}
 
@@ -877,6 +885,7 @@ def portal_state(session: Session, message_id: str) -> dict[str, dict]:
 def portal_dict(session: Session, pm: PortalMessage) -> dict:
     """For the sender's organization (API and UI): state and receipts, never the content."""
     until = locked_until(pm)
+    rows = replies(session, pm)
     return {
         "id": pm.id,
         "message_id": pm.message_id,
@@ -890,7 +899,8 @@ def portal_dict(session: Session, pm: PortalMessage) -> dict:
         "locked_until": until.isoformat() if until else None,
         "locked": permanently_locked(pm) or until is not None,
         "codes_sent": pm.codes_sent,
-        "reply_count": len(replies(session, pm)),
+        "reply_count": sum(1 for r in rows if (r.author or "recipient") == "recipient"),
+        "answer_count": sum(1 for r in rows if r.author == "staff"),
         "created_at": clock.aware(pm.created_at).isoformat(),
     }
 

@@ -3,6 +3,8 @@
 * ``send_portal_code(portal_message_id)`` draws the one-time code itself, stores its hash and
   mails it — the web request only notes that a code is owed (``code_requested_at``);
 * ``notify_reply(reply_id)`` tells the sender a secure reply arrived (a link, no PHI);
+* ``notify_answer(reply_id)`` tells the patient a staff answer waits in the portal (the
+  organization's name and the portal link, no PHI);
 * ``expire_portal_messages`` (every 10 minutes) wipes the stored copy of messages past their
   expiry, marks their recipients ``expired``, and deletes portal sessions that ended.
 
@@ -126,6 +128,42 @@ def notify_reply(reply_id: str) -> None:
     log.info("portal_reply_notice", status=status or "no_sender")
     if status == "deferred":
         raise SendDeferred("the sender's server deferred the notice")
+
+
+def notify_recipient(session: Session, reply_id: str) -> str | None:
+    """Email the patient that a staff answer waits in the portal. The email has no PHI, so it
+    goes like the first portal notification (TLS when offered, not only verified TLS). Returns
+    the send status, or None when nothing is owed (already notified, not a staff answer, or the
+    message can no longer be opened)."""
+    from carepost.portal import threads
+
+    reply = session.get(PortalReply, reply_id)
+    if reply is None or reply.author != "staff" or reply.notified_at is not None:
+        return None
+    _scope(session, reply.org_id)
+    pm = session.get(PortalMessage, reply.portal_message_id)
+    if pm is None or service.state(pm) not in ("open", "locked"):
+        return None
+    address = service.recipient_address(session, pm)
+    envelope = mailer.prepare_notice(session, pm.org_id, address, *threads.answer_notice(session, pm))
+    session.commit()  # no transaction is open while sending
+    sent = mailer.send(envelope)
+    if sent.status == "delivered":
+        reply.notified_at = clock.now()
+    service._audit(session, pm, "portal.answer.notified", None, outcome="success" if sent.status == "delivered" else "failure",
+                   reply_id=reply.id, status=sent.status, reply_code=sent.reply_code, tls=sent.tls_version)
+    session.commit()
+    return sent.status
+
+
+@huey.task(retries=3, retry_delay=60)
+def notify_answer(reply_id: str) -> None:
+    with system_session() as session:
+        status = notify_recipient(session, reply_id)
+        session.commit()
+    log.info("portal_answer_notice", status=status or "not_owed")
+    if status == "deferred":
+        raise SendDeferred("the recipient's server deferred the notice")
 
 
 def purge_sessions(session: Session) -> int:

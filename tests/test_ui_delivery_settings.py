@@ -1,0 +1,87 @@
+"""Headless Chromium on the delivery settings page (issue 10 item 9) with a real ``carepost
+serve``: an owner changes the organization's security mode and default purpose and sees the new
+mode applied (the security preview starts from it); bad input is refused next to its field and
+changes nothing."""
+
+from __future__ import annotations
+
+import secrets
+
+import pytest
+from playwright.sync_api import expect
+
+from tests.fixtures.accounts import TestUser, ui_login
+
+pytestmark = pytest.mark.ui
+
+
+@pytest.fixture(scope="module")
+def owner(live_server):
+    from carepost.accounts import mfa
+    from carepost.accounts.models import User
+    from carepost.accounts.passwords import hash_password
+    from carepost.accounts.service import add_membership, create_organization
+    from carepost.core import clock
+    from carepost.core.database import system_session
+    from tests.fixtures.accounts import strong_password
+
+    with system_session() as s:
+        org = create_organization(s, f"Settings UI {secrets.token_hex(3)}")
+        password = strong_password()
+        user = User(email=f"own-{secrets.token_hex(4)}@example.test", display_name="Olive Owner",
+                    password_hash=hash_password(password), password_changed_at=clock.now())
+        s.add(user)
+        s.flush()
+        secret = mfa.new_totp_secret()
+        mfa.store_totp_secret(s, user, secret)
+        user.totp_confirmed_at = clock.now()
+        add_membership(s, org.id, user, "owner")
+        s.commit()
+        return TestUser(id=user.id, email=user.email, password=password, totp_secret=secret, org_id=org.id, role="owner")
+
+
+def _org_settings(org_id: str) -> dict:
+    from carepost.core.database import system_session
+    from carepost.delivery.settings import delivery_settings
+
+    with system_session() as s:
+        s.info.pop("scope", None)
+        s.info["org_id"] = org_id
+        return delivery_settings(s, org_id)
+
+
+def test_owner_changes_the_security_mode_and_sees_it_applied_bad_input_is_refused(page, owner):
+    ui_login(page, owner)
+    page.get_by_role("link", name="Delivery settings").first.click()
+    page.wait_for_url("**/app/delivery-settings")
+    expect(page.get_by_test_id("mode-tls_required")).to_be_checked()
+    expect(page.get_by_test_id("relay")).to_be_visible()
+
+    # Change the mode and the default purpose.
+    page.get_by_test_id("mode-secure").check()
+    page.select_option("#default_purpose", "treatment")
+    page.get_by_test_id("save-settings").click()
+    expect(page.get_by_test_id("settings-saved")).to_be_visible()
+    expect(page.get_by_test_id("mode-secure")).to_be_checked()
+    expect(page.locator("#default_purpose")).to_have_value("treatment")
+    assert _org_settings(owner.org_id) == {"security_mode": "secure", "default_purpose": "treatment"}
+
+    # Applied: the security preview starts from the organization's new mode.
+    page.goto("/app/security-preview")
+    expect(page.locator("main")).to_contain_text("Your organization's mode is secure")
+
+    # Lowering to opportunistic without the acknowledgement: refused next to the field, nothing changed.
+    page.goto("/app/delivery-settings")
+    page.get_by_test_id("mode-opportunistic").check()
+    page.get_by_test_id("save-settings").click()
+    expect(page.get_by_test_id("error-confirm_opportunistic")).to_contain_text("clear text")
+    expect(page.locator("#confirm_opportunistic")).to_have_attribute("aria-invalid", "true")
+    assert _org_settings(owner.org_id)["security_mode"] == "secure"
+
+    # A value that is no security mode (a tampered form): the error names the security mode.
+    page.goto("/app/delivery-settings")
+    page.evaluate("document.querySelector('[data-testid=mode-tls_exclusive]').value = 'plaintext'")
+    page.get_by_test_id("mode-tls_exclusive").check()
+    page.get_by_test_id("save-settings").click()
+    expect(page.get_by_test_id("error-security_mode")).to_contain_text("Unknown security mode")
+    assert _org_settings(owner.org_id) == {"security_mode": "secure", "default_purpose": "treatment"}
