@@ -328,3 +328,17 @@ def test_name_search_adds_patients_as_checkboxes(owner, pat, session):
     assert r.status_code == 200
     assert f'name="contact_id" value="{pat}"' in r.text and "Patricia Doe" in r.text
     assert _audit(session, "contact.search")[-1].details["via"] == "compose"
+    # Without JavaScript the whole page comes back, keeping what was typed.
+    r = post(owner, "/app/compose/contacts", {**form(subject="Kept subject"), "contact_name": "doe"})
+    assert r.status_code == 200 and "<h1>Compose</h1>" in r.text
+    assert f'name="contact_id" value="{pat}"' in r.text and 'value="Kept subject"' in r.text
+    r = post(owner, "/app/compose/contacts", {**form(), "contact_name": ""})
+    assert r.status_code == 422 and "<strong>contact_name</strong>" in r.text and "Enter a name" in r.text
+
+
+def test_api_lists_messages_sent_from_the_ui(owner, ready, session):
+    r = post(owner, "/app/compose/send", form(addresses="solo@valid.test"))
+    assert r.status_code == 303
+    listed = owner.get("/api/v1/messages?source=ui", headers={"Authorization": None, **ready.key("messages:read")})
+    assert listed.status_code == 200, listed.text
+    assert [m["source"] for m in listed.json()["data"]] == ["ui"]

@@ -130,7 +130,7 @@ def _idempotent_batch(session, principal: Principal, body: schemas.MessageBatchI
 def list_messages(
     request: Request,
     status: RecipientStatus | None = Query(None, description="Only messages with a recipient in this status."),
-    source: Literal["api", "smtp", "campaign", "journey"] | None = None,
+    source: Literal["api", "smtp", "ui", "campaign", "journey"] | None = None,
     cursor: str | None = Query(None, max_length=32),
     limit: int = Query(50, ge=1, le=200),
     principal: Principal = Depends(require(P.MESSAGES_READ)),

@@ -139,7 +139,8 @@ def _contact_label(contact: dict, unmasked: bool) -> str:
 
 
 def _page(request: Request, principal: Principal, draft: compose.Draft | None = None, *, error: str | None = None,
-          field: str | None = None, rows=None, test_sent: dict | None = None, status_code: int = 200):
+          field: str | None = None, rows=None, test_sent: dict | None = None, found: list | None = None,
+          status_code: int = 200):
     session = request.state.db
     draft = draft or compose.Draft()
     ctx = _choices(session, principal)
@@ -151,7 +152,7 @@ def _page(request: Request, principal: Principal, draft: compose.Draft | None = 
     session.commit()
     return render(request, "delivery/compose.html", {
         **ctx, "d": draft, "chosen": chosen, "error": error, "field": field, "rows": rows, "test_sent": test_sent,
-        "had_files": bool(draft.attachments),
+        "had_files": bool(draft.attachments), "found": found or [],
     }, status_code=status_code)
 
 
@@ -188,10 +189,13 @@ async def compose_contact_search(request: Request, principal: Principal = Depend
     form = await request.form()
     name = form.get("contact_name")
     name = name.strip()[:200] if isinstance(name, str) else ""
-    return await run_in_threadpool(_search, request, principal, name)
+    draft = None
+    if request.headers.get("hx-request") != "true":
+        draft, _files, _count = await _read_form(request)  # without JavaScript: the whole page again
+    return await run_in_threadpool(_search, request, principal, name, draft)
 
 
-def _search(request: Request, principal: Principal, name: str):
+def _search(request: Request, principal: Principal, name: str, draft: compose.Draft | None = None):
     from carepost.patients import service as patients
 
     session = request.state.db
@@ -209,8 +213,10 @@ def _search(request: Request, principal: Principal, name: str):
     except CarePostError as exc:
         session.rollback()
         error = exc.message
-    return render(request, "delivery/_compose_contacts.html", {"found": found, "error": error},
-                  status_code=200 if request.headers.get("hx-request") == "true" or not error else 422)
+    if draft is None:
+        return render(request, "delivery/_compose_contacts.html", {"found": found, "error": error})
+    return _page(request, principal, draft, error=error, field="contact_name" if error else None, found=found,
+                 status_code=422 if error else 200)
 
 
 def _prepare(request: Request, principal: Principal, draft: compose.Draft, files, count: int):
