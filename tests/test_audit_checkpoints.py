@@ -98,6 +98,43 @@ def test_checkpoint_never_moves_backwards(session, org):
     assert checkpoints.read_local(org.id).seq == 39
 
 
+def test_concurrent_commits_share_one_checkpoint_write_and_each_is_covered_when_it_returns(session, org, monkeypatch):
+    """Group commit: callers that arrive while a write is under way are covered by one later
+    write; none returns before the file holds its seq or a newer one."""
+    key = chain_key(session, org.id)
+    writes, original = [], checkpoints.write_forward
+    gate = threading.Event()
+
+    def slow_write(cp, settings=None):  # the real write, made slow like an fsync on a busy disk
+        writes.append(cp.seq)
+        gate.wait(5)
+        return original(cp, settings)
+
+    monkeypatch.setattr(checkpoints, "write_forward", slow_write)
+    covered, errors = [], []
+
+    def commit(seq):
+        cp = checkpoints.sign(key, chain=org.id, seq=seq, hash="ab" * 32, event_id=None, occurred_at=None)
+        checkpoints.write_committed(cp)
+        on_file = checkpoints.read_local(org.id).seq
+        (covered if on_file >= seq else errors).append((seq, on_file))
+
+    first = threading.Thread(target=commit, args=(1,))
+    first.start()
+    while not writes:  # the first write is under way
+        threading.Event().wait(0.01)
+    others = [threading.Thread(target=commit, args=(seq,)) for seq in range(2, 22)]
+    for t in others:
+        t.start()
+    threading.Event().wait(0.2)  # all twenty are waiting behind the first write
+    gate.set()
+    for t in [first, *others]:
+        t.join(10)
+    assert errors == [] and len(covered) == 21
+    assert writes == [1, 21]  # one write for the first, one for the twenty that queued behind it
+    assert checkpoints.read_local(org.id).seq == 21
+
+
 def test_forged_checkpoint_is_reported(session, org):
     for _ in range(3):
         append(session, org.id)

@@ -14,7 +14,9 @@ to another chain.
 Rules of the file:
 
 * written only after the transaction that appended commits (``after_commit``), never for a
-  rolled-back transaction or savepoint;
+  rolled-back transaction or savepoint, and before that caller goes on (its response is sent
+  after the file covers its event); concurrent commits in one process share one write (group
+  commit, :class:`_GroupWriter`), so a burst of audited reads costs one ``fsync``, not one each;
 * atomic (temp file + ``os.replace``), mode 0600, under an exclusive ``flock`` so concurrent
   processes never regress it to an older seq — it only moves forward;
 * never advanced past evidence: when the chain in the database no longer contains the event the
@@ -210,6 +212,53 @@ def write_forward(cp: Checkpoint, settings: Settings | None = None) -> bool:
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+class _GroupWriter:
+    """Group commit of checkpoint files within one process.
+
+    Every committed append must be covered by the file before its caller goes on (the response
+    is sent after the checkpoint), but a write costs an ``fsync``. Callers that commit while a
+    write of the same file is under way wait for it to finish; then one of them writes the newest
+    checkpoint of everything that arrived meanwhile, for all of them. Under concurrent requests
+    one ``fsync`` covers many appends; a lone caller writes at once, as before.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._tickets: dict[Path, int] = {}  # requests issued per file
+        self._done: dict[Path, int] = {}  # requests covered by a finished write
+        self._pending: dict[Path, list[Checkpoint]] = {}
+        self._busy: set[Path] = set()
+
+    def write(self, cp: Checkpoint, settings: Settings | None = None) -> None:
+        path = checkpoint_path(cp.chain, settings)
+        with self._cond:
+            ticket = self._tickets[path] = self._tickets.get(path, 0) + 1
+            self._pending.setdefault(path, []).append(cp)
+            while self._done.get(path, 0) < ticket:
+                if path not in self._busy:
+                    self._busy.add(path)
+                    batch, upto = self._pending.pop(path), self._tickets[path]
+                    break
+                self._cond.wait()
+            else:
+                return  # another caller's write covered this checkpoint
+        try:
+            write_forward(max(batch, key=lambda c: c.seq), settings)
+        finally:
+            with self._cond:
+                self._busy.discard(path)
+                self._done[path] = max(self._done.get(path, 0), upto)
+                self._cond.notify_all()
+
+
+_group = _GroupWriter()
+
+
+def write_committed(cp: Checkpoint, settings: Settings | None = None) -> None:
+    """Write the checkpoint of a committed append (group commit: see :class:`_GroupWriter`)."""
+    _group.write(cp, settings)
 
 
 # --------------------------------------------------------------------------- reading checkpoint files

@@ -356,7 +356,7 @@ def _write_checkpoints(session: Session) -> None:
         _tx, seq, hash_, event_id, occurred_at, key = max(appends, key=lambda a: a[1])
         try:
             cp = checkpoints.sign(key, chain=chain, seq=seq, hash=hash_, event_id=event_id, occurred_at=occurred_at)
-            checkpoints.write_forward(cp)
+            checkpoints.write_committed(cp)
         except Exception as exc:  # the data is committed: never fail the caller; verify reports a stale checkpoint
             log.error("audit_checkpoint_write_failed", chain=chain, error_type=type(exc).__name__)
 
