@@ -328,3 +328,82 @@ def test_rotate_secret_refuses_an_unknown_kind(db):
 
     result = CliRunner().invoke(carepost_cli.app, ["keys", "rotate-secret", "bogus"])
     assert result.exit_code == 1 and "kind must be one of" in result.output
+
+
+# --------------------------------------------------------------------------- portal, consent, forms, VERP secrets
+
+
+def _rotate_secret(kind: str) -> None:
+    from carepost import cli as carepost_cli
+
+    result = CliRunner().invoke(carepost_cli.app, ["keys", "rotate-secret", kind])
+    assert result.exit_code == 0, result.output
+    get_keyring().forget_current_versions()
+
+
+def test_consent_links_sent_before_a_rotation_keep_working(db, org):
+    from carepost.consent import tokens
+
+    with system_session() as s:
+        old = tokens.make(s, "u", org.id, "c", org.id)
+        s.commit()
+    _rotate_secret("consent")
+    with system_session() as s:
+        new = tokens.make(s, "u", org.id, "c", org.id)
+        assert new != old  # signed with the new version
+        assert tokens.verify(s, old, "u").ref_id == org.id
+        assert tokens.verify(s, new, "u").ref_id == org.id
+        with pytest.raises(tokens.InvalidToken):
+            tokens.verify(s, old[:-2] + ("AA" if old[-2:] != "AA" else "BB"), "u")
+
+
+def test_verp_return_paths_sent_before_a_rotation_keep_verifying(db, org):
+    from carepost.core.ids import new_id
+    from carepost.delivery import bounces
+
+    rid = new_id()
+    with system_session() as s:
+        old = bounces.return_path(s, org.id, "bounce.bar.example", rid)
+        s.commit()
+    _rotate_secret("verp")
+    with system_session() as s:
+        new = bounces.return_path(s, org.id, "bounce.bar.example", rid)
+        assert new != old
+        assert bounces.verp_recipient_id(s, org.id, old) == rid
+        assert bounces.verp_recipient_id(s, org.id, new) == rid
+
+
+def test_portal_links_do_not_change_when_the_portal_secret_rotates(db, org):
+    from carepost.portal import service as portal
+    from carepost.portal.models import PortalMessage
+    from tests.fixtures.portal import arrange
+
+    with system_session() as s:
+        a = arrange(s, org.id)
+    _rotate_secret("portal")
+    with system_session() as s:
+        pm = s.get(PortalMessage, a.portal_message_id)
+        assert portal.link_token(s, pm) == a.token  # the link already sent
+        assert portal.find_by_token(s, a.token).id == pm.id
+        b = arrange(s, org.id)
+        assert portal.find_by_token(s, b.token).id == b.portal_message_id
+        assert portal._derive_token(s, org.id, b.portal_message_id) == b.token  # made with the new version
+
+
+def test_a_form_rendered_before_a_rotation_still_submits(db, org):
+    from types import SimpleNamespace
+
+    from carepost.core.clock import now
+    from carepost.forms import service as forms
+
+    form = SimpleNamespace(id="f" * 32, org_id=org.id)
+    at = now()
+    with system_session() as s:
+        token = forms.render_token(s, form, at)
+        s.commit()
+    _rotate_secret("forms")
+    stamp, mac = token.split(".")
+    with system_session() as s:
+        assert forms.render_token(s, form, at) != token  # new pages are signed with the new version
+        assert forms._mac_ok(s, org.id, "render", f"{form.id}|{stamp}", mac)  # the page rendered before still submits
+        assert not forms._mac_ok(s, org.id, "render", f"{form.id}|{stamp}", "x" * 43)

@@ -297,10 +297,10 @@ def keys_retire(
 
 @keys_app.command("rotate-secret")
 def keys_rotate_secret(
-    kind: str = typer.Argument(..., help="audit (the audit chains' HMAC keys)"),
+    kind: str = typer.Argument(..., help="audit, portal, consent, forms or verp"),
 ) -> None:
-    """Add a new version of a secret (the audit chains' HMAC keys) for every owner. New MACs use
-    it; MACs made before keep verifying under their version."""
+    """Add a new version of a secret (audit chain MACs, portal links, consent tokens, form tokens,
+    VERP return paths) for every owner. New MACs use it; MACs made before keep verifying."""
     from sqlalchemy import select
 
     from carepost.audit.service import record

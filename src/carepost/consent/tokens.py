@@ -70,8 +70,8 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def _mac(session: Session, org_id: str, kind: str, payload: str) -> str:
-    key = get_keyring().named_key(session, org_id, KEY_KIND)
+def _mac(session: Session, org_id: str, kind: str, payload: str, key: bytes | None = None) -> str:
+    key = key or get_keyring().named_key(session, org_id, KEY_KIND)
     digest = hmac.new(key, f"carepost-consent|{kind}{VERSION}|{payload}".encode(), hashlib.sha256).digest()
     return _b64(digest[:MAC_BYTES])
 
@@ -110,7 +110,10 @@ def verify(session: Session, token: str, kind: str) -> TokenData:
 
     if session.get(Organization, org_id) is None:
         raise InvalidToken()
-    if not hmac.compare_digest(_mac(session, org_id, kind, payload), mac):
+    # Any live version of the consent secret: links sent before `keys rotate-secret consent` keep working.
+    get_keyring().named_key(session, org_id, KEY_KIND)
+    if not any(hmac.compare_digest(_mac(session, org_id, kind, payload, key), mac)
+               for _v, key in get_keyring().named_keys(session, org_id, KEY_KIND)):
         raise InvalidToken()
     ref_kind, ref_id, topic_id = fields[0], fields[1], fields[2] or None
     if ref_kind not in REF_KINDS or not is_id(ref_id) or (topic_id is not None and not is_id(topic_id)):

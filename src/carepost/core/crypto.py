@@ -62,7 +62,7 @@ from carepost.core.masterkeys import (  # noqa: F401 - the keyring's public name
 CIPHERTEXT_FORMAT = 1
 # Named secrets (``Keyring.named_key``) that ``carepost keys rotate-secret`` rotates: each MAC made
 # with one records or finds its version, so a rotation never breaks what was made before.
-NAMED_SECRET_KINDS = ("audit",)
+NAMED_SECRET_KINDS = ("audit", "portal", "consent", "forms", "verp")
 
 
 # --------------------------------------------------------------------------- organization keys

@@ -435,14 +435,25 @@ def unsubscribe_mailbox(session: Session, org_id: str, return_path_domain: str, 
     return verp_address(return_path_domain, recipient_id, verp_secret(session, org_id), prefix=UNSUBSCRIBE_PREFIX)
 
 
+def _parse_any(session: Session, org_id: str, address: str, prefix: str) -> str | None:
+    """Verify under every live version of the VERP secret, current first: return paths and
+    unsubscribe mailboxes sent before ``carepost keys rotate-secret verp`` keep working."""
+    verp_secret(session, org_id)  # created on first use
+    for _version, secret in get_keyring().named_keys(session, org_id, "verp"):
+        found = parse_verp(address, secret, prefix=prefix)
+        if found is not None:
+            return found
+    return None
+
+
 def unsubscribe_recipient_id(session: Session, org_id: str, address: str) -> str | None:
     """The recipient id an unsubscribe mailbox names when its MAC verifies for ``org_id``."""
-    return parse_verp(address, verp_secret(session, org_id), prefix=UNSUBSCRIBE_PREFIX)
+    return _parse_any(session, org_id, address, UNSUBSCRIBE_PREFIX)
 
 
 def verp_recipient_id(session: Session, org_id: str, address: str) -> str | None:
     """The recipient id a VERP address names when its MAC verifies for ``org_id``; else None."""
-    return parse_verp(address, verp_secret(session, org_id), prefix=VERP_PREFIX)
+    return _parse_any(session, org_id, address, VERP_PREFIX)
 
 
 def match_recipient(session: Session, org_id: str, addresses: list[str] | tuple[str, ...]):

@@ -341,9 +341,16 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).decode().rstrip("=")
 
 
-def _mac(session: Session, org_id: str, purpose: str, payload: str) -> str:
-    key = get_keyring().named_key(session, org_id, "forms")
+def _mac(session: Session, org_id: str, purpose: str, payload: str, key: bytes | None = None) -> str:
+    key = key or get_keyring().named_key(session, org_id, "forms")
     return _b64(hmac.new(key, f"{purpose}|{payload}".encode(), hashlib.sha256).digest())
+
+
+def _mac_ok(session: Session, org_id: str, purpose: str, payload: str, mac: str) -> bool:
+    """Under any live version of the forms secret (a page rendered before a rotation still submits)."""
+    get_keyring().named_key(session, org_id, "forms")
+    return any(hmac.compare_digest(mac, _mac(session, org_id, purpose, payload, key))
+               for _v, key in get_keyring().named_keys(session, org_id, "forms"))
 
 
 def render_token(session: Session, form: Form, at: datetime | None = None) -> str:
@@ -356,7 +363,7 @@ def check_render_token(session: Session, form: Form, token: str | None) -> float
     """Seconds since the form was rendered; refuses a missing, forged, early or stale token."""
     settings = get_settings()
     stamp, _, mac = (token or "").partition(".")
-    if not stamp.isdigit() or len(stamp) > 16 or not hmac.compare_digest(mac, _mac(session, form.org_id, "render", f"{form.id}|{stamp}")):
+    if not stamp.isdigit() or len(stamp) > 16 or not _mac_ok(session, form.org_id, "render", f"{form.id}|{stamp}", mac):
         raise SpamSuspected("This form could not be verified. Reload the page and submit again.", field=RENDER_TOKEN)
     age = clock.now().timestamp() - int(stamp) / 1000
     if age < settings.form_min_fill_seconds:
@@ -390,7 +397,7 @@ def resolve_confirmation(session: Session, token: str) -> FormSubmission:
     ).first()
     if sub is None or sub.confirm_expires_at is None:
         raise invalid
-    if not hmac.compare_digest(mac, _mac(session, sub.org_id, "confirm", f"{sub.id}|{exp}")):
+    if not _mac_ok(session, sub.org_id, "confirm", f"{sub.id}|{exp}", mac):
         raise invalid
     if int(exp) != int(clock.aware(sub.confirm_expires_at).timestamp()):
         raise invalid

@@ -222,13 +222,20 @@ def _hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def _derive_token(session: Session, org_id: str, row_id: str) -> str:
-    key = get_keyring().named_key(session, org_id, "portal")
+def _derive_token(session: Session, org_id: str, row_id: str, key: bytes | None = None) -> str:
+    key = key or get_keyring().named_key(session, org_id, "portal")
     digest = hmac.new(key, f"portal-link\x00{row_id}".encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
 
 def link_token(session: Session, pm: PortalMessage) -> str:
+    """The message's link, derived again with the version of the portal secret that made it
+    (the one whose hash the row holds): a rotation never changes a link already sent."""
+    get_keyring().named_key(session, pm.org_id, "portal")
+    for _version, key in get_keyring().named_keys(session, pm.org_id, "portal"):
+        token = _derive_token(session, pm.org_id, pm.id, key)
+        if hmac.compare_digest(_hash_token(token), pm.token_hash):
+            return token
     return _derive_token(session, pm.org_id, pm.id)
 
 
