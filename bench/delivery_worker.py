@@ -124,7 +124,10 @@ def accept(count: int, chunk: int = 1000) -> tuple[str, list[str], float]:
         session.commit()
         org_id = org.id
     with org_session(org_id) as session:
-        service.create_sending_domain(session, org_id, "bar.example")
+        row = service.create_sending_domain(session, org_id, "bar.example")
+        # bar.example is the bench's own name, answered by no public DNS: its ownership record is
+        # taken as found (the one call the service makes when the TXT look-up succeeds).
+        service.confirm_ownership(session, row)
         service.update_delivery_settings(session, org_id, {"default_purpose": "treatment"})
         session.commit()
     ids: list[str] = []
