@@ -410,3 +410,68 @@ def clock_now():
     from carepost.core import clock
 
     return clock.now()
+
+
+def test_insert_select_and_bulk_inserts_stay_in_the_sessions_organization(db, session):
+    """Issue 9 item 14, the rest of it: ``INSERT ... SELECT`` and the Session's bulk inserts.
+    An ``INSERT ... SELECT`` whose ``org_id`` is another organization's is refused; the SELECT
+    inside reads only the session's organization (so B's rows cannot be copied into A either);
+    ``bulk_insert_mappings`` and ``bulk_save_objects`` of B's rows are refused."""
+    from sqlalchemy import insert, literal
+
+    from carepost.accounts.models import Membership, User
+    from carepost.accounts.service import create_organization
+    from carepost.core.database import TenantScopeError, org_session
+    from carepost.core.ids import new_id
+
+    a = create_organization(session, "Alpha Clinic")
+    b = create_organization(session, "Zeta Health")
+    users = [User(email=f"person{i}@example.test", display_name="") for i in range(3)]
+    session.add_all(users)
+    session.flush()
+    session.add(Membership(org_id=b.id, user_id=users[0].id, role="owner"))
+    session.add(Membership(org_id=a.id, user_id=users[1].id, role="analyst"))
+    session.commit()
+    names = ["id", "org_id", "user_id", "role", "created_at"]
+
+    def copy_select(org_value):
+        return (select(literal(new_id()), org_value, literal(users[2].id), literal("owner"), Membership.created_at)
+                .where(Membership.user_id == users[0].id))  # B's membership
+
+    refused = [
+        # B's org_id as a literal in the SELECT.
+        lambda s: s.execute(insert(Membership).from_select(names, copy_select(literal(b.id)))),
+        # B's user id read through a subquery of organization data.
+        lambda s: s.execute(insert(Membership).from_select(names, select(
+            literal(new_id()), literal(a.id),
+            select(Membership.user_id).where(Membership.user_id == users[0].id).scalar_subquery(),
+            literal("owner"), literal(clock_now())))),
+        lambda s: s.bulk_insert_mappings(Membership, [{"id": new_id(), "org_id": b.id, "user_id": users[2].id,
+                                                       "role": "owner", "created_at": clock_now()}]),
+        lambda s: s.bulk_save_objects([Membership(id=new_id(), org_id=b.id, user_id=users[2].id, role="owner",
+                                                  created_at=clock_now())]),
+    ]
+    for attempt in refused:
+        with org_session(a.id) as s:
+            with pytest.raises(TenantScopeError):
+                attempt(s)
+                s.flush()
+            s.rollback()
+    # A's org_id, or the org_id of the rows read, but the SELECT reads B's membership: the scope
+    # hides B's row, nothing is copied.
+    with org_session(a.id) as s:
+        s.execute(insert(Membership).from_select(names, copy_select(literal(a.id))))
+        s.execute(insert(Membership).from_select(names, copy_select(Membership.org_id)))
+        s.commit()
+    with org_session(a.id) as s:
+        assert {m.user_id for m in s.scalars(select(Membership))} == {users[1].id}
+    # The organization's own INSERT ... SELECT works (a copy of A's own row).
+    with org_session(a.id) as s:
+        s.execute(insert(Membership).from_select(names, select(
+            literal(new_id()), Membership.org_id, literal(users[2].id), Membership.role, Membership.created_at)
+            .where(Membership.user_id == users[1].id)))
+        s.commit()
+    with org_session(a.id) as s:
+        assert {m.user_id for m in s.scalars(select(Membership))} == {users[1].id, users[2].id}
+    with org_session(b.id) as s:
+        assert [m.user_id for m in s.scalars(select(Membership))] == [users[0].id]

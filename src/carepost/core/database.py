@@ -137,7 +137,7 @@ def get_engine() -> Engine:
     with _lock:
         if _engine is None:
             _engine = make_engine()
-            _factory = sessionmaker(_engine, expire_on_commit=False)
+            _factory = sessionmaker(_engine, class_=ScopedSession, expire_on_commit=False)
         return _engine
 
 
@@ -169,7 +169,7 @@ def read_only_session(org_id: str | None = None) -> Iterator[Session]:
     """A session that does not take SQLite's write lock at BEGIN (reports, verification,
     tests inspecting state). It may read; a write through it can fail with "database is locked"."""
     engine = get_engine().execution_options(sqlite_begin="DEFERRED")
-    with Session(engine, expire_on_commit=False) as session:
+    with ScopedSession(engine, expire_on_commit=False) as session:
         if org_id:
             session.info["org_id"] = org_id
         else:
@@ -239,10 +239,101 @@ def _check_insert(state: ORMExecuteState) -> None:
             return
         raise TenantScopeError(f"insert into {table.name} without an organization scope")
     if getattr(state.statement, "select", None) is not None:
-        return  # INSERT ... SELECT: its select is scoped like any query (its org_id comes from the caller)
+        state.statement = _scoped_insert_from_select(state.statement, table.name, org_id)
+        return
     others = {value for value in _inserted_org_ids(state) if value != org_id}
     if others:
         raise TenantScopeError(f"insert into {table.name} for another organization")
+
+
+def _scoped_insert_from_select(stmt, table_name: str, org_id: str):
+    """``INSERT ... SELECT`` in an organization's session: the SELECT reads only that
+    organization's rows (each organization table it reads from is filtered to it, and a subquery
+    reading organization data is refused), and every row it inserts carries that organization's
+    ``org_id`` (a literal of another organization's is refused, an expression is filtered)."""
+    from sqlalchemy import Table, and_, insert as insert_, select
+    from sqlalchemy.sql import visitors
+    from sqlalchemy.sql.selectable import Alias, Join, Select
+    from sqlalchemy.sql.util import find_tables
+
+    scoped_tables = _org_scoped_tables()
+    names = [getattr(n, "key", n) for n in stmt._select_names]
+    if "org_id" not in names:
+        raise TenantScopeError(f"insert into {table_name} from a select that names no org_id")
+    inner = stmt.select
+    if not isinstance(inner, Select):
+        raise TenantScopeError(f"insert into {table_name} from a compound select in an organization's session")
+    for element in visitors.iterate(inner):
+        if element is not inner and isinstance(element, Select) and any(
+                t.name in scoped_tables for t in find_tables(element, include_aliases=True) if isinstance(t, Table)):
+            raise TenantScopeError(f"insert into {table_name} from a subquery of organization data")
+
+    def direct(froms):
+        for f in froms:
+            if isinstance(f, Join):
+                yield from direct([f.left, f.right])
+            else:
+                yield f
+
+    conditions = []
+    for f in direct(inner.get_final_froms()):
+        base = f.element if isinstance(f, Alias) else f
+        if isinstance(base, Table) and base.name in scoped_tables:
+            conditions.append(f.c.org_id == org_id)
+    if conditions:
+        inner = inner.where(and_(*conditions))
+    position = names.index("org_id")
+    value = list(inner.selected_columns)[position]
+    if isinstance(value, BindParameter):
+        if value.value != org_id:
+            raise TenantScopeError(f"insert into {table_name} for another organization")
+        scoped = inner
+    else:
+        rows = inner.subquery()
+        scoped = select(*rows.c).where(list(rows.c)[position] == org_id)
+    return insert_(stmt.table).from_select(stmt._select_names, scoped,
+                                           include_defaults=stmt.include_insert_from_select_defaults)
+
+
+class ScopedSession(Session):
+    """The Session every CarePost session is: its legacy bulk methods skip the ORM events the
+    tenant scope hangs on, so they check the organization themselves (issue 9 item 14)."""
+
+    def _check_bulk(self, mapper, rows) -> None:
+        cls = getattr(mapper, "class_", mapper)
+        if not (isinstance(cls, type) and issubclass(cls, OrgScoped)):
+            return
+        org_id = self.info.get("org_id")
+        for row in rows:
+            value = row.get("org_id") if isinstance(row, dict) else getattr(row, "org_id", None)
+            if org_id is None:
+                if self.info.get("scope") != "system":
+                    raise TenantScopeError(f"{cls.__name__} written without an organization scope")
+                if value is None:
+                    raise TenantScopeError(f"{cls.__name__} written without an organization")
+            elif value is None:
+                if isinstance(row, dict):
+                    row["org_id"] = org_id
+                else:
+                    row.org_id = org_id
+            elif value != org_id:
+                raise TenantScopeError(f"{cls.__name__} belongs to another organization")
+
+    def bulk_insert_mappings(self, mapper, mappings, *args, **kwargs):
+        mappings = [dict(m) for m in mappings]
+        self._check_bulk(mapper, mappings)
+        return super().bulk_insert_mappings(mapper, mappings, *args, **kwargs)
+
+    def bulk_update_mappings(self, mapper, mappings):
+        mappings = list(mappings)
+        self._check_bulk(mapper, [m for m in mappings if "org_id" in m])
+        return super().bulk_update_mappings(mapper, mappings)
+
+    def bulk_save_objects(self, objects, *args, **kwargs):
+        objects = list(objects)
+        for obj in objects:
+            self._check_bulk(type(obj), [obj])
+        return super().bulk_save_objects(objects, *args, **kwargs)
 
 
 @event.listens_for(Session, "do_orm_execute")
