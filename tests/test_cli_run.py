@@ -14,6 +14,8 @@ import httpx
 import pytest
 
 from carepost.core.config import Settings
+from carepost.core.mailcapture import CaptureKeys, capture_files, read_capture
+from carepost.core.masterkeys import read_master_key_file
 from carepost.core.supervisor import default_children
 from tests.fixtures.ui import free_port
 from tests.test_cli import ROOT, fresh_env
@@ -22,6 +24,12 @@ from tests.test_cli import ROOT, fresh_env
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def _read(data: Path, path: Path) -> str:
+    """A captured message in clear: the capture encrypts under a key derived from the master key."""
+    master = read_master_key_file(data / "master.key")
+    return read_capture(path, CaptureKeys(master.id, {master.id: master})).decode("utf-8", "replace")
 
 
 def _cmdline(pid: int) -> str:
@@ -118,12 +126,13 @@ def test_run_starts_everything_captures_mail_and_stops_cleanly(running):
         smtp.send_message(msg)
     capture = running.data / "mail-capture"
     deadline = time.monotonic() + 10
-    while not list(capture.glob("*.eml")) and time.monotonic() < deadline:
+    while not capture_files(capture) and time.monotonic() < deadline:
         time.sleep(0.1)
-    files = list(capture.glob("*.eml"))
+    files = capture_files(capture)
     assert len(files) == 1
     assert files[0].stat().st_mode & 0o777 == 0o600
-    content = files[0].read_text()
+    assert b"Tuesday" not in files[0].read_bytes()  # encrypted at rest (issue 9 item 16)
+    content = _read(running.data, files[0])
     assert "Subject: Appointment reminder" in content and "See you on Tuesday." in content
     assert "X-CarePost-Capture-Rcpt-To: patient@example.test" in content
 
@@ -171,9 +180,9 @@ def deliver_through_carepost_relay(running, kids) -> None:
     assert result.evidence.cert_verified and result.evidence.tls_version
     capture = running.data / "mail-capture"
     deadline = time.monotonic() + 10
-    while not any("Portal message waiting" in f.read_text() for f in capture.glob("*.eml")) and time.monotonic() < deadline:
+    while not any("Portal message waiting" in _read(running.data, f) for f in capture_files(capture)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert any("Portal message waiting" in f.read_text() for f in capture.glob("*.eml"))
+    assert any("Portal message waiting" in _read(running.data, f) for f in capture_files(capture))
 
 
 def test_sigint_is_forwarded_too(running):
@@ -204,7 +213,8 @@ def test_mail_capture_listens_on_loopback_only(tmp_path):
 def test_capture_certificate_is_made_once_and_verifies_for_localhost(tmp_path):
     import ssl
 
-    from carepost.core.mailcapture import ensure_capture_tls, start_capture
+    from carepost.core.mailcapture import CaptureKeys, ensure_capture_tls, start_capture
+    from carepost.core.masterkeys import generate_master_key
 
     tls = ensure_capture_tls(tmp_path / "tls")
     again = ensure_capture_tls(tmp_path / "tls")
@@ -213,7 +223,9 @@ def test_capture_certificate_is_made_once_and_verifies_for_localhost(tmp_path):
     assert not (tmp_path / "tls" / "ca.key").exists()  # the CA signs nothing else, ever
 
     port = free_port()
-    controller = start_capture(tmp_path / "capture", "127.0.0.1", port, tls)
+    master = generate_master_key()
+    keys = CaptureKeys(master.id, {master.id: master})
+    controller = start_capture(tmp_path / "capture", "127.0.0.1", port, tls, keys)
     try:
         context = ssl.create_default_context(cafile=str(tls.ca_file))
         with smtplib.SMTP("localhost", port, timeout=5) as smtp:
@@ -221,8 +233,8 @@ def test_capture_certificate_is_made_once_and_verifies_for_localhost(tmp_path):
             smtp.sendmail("a@clinic.test", ["b@example.test"], b"Subject: t\r\n\r\nbody\r\n")
     finally:
         controller.stop()
-    [eml] = list((tmp_path / "capture").glob("*.eml"))
-    assert "Subject: t" in eml.read_text()
+    [eml] = capture_files(tmp_path / "capture")
+    assert "Subject: t" in read_capture(eml, keys).decode()
 
 
 def test_phi_message_under_run_goes_by_verified_tls_to_the_capture(tmp_path):
@@ -265,7 +277,7 @@ def test_phi_message_under_run_goes_by_verified_tls_to_the_capture(tmp_path):
         assert recipient["status"] == "sent", recipient  # accepted by the relay (the capture)
         assert recipient["method"] == "tls", recipient
         assert recipient["evidence"]["relay"] is True
-        captured = [f.read_text() for f in (running.data / "mail-capture").glob("*.eml")]
+        captured = [_read(running.data, f) for f in capture_files(running.data / "mail-capture")]
         assert any("Your HbA1c is 6.1%" in c for c in captured)  # the message itself, not a portal notice
     finally:
         running.stop()

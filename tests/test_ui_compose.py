@@ -36,13 +36,16 @@ DOMAIN = "compose-ui.example"
 @pytest.fixture(scope="module")
 def capture(tmp_path_factory):
     """The mail capture ``carepost run`` starts: every message the worker sends lands as a file."""
-    from carepost.core.mailcapture import ensure_capture_tls, start_capture
+    from carepost.core.mailcapture import CaptureKeys, ensure_capture_tls, start_capture
+    from carepost.core.masterkeys import generate_master_key
 
     base = tmp_path_factory.mktemp("capture")
     tls = ensure_capture_tls(base / "tls")
     port = free_port()
-    controller = start_capture(base / "mail", "127.0.0.1", port, tls)
-    yield {"dir": base / "mail", "port": port, "ca": tls.ca_file}
+    master = generate_master_key()  # the capture encrypts at rest under a master key (issue 9 item 16)
+    keys = CaptureKeys(master.id, {master.id: master})
+    controller = start_capture(base / "mail", "127.0.0.1", port, tls, keys)
+    yield {"dir": base / "mail", "port": port, "ca": tls.ca_file, "keys": keys}
     controller.stop()
 
 
@@ -126,12 +129,14 @@ def clinic(live_server):
         return SimpleNamespace(org_id=org_id, domain=row.domain, owner=owner, marketer=marketer, topic=topic.id, pat=pat)
 
 
-def _captured(directory: Path, rcpt: str, timeout: float = 60.0) -> list[email.message.EmailMessage]:
+def _captured(capture: dict, rcpt: str, timeout: float = 60.0) -> list[email.message.EmailMessage]:
+    from carepost.core.mailcapture import capture_files, read_capture
+
     deadline = time.time() + timeout
     while time.time() < deadline:
         found = []
-        for path in sorted(directory.glob("*.eml")) if directory.exists() else []:
-            msg = email.message_from_bytes(path.read_bytes(), policy=email_policy.default)
+        for path in capture_files(capture["dir"]):
+            msg = email.message_from_bytes(read_capture(path, capture["keys"]), policy=email_policy.default)
             if rcpt in (msg.get_all("X-CarePost-Capture-Rcpt-To") or []):
                 found.append(msg)
         if found:
@@ -170,7 +175,7 @@ def test_compose_preview_test_send_and_statuses(page, clinic, capture, worker, l
     # A test to oneself arrives in the capture, merge fields as their names, never patient data.
     page.get_by_test_id("send-test").click()
     expect(page.get_by_test_id("test-sent")).to_contain_text(clinic.owner.email)
-    (test_mail,) = _captured(capture["dir"], clinic.owner.email)
+    (test_mail,) = _captured(capture, clinic.owner.email)
     assert test_mail["Subject"] == "[Test] A message from your care team"
     body = test_mail.get_body(("plain",)).get_content()
     assert "Dear [first_name], your lab results are ready" in body and "Patricia" not in body
@@ -181,8 +186,8 @@ def test_compose_preview_test_send_and_statuses(page, clinic, capture, worker, l
     page.get_by_test_id("send").click()
     page.wait_for_url(re.compile(r".*/app/compose/sent/[0-9a-f]{32}$"))
     expect(page.get_by_test_id("sent-row")).to_have_count(2)
-    (pat_mail,) = _captured(capture["dir"], "patricia.quill@patients.example")
-    (lee_mail,) = _captured(capture["dir"], "lee.hart@elsewhere.example")
+    (pat_mail,) = _captured(capture, "patricia.quill@patients.example")
+    (lee_mail,) = _captured(capture, "lee.hart@elsewhere.example")
     assert "Dear Patricia, your lab results" in pat_mail.get_body(("plain",)).get_content()
     assert "Dear , your lab results" in lee_mail.get_body(("plain",)).get_content()
     assert "lee.hart" not in pat_mail.as_string()  # no recipient sees another's address

@@ -18,11 +18,13 @@ user_app = typer.Typer(help="People who use CarePost.", no_args_is_help=True)
 apikey_app = typer.Typer(help="API credentials.", no_args_is_help=True)
 keys_app = typer.Typer(help="Encryption keys.", no_args_is_help=True)
 audit_app = typer.Typer(help="The audit log.", no_args_is_help=True)
+capture_app = typer.Typer(help="The local mail capture of `carepost run` (encrypted at rest).", no_args_is_help=True)
 app.add_typer(org_app, name="org")
 app.add_typer(user_app, name="user")
 app.add_typer(apikey_app, name="apikey")
 app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
+app.add_typer(capture_app, name="capture")
 
 console = Console()
 err = Console(stderr=True)
@@ -216,6 +218,73 @@ def doctor() -> None:
         err.print(f"[red]{sum(f.level == 'fail' for f in findings)} check(s) failed.[/red]")
         raise typer.Exit(1)
     console.print("No failures." + (" Read the warnings." if level == "warn" else ""))
+
+
+# --------------------------------------------------------------------------- capture
+
+
+@capture_app.command("list")
+def capture_list() -> None:
+    """The captured messages still kept (oldest first): file, time, envelope, subject."""
+    from email.parser import BytesHeaderParser
+    from email.policy import default as default_policy
+
+    from carepost.core.config import get_settings
+    from carepost.core.mailcapture import CaptureKeys, capture_files, read_capture
+    from carepost.core.masterkeys import DecryptionFailed, KeyUnavailable
+
+    settings = get_settings()
+    files = capture_files(settings.resolved_capture_dir)
+    if not files:
+        console.print(f"No captured mail in {settings.resolved_capture_dir}.")
+        return
+    keys = CaptureKeys.load(settings)
+    table = Table("file", "from", "to", "subject", show_lines=False)
+    for path in files:
+        try:
+            headers = BytesHeaderParser(policy=default_policy).parsebytes(read_capture(path, keys))
+        except (DecryptionFailed, KeyUnavailable) as exc:
+            table.add_row(path.name, "", "", f"[red]{exc}[/red]")
+            continue
+        table.add_row(path.name, str(headers.get("X-CarePost-Capture-Mail-From", "")),
+                      ", ".join(str(v) for v in headers.get_all("X-CarePost-Capture-Rcpt-To", [])),
+                      str(headers.get("Subject", "")))
+    console.print(table)
+    console.print(f"Kept for {settings.capture_retention_hours:g} hours (CAREPOST_CAPTURE_RETENTION_HOURS).")
+
+
+@capture_app.command("show")
+def capture_show(
+    name: str = typer.Argument(..., help="File name as `carepost capture list` shows it (or `last`)."),
+    out: Path | None = typer.Option(None, "--out", help="Write the message (.eml) to this file (0600) instead of the terminal."),
+) -> None:
+    """Print one captured message in clear (or write it to a file to open in a mail client)."""
+    import os
+
+    from carepost.core.config import get_settings
+    from carepost.core.mailcapture import capture_files, read_capture
+    from carepost.core.masterkeys import DecryptionFailed, KeyUnavailable
+
+    settings = get_settings()
+    files = capture_files(settings.resolved_capture_dir)
+    if name == "last":
+        path = files[-1] if files else None
+    else:
+        path = next((p for p in files if p.name == name or p.name == f"{name}.eml.enc"), None)
+    if path is None:
+        fail(f"no captured message {name!r} in {settings.resolved_capture_dir}")
+    try:
+        data = read_capture(path)
+    except (DecryptionFailed, KeyUnavailable) as exc:
+        fail(str(exc))
+    if out is not None:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        console.print(f"Written to {out}; it is in clear: delete it when done.")
+        return
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
 
 
 # --------------------------------------------------------------------------- keys

@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     )
     capture_host: str = Field("127.0.0.1", description="Address the local mail capture of `carepost run` listens on.")
     capture_port: int = Field(2525, description="SMTP port of the local mail capture of `carepost run`.")
+    capture_retention_hours: float = Field(
+        24, gt=0, description="Hours the local mail capture of `carepost run` keeps a captured message (encrypted "
+        "at rest) before deleting it.",
+    )
     mail_capture: bool = Field(
         False, description="Set by `carepost run`: outgoing mail goes only to the local mail capture, so sending "
         "domains may send before their ownership is proven. Has no effect unless CAREPOST_SMTP_RELAY names a loopback "

@@ -1,8 +1,12 @@
 """Local mail capture for ``carepost run``: an SMTP server on loopback that writes every message
 it receives as an ``.eml`` file into the capture dir, so nothing leaves the machine.
 
-Captured mail may hold PHI: files are created with mode 0600 in a 0700 directory, and the
-server refuses to listen anywhere but a loopback address.
+Captured mail may hold PHI (issue 9 item 16): each message is encrypted at rest (AES-256-GCM
+under a key derived from the master key, bound to its file name) into ``<time>-<id>.eml.enc``,
+0600 in a 0700 directory; nothing is ever written in clear. Captures older than
+``CAREPOST_CAPTURE_RETENTION_HOURS`` (default 24) are deleted when the capture starts and every
+minute after. ``carepost capture list`` and ``carepost capture show NAME`` read them. The server
+refuses to listen anywhere but a loopback address.
 
 CarePost delivers only over verified TLS to a relay, so the capture offers STARTTLS with a
 certificate for ``localhost`` issued by a local CA made on first start (``capture-tls/`` in the
@@ -22,16 +26,20 @@ import os
 import signal
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import Envelope, Session
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from carepost.core import clock
 from carepost.core.ids import new_id
 from carepost.core.logging import get_logger
+from carepost.core.masterkeys import DecryptionFailed, KeyUnavailable, MasterKey, hkdf, load_master_keys
 
 log = get_logger("carepost.mailcapture")
 
@@ -45,11 +53,107 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class CaptureHandler:
-    """aiosmtpd handler: one file per accepted message, written atomically."""
+# --------------------------------------------------------------------------- encryption at rest
 
-    def __init__(self, directory: Path):
+SUFFIX = ".eml.enc"
+MAGIC = b"CAREPOST-CAPTURE-1\n"
+_KEY_INFO = "carepost mail capture v1"
+
+
+class CaptureKeys:
+    """The capture's keys, derived from the master keys (current one for writing; every
+    available one, current and pending rotation, for reading)."""
+
+    def __init__(self, current: str, masters: dict[str, MasterKey]):
+        self.current = current
+        self._keys = {mid: hkdf(m.key, _KEY_INFO) for mid, m in masters.items()}
+
+    @classmethod
+    def load(cls, settings=None) -> "CaptureKeys":
+        return cls(*load_master_keys(settings))
+
+    def seal(self, name: str, data: bytes) -> bytes:
+        nonce = os.urandom(12)
+        mid = self.current.encode()
+        return MAGIC + mid + b"\n" + nonce + AESGCM(self._keys[self.current]).encrypt(nonce, data, _aad(mid, name))
+
+    def open(self, name: str, blob: bytes) -> bytes:
+        if not blob.startswith(MAGIC):
+            raise DecryptionFailed(f"{name} is not a CarePost mail capture")
+        mid, _, rest = blob[len(MAGIC):].partition(b"\n")
+        key = self._keys.get(mid.decode("ascii", "replace"))
+        if key is None:
+            raise KeyUnavailable(f"{name} was encrypted under master key {mid.decode('ascii', 'replace')}, which is not available")
+        try:
+            return AESGCM(key).decrypt(rest[:12], rest[12:], _aad(mid, name))
+        except InvalidTag:
+            raise DecryptionFailed(f"{name} does not decrypt (altered, or renamed from another capture)") from None
+
+
+def _aad(mid: bytes, name: str) -> bytes:
+    return b"carepost-capture|" + mid + b"|" + name.encode()
+
+
+def capture_files(directory: Path) -> list[Path]:
+    """The captured messages, oldest first."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.name.endswith(SUFFIX) and not p.name.startswith("."))
+
+
+def read_capture(path: Path, keys: CaptureKeys | None = None) -> bytes:
+    """The captured message in clear (for ``carepost capture show`` and tests)."""
+    return (keys or CaptureKeys.load()).open(path.name, path.read_bytes())
+
+
+def _captured_at(path: Path):
+    from datetime import datetime, timezone
+
+    try:
+        return datetime.strptime(path.name[:15], "%Y%m%dT%H%M%S").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+
+
+def purge_captures(directory: Path, retention: timedelta, now=None) -> int:
+    """Delete captures (and leftovers of interrupted writes) older than ``retention``; returns
+    how many files went."""
+    now = now or clock.now()
+    removed = 0
+    if not directory.is_dir():
+        return 0
+    for path in directory.iterdir():
+        if not (path.name.endswith(SUFFIX) or path.name.endswith(".tmp") or path.name.endswith(".eml")):
+            continue
+        try:
+            if now - _captured_at(path) >= retention:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
+
+
+def seal_plaintext_captures(directory: Path, keys: CaptureKeys) -> int:
+    """Captures an older CarePost wrote in clear (``*.eml``): encrypted in place, the clear file
+    removed."""
+    sealed = 0
+    if not directory.is_dir():
+        return 0
+    for path in sorted(directory.glob("*.eml")):
+        target = path.with_name(path.name[: -len(".eml")] + SUFFIX)
+        _write(target, keys.seal(target.name, path.read_bytes()))
+        path.unlink()
+        sealed += 1
+    return sealed
+
+
+class CaptureHandler:
+    """aiosmtpd handler: one encrypted file per accepted message, written atomically."""
+
+    def __init__(self, directory: Path, keys: CaptureKeys | None = None):
         self.directory = directory
+        self.keys = keys or CaptureKeys.load()
         directory.mkdir(parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
 
@@ -66,12 +170,12 @@ class CaptureHandler:
         return "250 Message captured"
 
     def write(self, data: bytes) -> Path:
-        name = f"{clock.now().strftime('%Y%m%dT%H%M%S')}-{new_id()}.eml"
+        name = f"{clock.now().strftime('%Y%m%dT%H%M%S')}-{new_id()}{SUFFIX}"
         final = self.directory / name
         tmp = self.directory / f".{name}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            fh.write(self.keys.seal(name, data))
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, final)
@@ -180,13 +284,15 @@ def relay_environment(settings) -> dict[str, str]:
 
 
 CAPTURE_NOTICE_DOMAIN = "carepost.localhost"
+PURGE_INTERVAL_SECONDS = 60
 
 
-def start_capture(directory: Path, host: str, port: int, tls: CaptureTls | None = None) -> Controller:
+def start_capture(directory: Path, host: str, port: int, tls: CaptureTls | None = None,
+                  keys: CaptureKeys | None = None) -> Controller:
     if not is_loopback(host):
         raise ValueError(f"CAREPOST_CAPTURE_HOST must be a loopback address, not {host!r}: captured mail may hold PHI")
     controller = Controller(
-        CaptureHandler(directory),
+        CaptureHandler(directory, keys),
         hostname=host,
         port=port,
         server_hostname="localhost",
@@ -207,13 +313,22 @@ def main() -> None:
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every peer and command
     directory = settings.resolved_capture_dir
     tls = ensure_capture_tls(capture_tls_dir(settings))
-    controller = start_capture(directory, settings.capture_host, settings.capture_port, tls)
-    log.info("mail_capture_started", host=settings.capture_host, port=settings.capture_port)
+    keys = CaptureKeys.load(settings)
+    retention = timedelta(hours=settings.capture_retention_hours)
+    controller = start_capture(directory, settings.capture_host, settings.capture_port, tls, keys)
+    sealed = seal_plaintext_captures(directory, keys)
+    log.info("mail_capture_started", host=settings.capture_host, port=settings.capture_port,
+             retention_hours=settings.capture_retention_hours, sealed_count=sealed)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    next_purge = 0.0
     while not stop.wait(0.5):
-        pass
+        if time.monotonic() >= next_purge:
+            removed = purge_captures(directory, retention)
+            if removed:
+                log.info("mail_capture_purged", removed_count=removed)
+            next_purge = time.monotonic() + PURGE_INTERVAL_SECONDS
     controller.stop()
     log.info("mail_capture_stopped")
 
