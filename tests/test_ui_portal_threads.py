@@ -74,7 +74,7 @@ def _wait_for_mail(recorder, subject_part: str, timeout: float = 30.0):
     raise AssertionError(f"no email with {subject_part!r} arrived")
 
 
-def test_patient_replies_staff_see_who_wrote_and_answer_patient_reads_the_answer(browser, live_server, worker,
+def test_patient_replies_staff_see_who_wrote_and_answer_patient_reads_the_answer(browser, live_server, worker,  # noqa: F811
                                                                                   mx_servers):
     recorder = mx_servers["valid"].recorder
     recorder.reset()
