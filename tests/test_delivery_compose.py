@@ -342,3 +342,22 @@ def test_api_lists_messages_sent_from_the_ui(owner, ready, session):
     listed = owner.get("/api/v1/messages?source=ui", headers={"Authorization": None, **ready.key("messages:read")})
     assert listed.status_code == 200, listed.text
     assert [m["source"] for m in listed.json()["data"]] == ["ui"]
+
+
+def test_test_send_of_a_template_with_an_attachment(owner, pat, session):
+    from carepost.content.schemas import TemplateIn
+    from carepost.content.service import create_template
+
+    t = create_template(session, owner.user.org_id, TemplateIn(
+        name="Results", subject="Your results", text="Hello {{ full_name }}", html="<p>Hello {{ first_name }}</p>",
+        contains_phi=True, purpose="treatment"))
+    session.commit()
+    r = post(owner, "/app/compose/test", {**form(subject="", text="", template_id=t.id), "contact_id": pat},
+             files=[("attachments", ("leaflet.pdf", b"%PDF-1.4 leaflet", "application/pdf"))],
+             headers={"HX-Request": "true"})
+    assert r.status_code == 200 and 'data-testid="test-sent"' in r.text, r.text
+    session.rollback()
+    message = session.scalars(select(Message)).one()
+    assert _subject(session, message) == "[Test] Your results" and _text(session, message) == "Hello [full_name]"
+    assert message.contains_phi and message.purpose == "transactional"
+    assert session.scalars(select(MessageAttachment)).one().message_id == message.id
