@@ -157,8 +157,9 @@ def test_one_recipient_lands_on_the_message_page(owner, session):
     ({"addresses": "a@valid.test", "security": "opportunistic"}, "security", "never lowered"),
     ({"addresses": "a@valid.test", "purpose": "marketing"}, "topic", "topic"),
     ({"addresses": "a@valid.test", "purpose": "gossip"}, "purpose", "Unknown purpose"),
+    ({"addresses": "pat@valid.test", "subject": "Results for Patricia Doe"}, "subject", "may not contain"),
 ])
-def test_bad_input_is_refused_naming_the_field_and_nothing_is_stored(owner, session, over, field, words):
+def test_bad_input_is_refused_naming_the_field_and_nothing_is_stored(owner, pat, session, over, field, words):
     r = post(owner, "/app/compose/send", form(**over))
     assert r.status_code == 422, r.text
     assert f"<strong>{field}</strong>" in r.text and words in r.text

@@ -104,6 +104,15 @@ class Recipient:
     label: str  # what the page shows: masked unless the person may see PHI unmasked
     data: dict
 
+    @property
+    def mailbox(self) -> str:
+        """``Name <address>`` for a patient: the To header greets them by name, and the PHI
+        subject check knows the name to refuse (as the API's does with display names)."""
+        from email.utils import formataddr
+
+        name = self.data.get("full_name") or ""
+        return formataddr((name, self.address)) if name else self.address
+
 
 def attachment(filename: str, content_type: str, content: bytes, index: int) -> AttachmentIn:
     """An uploaded file as the API takes it; the allow-list and size checks run in
@@ -297,7 +306,7 @@ def build_messages(session: Session, org_id: str, draft: Draft, purpose: str, re
     prepared = []
     for i, r in enumerate(recipients):
         try:
-            prepared.append(messages.prepare_message(session, org_id, message_in(draft, purpose, r.address, r.data),
+            prepared.append(messages.prepare_message(session, org_id, message_in(draft, purpose, r.mailbox, r.data),
                                                      org_settings=settings, domain_cache=cache))
         except CarePostError as exc:
             raise _prefixed(exc, i, len(recipients)) from None
