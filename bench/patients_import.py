@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--format", choices=("fhir", "ndjson"), default="fhir")
     p.add_argument("--database-url", default=None, help="PostgreSQL admin URL; a scratch database is created and dropped")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--profile", action="store_true", help="run the import under cProfile; top functions in the JSON")
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="carepost-bench-"))
@@ -83,11 +84,20 @@ def run(args, work: Path) -> dict:
             f.write("]}")
     generated = time.perf_counter() - t0
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+    t0, c0 = time.perf_counter(), time.process_time()
+    if profiler:
+        profiler.enable()
     with org_session(org_id) as s:
         job = import_local_file(s, org_id, path, format=args.format)
         counts, status = job.counts, job.status
-    elapsed = time.perf_counter() - t0
+    if profiler:
+        profiler.disable()
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     mapped = counts["created"] + counts["updated"]
     return {
@@ -101,12 +111,28 @@ def run(args, work: Path) -> dict:
         "failed": counts["failed"],
         "seconds": round(elapsed, 2),
         "resources_per_second": round(mapped / elapsed),
+        # this process's CPU (user + system): on SQLCipher the database runs inside it, so this is
+        # the whole cost; on PostgreSQL the server's own CPU is not included
+        "cpu_seconds": round(cpu, 2),
+        "resources_per_cpu_second": round(mapped / cpu) if cpu else None,
+        "loadavg": Path("/proc/loadavg").read_text().split()[:3],
         "patients_per_second": round(counts["patients"] / elapsed, 1),
         "max_rss_mb_before_import": round(rss_before / 1024),
         "max_rss_mb_after_import": round(rss_after / 1024),
         "generation_seconds": round(generated, 1),
         "python": sys.version.split()[0],
+        "profile": _top(profiler) if profiler else None,
     }
+
+
+def _top(profiler, n: int = 30) -> list[dict]:
+    """The functions with the most time of their own (tottime), with cumulative time."""
+    import pstats
+
+    stats = pstats.Stats(profiler).stats
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:n]
+    return [{"function": f"{fn} ({Path(file).name}:{line})", "own_s": round(tt, 3), "cumulative_s": round(ct, 3),
+             "calls": nc} for (file, line, fn), (cc, nc, tt, ct, _) in rows]
 
 
 if __name__ == "__main__":
