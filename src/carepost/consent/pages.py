@@ -284,10 +284,11 @@ def _resubscribe(session: Session, subject: service.LinkSubject, topic_id: str |
 @router.get("/t/confirm/{token}")
 def confirm_page(request: Request, token: str, session: Session = Depends(db_session), _=Depends(public(LINK_WHY))):
     try:
-        _verified(session, token, "c")
+        confirm_org = _verified(session, token, "c").org_id
     except tokens.InvalidToken as exc:
         return _invalid(request, session, exc, "confirm")
-    return render(request, "consent/confirm.html", {"token": token, "done": False})
+    return render(request, "consent/confirm.html", {"token": token, "done": False,
+                                                    "brand": brand_for(session, confirm_org)})
 
 
 @router.post("/t/confirm/{token}")
@@ -300,7 +301,8 @@ def confirm_post(request: Request, token: str, session: Session = Depends(db_ses
            target_type="contact", target_id=row.contact_id, details={"topic_id": row.topic_id}, **request_context(request))
     topic = _topic_name(session, row.org_id, row.topic_id)
     session.commit()
-    return render(request, "consent/confirm.html", {"token": token, "done": True, "topic": topic})
+    return render(request, "consent/confirm.html", {"token": token, "done": True, "topic": topic,
+                                                    "brand": brand_for(session, row.org_id)})
 
 
 # --------------------------------------------------------------------------- revocation and copy
@@ -335,7 +337,7 @@ def revoke_page(request: Request, token: str, session: Session = Depends(db_sess
         row = _authorization_from(session, token, "r")
     except tokens.InvalidToken as exc:
         return _invalid(request, session, exc, "revoke")
-    ctx = {"token": token, "a": _authorization_view(session, row), "done": False, "error": None}
+    ctx = {"token": token, "a": _authorization_view(session, row), "brand": brand_for(session, row.org_id), "done": False, "error": None}
     return render(request, "consent/revoke.html", ctx)
 
 
@@ -353,7 +355,7 @@ def _revoke(request: Request, token: str, session: Session, form: dict) -> HTMLR
     except tokens.InvalidToken as exc:
         return _invalid(request, session, exc, "revoke")
     if form.get("confirm") != "yes":
-        ctx = {"token": token, "a": _authorization_view(session, row), "done": False,
+        ctx = {"token": token, "a": _authorization_view(session, row), "brand": brand_for(session, row.org_id), "done": False,
                "error": "Tick the box to confirm that you revoke this authorization."}
         return render(request, "consent/revoke.html", ctx, status_code=422)
     row, changed = auth.revoke_authorization(session, row.org_id, row.id, by_type="patient", by=row.contact_id,
@@ -362,7 +364,7 @@ def _revoke(request: Request, token: str, session: Session, form: dict) -> HTMLR
            target_type="authorization", target_id=row.id,
            details={"method": "form", "purpose": row.purpose, "contact_id": row.contact_id,
                     **({"already_revoked": True} if not changed else {})}, **request_context(request))
-    ctx = {"token": token, "a": _authorization_view(session, row), "done": True, "error": None}
+    ctx = {"token": token, "a": _authorization_view(session, row), "brand": brand_for(session, row.org_id), "done": True, "error": None}
     session.commit()
     return render(request, "consent/revoke.html", ctx)
 
@@ -377,7 +379,7 @@ def copy_page(request: Request, token: str, session: Session = Depends(db_sessio
     signer = auth.authorization_dict(session, row, include_evidence=True)
     record(session, org_id=row.org_id, actor_type="patient", actor_id=row.contact_id, action="authorization.copy_view",
            target_type="authorization", target_id=row.id, details={}, **request_context(request))
-    ctx = {"a": view, "signature": signer["signature"] if row.signature_kind == "typed" else None,
+    ctx = {"a": view, "brand": brand_for(session, row.org_id), "signature": signer["signature"] if row.signature_kind == "typed" else None,
            "signature_image": signer["signature"] if row.signature_kind == "drawn" else None,
            "representative": signer["representative"],
            "revoke_url": auth.revocation_url(session, row) if view["state"] == "valid" else None}
