@@ -39,6 +39,7 @@ from carepost.core.crypto import (
     NONCE_BYTES,
     OrgKey,
     get_keyring,
+    key_creation_lock,
 )
 from carepost.core.database import Base
 
@@ -188,6 +189,9 @@ def reencrypt_and_retire(session_factory, *, batch: int = BATCH, retire: bool = 
 def _retire(session_factory, report: ReencryptReport, blocked: dict[str, set[int]], grace_seconds: float) -> None:
     now = clock.now()
     with _system(session_factory) as session:
+        # Exclusive like a master-key rotation, so a re-wrap never writes key material back
+        # into a version being retired (nor retires one a rotation is re-wrapping).
+        key_creation_lock(session, exclusive=True)
         current, live, recs = _versions(session)
         for owner, versions in sorted(live.items()):
             newest = recs[(owner, current[owner])]
