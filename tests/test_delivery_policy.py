@@ -18,15 +18,18 @@ TLS = {"unknown": {}, "verified": {"verified_tls": True, "tls_offered": True},
 EXPECTED = {}
 for keys, tls in itertools.product(KEYS, TLS):
     keyed = {"pgp": "pgp", "both": "pgp", "smime": "smime"}.get(keys)
-    # secure: a key, else the portal; TLS facts never matter.
-    EXPECTED[("secure", keys, tls)] = (keyed or "portal", False, None)
+    # A keyed decision asks for verified TLS too where the mode requires TLS, unless it is known
+    # to be unavailable; its fallback is the same encrypted message (issue 9 item 9).
+    keyed_tls = (keyed, tls in ("verified", "unknown"), keyed if tls in ("verified", "unknown") else None)
+    # secure: a key (with verified TLS asked for), else the portal.
+    EXPECTED[("secure", keys, tls)] = keyed_tls if keyed else ("portal", False, None)
     # tls_exclusive: TLS or nothing; keys never matter.
     EXPECTED[("tls_exclusive", keys, tls)] = {
         "verified": ("tls", True, "none"), "unknown": ("tls", True, "none"),
         "unverified": ("none", False, None), "absent": ("none", False, None),
     }[tls]
     # tls_required: a key, else verified TLS, else the portal.
-    EXPECTED[("tls_required", keys, tls)] = (keyed, False, None) if keyed else {
+    EXPECTED[("tls_required", keys, tls)] = keyed_tls if keyed else {
         "verified": ("tls", True, "portal"), "unknown": ("tls", True, "portal"),
         "unverified": ("portal", False, None), "absent": ("portal", False, None),
     }[tls]
@@ -114,5 +117,8 @@ def test_after_tls_failure_takes_the_fallback_never_clear_text():
     d = after_tls_failure(exclusive, "certificate has expired")
     assert d.method == "none" and not d.sends
     keyed = decide(org_mode="secure", pgp_key=True)
-    assert after_tls_failure(keyed, "whatever") is keyed
+    d = after_tls_failure(keyed, "whatever")
+    assert d.method == "pgp" and not d.require_verified_tls and "whatever" in d.reason
+    known = decide(org_mode="secure", pgp_key=True, verified_tls=False)
+    assert after_tls_failure(known, "whatever") is known
     assert isinstance(d, Decision)

@@ -656,12 +656,19 @@ def _mark_sending(run: Run, copies: list[Copy]) -> None:
 
 def fall_back(run: Run) -> None:
     """Step 10: where verified TLS turned out to be unavailable (STARTTLS missing, stripped or
-    failing; certificate invalid), the policy's fallback: the portal, or not sent. Never clear text."""
-    retry = []
+    failing; certificate invalid), the policy's fallback: the portal, or not sent, or — for an
+    encrypted (keyed) message — the same encrypted copy over TLS when offered. Never clear text."""
+    retry, resend = [], []
     for c in run.copies:
         if c.result is None or c.result.status != "tls_unavailable" or c.notification:
             continue
         fallback = policy.after_tls_failure(c.decision, c.result.reason)
+        if fallback.method in ("pgp", "smime") and fallback.method == c.decision.method:
+            # A keyed message: the same encrypted copy again, over TLS when offered (issue 9 item 9).
+            c.fell_back_from, c.decision, c.result = c.decision.method, fallback, None
+            c.require_verified_tls = False
+            resend.append(c)
+            continue
         c.fell_back_from, c.decision, c.result, c.wire = c.decision.method, fallback, None, None
         if fallback.method == "portal":
             retry.append(c)
@@ -669,7 +676,8 @@ def fall_back(run: Run) -> None:
             c.final = ("failed", fallback.reason)
     if retry:
         store_for_portal(run, retry)
-        send(run, [c for c in retry if c.open and c.wire is not None])
+    if retry or resend:
+        send(run, resend + [c for c in retry if c.open and c.wire is not None])
 
 
 def record(run: Run, copies: list[Copy] | None = None) -> None:

@@ -21,6 +21,13 @@ Rules that hold in every mode:
 * A key on file wins wherever encryption is allowed (``opportunistic``, ``tls_required``,
   ``secure``): end-to-end encryption protects more than transport encryption. PGP before S/MIME.
   ``tls_exclusive`` is TLS-or-nothing by definition and ignores keys.
+* A keyed decision asks for TLS too (issue 9 item 9): in ``tls_required`` and ``secure`` the
+  encrypted message requires verified TLS (the envelope and the neutral outer headers travel
+  outside the encryption); where verified TLS turns out to be unavailable, the fallback is the same
+  encrypted message over TLS when offered — it exposes no more than a portal notification would,
+  and the content stays end-to-end encrypted — recorded as a fallback with the reason. Where
+  verified TLS is already known to be unavailable, the keyed decision says so and does not ask.
+  In ``opportunistic`` TLS is used when offered.
 * In relay mode the relay's TLS says nothing about the hop to the recipient, so TLS counts as
   verified only when the relay is declared to enforce verified TLS onward.
 * When the TLS facts are unknown (not probed yet), the decision is ``tls`` with
@@ -102,14 +109,22 @@ def decide(
     elif relay == "plain" and mode != "opportunistic":
         verified_tls, tls_reason = False, "the relay does not guarantee verified TLS to the recipient"
 
+    why = f" ({tls_reason})" if tls_reason else ""
+
     def keyed() -> Decision | None:
         if pgp_key:
-            return Decision("pgp", mode, "the recipient's OpenPGP certificate is on file")
-        if smime_key:
-            return Decision("smime", mode, "the recipient's S/MIME certificate is on file")
-        return None
+            method, reason = "pgp", "the recipient's OpenPGP certificate is on file"
+        elif smime_key:
+            method, reason = "smime", "the recipient's S/MIME certificate is on file"
+        else:
+            return None
+        if mode == "opportunistic":
+            return Decision(method, mode, reason + "; TLS when offered")
+        if verified_tls is False:
+            return Decision(method, mode, f"{reason}; verified TLS unavailable{why}: the encryption protects the content")
+        return Decision(method, mode, f"{reason}; verified TLS required as well, else the same encrypted message over "
+                        "TLS when offered", require_verified_tls=True, fallback=method)
 
-    why = f" ({tls_reason})" if tls_reason else ""
     if mode == "secure":
         return keyed() or Decision("portal", mode, "secure mode and no key on file for the recipient: secure portal")
 
@@ -144,6 +159,11 @@ def after_tls_failure(decision: Decision, reason: str) -> Decision:
     STARTTLS missing or failing, certificate invalid): the fallback, never clear text."""
     if not decision.require_verified_tls:
         return decision
+    if decision.fallback in ("pgp", "smime") and decision.fallback == decision.method:
+        name = "OpenPGP" if decision.method == "pgp" else "S/MIME"
+        return Decision(decision.method, decision.mode,
+                        f"verified TLS unavailable at send time ({reason}): the {name}-encrypted message over TLS when "
+                        "offered; the encryption protects the content")
     if decision.fallback == "portal":
         return Decision("portal", decision.mode, f"verified TLS unavailable at send time ({reason}): secure portal")
     return Decision("none", decision.mode, f"not sent: verified TLS unavailable at send time ({reason})")

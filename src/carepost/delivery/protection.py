@@ -58,6 +58,10 @@ async def deliver_one(client, decision: policy.Decision, *, raw: bytes, sender: 
     results = await client.deliver(envelope)
     if results and results[0].status == "tls_unavailable":
         fallback = policy.after_tls_failure(decision, results[0].reason)
+        if fallback.method in ("pgp", "smime") and fallback.method == decision.method:
+            # A keyed message: the same encrypted copy, over TLS when offered (policy.after_tls_failure).
+            envelope = Envelope(sender=sender, recipients=[recipient], message=wire, smtputf8=smtputf8)
+            return Delivered(fallback, await client.deliver(envelope), key_fingerprint)
         return Delivered(fallback, results)
     return Delivered(decision, results, key_fingerprint if decision.method in ("pgp", "smime") else None)
 
