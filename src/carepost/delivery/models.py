@@ -106,7 +106,7 @@ class Message(OrgScoped, Base):
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
-    source: Mapped[str] = mapped_column(String(16), default="api")  # api | smtp | campaign | journey
+    source: Mapped[str] = mapped_column(String(16), default="api")  # api | smtp | ui (compose page) | campaign | journey
     sending_domain_id: Mapped[str | None] = mapped_column(String(32), ForeignKey("sending_domains.id", ondelete="SET NULL"))
     from_address: Mapped[str] = mapped_column(String(320))  # the organization's own address, not PHI
     from_name_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
