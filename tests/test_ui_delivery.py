@@ -79,7 +79,7 @@ def test_sending_domain_setup_with_live_dns_check(page, developer, dns_server):
     page.wait_for_url(re.compile(r".*/app/domains/[0-9a-f]{32}$"))
     expect(page.locator("h1")).to_have_text(domain)
     records = _shown_records(page)
-    assert set(records) == {"dkim", "dkim-ed25519", "spf", "dmarc", "return-path-mx", "mta-sts", "mta-sts-host"}
+    assert set(records) == {"dkim", "dkim-ed25519", "spf", "dmarc", "return-path-mx", "mta-sts", "mta-sts-host", "ownership"}
     assert records["dkim"]["value"].startswith("v=DKIM1; k=rsa; p=MII") and len(records["dkim"]["value"]) > 300
     assert records["spf"] == {"name": f"bounces.{domain}", "value": "v=spf1 a:mail.ui-test.example -all", "type": "TXT"}
     # A copy button copies the exact value.
@@ -97,16 +97,22 @@ def test_sending_domain_setup_with_live_dns_check(page, developer, dns_server):
     expect(status["spf"]).to_have_text("Fail")
     expect(page.locator("[data-purpose=spf] [data-testid=record-detail]")).to_have_text("no SPF record")
     expect(status["return-path-mx"]).to_have_text("Fail")
+    # Issue 9 item 2: nothing can be sent until the ownership record is found.
+    expect(status["ownership"]).to_have_text("Fail")
+    expect(page.get_by_test_id("ownership-status")).to_contain_text("Ownership not proven")
 
     # Publish the rest: every record passes, and the list shows the domain as ready.
-    for purpose in ("spf", "return-path-mx", "mta-sts", "mta-sts-host"):
+    for purpose in ("spf", "return-path-mx", "mta-sts", "mta-sts-host", "ownership"):
         _publish(dns_server, records[purpose])
     page.get_by_test_id("check-dns").click()
     expect(page.get_by_test_id("check-summary")).to_have_text("Every record passes.")
     for purpose in records:
         expect(page.locator(f"[data-purpose={purpose}] [data-testid=record-status]")).to_have_text("Pass")
+    expect(page.get_by_test_id("ownership-status")).to_contain_text("Ownership proven")
     page.get_by_role("link", name="Sending domains").first.click()
     expect(page.get_by_test_id("domains")).to_contain_text("All records pass")
+    row = page.get_by_test_id("domains").locator("tr", has_text=domain)
+    expect(row.get_by_test_id("ownership-badge")).to_have_count(0)
 
 
 def test_domain_page_warns_of_local_names_and_deletes_a_domain_after_confirmation(page, developer, live_server):

@@ -338,9 +338,8 @@ def apply_ownership_check(session: Session, row: SendingDomain, result: RecordCh
 
 
 def records_to_check(row: SendingDomain, settings: Settings | None = None) -> list[DnsRecord]:
-    """What "check now" looks up: the mail records and, while unproven, the ownership record."""
-    records = dns_records(row, settings)
-    return records if is_verified(row) else [ownership_record(row), *records]
+    """What "check now" looks up: the ownership record and the mail records."""
+    return [ownership_record(row), *dns_records(row, settings)]
 
 
 def apply_checks(session: Session, row: SendingDomain, results: list[RecordCheck]) -> None:

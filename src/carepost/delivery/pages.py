@@ -72,8 +72,8 @@ RECORD_LABELS = {
 
 def _domain_view(row: SendingDomain) -> dict:
     verified = service.is_verified(row)
-    # The ownership record comes first while it is unproven: nothing can be sent until it passes.
-    records = service.dns_records(row) if verified else [service.ownership_record(row), *service.dns_records(row)]
+    # The ownership record comes first: nothing can be sent until it passes (it may stay published).
+    records = [service.ownership_record(row), *service.dns_records(row)]
     checks = row.check_results or {}
     mail_checks = [c for purpose, c in checks.items() if purpose != service.OWNERSHIP]
     return {
