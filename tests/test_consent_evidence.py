@@ -22,7 +22,12 @@ from sqlalchemy import select
 from carepost.accounts import credentials as creds
 from carepost.audit.models import AuditEvent
 from carepost.consent import authorizations as auth
-from carepost.consent.models import BACKDATE_WINDOW_DAYS, SCAN_MAX_BYTES, Authorization, AuthorizationScan
+from carepost.consent.models import (
+    BACKDATE_WINDOW_DAYS,
+    SCAN_MAX_BYTES,
+    Authorization,
+    AuthorizationScan,
+)
 from carepost.core import clock
 from carepost.core.database import org_session
 from carepost.core.errors import ValidationFailed
