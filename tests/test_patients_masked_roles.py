@@ -57,3 +57,14 @@ def test_masked_viewers_cannot_search_by_identifier_nor_read_identifying_details
         r = c.post("/api/v1/contacts/search", json={"email": "jane.doe@example.org"}, headers={"x-csrf-token": csrf})
         assert r.status_code == 403, role
         assert "Jane" not in c.get(f"/api/v1/contacts/{cid}").text
+
+
+def test_contact_page_sections_show_a_masked_viewer_the_year_at_most():
+    """Issue 9 item 7: the lines other capabilities add to the contact page (message history,
+    consent, keys) lose exact dates, times and key fingerprints in the masked view."""
+    from carepost.patients.masking import mask_summary
+
+    assert mask_summary("2026-03-04 09:15 — treatment: delivered by tls") == "2026 — treatment: delivered by tls"
+    assert mask_summary("Marketing authorization — active, signed 2025-11-30") == "Marketing authorization — active, signed 2025"
+    assert mask_summary("OpenPGP key 0123ABCD4567EF89…, expires 2027-01-02") == "OpenPGP key ***…, expires 2027"
+    assert mask_summary("Unsubscribed from all marketing") == "Unsubscribed from all marketing"

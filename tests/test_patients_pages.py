@@ -31,7 +31,9 @@ def test_marketer_sees_masked_owner_sees_clear(client, org, make_user, session):
     assert page.status_code == 200
     # No direct identifier at all in the masked view, not even an initial or the email domain (issue 9 item 7).
     assert "***" in page.text and "Jane" not in page.text and "jane@" not in page.text and "1980-05-17" not in page.text
-    assert "Type 2 diabetes" in page.text and "Masked view" in page.text
+    # Clinical facts as a count per category only: no code, no description (issue 9 item 7).
+    assert "Type 2 diabetes" not in page.text and "E11.9" not in page.text and "Masked view" in page.text
+    assert "1 recorded" in page.text
     listing = client.get("/app/contacts")
     assert "Doe" not in listing.text and "Jane" not in listing.text
 
@@ -42,6 +44,7 @@ def test_marketer_sees_masked_owner_sees_clear(client, org, make_user, session):
         login_client(other, owner)
         page = other.get(f"/app/contacts/{cid}")
         assert "Jane" in page.text and "jane@example.org" in page.text and "1980-05-17" in page.text
+        assert "Type 2 diabetes" in page.text
     session.rollback()
     views = [e.details["view"] for e in session.scalars(select(AuditEvent).where(AuditEvent.action == "contact.read").order_by(AuditEvent.seq))]
     assert views == ["masked", "unmasked"]

@@ -126,8 +126,9 @@ def test_contact_page_masked_for_marketer_unmasked_for_owner(page, browser, live
     org_id = clinic["org_id"]
     with org_session(org_id) as s:
         c = service.save_contact(s, org_id, ContactIn(external_id="E-9", given_name="Jane", family_name="Doe", email="jane@example.org",
-                                                      birth_date="1980-05-17", mrn="MRN-4242")).contact
-        service.create_fact(s, org_id, c.id, "conditions", FactIn(code_system="icd10cm", code="E11.9", display="Type 2 diabetes"))
+                                                      birth_date="1980-05-17", mrn="MRN-4242", coverage_plan="Acme Widgets Staff Plan")).contact
+        service.create_fact(s, org_id, c.id, "conditions", FactIn(code_system="icd10cm", code="E11.9", display="Type 2 diabetes",
+                                                                   onset_date="2021-03-04"))
         s.commit()
         cid = c.id
     ui_login(page, clinic["marketer"])
@@ -136,8 +137,15 @@ def test_contact_page_masked_for_marketer_unmasked_for_owner(page, browser, live
     name, email = page.get_by_test_id("contact-name").inner_text(), page.get_by_test_id("email").inner_text()
     assert "***" in name and "J" not in name and "D" not in name and "jane" not in email and "example.org" not in email
     assert page.get_by_test_id("birth-date").inner_text() == "1980"
-    assert "MRN-4242" not in page.content() and "Type 2 diabetes" in page.content()
+    assert "MRN-4242" not in page.content()
     assert page.get_by_test_id("view-mode").inner_text() == "Masked view"
+    # Clinical facts only as counts per category: no code, description or date; no free text
+    # such as a coverage plan's name (issue 9 item 7).
+    content = page.content()
+    for leak in ("Type 2 diabetes", "E11.9", "2021-03-04", "2021", "Acme Widgets", "05-17"):
+        assert leak not in content, leak
+    assert page.get_by_test_id("facts-conditions-count").inner_text() == "1 recorded"
+    assert "icd10cm" in page.get_by_test_id("facts-conditions").inner_text()
 
     owner = clinic["owner"]
     context = browser.new_context(base_url=live_server.url)
@@ -150,6 +158,7 @@ def test_contact_page_masked_for_marketer_unmasked_for_owner(page, browser, live
         assert other.get_by_test_id("birth-date").inner_text() == "1980-05-17"
         assert "MRN-4242" in other.get_by_test_id("identifiers").inner_text()
         assert "recorded" in other.get_by_test_id("view-mode").inner_text()
+        assert "Type 2 diabetes" in other.content() and "2021-03-04" in other.content()
     finally:
         context.close()
 

@@ -91,6 +91,9 @@ def mask_contact(data: dict[str, Any]) -> dict[str, Any]:
             out[name] = _year(out[name])
     if isinstance(out.get("deceased"), str) and len(out["deceased"]) >= 10:
         out["deceased"] = _year(out["deceased"])
+    # Free text about coverage (a plan's name can be an employer's): not in the masked view.
+    if out.get("coverage_plan"):
+        out["coverage_plan"] = MASK
     # Custom attributes may be free text: only yes/no and numbers stay.
     out["attributes"] = {key: (value if isinstance(value, (bool, int, float)) or value is None else MASK)
                          for key, value in (out.get("attributes") or {}).items()}
@@ -106,6 +109,18 @@ def mask_facts(kind: str, facts: list[dict[str, Any]]) -> dict[str, Any]:
         label = "/".join(str(fact[k]) for k in ("code_system", "status") if fact.get(k)) or kind
         categories[label] = categories.get(label, 0) + 1
     return {"data": [], "masked": True, "count": len(facts), "categories": categories}
+
+
+_DATE = re.compile(r"\b(\d{4})-\d{2}-\d{2}(?:[ T]\d{2}:\d{2}(?::\d{2})?(?:\.\d+)?(?:Z|[+-]\d{2}:?\d{2})?)?\b")
+_LONG_CODE = re.compile(r"\b[0-9A-Fa-f]{8,}\b|\b\d{5,}\b")
+
+
+def mask_summary(text: str | None) -> str | None:
+    """A line another capability puts on the contact page (message history, consent, keys), for
+    a masked viewer: an exact date becomes its year, a long number or key fingerprint ``***``."""
+    if not text:
+        return text
+    return _LONG_CODE.sub(MASK, _DATE.sub(lambda m: m.group(1), text))
 
 
 def mask_government_identifiers(data: dict[str, Any]) -> dict[str, Any]:

@@ -308,17 +308,24 @@ def _contact_page(request: Request, principal: Principal, contact_id: str, revea
     if revealed:
         data["identifiers"] = [{**i, "value": revealed["value"], "revealed": True} if i.get("id") == revealed["id"] else i
                                for i in data["identifiers"]]
-    facts = {}
+    facts, masked_facts = {}, {}
     for kind in FACT_MODELS:
-        facts[kind] = [service.fact_dict(f) for f in service.list_facts(session, principal.org_id, contact.id, kind, limit=100)]
+        rows = [service.fact_dict(f) for f in service.list_facts(session, principal.org_id, contact.id, kind, limit=100)]
+        if unmasked:
+            facts[kind] = rows
+        else:  # issue 9 item 7: a count per category, never a code's text, a date or a note
+            masked_facts[kind] = masking.mask_facts(kind, rows)
     sections = []
     for key, (title, fn) in _SECTIONS.items():
-        sections.append({"key": key, "title": title, "rows": fn(session, principal.org_id, contact.id) if fn else []})
+        rows = fn(session, principal.org_id, contact.id) if fn else []
+        if not unmasked:  # no exact date (the year at most), no key fingerprint or long number
+            rows = [{**row, "summary": masking.mask_summary(row.get("summary"))} for row in rows]
+        sections.append({"key": key, "title": title, "rows": rows})
     record_for(session, principal, request, "contact.read", target_type="contact", target_id=contact.id,
                details={"view": "unmasked" if unmasked else "masked", "page": "contact"})
     session.commit()
     return render(request, "patients/contact.html", {
-        "c": data, "facts": facts, "labels": service.FACT_LABELS, "columns": FACT_COLUMNS, "sections": sections,
+        "c": data, "facts": facts, "masked_facts": masked_facts, "labels": service.FACT_LABELS, "columns": FACT_COLUMNS, "sections": sections,
         "unmasked": unmasked, "can_write": principal.can(P.PHI_WRITE), "can_export": principal.can(P.PHI_READ_UNMASKED),
     })
 
