@@ -64,7 +64,7 @@ def test_owner_changes_the_security_mode_and_sees_it_applied_bad_input_is_refuse
     expect(page.get_by_test_id("settings-saved")).to_be_visible()
     expect(page.get_by_test_id("mode-secure")).to_be_checked()
     expect(page.locator("#default_purpose")).to_have_value("treatment")
-    assert _org_settings(owner.org_id) == {"security_mode": "secure", "default_purpose": "treatment"}
+    assert _org_settings(owner.org_id) == {"security_mode": "secure", "default_purpose": "treatment", "relay": None}
 
     # Applied: the security preview starts from the organization's new mode.
     page.goto("/app/security-preview")
@@ -84,4 +84,4 @@ def test_owner_changes_the_security_mode_and_sees_it_applied_bad_input_is_refuse
     page.get_by_test_id("mode-tls_exclusive").check()
     page.get_by_test_id("save-settings").click()
     expect(page.get_by_test_id("error-security_mode")).to_contain_text("Unknown security mode")
-    assert _org_settings(owner.org_id) == {"security_mode": "secure", "default_purpose": "treatment"}
+    assert _org_settings(owner.org_id) == {"security_mode": "secure", "default_purpose": "treatment", "relay": None}

@@ -164,13 +164,14 @@ def read_message(
 
 
 @router.get(f"{api}/delivery-settings", response_model=schemas.DeliverySettingsOut,
-            summary="The organization's security mode and default purpose", tags=["messages"])
+            summary="The organization's security mode, default purpose and relay (the password never)",
+            tags=["messages"])
 def read_delivery_settings(request: Request, principal: Principal = Depends(require(P.MESSAGES_READ))) -> dict:
     return service.delivery_settings(request.state.db, principal.org_id)
 
 
 @router.patch(f"{api}/delivery-settings", response_model=schemas.DeliverySettingsOut,
-              summary="Change the organization's security mode or default purpose", tags=["messages"])
+              summary="Change the organization's security mode, default purpose or relay", tags=["messages"])
 def change_delivery_settings(request: Request, body: schemas.DeliverySettingsIn,
                              principal: Principal = Depends(require(P.ORG_MANAGE))) -> dict:
     session = request.state.db
@@ -179,8 +180,10 @@ def change_delivery_settings(request: Request, body: schemas.DeliverySettingsIn,
     if "security_mode" in changes and changes["security_mode"] is None:
         changes.pop("security_mode")
     after = service.update_delivery_settings(session, principal.org_id, changes)
+    # The relay password never enters the audit trail: only whether this change set one.
+    password_changed = bool(body.relay is not None and body.relay.password is not None)
     _audit(request, principal, "delivery_settings.update", "organization", principal.org_id,
-           before=before, after=after)
+           before=before, after=after, relay_password_changed=password_changed)
     session.commit()
     return after
 
@@ -355,11 +358,12 @@ def _mask(address: str) -> str:
 def security_preview(request: Request, body: schemas.SecurityPreviewIn,
                      principal: Principal = Depends(require(P.MESSAGES_SEND))) -> dict:
     session = request.state.db
-    org_mode = service.delivery_settings(session, principal.org_id)["security_mode"]
+    org_settings = service.delivery_settings(session, principal.org_id)
+    org_mode = org_settings["security_mode"]
     keys = service.keys_on_file(session, principal.org_id, body.addresses)
     _audit(request, principal, "message.security_preview", "address_list", None, count=len(keys),
            security=body.security, contains_phi=body.contains_phi)
     session.commit()  # no transaction stays open while the TLS probes run
     rows = asyncio.run(service.security_preview(keys, org_mode=org_mode, override=body.security,
-                                                contains_phi=body.contains_phi))
+                                                contains_phi=body.contains_phi, org_relay=org_settings["relay"]))
     return {"recipients": [r.to_dict() for r in rows]}

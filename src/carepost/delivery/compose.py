@@ -377,9 +377,13 @@ def preview(session: Session, org_id: str, draft: Draft, purpose: str, recipient
     first = prepared[0]
     excluded = eligibility(session, org_id, recipients, purpose, first.topic_id)
     keys = keys_on_file(session, org_id, [r.address for r in recipients])
+    from carepost.delivery.settings import delivery_settings
+
+    org_relay = delivery_settings(session, org_id)["relay"]
     session.commit()
     # ``first.security`` is the effective mode prepare_message chose (the organization's, raised).
-    rows = asyncio.run(security_preview(keys, org_mode=first.security, contains_phi=first.contains_phi))
+    rows = asyncio.run(security_preview(keys, org_mode=first.security, contains_phi=first.contains_phi,
+                                          org_relay=org_relay))
     by_address = {row.address.lower(): row for row in rows}
     out = []
     for i, r in enumerate(recipients):

@@ -368,6 +368,7 @@ def preview_run(request: Request, addresses: str = Form(""), security: str = For
         org_mode = org_security_mode(session, principal.org_id)
         policy.effective_mode(org_mode, security or None)
         keys = service.keys_on_file(session, principal.org_id, wanted)
+        org_relay = service.delivery_settings(session, principal.org_id)["relay"]
     except CarePostError as exc:
         session.rollback()
         return _preview_page(request, **keep, error=exc.message, field=exc.field, status_code=422)
@@ -375,7 +376,8 @@ def preview_run(request: Request, addresses: str = Form(""), security: str = For
                details={"count": len(keys), "security": security or org_mode, "contains_phi": phi})
     session.commit()  # no transaction is held during the TLS probes
     try:
-        rows = asyncio.run(service.security_preview(keys, org_mode=org_mode, override=security or None, contains_phi=phi))
+        rows = asyncio.run(service.security_preview(keys, org_mode=org_mode, override=security or None, contains_phi=phi,
+                                                        org_relay=org_relay))
     except CarePostError as exc:
         return _preview_page(request, **keep, error=exc.message, field=exc.field, status_code=422)
     return _preview_page(request, **keep, rows=[r.to_dict() for r in rows])

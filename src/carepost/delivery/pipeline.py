@@ -86,6 +86,7 @@ from carepost.delivery.models import (
     SandboxCapture,
     SendingDomain,
 )
+from carepost.delivery.settings import organization_relay, relay_mode
 from carepost.delivery.smtp import DeliveryClient, Envelope, Evidence, RecipientResult
 
 log = get_logger("carepost.delivery.pipeline")
@@ -206,6 +207,7 @@ class Run:
     copies: list[Copy] = field(default_factory=list)
     contents: dict[str, Content] = field(default_factory=dict)
     org_modes: dict[str, str] = field(default_factory=dict)
+    org_relays: dict[str, object] = field(default_factory=dict)  # org id -> smtp.Relay, or None: the installation's
     claimed: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
 
@@ -328,6 +330,8 @@ def load(run: Run) -> None:
 
     run.org_modes = {org_id: service.delivery_settings(session, org_id)["security_mode"]
                      for org_id in {c.recipient.org_id for c in run.copies}}
+    # The organization's own relay (issue 10 item 9), its password decrypted for this run only.
+    run.org_relays = {org_id: organization_relay(session, org_id) for org_id in run.org_modes}
     keys = _recipient_keys(session, [c.recipient for c in run.copies])
     for c in run.copies:
         c.content = run.contents[c.recipient.message_id]
@@ -409,13 +413,12 @@ def check_sender(run: Run) -> None:
 def decide(run: Run) -> None:
     """Step 5: the method per recipient. The TLS facts are left to send time: a TLS decision
     requires verified TLS there, with the policy's fallback."""
-    relay = None
-    if run.settings.smtp_relay:
-        relay = "enforcing" if run.settings.smtp_relay_enforces_tls else "plain"
     org_modes = run.org_modes
     for c in run.open_copies():
         m = c.content.message
         mode = max(m.security, org_modes.get(m.org_id, m.security), key=policy.MODE_RANK.__getitem__)
+        org_relay = run.org_relays.get(m.org_id)
+        relay = relay_mode(run.settings, org_relay)
         try:
             c.decision = policy.decide(org_mode=mode, contains_phi=m.contains_phi, pgp_key="pgp" in c.keys,
                                        smime_key="smime" in c.keys, relay=relay)
@@ -583,7 +586,8 @@ def send(run: Run, copies: list[Copy]) -> None:
     if not outgoing:
         return
     envelopes = [Envelope(sender=c.envelope_from, recipients=[c.address], message=c.wire, smtputf8=c.smtputf8,
-                          require_verified_tls=c.require_verified_tls) for c in outgoing]
+                          require_verified_tls=c.require_verified_tls, relay=run.org_relays.get(c.org_id))
+                 for c in outgoing]
     record(run, [c for c in run.copies if c.final is not None])  # decided without SMTP: recorded before any send
     run.session.commit()
     inbox: queue.SimpleQueue = queue.SimpleQueue()

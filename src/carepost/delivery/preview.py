@@ -30,15 +30,17 @@ class PreviewRow:
 
 
 async def security_preview(session_keys: dict[str, dict[str, bool]], *, org_mode: str, override: str | None = None,
-                           contains_phi: bool = True, settings: Settings | None = None) -> list[PreviewRow]:
+                           contains_phi: bool = True, settings: Settings | None = None,
+                           org_relay: dict | None = None) -> list[PreviewRow]:
     """The method each address would get now, and why. ``session_keys`` maps each address to
     ``{"pgp": bool, "smime": bool}`` (from :func:`keys_on_file`); TLS facts come from the probe
-    (cached). Raises ValidationFailed for a mode the message may not use."""
+    (cached). ``org_relay``: the organization's relay (``delivery_settings()["relay"]``), which
+    takes the installation's place. Raises ValidationFailed for a mode the message may not use."""
+    from carepost.delivery.settings import relay_mode
+
     settings = settings or get_settings()
     policy.effective_mode(org_mode, override)
-    relay = None
-    if settings.smtp_relay:
-        relay = "enforcing" if settings.smtp_relay_enforces_tls else "plain"
+    relay = relay_mode(settings, org_relay)
     domains = sorted({a.rsplit("@", 1)[1].lower() for a in session_keys})
     probes = {}
     if relay is None:

@@ -264,14 +264,36 @@ class SendingDomainList(BaseModel):
     data: list[SendingDomainOut]
 
 
+class RelayIn(_In):
+    host: str = Field(max_length=300, description="host, host:port or host@address:port (port 587 by default). "
+                      "Reached over verified TLS for the host name; its addresses must be public unless the "
+                      "installation allows them (CAREPOST_DELIVERY_ALLOWED_HOSTS).")
+    username: str | None = Field(None, max_length=255, description="AUTH user name; none: no AUTH.")
+    password: str | None = Field(None, max_length=1024, description="Write-only. Omitted or null: keep the stored "
+                                 "password (only while host and user name stay the same); empty: remove it.")
+    enforces_tls: bool = Field(False, description="The relay delivers onward only over verified TLS.")
+
+
+class RelayOut(BaseModel):
+    host: str
+    port: int | None
+    username: str | None
+    password_set: bool = Field(description="Whether a password is stored; the password itself is never returned.")
+    enforces_tls: bool
+
+
 class DeliverySettingsIn(_In):
     security_mode: SecurityMode | None = None
     default_purpose: str | None = Field(None, max_length=64)
+    relay: RelayIn | None = Field(None, description="The organization's own relay; null removes it (the "
+                                  "installation's relay, or direct delivery, is used again).")
 
 
 class DeliverySettingsOut(BaseModel):
     security_mode: SecurityMode
     default_purpose: str | None
+    relay: RelayOut | None = Field(None, description="The organization's own relay; null: the installation's relay "
+                                   "(CAREPOST_SMTP_RELAY) or direct delivery.")
 
 
 class MessageSummaryOut(BaseModel):

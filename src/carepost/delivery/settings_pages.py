@@ -1,6 +1,6 @@
 """The organization's delivery settings in the staff UI (issue 10 item 9): the security mode every
-message starts from, the default purpose of a message that names none, and the relay the
-installation sends through.
+message starts from, the default purpose of a message that names none, the organization's own
+relay, and the relay the installation sends through.
 
 Owners and administrators only (``org:manage``, the permission of ``PATCH
 /api/v1/delivery-settings``); the same service (``delivery.settings``) validates, so a bad value
@@ -10,10 +10,14 @@ is refused with the field named, and nothing is half-written. Every change is au
 Lowering the mode to ``opportunistic`` lets a message with PHI go in clear text when the
 recipient's server offers no TLS: the page asks for an explicit acknowledgement first.
 
-The relay is not an organization's setting: it belongs to the installation
-(``CAREPOST_SMTP_RELAY``, ``CAREPOST_SMTP_RELAY_USERNAME``, ``CAREPOST_SMTP_RELAY_PASSWORD``,
-``CAREPOST_SMTP_RELAY_ENFORCES_TLS``) and is shown here read-only — the password never, only
-whether one is set.
+The organization's relay (host, user name, password, "enforces verified TLS onward") takes the
+place of the installation's for this organization's mail. Its password is write-only: the field is
+always empty ("leave blank to keep"), the page says only whether one is set, and the audit
+details never carry it. An empty relay host removes the organization's relay.
+
+The installation's relay (``CAREPOST_SMTP_RELAY``, ``CAREPOST_SMTP_RELAY_USERNAME``,
+``CAREPOST_SMTP_RELAY_PASSWORD``, ``CAREPOST_SMTP_RELAY_ENFORCES_TLS``) is shown read-only — the
+password never, only whether one is set.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ def relay_view(settings=None) -> dict:
 
 def _page(request: Request, *, values: dict, error: str | None = None, field: str | None = None,
           saved: bool = False, status_code: int = 200):
+    field = field.replace(".", "_") if field else field  # relay.host -> the form's relay_host
     return render(request, "delivery/settings.html", {
         "values": values, "error": error, "field": field, "saved": saved,
         "modes": [(m, m.replace("_", " "), MODE_DESCRIPTIONS[m]) for m in policy.MODES],
@@ -83,11 +88,21 @@ def delivery_settings_page(request: Request, principal: Principal = Depends(requ
 
 @router.post("/delivery-settings")
 def delivery_settings_save(request: Request, security_mode: str = Form(""), default_purpose: str = Form(""),
-                           confirm_opportunistic: str = Form(""),
+                           confirm_opportunistic: str = Form(""), relay_host: str = Form(""),
+                           relay_username: str = Form(""), relay_password: str = Form(""),
+                           relay_enforces_tls: str = Form(""),
                            principal: Principal = Depends(require(P.ORG_MANAGE))):
     session = request.state.db
     before = delivery_settings.delivery_settings(session, principal.org_id)
     form = {"security_mode": security_mode[:64], "default_purpose": default_purpose[:64] or None}
+    relay = None
+    if relay_host.strip():
+        # A blank password keeps the stored one; no user name removes it (no AUTH).
+        relay = {"host": relay_host[:300], "username": relay_username[:300] or None,
+                 "password": relay_password[:2000] or (None if relay_username.strip() else ""),
+                 "enforces_tls": bool(relay_enforces_tls)}
+    if relay is not None or before.get("relay") is not None:
+        form["relay"] = relay
     try:
         if not form["security_mode"]:
             raise ValidationFailed("Choose a security mode.", field="security_mode")
@@ -99,9 +114,14 @@ def delivery_settings_save(request: Request, security_mode: str = Form(""), defa
         after = delivery_settings.update_delivery_settings(session, principal.org_id, form)
     except CarePostError as exc:
         session.rollback()
-        return _page(request, values=form, error=exc.message, field=exc.field, status_code=exc.status_code)
-    if after != before:
+        shown = dict(form, relay=None if relay is None else {
+            "host": relay["host"], "username": relay["username"], "enforces_tls": relay["enforces_tls"],
+            "password_set": bool((before.get("relay") or {}).get("password_set"))})  # never the password
+        return _page(request, values=shown, error=exc.message, field=exc.field, status_code=exc.status_code)
+    password_changed = bool(relay and relay["password"] is not None)
+    if after != before or password_changed:
         record_for(session, principal, request, "delivery_settings.update", target_type="organization",
-                   target_id=principal.org_id, details={"before": before, "after": after, "via": "ui"})
+                   target_id=principal.org_id, details={"before": before, "after": after, "via": "ui",
+                                                        "relay_password_changed": password_changed})
     session.commit()
     return RedirectResponse("/app/delivery-settings?saved=1", status_code=303)

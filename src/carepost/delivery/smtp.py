@@ -27,6 +27,7 @@ caller to store encrypted, and nothing here logs them.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -54,12 +55,32 @@ class TlsUnavailable(Exception):
 
 
 @dataclass(frozen=True)
+class Relay:
+    """A smarthost and its login: the installation's (``CAREPOST_SMTP_RELAY``) or an
+    organization's own (its delivery settings). ``owner`` is "" for the installation, else the
+    organization id; pooled connections are kept apart per :attr:`pool_key`, so a connection
+    logged in for one organization is never used for another's mail."""
+
+    target: cpdns.MxTarget
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    owner: str = ""
+    enforces_tls: bool = False  # delivers onward only over verified TLS (the policy's concern, not the pool's)
+
+    @property
+    def pool_key(self) -> tuple:
+        login = hashlib.sha256(f"{self.username or ''}\0{self.password or ''}".encode()).hexdigest()[:32]
+        return ("relay", self.owner, login)
+
+
+@dataclass(frozen=True)
 class Envelope:
     sender: str
     recipients: list[str]
     message: bytes  # the final wire form: composed, encrypted if so decided, DKIM-signed
     smtputf8: bool = False
     require_verified_tls: bool = False
+    relay: Relay | None = field(default=None, repr=False)  # the organization's relay; None: the installation's, or MX
 
     @property
     def domain(self) -> str:
@@ -116,10 +137,11 @@ class PooledConnection:
     last_used: float = field(default_factory=time.monotonic)
     messages: int = 0
     authenticated: bool = False
+    route: tuple = ()  # Relay.pool_key for a relay connection, () for an MX
 
     @property
     def key(self) -> tuple:
-        return (self.target.host, self.address, self.target.port)
+        return (self.target.host, self.address, self.target.port, self.route)
 
 
 def _describe(err: BaseException) -> str:
@@ -201,8 +223,8 @@ def _peer(conn: PooledConnection) -> tuple | None:
 
 
 class ConnectionPool:
-    """Idle connections per destination (MX host, address, port), at most ``size`` in use and
-    kept per destination. A connection carries its TLS state; one without verified TLS is never
+    """Idle connections per destination (MX host, address, port, and for a relay whose relay and
+    login), at most ``size`` in use and kept per destination. A connection carries its TLS state; one without verified TLS is never
     handed to a caller that requires it."""
 
     def __init__(self, settings: Settings, size: int, max_messages: int):
@@ -218,8 +240,9 @@ class ConnectionPool:
             self._slots[key] = asyncio.Semaphore(self.size)
         return self._slots[key]
 
-    async def acquire(self, target: cpdns.MxTarget, address: str, *, require_verified: bool) -> PooledConnection:
-        key = (target.host, address, target.port)
+    async def acquire(self, target: cpdns.MxTarget, address: str, *, require_verified: bool,
+                      route: tuple = ()) -> PooledConnection:
+        key = (target.host, address, target.port, route)
         await self._slot(key).acquire()
         try:
             # Take what is needed from the idle list before the first await: other senders share
@@ -235,6 +258,7 @@ class ConnectionPool:
             if chosen is not None:
                 return chosen
             conn = await open_connection(target, address, require_verified=require_verified, settings=self.settings)
+            conn.route = route
             self.opened += 1
             return conn
         except BaseException:
@@ -281,7 +305,17 @@ class DeliveryClient:
         self._next_slot: dict[str, float] = {}
         self._sts: dict[str, tuple[float, tlsprobe.PolicyResult]] = {}
         self.relay = parse_relay(self.settings.smtp_relay) if self.settings.smtp_relay else None
+        self.installation_relay = Relay(
+            self.relay, self.settings.smtp_relay_username or None,
+            self.settings.smtp_relay_password.get_secret_value() if self.settings.smtp_relay_password else None,
+            enforces_tls=bool(self.settings.smtp_relay_enforces_tls),
+        ) if self.relay else None
         self.policy_store = policy_store
+
+    def route(self, envelope: Envelope) -> Relay | None:
+        """The relay this envelope goes through: its organization's, else the installation's;
+        None: directly to the recipient's MX."""
+        return envelope.relay or self.installation_relay
 
     async def close(self) -> None:
         await self.pool.close()
@@ -296,16 +330,17 @@ class DeliveryClient:
 
     async def deliver(self, envelope: Envelope) -> list[RecipientResult]:
         domain = envelope.domain
+        relay = self.route(envelope)
         await self._respect_rate(domain)
-        targets, failure = await self._find_targets(domain)
+        targets, failure = await self._find_targets(domain, relay)
         if failure:
             return failure(envelope)
-        sts = tlsprobe.PolicyResult(None) if self.relay else await self._mta_sts(domain)
+        sts = tlsprobe.PolicyResult(None) if relay else await self._mta_sts(domain)
         policy = sts.policy
         enforce = policy is not None and policy.mode == "enforce"
-        require = envelope.require_verified_tls or enforce or self.relay is not None
+        require = envelope.require_verified_tls or enforce or relay is not None
         tls_failures, network_failures, refusals = [], [], []
-        if not self.relay:
+        if not relay:
             targets = await self._with_dane(targets, tls_failures)
         if enforce:
             # A host DANE authenticates needs no MTA-STS listing (DANE takes precedence, RFC 8461 2).
@@ -317,14 +352,15 @@ class DeliveryClient:
             addresses = await self._addresses(target, network_failures, refusals)
             for address in addresses[:2]:
                 try:
-                    conn = await self.pool.acquire(target, address, require_verified=require)
+                    conn = await self.pool.acquire(target, address, require_verified=require,
+                                                   route=relay.pool_key if relay else ())
                 except TlsUnavailable as err:
                     tls_failures.append(f"{target.host}: {err}")
                     break  # the same host at another address presents the same certificate
                 except NETWORK_ERRORS + (aiosmtplib.SMTPException,) as err:
                     network_failures.append(f"{target.host}: {_describe(err)}")
                     continue
-                results, healthy = await self._send(conn, envelope, sts)
+                results, healthy = await self._send(conn, envelope, sts, relay)
                 await self.pool.release(conn, healthy=healthy)
                 if results is not None:
                     return results
@@ -346,9 +382,9 @@ class DeliveryClient:
         if slot > now:
             await asyncio.sleep(slot - now)
 
-    async def _find_targets(self, domain: str):
-        if self.relay:
-            return [self.relay], None
+    async def _find_targets(self, domain: str, relay: Relay | None = None):
+        if relay:
+            return [relay.target], None
         try:
             return await cpdns.lookup_mx(domain, settings=self.settings), None
         except cpdns.DnsError as err:
@@ -397,12 +433,13 @@ class DeliveryClient:
             refusals.append(f"{target.host}: refused: {refused}")
         return allowed
 
-    async def _send(self, conn: PooledConnection, envelope: Envelope, sts) -> tuple[list[RecipientResult] | None, bool]:
+    async def _send(self, conn: PooledConnection, envelope: Envelope, sts,
+                    relay: Relay | None = None) -> tuple[list[RecipientResult] | None, bool]:
         """One transaction. Returns (results, connection healthy); results None means the
         connection was found dead before anything was sent."""
         reused = conn.messages > 0
         try:
-            return await self._transaction(conn, envelope, sts), True
+            return await self._transaction(conn, envelope, sts, relay), True
         except _StaleConnection:
             pass
         except _Broken as broken:
@@ -415,8 +452,9 @@ class DeliveryClient:
                                           settings=self.settings)
         except (TlsUnavailable, aiosmtplib.SMTPException) + NETWORK_ERRORS:
             return None, False
+        fresh.route = conn.route
         try:
-            return await self._transaction(fresh, envelope, sts), False
+            return await self._transaction(fresh, envelope, sts, relay), False
         except _StaleConnection:
             return None, False
         except _Broken as broken:
@@ -434,22 +472,26 @@ class DeliveryClient:
             dane=conn.tls.dane, mta_sts=policy.mode if policy else None, mta_sts_id=policy.id if policy else None,
             mta_sts_source=sts.source if policy else None,
             mta_sts_report=tlsprobe.testing_report(policy, conn.target.host, conn.tls.verified),
-            relay=self.relay is not None, reply_code=code, reply=reply, at=clock.now(),
+            relay=bool(conn.route), reply_code=code, reply=reply, at=clock.now(),
         )
 
-    async def _transaction(self, conn: PooledConnection, envelope: Envelope, policy) -> list[RecipientResult]:
+    async def _transaction(self, conn: PooledConnection, envelope: Envelope, policy,
+                           relay: Relay | None = None) -> list[RecipientResult]:
         smtp = conn.smtp
-        if (envelope.require_verified_tls or self.relay) and not conn.tls.verified:
+        if (envelope.require_verified_tls or relay) and not conn.tls.verified:
             # Unreachable by construction (see ConnectionPool.acquire); kept as the last guard.
             raise RuntimeError("refusing to send a protected message without verified TLS")
-        if self.relay and self.settings.smtp_relay_username and not conn.authenticated:
-            password = self.settings.smtp_relay_password.get_secret_value() if self.settings.smtp_relay_password else ""
+        if relay is not None and conn.route != relay.pool_key:
+            # Unreachable by construction (the pool is keyed by relay and login); the last guard.
+            raise RuntimeError("refusing to use a connection of another relay or login")
+        if relay and relay.username and not conn.authenticated:
+            password = relay.password or ""
             try:
                 # One mechanism, no guessing: PLAIN inside verified TLS (RFC 4616), else LOGIN.
                 if "plain" in [m.lower() for m in smtp.server_auth_methods] or not smtp.server_auth_methods:
-                    await smtp.auth_plain(self.settings.smtp_relay_username, password)
+                    await smtp.auth_plain(relay.username, password)
                 else:
-                    await smtp.auth_login(self.settings.smtp_relay_username, password)
+                    await smtp.auth_login(relay.username, password)
             except aiosmtplib.SMTPException as err:
                 raise _Broken(self._all(envelope, "deferred", f"relay login failed: {_describe(err)}")) from None
             conn.authenticated = True
