@@ -85,3 +85,43 @@ def test_owner_changes_the_security_mode_and_sees_it_applied_bad_input_is_refuse
     page.get_by_test_id("save-settings").click()
     expect(page.get_by_test_id("error-security_mode")).to_contain_text("Unknown security mode")
     assert _org_settings(owner.org_id) == {"security_mode": "secure", "default_purpose": "treatment", "relay": None}
+
+
+def test_owner_sets_the_organization_relay_and_sees_password_set_never_the_password(page, owner):
+    secret = "ui-relay-pw-" + secrets.token_hex(4)
+    ui_login(page, owner)
+    page.goto("/app/delivery-settings")
+    expect(page.get_by_test_id("org-relay-password")).to_contain_text("No password set")
+
+    # A bad host: refused next to the host field, nothing stored.
+    page.get_by_test_id("relay_host").fill("relay example")
+    page.get_by_test_id("relay_username").fill("clinic")
+    page.get_by_test_id("relay_password").fill(secret)
+    page.get_by_test_id("save-settings").click()
+    expect(page.get_by_test_id("error-relay_host")).to_be_visible()
+    expect(page.get_by_test_id("relay_host")).to_have_attribute("aria-invalid", "true")
+    expect(page.get_by_test_id("relay_password")).to_have_value("")
+    assert _org_settings(owner.org_id)["relay"] is None
+
+    page.get_by_test_id("relay_host").fill("smtp.relay.example:2525")
+    page.get_by_test_id("relay_password").fill(secret)
+    page.get_by_test_id("relay_enforces_tls").check()
+    page.get_by_test_id("save-settings").click()
+    expect(page.get_by_test_id("settings-saved")).to_be_visible()
+    expect(page.get_by_test_id("org-relay-password")).to_contain_text("Password set")
+    expect(page.get_by_test_id("org-relay-password")).to_contain_text("Leave blank to keep")
+    expect(page.get_by_test_id("relay_host")).to_have_value("smtp.relay.example:2525")
+    expect(page.get_by_test_id("relay_password")).to_have_value("")
+    expect(page.get_by_test_id("relay_enforces_tls")).to_be_checked()
+    assert secret not in page.content()
+    assert _org_settings(owner.org_id)["relay"] == {"host": "smtp.relay.example:2525", "port": 2525,
+                                                    "username": "clinic", "password_set": True, "enforces_tls": True}
+
+    # Saved again with the password left blank: kept. Host emptied: the relay is removed.
+    page.get_by_test_id("save-settings").click()
+    expect(page.get_by_test_id("org-relay-password")).to_contain_text("Password set")
+    page.get_by_test_id("relay_host").fill("")
+    page.get_by_test_id("save-settings").click()
+    expect(page.get_by_test_id("settings-saved")).to_be_visible()
+    expect(page.get_by_test_id("org-relay-password")).to_contain_text("No password set")
+    assert _org_settings(owner.org_id)["relay"] is None
