@@ -153,7 +153,9 @@ def test_junk_is_stored_and_ignored(session, org, inbound):
         smtp.sendmail("", [f"postmaster@{RETURN_DOMAIN}"], b"Subject: hello\r\n\r\n\x00\xff garbage\r\n")
         smtp.sendmail("", [f"dmarc@{RETURN_DOMAIN}"], sample("dmarc_aggregate.eml", sent.verp))
     reports = _reports(session)
-    assert [(r.kind, r.status) for r in reports] == [("other", "ignored"), ("other", "ignored")]
+    # the sample DMARC report's zip is damaged: read as feedback and refused with the reason
+    assert [(r.kind, r.status) for r in reports] == [("other", "ignored"), ("feedback", "ignored")]
+    assert reports[1].outcome["reason"] == "the zip file is damaged"
     assert _recipient(session, sent).status == "delivered"
 
 

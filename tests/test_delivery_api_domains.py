@@ -55,7 +55,7 @@ def test_add_list_read_check_delete(client, sender, key, session, delivery_env):
     domain = r.json()
     assert domain["domain"] == "clinic.example" and domain["dns_ok"] is False and domain["checks"] == []
     records = {x["purpose"]: x for x in domain["records"]}
-    assert set(records) == {"dkim", "dkim-ed25519", "spf", "dmarc", "return-path-mx", "mta-sts", "mta-sts-host"}
+    assert set(records) == {"dkim", "dkim-ed25519", "spf", "dmarc", "return-path-mx", "tls-rpt", "mta-sts", "mta-sts-host"}
     dkim_txt = records["dkim"]["value"]
     assert dkim_txt.startswith("v=DKIM1; k=rsa; p=") and len(dkim_txt) > 380  # the RSA-2048 key, in full
     assert records["dkim"]["name"] == f"{domain['selector']}._domainkey.clinic.example"

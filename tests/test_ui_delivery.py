@@ -79,7 +79,7 @@ def test_sending_domain_setup_with_live_dns_check(page, developer, dns_server):
     page.wait_for_url(re.compile(r".*/app/domains/[0-9a-f]{32}$"))
     expect(page.locator("h1")).to_have_text(domain)
     records = _shown_records(page)
-    assert set(records) == {"dkim", "dkim-ed25519", "spf", "dmarc", "return-path-mx", "mta-sts", "mta-sts-host", "ownership"}
+    assert set(records) == {"dkim", "dkim-ed25519", "spf", "dmarc", "return-path-mx", "tls-rpt", "mta-sts", "mta-sts-host", "ownership"}
     assert records["dkim"]["value"].startswith("v=DKIM1; k=rsa; p=MII") and len(records["dkim"]["value"]) > 300
     assert records["spf"] == {"name": f"bounces.{domain}", "value": "v=spf1 a:mail.ui-test.example -all", "type": "TXT"}
     # A copy button copies the exact value.

@@ -161,6 +161,9 @@ def _fill_ports() -> None:
     from carepost.delivery import inbound
 
     inbound.unsubscribe_request.fill(eligibility.mailto_unsubscribe)
+    from carepost.tracking import feedback
+
+    inbound.feedback_report.fill(feedback.read_feedback_report)
     from carepost.delivery import messages as delivery_messages
 
     delivery_messages.topic_of.fill(eligibility.resolve_message_topic)

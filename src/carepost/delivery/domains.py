@@ -115,7 +115,7 @@ def dkim_keys(session: Session, row: SendingDomain) -> list[dkim.DkimKey]:
 
 @dataclass(frozen=True)
 class DnsRecord:
-    purpose: str  # dkim | dkim-ed25519 | spf | dmarc | return-path-mx | mta-sts | mta-sts-host
+    purpose: str  # dkim | dkim-ed25519 | spf | dmarc | return-path-mx | tls-rpt | mta-sts | mta-sts-host
     type: str  # TXT | MX | CNAME
     name: str
     value: str
@@ -146,6 +146,8 @@ def dns_records(row: SendingDomain, settings: Settings | None = None) -> list[Dn
         DnsRecord("dmarc", "TXT", f"_dmarc.{row.domain}", f"v=DMARC1; p=none; adkim=r; aspf=r; rua=mailto:dmarc@{rp}",
                   "p=none is the minimum Gmail and Yahoo require; move to quarantine once reports look clean."),
         DnsRecord("return-path-mx", "MX", rp, f"10 {host}", "Bounces and complaints come back to CarePost here."),
+        DnsRecord("tls-rpt", "TXT", f"_smtp._tls.{rp}", f"v=TLSRPTv1; rua=mailto:tlsrpt@{rp}",
+                  "Receivers report TLS failures on the way to the return-path host (RFC 8460)."),
         DnsRecord("mta-sts", "TXT", f"_mta-sts.{rp}", f"v=STSv1; id={row.mta_sts_id}",
                   "Tells senders of bounces to require TLS to the return-path host (RFC 8461)."),
         DnsRecord("mta-sts-host", "CNAME", f"mta-sts.{rp}", web_host,
@@ -197,6 +199,12 @@ def _txt_check(record: DnsRecord, found: list[str]) -> RecordCheck:
         return result(True, f"published (p={tags['p'].strip().lower()})")
     if record.purpose == "mta-sts":
         return result(True, "published") if tlsprobe.parse_sts_txt(found) else result(False, "not published")
+    if record.purpose == "tls-rpt":
+        rpt = [t for t in found if t.replace(" ", "").lower().startswith("v=tlsrptv1")]
+        if len(rpt) != 1:
+            return result(False, "not published" if not rpt else "more than one TLS-RPT record")
+        return result(True, "published") if record.value.split("rua=", 1)[1].lower() in rpt[0].lower() \
+            else result(False, "the reports go elsewhere (CarePost shows only what reaches its tlsrpt@ mailbox)")
     if record.purpose == OWNERSHIP:
         values = [t.strip() for t in found]
         if record.value in values:

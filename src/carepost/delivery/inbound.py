@@ -49,13 +49,17 @@ from carepost.delivery.models import InboundReport
 
 log = get_logger("carepost.delivery.inbound")
 
-ROLE_MAILBOXES = frozenset({"postmaster", "abuse", "fbl", "dmarc"})
+ROLE_MAILBOXES = frozenset({"postmaster", "abuse", "fbl", "dmarc", "tlsrpt"})
 
 from carepost.core.ports import Port  # noqa: E402
 
 unsubscribe_request: Port = Port(
     "delivery.unsubscribe_request",
     "A mail to a recipient's List-Unsubscribe mailto address: (session, org_id, recipient_id) -> None (consent).")
+feedback_report: Port = Port(
+    "delivery.feedback_report",
+    "A received mail that is no bounce or complaint, read as DMARC aggregate or SMTP TLS reports: "
+    "(session, org_id, raw, report_id) -> {kind, status, outcome} or None (tracking).")
 MAX_RECIPIENTS = 50
 
 
@@ -163,6 +167,16 @@ def process_report(report_id: str) -> str | None:
             return "unsubscribed"
         raw = get_keyring().decrypt(session, org_id, InboundReport.__tablename__, "raw", row.id, row.raw_enc)
         report = bounces.parse_report(raw)
+        if report.kind not in ("dsn", "arf"):
+            # Mail to the dmarc@ and tlsrpt@ mailboxes (the rua addresses of the domain's records).
+            feedback = feedback_report(session, org_id, raw, row.id)
+            if feedback is not None:
+                row.kind, row.status, row.outcome = feedback["kind"][:16], feedback["status"], feedback["outcome"]
+                row.processed_at = clock.now()
+                session.commit()
+                log.info("inbound_report_processed", report_id=report_id, org_id=org_id, report_kind=row.kind,
+                         outcome_status=row.status)
+                return row.status
         outcome = bounces.apply_report(session, org_id, report, list(row.envelope_recipients or []), report_id=row.id)
         row.kind = report.kind
         row.status = outcome.status

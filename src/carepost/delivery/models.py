@@ -261,7 +261,7 @@ class InboundReport(OrgScoped, Base):
     size: Mapped[int] = mapped_column(Integer, default=0)
     raw_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
     status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | applied | ignored
-    kind: Mapped[str | None] = mapped_column(String(16))  # dsn | arf | other | unparseable
+    kind: Mapped[str | None] = mapped_column(String(16))  # dsn | arf | other | unparseable | unsubscribe | dmarc_aggregate | tls_report | feedback
     outcome: Mapped[dict] = mapped_column(JSON, default=dict)  # bounces.Outcome, no PHI
     recipient_id: Mapped[str | None] = mapped_column(String(32))
     processed_at: Mapped[datetime | None]

@@ -1,8 +1,11 @@
 """REST routes of outbound webhooks (``webhooks:manage``): endpoints, their delivery log, replay
-and test events. Every change is audited; secrets appear only in the answer that creates them."""
+and test events. Every change is audited; secrets appear only in the answer that creates them.
+Deliverability feedback (``analytics:read``): DMARC aggregate reports per sending source and SMTP
+TLS reports, as received by the return path (:mod:`carepost.tracking.feedback`)."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -11,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from carepost.accounts.access import Principal, require
 from carepost.accounts.permissions import Permission
 from carepost.audit.service import record_for
-from carepost.tracking import service
+from carepost.tracking import feedback, service
 from carepost.tracking.schemas import (
     DeliveryOut,
     EventTypeOut,
@@ -133,3 +136,27 @@ def _event_type(session, event_id: str) -> str:
     from carepost.tracking.models import WebhookEvent
 
     return session.get(WebhookEvent, event_id).type
+
+
+# --------------------------------------------------------------------------- deliverability feedback
+
+
+@router.get("/deliverability/dmarc/sources", tags=["deliverability"],
+            summary="DMARC aggregate reports per sending source: messages, DMARC pass, aligned DKIM and SPF, dispositions")
+def api_dmarc_sources(request: Request, domain: str | None = Query(None, max_length=253, pattern=r"^[A-Za-z0-9.\-]+$"),
+                      since: datetime | None = Query(None), until: datetime | None = Query(None),
+                      principal: Principal = Depends(require(Permission.ANALYTICS_READ))) -> dict:
+    return {"data": feedback.dmarc_sources(request.state.db, principal.org_id, domain=domain, since=since, until=until)}
+
+
+@router.get("/deliverability/dmarc/reports", tags=["deliverability"], summary="DMARC aggregate reports received, newest first")
+def api_dmarc_reports(request: Request, limit: int = Query(100, ge=1, le=1000),
+                      principal: Principal = Depends(require(Permission.ANALYTICS_READ))) -> dict:
+    return {"data": feedback.dmarc_reports(request.state.db, principal.org_id, limit)}
+
+
+@router.get("/deliverability/tls-reports", tags=["deliverability"],
+            summary="SMTP TLS reports (RFC 8460) received, newest first: sessions to the return-path host by policy")
+def api_tls_reports(request: Request, limit: int = Query(100, ge=1, le=1000),
+                    principal: Principal = Depends(require(Permission.ANALYTICS_READ))) -> dict:
+    return {"data": feedback.tls_reports(request.state.db, principal.org_id, limit)}

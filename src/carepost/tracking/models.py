@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, LargeBinary, String, Text
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from carepost.core import clock
@@ -97,3 +97,66 @@ class WebhookAttempt(OrgScoped, Base):
     status_code: Mapped[int | None]
     outcome: Mapped[str] = mapped_column(String(16))  # succeeded | failed | gone | refused
     error: Mapped[str | None] = mapped_column(Text)  # a category and short reason, never a response body
+
+
+class DmarcReport(OrgScoped, Base):
+    """A DMARC aggregate report (RFC 7489 section 7.2) received at the ``dmarc@`` mailbox of a
+    return-path domain, as parsed by parsedmarc. Holds the receiver's view of mail claiming the
+    organization's domain: source addresses of sending servers and counts, no patient data."""
+
+    __tablename__ = "dmarc_reports"
+    __table_args__ = (UniqueConstraint("org_id", "reporter", "report_id"),
+                      Index("ix_dmarc_reports_org_domain_begin", "org_id", "domain", "begin_at"))
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    inbound_report_id: Mapped[str | None] = mapped_column(String(32))
+    reporter: Mapped[str] = mapped_column(String(255))  # org_name of the receiver (google.com)
+    reporter_email: Mapped[str | None] = mapped_column(String(255))
+    report_id: Mapped[str] = mapped_column(String(255))
+    domain: Mapped[str] = mapped_column(String(255))  # policy_published domain
+    policy: Mapped[dict] = mapped_column(JSON, default=dict)  # p, sp, pct, adkim, aspf
+    begin_at: Mapped[datetime]
+    end_at: Mapped[datetime]
+    messages: Mapped[int] = mapped_column(Integer, default=0)
+    dmarc_pass: Mapped[int] = mapped_column(Integer, default=0)
+    received_at: Mapped[datetime] = mapped_column(default=clock.now)
+
+
+class DmarcReportRecord(OrgScoped, Base):
+    """One row of an aggregate report: a sending IP address, how many messages it sent, and how
+    they fared (DKIM and SPF alignment, DMARC result, the receiver's disposition)."""
+
+    __tablename__ = "dmarc_report_records"
+    __table_args__ = (Index("ix_dmarc_report_records_report", "dmarc_report_id"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    dmarc_report_id: Mapped[str] = mapped_column(ForeignKey("dmarc_reports.id", ondelete="CASCADE"))
+    source_ip: Mapped[str] = mapped_column(String(64))
+    count: Mapped[int] = mapped_column(Integer)
+    disposition: Mapped[str] = mapped_column(String(20))  # none | quarantine | reject
+    dkim_aligned: Mapped[bool] = mapped_column(Boolean)
+    spf_aligned: Mapped[bool] = mapped_column(Boolean)
+    dmarc_pass: Mapped[bool] = mapped_column(Boolean)
+    header_from: Mapped[str | None] = mapped_column(String(255))
+    envelope_from: Mapped[str | None] = mapped_column(String(255))
+    auth_results: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+class TlsReport(OrgScoped, Base):
+    """An SMTP TLS report (RFC 8460) received at the ``tlsrpt@`` mailbox: per policy (MTA-STS,
+    DANE or none), how many TLS sessions to the organization's return-path host succeeded and
+    failed, and why."""
+
+    __tablename__ = "tls_reports"
+    __table_args__ = (UniqueConstraint("org_id", "reporter", "report_id"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    inbound_report_id: Mapped[str | None] = mapped_column(String(32))
+    reporter: Mapped[str] = mapped_column(String(255))
+    report_id: Mapped[str] = mapped_column(String(255))
+    begin_at: Mapped[datetime]
+    end_at: Mapped[datetime]
+    policies: Mapped[list] = mapped_column(JSON, default=list)  # per policy: domain, type, counts, failures
+    successful_sessions: Mapped[int] = mapped_column(Integer, default=0)
+    failed_sessions: Mapped[int] = mapped_column(Integer, default=0)
+    received_at: Mapped[datetime] = mapped_column(default=clock.now)
