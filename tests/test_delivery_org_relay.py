@@ -207,3 +207,30 @@ def test_the_decision_and_preview_follow_the_organizations_relay_flag(env, relay
     [row] = env.client.post("/api/v1/security-preview", json={"addresses": ["pat@valid.test"], "contains_phi": True},
                             headers=env.key).json()["recipients"]
     assert row["method"] == "tls", row
+
+
+def test_the_local_mail_capture_ignores_organization_relays(env, relay, monkeypatch):  # noqa: F811
+    """Under ``carepost run`` (the capture flag with a loopback relay) nothing may leave the machine:
+    the installation's relay (the capture) carries the organization's mail, not its own relay."""
+    from carepost.core.config import reset_settings
+    from tests.fixtures.delivery import Recorder, free_port
+
+    assert _patch(env, {"relay": {"host": relay.host, "username": "clinic", "password": RELAY_PASSWORD}}).status_code == 200
+    from aiosmtpd.controller import Controller
+
+    capture, port = Recorder(), free_port()
+    controller = Controller(capture, hostname="127.0.0.1", port=port, server_hostname="localhost",
+                            tls_context=env.peers.ca.server_context(["localhost"]))
+    controller.start()
+    try:
+        monkeypatch.setenv("CAREPOST_MAIL_CAPTURE", "true")
+        monkeypatch.setenv("CAREPOST_SMTP_RELAY", f"localhost@127.0.0.1:{port}")
+        reset_settings()
+        pipeline.reset()
+        message_id = env.send()
+        pipeline.deliver([message_id])
+        assert env.one(message_id)["evidence"]["relay"] is True
+        assert [m.rcpt_tos for m in capture.messages] == [["pat@valid.test"]]
+        assert relay.recorder.messages == [] and relay.logins == []
+    finally:
+        controller.stop()

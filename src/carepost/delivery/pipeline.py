@@ -331,7 +331,9 @@ def load(run: Run) -> None:
     run.org_modes = {org_id: service.delivery_settings(session, org_id)["security_mode"]
                      for org_id in {c.recipient.org_id for c in run.copies}}
     # The organization's own relay (issue 10 item 9), its password decrypted for this run only.
-    run.org_relays = {org_id: organization_relay(session, org_id) for org_id in run.org_modes}
+    # Never under the local mail capture of ``carepost run``: nothing may leave the machine there.
+    run.org_relays = {} if service.local_capture(run.settings) else {
+        org_id: organization_relay(session, org_id) for org_id in run.org_modes}
     keys = _recipient_keys(session, [c.recipient for c in run.copies])
     for c in run.copies:
         c.content = run.contents[c.recipient.message_id]

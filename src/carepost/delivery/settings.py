@@ -121,8 +121,11 @@ def organization_relay(session: Session, org_id: str):
 def relay_mode(settings, org_relay: dict | None) -> str | None:
     """What the policy knows of the relay (``policy.decide(relay=...)``): the organization's relay
     when it has one (a ``delivery_settings()["relay"]`` view or ``smtp.Relay`` plus its flag), else
-    the installation's; None: direct MX delivery."""
-    if org_relay:
+    the installation's; None: direct MX delivery. Under the local mail capture of ``carepost run``
+    the organization's relay is not used (nothing leaves the machine)."""
+    from carepost.delivery.domains import local_capture
+
+    if org_relay and not local_capture(settings):
         enforces = org_relay.get("enforces_tls") if isinstance(org_relay, dict) else org_relay.enforces_tls
         return "enforcing" if enforces else "plain"
     if settings.smtp_relay:
