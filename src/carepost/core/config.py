@@ -122,7 +122,8 @@ class Settings(BaseSettings):
     delivery_allowed_hosts: str | None = Field(
         None, description="MX and MTA-STS hosts CarePost may connect to although they resolve to non-public addresses "
         "(loopback, private, link-local): host names, addresses or networks (CIDR), comma-separated. Empty: only public "
-        "addresses. Addresses written in the overrides and the relay are trusted as written.",
+        "addresses. Addresses written in the overrides and the relay are trusted as written; an organization's own "
+        "relay (its delivery settings) is checked like an MX.",
     )
     extra_ca_file: Path | None = Field(None, description="PEM file of extra trust anchors for outbound TLS (SMTP, MTA-STS).")
     dns_timeout: float = Field(5.0, description="Seconds a DNS look-up may take.")
@@ -136,7 +137,8 @@ class Settings(BaseSettings):
     smtp_relay: str | None = Field(
         None,
         description="Relay mode: send everything through this smarthost, `host[:port]` or `host@address:port` "
-        "(port 587 by default). Verified TLS to the relay is always required. Empty: deliver directly to MX.",
+        "(port 587 by default). Verified TLS to the relay is always required. Empty: deliver directly to MX. An "
+        "organization may set a relay of its own in its delivery settings, used for its mail instead.",
     )
     smtp_relay_username: str | None = Field(None, description="AUTH user name for the relay.")
     smtp_relay_password: SecretStr | None = Field(None, description="AUTH password for the relay.")
