@@ -600,3 +600,28 @@ def test_signature_png_checks():
     ]:
         with pytest.raises(ValidationFailed, match=reason):
             decode_signature_png(bad)
+
+
+def test_status_pages_of_a_form_carry_the_organization_brand(api, client, session, org, monkeypatch):
+    """A rate-limited or unreadable submission answers in the organization's name, logo and
+    colours, like the form itself (issue 10 item 16)."""
+    from carepost.accounts.branding import set_branding, set_logo
+    from carepost.core.config import reset_settings
+    from carepost.core.database import org_session
+    from tests.test_branding import png
+
+    with org_session(org.id) as s:
+        set_branding(s, org.id, display_name="Bar Family Clinic", primary_color="#7a1f5c", accent_color=None)
+        set_logo(s, org.id, png())
+        s.commit()
+    monkeypatch.setenv("CAREPOST_FORM_RATE_LIMIT_PER_IP", "1")
+    reset_settings()
+    form = api.create(SURVEY)
+    assert fill(client, form, {"overall": "4"}).status_code == 303
+    limited = fill(client, form, {"overall": "4"})
+    bad = client.post(f"/f/{form['public_id']}", content=b"x", headers={"Content-Type": "text/plain"})
+    for r in (limited, bad):
+        assert r.status_code in (429, 415) and "Bar Family Clinic" in r.text
+        assert f"/b/{org.id}/logo?v=" in r.text and f"/b/{org.id}/brand.css?v=" in r.text
+    monkeypatch.delenv("CAREPOST_FORM_RATE_LIMIT_PER_IP")
+    reset_settings()

@@ -66,10 +66,12 @@ def brand_for(session: Session, org_id: str) -> dict | None:
 
 
 def _message(status: int, title_key: str, message: str, language: str = "en", org_name: str = "",
-             headers: dict | None = None) -> HTMLResponse:
+             headers: dict | None = None, brand: dict | None = None) -> HTMLResponse:
+    """A status page; with the organization known, in its name, logo and colours (``brand``)."""
     t = strings(language)
-    return _page("forms/message.html", {"t": t, "lang": language, "org_name": org_name, "title": t[title_key],
-                                        "message": message, "status": status}, status, headers)
+    return _page("forms/message.html", {"t": t, "lang": language, "org_name": org_name or (brand or {}).get("name", ""),
+                                        "brand": brand, "title": t[title_key], "message": message, "status": status},
+                 status, headers)
 
 
 def auth_texts(session: Session, form: Form) -> dict[str, dict]:
@@ -162,22 +164,24 @@ def _submit(key: str, request: Request, session: Session, body: bytes) -> HTMLRe
         form = service.find_public_form(session, key)
     except NotFound as exc:
         return _message(404, "not_found_title", exc.message)
-    org_name = _org_name(session, form.org_id)
+    brand = brand_for(session, form.org_id)
+    org_name = brand["name"] if brand else ""
     ctx = request_context(request)
     try:
         service.enforce_rate_limit(ctx["ip"])
     except RateLimited as exc:
         log.info("form_rate_limited", form_id=form.id)
-        return _message(429, "rate_title", exc.message, form.language, org_name, {"Retry-After": str(exc.retry_after)})
+        return _message(429, "rate_title", exc.message, form.language, org_name, {"Retry-After": str(exc.retry_after)},
+                        brand=brand)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/x-www-form-urlencoded":
         return _message(415, "bad_request_title", "Send the form from its page (URL-encoded form data, no file uploads).",
-                        form.language, org_name)
+                        form.language, org_name, brand=brand)
     try:
         items = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False, max_num_fields=500)
     except (UnicodeDecodeError, ValueError):
         return _message(400, "bad_request_title", "The form data could not be read. Reload the page and try again.",
-                        form.language, org_name)
+                        form.language, org_name, brand=brand)
     values: dict[str, list[str]] = {}
     for name, value in items:
         values.setdefault(name, []).append(value)
@@ -284,7 +288,7 @@ def confirm_submit(token: str, request: Request, session: Session = Depends(db_s
             return _link_error(exc)
         except service.ConfirmationFailed as exc:
             session.rollback()
-            return _message(exc.status_code, "link_title", exc.message, ctx["lang"], ctx["org_name"])
+            return _message(exc.status_code, "link_title", exc.message, ctx["lang"], ctx["org_name"], brand=ctx.get("brand"))
         record(session, org_id=sub.org_id, actor_type="contact", actor_id=sub.contact_id, action="form.submission.confirm",
                target_type="form_submission", target_id=sub.id,
                details={"form_id": sub.form_id, "effects": list(sub.effects), "outcome": dict(sub.outcome)}, **rctx)
