@@ -353,10 +353,13 @@ def test_forged_verp_is_ignored_and_logged_without_phi(session, sent, caplog_jso
 
 def test_verp_of_another_organization_does_not_match(session, sent):
     from carepost.accounts.service import create_organization
+    from carepost.delivery.service import create_sending_domain
 
     other = create_organization(session, "Other Clinic")
     session.commit()
-    other_sent = make_sent(session, other.id, domain_row=None)
+    # bar.example is proven by the first organization: the other sends from a domain of its own.
+    other_domain = create_sending_domain(session, other.id, "baz.example", ed25519=False)
+    other_sent = make_sent(session, other.id, domain_row=other_domain)
     report = parse_report(sample("gmail_hard.eml", other_sent.verp))
     from carepost.core.database import org_session
 
