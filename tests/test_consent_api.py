@@ -271,9 +271,9 @@ def test_eligibility_and_settings_validation(client, org, key):
     h = key(org.id)
     r = client.post("/api/v1/eligibility", headers=h, json={"contact_ids": [], "purpose": "marketing"})
     assert r.status_code == 422 and r.json()["error"]["field"] == "contact_ids"
-    r = client.post("/api/v1/eligibility", headers=h, json={"contact_ids": ["x"], "purpose": "marketing", "channel": "sms"})
+    r = client.post("/api/v1/eligibility", headers=h, json={"contact_ids": ["0" * 32], "purpose": "marketing", "channel": "sms"})
     assert r.status_code == 422 and r.json()["error"]["field"] == "channel"
-    r = client.post("/api/v1/eligibility", headers=h, json={"contact_ids": ["x"], "purpose": "marketing", "topic": "missing"})
+    r = client.post("/api/v1/eligibility", headers=h, json={"contact_ids": ["0" * 32], "purpose": "marketing", "topic": "missing"})
     assert r.status_code == 404 and r.json()["error"]["field"] == "topic"
     r = client.patch("/api/v1/consent/settings", headers=h, json={"quiet_hours_start": "21:00"})
     assert r.status_code == 422 and r.json()["error"]["field"] == "quiet_hours_end"

@@ -59,11 +59,15 @@ class BrandingOut(BaseModel):
     logo_bytes: int
 
 
+# What branding.parse_colour accepts: #rrggbb (either case), or empty for the default.
+COLOUR_PATTERN = r"^\s*(#[0-9A-Fa-f]{6})?\s*$"
+
+
 class BrandingIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     display_name: str = Field("", max_length=200)
-    primary_color: str | None = Field(None, max_length=7, description="#rrggbb, or null for the default")
-    accent_color: str | None = Field(None, max_length=7, description="#rrggbb, or null for the default")
+    primary_color: str | None = Field(None, max_length=7, pattern=COLOUR_PATTERN, description="#rrggbb, or null for the default")
+    accent_color: str | None = Field(None, max_length=7, pattern=COLOUR_PATTERN, description="#rrggbb, or null for the default")
 
 
 @router.get("/api/v1/organization/branding", response_model=BrandingOut, tags=["organization"],

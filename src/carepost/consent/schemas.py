@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 import base64
 import binascii
@@ -20,6 +20,7 @@ from carepost.consent.models import (
     SUPPRESSION_REASONS,
     SUPPRESSION_SCOPES,
 )
+from carepost.core.ids import ID_PATTERN, TOPIC_REF_PATTERN
 from carepost.core.purposes import PURPOSES, REMUNERATION
 
 PurposeName = Literal[tuple(PURPOSES)]  # type: ignore[valid-type]
@@ -95,11 +96,13 @@ class ExpirationEventIn(_In):
 
 
 class AuthorizationIn(_In):
-    contact_id: str | None = Field(None, min_length=32, max_length=32)
+    contact_id: str | None = Field(None, min_length=32, max_length=32, pattern=ID_PATTERN)
     email: str | None = Field(None, max_length=320, description="Find the contact by email instead of contact_id.")
     purpose: Literal["marketing", "marketing_remunerated"]
-    text_id: str | None = Field(None, min_length=32, max_length=32, description="Default: the current published text.")
-    topic_id: str | None = Field(None, max_length=64, description="Limit the authorization to one topic (id or key).")
+    text_id: str | None = Field(None, min_length=32, max_length=32, pattern=ID_PATTERN,
+                                description="Default: the current published text.")
+    topic_id: str | None = Field(None, max_length=64, pattern=TOPIC_REF_PATTERN,
+                                 description="Limit the authorization to one topic (id or key).")
     signature: SignatureIn
     expires_at: datetime | None = Field(None, description="The expiry date (after signing); or give expiration_event.")
     expiration_event: Literal[tuple(EXPIRATION_EVENTS)] | None = Field(  # type: ignore[valid-type]
@@ -157,9 +160,9 @@ class SuppressionIn(_In):
 
 
 class EligibilityIn(_In):
-    contact_ids: list[str] = Field(min_length=1, max_length=10_000)
+    contact_ids: list[Annotated[str, Field(pattern=ID_PATTERN)]] = Field(min_length=1, max_length=10_000)
     purpose: PurposeName
-    topic: str | None = Field(None, max_length=64, description="Topic id or key.")
+    topic: str | None = Field(None, max_length=64, pattern=TOPIC_REF_PATTERN, description="Topic id or key.")
     channel: Literal["email"] = "email"
     at: datetime | None = None
     remuneration: RemunerationName = "none"

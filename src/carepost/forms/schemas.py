@@ -26,6 +26,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from carepost.core.ids import TOPIC_REF_PATTERN
+
 FieldType = Literal["text", "long_text", "email", "phone", "date", "choice", "rating", "consent", "authorization"]
 FIELD_TYPES: tuple[str, ...] = FieldType.__args__  # type: ignore[attr-defined]
 FIELD_TYPE_LABELS = {
@@ -67,7 +69,9 @@ RESERVED_SLUGS = {"confirm", "static", "thanks"}
 class FieldDef(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    key: str = Field(min_length=1, max_length=40, description="Lower-case letters, digits and _; unique in the form.")
+    # The pattern is stated in the document; the validator below enforces it with its own words.
+    key: str = Field(min_length=1, max_length=40, json_schema_extra={"pattern": r"^[a-z][a-z0-9_]{0,39}$"},
+                     description="Lower-case letters, digits and _; unique in the form.")
     type: FieldType
     label: str = Field(min_length=1, max_length=300)
     help: str | None = Field(None, max_length=500)
@@ -78,7 +82,7 @@ class FieldDef(BaseModel):
     max_length: int | None = Field(None, ge=1, le=20000)
     scale: int | None = Field(None, ge=3, le=10)
     contact_field: str | None = Field(None, max_length=40)
-    topic_id: str | None = Field(None, max_length=64)
+    topic_id: str | None = Field(None, max_length=64, pattern=TOPIC_REF_PATTERN)
     purpose: str | None = Field(None, max_length=64)
     text_id: str | None = Field(None, max_length=64)
     drawn_signature: bool = False
@@ -151,7 +155,7 @@ class FormIn(BaseModel):
     description: str = Field("", max_length=4000)
     kind: Literal["form", "survey"] = Field("form", description="survey: answers are tallied and no contact is created or changed.")
     language: Literal["en", "es"] = "en"
-    slug: str | None = Field(None, max_length=80, description="Readable public address /f/<slug>; the opaque /f/<public_id> always works.")
+    slug: str | None = Field(None, max_length=80, json_schema_extra={"pattern": r"^([A-Za-z0-9]([A-Za-z0-9-]{0,78}[A-Za-z0-9])?)?$"}, description="Readable public address /f/<slug>; the opaque /f/<public_id> always works.")
     fields: list[FieldDef] = Field(min_length=1, max_length=100)
     notify_emails: list[str] = Field(default_factory=list, max_length=10, description="Staff told of each submission (no PHI in the email).")
     success_message: str = Field("", max_length=1000)
