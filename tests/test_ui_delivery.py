@@ -102,7 +102,7 @@ def test_sending_domain_setup_with_live_dns_check(page, developer, dns_server):
     expect(page.get_by_test_id("ownership-status")).to_contain_text("Ownership not proven")
 
     # Publish the rest: every record passes, and the list shows the domain as ready.
-    for purpose in ("spf", "return-path-mx", "mta-sts", "mta-sts-host", "ownership"):
+    for purpose in ("spf", "return-path-mx", "tls-rpt", "mta-sts", "mta-sts-host", "ownership"):
         _publish(dns_server, records[purpose])
     page.get_by_test_id("check-dns").click()
     expect(page.get_by_test_id("check-summary")).to_have_text("Every record passes.")
