@@ -284,3 +284,14 @@ def test_reports_go_to_the_verified_owner_only(session, org, inbound):  # noqa: 
             assert smtp.rcpt(f"{mailbox}@bounces.victim.example")[0] == 550
         smtp.rset()
     assert {r.org_id for r in _reports(session)} == {org.id}
+
+
+def test_doctor_names_domains_whose_ownership_is_not_proven(sender, delivery_env):
+    from carepost.core.config import get_settings
+    from carepost.doctor import check_sending_domains
+
+    _claim(sender.org_id, "unproven.example")
+    [finding] = check_sending_domains(get_settings())
+    assert finding.level == "warn"
+    unproven = finding.message.split("whose ownership is not proven")[1]
+    assert "unproven.example" in unproven and "bar.example" not in unproven  # bar.example is proven

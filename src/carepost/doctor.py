@@ -321,20 +321,28 @@ def check_sending_domains(settings: Settings) -> list[Finding]:
     from sqlalchemy.orm import Session
 
     from carepost.core.database import make_engine
-    from carepost.delivery.service import unverified_sending_domains
+    from carepost.delivery.service import unproven_sending_domains, unverified_sending_domains
 
     engine = make_engine(settings)
     try:
         with Session(engine) as session:
             session.info["scope"] = "system"
             unverified = unverified_sending_domains(session)
+            unproven = unproven_sending_domains(session)
     finally:
         engine.dispose()
-    if not unverified:
+    if not unverified and not unproven:
         return [Finding("sending domains", "ok", "Every sending domain's DNS records check out (or there are none yet).")]
-    names = ", ".join(sorted({domain for _, domain in unverified})[:10])
-    return [Finding("sending domains", "warn", f"{len(unverified)} sending domain(s) whose DNS records do not check out: "
-                    f"{names}. Publish the records and run `carepost domain check`.")]
+    parts = []
+    if unverified:
+        names = ", ".join(sorted({domain for _, domain in unverified})[:10])
+        parts.append(f"{len(unverified)} sending domain(s) whose DNS records do not check out: {names}.")
+    if unproven:
+        # Issue 9 item 2: nothing is sent from a domain until its ownership record is found.
+        names = ", ".join(sorted({domain for _, domain in unproven})[:10])
+        parts.append(f"{len(unproven)} sending domain(s) whose ownership is not proven (nothing is sent from them): "
+                     f"{names}.")
+    return [Finding("sending domains", "warn", " ".join(parts) + " Publish the records and run `carepost domain check`.")]
 
 
 def check_notice_sender(settings: Settings) -> list[Finding]:

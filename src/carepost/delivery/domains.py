@@ -419,6 +419,13 @@ def verified_owner(session: Session, domain: str) -> str | None:
     ).first()
 
 
+def unproven_sending_domains(session: Session) -> list[tuple[str, str]]:
+    """(organization id, domain) of every sending domain whose ownership is not proven: nothing
+    is sent from it. For ``carepost doctor``; needs a system session."""
+    rows = session.execute(select(SendingDomain.org_id, SendingDomain.domain).where(SendingDomain.verified_at.is_(None))).all()
+    return [(org_id, domain) for org_id, domain in rows]
+
+
 def unverified_sending_domains(session: Session) -> list[tuple[str, str]]:
     """(organization id, domain) of every sending domain whose DNS records did not check out
     (or were never checked). For ``carepost doctor``; needs a system session."""

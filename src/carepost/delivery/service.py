@@ -48,6 +48,7 @@ from carepost.delivery.domains import (  # noqa: F401
     sending_domain_by_id,
     sending_domain_for,
     smime_signing_key,
+    unproven_sending_domains,
     unverified_sending_domains,
     verified_owner,
 )
