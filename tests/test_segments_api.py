@@ -255,6 +255,10 @@ def test_distance_from_a_location_of_the_organization(client, session, clinic):
     assert r.status_code == 422 and "postal_code" in r.text
     r = client.post("/api/v1/locations", json={"name": "main  STREET clinic", "postal_code": "78701"}, headers=manager)
     assert r.status_code == 409 and r.json()["error"]["field"] == "name"
+    # case folding may lengthen a name ("ß" -> "ss"): the longest name is still stored (found by fuzzing)
+    r = client.post("/api/v1/locations", json={"name": "ß" * 120, "postal_code": "78701-1234"}, headers=manager)
+    assert r.status_code == 201, r.text
+    assert client.delete(f"/api/v1/locations/{r.json()['id']}", headers=manager).status_code == 204
 
     query = 'within 5 miles of location "Main Street Clinic"'
     parsed = client.post("/api/v1/segments/parse", json={"text": query}, headers=viewer).json()
@@ -288,4 +292,4 @@ def test_distance_from_a_location_of_the_organization(client, session, clinic):
     assert client.delete(f"/api/v1/locations/{main['id']}", headers=manager).status_code == 409
     assert client.delete(f"/api/v1/segments/{seg['id']}", headers=manager).status_code == 204
     assert client.delete(f"/api/v1/locations/{main['id']}", headers=manager).status_code == 204
-    assert [e.target_id for e in _events(session, "location.delete")] == [main["id"]]
+    assert [e.target_id for e in _events(session, "location.delete")][-1] == main["id"]

@@ -107,7 +107,7 @@ class Location(OrgScoped, Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(120))
-    name_key: Mapped[str] = mapped_column(String(120))  # the name folded for case-insensitive look-up
+    name_key: Mapped[str] = mapped_column(String(480))  # the name case-folded (up to 3x longer: "ß" -> "ss")
     postal_code: Mapped[str] = mapped_column(String(5))
     created_by: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=clock.now)
