@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
-from tests.fixtures.accounts import TestUser, strong_password, ui_login
+from tests.fixtures.accounts import TestUser, add_staff, ui_login
 from tests.fixtures.ui import free_port
 
 pytestmark = pytest.mark.ui
@@ -80,22 +80,7 @@ def worker(storage, live_server, live_server_env, tmp_path_factory):
 
 
 def _user(s, org_id: str, role: str) -> TestUser:
-    from carepost.accounts import mfa
-    from carepost.accounts.models import User
-    from carepost.accounts.passwords import hash_password
-    from carepost.accounts.service import add_membership
-    from carepost.core import clock
-
-    password = strong_password()
-    user = User(email=f"{role}-{secrets.token_hex(4)}@staff.example", display_name=f"Test {role}",
-                password_hash=hash_password(password), password_changed_at=clock.now())
-    s.add(user)
-    s.flush()
-    secret = mfa.new_totp_secret()
-    mfa.store_totp_secret(s, user, secret)
-    user.totp_confirmed_at = clock.now()
-    add_membership(s, org_id, user, role)
-    return TestUser(id=user.id, email=user.email, password=password, totp_secret=secret, org_id=org_id, role=role)
+    return add_staff(s, org_id, role)
 
 
 @pytest.fixture(scope="module")

@@ -10,34 +10,22 @@ import secrets
 import pytest
 from playwright.sync_api import expect
 
-from tests.fixtures.accounts import TestUser, ui_login
+from tests.fixtures.accounts import ui_login
 
 pytestmark = pytest.mark.ui
 
 
 @pytest.fixture(scope="module")
 def owner(live_server):
-    from carepost.accounts import mfa
-    from carepost.accounts.models import User
-    from carepost.accounts.passwords import hash_password
-    from carepost.accounts.service import add_membership, create_organization
-    from carepost.core import clock
+    from carepost.accounts.service import create_organization
     from carepost.core.database import system_session
-    from tests.fixtures.accounts import strong_password
+    from tests.fixtures.accounts import add_staff
 
     with system_session() as s:
         org = create_organization(s, f"Settings UI {secrets.token_hex(3)}")
-        password = strong_password()
-        user = User(email=f"own-{secrets.token_hex(4)}@example.test", display_name="Olive Owner",
-                    password_hash=hash_password(password), password_changed_at=clock.now())
-        s.add(user)
-        s.flush()
-        secret = mfa.new_totp_secret()
-        mfa.store_totp_secret(s, user, secret)
-        user.totp_confirmed_at = clock.now()
-        add_membership(s, org.id, user, "owner")
+        user = add_staff(s, org.id, "owner", email=f"own-{secrets.token_hex(4)}@example.test", display_name="Olive Owner")
         s.commit()
-        return TestUser(id=user.id, email=user.email, password=password, totp_secret=secret, org_id=org.id, role="owner")
+        return user
 
 
 def _org_settings(org_id: str) -> dict:

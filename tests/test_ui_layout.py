@@ -23,25 +23,13 @@ LONG = "x" * 90  # an unbroken value: a long id, address or action
 def make_owner(org_id: str):
     """An owner with confirmed TOTP, made in a system session (the module's tests share one
     sign-in: the per-test ``db`` fixture would empty the database under the live server)."""
-    from carepost.accounts import mfa
-    from carepost.accounts.models import User
-    from carepost.accounts.passwords import hash_password
-    from carepost.accounts.service import add_membership
-    from carepost.core import clock
-    from tests.fixtures.accounts import TestUser, strong_password
+    from tests.fixtures.accounts import add_staff
 
-    email, password = f"owner-{secrets.token_hex(4)}@example.test", strong_password()
     with system_session() as s:
-        user = User(email=email, display_name="Layout Owner", password_hash=hash_password(password),
-                    password_changed_at=clock.now())
-        s.add(user)
-        s.flush()
-        secret = mfa.new_totp_secret()
-        mfa.store_totp_secret(s, user, secret)
-        user.totp_confirmed_at = clock.now()
-        add_membership(s, org_id, user, "owner")
+        user = add_staff(s, org_id, "owner", email=f"owner-{secrets.token_hex(4)}@example.test",
+                         display_name="Layout Owner")
         s.commit()
-        return TestUser(id=user.id, email=email, password=password, totp_secret=secret, org_id=org_id, role="owner")
+        return user
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 from playwright.sync_api import expect
 
 from carepost.core.database import system_session
-from tests.fixtures.accounts import TestUser, ui_login
+from tests.fixtures.accounts import ui_login
 from tests.fixtures.portal import ADDRESS, arrange
 from tests.test_ui_portal import _wait_for_code, live_server_env, worker  # noqa: F401 (fixtures)
 
@@ -30,34 +30,21 @@ ANSWER = "Rinse your mouth after each dose; if the cough stays, we will switch y
 def _arrange():
     """An organization, its owner (who sent the message), a contact Jordan Vale, and a portal
     message to Jordan."""
-    from carepost.accounts import mfa
-    from carepost.accounts.models import User
-    from carepost.accounts.passwords import hash_password
-    from carepost.accounts.service import add_membership, create_organization
-    from carepost.core import clock
+    from carepost.accounts.service import create_organization
     from carepost.delivery.models import MessageRecipient
     from carepost.patients.schemas import ContactIn
     from carepost.patients.service import save_contact
-    from tests.fixtures.accounts import strong_password
+    from tests.fixtures.accounts import add_staff
 
     with system_session() as s:
         org = create_organization(s, f"Riverside Clinic {secrets.token_hex(2)}")
-        password = strong_password()
-        user = User(email=f"rn-{secrets.token_hex(4)}@valid.test", display_name="Nurse Rowan",
-                    password_hash=hash_password(password), password_changed_at=clock.now())
-        s.add(user)
-        s.flush()
-        secret = mfa.new_totp_secret()
-        mfa.store_totp_secret(s, user, secret)
-        user.totp_confirmed_at = clock.now()
-        add_membership(s, org.id, user, "owner")
+        staff = add_staff(s, org.id, "owner", email=f"rn-{secrets.token_hex(4)}@valid.test", display_name="Nurse Rowan")
         s.commit()
-        staff = TestUser(id=user.id, email=user.email, password=password, totp_secret=secret, org_id=org.id, role="owner")
         s.info.pop("scope", None)
         s.info["org_id"] = org.id
         contact = save_contact(s, org.id, ContactIn(given_name="Jordan", family_name="Vale", email=ADDRESS)).contact
         s.commit()
-        a = arrange(s, org.id, sender_id=user.id)
+        a = arrange(s, org.id, sender_id=staff.id)
         s.get(MessageRecipient, a.recipient_id).contact_id = contact.id
         s.commit()
         return a, staff, org.name

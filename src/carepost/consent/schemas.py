@@ -5,9 +5,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-import base64
-import binascii
-
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from carepost.consent.models import (
@@ -22,6 +19,7 @@ from carepost.consent.models import (
 )
 from carepost.core.ids import ID_PATTERN, TOPIC_REF_PATTERN
 from carepost.core.purposes import PURPOSES, REMUNERATION
+from carepost.delivery.schemas import decode_base64
 
 PurposeName = Literal[tuple(PURPOSES)]  # type: ignore[valid-type]
 RemunerationName = Literal[tuple(REMUNERATION)]  # type: ignore[valid-type]
@@ -77,17 +75,7 @@ class ScanIn(_In):
     @field_validator("content", mode="before")
     @classmethod
     def _decode(cls, value):
-        if isinstance(value, (bytes, bytearray)):
-            value = value.decode("ascii", "replace")
-        if not isinstance(value, str):
-            raise ValueError("must be base64 text")
-        try:
-            data = base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError("must be base64") from None
-        if len(data) > SCAN_MAX_BYTES:
-            raise ValueError(f"larger than {SCAN_MAX_BYTES} bytes")
-        return data
+        return decode_base64(value, SCAN_MAX_BYTES)
 
 
 class ExpirationEventIn(_In):

@@ -27,6 +27,22 @@ class _In(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+def decode_base64(value, max_bytes: int) -> bytes:
+    """A pydantic ``before`` validator's body for file content sent as base64 text: the decoded
+    bytes, or ValueError (422 naming the field) for what is not base64 or is too large."""
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode("ascii", "replace")
+    if not isinstance(value, str):
+        raise ValueError("must be base64 text")
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("must be base64") from None
+    if len(data) > max_bytes:
+        raise ValueError(f"larger than {max_bytes} bytes")
+    return data
+
+
 class AttachmentIn(_In):
     filename: str = Field(min_length=1, max_length=255)
     content_type: str = Field("application/octet-stream", max_length=255)
@@ -36,17 +52,7 @@ class AttachmentIn(_In):
     @field_validator("content", mode="before")
     @classmethod
     def _decode(cls, value):
-        if isinstance(value, (bytes, bytearray)):
-            value = value.decode("ascii", "replace")
-        if not isinstance(value, str):
-            raise ValueError("must be base64 text")
-        try:
-            data = base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError("must be base64") from None
-        if len(data) > MAX_ATTACHMENT_BYTES:
-            raise ValueError(f"larger than {MAX_ATTACHMENT_BYTES} bytes")
-        return data
+        return decode_base64(value, MAX_ATTACHMENT_BYTES)
 
 
 class PortalOptionsIn(_In):

@@ -8,8 +8,6 @@ location that a saved segment names cannot be deleted or renamed until the segme
 
 from __future__ import annotations
 
-import json
-
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -47,12 +45,7 @@ def _users(session: Session, org_id: str, location: Location) -> list[str]:
     return out
 
 
-def _named_locations(tree) -> list[str]:
-    if isinstance(tree, str):
-        try:
-            tree = json.loads(tree)
-        except ValueError:
-            return []
+def _named_locations(tree: dict) -> list[str]:
     found: list[str] = []
 
     def walk(node) -> None:
