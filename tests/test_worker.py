@@ -374,6 +374,7 @@ def test_worker_process_runs_tasks_from_redis(storage, session, queue_env, tmp_p
 @huey_task()
 def slow_touch(marker_id: str) -> None:
     """A task that takes a while, for the graceful-stop test (the worker imports this module)."""
+    (Path(os.environ["CAREPOST_TEST_MARKER_DIR"]) / f"{marker_id}.started").write_text("started")
     time.sleep(2)
     (Path(os.environ["CAREPOST_TEST_MARKER_DIR"]) / marker_id).write_text("done")
 
@@ -387,7 +388,9 @@ def test_worker_finishes_a_running_task_on_sigterm(storage, db, queue_env, tmp_p
         marker_id = new_id()
         slow_touch(marker_id)
         deadline = time.monotonic() + 30
-        while "slow_touch" not in log_path.read_text() and time.monotonic() < deadline:
+        # Wait for the task itself to run: the worker's start-up banner also names slow_touch,
+        # before the consumer installs its SIGTERM handler.
+        while not (tmp_path / f"{marker_id}.started").exists() and time.monotonic() < deadline:
             assert proc.poll() is None, log_path.read_text()[-2000:]
             time.sleep(0.05)
         assert not (tmp_path / marker_id).exists()  # still running
