@@ -17,6 +17,7 @@ MODEL_MODULES = [
     "carepost.consent.models",
     "carepost.forms.models",
     "carepost.tracking.models",
+    "carepost.tracking.rollups",  # AnalyticsRollup
     "carepost.content.models",
     "carepost.segments.models",
 ]
