@@ -161,6 +161,26 @@ def domain_page(request: Request, domain_id: str, principal: Principal = Depends
                                                     "setup_warnings": setup_warnings()})
 
 
+@router.post("/domains/{domain_id}/validate")
+def domain_validate(request: Request, domain_id: str, principal: Principal = Depends(require(P.DOMAINS_MANAGE))):
+    """Validate the published SPF and DMARC records with checkdmarc (issue 13 item 7); nothing
+    is stored. The transaction is closed during the look-ups."""
+    from carepost.delivery import record_validation
+
+    session = request.state.db
+    row = _get_domain(session, domain_id)
+    names = (row.domain, row.return_path_domain)
+    session.commit()
+    validation = record_validation.validate_domain(*names)
+    record_for(session, principal, request, "domain.validate_records", target_type="sending_domain", target_id=row.id,
+               details={"ok": validation["ok"], "failing": [r["kind"] for r in validation["records"] if not r["ok"]]})
+    session.commit()
+    if request.headers.get("hx-request") == "true":
+        return render(request, "delivery/_validation.html", {"d": _domain_view(row), "validation": validation})
+    return render(request, "delivery/domain.html", {"d": _domain_view(row), "checked": False, "validation": validation,
+                                                    "setup_warnings": setup_warnings()})
+
+
 @router.post("/domains/{domain_id}/delete")
 def domain_delete(request: Request, domain_id: str, principal: Principal = Depends(require(P.DOMAINS_MANAGE))):
     """Remove a sending domain and its DKIM keys (the page asks for confirmation first); audited."""
