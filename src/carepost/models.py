@@ -18,6 +18,7 @@ MODEL_MODULES = [
     "carepost.forms.models",
     "carepost.tracking.models",
     "carepost.tracking.rollups",  # AnalyticsRollup
+    "carepost.tracking.deliverability",  # DeliverabilityAlert
     "carepost.content.models",
     "carepost.segments.models",
 ]
