@@ -160,3 +160,28 @@ def api_dmarc_reports(request: Request, limit: int = Query(100, ge=1, le=1000),
 def api_tls_reports(request: Request, limit: int = Query(100, ge=1, le=1000),
                     principal: Principal = Depends(require(Permission.ANALYTICS_READ))) -> dict:
     return {"data": feedback.tls_reports(request.state.db, principal.org_id, limit)}
+
+
+@router.get("/deliverability/domains", tags=["deliverability"],
+            summary="Per receiving provider (gmail.com, yahoo.com, outlook.com, ..., other): delivery, deferral, bounce "
+                    "and complaint rates over 7 or 30 days, judged against the Gmail/Yahoo bulk-sender levels")
+def api_deliverability_domains(request: Request, days: int = Query(7, description="The window: 7 or 30 days"),
+                               principal: Principal = Depends(require(Permission.ANALYTICS_READ))) -> dict:
+    from carepost.core.errors import ValidationFailed
+    from carepost.tracking import deliverability
+
+    if days not in deliverability.WINDOWS:
+        raise ValidationFailed("The window is 7 or 30 days.", field="days")
+    return deliverability.by_provider(request.state.db, principal.org_id, days)
+
+
+@router.get("/deliverability/alerts", tags=["deliverability"],
+            summary="Deliverability alerts, newest first: a provider's rate at or over its warning level or limit")
+def api_deliverability_alerts(request: Request, active: bool | None = Query(None, description="true: open alerts only; "
+                                                                                             "false: cleared ones only"),
+                              limit: int = Query(100, ge=1, le=500),
+                              principal: Principal = Depends(require(Permission.ANALYTICS_READ))) -> dict:
+    from carepost.tracking import deliverability
+
+    rows = deliverability.list_alerts(request.state.db, principal.org_id, active=active, limit=limit)
+    return {"data": [deliverability.alert_out(a) for a in rows]}

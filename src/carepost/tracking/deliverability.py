@@ -328,3 +328,26 @@ def evaluate_all(now: datetime | None = None) -> dict[str, int]:
         for k, v in stats.items():
             totals_[k] += v
     return totals_
+
+
+# --------------------------------------------------------------------------- TLS reports in the window
+
+
+def tls_summary(session: Session, org_id: str, days: int = 7, now: datetime | None = None) -> dict:
+    """SMTP TLS reports (RFC 8460) whose period ends in the window: sessions that succeeded and
+    failed, and the failures by result type (``certificate-expired``, ``starttls-not-supported``...)."""
+    from carepost.tracking.models import TlsReport
+
+    since, _ = _window(days, now)
+    reports = session.scalars(select(TlsReport).where(TlsReport.org_id == org_id, TlsReport.end_at >= since)).all()
+    failure_types: dict[str, int] = {}
+    for r in reports:
+        for policy in r.policies or []:
+            for f in policy.get("failures") or []:
+                kind = str(f.get("result_type") or "unknown")[:64]
+                failure_types[kind] = failure_types.get(kind, 0) + int(f.get("failed_session_count") or 0)
+    ok = sum(r.successful_sessions for r in reports)
+    failed = sum(r.failed_sessions for r in reports)
+    return {"reports": len(reports), "reporters": sorted({r.reporter for r in reports}), "successful_sessions": ok,
+            "failed_sessions": failed, "failure_rate": _ratio(failed, ok + failed),
+            "failure_types": sorted(failure_types.items(), key=lambda kv: (-kv[1], kv[0]))}

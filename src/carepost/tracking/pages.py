@@ -145,3 +145,26 @@ def webhook_delete(endpoint_id: str, request: Request, principal: Principal = De
     record_for(session, principal, request, "webhook.delete", target_type="webhook_endpoint", target_id=endpoint_id)
     session.commit()
     return _see_other("/app/webhooks")
+
+
+# --------------------------------------------------------------------------- deliverability (issue 13 item 7)
+
+
+@router.get("/deliverability")
+def deliverability_page(request: Request, principal: Principal = Depends(require(Permission.ANALYTICS_READ))):
+    """Rates per receiving provider against the Gmail/Yahoo levels, open and past alerts, DMARC
+    aggregate reports per sending source and SMTP TLS reports, over 7 or 30 days."""
+    from datetime import datetime as _dt
+
+    from carepost.tracking import deliverability, feedback
+
+    session = request.state.db
+    days = 30 if request.query_params.get("days") == "30" else 7
+    view = deliverability.by_provider(session, principal.org_id, days)
+    alerts = [deliverability.alert_out(a) for a in deliverability.list_alerts(session, principal.org_id, limit=50)]
+    return render(request, "tracking/deliverability.html", {
+        "view": view, "days": days, "windows": deliverability.WINDOWS,
+        "active_alerts": [a for a in alerts if a["active"]], "past_alerts": [a for a in alerts if not a["active"]],
+        "dmarc_sources": feedback.dmarc_sources(session, principal.org_id, since=_dt.fromisoformat(view["since"])),
+        "tls": deliverability.tls_summary(session, principal.org_id, days),
+    })

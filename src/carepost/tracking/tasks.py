@@ -7,6 +7,8 @@
   queue outage, a worker that died mid-attempt, or a lost schedule.
 * ``purge_webhook_log`` (daily) deletes finished deliveries, their attempts and events past
   ``CAREPOST_WEBHOOK_LOG_RETENTION_DAYS``.
+* ``evaluate_deliverability`` (hourly) judges each organization's rates per receiving provider
+  and raises or clears deliverability alerts (:mod:`carepost.tracking.deliverability`).
 """
 
 from __future__ import annotations
@@ -47,3 +49,11 @@ def purge_webhook_log() -> None:
         counts = purge_log(session)
         session.commit()
     log.info("webhook_log_purged", **{f"{k}_count": v for k, v in counts.items()})
+
+
+@huey.periodic_task(crontab(minute="23"))
+def evaluate_deliverability() -> None:
+    from carepost.tracking.deliverability import evaluate_all
+
+    counts = evaluate_all()
+    log.info("deliverability_alerts_evaluated", **{f"{k}_count": v for k, v in counts.items()})

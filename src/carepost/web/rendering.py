@@ -25,6 +25,7 @@ NAV: list[tuple[str, str, str, str | tuple[str, ...] | None]] = [
     ("Delivery", "Compose", "/app/compose", ("messages:send", "campaigns:send")),  # any of them (issue 10 item 5)
     ("Delivery", "Sending domains", "/app/domains", "domains:manage"),
     ("Delivery", "Delivery log", "/app/deliveries", "messages:read"),
+    ("Delivery", "Deliverability", "/app/deliverability", "analytics:read"),
     ("Delivery", "Security preview", "/app/security-preview", "messages:send"),
     ("Delivery", "Recipient keys", "/app/recipient-keys", "messages:read"),
     ("Delivery", "Delivery settings", "/app/delivery-settings", "org:manage"),
