@@ -54,6 +54,7 @@ ROUTER_MODULES = [
     "carepost.portal.sender_pages",
     "carepost.tracking.api",
     "carepost.tracking.pages",
+    "carepost.tracking.analytics_api",
     "carepost.content.api",
     "carepost.segments.api",
     "carepost.segments.pages",
@@ -191,6 +192,11 @@ def _wire_events() -> None:
     events.subscribe("consent.subscribed", tracking.emit_consent_subscribed)
     events.subscribe("authorization.signed", tracking.emit_authorization_signed)
     events.subscribe("authorization.revoked", tracking.emit_authorization_revoked)
+    # Analytics rollups are fed by the same events (issue 13 item 5).
+    from carepost.tracking import analytics
+
+    events.subscribe("message.recipient_event", analytics.count_message_event)
+    events.subscribe("consent.unsubscribed", analytics.count_unsubscribe)
 
 
 def _wire_registries() -> None:
@@ -207,6 +213,9 @@ def _wire_registries() -> None:
     patients.register_export_section("consent", consent.export_section)
     patients.register_deletion_hook(forms.forget_contact)
     patients.register_export_section("form_submissions", forms.export_section)
+    from carepost.tracking import conversions
+
+    patients.register_deletion_hook(conversions.forget_contact)  # custom events (issue 13 item 4)
 
     patient_pages.register_contact_section("consent", "Consent and authorizations", consent_pages.consent_rows)
     patient_pages.register_contact_section("messages", "Message history", delivery_pages.contact_messages_rows)

@@ -19,6 +19,7 @@ MODEL_MODULES = [
     "carepost.tracking.models",
     "carepost.tracking.rollups",  # AnalyticsRollup
     "carepost.tracking.deliverability",  # DeliverabilityAlert
+    "carepost.tracking.conversions",  # Goal, ContactEvent
     "carepost.content.models",
     "carepost.segments.models",
 ]
