@@ -54,6 +54,7 @@ ROUTER_MODULES = [
     "carepost.portal.sender_pages",
     "carepost.tracking.api",
     "carepost.tracking.pages",
+    "carepost.tracking.engagement_pages",
     "carepost.tracking.analytics_api",
     "carepost.content.api",
     "carepost.segments.api",
@@ -170,6 +171,10 @@ def _fill_ports() -> None:
     delivery_messages.topic_of.fill(eligibility.resolve_message_topic)
     pipeline.portal_store.fill(portal.store_portal_message)
     pipeline.portal_notification.fill(portal.notification_email)
+    from carepost.tracking import engagement, links as tracking_links
+
+    pipeline.links.fill(tracking_links.pipeline_links)  # link guard, click redirects, open pixel (issue 13)
+    delivery_pages.engagement_of.fill(engagement.message_engagement)
     delivery_pages.portal_state.fill(portal.portal_state)
     from carepost.delivery import compose
 
@@ -222,3 +227,6 @@ def _wire_registries() -> None:
     patient_pages.register_contact_section("keys", "Encryption keys", delivery_pages.contact_keys_rows)
 
     tracking.register_event_types(forms.EVENT_TYPES)
+    from carepost.tracking import engagement
+
+    tracking.register_event_types(engagement.EVENT_TYPES)

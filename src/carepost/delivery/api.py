@@ -179,6 +179,8 @@ def change_delivery_settings(request: Request, body: schemas.DeliverySettingsIn,
     changes = body.model_dump(exclude_unset=True)
     if "security_mode" in changes and changes["security_mode"] is None:
         changes.pop("security_mode")
+    if "engagement_privacy" in changes and changes["engagement_privacy"] is None:
+        changes.pop("engagement_privacy")
     after = service.update_delivery_settings(session, principal.org_id, changes)
     # The relay password never enters the audit trail: only whether this change set one.
     password_changed = bool(body.relay is not None and body.relay.password is not None)

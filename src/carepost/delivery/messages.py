@@ -78,6 +78,8 @@ class PreparedMessage:
     portal: dict | None
     request_hash: str
     topic_id: str | None = None
+    track_opens: bool = False
+    track_clicks: bool = False
 
 
 def request_fingerprint(data) -> str:
@@ -151,6 +153,12 @@ def _prepare(session, org_id, data, org_settings, domain_cache, Attachment, Inli
             "contains_phi": bool(data.contains_phi) or rendered.contains_phi,
         })
         template_purpose = rendered.purpose
+        # Templates saved before the link guard: their URLs are checked for merge fields here too.
+        from carepost.content import link_guard
+        from carepost.content.service import get_template
+
+        source = get_template(session, org_id, data.template_id)
+        link_guard.check_template_links({"html": source.html, "text": source.text})
     purpose = data.purpose or template_purpose or org_settings.get("default_purpose")
     if not purpose:
         raise ValidationFailed("A purpose is required (the organization sets no default purpose).", field="purpose")
@@ -200,6 +208,10 @@ def _prepare(session, org_id, data, org_settings, domain_cache, Attachment, Inli
         else:
             files.append(Attachment(attachment.filename, attachment.content, attachment.content_type))
     subject = data.subject or ""
+    # The link guard (issue 13 item 3): no email address or merge field in any URL, tracked or not.
+    from carepost.content import link_guard
+
+    link_guard.check_links(data.html, data.text)
     if data.contains_phi is not False:
         # The subject is shown outside the protected content (inbox lists, notifications, and
         # outside clients that ignore header protection): no PHI in it, on every path (API, SMTP
@@ -225,6 +237,7 @@ def _prepare(session, org_id, data, org_settings, domain_cache, Attachment, Inli
         html=data.html, text=data.text, attachments=list(data.attachments), headers=headers, purpose=purpose,
         security=mode, contains_phi=data.contains_phi is not False, tags=list(data.tags), portal=portal,
         request_hash=request_fingerprint(request), topic_id=topic_id,
+        track_opens=bool(getattr(data, "track_opens", False)), track_clicks=bool(getattr(data, "track_clicks", False)),
     )
 
 
@@ -268,6 +281,7 @@ def store_messages(session: Session, org_id: str, prepared: list[PreparedMessage
             message_id_header=message_id_for(p.sending_domain.domain),
             headers_enc=enc(mt, "headers", message_id, json.dumps(p.headers)) if p.headers else None,
             portal_enc=enc(mt, "portal", message_id, json.dumps(p.portal)) if p.portal else None,
+            track_opens=p.track_opens, track_clicks=p.track_clicks,
         ))
         for attachment in p.attachments:
             att_id = new_id()

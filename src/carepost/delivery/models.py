@@ -132,6 +132,10 @@ class Message(OrgScoped, Base):
     message_id_header: Mapped[str | None] = mapped_column(String(300))  # the Message-ID every copy carries
     headers_enc: Mapped[bytes | None] = mapped_column(LargeBinary)  # the caller's extra headers (JSON), encrypted
     portal_enc: Mapped[bytes | None] = mapped_column(LargeBinary)  # portal options (JSON: auth, question, answer, expiry), encrypted
+    # Engagement tracking (issue 13 item 1): an open pixel and click redirects added at composition
+    # (carepost.tracking.links), per message; campaigns and journeys set them for their messages.
+    track_opens: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    track_clicks: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
 
 
 class MessageAttachment(OrgScoped, Base):

@@ -36,6 +36,10 @@ portal_state: Port = Port(
     "delivery.portal_state",
     "{recipient id: portal state dict} of a message's portal copies, for the message page (portal.service).")
 
+engagement_of: Port = Port(
+    "delivery.engagement_of",
+    "{totals, recipients} of a message's opens and clicks, for the message page (tracking.engagement).")
+
 PAGE_SIZE = 50
 MAX_PREVIEW_ADDRESSES = 200
 MAX_KEY_BYTES = 256 * 1024
@@ -332,6 +336,9 @@ def delivery_detail(request: Request, message_id: str,
             "events": events.get(r.id, []),
         })
     portal = portal_state(session, message.id)
+    engagement = engagement_of(session, message.id)
+    for r in recipients:
+        r["engagement"] = engagement["recipients"].get(r["id"])
     for r in recipients:
         r["portal"] = portal.get(r["id"])
         r["portal_message_id"] = r["portal_message_id"] or (r["portal"] or {}).get("id")
@@ -345,8 +352,8 @@ def delivery_detail(request: Request, message_id: str,
         "m": {"id": message.id, "created_at": clock.aware(message.created_at), "source": message.source,
               "purpose": message.purpose, "security": message.security, "contains_phi": message.contains_phi,
               "sandbox": message.sandbox, "from_address": message.from_address, "tags": message.tags or [],
-              "subject": subject},
-        "recipients": recipients, "unmasked": unmasked,
+              "subject": subject, "track_opens": message.track_opens, "track_clicks": message.track_clicks},
+        "recipients": recipients, "unmasked": unmasked, "engagement": engagement["totals"],
     })
 
 

@@ -52,6 +52,11 @@ and there is no weaker default:
     DKIM signature, and the visible footer link.
 ``portal_store(session, **copy)`` and ``portal_notification(session, portal_message)`` (portal)
     Step 8: store a recipient's copy for pickup; the notification (no PHI) sent instead.
+``links(session, requests) -> {recipient id: LinkOutcome}`` (tracking)
+    Step 5b, before composition so the DKIM signature covers the final body: the link guard (no
+    recipient's email address, MRN or date of birth in any URL: that copy fails with
+    ``link_phi``, the link named, never the value) and, for tracked messages, click redirects and
+    the open pixel (``carepost.tracking.links``). No outcome for a recipient: its body is unchanged.
 """
 
 from __future__ import annotations
@@ -118,6 +123,32 @@ UnsubscribeHeaders = Callable[[Session, list[Candidate]], dict[str, list[str]]]
 
 QuietHours = Callable[[Session, list[Candidate]], dict[str, datetime]]
 
+
+@dataclass(frozen=True)
+class LinkRequest:
+    """One copy's body, as the link step sees it (decrypted, in memory only)."""
+
+    recipient_id: str
+    message_id: str
+    org_id: str
+    contact_id: str | None
+    address: str  # never log it, never return it
+    method: str  # the secure method decided: tls | none | pgp | smime | portal
+    track_opens: bool
+    track_clicks: bool
+    html: str | None
+    text: str | None
+    composed_at: datetime
+
+
+@dataclass(frozen=True)
+class LinkOutcome:
+    """The body to compose for one recipient, or why it may not be sent (a reason code, no PHI)."""
+
+    html: str | None = None
+    text: str | None = None
+    refused: str | None = None
+
 eligibility: Port[EligibilityCheck] = Port(
     "delivery.eligibility", "Which candidates must not be sent now: {recipient id: reason code} (consent).")
 quiet_hours: Port[QuietHours] = Port(
@@ -128,9 +159,11 @@ portal_store: Port = Port(
     "delivery.portal_store", "Store a recipient's copy for pickup in the secure portal (portal.service).")
 portal_notification: Port = Port(
     "delivery.portal_notification", "(subject, text, html) of the notice for a stored portal message (portal.service).")
+links: Port = Port(
+    "delivery.links", "The link guard and engagement tracking per copy: {recipient id: LinkOutcome} (tracking.links).")
 
 # The steps, top to bottom (the names the module docstring and the logs use).
-STEPS = ("claim", "load", "eligibility", "quiet_hours", "list_unsubscribe", "check_sender", "decide", "compose",
+STEPS = ("claim", "load", "eligibility", "quiet_hours", "list_unsubscribe", "check_sender", "decide", "links", "compose",
          "protect", "portal", "send", "fall_back", "record")
 
 
@@ -184,6 +217,12 @@ class Copy:
     fell_back_from: str | None = None
     interrupted: bool = False  # an earlier attempt was cut off mid-send: a new send may be a duplicate
     recorded: bool = False
+    body: tuple[str | None, str | None] | None = None  # (text, html) of this recipient (links step), else the message's
+
+    @property
+    def variant(self) -> tuple:
+        """What the composed MIME depends on: the unsubscribe URIs, and the recipient when its body is its own."""
+        return (self.unsubscribe, self.recipient.id if self.body is not None else None)
 
     @property
     def org_id(self) -> str:
@@ -241,6 +280,7 @@ def deliver(message_ids: list[str], *, settings: Settings | None = None) -> RunR
         session.commit()  # end the transaction: nothing below holds the database
 
         decide(run)
+        apply_links(run)
         compose_messages(run)
         protect(run)
         store_for_portal(run, run.open_copies())
@@ -430,23 +470,53 @@ def decide(run: Run) -> None:
         c.require_verified_tls = c.decision.require_verified_tls
 
 
+def apply_links(run: Run) -> None:
+    """Step 5b: the link guard and engagement tracking (port ``links``), before composition so
+    the DKIM signature covers the final body. Its own short transaction (the links of tracked
+    messages are recorded)."""
+    now = clock.now()
+    requests = [
+        LinkRequest(c.recipient.id, c.recipient.message_id, c.org_id, c.recipient.contact_id, c.address,
+                    c.decision.method, bool(c.content.message.track_opens), bool(c.content.message.track_clicks),
+                    c.content.html, c.content.text, now)
+        for c in run.open_copies() if c.decision is not None and (c.content.html or c.content.text)
+    ]
+    if not requests:
+        return
+    try:
+        outcomes = links(run.session, requests) or {}
+        run.session.commit()
+    except Exception:
+        run.session.rollback()
+        raise
+    for c in run.open_copies():
+        outcome = outcomes.get(c.recipient.id)
+        if outcome is None:
+            continue
+        if outcome.refused:
+            c.final = ("failed", outcome.refused[:200])
+        else:
+            c.body = (outcome.text, outcome.html)
+
+
 def compose_messages(run: Run) -> None:
-    """Step 6: one MIME message per message (and per set of unsubscribe URIs). Bcc recipients
-    are in the envelope only."""
+    """Step 6: one MIME message per message (and per set of unsubscribe URIs, and per recipient
+    whose links were rewritten). Bcc recipients are in the envelope only."""
     for c in run.open_copies():
         content = c.content
-        variant = c.unsubscribe
+        variant = c.variant
         if variant in content.composed:
             continue
-        text, html = with_unsubscribe_footer(content.text, content.html, variant,
-                                             org_footer(run.session, c.org_id) if variant else None)
+        body_text, body_html = c.body if c.body is not None else (content.text, content.html)
+        text, html = with_unsubscribe_footer(body_text, body_html, c.unsubscribe,
+                                             org_footer(run.session, c.org_id) if c.unsubscribe else None)
         try:
             composed = compose(
                 sender=content.sender, to=content.to, cc=content.cc, bcc=[] if (content.to or content.cc) else [c.address],
                 subject=content.subject, text=text, html=html, reply_to=content.reply_to,
                 inline_images=content.inline, attachments=content.attachments, headers=content.headers,
-                list_unsubscribe=list(variant) or None,
-                list_unsubscribe_post=any(u.startswith("https://") for u in variant),
+                list_unsubscribe=list(c.unsubscribe) or None,
+                list_unsubscribe_post=any(u.startswith("https://") for u in c.unsubscribe),
                 message_id=content.message.message_id_header, date=clock.aware(content.message.created_at),
             )
         except ValidationFailed as exc:
@@ -455,7 +525,7 @@ def compose_messages(run: Run) -> None:
             continue
         content.composed[variant] = (composed.raw, composed.smtputf8)
     for c in run.open_copies():
-        raw, _ = c.content.composed[c.unsubscribe]
+        raw, _ = c.content.composed[c.variant]
         if not raw:
             c.final = ("failed", "composition_failed")
 
@@ -503,7 +573,7 @@ def protect(run: Run) -> None:
     """Step 7: encrypt for PGP / S/MIME recipients, and DKIM-sign what will travel."""
     for c in run.open_copies():
         method = c.decision.method
-        raw, c.smtputf8 = c.content.composed[c.unsubscribe]
+        raw, c.smtputf8 = c.content.composed[c.variant]
         if method == "portal":
             continue  # step 8
         if not c.decision.sends:
@@ -518,9 +588,9 @@ def protect(run: Run) -> None:
             except Exception as exc:  # noqa: BLE001 - a key that cannot encrypt: nothing is sent in clear
                 c.final = ("failed", f"encryption_failed: {type(exc).__name__}")
             continue
-        signed = c.content.signed.get(c.unsubscribe)
+        signed = c.content.signed.get(c.variant)
         if signed is None:
-            signed = c.content.signed[c.unsubscribe] = dkim.sign(raw, c.content.dkim_keys)
+            signed = c.content.signed[c.variant] = dkim.sign(raw, c.content.dkim_keys)
         c.wire = signed
 
 
@@ -536,7 +606,7 @@ def store_for_portal(run: Run, copies: list[Copy]) -> None:
         content = c.content
         if c.sandbox:
             # A sandbox run shows what the portal would hold; nothing is stored for pickup.
-            c.wire = content.composed[c.unsubscribe][0]
+            c.wire = content.composed[c.variant][0]
             continue
         options = content.portal or {}
         expires = options.get("expires_at")
@@ -923,7 +993,7 @@ def _recipient_keys(session: Session, recipients: list[MessageRecipient]) -> dic
 
 def _require_assembled() -> None:
     """Fail closed before claiming anything: every step must be assembled."""
-    for port in (eligibility, quiet_hours, list_unsubscribe, portal_store, portal_notification):
+    for port in (eligibility, quiet_hours, list_unsubscribe, portal_store, portal_notification, links):
         port.impl  # noqa: B018 - raises NotAssembled when the composition root did not run
 
 

@@ -93,6 +93,10 @@ class MessageIn(_In):
     tags: list[str] = Field(default_factory=list, max_length=20)
     headers: dict[str, str] = Field(default_factory=dict, max_length=20)
     portal: PortalOptionsIn | None = Field(None, description="Sign-in and expiry for recipients who get the secure portal.")
+    track_opens: bool = Field(False, description="Add an open pixel (not for PGP/S/MIME copies nor the portal; "
+                              "see docs/tracking.md). Opens are classified human, proxy or scanner.")
+    track_clicks: bool = Field(False, description="Send links through click redirects under /t/c/ (opaque tokens, "
+                               "the URL recorded at send time).")
 
     @field_validator("tags")
     @classmethod
@@ -293,6 +297,8 @@ class DeliverySettingsIn(_In):
     default_purpose: str | None = Field(None, max_length=64)
     relay: RelayIn | None = Field(None, description="The organization's own relay; null removes it (the "
                                   "installation's relay, or direct delivery, is used again).")
+    engagement_privacy: bool | None = Field(None, description="Privacy mode for engagement tracking: only aggregate "
+                                            "open and click counts, no per-recipient rows (tokens name no recipient).")
 
 
 class DeliverySettingsOut(BaseModel):
@@ -300,6 +306,7 @@ class DeliverySettingsOut(BaseModel):
     default_purpose: str | None
     relay: RelayOut | None = Field(None, description="The organization's own relay; null: the installation's relay "
                                    "(CAREPOST_SMTP_RELAY) or direct delivery.")
+    engagement_privacy: bool = Field(False, description="Privacy mode for engagement tracking (aggregate counts only).")
 
 
 class MessageSummaryOut(BaseModel):

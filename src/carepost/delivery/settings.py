@@ -97,7 +97,8 @@ def delivery_settings(session: Session, org_id: str) -> dict:
     values = get_organization(session, org_id).settings or {}
     return {"security_mode": values.get("security_mode") or DEFAULT_SECURITY_MODE,
             "default_purpose": values.get("default_purpose"),
-            "relay": _relay_view(values.get("relay"))}
+            "relay": _relay_view(values.get("relay")),
+            "engagement_privacy": bool(values.get("engagement_privacy"))}
 
 
 def organization_relay(session: Session, org_id: str):
@@ -202,6 +203,11 @@ def update_delivery_settings(session: Session, org_id: str, changes: dict) -> di
                 values.pop(key, None)
             else:
                 values[key] = stored
+        elif key == "engagement_privacy":
+            # Issue 13 item 1: aggregate engagement counts only (carepost.tracking.engagement).
+            if not isinstance(value, bool):
+                raise ValidationFailed("engagement_privacy is true or false.", field=key)
+            values[key] = value
         else:
             raise ValidationFailed("Unknown delivery setting.", field=key)
     org.settings = values

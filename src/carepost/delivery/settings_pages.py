@@ -90,11 +90,12 @@ def delivery_settings_page(request: Request, principal: Principal = Depends(requ
 def delivery_settings_save(request: Request, security_mode: str = Form(""), default_purpose: str = Form(""),
                            confirm_opportunistic: str = Form(""), relay_host: str = Form(""),
                            relay_username: str = Form(""), relay_password: str = Form(""),
-                           relay_enforces_tls: str = Form(""),
+                           relay_enforces_tls: str = Form(""), engagement_privacy: str = Form(""),
                            principal: Principal = Depends(require(P.ORG_MANAGE))):
     session = request.state.db
     before = delivery_settings.delivery_settings(session, principal.org_id)
-    form = {"security_mode": security_mode[:64], "default_purpose": default_purpose[:64] or None}
+    form = {"security_mode": security_mode[:64], "default_purpose": default_purpose[:64] or None,
+            "engagement_privacy": bool(engagement_privacy)}
     relay = None
     if relay_host.strip():
         # A blank password keeps the stored one; no user name removes it (no AUTH).

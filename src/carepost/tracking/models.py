@@ -160,3 +160,58 @@ class TlsReport(OrgScoped, Base):
     successful_sessions: Mapped[int] = mapped_column(Integer, default=0)
     failed_sessions: Mapped[int] = mapped_column(Integer, default=0)
     received_at: Mapped[datetime] = mapped_column(default=clock.now)
+
+
+class MessageLink(OrgScoped, Base):
+    """A link of a tracked message as it was at send time (issue 13 item 1): the click redirect
+    goes to this URL and nowhere else (no open redirect). URLs may carry private (never PHI:
+    the link guard refuses that) paths, so the URL is encrypted; recorded once per message and
+    position, whatever the number of recipients."""
+
+    __tablename__ = "message_links"
+    __table_args__ = (UniqueConstraint("message_id", "link_index"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    message_id: Mapped[str] = mapped_column(String(32), ForeignKey("messages.id", ondelete="CASCADE"))
+    link_index: Mapped[int] = mapped_column(Integer)  # html links first (document order), then text links
+    part: Mapped[str] = mapped_column(String(8))  # html | text
+    url_enc: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(default=clock.now)
+
+
+class EngagementEvent(OrgScoped, Base):
+    """One open or click, append-only (never updated). No IP address and no raw user agent:
+    only the user agent's parsed family and the class the request was given (human, proxy,
+    scanner) with the rule that decided it. Organizations in privacy mode get no rows at all
+    (only aggregate counters)."""
+
+    __tablename__ = "engagement_events"
+    __table_args__ = (
+        Index("ix_engagement_events_message", "message_id", "recipient_id"),
+        Index("ix_engagement_events_org_time", "org_id", "occurred_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    message_id: Mapped[str] = mapped_column(String(32))
+    recipient_id: Mapped[str] = mapped_column(String(32))
+    type: Mapped[str] = mapped_column(String(8))  # opened | clicked
+    link_index: Mapped[int | None] = mapped_column(Integer)
+    classification: Mapped[str] = mapped_column(String(8))  # human | proxy | scanner
+    rule: Mapped[str] = mapped_column(String(32))  # what decided the class (gmail_image_proxy, fast_click, trap_link...)
+    agent_family: Mapped[str | None] = mapped_column(String(64))  # ua-parser's family, no version or raw string
+    occurred_at: Mapped[datetime] = mapped_column(default=clock.now)
+
+
+class EngagementCount(OrgScoped, Base):
+    """Aggregate opens and clicks of a message per type and class, kept incrementally as they
+    come (the only engagement an organization in privacy mode keeps per message)."""
+
+    __tablename__ = "engagement_counts"
+    __table_args__ = (UniqueConstraint("message_id", "type", "classification"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    message_id: Mapped[str] = mapped_column(String(32))
+    type: Mapped[str] = mapped_column(String(8))  # opened | clicked
+    classification: Mapped[str] = mapped_column(String(8))  # human | proxy | scanner
+    count: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=clock.now)

@@ -1,0 +1,315 @@
+"""Recording opens and clicks durably and fast (issue 13 items 1, 2, 4, 8).
+
+A ``/t/`` request hands a :class:`Hit` to the process's :class:`Recorder` and waits for it: one
+writer thread takes every hit waiting (up to :data:`MAX_BATCH`), reads each token, classifies it
+(``classify``), and writes the whole group in **one transaction** — the engagement events (not in
+privacy mode), the per-message counters (``EngagementCount``), the analytics rollups
+(``tracking.rollups``: opened, opened_unique, opened_human, clicked, clicked_unique,
+clicked_human) and the ``message.opened`` / ``message.clicked`` webhooks — then answers each
+request. A pixel or redirect is answered only after its event is committed (nothing is dropped
+when the process dies), and under load one commit carries many events (group commit), which is
+what lets the endpoint keep up with a bare one (bench/tracking.py).
+
+Privacy mode (the organization's ``engagement_privacy`` delivery setting): tokens name no
+recipient, no event row is written and no per-recipient webhook is sent; only the counters and
+the rollups (totals, human and machine; "unique" figures are not known there).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from carepost.core import clock
+from carepost.core.database import system_session
+from carepost.core.logging import get_logger
+from carepost.tracking import classify as classifier
+from carepost.tracking import engagement_tokens as tokens
+
+log = get_logger("carepost.tracking.engagement")
+
+MAX_BATCH = 500
+EVENT_TYPES = {
+    "message.opened": "A recipient's copy was opened (the open pixel loaded); data.class is human, proxy (Apple Mail "
+                      "Privacy Protection, Gmail/Yahoo image proxy) or scanner, data.rule what decided it.",
+    "message.clicked": "A link of a recipient's copy was followed; data.link_index is its position (never the URL), "
+                       "data.class human, proxy or scanner.",
+}
+CACHE_SECONDS = 30.0
+TYPES = {"o": "opened", "c": "clicked"}
+
+
+@dataclass
+class Hit:
+    kind: str  # o | c
+    token: str
+    user_agent: str | None
+    ip: str | None
+    method: str
+    at: datetime = field(default_factory=clock.now)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the request answers: ``valid`` False -> the plain 404 page; a click's ``url`` (None
+    for the trap link, or a message whose links are gone -> 410)."""
+
+    valid: bool
+    url: str | None = None
+    trap: bool = False
+    classification: str | None = None
+
+
+INVALID = Outcome(False)
+
+
+class _Ttl:
+    """A small time-bounded cache (message facts, privacy mode, recorded URLs)."""
+
+    def __init__(self, limit: int = 20000):
+        self._data: OrderedDict = OrderedDict()
+        self._limit = limit
+
+    def get(self, key):
+        found = self._data.get(key)
+        if found is None or found[0] < time.monotonic():
+            return None
+        return found[1]
+
+    def put(self, key, value) -> None:
+        self._data[key] = (time.monotonic() + CACHE_SECONDS, value)
+        self._data.move_to_end(key)
+        while len(self._data) > self._limit:
+            self._data.popitem(last=False)
+
+
+class Recorder:
+    """One writer thread per process; requests wait on a Future for their group's commit."""
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.memory = classifier.RecentActivity()
+        self._messages = _Ttl()
+        self._privacy = _Ttl()
+        self._urls = _Ttl()
+        self._links = _Ttl()
+
+    def submit(self, hit: Hit) -> Future:
+        future: Future = Future()
+        self._ensure()
+        self._queue.put((hit, future))
+        return future
+
+    def _ensure(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="carepost-engagement", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            items = [self._queue.get()]
+            while len(items) < MAX_BATCH:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                outcomes = self.write([hit for hit, _f in items])
+            except Exception as exc:  # noqa: BLE001 - every waiting request gets an answer
+                log.error("engagement_write_failed", error_type=type(exc).__name__, count=len(items))
+                for _hit, future in items:
+                    future.set_exception(exc)
+                continue
+            for (_hit, future), outcome in zip(items, outcomes):
+                future.set_result(outcome)
+
+    def reset(self) -> None:
+        """Forget caches and recent activity (tests change settings between cases)."""
+        self.memory = classifier.RecentActivity()
+        self._messages, self._privacy, self._urls, self._links = _Ttl(), _Ttl(), _Ttl(), _Ttl()
+
+    # ------------------------------------------------------------------ one group, one transaction
+
+    def write(self, hits: list[Hit]) -> list[Outcome]:
+        with system_session() as session:
+            outcomes = [self._one(session, hit) for hit in hits]
+            session.commit()
+        return outcomes
+
+    def _message(self, session: Session, message_id: str):
+        """(org id, created_at, source, template, purpose, topic, campaign-ish tags) or None."""
+        found = self._messages.get(message_id)
+        if found is None:
+            from carepost.delivery.models import Message
+
+            m = session.get(Message, message_id)
+            found = (None,) if m is None else (m.org_id, clock.aware(m.created_at), m.source, m.template_id,
+                                                m.purpose, m.topic_id)
+            self._messages.put(message_id, found)
+        return None if found[0] is None else found
+
+    def _privacy_mode(self, session: Session, org_id: str) -> bool:
+        found = self._privacy.get(org_id)
+        if found is None:
+            from carepost.tracking.links import privacy_mode
+
+            found = privacy_mode(session, org_id)
+            self._privacy.put(org_id, found)
+        return found
+
+    def _link_count(self, session: Session, message_id: str) -> int:
+        found = self._links.get(message_id)
+        if found is None:
+            from carepost.tracking.models import MessageLink
+
+            found = session.scalar(select(func.count()).select_from(MessageLink)
+                                   .where(MessageLink.message_id == message_id)) or 0
+            self._links.put(message_id, found)
+        return found
+
+    def _url(self, session: Session, org_id: str, message_id: str, index: int) -> str | None:
+        key = (message_id, index)
+        found = self._urls.get(key)
+        if found is None:
+            from carepost.tracking.links import link_url
+
+            found = (link_url(session, org_id, message_id, index),)
+            self._urls.put(key, found)
+        return found[0]
+
+    def _one(self, session: Session, hit: Hit) -> Outcome:
+        try:
+            data = tokens.read(session, hit.token, hit.kind)
+        except tokens.InvalidToken:
+            return INVALID
+        message = self._message(session, data.message_id)
+        if message is None or message[0] != data.org_id:
+            return INVALID  # unknown, purged, or another organization's message
+        org_id, created_at, source, template_id, purpose, topic_id = message
+        url = None
+        if hit.kind == "c" and not data.trap:
+            url = self._url(session, org_id, data.message_id, data.link_index)
+            if url is None:
+                return INVALID
+        privacy = self._privacy_mode(session, org_id)
+        recipient_id = None if privacy else data.recipient_id
+        key = (data.message_id, recipient_id or "")
+        verdict = classifier.classify(
+            hit.kind, user_agent=hit.user_agent, ip=hit.ip, method=hit.method, composed_at=data.composed_at,
+            at=hit.at, key=key, memory=self.memory, trap=data.trap, link_index=data.link_index,
+            links=self._link_count(session, data.message_id) if hit.kind == "c" else None)
+        type_ = TYPES[hit.kind]
+        first, first_human = False, False
+        if recipient_id is not None:
+            first, first_human = _firsts(session, data.message_id, recipient_id, type_, verdict.classification)
+            from carepost.tracking.models import EngagementEvent
+
+            session.add(EngagementEvent(
+                org_id=org_id, message_id=data.message_id, recipient_id=recipient_id, type=type_,
+                link_index=None if data.trap else data.link_index, classification=verdict.classification,
+                rule=verdict.rule, agent_family=(verdict.family or "")[:64] or None, occurred_at=hit.at))
+            session.flush()
+        _count(session, org_id, data.message_id, type_, verdict.classification)
+        count_rollups(session, org_id=org_id, at=hit.at, type_=type_, first=first, first_human=first_human,
+                      message_id=data.message_id, source=source, template_id=template_id, purpose=purpose,
+                      topic_id=topic_id, message_created_at=created_at)
+        if recipient_id is not None:
+            _webhook(session, org_id, data.message_id, recipient_id, type_, verdict,
+                     None if data.trap else data.link_index)
+        return Outcome(True, url=url, trap=data.trap, classification=verdict.classification)
+
+
+def _firsts(session: Session, message_id: str, recipient_id: str, type_: str, classification: str) -> tuple[bool, bool]:
+    """Is this the recipient's first event of this type, and the first human one?"""
+    from carepost.tracking.models import EngagementEvent as E
+
+    seen = set(session.scalars(select(E.classification).where(
+        E.message_id == message_id, E.recipient_id == recipient_id, E.type == type_).distinct()).all())
+    return not seen, classification == "human" and "human" not in seen
+
+
+def _count(session: Session, org_id: str, message_id: str, type_: str, classification: str) -> None:
+    """+1 on the message's counter (an UPDATE; the first of its kind an INSERT, raced safely)."""
+    from carepost.tracking.models import EngagementCount as C
+
+    where = (C.message_id == message_id, C.type == type_, C.classification == classification)
+    done = session.execute(update(C).where(*where).values(count=C.count + 1, updated_at=clock.now())
+                           .execution_options(synchronize_session=False)).rowcount
+    if done:
+        return
+    try:
+        with session.begin_nested():
+            session.add(C(org_id=org_id, message_id=message_id, type=type_, classification=classification, count=1))
+    except IntegrityError:  # another process made it meanwhile
+        session.execute(update(C).where(*where).values(count=C.count + 1).execution_options(synchronize_session=False))
+
+
+def count_rollups(session: Session, *, org_id: str, at: datetime, type_: str, first: bool, first_human: bool,
+                  message_id: str, source: str | None, template_id: str | None, purpose: str | None,
+                  topic_id: str | None, message_created_at: datetime | None) -> None:
+    """The analytics rollups of one open or click (``tracking.rollups.add``, written at commit):
+    ``opened``/``clicked`` always; ``*_unique`` and ``*_human`` (a recipient's first, and first
+    human) only where recipients are known (not in privacy mode)."""
+    from carepost.tracking import rollups
+
+    common = dict(org_id=org_id, at=at, message_id=message_id, source=source, template_id=template_id,
+                  purpose=purpose, topic_id=topic_id, message_created_at=message_created_at)
+    rollups.add(session, metric=type_, **common)
+    if first:
+        rollups.add(session, metric=f"{type_}_unique", **common)
+    if first_human:
+        rollups.add(session, metric=f"{type_}_human", **common)
+
+
+def _webhook(session: Session, org_id: str, message_id: str, recipient_id: str, type_: str, verdict,
+             link_index: int | None) -> None:
+    """``message.opened`` / ``message.clicked``: ids, the class and the link's position — never the
+    URL (it may be private)."""
+    from carepost.tracking.service import emit
+
+    data = {"message_id": message_id, "recipient_id": recipient_id, "class": verdict.classification,
+            "rule": verdict.rule}
+    if type_ == "clicked":
+        data["link_index"] = link_index
+    emit(session, org_id, f"message.{type_}", data)
+
+
+_RECORDER = Recorder()
+
+
+def recorder() -> Recorder:
+    return _RECORDER
+
+
+# --------------------------------------------------------------------------- the message page
+
+
+def message_engagement(session: Session, message_id: str) -> dict:
+    """For the message page: totals per type and class; per recipient (unless privacy mode) the
+    opens and clicks with their class and the clicked links' positions."""
+    from carepost.tracking.models import EngagementCount, EngagementEvent
+
+    totals: dict[str, dict[str, int]] = {"opened": {}, "clicked": {}}
+    for row in session.scalars(select(EngagementCount).where(EngagementCount.message_id == message_id)):
+        totals.setdefault(row.type, {})[row.classification] = row.count
+    per_recipient: dict[str, dict] = {}
+    for e in session.scalars(select(EngagementEvent).where(EngagementEvent.message_id == message_id)
+                             .order_by(EngagementEvent.occurred_at, EngagementEvent.id)):
+        entry = per_recipient.setdefault(e.recipient_id, {"opened": [], "clicked": []})
+        entry[e.type].append({"at": clock.aware(e.occurred_at), "class": e.classification, "rule": e.rule,
+                              "link_index": e.link_index, "family": e.agent_family})
+    return {"totals": totals, "recipients": per_recipient}
