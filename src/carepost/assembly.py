@@ -179,6 +179,15 @@ def _fill_ports() -> None:
     from carepost.delivery import compose
 
     compose.topic_choices.fill(eligibility.compose_topics)
+    # Templates: merge-field helpers read patients' data; dynamic blocks speak the segment language.
+    from carepost.content import blocks as content_blocks
+    from carepost.content import helpers as content_helpers
+    from carepost.patients import merge as patient_merge
+    from carepost.segments import blocks as segment_blocks
+
+    content_helpers.load_merge_data.fill(patient_merge.load)
+    content_blocks.check_condition.fill(segment_blocks.check)
+    content_blocks.block_members.fill(segment_blocks.members)
     compose.recipient_eligibility.fill(eligibility.recipients_eligibility)
     compose.reason_text.fill(eligibility.reason_sentence)
 

@@ -69,3 +69,40 @@ def check_subject(subject: str, *, names=(), field: str = "subject") -> None:
             f"The subject of a message that carries PHI may not contain {found[0]}: subjects are shown outside the "
             "protected content (inbox lists, notifications). Put it in the body, or mark the message contains_phi: "
             "false if it carries none.", field=field)
+
+
+# --------------------------------------------------------------------------- templates: minimum necessary
+
+
+def check_header_text(text: str, field: str, what: str) -> None:
+    """From-name and portal notice: shown outside the protected content, so never PHI."""
+    from carepost.core.errors import ValidationFailed
+
+    found = findings(text)
+    if found:
+        raise ValidationFailed(f"The {what} may not contain {found[0]}: it is shown outside the protected content.",
+                               field=field)
+
+
+def check_helpers(used: dict[str, tuple[str, int]], *, purpose: str | None, declared: list[str] | None) -> None:
+    """Refuse helpers beyond the minimum necessary for the template's purpose.
+
+    ``used``: ``{helper name: (field, line)}`` of the merge-field helpers the template uses.
+    ``declared``: the helpers the template says it may use (its data declaration), or None.
+    The error names the field (``template.html``) and the helper, never data.
+    """
+    from carepost.content.helpers import DEFAULT_CATEGORIES, HELPERS, PURPOSE_CATEGORIES
+    from carepost.core.errors import ValidationFailed
+
+    allowed = PURPOSE_CATEGORIES.get(purpose or "", DEFAULT_CATEGORIES)
+    for name, (field, line) in sorted(used.items(), key=lambda kv: (kv[1][0], kv[1][1])):
+        helper = HELPERS[name]
+        if declared is not None and name not in declared:
+            raise ValidationFailed(
+                f"The template uses the helper {name} ({field}, line {line}) but does not declare it in data_uses.",
+                field=field, code="helper_not_declared")
+        if helper.category not in allowed:
+            raise ValidationFailed(
+                f"A template with the purpose {purpose or '(none)'} may not use the helper {name} ({field}, line "
+                f"{line}): it reveals {helper.category.replace('_', ' ')}, beyond the minimum necessary for this "
+                f"purpose (allowed: {', '.join(allowed)}).", field=field, code="phi_beyond_purpose")

@@ -26,7 +26,10 @@ import functools
 import operator
 from dataclasses import dataclass
 
+import hashlib
+
 from jinja2 import StrictUndefined, TemplateSyntaxError, nodes
+from jinja2.ext import Extension
 from jinja2.exceptions import TemplateError, UndefinedError
 from jinja2.filters import FILTERS
 from jinja2.meta import find_undeclared_variables
@@ -53,6 +56,43 @@ ALLOWED_FILTERS = (
 
 _ITER_FILTER = "carepost_budgeted_iter"
 _budget: contextvars.ContextVar[list[int]] = contextvars.ContextVar("carepost_template_budget")
+# The dynamic content blocks this render shows (keys from :func:`block_key`); None: none.
+_visible: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar("carepost_visible_blocks",
+                                                                                  default=None)
+MAX_BLOCK_CONDITION = 2000
+
+
+def block_key(condition: str) -> str:
+    """A dynamic block's stable name: a hash of its condition (the same condition, the same key)."""
+    return hashlib.sha256(" ".join(condition.split()).encode()).hexdigest()[:16]
+
+
+class BlockIf(Extension):
+    """``{% block_if "segment condition" %}...{% endblock_if %}``: a dynamic content block.
+
+    The condition is a literal string in the segment language. Rendering never evaluates it: the
+    planner (``content.blocks.plan``) evaluates every block's condition set-wise for a chunk of
+    contacts and the render is told which blocks its contact sees.
+    """
+
+    tags = {"block_if"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        condition = parser.parse_expression()
+        if not isinstance(condition, nodes.Const) or not isinstance(condition.value, str) or not condition.value.strip():
+            parser.fail("block_if needs its segment condition as a literal string", lineno)
+        if len(condition.value) > MAX_BLOCK_CONDITION:
+            parser.fail(f"a block_if condition is at most {MAX_BLOCK_CONDITION} characters", lineno)
+        body = parser.parse_statements(("name:endblock_if",), drop_needle=True)
+        test = self.call_method("_shown", [nodes.Const(block_key(condition.value))], lineno=lineno)
+        node = nodes.If(test, body, [], [], lineno=lineno)
+        node.carepost_condition = condition.value
+        return node
+
+    def _shown(self, key: str) -> bool:
+        visible = _visible.get()
+        return bool(visible) and key in visible
 
 
 class TemplateSecurityError(ValidationFailed):
@@ -107,7 +147,8 @@ class _Sandbox(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**", "//", "%", "/", "+"})
 
     def __init__(self, *, autoescape: bool):
-        super().__init__(autoescape=autoescape, undefined=_Undefined, keep_trailing_newline=True)
+        super().__init__(autoescape=autoescape, undefined=_Undefined, keep_trailing_newline=True,
+                         extensions=[BlockIf])
         self.globals.clear()
         self.filters = {name: FILTERS[name] for name in ALLOWED_FILTERS}
         self.filters[_ITER_FILTER] = _budgeted_iter
@@ -188,6 +229,24 @@ def parse(part: str, source: str) -> nodes.Template:
     return tree
 
 
+def block_conditions(part: str, source: str) -> dict[str, str]:
+    """``{key: condition}`` of the dynamic blocks in one part."""
+    if not source or "block_if" not in source:
+        return {}
+    return {block_key(n.carepost_condition): n.carepost_condition
+            for n in parse(part, source).find_all(nodes.If) if hasattr(n, "carepost_condition")}
+
+
+def helper_calls(part: str, source: str) -> list[tuple[str, list, int]]:
+    """``(name, literal args, line)`` of every call of a top-level name (``last_observation("loinc:1")``)."""
+    out = []
+    for node in parse(part, source).find_all(nodes.Call):
+        if isinstance(node.node, nodes.Name):
+            args = [a.value if isinstance(a, nodes.Const) else None for a in node.args]
+            out.append((node.node.name, args, node.lineno))
+    return out
+
+
 def variables(part: str, source: str) -> set[str]:
     """Top-level data names a part uses."""
     return set(find_undeclared_variables(parse(part, source)))
@@ -224,11 +283,12 @@ def _compiled(part: str, source: str):
     return _env(part).from_string(parse(part, source))
 
 
-def render_part(part: str, source: str, data: dict) -> str:
+def render_part(part: str, source: str, data: dict, *, visible_blocks=None) -> str:
     if not source:
         return ""
     limit = MAX_OUTPUT[part]
     token = _budget.set([MAX_OPERATIONS])
+    shown = _visible.set(frozenset(visible_blocks) if visible_blocks is not None else None)
     try:
         template = _compiled(part, source)
         out: list[str] = []
@@ -256,11 +316,13 @@ def render_part(part: str, source: str, data: dict) -> str:
         ) from None
     finally:
         _budget.reset(token)
+        _visible.reset(shown)
     text = "".join(out)
     if part in HEADER_PARTS:
         text = " ".join(text.replace("\r", "\n").split("\n")).strip()
     return text
 
 
-def render_parts(parts: dict[str, str], data: dict) -> RenderedParts:
-    return RenderedParts(**{part: render_part(part, parts.get(part) or "", data) for part in PARTS})
+def render_parts(parts: dict[str, str], data: dict, *, visible_blocks=None) -> RenderedParts:
+    return RenderedParts(**{part: render_part(part, parts.get(part) or "", data, visible_blocks=visible_blocks)
+                            for part in PARTS})
