@@ -390,6 +390,37 @@ def keys_rotate_secret(
     console.print(f"New {kind} secret version for {len(added)} owner(s).")
 
 
+@keys_app.command("rotate-index")
+def keys_rotate_index(
+    org: list[str] = typer.Option(None, "--org", help="Only this organization id (repeatable); default every organization."),
+    resume: bool = typer.Option(False, "--resume", help="Skip organizations whose index key was rotated in the last 24 hours (finish an interrupted run)."),
+) -> None:
+    """Rotate blind-index keys: a new index-key version per organization and a re-index of every
+    index column (contacts, name tokens, source ids, suppressions, authorizations, recipients,
+    recipient keys, portal messages) in one transaction per organization. Look-ups keep working."""
+    from carepost.audit.service import record
+    from carepost.core.database import session_factory
+    from carepost.core.reindex import resume_since, rotate_index_keys
+
+    from carepost.models import load_all_models
+
+    load_all_models()
+
+    def audit(session, done) -> None:
+        record(session, org_id=done.org_id, actor_type="system", actor_id="cli", action="keys.index_rotated",
+               target_type="index_key", target_id=done.org_id, details=done.as_dict())
+
+    report = rotate_index_keys(session_factory(), org or None, skip_rotated_since=resume_since() if resume else None,
+                               on_done=audit)
+    for done in report.rotated:
+        console.print(f"Organization {done.org_id}: index key v{done.old_version} -> [bold]v{done.new_version}[/bold], "
+                      f"{done.total} index(es) re-indexed in {done.seconds:.2f}s.")
+    for org_id, why in report.skipped:
+        console.print(f"Skipped {org_id}: {why}.")
+    if org and any(why == "no index key" for _, why in report.skipped):
+        fail("unknown organization (no index key)")
+
+
 @keys_app.command("status")
 def keys_status() -> None:
     """Every key version: owner, kind, version, state (current, previous, retired), master key."""
@@ -406,6 +437,9 @@ def keys_status() -> None:
         table.add_row(r["owner"], r["kind"], str(r["version"]), r["state"], r["master_key_id"],
                       r["created_at"].strftime("%Y-%m-%d %H:%M"), r["retired_at"].strftime("%Y-%m-%d %H:%M") if r["retired_at"] else "")
     console.print(table)
+    index = {r["owner"]: r["version"] for r in rows if r["kind"] == "index" and r["owner"] != "system"}
+    for owner, version in sorted(index.items()):
+        console.print(f"Blind-index version of {owner}: {version}")
 
 
 @keys_app.command("rekey-database")

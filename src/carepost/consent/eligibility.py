@@ -488,7 +488,9 @@ def pipeline_eligibility(session: Session, candidates: list) -> dict[str, str]:
     """The delivery pipeline's ``eligibility`` step (filled by ``carepost.assembly``): the full check for recipients being delivered
     (at claim time), grouped by organization, purpose and topic. Returns the excluded ones:
     ``{recipient id: reason code}``. Invalid addresses stay excluded as ``invalid_address``."""
+    from carepost.core.crypto import get_keyring
     from carepost.delivery.mime import parse_address
+    from carepost.delivery.models import MessageRecipient
 
     excluded: dict[str, str] = {}
     groups: dict[tuple[str, str, str | None], list] = {}
@@ -505,8 +507,18 @@ def pipeline_eligibility(session: Session, candidates: list) -> dict[str, str]:
         for c in group:
             purpose = c.purpose if c.purpose in purposes.PURPOSES else "transactional"
             groups.setdefault((org_id, purpose, topics.get(c.message_id)), []).append(c)
+    fresh: dict[str, str] = {}
+    for org_id, group in by_org.items():
+        # The candidates' address indexes were read before this transaction held the index
+        # version: lock it, then read them again, so a blind-index rotation that committed in
+        # between cannot let a suppressed address through (docs/keys.md).
+        get_keyring().index_version(session, org_id)
+        ids = [c.recipient_id for c in group]
+        for start in range(0, len(ids), 500):
+            fresh.update(session.execute(select(MessageRecipient.id, MessageRecipient.address_index).where(
+                MessageRecipient.org_id == org_id, MessageRecipient.id.in_(ids[start:start + 500]))).tuples().all())
     for (org_id, purpose, topic_id), group in groups.items():
-        rows = [{"id": c.recipient_id, "contact_id": c.contact_id, "address_index": c.address_index,
+        rows = [{"id": c.recipient_id, "contact_id": c.contact_id, "address_index": fresh.get(c.recipient_id, c.address_index),
                  "message_id": c.message_id} for c in group]
         checked = recipients_eligibility(session, org_id, rows, purpose, topic_id)
         excluded.update({rid: code for rid, code in checked.items() if code != ELIGIBLE})

@@ -30,7 +30,7 @@ from datetime import datetime
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy import DateTime, Integer, LargeBinary, String, UniqueConstraint, func, select, text
+from sqlalchemy import DateTime, Integer, LargeBinary, String, UniqueConstraint, event, func, select, text
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from carepost.core import clock
@@ -109,6 +109,33 @@ def normalize_for_index(kind: str, value: str, *, system: str | None = None) -> 
     if kind in {"mrn", "identifier"}:
         return f"{(system or '').strip()}|{text}"
     return _EMAIL_RE.sub(" ", text).casefold()
+
+
+def chain_index(key: bytes, previous: str) -> str:
+    """One link of the blind-index chain: the index under the next key version, from the stored
+    index under the one before (no plaintext needed)."""
+    return hmac.new(key, f"chain\x00{previous}".encode(), hashlib.sha256).hexdigest()
+
+
+# ``session.info`` key: {org_id: (index version, the transaction that read and locked it)},
+# dropped when that transaction ends (``_forget_index_versions``).
+INDEX_VERSIONS_INFO = "carepost_index_versions"
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _forget_index_versions(session: Session, transaction) -> None:
+    """An index version is valid only within the transaction that read (and locked) it. A
+    savepoint rolled back releases its row locks on PostgreSQL, so a version read inside a
+    savepoint is dropped when the savepoint ends (commit or not) and the next use reads and locks
+    again; one read by the outer transaction stays until it ends."""
+    held = session.info.get(INDEX_VERSIONS_INFO)
+    if not held:
+        return
+    if transaction.parent is None:
+        session.info.pop(INDEX_VERSIONS_INFO, None)
+        return
+    for org_id in [o for o, (_, txn) in held.items() if txn is transaction]:
+        del held[org_id]
 
 
 class Keyring:
@@ -250,6 +277,8 @@ class Keyring:
         return self._load(session, org_id, "data", version)
 
     def index_key(self, session: Session, org_id: str, version: int | None = None) -> bytes:
+        if version is None:
+            version = self.index_version(session, org_id)
         return self._load(session, org_id, "index", version)[1]
 
     def forget_current_versions(self) -> None:
@@ -334,21 +363,48 @@ class Keyring:
     def key_version_of(blob: bytes) -> int:
         return int.from_bytes(blob[1:5], "big")
 
+    def index_version(self, session: Session, org_id: str) -> int:
+        """The organization's current blind-index version, read once per transaction and held.
+
+        Never from a cache that outlives the transaction: on PostgreSQL the organization's first
+        index-key row is locked ``FOR SHARE`` (the re-index locks it ``FOR UPDATE``), then the
+        version is read in a second statement (READ COMMITTED: a fresh snapshot, so a re-index
+        that committed while this transaction waited is seen). The lock is held until this
+        transaction ends, so no re-index can start while it computes or copies indexes. On
+        SQLite every writing transaction holds the single writer lock (``BEGIN IMMEDIATE``) and a
+        read-only one reads the version and the rows from the same snapshot. See docs/keys.md."""
+        held = session.info.setdefault(INDEX_VERSIONS_INFO, {})
+        if org_id in held:
+            return held[org_id][0]
+        root = select(OrgKey.id).where(OrgKey.org_id == org_id, OrgKey.kind == "index")
+        with session.no_autoflush:  # callers compute indexes before their row is complete
+            session.execute(root.order_by(OrgKey.version).limit(1).with_for_update(read=True))
+            version = session.scalar(select(func.max(OrgKey.version)).where(OrgKey.org_id == org_id, OrgKey.kind == "index"))
+        if version is None:
+            raise KeyUnavailable(f"no index key for organization {org_id}")
+        held[org_id] = (version, session.get_nested_transaction() or session.get_transaction())
+        return version
+
     def blind_index(self, session: Session, org_id: str, kind: str, value: str, *, system: str | None = None,
                     version: int | None = None) -> str:
-        """Keyed HMAC for equality look-ups, under the current blind-index key (what writes
-        store); the kind is part of the input so an email and a phone with equal text never collide."""
-        key = self.index_key(session, org_id, version)
+        """Keyed HMAC for equality look-ups, at the organization's current index version (what
+        the rows hold); the kind is part of the input so an email and a phone with equal text
+        never collide. Indexes are chained: version 1 is ``HMAC(k1, kind|normalized value)`` and
+        version n+1 is ``HMAC(k(n+1), version n)``, so a re-index moves every stored index
+        (index-only rows included) to a new key without the plaintext (``carepost.core.reindex``)."""
+        if version is None:
+            version = self.index_version(session, org_id)
         msg = f"{kind}\x00{normalize_for_index(kind, value, system=system)}".encode()
-        return hmac.new(key, msg, hashlib.sha256).hexdigest()
+        index = hmac.new(self.index_key(session, org_id, 1), msg, hashlib.sha256).hexdigest()
+        for v in range(2, version + 1):
+            index = chain_index(self.index_key(session, org_id, v), index)
+        return index
 
     def blind_indexes(self, session: Session, org_id: str, kind: str, value: str, *, system: str | None = None) -> list[str]:
-        """The value's index under every live blind-index key, current first: what a look-up
-        matches while a re-index after a rotation is under way (rows not yet re-indexed still
-        hold the index under the previous key)."""
-        current = self._current_version(session, org_id, "index")
-        versions = [current] + [v for v in self.live_versions(session, org_id, "index") if v != current]
-        return [self.blind_index(session, org_id, kind, value, system=system, version=v) for v in versions if v is not None]
+        """The value's index at every version up to the current one, current first (the chain's
+        links; rows only ever hold the current one — a re-index moves them all at once)."""
+        current = self.index_version(session, org_id)
+        return [self.blind_index(session, org_id, kind, value, system=system, version=v) for v in range(current, 0, -1)]
 
     # -- rotation
 

@@ -217,7 +217,8 @@ def _retire(session_factory, report: ReencryptReport, blocked: dict[str, set[int
 
 
 def key_status(session: Session) -> list[dict]:
-    """Every key version: owner, kind, version, state (current / previous / retired), master key, created."""
+    """Every key version: owner, kind, version, state (current / previous / retired; an older
+    blind-index key is ``chained``, see ``carepost.core.reindex``), master key, created."""
     rows = session.scalars(select(OrgKey).order_by(OrgKey.org_id, OrgKey.kind, OrgKey.version)).all()
     newest: dict[tuple[str, str], int] = {}
     for r in rows:
@@ -226,6 +227,8 @@ def key_status(session: Session) -> list[dict]:
     out = []
     for r in rows:
         state = "retired" if r.retired_at else ("current" if newest.get((r.org_id, r.kind)) == r.version else "previous")
+        if state == "previous" and r.kind == "index":
+            state = "chained"  # a link of the blind-index chain: no row holds it, look-ups compute through it
         out.append({"owner": r.org_id, "kind": r.kind, "version": r.version, "state": state,
                     "master_key_id": r.master_key_id if not r.retired_at else "",
                     "created_at": r.created_at, "retired_at": r.retired_at})

@@ -89,7 +89,12 @@ def add_suppression_by_index(
     expires_at: datetime | None = None,
     created_by: str | None = None,
 ) -> Suppression:
-    """Suppress an address known only by its blind index (a deleted patient, a message recipient)."""
+    """Suppress an address known only by its blind index (a deleted patient, a message recipient).
+    The index was copied from a row the caller read: brought to the current index version if a
+    blind-index rotation committed since (``carepost.core.reindex.current_copy``)."""
+    from carepost.core.reindex import current_copy
+
+    address_index = current_copy(session, org_id, address_index)
     return _add(session, org_id, address_index, None, reason, scope, topic_id, source, details, expires_at, created_by)
 
 
