@@ -57,6 +57,7 @@ ROUTER_MODULES = [
     "carepost.tracking.engagement_pages",
     "carepost.tracking.analytics_api",
     "carepost.content.api",
+    "carepost.content.pages",
     "carepost.delivery.template_tests",
     "carepost.segments.api",
     "carepost.segments.pages",

@@ -247,5 +247,23 @@ def masked(data: dict) -> dict:
     return {k: mask(v) for k, v in data.items()}
 
 
+def placeholders(needs: Needs) -> dict:
+    """Render data with every helper shown by its name in brackets (previews and test sends without
+    a patient's data)."""
+    data: dict = {}
+    for name in needs.helpers:
+        if name == "last_observation":
+            data[name] = lambda code: {"value": "[value]", "unit": "[unit]", "date": "[date]", "name": f"[{code}]",
+                                       "interpretation": ""}
+        elif name in ("active_medications", "active_conditions"):
+            data[name] = [{"name": f"[{name}]", "refill_due": "[date]"}]
+        elif name in ("next_appointment", "refill_due"):
+            data[name] = {"when": "[date and time]", "date": "[date]", "time": "[time]", "description": f"[{name}]",
+                          "name": f"[{name}]"}
+        else:
+            data[name] = f"[{name}]"
+    return data
+
+
 def catalog() -> list[dict]:
     return [{"name": h.name, "category": h.category, "doc": h.doc, "example": h.example} for h in HELPERS.values()]

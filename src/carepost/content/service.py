@@ -293,11 +293,8 @@ def diff_versions(old: MessageTemplateVersion, new: MessageTemplateVersion) -> d
             if a == b:
                 continue
             key = part if part not in LANGUAGE_PARTS else f"{lang}.{part}"
-            parts[key] = "".join(difflib.unified_diff(
-                a.splitlines(keepends=True) or [""], b.splitlines(keepends=True) or [""],
-                fromfile=f"v{old.version}/{key}", tofile=f"v{new.version}/{key}", lineterm="\n"))
-            if parts[key] and not parts[key].endswith("\n"):
-                parts[key] += "\n"
+            parts[key] = "\n".join(difflib.unified_diff(a.splitlines(), b.splitlines(), fromfile=f"v{old.version}/{key}",
+                                                      tofile=f"v{new.version}/{key}", lineterm="")) + "\n"
     return {"from": old.version, "to": new.version, "parts": parts}
 
 

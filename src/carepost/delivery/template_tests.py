@@ -50,23 +50,6 @@ def staff_addresses(session, org_id: str) -> set[str]:
             if user.is_active and user.password_hash and user.email}
 
 
-def _placeholders(version) -> dict:
-    needs = templates.needs_of(version)
-    data: dict = {}
-    for name in needs.helpers:
-        if name == "last_observation":
-            data[name] = lambda code: {"value": "[value]", "unit": "[unit]", "date": "[date]", "name": f"[{code}]",
-                                       "interpretation": ""}
-        elif name in ("active_medications", "active_conditions"):
-            data[name] = [{"name": f"[{name}]", "refill_due": "[date]"}]
-        elif name in ("next_appointment", "refill_due"):
-            data[name] = {"when": "[date and time]", "date": "[date]", "time": "[time]", "description": f"[{name}]",
-                          "name": f"[{name}]"}
-        else:
-            data[name] = f"[{name}]"
-    return data
-
-
 def send_tests(session, principal: Principal, template_id: str, body: TestSendIn) -> list:
     org_id = principal.org_id
     template = templates.get_template(session, org_id, template_id)
@@ -86,7 +69,7 @@ def send_tests(session, principal: Principal, template_id: str, body: TestSendIn
 
             raise NotFound("No such contact.", field="contact_id")
     else:
-        rendered = templates.render_version(version, _placeholders(version), language=body.language,
+        rendered = templates.render_version(version, helpers.placeholders(templates.needs_of(version)), language=body.language,
                                             visible_blocks=templates.version_blocks(version).keys())
     prepared = []
     settings = messages.delivery_settings(session, org_id)
