@@ -56,6 +56,7 @@ ROUTER_MODULES = [
     "carepost.tracking.pages",
     "carepost.tracking.engagement_pages",
     "carepost.tracking.analytics_api",
+    "carepost.tracking.analytics_pages",
     "carepost.content.api",
     "carepost.content.pages",
     "carepost.delivery.template_tests",

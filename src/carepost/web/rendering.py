@@ -27,6 +27,7 @@ NAV: list[tuple[str, str, str, str | tuple[str, ...] | None]] = [
     ("Delivery", "Sending domains", "/app/domains", "domains:manage"),
     ("Delivery", "Delivery log", "/app/deliveries", "messages:read"),
     ("Delivery", "Deliverability", "/app/deliverability", "analytics:read"),
+    ("Delivery", "Analytics", "/app/analytics", "analytics:read"),
     ("Delivery", "Security preview", "/app/security-preview", "messages:send"),
     ("Delivery", "Recipient keys", "/app/recipient-keys", "messages:read"),
     ("Delivery", "Delivery settings", "/app/delivery-settings", "org:manage"),
