@@ -333,3 +333,43 @@ def test_rows_are_moved_in_batches(db, org):
         ring = get_keyring()
         wanted = [ring.blind_index(s, org.id, "email", f"a{i}@example.org") for i in range(1000)]
         assert len(suppressions.suppression_reason(s, org.id, wanted)) == 1000
+
+
+# --------------------------------------------------------------------------- delivery end to end
+
+
+@pytest.fixture
+def delivery(delivery_env, sender, delivery_queue, client):
+    return delivery_env, sender, sender.key("messages:send", "messages:read"), client
+
+
+def test_a_suppression_still_blocks_delivery_after_a_rotation(delivery):
+    """A message accepted before the rotation (its recipients indexed under version 1), an
+    index-only suppression, the rotation, then the worker: the suppressed address is excluded,
+    the other delivered, and the history still finds the recipient by address."""
+    from carepost.delivery import pipeline
+    from carepost.delivery.models import MessageRecipient
+
+    peers, sender, key, client = delivery
+    body = {"from": "Bar Clinic <care@bar.example>", "to": ["gone@valid.test", "sam@valid.test"],
+            "subject": "Your appointment", "text": "See you on Monday.", "purpose": "transactional"}
+    r = client.post("/api/v1/messages", json=body, headers=key)
+    assert r.status_code == 202, r.text
+    message_id = r.json()["id"]
+    with org_session(sender.org_id) as s:
+        suppressions.add_suppression(s, sender.org_id, "gone@valid.test", "complaint", keep_address=False)
+        s.commit()
+    _rotate(sender.org_id)
+    pipeline.deliver([message_id])
+    r = client.get(f"/api/v1/messages/{message_id}", headers=key)
+    assert r.status_code == 200, r.text
+    got = {x["address"]: x for x in r.json()["recipients"]}  # masked: no phi:read_unmasked
+    assert (got["g***@valid.test"]["status"], got["g***@valid.test"]["reason"]) == ("excluded", "suppressed_complaint")
+    assert got["s***@valid.test"]["status"] == "delivered", got
+    assert [t for m in peers.mx["valid"].recorder.messages for t in m.rcpt_tos] == ["sam@valid.test"]
+    with org_session(sender.org_id) as s:
+        index = patients.blind_index(s, sender.org_id, "email", "sam@valid.test")
+        rows = s.scalars(select(MessageRecipient).where(MessageRecipient.org_id == sender.org_id,
+                                                        MessageRecipient.address_index == index)).all()
+        assert [row.message_id for row in rows] == [message_id]
+        assert rows[0].domain_index == patients.blind_index(s, sender.org_id, "domain", "valid.test")

@@ -62,7 +62,7 @@ from carepost.core.masterkeys import (  # noqa: F401 - the keyring's public name
 CIPHERTEXT_FORMAT = 1
 # Named secrets (``Keyring.named_key``) that ``carepost keys rotate-secret`` rotates: each MAC made
 # with one records or finds its version, so a rotation never breaks what was made before.
-NAMED_SECRET_KINDS = ("audit", "portal", "consent", "forms", "verp")
+NAMED_SECRET_KINDS = ("audit", "portal", "consent", "forms", "verp", "tracking")
 
 
 # --------------------------------------------------------------------------- organization keys
@@ -367,7 +367,8 @@ class Keyring:
         """The organization's current blind-index version, read once per transaction and held.
 
         Never from a cache that outlives the transaction: on PostgreSQL the organization's first
-        index-key row is locked ``FOR SHARE`` (the re-index locks it ``FOR UPDATE``), then the
+        index-key row is locked ``FOR KEY SHARE`` (the re-index locks it ``FOR UPDATE``, which
+        conflicts; a master-key re-wrap's plain UPDATE of the row does not), then the
         version is read in a second statement (READ COMMITTED: a fresh snapshot, so a re-index
         that committed while this transaction waited is seen). The lock is held until this
         transaction ends, so no re-index can start while it computes or copies indexes. On
@@ -378,7 +379,7 @@ class Keyring:
             return held[org_id][0]
         root = select(OrgKey.id).where(OrgKey.org_id == org_id, OrgKey.kind == "index")
         with session.no_autoflush:  # callers compute indexes before their row is complete
-            session.execute(root.order_by(OrgKey.version).limit(1).with_for_update(read=True))
+            session.execute(root.order_by(OrgKey.version).limit(1).with_for_update(read=True, key_share=True))
             version = session.scalar(select(func.max(OrgKey.version)).where(OrgKey.org_id == org_id, OrgKey.kind == "index"))
         if version is None:
             raise KeyUnavailable(f"no index key for organization {org_id}")

@@ -8,7 +8,7 @@ addresses no longer held, source references, name tokens) included, with no plai
 One transaction per organization (``rotate_index_key``):
 
 1. lock the organization's first index-key row ``FOR UPDATE`` (PostgreSQL; every transaction
-   that computes or copies an index holds it ``FOR SHARE`` through ``Keyring.index_version``,
+   that computes or copies an index holds it ``FOR KEY SHARE`` through ``Keyring.index_version``,
    so the rotation waits for them to commit, and they wait for the rotation); on SQLite the
    transaction's ``BEGIN IMMEDIATE`` holds the single writer lock;
 2. add index-key version n+1;
