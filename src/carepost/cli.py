@@ -749,6 +749,10 @@ from carepost.segments.commands import segment_app  # noqa: E402
 
 app.add_typer(segment_app, name="segment")
 
+from carepost.tracking.commands import analytics_app  # noqa: E402
+
+app.add_typer(analytics_app, name="analytics")
+
 
 @app.command()
 def smtp(
