@@ -249,6 +249,7 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the populated database for --reuse")
     p.add_argument("--reuse", default=None, metavar="ORG_ID",
                    help="time an existing population: CAREPOST_DATABASE_URL / CAREPOST_DATA_DIR set, the organization id")
+    p.add_argument("--workers", type=int, default=None, help="generating processes for the load (default: 2 on PostgreSQL, else 1)")
     p.add_argument("--output", default=None)
     args = p.parse_args()
     admin = scratch = None
@@ -271,7 +272,7 @@ def main() -> None:
             org_id = population.create_org()
             from carepost.core.database import get_engine
 
-            load = population.populate(get_engine(), org_id, args.contacts, seed=args.seed)
+            load = population.populate(get_engine(), org_id, args.contacts, seed=args.seed, workers=args.workers)
             population.analyze(get_engine())
         result = run(args, org_id)
         result.update({
@@ -291,6 +292,8 @@ def main() -> None:
     finally:
         if scratch and not args.keep:
             population.drop_database(admin, scratch)
+        if not args.keep and not args.reuse:
+            population.remove_data_dir()
 
 
 if __name__ == "__main__":
