@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
@@ -28,6 +28,7 @@ from carepost.core.errors import PermissionDenied
 router = APIRouter(prefix="/api/v1", tags=["templates"])
 
 READ_ANY = (P.TEMPLATES_MANAGE, P.MESSAGES_SEND)
+MAX_VERSION = 1_000_000
 
 
 def _deny(request: Request, principal: Principal) -> None:
@@ -114,7 +115,7 @@ def list_versions(request: Request, template_id: str, principal: Principal = Dep
 
 @router.get("/templates/{template_id}/versions/{version}", response_model=TemplateOut,
             summary="Read one version of a template")
-def read_version(request: Request, template_id: str, version: int, principal: Principal = Depends(can_read_templates)):
+def read_version(request: Request, template_id: str, version: int = Path(ge=1, le=MAX_VERSION), principal: Principal = Depends(can_read_templates)):
     session = request.state.db
     template = service.get_template(session, principal.org_id, template_id)
     found = service.get_version(session, template, version)
@@ -123,7 +124,7 @@ def read_version(request: Request, template_id: str, version: int, principal: Pr
 
 @router.get("/templates/{template_id}/diff", summary="Unified diff of two versions, part by part")
 def diff_versions(request: Request, template_id: str, principal: Principal = Depends(can_read_templates),
-                  from_version: int = Query(alias="from", ge=1), to_version: int = Query(alias="to", ge=1)) -> dict:
+                  from_version: int = Query(alias="from", ge=1, le=MAX_VERSION), to_version: int = Query(alias="to", ge=1, le=MAX_VERSION)) -> dict:
     session = request.state.db
     template = service.get_template(session, principal.org_id, template_id)
     return service.diff_versions(service.get_version(session, template, from_version, "from"),

@@ -89,7 +89,7 @@ class PreviewIn(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict, description="Render data: a JSON object (at most 64 KiB).")
     contact_id: str | None = Field(default=None, description="Render as this contact (helpers bound to their data; "
                                    "audited; masked without phi:read_unmasked). Replaces data.")
-    version: int | None = Field(default=None, ge=1, description="A version number; the current one by default.")
+    version: int | None = Field(default=None, ge=1, le=1_000_000, description="A version number; the current one by default.")
     language: str | None = Field(default=None, description="Force a language variant (else the contact's).")
 
 

@@ -39,8 +39,8 @@ class TestSendIn(BaseModel):
 
     sender: str = Field(alias="from", max_length=400, description="From address in a sending domain of the organization.")
     to: list[str] = Field(min_length=1, max_length=MAX_SEED, description="Verified staff addresses of the organization.")
-    version: int | None = Field(default=None, ge=1)
-    language: str | None = None
+    version: int | None = Field(default=None, ge=1, le=1_000_000)
+    language: str | None = Field(default=None, max_length=35)
     contact_id: str | None = Field(default=None, description="Fill the merge fields from this contact, masked.")
 
 
