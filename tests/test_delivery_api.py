@@ -132,7 +132,7 @@ def test_purpose_defaults_to_the_organization_setting_and_is_required_without_on
     owner = make_user(sender.org_id, role="owner")
     csrf = login_client(client, owner)
     r = client.patch("/api/v1/delivery-settings", json={"default_purpose": None}, headers={"X-CSRF-Token": csrf})
-    assert r.status_code == 200 and r.json() == {"security_mode": "tls_required", "default_purpose": None, "relay": None}
+    assert r.status_code == 200 and r.json() == {"security_mode": "tls_required", "default_purpose": None, "relay": None, "engagement_privacy": False}
     client.cookies.clear()
     r = client.post("/api/v1/messages", json=body(), headers=key)
     assert r.status_code == 422 and r.json()["error"]["field"] == "purpose"
@@ -197,7 +197,7 @@ def test_delivery_settings_need_org_manage(client, sender, key, session, make_us
     from tests.fixtures.accounts import login_client
 
     assert client.get("/api/v1/delivery-settings", headers=key).json() == {"security_mode": "tls_required",
-                                                                         "default_purpose": "treatment", "relay": None}
+                                                                         "default_purpose": "treatment", "relay": None, "engagement_privacy": False}
     assert client.patch("/api/v1/delivery-settings", json={"security_mode": "secure"}, headers=key).status_code == 403
     developer = make_user(sender.org_id, role="developer")
     csrf = login_client(client, developer)

@@ -38,7 +38,7 @@ def test_an_owner_grants_org_manage_and_the_key_changes_the_delivery_settings(cl
     key = {"Authorization": f"Bearer {created['token']}"}
     r = client.patch("/api/v1/delivery-settings", json={"security_mode": "secure", "default_purpose": "treatment"}, headers=key)
     assert r.status_code == 200, r.text
-    assert r.json() == {"security_mode": "secure", "default_purpose": "treatment", "relay": None}
+    assert r.json() == {"security_mode": "secure", "default_purpose": "treatment", "relay": None, "engagement_privacy": False}
     assert client.get("/api/v1/delivery-settings", headers=key).json()["security_mode"] == "secure"
     # The other organization settings routes accept it too.
     assert client.get("/api/v1/portal-settings", headers=key).status_code == 200
@@ -134,7 +134,7 @@ def test_settings_page_changes_mode_and_purpose_and_audits(client, session, org,
                                                     "csrf_token": csrf_from(page.text)}, follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/app/delivery-settings?saved=1"
     assert client.get("/api/v1/delivery-settings").json() == {"security_mode": "tls_exclusive", "default_purpose": "treatment",
-                                                              "relay": None}
+                                                              "relay": None, "engagement_privacy": False}
     [event] = _events(session, "delivery_settings.update")
     assert event.actor_id == admin.id and event.details["via"] == "ui"
     assert event.details["before"]["security_mode"] == "tls_required" and event.details["after"]["security_mode"] == "tls_exclusive"
@@ -155,7 +155,7 @@ def test_settings_page_bad_input_names_the_field_and_keeps_the_settings(client, 
         assert r.status_code == 422, (data, r.text)
         assert f'data-testid="error-{field}"' in r.text
     assert client.get("/api/v1/delivery-settings").json() == {"security_mode": "tls_required", "default_purpose": None,
-                                                              "relay": None}
+                                                              "relay": None, "engagement_privacy": False}
     r = client.post("/app/delivery-settings", data={"security_mode": "opportunistic", "confirm_opportunistic": "yes",
                                                     "csrf_token": csrf}, follow_redirects=False)
     assert r.status_code == 303 and client.get("/api/v1/delivery-settings").json()["security_mode"] == "opportunistic"

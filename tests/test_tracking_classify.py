@@ -4,13 +4,13 @@ timing (seconds after delivery, bursts over every link, the invisible trap link)
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from carepost.tracking.classify import RecentActivity, classify
 
-SENT = datetime(2026, 12, 3, 9, 0, tzinfo=timezone.utc)
+SENT = datetime(2026, 12, 3, 9, 0, tzinfo=UTC)
 
 # Recorded user agents (as sent by the clients and services named).
 GMAIL_PROXY = "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)"

@@ -8,7 +8,6 @@ import base64
 import email
 import json
 import re
-from datetime import date
 from email import policy as email_policy
 
 import dkim as dkimpy
@@ -115,8 +114,9 @@ def test_tracked_message_is_rewritten_before_dkim_and_redirects_only_to_the_reco
     assert all(b"portal.bar.example" not in lk.url_enc for lk in links)  # encrypted
 
     # A person opens (Chrome), then clicks the first link a while later.
-    from carepost.core import clock
     from datetime import timedelta
+
+    from carepost.core import clock
 
     r = env.client.get(path_of("o", opens[0]), headers={"User-Agent": CHROME})
     assert r.status_code == 200 and r.headers["content-type"] == "image/gif" and r.content.startswith(b"GIF89a")
@@ -152,8 +152,8 @@ def test_opens_only_adds_the_pixel_and_keeps_links(env):
 
 
 def test_pgp_copy_gets_click_redirects_but_no_pixel(env, gpg):
-    from carepost.delivery import service
     from carepost.core.database import org_session
+    from carepost.delivery import service
 
     gpg.gen_key("pat@valid.test")
     with org_session(env.sender.org_id) as s:
@@ -176,9 +176,7 @@ def test_every_token_and_url_of_a_sent_message_is_free_of_the_recipients_identif
     from carepost.tracking import engagement_tokens
 
     with org_session(env.sender.org_id) as s:
-        contact_id = save_contact(s, env.sender.org_id, ContactIn(**{
-            "given_name": "Patricia", "family_name": "Doerr", "email": "pat@valid.test", "birth_date": "1961-04-23",
-            "mrn": "MRN-77123"})).contact.id
+        contact_id = save_contact(s, env.sender.org_id, ContactIn(given_name="Patricia", family_name="Doerr", email="pat@valid.test", birth_date="1961-04-23", mrn="MRN-77123")).contact.id
         s.commit()
     message_id = env.send(to=["Patricia Doerr <pat@valid.test>"])
     [received] = env.deliver(message_id)
@@ -251,8 +249,9 @@ def test_forged_truncated_replayed_and_cross_organization_tokens_get_a_plain_404
     assert env.client.get(f"/t/c/{pixel}", follow_redirects=False).status_code == 404
     assert env.client.get(f"/t/o/{click}.gif").status_code == 404
     # A token of a message that no longer exists: the same plain page.
-    from carepost.core.database import system_session
     from sqlalchemy import delete
+
+    from carepost.core.database import system_session
 
     with system_session() as s:
         from carepost.delivery.models import MessageEvent
@@ -273,8 +272,8 @@ def test_forged_truncated_replayed_and_cross_organization_tokens_get_a_plain_404
 
 
 def test_privacy_mode_keeps_aggregate_counts_only(env, session):
-    from carepost.tracking.models import EngagementCount, EngagementEvent, WebhookEvent
     from carepost.tracking import engagement_tokens
+    from carepost.tracking.models import EngagementCount, EngagementEvent, WebhookEvent
 
     r = env.client.patch("/api/v1/delivery-settings", json={"engagement_privacy": True},
                          headers=env.sender.key("org:manage", "messages:read"))
@@ -336,8 +335,7 @@ def test_link_guard_fails_the_recipient_whose_mrn_or_birth_date_is_in_a_link(env
     from carepost.patients.service import save_contact
 
     with org_session(env.sender.org_id) as s:
-        save_contact(s, env.sender.org_id, ContactIn(**{"given_name": "Pat", "family_name": "Doe", "email": "pat@valid.test",
-                                            "birth_date": "1961-04-23", "mrn": "77123"}))
+        save_contact(s, env.sender.org_id, ContactIn(given_name="Pat", family_name="Doe", email="pat@valid.test", birth_date="1961-04-23", mrn="77123"))
         s.commit()
     for html, kind in (('<a href="https://bar.example/a">a</a><a href="https://bar.example/r?d=04/23/1961">b</a>',
                         "html.links[1] carries the recipient's date of birth"),

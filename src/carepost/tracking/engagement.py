@@ -146,7 +146,10 @@ class Recorder:
 
     def write(self, hits: list[Hit]) -> list[Outcome]:
         with system_session() as session:
-            outcomes = [self._one(session, hit) for hit in hits]
+            counts: dict[tuple, int] = {}
+            outcomes = [self._one(session, hit, counts) for hit in hits]
+            for (org_id, message_id, type_, classification), n in sorted(counts.items()):
+                _count(session, org_id, message_id, type_, classification, n)  # one UPDATE per counter and group
             session.commit()
         return outcomes
 
@@ -191,7 +194,7 @@ class Recorder:
             self._urls.put(key, found)
         return found[0]
 
-    def _one(self, session: Session, hit: Hit) -> Outcome:
+    def _one(self, session: Session, hit: Hit, counts: dict) -> Outcome:
         try:
             data = tokens.read(session, hit.token, hit.kind)
         except tokens.InvalidToken:
@@ -223,7 +226,8 @@ class Recorder:
                 link_index=None if data.trap else data.link_index, classification=verdict.classification,
                 rule=verdict.rule, agent_family=(verdict.family or "")[:64] or None, occurred_at=hit.at))
             session.flush()
-        _count(session, org_id, data.message_id, type_, verdict.classification)
+        key4 = (org_id, data.message_id, type_, verdict.classification)
+        counts[key4] = counts.get(key4, 0) + 1
         count_rollups(session, org_id=org_id, at=hit.at, type_=type_, first=first, first_human=first_human,
                       message_id=data.message_id, source=source, template_id=template_id, purpose=purpose,
                       topic_id=topic_id, message_created_at=created_at)
@@ -242,20 +246,20 @@ def _firsts(session: Session, message_id: str, recipient_id: str, type_: str, cl
     return not seen, classification == "human" and "human" not in seen
 
 
-def _count(session: Session, org_id: str, message_id: str, type_: str, classification: str) -> None:
-    """+1 on the message's counter (an UPDATE; the first of its kind an INSERT, raced safely)."""
+def _count(session: Session, org_id: str, message_id: str, type_: str, classification: str, n: int = 1) -> None:
+    """+n on the message's counter (an UPDATE; the first of its kind an INSERT, raced safely)."""
     from carepost.tracking.models import EngagementCount as C
 
     where = (C.message_id == message_id, C.type == type_, C.classification == classification)
-    done = session.execute(update(C).where(*where).values(count=C.count + 1, updated_at=clock.now())
+    done = session.execute(update(C).where(*where).values(count=C.count + n, updated_at=clock.now())
                            .execution_options(synchronize_session=False)).rowcount
     if done:
         return
     try:
         with session.begin_nested():
-            session.add(C(org_id=org_id, message_id=message_id, type=type_, classification=classification, count=1))
+            session.add(C(org_id=org_id, message_id=message_id, type=type_, classification=classification, count=n))
     except IntegrityError:  # another process made it meanwhile
-        session.execute(update(C).where(*where).values(count=C.count + 1).execution_options(synchronize_session=False))
+        session.execute(update(C).where(*where).values(count=C.count + n).execution_options(synchronize_session=False))
 
 
 def count_rollups(session: Session, *, org_id: str, at: datetime, type_: str, first: bool, first_human: bool,

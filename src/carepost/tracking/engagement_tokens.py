@@ -23,7 +23,7 @@ import base64
 import os
 import struct
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -67,7 +67,7 @@ def make(session: Session, kind: str, org_id: str, message_id: str, recipient_id
     if kind not in ("o", "c"):
         raise ValueError("unknown token kind")
     version, key = get_keyring().named_key_version(session, org_id, KEY_KIND)
-    when = int((composed_at or datetime.now(timezone.utc)).timestamp())
+    when = int((composed_at or datetime.now(UTC)).timestamp())
     payload = _PAYLOAD.pack(kind.encode(), bytes.fromhex(message_id), bytes.fromhex(recipient_id or NO_RECIPIENT),
                             0 if link_index is None else link_index, when)
     org = bytes.fromhex(org_id)
@@ -94,7 +94,7 @@ def read(session: Session, token: str, kind: str) -> TokenData:
     """Decrypt and authenticate ``token`` of ``kind``; InvalidToken otherwise (nothing is said why)."""
     org_id, version, raw = split(token)
     try:
-        key = get_keyring()._load(session, org_id, KEY_KIND, version)[1]  # noqa: SLF001 - a given version
+        key = get_keyring()._load(session, org_id, KEY_KIND, version)[1]
     except (KeyUnavailable, LookupError, ValueError):
         raise InvalidToken() from None
     try:
@@ -106,4 +106,4 @@ def read(session: Session, token: str, kind: str) -> TokenData:
         raise InvalidToken()
     recipient_id = recipient.hex()
     return TokenData(kind, org_id, message.hex(), None if recipient_id == NO_RECIPIENT else recipient_id,
-                     index if kind == "c" else None, datetime.fromtimestamp(when, tz=timezone.utc))
+                     index if kind == "c" else None, datetime.fromtimestamp(when, tz=UTC))
