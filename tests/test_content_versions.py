@@ -112,6 +112,20 @@ def test_every_edit_is_a_new_immutable_version_and_diffs_name_the_parts(client, 
     assert templates.get_version_by_id(session, org.id, v1_id).version == 1
 
 
+def test_a_message_records_the_version_it_was_rendered_from(client, sender, delivery_queue, session):
+    from carepost.delivery.models import Message
+
+    key = sender.key("messages:send", "templates:manage")
+    r = client.post("/api/v1/templates", json=_template(variants={}, html="<p>Hello {{ first_name }}</p>"), headers=key)
+    tid, vid = r.json()["id"], r.json()["version_id"]
+    r = client.post("/api/v1/messages", headers=key, json={"from": "care@bar.example", "to": ["pat@valid.test"],
+                                                            "template_id": tid, "data": {"first_name": "Pat"}})
+    assert r.status_code == 202, r.text
+    session.rollback()
+    row = session.get(Message, r.json()["id"])
+    assert (row.template_id, row.template_version_id) == (tid, vid)
+
+
 # --------------------------------------------------------------------------- bad input
 
 

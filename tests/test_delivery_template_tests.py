@@ -47,6 +47,9 @@ def test_test_sends_go_to_verified_staff_only_with_placeholders(client, sender, 
     assert subject == "[Test] Your upcoming visit"
     assert "Hello [first_name], see you [date and time]." in html and "Diabetes class" in html  # every block shown
     assert first.purpose == "transactional" and first.tags == ["template-test"]
+    from carepost.content.models import MessageTemplate
+
+    assert (first.template_id, first.template_version_id) == (tid, session.get(MessageTemplate, tid).current_version_id)
     masked = session.get(Message, r2.json()["message_ids"][0])
     html = ring.decrypt_text(session, masked.org_id, "messages", "html", masked.id, masked.html_enc)
     assert "Hola ***." in html and "Rosa" not in html  # the contact's language, data masked

@@ -80,6 +80,8 @@ class PreparedMessage:
     topic_id: str | None = None
     track_opens: bool = False
     track_clicks: bool = False
+    template_id: str | None = None
+    template_version_id: str | None = None  # the immutable template version it was rendered from
 
 
 def request_fingerprint(data) -> str:
@@ -138,6 +140,7 @@ def prepare_message(session: Session, org_id: str, data, *, prefix: str = "", or
 def _prepare(session, org_id, data, org_settings, domain_cache, Attachment, InlineImage, compose, *,
              sandbox: bool = False) -> PreparedMessage:
     template_purpose = None
+    template_ref: tuple[str | None, str | None] = (None, None)
     request = data  # the Idempotency-Key fingerprint is of the request, not of its rendering
     if data.template_id is not None:
         # A template renders once per message with its data (which may hold PHI: the result is
@@ -153,6 +156,7 @@ def _prepare(session, org_id, data, org_settings, domain_cache, Attachment, Inli
             "contains_phi": bool(data.contains_phi) or rendered.contains_phi,
         })
         template_purpose = rendered.purpose
+        template_ref = (rendered.template_id, rendered.version_id)
         # Templates saved before the link guard: their URLs are checked for merge fields here too.
         from carepost.content import link_guard
         from carepost.content.service import get_template
@@ -238,6 +242,7 @@ def _prepare(session, org_id, data, org_settings, domain_cache, Attachment, Inli
         security=mode, contains_phi=data.contains_phi is not False, tags=list(data.tags), portal=portal,
         request_hash=request_fingerprint(request), topic_id=topic_id,
         track_opens=bool(getattr(data, "track_opens", False)), track_clicks=bool(getattr(data, "track_clicks", False)),
+        template_id=template_ref[0], template_version_id=template_ref[1],
     )
 
 
@@ -282,6 +287,7 @@ def store_messages(session: Session, org_id: str, prepared: list[PreparedMessage
             headers_enc=enc(mt, "headers", message_id, json.dumps(p.headers)) if p.headers else None,
             portal_enc=enc(mt, "portal", message_id, json.dumps(p.portal)) if p.portal else None,
             track_opens=p.track_opens, track_clicks=p.track_clicks,
+            template_id=p.template_id, template_version_id=p.template_version_id,
         ))
         for attachment in p.attachments:
             att_id = new_id()

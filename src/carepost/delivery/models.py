@@ -115,6 +115,7 @@ class Message(OrgScoped, Base):
     html_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
     text_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
     template_id: Mapped[str | None] = mapped_column(String(32))
+    template_version_id: Mapped[str | None] = mapped_column(String(32))  # the immutable version rendered
     contains_phi: Mapped[bool] = mapped_column(Boolean, default=True)
     security: Mapped[str] = mapped_column(String(16))  # effective mode
     purpose: Mapped[str | None] = mapped_column(String(64))

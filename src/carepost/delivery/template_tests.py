@@ -16,6 +16,7 @@ above content, so this route lives here.
 
 from __future__ import annotations
 
+import dataclasses
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
@@ -80,7 +81,8 @@ def send_tests(session, principal: Principal, template_id: str, body: TestSendIn
                                "purpose": "transactional", "contains_phi": rendered.contains_phi,
                                "tags": ["template-test"]})
         try:
-            prepared.append(messages.prepare_message(session, org_id, request, org_settings=settings, domain_cache=cache))
+            one = messages.prepare_message(session, org_id, request, org_settings=settings, domain_cache=cache)
+            prepared.append(dataclasses.replace(one, template_id=version.template_id, template_version_id=version.id))
         except ValidationFailed as exc:
             if (exc.field or "").startswith("to."):
                 exc.field = f"to.{i}"
