@@ -57,3 +57,28 @@ def test_test_sends_go_to_verified_staff_only_with_placeholders(client, sender, 
     assert huey.pending_count() == 2
     events = session.scalars(select(AuditEvent).where(AuditEvent.action == "template.test_send")).all()
     assert len(events) == 2 and {e.target_id for e in events} == set(r.json()["message_ids"] + r2.json()["message_ids"])
+
+
+def test_a_test_send_is_delivered_by_the_real_pipeline_to_a_real_smtp_peer(delivery_env, client, sender, delivery_queue,
+                                                                              session, org):
+    import email
+    from email import policy as email_policy
+
+    from carepost.delivery import pipeline
+
+    key = sender.key("templates:manage")
+    staff = add_staff(session, org.id, "marketer", email="nurse@valid.test")
+    session.commit()
+    tid = client.post("/api/v1/templates", json={**TEMPLATE, "variants": {}}, headers=key).json()["id"]
+    r = client.post(f"/api/v1/templates/{tid}/test-sends", headers=key,
+                    json={"from": "Bar Clinic <care@bar.example>", "to": [staff.email]})
+    assert r.status_code == 202, r.text
+    pipeline.deliver(r.json()["message_ids"])
+    [received] = delivery_env.mx["valid"].recorder.messages
+    assert received.rcpt_tos == ["nurse@valid.test"]
+    msg = email.message_from_bytes(received.data, policy=email_policy.default)
+    assert msg["Subject"] == "[Test] Your upcoming visit"
+    html = msg.get_body(preferencelist=("html",)).get_content()
+    assert "Hello [first_name], see you [date and time]." in html
+    text = msg.get_body(preferencelist=("plain",)).get_content()
+    assert "Hello [first_name]" in text  # the text part made from the HTML
