@@ -366,20 +366,19 @@ class Keyring:
     def index_version(self, session: Session, org_id: str) -> int:
         """The organization's current blind-index version, read once per transaction and held.
 
-        Never from a cache that outlives the transaction: on PostgreSQL the organization's first
-        index-key row is locked ``FOR KEY SHARE`` (the re-index locks it ``FOR UPDATE``, which
-        conflicts; a master-key re-wrap's plain UPDATE of the row does not), then the
-        version is read in a second statement (READ COMMITTED: a fresh snapshot, so a re-index
-        that committed while this transaction waited is seen). The lock is held until this
-        transaction ends, so no re-index can start while it computes or copies indexes. On
-        SQLite every writing transaction holds the single writer lock (``BEGIN IMMEDIATE``) and a
-        read-only one reads the version and the rows from the same snapshot. See docs/keys.md."""
+        Never from a cache that outlives the transaction: on PostgreSQL a shared
+        transaction-level advisory lock on the organization's index (``index_lock``; the
+        re-index takes it exclusively) is taken first, then the version is read in the next
+        statement (READ COMMITTED: a fresh snapshot, so a re-index that committed while this
+        transaction waited is seen). The lock is held until this transaction ends, so no
+        re-index can start while it computes or copies indexes. On SQLite every writing
+        transaction holds the single writer lock (``BEGIN IMMEDIATE``) and a read-only one reads
+        the version and the rows from the same snapshot. See docs/keys.md."""
         held = session.info.setdefault(INDEX_VERSIONS_INFO, {})
         if org_id in held:
             return held[org_id][0]
-        root = select(OrgKey.id).where(OrgKey.org_id == org_id, OrgKey.kind == "index")
         with session.no_autoflush:  # callers compute indexes before their row is complete
-            session.execute(root.order_by(OrgKey.version).limit(1).with_for_update(read=True, key_share=True))
+            index_lock(session, org_id, exclusive=False)
             version = session.scalar(select(func.max(OrgKey.version)).where(OrgKey.org_id == org_id, OrgKey.kind == "index"))
         if version is None:
             raise KeyUnavailable(f"no index key for organization {org_id}")
@@ -475,6 +474,23 @@ def key_creation_lock(session: Session, *, exclusive: bool) -> None:
         session.execute(text(f"SELECT {fn}(:k)"), {"k": _KEY_LOCK_ID})
     else:
         session.execute(text("SELECT 1"))
+
+
+_INDEX_LOCK_CLASS = 0x49647831  # first key of the two-key pg advisory lock of an organization's index ("Idx1")
+
+
+def index_lock(session: Session, org_id: str, *, exclusive: bool) -> None:
+    """Serialize computing an organization's blind indexes with re-indexing it (PostgreSQL:
+    a transaction-level advisory lock keyed by the organization, shared by every transaction
+    that computes or copies an index, exclusive for ``carepost keys rotate-index``). An
+    advisory lock writes nothing (a row lock would write the key row's header and make a
+    MultiXact for every overlap of concurrent transactions). SQLite: the transaction's
+    ``BEGIN IMMEDIATE`` (or a read-only snapshot) already isolates it; nothing to take."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    objid = int.from_bytes(hashlib.sha256(org_id.encode()).digest()[:4], "big", signed=True)
+    fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+    session.execute(text(f"SELECT {fn}(:c, :o)"), {"c": _INDEX_LOCK_CLASS, "o": objid})
 
 
 _keyring: Keyring | None = None

@@ -7,10 +7,11 @@ addresses no longer held, source references, name tokens) included, with no plai
 
 One transaction per organization (``rotate_index_key``):
 
-1. lock the organization's first index-key row ``FOR UPDATE`` (PostgreSQL; every transaction
-   that computes or copies an index holds it ``FOR KEY SHARE`` through ``Keyring.index_version``,
-   so the rotation waits for them to commit, and they wait for the rotation); on SQLite the
-   transaction's ``BEGIN IMMEDIATE`` holds the single writer lock;
+1. take the organization's index lock exclusively (``crypto.index_lock``, a PostgreSQL
+   transaction-level advisory lock; every transaction that computes or copies an index holds it
+   shared through ``Keyring.index_version``, so the rotation waits for them to commit, and they
+   wait for the rotation); on SQLite the transaction's ``BEGIN IMMEDIATE`` holds the single
+   writer lock;
 2. add index-key version n+1;
 3. rewrite every index column of the organization (``INDEX_COLUMNS``) in batches: read id and
    index by keyset pages, compute the next link in Python, ``executemany`` the updates;
@@ -34,7 +35,7 @@ from sqlalchemy import Table, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from carepost.core import clock
-from carepost.core.crypto import INDEX_VERSIONS_INFO, OrgKey, chain_index, get_keyring
+from carepost.core.crypto import INDEX_VERSIONS_INFO, OrgKey, chain_index, get_keyring, index_lock
 from carepost.core.database import Base
 
 # Every column that holds an organization's blind index (keyed with its ``index`` key). A test
@@ -103,8 +104,7 @@ def organizations_with_index_keys(session: Session) -> list[str]:
 
 def _lock_for_rotation(session: Session, org_id: str) -> int:
     """Take the organization's index lock exclusively; the current version, read after it."""
-    session.execute(select(OrgKey.id).where(OrgKey.org_id == org_id, OrgKey.kind == "index")
-                    .order_by(OrgKey.version).limit(1).with_for_update())
+    index_lock(session, org_id, exclusive=True)
     version = session.scalar(select(func.max(OrgKey.version)).where(OrgKey.org_id == org_id, OrgKey.kind == "index"))
     if version is None:
         raise LookupError(f"organization {org_id} has no index key")
