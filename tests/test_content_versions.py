@@ -331,3 +331,20 @@ def test_preview_as_a_contact_is_audited_and_masked_per_permission(client, sessi
                              .order_by(AuditEvent.seq)).all()
     assert [(e.target_id, e.details["masked"]) for e in events] == [(rosa.id, True), (rosa.id, False)]
     assert "Rosa" not in str([e.details for e in events])
+
+
+def test_consent_helper_lists_the_topics_a_contact_subscribes_to(session, org):
+    from carepost.consent import service as consent
+
+    rosa = _contact(session, org.id, "Rosa", "Díaz", language="es")
+    news = consent.create_topic(session, org.id, key="news", name="Clinic news", double_opt_in=False)
+    consent.create_topic(session, org.id, key="events", name="Events", double_opt_in=False)
+    consent.resubscribe_contact(session, org.id, rosa.id, news.id, source="api", confirmed=True)
+    session.flush()
+    body = TemplateIn(**_template(variants={}, purpose="marketing",
+                                  html="<p>Hi {{ first_name }}: {% for t in subscribed_topics %}[{{ t.name }}]{% endfor %}</p>"))
+    template = templates.create_template(session, org.id, body)
+    version = templates.current_version(session, template)
+    out = templates.render_for_contacts(session, org.id, version, [rosa.id])[rosa.id]
+    assert "Hi Rosa: [Clinic news]</p>" in out.html
+    session.rollback()

@@ -34,6 +34,7 @@ CATEGORIES: dict[str, str] = {
     "medication": "Prescribed drugs and refill dates",
     "diagnosis": "Conditions and diagnoses",
     "lab_result": "Laboratory results and other observations",
+    "consent": "The contact's communication choices (topics subscribed to)",
 }
 
 
@@ -62,6 +63,8 @@ HELPERS: dict[str, Helper] = {h.name: h for h in (
            "{% if refill_due %}{{ refill_due.name }} on {{ refill_due.date }}{% endif %}"),
     Helper("active_conditions", "diagnosis", "Active conditions: a list of objects with .name.",
            "{% for c in active_conditions %}{{ c.name }}{% endfor %}"),
+    Helper("subscribed_topics", "consent", "Topics the contact subscribes to: a list of objects with .name.",
+           "{% for t in subscribed_topics %}{{ t.name }}{% endfor %}"),
     Helper("last_observation", "lab_result",
            'The latest observation with a code ("system:code"), or none: .value, .unit, .date, .name, '
            ".interpretation. The code must be a literal string.",
@@ -69,21 +72,22 @@ HELPERS: dict[str, Helper] = {h.name: h for h in (
 )}
 
 # Minimum necessary: the categories each purpose may print (core.purposes.PURPOSES).
-_CLINICAL = ("demographics", "appointment", "care_stage", "medication", "diagnosis", "lab_result")
+_CLINICAL = ("demographics", "consent", "appointment", "care_stage", "medication", "diagnosis", "lab_result")
 PURPOSE_CATEGORIES: dict[str, tuple[str, ...]] = {
     "treatment": _CLINICAL,
     "care_coordination": _CLINICAL,
-    "treatment_alternatives": ("demographics", "appointment", "care_stage", "medication", "diagnosis"),
-    "refill_reminder": ("demographics", "medication"),
-    "payment": ("demographics", "appointment"),
-    "health_care_operations": ("demographics", "appointment"),
-    "transactional": ("demographics", "appointment"),
-    "own_products": ("demographics",),
-    "marketing": ("demographics",),
-    "marketing_remunerated": ("demographics",),
+    "treatment_alternatives": ("demographics", "consent", "appointment", "care_stage", "medication", "diagnosis"),
+    "refill_reminder": ("demographics", "consent", "medication"),
+    "payment": ("demographics", "consent", "appointment"),
+    "health_care_operations": ("demographics", "consent", "appointment"),
+    "transactional": ("demographics", "consent", "appointment"),
+    "own_products": ("demographics", "consent"),
+    "marketing": ("demographics", "consent"),
+    "marketing_remunerated": ("demographics", "consent"),
 }
 # A template without a purpose is held to the strictest rule until one is declared.
-DEFAULT_CATEGORIES = ("demographics",)
+DEFAULT_CATEGORIES = ("demographics", "consent")
+CONSENT_HELPERS = frozenset({"subscribed_topics"})
 
 # --------------------------------------------------------------------------- languages
 
@@ -171,6 +175,10 @@ class Needs:
     observation_codes: frozenset[str] = frozenset()
 
 
+load_consent_data = Port(
+    "content.load_consent_data",
+    "load(session, org_id, contact_ids) -> {contact_id: {subscribed_topics: [...]}}; consent.merge.load.",
+)
 load_merge_data = Port(
     "content.load_merge_data",
     "load(session, org_id, contact_ids, needs: Needs) -> {contact_id: facts dict}; the patients capability's "
@@ -209,6 +217,8 @@ def bind(facts: dict, needs: Needs) -> dict:
             due = [m for m in facts.get("medications") or [] if m.get("next_refill_due")]
             due.sort(key=lambda m: m["next_refill_due"])
             data[name] = {"name": due[0].get("display") or "", "date": fmt.date(due[0]["next_refill_due"])} if due else None
+        elif name == "subscribed_topics":
+            data[name] = [{"name": t.get("name") or ""} for t in facts.get("subscribed_topics") or []]
         elif name == "active_conditions":
             data[name] = [{"name": c.get("display") or ""} for c in facts.get("conditions") or []]
         elif name == "last_observation":
@@ -255,7 +265,7 @@ def placeholders(needs: Needs) -> dict:
         if name == "last_observation":
             data[name] = lambda code: {"value": "[value]", "unit": "[unit]", "date": "[date]", "name": f"[{code}]",
                                        "interpretation": ""}
-        elif name in ("active_medications", "active_conditions"):
+        elif name in ("active_medications", "active_conditions", "subscribed_topics"):
             data[name] = [{"name": f"[{name}]", "refill_due": "[date]"}]
         elif name in ("next_appointment", "refill_due"):
             data[name] = {"when": "[date and time]", "date": "[date]", "time": "[time]", "description": f"[{name}]",

@@ -449,6 +449,9 @@ def render_for_contacts(session: Session, org_id: str, version: MessageTemplateV
         raise NotFound("No such template version.", field="template_version_id")
     needs = needs_of(version)
     facts = helpers.load_merge_data(session, org_id, list(contact_ids), needs)
+    if needs.helpers & helpers.CONSENT_HELPERS and facts:
+        for contact_id, extra in helpers.load_consent_data(session, org_id, list(facts)).items():
+            facts[contact_id].update(extra)
     if visible is None:
         visible = blocks.plan(session, org_id, version_blocks(version), list(facts))
     out = {}
