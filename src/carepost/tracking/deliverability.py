@@ -99,13 +99,13 @@ THRESHOLDS: dict[str, Threshold] = {t.rate: t for t in (
 
 LEVELS = ("warning", "limit")
 
-register_event_types = tracking.register_event_types
-register_event_types({
+# Registered by the composition root (``carepost.assembly``), like every other capability's.
+EVENT_TYPES: dict[str, str] = {
     "deliverability.threshold_crossed": "A receiving provider's complaint, hard-bounce or deferral rate crossed its "
                                         "warning level or limit (data: provider, rate, level, value, counts, window).",
     "deliverability.threshold_cleared": "A rate that had crossed a level is back under it (or too little mail is left "
                                         "to judge it).",
-})
+}
 
 
 class DeliverabilityAlert(OrgScoped, Base):
