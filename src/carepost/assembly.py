@@ -189,6 +189,9 @@ def _fill_ports() -> None:
     from carepost.segments import blocks as segment_blocks
 
     content_helpers.load_merge_data.fill(patient_merge.load)
+    from carepost.consent import merge as consent_merge
+
+    content_helpers.load_consent_data.fill(consent_merge.load)
     content_blocks.check_condition.fill(segment_blocks.check)
     content_blocks.block_members.fill(segment_blocks.members)
     compose.recipient_eligibility.fill(eligibility.recipients_eligibility)
