@@ -126,6 +126,21 @@ def test_a_message_records_the_version_it_was_rendered_from(client, sender, deli
     assert (row.template_id, row.template_version_id) == (tid, vid)
 
 
+def test_a_message_may_not_give_a_template_a_purpose_its_helpers_exceed(client, sender, delivery_queue, session):
+    key = sender.key("messages:send", "templates:manage")
+    r = client.post("/api/v1/templates", json=_template(variants={}, html="<p>{{ next_appointment.when }}</p>"), headers=key)
+    tid = r.json()["id"]
+    r = client.post("/api/v1/messages", headers=key, json={
+        "from": "care@bar.example", "to": ["pat@valid.test"], "template_id": tid, "purpose": "marketing", "topic": "x",
+        "data": {"next_appointment": {"when": "Tuesday"}}})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "purpose", r.text
+    assert r.json()["error"]["code"] == "phi_beyond_purpose" and "next_appointment" in r.json()["error"]["message"]
+    session.rollback()
+    from carepost.delivery.models import Message
+
+    assert session.scalars(select(Message)).all() == []
+
+
 # --------------------------------------------------------------------------- bad input
 
 

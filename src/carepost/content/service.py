@@ -506,3 +506,16 @@ def preview(session: Session, principal, template_id: str, body, *, context: dic
                                                "helpers": [h["name"] for h in version_helpers(version)]},
            **(context or {}))
     return rendered.as_dict()
+
+
+def check_purpose_fit(session: Session, org_id: str, version_id: str, purpose: str, *, field: str = "purpose") -> None:
+    """A message, campaign or journey step may give a version another purpose than its own; the
+    helpers it uses must still be within what that purpose allows (minimum necessary)."""
+    version = get_version_by_id(session, org_id, version_id)
+    allowed = helpers.PURPOSE_CATEGORIES.get(purpose or "", helpers.DEFAULT_CATEGORIES)
+    for used in version_helpers(version):
+        if used["category"] not in allowed:
+            raise ValidationFailed(
+                f"The template uses the helper {used['name']}, which reveals {used['category'].replace('_', ' ')}; "
+                f"a message with the purpose {purpose} may not (allowed: {', '.join(allowed)}).",
+                field=field, code="phi_beyond_purpose")

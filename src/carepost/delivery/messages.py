@@ -167,6 +167,11 @@ def _prepare(session, org_id, data, org_settings, domain_cache, Attachment, Inli
     if not purpose:
         raise ValidationFailed("A purpose is required (the organization sets no default purpose).", field="purpose")
     check_purpose(purpose)
+    if template_ref[1] is not None and purpose != template_purpose:
+        # Another purpose than the template's: its merge-field helpers must fit that one too.
+        from carepost.content.service import check_purpose_fit
+
+        check_purpose_fit(session, org_id, template_ref[1], purpose)
     topic_id = topic_of(session, org_id, data.topic) if data.topic else None
     mode = policy.effective_mode(org_settings["security_mode"], data.security)
     if data.contains_phi is not False and mode == "opportunistic" and data.security is None:
