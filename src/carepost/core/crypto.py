@@ -125,7 +125,7 @@ INDEX_VERSIONS_INFO = "carepost_index_versions"
 @event.listens_for(Session, "after_transaction_end")
 def _forget_index_versions(session: Session, transaction) -> None:
     """An index version is valid only within the transaction that read (and locked) it. A
-    savepoint rolled back releases its row locks on PostgreSQL, so a version read inside a
+    savepoint rolled back releases the locks it took on PostgreSQL, so a version read inside a
     savepoint is dropped when the savepoint ends (commit or not) and the next use reads and locks
     again; one read by the outer transaction stays until it ends."""
     held = session.info.get(INDEX_VERSIONS_INFO)

@@ -270,6 +270,7 @@ def deliver(message_ids: list[str], *, settings: Settings | None = None) -> RunR
     ids = list(dict.fromkeys(message_ids))
     with system_session() as session:
         run = Run(session, owner=new_id(), settings=settings)
+        hold_index_versions(session, ids)
         claim(run, ids)
         if not run.claimed:
             session.commit()
@@ -292,6 +293,19 @@ def deliver(message_ids: list[str], *, settings: Settings | None = None) -> RunR
         report = RunReport(claimed=run.claimed, statuses=run.statuses)
     log.info("delivery_run", claimed_count=report.claimed, **{f"{k}_count": v for k, v in report.statuses.items()})
     return report
+
+
+def hold_index_versions(session: Session, message_ids: list[str]) -> None:
+    """Before reading any recipient: hold the blind-index version of each organization these
+    messages belong to (``Keyring.index_version``), so a blind-index rotation cannot commit
+    between reading the recipients' address indexes and comparing them with suppressions and
+    recipient keys (docs/keys.md, "Rotating blind-index keys")."""
+    ring = get_keyring()
+    orgs: set[str] = set()
+    for start in range(0, len(message_ids), 500):
+        orgs.update(session.scalars(select(Message.org_id).where(Message.id.in_(message_ids[start:start + 500]))).all())
+    for org_id in sorted(orgs):
+        ring.index_version(session, org_id)
 
 
 def claim(run: Run, message_ids: list[str]) -> None:
