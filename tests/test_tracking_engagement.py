@@ -387,3 +387,18 @@ def test_opens_and_clicks_join_the_webhook_stream_with_their_class(env, session,
     clicked = payloads["message.clicked"]["data"]
     assert clicked["class"] == "scanner" and clicked["link_index"] == 0 and "url" not in clicked
     assert "portal.bar.example" not in json.dumps(payloads)
+
+
+def test_tracking_answers_carry_the_security_headers_and_refuse_other_methods(env):
+    message_id = env.send()
+    [received] = env.deliver(message_id)
+    html, _ = parts(received.data)
+    click = next(t for k, t in tokens_in(html) if k == "c")
+    for r in (env.client.get(f"/t/c/{click}", headers={"User-Agent": CHROME}, follow_redirects=False),
+              env.client.get("/t/o/forged.gif")):
+        assert r.headers["cache-control"] == "no-store" and r.headers["referrer-policy"] == "no-referrer"
+        assert r.headers["x-content-type-options"] == "nosniff" and "default-src 'self'" in r.headers["content-security-policy"]
+    r = env.client.post(f"/t/c/{click}", follow_redirects=False)
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
+    head = env.client.head(f"/t/c/{click}", headers={"User-Agent": CHROME}, follow_redirects=False)
+    assert head.status_code == 302 and head.content == b""

@@ -231,6 +231,18 @@ def install_middleware(app: FastAPI, settings: Settings) -> None:
         return response
 
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
+    # Outermost: the open pixel and click redirects (/t/o/, /t/c/) are answered before routing and
+    # the middleware above, with the same security headers (issue 13; carepost.tracking.engagement_pages).
+    from carepost.tracking.engagement_pages import EngagementFastPath
+
+    fast_headers = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
+                    (b"x-frame-options", b"DENY"), (b"referrer-policy", b"no-referrer"),
+                    (b"cross-origin-opener-policy", b"same-origin"),
+                    (b"permissions-policy", b"camera=(), microphone=(), geolocation=()"),
+                    (b"cache-control", b"no-store"), (b"pragma", b"no-cache")]
+    if settings.base_url.startswith("https://"):
+        fast_headers.append((b"strict-transport-security", b"max-age=31536000; includeSubDomains"))
+    app.add_middleware(EngagementFastPath, headers=fast_headers, observe=observe_request)
 
 
 def enforce_declared_access(app: FastAPI) -> list[str]:

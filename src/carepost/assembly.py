@@ -54,7 +54,6 @@ ROUTER_MODULES = [
     "carepost.portal.sender_pages",
     "carepost.tracking.api",
     "carepost.tracking.pages",
-    "carepost.tracking.engagement_pages",
     "carepost.tracking.analytics_api",
     "carepost.tracking.analytics_pages",
     "carepost.content.api",

@@ -79,6 +79,7 @@ def agent_family(user_agent: str) -> tuple[str | None, str | None]:
     return family, device
 
 
+@lru_cache(maxsize=65536)
 def _apple(ip: str | None) -> bool:
     if not ip:
         return False
@@ -91,19 +92,23 @@ def _apple(ip: str | None) -> bool:
 
 def by_request(user_agent: str | None, ip: str | None, method: str) -> Verdict | None:
     """The verdict the request's shape alone gives, or None (then timing decides)."""
-    ua = (user_agent or "").strip()
-    if method.upper() == "HEAD":
+    return _by_shape((user_agent or "").strip()[:512], _apple(ip), method.upper())
+
+
+@lru_cache(maxsize=8192)
+def _by_shape(ua: str, apple: bool, method: str) -> Verdict | None:
+    if method == "HEAD":
         return Verdict("scanner", "head_request", None)
     if not ua:
         return Verdict("scanner", "no_user_agent", None)
-    family, device = agent_family(ua[:512])
+    family, device = agent_family(ua)
     if "GoogleImageProxy" in ua or family == "GmailImageProxy":
         return Verdict("proxy", "gmail_image_proxy", family)
     if "YahooMailProxy" in ua or family == "YahooMailProxy":
         return Verdict("proxy", "yahoo_mail_proxy", family)
     if ua == "Mozilla/5.0":
         return Verdict("proxy", "apple_mail_privacy", family)
-    if _apple(ip) and ("Version/" not in ua and "Chrome/" not in ua and "Firefox/" not in ua):
+    if apple and ("Version/" not in ua and "Chrome/" not in ua and "Firefox/" not in ua):
         return Verdict("proxy", "apple_mail_privacy", family)
     if GATEWAYS.search(ua):
         return Verdict("scanner", "gateway_user_agent", family)

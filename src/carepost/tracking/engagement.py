@@ -5,7 +5,8 @@ writer thread takes every hit waiting (up to :data:`MAX_BATCH`), reads each toke
 (``classify``), and writes the whole group in **one transaction** — the engagement events (not in
 privacy mode), the per-message counters (``EngagementCount``), the analytics rollups
 (``tracking.rollups``: opened, opened_unique, opened_human, clicked, clicked_unique,
-clicked_human) and the ``message.opened`` / ``message.clicked`` webhooks — then answers each
+clicked_human — a recipient's first, and first human, where recipients are known; merged per
+group and hour) and the ``message.opened`` / ``message.clicked`` webhooks — then answers each
 request. A pixel or redirect is answered only after its event is committed (nothing is dropped
 when the process dies), and under load one commit carries many events (group commit), which is
 what lets the endpoint keep up with a bare one (bench/tracking.py).
@@ -25,12 +26,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from carepost.core import clock
 from carepost.core.database import system_session
+from carepost.core.ids import new_id
 from carepost.core.logging import get_logger
 from carepost.tracking import classify as classifier
 from carepost.tracking import engagement_tokens as tokens
@@ -145,10 +147,22 @@ class Recorder:
     # ------------------------------------------------------------------ one group, one transaction
 
     def write(self, hits: list[Hit]) -> list[Outcome]:
+        from carepost.tracking.models import EngagementEvent
+
         with system_session() as session:
-            counts: dict[tuple, int] = {}
-            outcomes = [self._one(session, hit, counts) for hit in hits]
-            for (org_id, message_id, type_, classification), n in sorted(counts.items()):
+            group = _Group()
+            decoded = [self._decode(session, hit) for hit in hits]
+            group.load_seen(session, [d for d in decoded if d is not None])
+            outcomes = [self._one(session, hit, d, group) if d is not None else INVALID for hit, d in zip(hits, decoded)]
+            if group.rows:
+                session.execute(insert(EngagementEvent), group.rows)  # one multi-row INSERT per group
+            from carepost.tracking import rollups
+
+            for (org_id, at, metric, message_id, source, template_id, purpose, topic_id, created_at), n in \
+                    group.rollups.items():
+                rollups.add(session, org_id=org_id, at=at, metric=metric, n=n, message_id=message_id, source=source,
+                            template_id=template_id, purpose=purpose, topic_id=topic_id, message_created_at=created_at)
+            for (org_id, message_id, type_, classification), n in sorted(group.counts.items()):
                 _count(session, org_id, message_id, type_, classification, n)  # one UPDATE per counter and group
             session.commit()
         return outcomes
@@ -194,21 +208,25 @@ class Recorder:
             self._urls.put(key, found)
         return found[0]
 
-    def _one(self, session: Session, hit: Hit, counts: dict) -> Outcome:
+    def _decode(self, session: Session, hit: Hit):
+        """(token data, message facts, privacy mode) of a hit, or None for anything not valid."""
         try:
             data = tokens.read(session, hit.token, hit.kind)
         except tokens.InvalidToken:
-            return INVALID
+            return None
         message = self._message(session, data.message_id)
         if message is None or message[0] != data.org_id:
-            return INVALID  # unknown, purged, or another organization's message
+            return None  # unknown, purged, or another organization's message
+        return data, message, self._privacy_mode(session, data.org_id)
+
+    def _one(self, session: Session, hit: Hit, decoded, group: _Group) -> Outcome:
+        data, message, privacy = decoded
         org_id, created_at, source, template_id, purpose, topic_id = message
         url = None
         if hit.kind == "c" and not data.trap:
             url = self._url(session, org_id, data.message_id, data.link_index)
             if url is None:
                 return INVALID
-        privacy = self._privacy_mode(session, org_id)
         recipient_id = None if privacy else data.recipient_id
         key = (data.message_id, recipient_id or "")
         verdict = classifier.classify(
@@ -218,32 +236,57 @@ class Recorder:
         type_ = TYPES[hit.kind]
         first, first_human = False, False
         if recipient_id is not None:
-            first, first_human = _firsts(session, data.message_id, recipient_id, type_, verdict.classification)
-            from carepost.tracking.models import EngagementEvent
-
-            session.add(EngagementEvent(
-                org_id=org_id, message_id=data.message_id, recipient_id=recipient_id, type=type_,
-                link_index=None if data.trap else data.link_index, classification=verdict.classification,
-                rule=verdict.rule, agent_family=(verdict.family or "")[:64] or None, occurred_at=hit.at))
-            session.flush()
+            first, first_human = group.firsts(data.message_id, recipient_id, type_, verdict.classification)
+            group.rows.append({
+                "id": new_id(), "org_id": org_id, "message_id": data.message_id, "recipient_id": recipient_id,
+                "type": type_, "link_index": None if data.trap else data.link_index,
+                "classification": verdict.classification, "rule": verdict.rule,
+                "agent_family": (verdict.family or "")[:64] or None, "occurred_at": hit.at})
         key4 = (org_id, data.message_id, type_, verdict.classification)
-        counts[key4] = counts.get(key4, 0) + 1
-        count_rollups(session, org_id=org_id, at=hit.at, type_=type_, first=first, first_human=first_human,
-                      message_id=data.message_id, source=source, template_id=template_id, purpose=purpose,
-                      topic_id=topic_id, message_created_at=created_at)
+        group.counts[key4] = group.counts.get(key4, 0) + 1
+        # Rollups are merged per group (one add per metric and hour, not per event): see write().
+        hour = hit.at.replace(minute=0, second=0, microsecond=0)
+        for metric, yes in ((type_, True), (f"{type_}_unique", first), (f"{type_}_human", first_human)):
+            if yes:
+                rkey = (org_id, hour, metric, data.message_id, source, template_id, purpose, topic_id, created_at)
+                group.rollups[rkey] = group.rollups.get(rkey, 0) + 1
         if recipient_id is not None:
             _webhook(session, org_id, data.message_id, recipient_id, type_, verdict,
                      None if data.trap else data.link_index)
         return Outcome(True, url=url, trap=data.trap, classification=verdict.classification)
 
 
-def _firsts(session: Session, message_id: str, recipient_id: str, type_: str, classification: str) -> tuple[bool, bool]:
-    """Is this the recipient's first event of this type, and the first human one?"""
-    from carepost.tracking.models import EngagementEvent as E
+class _Group:
+    """One group's rows and counters, and which (message, recipient, type, class) were seen before:
+    read once per group (one SELECT), then kept up to date as the group's events are added."""
 
-    seen = set(session.scalars(select(E.classification).where(
-        E.message_id == message_id, E.recipient_id == recipient_id, E.type == type_).distinct()).all())
-    return not seen, classification == "human" and "human" not in seen
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.counts: dict[tuple, int] = {}
+        self.rollups: dict[tuple, int] = {}
+        self.seen: set[tuple] = set()
+
+    def load_seen(self, session: Session, decoded: list) -> None:
+        from carepost.tracking.models import EngagementEvent as E
+
+        pairs = {(d.message_id, d.recipient_id) for d, _m, privacy in decoded if d.recipient_id and not privacy}
+        if not pairs:
+            return
+        messages = sorted({m for m, _r in pairs})
+        recipients = sorted({r for _m, r in pairs})
+        for start in range(0, len(recipients), 500):
+            for m, r, t, c in session.execute(
+                    select(E.message_id, E.recipient_id, E.type, E.classification).distinct()
+                    .where(E.message_id.in_(messages), E.recipient_id.in_(recipients[start:start + 500]))):
+                if (m, r) in pairs:
+                    self.seen.add((m, r, t, c))
+
+    def firsts(self, message_id: str, recipient_id: str, type_: str, classification: str) -> tuple[bool, bool]:
+        """Is this the recipient's first event of this type, and the first human one?"""
+        any_before = any((message_id, recipient_id, type_, c) in self.seen for c in ("human", "proxy", "scanner"))
+        human_before = (message_id, recipient_id, type_, "human") in self.seen
+        self.seen.add((message_id, recipient_id, type_, classification))
+        return not any_before, classification == "human" and not human_before
 
 
 def _count(session: Session, org_id: str, message_id: str, type_: str, classification: str, n: int = 1) -> None:
@@ -260,23 +303,6 @@ def _count(session: Session, org_id: str, message_id: str, type_: str, classific
             session.add(C(org_id=org_id, message_id=message_id, type=type_, classification=classification, count=n))
     except IntegrityError:  # another process made it meanwhile
         session.execute(update(C).where(*where).values(count=C.count + n).execution_options(synchronize_session=False))
-
-
-def count_rollups(session: Session, *, org_id: str, at: datetime, type_: str, first: bool, first_human: bool,
-                  message_id: str, source: str | None, template_id: str | None, purpose: str | None,
-                  topic_id: str | None, message_created_at: datetime | None) -> None:
-    """The analytics rollups of one open or click (``tracking.rollups.add``, written at commit):
-    ``opened``/``clicked`` always; ``*_unique`` and ``*_human`` (a recipient's first, and first
-    human) only where recipients are known (not in privacy mode)."""
-    from carepost.tracking import rollups
-
-    common = dict(org_id=org_id, at=at, message_id=message_id, source=source, template_id=template_id,
-                  purpose=purpose, topic_id=topic_id, message_created_at=message_created_at)
-    rollups.add(session, metric=type_, **common)
-    if first:
-        rollups.add(session, metric=f"{type_}_unique", **common)
-    if first_human:
-        rollups.add(session, metric=f"{type_}_human", **common)
 
 
 def _webhook(session: Session, org_id: str, message_id: str, recipient_id: str, type_: str, verdict,
