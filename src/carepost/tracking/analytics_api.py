@@ -47,7 +47,7 @@ class EventIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(max_length=conversions.MAX_EVENT_NAME, pattern=conversions.EVENT_NAME_RE.pattern,
                       description="appointment.booked, refill.picked_up, or a name of your own (lowercase, dots).")
-    contact_id: str | None = Field(None, max_length=32, pattern=r"^[0-9a-z]{20,32}$")
+    contact_id: str | None = Field(None, max_length=32, pattern=r"^[0-9a-f]{32}$")
     contact: ContactRef | None = Field(None, description="Instead of contact_id: an email, phone or MRN (and system).")
     occurred_at: datetime | None = Field(None, description="When it happened (with a time zone); default now.")
     properties: dict[str, Any] | None = Field(
@@ -159,7 +159,7 @@ def delete_goal(request: Request, goal_id: str, principal: Principal = Depends(r
 
 # --------------------------------------------------------------------------- analytics
 
-ID_PATTERN = r"^[0-9a-z]{20,32}$"
+from carepost.core.ids import ID_PATTERN  # noqa: E402
 SOURCE_PATTERN = r"^[a-z_]{1,16}$"
 
 

@@ -50,6 +50,8 @@ def _text(value) -> str:
 def analytics_page(request: Request, start: str | None = Query(None, max_length=10),
                    end: str | None = Query(None, max_length=10), source: str | None = Query(None, max_length=16),
                    purpose: str | None = Query(None, max_length=64), topic_id: str | None = Query(None, max_length=32),
+                   campaign_id: str | None = Query(None, max_length=32),
+                   journey_step_id: str | None = Query(None, max_length=32),
                    interval: Literal["hour", "day"] = "day",
                    principal: Principal = Depends(require(P.ANALYTICS_READ))):
     from carepost.consent import service as consent
@@ -77,10 +79,17 @@ def analytics_page(request: Request, start: str | None = Query(None, max_length=
         errors["purpose"] = "Choose a purpose from the list."
     if topic_id and topic_id not in topic_ids:
         errors["topic_id"] = "Choose a topic from the list."
+    from carepost.core.ids import is_id
+
+    for name, value in (("campaign_id", campaign_id), ("journey_step_id", journey_step_id)):
+        if value and not is_id(value):
+            errors[name] = "Not a CarePost id."
     try:
         f = make_filters(d_start, d_end, source=None if errors.get("source") else source or None,
                          purpose=None if errors.get("purpose") else purpose or None,
-                         topic_id=None if errors.get("topic_id") else topic_id or None)
+                         topic_id=None if errors.get("topic_id") else topic_id or None,
+                         campaign_id=None if errors.get("campaign_id") else campaign_id or None,
+                         journey_step_id=None if errors.get("journey_step_id") else journey_step_id or None)
     except CarePostError as exc:
         errors[exc.field or "start"] = exc.message
         f = make_filters(None, None)
@@ -102,7 +111,8 @@ def analytics_page(request: Request, start: str | None = Query(None, max_length=
     families = {fam: sorted((m.split(":", 1)[1], _text(v)) for m, v in shown_totals.items() if m.startswith(fam + ":"))
                 for fam in ("excluded", "secured")}
     query = {k: v for k, v in (("start", f.start.isoformat()), ("end", f.end.isoformat()), ("source", f.source),
-                                ("purpose", f.purpose), ("topic_id", f.topic_id)) if v}
+                                ("purpose", f.purpose), ("topic_id", f.topic_id), ("campaign_id", f.campaign_id),
+                                ("journey_step_id", f.journey_step_id)) if v}
     return render(request, "tracking/analytics.html", {
         "form": form, "errors": errors, "filters": f, "masked": not unmasked,
         "totals": {m: _text(shown_totals.get(m, 0)) for m in TABLE_METRICS},

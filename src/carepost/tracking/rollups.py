@@ -187,19 +187,14 @@ _BUFFER = "carepost_rollup_buffer"
 
 
 def _hour(at: datetime) -> datetime:
-    if at.tzinfo is None:
-        at = at.replace(tzinfo=UTC)
-    at = at.astimezone(UTC)
+    if at.tzinfo is not UTC:
+        at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
     return at.replace(minute=0, second=0, microsecond=0)
 
 
-def _dim(value, limit: int) -> str:
-    if value is None:
-        return ""
-    value = str(value)
-    if len(value) > limit:
-        raise ValueError(f"rollup dimension longer than {limit} characters")
-    return value
+_LIMITS = (16, 32, 32, 32, 32, 64, 32, 64)
+_valid_metrics: set[str] = set()
+_KEPT_DOMAINS = PROVIDER_DOMAINS | {OTHER_DOMAIN}
 
 
 def add(session: Session, *, org_id: str, at: datetime, metric: str, n: int = 1, message_id: str | None = None,
@@ -209,24 +204,31 @@ def add(session: Session, *, org_id: str, at: datetime, metric: str, n: int = 1,
     """Count ``n`` of ``metric`` at ``at`` (hour and day grains; the message grain too when a
     ``message_id`` of a message outside any campaign or journey is given). ``receiving_domain``
     may be given clear: it is reduced to a provider name or ``other`` here. Written when the
-    session commits (see the module docstring)."""
-    if not valid_metric(metric):
-        raise ValueError(f"unknown analytics metric {metric!r}")
+    session commits (see the module docstring). Runs once per counted event: kept lean."""
+    if metric not in _valid_metrics:
+        if not valid_metric(metric):
+            raise ValueError(f"unknown analytics metric {metric!r}")
+        _valid_metrics.add(metric)
     if not n:
         return
-    if receiving_domain and receiving_domain != OTHER_DOMAIN:
+    if receiving_domain and receiving_domain not in _KEPT_DOMAINS:
         receiving_domain = receiving_domain_of(receiving_domain.rsplit("@", 1)[-1])
-    dims = (_dim(source, 16), _dim(campaign_id, 32), _dim(journey_step_id, 32), _dim(template_id, 32),
-            _dim(segment_id, 32), _dim(receiving_domain, 64), _dim(topic_id, 32), _dim(purpose, 64))
+    dims = (source or "", campaign_id or "", journey_step_id or "", template_id or "", segment_id or "",
+            receiving_domain or "", topic_id or "", purpose or "")
+    for value, limit in zip(dims, _LIMITS):
+        if len(value) > limit:
+            raise ValueError(f"rollup dimension longer than {limit} characters")
     hour = _hour(at)
-    day = hour.replace(hour=0)
-    buffer = session.info.setdefault(_BUFFER, defaultdict(int))
+    buffer = session.info.get(_BUFFER)
+    if buffer is None:
+        buffer = session.info[_BUFFER] = defaultdict(int)
     buffer[(org_id, "h", hour, metric, *dims, "")] += n
-    buffer[(org_id, "d", day, metric, *dims, "")] += n
+    buffer[(org_id, "d", hour.replace(hour=0), metric, *dims, "")] += n
     if message_id and not campaign_id and not journey_step_id and source not in ("campaign", "journey"):
-        created = _hour(message_created_at or at).replace(hour=0)
-        buffer[(org_id, "m", created, metric, dims[0], "", "", dims[3], "", "", dims[6], dims[7],
-                _dim(message_id, 32))] += n
+        if len(message_id) > 32:
+            raise ValueError("rollup dimension longer than 32 characters")
+        created = _hour(message_created_at).replace(hour=0) if message_created_at else hour.replace(hour=0)
+        buffer[(org_id, "m", created, metric, dims[0], "", "", dims[3], "", "", dims[6], dims[7], message_id)] += n
 
 
 def pending(session: Session) -> int:
@@ -235,7 +237,23 @@ def pending(session: Session) -> int:
 
 
 _COLUMNS = ("org_id", "grain", "period", "metric", *DIMENSIONS)
-_CHUNK = 400
+_CHUNK = 2000
+
+
+_statements: dict[str, object] = {}
+
+
+def _upsert(dialect: str):
+    """``INSERT ... ON CONFLICT (key) DO UPDATE SET n = n + excluded.n``, built once per dialect
+    (executed with many rows: compiled once and cached, not one statement per batch)."""
+    stmt = _statements.get(dialect)
+    if stmt is None:
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        table = AnalyticsRollup.__table__
+        stmt = insert(table)
+        stmt = stmt.on_conflict_do_update(index_elements=list(_COLUMNS), set_={"n": table.c.n + stmt.excluded.n})
+        _statements[dialect] = stmt
+    return stmt
 
 
 def flush_pending(session: Session) -> int:
@@ -243,19 +261,11 @@ def flush_pending(session: Session) -> int:
     buffer = session.info.pop(_BUFFER, None)
     if not buffer:
         return 0
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    table = AnalyticsRollup.__table__
+    stmt = _upsert(session.get_bind().dialect.name)
     keys = sorted(buffer, key=lambda k: tuple(str(v) for v in k))
-    by_org: dict[str, list] = defaultdict(list)
-    for key in keys:
-        by_org[key[0]].append(key)
-    for org_keys in by_org.values():
-        for start in range(0, len(org_keys), _CHUNK):
-            rows = [dict(zip(_COLUMNS, key), id=new_id(), n=buffer[key]) for key in org_keys[start:start + _CHUNK]]
-            stmt = insert(table).values(rows)
-            stmt = stmt.on_conflict_do_update(index_elements=list(_COLUMNS), set_={"n": table.c.n + stmt.excluded.n})
-            session.execute(stmt)
+    for start in range(0, len(keys), _CHUNK):
+        rows = [dict(zip(_COLUMNS, key), id=new_id(), n=buffer[key]) for key in keys[start:start + _CHUNK]]
+        session.execute(stmt, rows)  # one cached statement, executemany
     return len(keys)
 
 
