@@ -13,8 +13,10 @@ One transaction per organization (``rotate_index_key``):
    wait for the rotation); on SQLite the transaction's ``BEGIN IMMEDIATE`` holds the single
    writer lock;
 2. add index-key version n+1;
-3. rewrite every index column of the organization (``INDEX_COLUMNS``) in batches: read id and
-   index by keyset pages, compute the next link in Python, ``executemany`` the updates;
+3. rewrite every index column of the organization (``INDEX_COLUMNS``): on PostgreSQL in
+   batches (read id and index by keyset pages, compute the next link in Python, ``executemany``
+   the updates); on SQLite with one ``UPDATE`` per column through a function registered on the
+   connection (``carepost_chain_index``), which computes the same link;
 4. record the rotation (a callback writes the audit event in the same transaction) and commit.
 
 Look-ups between tables (a suppression against a recipient's address index, a contact's email
@@ -111,17 +113,16 @@ def _lock_for_rotation(session: Session, org_id: str) -> int:
     return version
 
 
-def reindex_organization(session: Session, org_id: str, *, batch: int = BATCH,
-                         on_done: Callable[[Session, OrgReindex], None] | None = None) -> OrgReindex:
-    """Steps 1-4 of the module docstring in ``session`` (a system-scoped session); commits."""
-    t0 = time.perf_counter()
-    ring = get_keyring()
-    old = _lock_for_rotation(session, org_id)
-    new = ring.add_version(session, org_id, "index")
-    key = ring.index_key(session, org_id, new)
-    result = OrgReindex(org_id=org_id, old_version=old, new_version=new)
+def _move_columns(session: Session, org_id: str, key: bytes, result: OrgReindex, batch: int, *, set_based: bool) -> None:
+    """Replace every index of the organization by its next link under ``key``."""
     for table, column in index_columns():
         col = table.c[column]
+        if set_based:
+            result.rows[f"{table.name}.{column}"] = session.execute(
+                update(table).where(table.c.org_id == org_id, col.is_not(None))
+                .values({column: func.carepost_chain_index(col)}).execution_options(synchronize_session=False)
+            ).rowcount
+            continue
         stmt = update(table).where(table.c.id == bindparam("_id")).values({column: bindparam("_new")})
         last = ""
         count = 0
@@ -136,6 +137,26 @@ def reindex_organization(session: Session, org_id: str, *, batch: int = BATCH,
             session.connection().execute(stmt, [{"_id": rid, "_new": chain_index(key, value)} for rid, value in rows])
             count += len(rows)
         result.rows[f"{table.name}.{column}"] = count
+
+
+def reindex_organization(session: Session, org_id: str, *, batch: int = BATCH,
+                         on_done: Callable[[Session, OrgReindex], None] | None = None) -> OrgReindex:
+    """Steps 1-4 of the module docstring in ``session`` (a system-scoped session); commits."""
+    t0 = time.perf_counter()
+    ring = get_keyring()
+    old = _lock_for_rotation(session, org_id)
+    new = ring.add_version(session, org_id, "index")
+    key = ring.index_key(session, org_id, new)
+    result = OrgReindex(org_id=org_id, old_version=old, new_version=new)
+    sqlite = session.get_bind().dialect.name == "sqlite"
+    raw = session.connection().connection.driver_connection if sqlite else None
+    if raw is not None:  # set-based: the next link computed by a function registered on this connection
+        raw.create_function("carepost_chain_index", 1, lambda value: None if value is None else chain_index(key, value))
+    try:
+        _move_columns(session, org_id, key, result, batch, set_based=raw is not None)
+    finally:
+        if raw is not None:  # the pooled connection must not keep the key
+            raw.create_function("carepost_chain_index", 1, None)
     # This transaction holds the new version from here on (its own look-ups compute with it).
     session.info.setdefault(INDEX_VERSIONS_INFO, {})[org_id] = (new, session.get_transaction())
     result.seconds = time.perf_counter() - t0
