@@ -11,6 +11,7 @@ Postal's ``outgoing_message_processor``)::
       4. check_sender       the From domain must still be a sending domain of the organization, ownership proven
     without a transaction (SQLite's write lock is free for everyone else):
       5. decide             the secure method per recipient (``policy.decide``)
+      5b. links             link guard and engagement tracking per copy (port ``links``), before composition
       6. compose            MIME once per message (per recipient when unsubscribe headers differ)
       7. protect            PGP or S/MIME per recipient, then the DKIM signature
       8. store_for_portal   portal recipients: the copy goes to the portal, a notification by email
