@@ -328,8 +328,14 @@ def test_rows_are_moved_in_batches(db, org):
         for i in range(1000):
             suppressions.add_suppression(s, org.id, f"a{i}@example.org", "manual", keep_address=False)
         s.commit()
+    from carepost.delivery.models import Suppression
+
+    with system_session() as s:
+        stamps = dict(s.execute(select(Suppression.id, Suppression.updated_at).where(Suppression.org_id == org.id)).tuples().all())
     report = rotate_index_keys(session_factory(), [org.id], batch=300)
     assert report.rotated[0].rows["suppressions.address_index"] == 1000
+    with system_session() as s:  # a re-index is not an edit: updated_at stays
+        assert dict(s.execute(select(Suppression.id, Suppression.updated_at).where(Suppression.org_id == org.id)).tuples().all()) == stamps
     with org_session(org.id) as s:
         ring = get_keyring()
         wanted = [ring.blind_index(s, org.id, "email", f"a{i}@example.org") for i in range(1000)]

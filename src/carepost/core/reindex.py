@@ -14,8 +14,8 @@ One transaction per organization (``rotate_index_key``):
    writer lock;
 2. add index-key version n+1;
 3. rewrite every index column of the organization (``INDEX_COLUMNS``): on PostgreSQL in
-   batches (read id and index by keyset pages, compute the next link in Python, ``executemany``
-   the updates); on SQLite with one ``UPDATE`` per column through a function registered on the
+   batches (read id and index by keyset pages, compute the next link in Python, one
+   ``UPDATE ... FROM (VALUES ...)`` per page); on SQLite with one ``UPDATE`` per column through a function registered on the
    connection (``carepost_chain_index``), which computes the same link;
 4. record the rotation (a callback writes the audit event in the same transaction) and commit.
 
@@ -33,7 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import Table, bindparam, func, select, update
+from sqlalchemy import String, Table, func, select, update, values
+from sqlalchemy import column as sa_column
 from sqlalchemy.orm import Session
 
 from carepost.core import clock
@@ -117,13 +118,14 @@ def _move_columns(session: Session, org_id: str, key: bytes, result: OrgReindex,
     """Replace every index of the organization by its next link under ``key``."""
     for table, column in index_columns():
         col = table.c[column]
+        # not an edit of the row: ``updated_at`` (and its onupdate default) stays as it was
+        keep = {c.name: c for c in table.c if c.onupdate is not None and c.name != column}
         if set_based:
             result.rows[f"{table.name}.{column}"] = session.execute(
                 update(table).where(table.c.org_id == org_id, col.is_not(None))
-                .values({column: func.carepost_chain_index(col)}).execution_options(synchronize_session=False)
+                .values({column: func.carepost_chain_index(col), **keep}).execution_options(synchronize_session=False)
             ).rowcount
             continue
-        stmt = update(table).where(table.c.id == bindparam("_id")).values({column: bindparam("_new")})
         last = ""
         count = 0
         while True:
@@ -134,7 +136,10 @@ def _move_columns(session: Session, org_id: str, key: bytes, result: OrgReindex,
             if not rows:
                 break
             last = rows[-1][0]
-            session.connection().execute(stmt, [{"_id": rid, "_new": chain_index(key, value)} for rid, value in rows])
+            moved = values(sa_column("rid", String), sa_column("new", String), name="moved").data(
+                [(rid, chain_index(key, value)) for rid, value in rows])
+            session.execute(update(table).where(table.c.id == moved.c.rid).values({column: moved.c.new, **keep})
+                            .execution_options(synchronize_session=False))
             count += len(rows)
         result.rows[f"{table.name}.{column}"] = count
 
