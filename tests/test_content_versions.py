@@ -363,3 +363,11 @@ def test_consent_helper_lists_the_topics_a_contact_subscribes_to(session, org):
     out = templates.render_for_contacts(session, org.id, version, [rosa.id])[rosa.id]
     assert "Hi Rosa: [Clinic news]</p>" in out.html
     session.rollback()
+
+
+def test_the_text_part_made_from_html_keeps_paragraphs_lists_and_link_targets():
+    html = ('<html><head><title>T</title><style>p{color:red}</style></head><body><p>Hello Ann &amp; Co,</p>'
+            '<p>See <a href="https://x.example/a?b=1&amp;c=2">your portal</a>.</p><ul><li>One</li><li>Two</li></ul>'
+            '<table><tr><td>A</td><td>B</td></tr></table>End <a href="https://y.example">https://y.example</a></body></html>')
+    assert authoring.text_from_html(html) == ("Hello Ann & Co,\nSee your portal (https://x.example/a?b=1&c=2).\n\n"
+                                              "- One\n- Two\nA B\n\nEnd https://y.example\n")

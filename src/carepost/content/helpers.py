@@ -17,6 +17,7 @@ else the organization's, else UTC).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -120,6 +121,7 @@ def choose_language(preferred: str | None, default: str, available) -> str:
     return default
 
 
+@functools.lru_cache(maxsize=64)
 def _locale(language: str | None) -> Locale:
     try:
         return Locale.parse((language or "en").replace("-", "_"))
@@ -127,6 +129,7 @@ def _locale(language: str | None) -> Locale:
         return Locale.parse("en")
 
 
+@functools.lru_cache(maxsize=512)
 def _zone(name: str | None) -> ZoneInfo:
     try:
         return ZoneInfo(name) if name else ZoneInfo("UTC")
