@@ -34,6 +34,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from datetime import datetime, timedelta
 from urllib.parse import parse_qsl, quote, unquote, unquote_plus
 
 from sqlalchemy import delete, select, update
+from sqlalchemy import event as sa_event
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -52,7 +54,7 @@ from carepost.accounts.ports import record
 from carepost.core import clock
 from carepost.core.config import get_settings
 from carepost.core.crypto import get_keyring
-from carepost.core.database import ALL_ORGANIZATIONS
+from carepost.core.database import ALL_ORGANIZATIONS, begin_read
 from carepost.core.errors import NotFound, PermissionDenied, ValidationFailed
 from carepost.core.ids import new_id
 from carepost.core.logging import get_logger
@@ -77,6 +79,9 @@ _SCOPE_TOKEN_RE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 NQCHAR
 NAME_MAX = 200
 MAX_EXPIRY_DAYS = 3650
 LAST_USED_RESOLUTION = timedelta(seconds=60)  # at most one last_used_at write per minute
+# A verified API key is remembered this long: revoking, suspending, narrowing or expiring a key
+# takes effect at once in the process that made the change and within this bound in every other.
+VERIFIED_KEY_SECONDS = 2.0
 
 
 # --------------------------------------------------------------------------- secrets
@@ -337,6 +342,83 @@ def acting_for(session: Session, org_id: str) -> Iterator[None]:
         session.info.update(saved)
 
 
+# --------------------------------------------------------------------------- verified keys
+#
+# Verifying a key pair reads its row; under load that look-up is a database query per request.
+# A key pair verified by the database is remembered for VERIFIED_KEY_SECONDS (a copy of the
+# fields a request needs, never the secret: the secret's stored hash, compared in constant time).
+# Failures are never remembered (each one is checked, and audited, against the database); a
+# change of the row in this process (revoke, suspend, scopes) forgets the copy at once; another
+# process's change is seen at most VERIFIED_KEY_SECONDS later.
+
+
+@dataclass(frozen=True)
+class _VerifiedKey:
+    id: str
+    org_id: str
+    key_id: str
+    name: str
+    secret_hash: str
+    scopes: tuple[str, ...]
+    sandbox: bool
+    rate_limit_per_minute: int | None
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+    suspended_at: datetime | None
+    expires_at: datetime | None
+    verified_at: datetime
+
+
+_verified: dict[str, _VerifiedKey] = {}
+_verified_lock = threading.Lock()
+
+
+def _remember_verified(cred: ApiCredential) -> None:
+    copy = _VerifiedKey(
+        id=cred.id, org_id=cred.org_id, key_id=cred.key_id, name=cred.name, secret_hash=cred.secret_hash,
+        scopes=tuple(cred.scopes or ()), sandbox=bool(cred.sandbox), rate_limit_per_minute=cred.rate_limit_per_minute,
+        last_used_at=clock.aware(cred.last_used_at), revoked_at=cred.revoked_at, suspended_at=cred.suspended_at,
+        expires_at=clock.aware(cred.expires_at), verified_at=clock.now(),
+    )
+    with _verified_lock:
+        _verified[cred.key_id] = copy
+
+
+def _recall_verified(key_id: str, secret: str) -> _VerifiedKey | None:
+    """The remembered copy of a key verified less than VERIFIED_KEY_SECONDS ago, if ``secret`` is
+    its secret, it is still active and its last use needs no new write; else None (ask the database)."""
+    with _verified_lock:
+        copy = _verified.get(key_id)
+    if copy is None:
+        return None
+    now = clock.now()
+    age = (now - copy.verified_at).total_seconds()
+    if not 0 <= age < VERIFIED_KEY_SECONDS:
+        return None
+    if credential_status(copy, now) != "active":
+        return None
+    if copy.last_used_at is None or now - copy.last_used_at >= LAST_USED_RESOLUTION:
+        return None
+    if not hmac.compare_digest(copy.secret_hash, hash_secret(key_id, secret)):
+        return None
+    return copy
+
+
+def forget_verified_keys(key_id: str | None = None) -> None:
+    """Forget remembered keys (one, or all)."""
+    with _verified_lock:
+        if key_id is None:
+            _verified.clear()
+        else:
+            _verified.pop(key_id, None)
+
+
+@sa_event.listens_for(ApiCredential, "after_update")
+@sa_event.listens_for(ApiCredential, "after_delete")
+def _forget_changed_key(_mapper, _connection, target: ApiCredential) -> None:
+    forget_verified_keys(target.key_id)
+
+
 def _find_by_key_id(session: Session, key_id: str) -> ApiCredential | None:
     # The caller is not known yet, so this one look-up crosses organizations, by an exact key id.
     return session.scalar(
@@ -386,6 +468,7 @@ class _Authenticated:
     scopes: list[str]
     token_id: str | None = None
     extra: dict = field(default_factory=dict)
+    cached: bool = False  # from the verified-key copy: nothing to write, nothing to remember
 
 
 def principal_from_authorization(request, session: Session, *, count_request: bool = True) -> Principal | None:
@@ -418,12 +501,16 @@ def principal_from_authorization(request, session: Session, *, count_request: bo
         return None
 
     cred = auth.cred
-    now = clock.now()
-    if cred.last_used_at is None or now - clock.aware(cred.last_used_at) >= LAST_USED_RESOLUTION:
-        with acting_for(session, cred.org_id):
-            cred.last_used_at = now
-            session.flush()
-    session.commit()
+    if not auth.cached:
+        now = clock.now()
+        session.commit()
+        if cred.last_used_at is None or now - clock.aware(cred.last_used_at) >= LAST_USED_RESOLUTION:
+            with acting_for(session, cred.org_id):
+                cred.last_used_at = now
+                session.flush()
+            session.commit()
+        if auth.method in ("api_key", "basic"):
+            _remember_verified(cred)
     settings = get_settings()
     limit = cred.rate_limit_per_minute or settings.rate_limit_per_minute
     principal = Principal(
@@ -478,6 +565,10 @@ def _usable(cred: ApiCredential | None, secret_ok: bool) -> ApiCredential:
 def _key_pair(session: Session, key_id: str, secret: str) -> _Authenticated:
     if not _KEY_ID_RE.match(key_id) or not _SECRET_RE.match(secret):
         raise _Failure("malformed")
+    copy = _recall_verified(key_id, secret)
+    if copy is not None:
+        return _Authenticated(copy, "api_key", list(copy.scopes), cached=True)
+    begin_read(session)  # a look-up: no write lock (the last-use write, when due, is its own transaction)
     cred = _find_by_key_id(session, key_id)
     cred = _usable(cred, _check_secret(cred, secret))
     return _Authenticated(cred, "api_key", list(cred.scopes or []))

@@ -16,6 +16,7 @@ import base64
 import hashlib
 import hmac
 import json
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -64,6 +65,7 @@ def chain_key(session: Session, chain: str) -> bytes:
 def _lock_head(session: Session, chain: str) -> AuditChainHead:
     locked = session.execute(
         update(AuditChainHead).where(AuditChainHead.chain == chain).values(seq=AuditChainHead.seq)
+        .execution_options(synchronize_session=False)  # the row is re-read below (populate_existing)
     ).rowcount
     if not locked:
         try:
@@ -94,36 +96,175 @@ def record(
     details: dict | None = None,
 ) -> AuditEvent:
     """Append one event in the caller's transaction (it commits or rolls back with the action)."""
-    chain = org_id or SYSTEM_CHAIN
-    head = _lock_head(session, chain)
-    event = AuditEvent(
-        chain=chain,
-        seq=head.seq + 1,
-        org_id=org_id,
-        occurred_at=clock.now(),
-        actor_type=actor_type,
-        actor_id=actor_id,
-        on_behalf_of=on_behalf_of,
-        action=action,
-        target_type=target_type,
-        target_id=None if target_id is None else str(target_id)[:200],
-        outcome=outcome,
-        ip=ip,
-        user_agent=(user_agent or None) and user_agent[:300],
-        request_id=request_id,
-        details=scrub_value(details or {}),
-        prev_hash=head.hash,
-    )
-    event.id = new_id()
-    event.key_version, key = get_keyring().named_key_version(session, chain, "audit")
-    event.hash = event_hash(key, event)
-    head.seq = event.seq
-    head.hash = event.hash
-    head.updated_at = event.occurred_at
-    session.add(event)
+    return record_many(session, [dict(
+        org_id=org_id, actor_type=actor_type, actor_id=actor_id, action=action, outcome=outcome,
+        target_type=target_type, target_id=target_id, on_behalf_of=on_behalf_of, ip=ip, user_agent=user_agent,
+        request_id=request_id, details=details,
+    )])[0]
+
+
+def record_many(session: Session, items: list[dict]) -> list[AuditEvent]:
+    """Append several events (each a dict of :func:`record`'s keyword arguments), in order, in the
+    caller's transaction; each chain's head is locked once and its key looked up once."""
+    heads: dict[str, tuple[AuditChainHead, int, bytes]] = {}
+    events = []
+    for fields in items:
+        chain = fields.get("org_id") or SYSTEM_CHAIN
+        if chain not in heads:
+            head = _lock_head(session, chain)
+            heads[chain] = (head, *get_keyring().named_key_version(session, chain, "audit"))
+        head, key_version, key = heads[chain]
+        user_agent = fields.get("user_agent")
+        target_id = fields.get("target_id")
+        event = AuditEvent(
+            chain=chain,
+            seq=head.seq + 1,
+            org_id=fields.get("org_id"),
+            occurred_at=clock.now(),
+            actor_type=fields["actor_type"],
+            actor_id=fields.get("actor_id"),
+            on_behalf_of=fields.get("on_behalf_of"),
+            action=fields["action"],
+            target_type=fields.get("target_type"),
+            target_id=None if target_id is None else str(target_id)[:200],
+            outcome=fields.get("outcome") or "success",
+            ip=fields.get("ip"),
+            user_agent=(user_agent or None) and user_agent[:300],
+            request_id=fields.get("request_id"),
+            details=scrub_value(fields.get("details") or {}),
+            prev_hash=head.hash,
+        )
+        event.id = new_id()
+        event.key_version = key_version
+        event.hash = event_hash(key, event)
+        head.seq = event.seq
+        head.hash = event.hash
+        head.updated_at = event.occurred_at
+        session.add(event)
+        events.append(event)
     session.flush()
-    _remember_append(session, event, key)
-    return event
+    for event in events:
+        _remember_append(session, event, heads[event.chain][2])
+    return events
+
+
+# --------------------------------------------------------------------------- group commit of audited reads
+#
+# An audited read (``GET /api/v1/contacts/{id}``) writes nothing but its audit event. Appending
+# that event in the request's own transaction makes every read take SQLite's write lock for the
+# whole request (reading, decrypting, rendering). Instead the read runs in a read-only
+# transaction, and its event is handed to ``record_committed``: concurrent requests' events are
+# appended in one transaction (the chain head locked once, one commit, one checkpoint), and each
+# caller returns only after the transaction holding its event committed and its checkpoint was
+# written. The response is sent after that, as before; if the append fails, the caller gets the
+# exception and no response with the data.
+
+
+class AuditAppendFailed(RuntimeError):
+    """The audit event of a read could not be committed; the read must not be answered."""
+
+
+class _Queued:
+    __slots__ = ("fields", "done", "event_id", "error")
+
+    def __init__(self, fields: dict) -> None:
+        self.fields = fields
+        self.done = False
+        self.event_id: str | None = None
+        self.error: BaseException | None = None
+
+
+class _GroupAppender:
+    """Leader/follower group commit: the first caller to find no write under way becomes the
+    leader and appends everything queued (its own event included) in one transaction; callers
+    arriving meanwhile wait, and the next leader takes all of them. A failed group is retried
+    one event at a time, so one bad event fails only its own caller."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: list[_Queued] = []
+        self._busy = False
+
+    def append(self, fields: dict) -> str:
+        item = _Queued(fields)
+        with self._cond:
+            self._queue.append(item)
+            while not item.done and self._busy:
+                self._cond.wait()
+            if item.done:
+                return self._outcome(item)
+            self._busy = True
+            batch, self._queue = self._queue, []
+        try:
+            self._write_all(batch)
+        finally:
+            with self._cond:
+                self._busy = False
+                for queued in batch:
+                    queued.done = True
+                self._cond.notify_all()
+        return self._outcome(item)
+
+    @staticmethod
+    def _outcome(item: _Queued) -> str:
+        if item.error is not None or item.event_id is None:
+            raise AuditAppendFailed("the audit event could not be recorded") from item.error
+        return item.event_id
+
+    def _write_all(self, batch: list[_Queued]) -> None:
+        try:
+            self._write(batch)
+            return
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].error = exc
+                log.error("audit_append_failed", error_type=type(exc).__name__)
+                return
+        for queued in batch:
+            try:
+                self._write([queued])
+            except Exception as exc:
+                queued.error = exc
+                log.error("audit_append_failed", error_type=type(exc).__name__)
+
+    @staticmethod
+    def _write(batch: list[_Queued]) -> None:
+        from carepost.core.database import system_session
+
+        with system_session() as session:
+            events = record_many(session, [queued.fields for queued in batch])
+            ids = [event.id for event in events]
+            session.commit()  # the checkpoint is written in after_commit, before this returns
+        for queued, event_id in zip(batch, ids):
+            queued.event_id = event_id
+
+
+_appender = _GroupAppender()
+
+
+def record_committed(**fields) -> str:
+    """Append one event (:func:`record`'s keyword arguments, without a session) in a transaction
+    of its own, grouped with other callers' events; returns the event id once it is committed
+    and checkpointed. Raises :class:`AuditAppendFailed` when it could not be."""
+    return _appender.append(fields)
+
+
+def record_read(principal, request, action: str, **kwargs) -> str:
+    """:func:`record_for` for a request that wrote nothing: the event is committed (grouped with
+    concurrent requests' events) before this returns; call it after the read's own transaction
+    ended and before answering."""
+    from carepost.accounts.access import request_context
+
+    ctx = request_context(request) if request is not None else {}
+    return record_committed(
+        org_id=principal.org_id,
+        actor_type=principal.kind,
+        actor_id=principal.actor_id,
+        on_behalf_of=principal.on_behalf_of,
+        **ctx,
+        action=action,
+        **kwargs,
+    )
 
 
 # --------------------------------------------------------------------------- reading

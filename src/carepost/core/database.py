@@ -92,8 +92,11 @@ def _sqlcipher_engine(path: str, settings: Settings) -> Engine:
         creator=connect,
         module=sqlcipher3.dbapi2,
         poolclass=QueuePool,
-        pool_size=8,
-        max_overflow=16,
+        # Kept open for a busy `serve` (16+ concurrent requests, each with its session, plus the
+        # audit group commit): an overflow connection is closed when returned, and re-opening one
+        # (key, schema read, pragmas) costs more than a request's own queries.
+        pool_size=20,
+        max_overflow=20,
         pool_pre_ping=False,
         hide_parameters=True,  # SQL parameters (PHI) never reach exception texts or echo logs
     )
@@ -175,6 +178,16 @@ def read_only_session(org_id: str | None = None) -> Iterator[Session]:
         else:
             session.info["scope"] = "system"
         yield session
+
+
+def begin_read(session: Session) -> None:
+    """Start ``session``'s next transaction without SQLite's write lock (``BEGIN DEFERRED``): for
+    a request that only reads, so it does not queue behind writers (WAL readers never wait).
+    No effect on PostgreSQL, or when a transaction is already open. A write through it can fail
+    with "database is locked"; an audited read records its event with
+    ``audit.service.record_read`` after this transaction ended."""
+    if not session.in_transaction():
+        session.connection(execution_options={"sqlite_begin": "DEFERRED"})
 
 
 @contextmanager

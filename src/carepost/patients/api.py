@@ -22,8 +22,9 @@ from starlette.convertors import Convertor, register_url_convertor
 
 from carepost.accounts.access import Principal, require
 from carepost.accounts.permissions import Permission as P
-from carepost.audit.service import record_for
+from carepost.audit.service import record_for, record_read
 from carepost.core.config import get_settings
+from carepost.core.database import begin_read
 from carepost.core.errors import PermissionDenied, ValidationFailed
 from carepost.patients import csvimport, imports, masking, service
 from carepost.patients.schemas import AttributeDefinitionIn, ContactIn, CsvMappingIn, FactIn
@@ -152,11 +153,13 @@ def search_contacts(request: Request, body: SearchIn, principal: Principal = Dep
 def read_contact(request: Request, contact_id: str, masked: bool = False,
                  principal: Principal = Depends(require(P.PHI_READ_MASKED))) -> dict:
     session = request.state.db
+    begin_read(session)  # reads only: no write lock while reading and decrypting
     contact = service.get_contact(session, contact_id)
     unmasked, view = _view(principal, masked)
     data = masking.present(service.contact_dict(session, contact), unmasked)
-    _audit(request, principal, "contact.read", contact.id, view=view)
     session.commit()
+    # Committed (grouped with concurrent reads' events) before the response is sent.
+    record_read(principal, request, "contact.read", target_type="contact", target_id=contact.id, details={"view": view})
     return data
 
 

@@ -639,8 +639,10 @@ def contact_dicts(session: Session, contacts: list[Contact]) -> list[dict]:
         idents.setdefault(row.contact_id, []).append(row)
     attrs: dict[str, dict[str, Any]] = {}
     org_id = contacts[0].org_id
-    defs_by_id = {d.id: d for d in _attribute_definitions(session, org_id).values()}
-    for v in session.scalars(select(CustomAttributeValue).where(CustomAttributeValue.contact_id.in_(ids))):
+    values = list(session.scalars(select(CustomAttributeValue).where(CustomAttributeValue.contact_id.in_(ids))))
+    # The definitions only when there are values to name (most contacts have none: one query less).
+    defs_by_id = {d.id: d for d in _attribute_definitions(session, org_id).values()} if values else {}
+    for v in values:
         d = defs_by_id.get(v.definition_id)
         if d is None:
             continue
