@@ -78,3 +78,23 @@ def test_two_threads_count_the_same_key_exactly(org):
     with read_only_session(org.id) as s:
         rows = s.scalar(select(func.count()).select_from(AnalyticsRollup).where(AnalyticsRollup.grain == "d"))
     assert rows == 1
+
+
+def test_small_cells_are_suppressed_and_not_derivable():
+    from carepost.tracking import analytics
+    from carepost.tracking.analytics_api import _rates
+
+    shown = analytics.suppress_counts({"accepted": 500, "excluded:deceased": 3, "excluded:unsubscribed_all": 40,
+                                       "excluded:no_authorization": 90, "delivered": 0})
+    assert shown["accepted"] == 500 and shown["delivered"] == 0
+    assert shown["excluded:deceased"] == "<11"
+    # One hidden cell in the family: the smallest shown one is hidden too (no recovery by subtraction).
+    assert shown["excluded:unsubscribed_all"] == "suppressed" and shown["excluded:no_authorization"] == 90
+    column = analytics.suppress_column({"api": 7, "campaign": 770, "journey": 1200, "ui": 0}, "accepted")
+    assert column == {"api": "<11", "campaign": "suppressed", "journey": 1200, "ui": 0}
+    assert analytics.suppress_column({"a": 4, "b": 5, "c": 300}, "accepted") == {"a": "<11", "b": "<11", "c": 300}
+    assert analytics.suppress_list([0, 3, 50, 12], "delivered") == [0, "<11", 50, "suppressed"]
+    # A rate whose numerator is a small cell would give it away (rate × sent): left out when masked.
+    rates = _rates({"sent": 500, "delivered": 490, "bounced_hard": 2, "complained": 0}, masked=True)
+    assert rates["bounce_rate"] is None and rates["delivery_rate"] == 0.98 and rates["complaint_rate"] == 0.0
+    assert _rates({"sent": 500, "delivered": 490, "bounced_hard": 2})["bounce_rate"] == 0.004

@@ -210,11 +210,15 @@ def shown_rows(rows: dict[str, dict[str, int]], unmasked: bool) -> dict[str, dic
     return out
 
 
-def _rates(totals: dict[str, int]) -> dict[str, float | None]:
+def _rates(totals: dict[str, int], masked: bool = False) -> dict[str, float | None]:
+    """Rates over what was sent or delivered. For a masked viewer a rate whose numerator is a
+    small cell (1..10) is left out: rate × sent would give the count away."""
     sent = totals.get("sent", 0)
     delivered = totals.get("delivered", 0)
 
     def rate(n, d):
+        if masked and 0 < n < analytics.SMALL_CELL:
+            return None
         return round(n / d, 4) if d else None
 
     bounced = totals.get("bounced_hard", 0) + totals.get("bounced_soft", 0)
@@ -242,7 +246,7 @@ def summary(request: Request, f: analytics.Filters = Depends(filters),
     totals = analytics.summary(request.state.db, principal.org_id, f)
     unmasked = _unmasked(principal)
     return {"filters": _filters_out(f), "masked": not unmasked, "totals": shown(totals, unmasked),
-            "rates": _rates(totals) if unmasked or totals.get("sent", 0) >= analytics.SMALL_CELL else {}}
+            "rates": _rates(totals, not unmasked) if unmasked or totals.get("sent", 0) >= analytics.SMALL_CELL else {}}
 
 
 Breakdown = Literal["source", "campaign", "journey_step", "template", "segment", "receiving_domain", "topic", "purpose"]

@@ -116,7 +116,7 @@ def analytics_page(request: Request, start: str | None = Query(None, max_length=
     return render(request, "tracking/analytics.html", {
         "form": form, "errors": errors, "filters": f, "masked": not unmasked,
         "totals": {m: _text(shown_totals.get(m, 0)) for m in TABLE_METRICS},
-        "rates": _rates(totals) if unmasked or totals.get("sent", 0) >= analytics.SMALL_CELL else {},
+        "rates": _rates(totals, not unmasked) if unmasked or totals.get("sent", 0) >= analytics.SMALL_CELL else {},
         "families": families, "chart": chart, "metric_labels": METRIC_LABELS, "table_metrics": TABLE_METRICS,
         "by_source": [(SOURCE_LABELS.get(k, k), {m: _text(v.get(m, 0)) for m in TABLE_METRICS})
                       for k, v in sorted(by_source.items(), key=lambda kv: (kv[0] == "", kv[0]))],
