@@ -380,3 +380,24 @@ def test_a_suppression_still_blocks_delivery_after_a_rotation(delivery):
                                                         MessageRecipient.address_index == index)).all()
         assert [row.message_id for row in rows] == [message_id]
         assert rows[0].domain_index == patients.blind_index(s, sender.org_id, "domain", "valid.test")
+
+
+def test_patient_deletion_with_indexes_read_before_a_rotation_still_clears_the_address(db, org):
+    """The deletion hook gets the contact's indexes as read before the rotation committed: the
+    suppressions of those addresses still lose their clear copy and keep blocking."""
+    from carepost.consent import service as consent
+    from carepost.delivery.models import Suppression
+
+    cid = _contact(org.id, given_name="Ana", email="ana@example.org")
+    with org_session(org.id) as s:
+        suppressions.add_suppression(s, org.id, "ana@example.org", "complaint")
+        stale = [patients.blind_index(s, org.id, "email", "ana@example.org")]
+        s.commit()
+    _rotate(org.id)
+    with org_session(org.id) as s:
+        consent.forget_contact(s, org.id, cid, {"email": stale})
+        s.commit()
+    with org_session(org.id) as s:
+        row = s.scalars(select(Suppression).where(Suppression.org_id == org.id)).one()
+        assert row.address_enc is None
+        assert suppressions.is_suppressed(s, org.id, "ana@example.org") == "complaint"

@@ -776,7 +776,11 @@ def forget_contact(session: Session, org_id: str, contact_id: str, indexes: dict
     suppressions of every address it had (by blind index), and suppressions of those addresses
     drop their clear-text copy. Signed authorizations stay as evidence (164.508(b)(6),
     164.530(j)), findable by ``subject_index``; their ``contact_id`` is cleared by the database."""
-    emails = indexes.get("email", [])
+    from carepost.core.reindex import current_copy
+
+    # read by the caller before this transaction held the index version: brought forward if a
+    # blind-index rotation committed in between (docs/keys.md)
+    emails = [current_copy(session, org_id, idx) for idx in indexes.get("email", [])]
     for row in subscriptions_of(session, org_id, contact_id):
         if row.status == "unsubscribed":
             for idx in emails:
