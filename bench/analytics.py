@@ -233,8 +233,8 @@ def time_reads(org_id: str, token: str, campaign: str, reads: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--database-url", help="PostgreSQL admin URL (a scratch database is made and dropped)")
-    ap.add_argument("--events", type=int, default=1_000_000)
-    ap.add_argument("--recipients", type=int, default=1_000_000)
+    ap.add_argument("--events", type=int, default=1_000_000, help="0: skip the update part")
+    ap.add_argument("--recipients", type=int, default=1_000_000, help="0: skip the read part")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--reads", type=int, default=5)
     ap.add_argument("--out")
@@ -250,9 +250,15 @@ def main() -> None:
     load_before = os.getloadavg()
     try:
         org_id, token = setup()
-        updates = [run_update(org_id, args.events, seed) for seed in range(args.runs)]
-        campaign = seed_campaign(org_id, args.recipients)
-        reads = [time_reads(org_id, token, campaign, args.reads) for _ in range(args.runs)]
+        updates, reads = [], []
+        for seed in range(args.runs if args.events else 0):
+            updates.append(run_update(org_id, args.events, seed))
+            print(json.dumps({"update_run": updates[-1], "load": os.getloadavg()}), flush=True)
+        if args.recipients:
+            campaign = seed_campaign(org_id, args.recipients)
+            for _ in range(args.runs):
+                reads.append(time_reads(org_id, token, campaign, args.reads))
+                print(json.dumps({"read_run": reads[-1], "load": os.getloadavg()}), flush=True)
     finally:
         from carepost.core.database import dispose_engine
 
@@ -266,15 +272,17 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "load_before": [round(x, 2) for x in load_before],
                     "load_after": [round(x, 2) for x in os.getloadavg()]},
         "update_runs": updates,
-        "update_median_seconds": statistics.median(u["seconds"] for u in updates),
+        "update_median_seconds": statistics.median(u["seconds"] for u in updates) if updates else None,
         "read_runs": reads,
         "read_median_ms": {k: statistics.median(r[k]["median_ms"] for r in reads)
-                           for k in reads[0] if isinstance(reads[0][k], dict)},
-        "read_worst_ms": {k: max(r[k]["max_ms"] for r in reads) for k in reads[0] if isinstance(reads[0][k], dict)},
+                           for k in reads[0] if isinstance(reads[0][k], dict)} if reads else None,
+        "read_worst_ms": {k: max(r[k]["max_ms"] for r in reads)
+                          for k in reads[0] if isinstance(reads[0][k], dict)} if reads else None,
     }
     text = json.dumps(result, indent=2)
     print(text)
-    out = Path(args.out or ROOT / "bench" / "results" / f"analytics_{db}.json")
+    part = "" if args.events and args.recipients else ("_reads" if not args.events else "_update")
+    out = Path(args.out or ROOT / "bench" / "results" / f"analytics_{db}{part}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
 
