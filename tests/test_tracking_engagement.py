@@ -152,13 +152,10 @@ def test_opens_only_adds_the_pixel_and_keeps_links(env):
 
 
 def test_pgp_copy_gets_click_redirects_but_no_pixel(env, gpg):
-    from carepost.core.database import org_session
-    from carepost.delivery import service
-
-    gpg.gen_key("pat@valid.test")
-    with org_session(env.sender.org_id) as s:
-        service.add_recipient_key(s, env.sender.org_id, "pat@valid.test", "pgp", gpg.gpg("--armor", "--export", "pat@valid.test").decode())
-        s.commit()
+    cert = gpg.gen_key("Tracked Pat <pat@valid.test>")  # the session's keyring may hold one already: one cert
+    r = env.client.post("/api/v1/recipient-keys", json={"address": "pat@valid.test", "kind": "pgp", "key": cert},
+                        headers=env.key)
+    assert r.status_code == 201, r.text
     message_id = env.send(security="secure")
     [received] = env.deliver(message_id)
     clear = gpg.decrypt(received.data)
