@@ -294,6 +294,13 @@ def message(request: Request, message_id: str, principal: Principal = Depends(re
 
     if not is_id(message_id):
         raise ValidationFailed("message_id is a CarePost id.", field="message_id")
+    from carepost.core.errors import NotFound
+    from carepost.delivery.models import Message
+
+    # Another organization's message (or none) is not found, never an empty set of figures:
+    # the organization-scoped session sees only this organization's messages.
+    if request.state.db.get(Message, message_id) is None:
+        raise NotFound("No such message.", field="message_id")
     f = analytics.Filters(start=date(2000, 1, 1), end=date(2000, 1, 1), message_id=message_id)
     totals = analytics.summary(request.state.db, principal.org_id, f)
     unmasked = _unmasked(principal)
