@@ -52,7 +52,7 @@ def test_owner_changes_the_security_mode_and_sees_it_applied_bad_input_is_refuse
     expect(page.get_by_test_id("settings-saved")).to_be_visible()
     expect(page.get_by_test_id("mode-secure")).to_be_checked()
     expect(page.locator("#default_purpose")).to_have_value("treatment")
-    assert _org_settings(owner.org_id) == {"security_mode": "secure", "default_purpose": "treatment", "relay": None}
+    assert _org_settings(owner.org_id) == {"security_mode": "secure", "default_purpose": "treatment", "relay": None, "engagement_privacy": False}
 
     # Applied: the security preview starts from the organization's new mode.
     page.goto("/app/security-preview")
@@ -72,7 +72,7 @@ def test_owner_changes_the_security_mode_and_sees_it_applied_bad_input_is_refuse
     page.get_by_test_id("mode-tls_exclusive").check()
     page.get_by_test_id("save-settings").click()
     expect(page.get_by_test_id("error-security_mode")).to_contain_text("Unknown security mode")
-    assert _org_settings(owner.org_id) == {"security_mode": "secure", "default_purpose": "treatment", "relay": None}
+    assert _org_settings(owner.org_id) == {"security_mode": "secure", "default_purpose": "treatment", "relay": None, "engagement_privacy": False}
 
 
 def test_owner_sets_the_organization_relay_and_sees_password_set_never_the_password(page, owner):
