@@ -101,6 +101,7 @@ def storage(request, tmp_path_factory):
 
 def empty_database() -> None:
     from sqlalchemy import text
+    from sqlalchemy.exc import IntegrityError
 
     from carepost.core.bootstrap import SYSTEM_KEY_OWNER
     from carepost.core.config import get_settings
@@ -115,7 +116,14 @@ def empty_database() -> None:
     tables = [t.name for t in reversed(Base.metadata.sorted_tables)]
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
-            conn.execute(text("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " CASCADE"))
+            # DELETE, children first, in one round trip: a test leaves a few rows, and TRUNCATE
+            # would give every table and index of the schema a new file (over a second per test).
+            # Should an order between tables ever not hold, TRUNCATE ... CASCADE still empties all.
+            try:
+                with conn.begin_nested():
+                    conn.exec_driver_sql("; ".join(f'DELETE FROM "{t}"' for t in tables))
+            except IntegrityError:
+                conn.execute(text("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " CASCADE"))
         else:
             for t in tables:
                 conn.execute(text(f'DELETE FROM "{t}"'))
