@@ -12,12 +12,8 @@ the database under it.
 from __future__ import annotations
 
 import email
-import os
 import re
 import secrets
-import signal
-import subprocess
-import sys
 import time
 from email import policy as email_policy
 from pathlib import Path
@@ -26,7 +22,11 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.fixtures.accounts import TestUser, add_staff, ui_login
-from tests.fixtures.ui import free_port
+from tests.fixtures.ui import (
+    capture_relay_env,
+    running_capture,
+    running_worker,
+)
 
 pytestmark = pytest.mark.ui
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,47 +36,18 @@ DOMAIN = "compose-ui.example"
 @pytest.fixture(scope="module")
 def capture(tmp_path_factory):
     """The mail capture ``carepost run`` starts: every message the worker sends lands as a file."""
-    from carepost.core.mailcapture import CaptureKeys, ensure_capture_tls, start_capture
-    from carepost.core.masterkeys import generate_master_key
-
-    base = tmp_path_factory.mktemp("capture")
-    tls = ensure_capture_tls(base / "tls")
-    port = free_port()
-    master = generate_master_key()  # the capture encrypts at rest under a master key (issue 9 item 16)
-    keys = CaptureKeys(master.id, {master.id: master})
-    controller = start_capture(base / "mail", "127.0.0.1", port, tls, keys)
-    yield {"dir": base / "mail", "port": port, "ca": tls.ca_file, "keys": keys}
-    controller.stop()
+    yield from running_capture(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def live_server_env(capture):
-    return {
-        "CAREPOST_SMTP_RELAY": f"localhost@127.0.0.1:{capture['port']}",
-        "CAREPOST_EXTRA_CA_FILE": str(capture["ca"]),
-        "CAREPOST_SMTP_RELAY_ENFORCES_TLS": "true",
-        "CAREPOST_MAIL_CAPTURE": "true",
-        "CAREPOST_DELIVERY_ALLOWED_HOSTS": "127.0.0.1",
-        "CAREPOST_SMTP_HELO_NAME": "mail.compose-ui.example",
-        "CAREPOST_SMTP_TIMEOUT": "5",
-    }
+    return capture_relay_env(capture, "mail.compose-ui.example")
 
 
 @pytest.fixture(scope="module")
 def worker(storage, live_server, live_server_env, tmp_path_factory):
     """``carepost worker`` consuming the queue the live server enqueues deliveries on."""
-    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
-    log = open(log_path, "w")
-    env = {**os.environ, **storage.env, **live_server_env, "CAREPOST_BASE_URL": live_server.url, "CAREPOST_LOG_JSON": "true"}
-    proc = subprocess.Popen([sys.executable, "-m", "carepost.cli", "worker", "--threads", "1", "--no-periodic"],
-                            cwd=str(ROOT), env=env, stdout=log, stderr=subprocess.STDOUT)
-    yield proc
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    yield from running_worker(storage, live_server, live_server_env, tmp_path_factory)
 
 
 def _user(s, org_id: str, role: str) -> TestUser:

@@ -10,12 +10,8 @@ database under it (no ``db`` fixture): each test arranges its own organization's
 from __future__ import annotations
 
 import email
-import os
 import re
 import secrets
-import signal
-import subprocess
-import sys
 import time
 from datetime import timedelta
 from email import policy as email_policy
@@ -27,6 +23,7 @@ from playwright.sync_api import expect
 from carepost.core import clock
 from carepost.core.database import system_session
 from tests.fixtures.portal import ADDRESS, PHI_SUBJECT, arrange
+from tests.fixtures.ui import running_worker
 
 pytestmark = pytest.mark.ui
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,18 +45,7 @@ def live_server_env(tls_ca, dns_server, mx_servers):
 @pytest.fixture(scope="module")
 def worker(storage, live_server, live_server_env, tmp_path_factory):
     """``carepost worker`` consuming the queue the live server enqueues code emails on."""
-    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
-    log = open(log_path, "w")
-    env = {**os.environ, **storage.env, **live_server_env, "CAREPOST_BASE_URL": live_server.url, "CAREPOST_LOG_JSON": "true"}
-    proc = subprocess.Popen([sys.executable, "-m", "carepost.cli", "worker", "--threads", "1", "--no-periodic"],
-                            cwd=str(ROOT), env=env, stdout=log, stderr=subprocess.STDOUT)
-    yield proc
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    yield from running_worker(storage, live_server, live_server_env, tmp_path_factory)
 
 
 def _arrange(**kw):
