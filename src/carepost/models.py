@@ -22,6 +22,7 @@ MODEL_MODULES = [
     "carepost.tracking.conversions",  # Goal, ContactEvent
     "carepost.content.models",
     "carepost.segments.models",
+    "carepost.campaigns.models",
 ]
 
 
