@@ -103,6 +103,7 @@ class Message(OrgScoped, Base):
     __table_args__ = (
         UniqueConstraint("org_id", "idempotency_key"),
         Index("ix_messages_org_created", "org_id", "created_at"),
+        Index("ix_messages_org_campaign", "org_id", "campaign_id"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
@@ -123,6 +124,8 @@ class Message(OrgScoped, Base):
     # The consent topic (consent.models.Topic id) the message belongs to; its opt-outs apply.
     # Messages stored before the field carry a ``topic:<key>`` tag instead (still read).
     topic_id: Mapped[str | None] = mapped_column(String(32))
+    # The campaign (campaigns.models.Campaign id) that planned this message; None for others.
+    campaign_id: Mapped[str | None] = mapped_column(String(32))
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     sandbox: Mapped[bool] = mapped_column(Boolean, default=False)
     created_by: Mapped[str | None] = mapped_column(String(32))  # user or API credential id
