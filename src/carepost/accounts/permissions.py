@@ -27,6 +27,7 @@ class Permission(StrEnum):
     SEGMENTS_READ = "segments:read"
     SEGMENTS_MANAGE = "segments:manage"
     TEMPLATES_MANAGE = "templates:manage"
+    CAMPAIGNS_READ = "campaigns:read"
     CAMPAIGNS_MANAGE = "campaigns:manage"
     CAMPAIGNS_APPROVE = "campaigns:approve"
     CAMPAIGNS_SEND = "campaigns:send"
@@ -49,20 +50,20 @@ ROLES: dict[str, frozenset[Permission]] = {
         {
             P.USERS_READ, P.AUDIT_READ, P.AUDIT_EXPORT, P.BREAKGLASS_REVIEW, P.PHI_READ_MASKED,
             P.PHI_READ_UNMASKED, P.CONSENT_MANAGE, P.CAMPAIGNS_APPROVE, P.MESSAGES_READ,
-            P.ANALYTICS_READ, P.RETENTION_MANAGE, P.FORMS_MANAGE, P.SEGMENTS_READ,
+            P.ANALYTICS_READ, P.RETENTION_MANAGE, P.FORMS_MANAGE, P.SEGMENTS_READ, P.CAMPAIGNS_READ,
         }
     ),
     "marketer": frozenset(
         {
             P.PHI_READ_MASKED, P.CONTACTS_IMPORT, P.SEGMENTS_READ, P.SEGMENTS_MANAGE, P.TEMPLATES_MANAGE,
-            P.CAMPAIGNS_MANAGE, P.CAMPAIGNS_SEND, P.JOURNEYS_MANAGE, P.FORMS_MANAGE,
+            P.CAMPAIGNS_READ, P.CAMPAIGNS_MANAGE, P.CAMPAIGNS_SEND, P.JOURNEYS_MANAGE, P.FORMS_MANAGE,
             P.MESSAGES_READ, P.ANALYTICS_READ,
         }
     ),
     # People who care for patients (nurses, care coordinators): masked by default, with
     # break-glass for an emergency. Issue 9 item 8: only care and compliance duties hold it.
     "care_team": frozenset({P.PHI_READ_MASKED, P.MESSAGES_READ, P.BREAKGLASS_USE}),
-    "analyst": frozenset({P.PHI_READ_MASKED, P.ANALYTICS_READ, P.MESSAGES_READ, P.SEGMENTS_READ}),
+    "analyst": frozenset({P.PHI_READ_MASKED, P.ANALYTICS_READ, P.MESSAGES_READ, P.SEGMENTS_READ, P.CAMPAIGNS_READ}),
     "developer": frozenset(
         {
             P.APIKEYS_MANAGE, P.MESSAGES_SEND, P.MESSAGES_READ, P.DOMAINS_MANAGE, P.WEBHOOKS_MANAGE,
@@ -94,7 +95,7 @@ API_SCOPES = frozenset(
     {
         P.PHI_READ_MASKED, P.PHI_READ_UNMASKED, P.PHI_WRITE, P.CONTACTS_IMPORT, P.CONSENT_MANAGE,
         P.MESSAGES_SEND, P.MESSAGES_READ, P.DOMAINS_MANAGE, P.WEBHOOKS_MANAGE, P.SEGMENTS_READ, P.SEGMENTS_MANAGE,
-        P.TEMPLATES_MANAGE, P.CAMPAIGNS_MANAGE, P.ANALYTICS_READ, P.AUDIT_READ, P.FORMS_MANAGE,
+        P.TEMPLATES_MANAGE, P.CAMPAIGNS_READ, P.CAMPAIGNS_MANAGE, P.ANALYTICS_READ, P.AUDIT_READ, P.FORMS_MANAGE,
         P.ORG_MANAGE,
     }
 )
