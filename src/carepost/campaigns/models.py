@@ -47,13 +47,16 @@ class Campaign(OrgScoped, Base):
     sending_domain_id: Mapped[str | None] = mapped_column(String(32))
     from_address: Mapped[str | None] = mapped_column(String(320))  # the organization's own address
     from_name_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
-    security: Mapped[str] = mapped_column(String(16), default="auto")  # the secure-delivery mode
+    security: Mapped[str | None] = mapped_column(String(16))  # secure-delivery mode; None: the organization's
     remuneration: Mapped[str] = mapped_column(String(8), default="none")  # none | cost | other
     refill_drug: Mapped[str | None] = mapped_column(String(64))  # e.g. rxnorm:197361
     schedule_kind: Mapped[str] = mapped_column(String(8), default="now")  # now | at | local
     send_at: Mapped[datetime | None]  # UTC (schedule "at"; for "local", the earliest instant)
     local_time: Mapped[str | None] = mapped_column(String(5))  # HH:MM in each recipient's time zone
     local_date: Mapped[date | None] = mapped_column(Date)
+    # "at": the zone a wall-clock send_at was given in; "local": the zone of contacts without one
+    # (None: the organization's default time zone, consent settings).
+    time_zone: Mapped[str | None] = mapped_column(String(64))
     throttle_per_hour: Mapped[int | None] = mapped_column(Integer)
     throttle_per_domain_per_hour: Mapped[int | None] = mapped_column(Integer)
     track_opens: Mapped[bool] = mapped_column(Boolean, default=True)
