@@ -79,6 +79,9 @@ class Campaign(OrgScoped, Base):
     plan_cursor: Mapped[str | None] = mapped_column(String(32))  # the last contact id planned
     plan_started_at: Mapped[datetime | None]
     plan_finished_at: Mapped[datetime | None]
+    # Heartbeat of planning and sending (campaigns.tasks): the periodic sweep re-queues a campaign
+    # whose work stopped (a killed worker) once this is older than CAREPOST_CAMPAIGN_STALE_SECONDS.
+    worked_at: Mapped[datetime | None]
     launched_by: Mapped[str | None] = mapped_column(String(32))
     launched_at: Mapped[datetime | None]
     created_by: Mapped[str | None] = mapped_column(String(32))
