@@ -82,6 +82,7 @@ class PreparedMessage:
     track_clicks: bool = False
     template_id: str | None = None
     template_version_id: str | None = None  # the immutable template version it was rendered from
+    campaign_id: str | None = None  # the campaign that planned it (campaigns.sending)
 
 
 def request_fingerprint(data) -> str:
@@ -292,7 +293,7 @@ def store_messages(session: Session, org_id: str, prepared: list[PreparedMessage
             headers_enc=enc(mt, "headers", message_id, json.dumps(p.headers)) if p.headers else None,
             portal_enc=enc(mt, "portal", message_id, json.dumps(p.portal)) if p.portal else None,
             track_opens=p.track_opens, track_clicks=p.track_clicks,
-            template_id=p.template_id, template_version_id=p.template_version_id,
+            template_id=p.template_id, template_version_id=p.template_version_id, campaign_id=p.campaign_id,
         ))
         for attachment in p.attachments:
             att_id = new_id()
