@@ -74,6 +74,7 @@ TASK_MODULES = [
     "carepost.tracking.tasks",
     "carepost.forms.tasks",
     "carepost.segments.tasks",
+    "carepost.campaigns.tasks",
 ]
 
 

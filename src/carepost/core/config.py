@@ -169,6 +169,11 @@ class Settings(BaseSettings):
     )
     delivery_batch_size: int = Field(500, description="Most messages one delivery task handles (larger sends are split into tasks).")
     delivery_concurrency: int = Field(64, description="SMTP transactions one worker process runs at the same time.")
+    campaign_plan_chunk: int = Field(2000, description="Contacts a campaign's planning handles per transaction (one chunk of the audience).")
+    campaign_send_batch: int = Field(200, description="Campaign recipients rendered and stored as messages per transaction.")
+    campaign_stale_seconds: int = Field(
+        120, description="A campaign planning or sending without progress for this long is queued again by the minute sweep (a killed worker)."
+    )
     smtp_submission_host: str = Field("127.0.0.1", description="Address `carepost smtp` (submission for applications) binds to.")
     smtp_submission_port: int = Field(2587, description="Port of SMTP submission (STARTTLS required, AUTH with API credentials).")
     smtp_submission_cert_file: Path | None = Field(

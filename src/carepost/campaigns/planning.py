@@ -1,0 +1,365 @@
+"""Planning a campaign: its audience, chunk by chunk, into recipient and exclusion rows.
+
+ARCHITECTURE.md section 4, step 1. :func:`plan` resolves the segment (minus the exclusion
+segments) to contact ids in chunks ordered by contact id, starting after ``plan_cursor``; each
+chunk goes through the one set-based eligibility function (``consent.eligibility``), the refill
+facts of the campaign's drug, the dynamic-block plan of the template version (``content.blocks``,
+one query per block per chunk) and the A/B assignment, and is written — recipient rows,
+exclusion rows with their reason, the cursor and the counts — in **one transaction per chunk**.
+
+Why a crash plans nobody twice and skips nobody: the cursor moves in the same transaction as the
+rows of its chunk, by a compare-and-set (``UPDATE ... WHERE plan_cursor = <the one read>``), so a
+second planner of the same campaign (the sweep re-queued it while the first was still alive)
+finds the cursor moved and re-reads instead of writing; the unique constraints on (campaign,
+contact) are the last guard. A killed planner leaves its chunk uncommitted; the next one starts
+at the last committed cursor. The segment is evaluated at ``plan_started_at`` every time, so a
+resumed plan sees the same audience definition.
+
+This module reads the tables of patients (contacts' time zones, medications of the refill drug)
+directly: a set-based answer needs joins, which calling their services one contact at a time
+cannot give. It only reads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.orm import Session
+
+from carepost.campaigns.models import Campaign, CampaignExclusion, CampaignRecipient
+from carepost.core import clock, purposes
+from carepost.core.database import org_session
+from carepost.core.ids import new_id
+from carepost.core.logging import get_logger
+
+log = get_logger("carepost.campaigns.planning")
+
+CHUNK = 2000
+# A campaign's remuneration (campaigns' words) -> consent's (core.purposes.REMUNERATION).
+REMUNERATION = {"none": "none", "cost": "cost_related", "other": "above_cost", None: "none"}
+EXCLUSION_SEGMENT = "exclusion_segment"  # reason of a contact removed by an exclusion segment
+UTC = ZoneInfo("UTC")
+
+
+@dataclass
+class PlanReport:
+    chunks: int = 0
+    planned: int = 0
+    excluded: int = 0
+    finished: bool = False
+    stopped: str | None = None  # why planning stopped before the end (paused, cancelled, not planning)
+
+
+# --------------------------------------------------------------------------- the audience
+
+
+class Audience:
+    """The segment and exclusion segments of one campaign, compiled once per planning run."""
+
+    def __init__(self, session: Session, org_id: str, campaign: Campaign):
+        from carepost.segments import compiler
+        from carepost.segments import service as segments
+        from carepost.segments.models import SegmentMember
+
+        self.org_id = org_id
+        at = clock.aware(campaign.plan_started_at) if campaign.plan_started_at else clock.now()
+        self._member = SegmentMember
+        self.segment = segments.get_segment(session, org_id, campaign.segment_id)
+        self.statement = None
+        if self.segment.kind != "snapshot":
+            self.statement = compiler.compile_query(session, org_id, segments.read_query(self.segment.query), at,
+                                                    segment_id=self.segment.id).statement
+        self.exclusions = []
+        for seg_id in campaign.exclusion_segment_ids or []:
+            seg = segments.get_segment(session, org_id, seg_id)
+            if seg.kind == "snapshot":
+                self.exclusions.append(("snapshot", seg.id))
+            else:
+                compiled = compiler.compile_query(session, org_id, segments.read_query(seg.query), at, segment_id=seg.id)
+                self.exclusions.append(("dynamic", compiled.statement))
+
+    def chunk(self, session: Session, after: str | None, limit: int) -> list[str]:
+        from carepost.patients.models import Contact
+
+        if self.statement is None:
+            m = self._member
+            stmt = select(m.contact_id).where(m.segment_id == self.segment.id)
+            if after:
+                stmt = stmt.where(m.contact_id > after)
+            return list(session.scalars(stmt.order_by(m.contact_id).limit(limit)))
+        stmt = self.statement.where(Contact.org_id == self.org_id)
+        if after:
+            stmt = stmt.where(Contact.id > after)
+        return list(session.scalars(stmt.order_by(Contact.id).limit(limit)))
+
+    def excluded(self, session: Session, ids: list[str]) -> set[str]:
+        from carepost.patients.models import Contact
+
+        out: set[str] = set()
+        for kind, what in self.exclusions:
+            if kind == "snapshot":
+                m = self._member
+                out |= set(session.scalars(select(m.contact_id).where(m.segment_id == what, m.contact_id.in_(ids))))
+            else:
+                out |= set(session.scalars(what.where(Contact.org_id == self.org_id, Contact.id.in_(ids))))
+        return out
+
+
+# --------------------------------------------------------------------------- per-recipient facts
+
+
+def refill_lapse_days(session: Session, org_id: str, drug: str, contact_ids: list[str],
+                      today: date | None = None) -> dict[str, int | None]:
+    """``{contact_id: days since the prescription of ``drug`` lapsed}`` for one chunk, in one
+    query: 0 while it is current (an active prescription without an end, or supply that has not
+    run out), ``None`` when the contact has no prescription of that drug at all (not currently
+    prescribed). A prescription runs until its end date, else its next refill due date, else
+    last fill (or authored date) plus the days of supply."""
+    from carepost.patients.models import Medication
+    from carepost.segments.compiler import _entries_for_codes, code_predicate
+
+    today = today or clock.now().date()
+    out: dict[str, int | None] = {cid: None for cid in contact_ids}
+    rows = session.execute(select(
+        Medication.contact_id, Medication.status, Medication.end_date, Medication.next_refill_due,
+        Medication.last_fill_date, Medication.authored_on, Medication.start_date, Medication.days_supply,
+    ).where(Medication.org_id == org_id, Medication.contact_id.in_(contact_ids),
+            code_predicate(Medication, _entries_for_codes([drug]))))
+    for cid, status, end, due, last_fill, authored, start, supply in rows:
+        runs_until = end or due
+        if runs_until is None:
+            began = last_fill or authored or start
+            if began is not None and supply:
+                runs_until = began + timedelta(days=int(supply))
+        if runs_until is None:
+            lapsed = 0 if status in (None, "active", "on-hold", "intended") else None
+        else:
+            lapsed = max(0, (today - runs_until).days)
+        if lapsed is None:
+            continue
+        cur = out.get(cid)
+        out[cid] = lapsed if cur is None else min(cur, lapsed)
+    return out
+
+
+def effective_purpose(campaign: Campaign, lapsed_days: int | None) -> str:
+    """The purpose the rules make of this campaign for one recipient (consent's ``requirements``):
+    a refill reminder to a patient whose prescription lapsed more than 90 days ago — or who has
+    none — is marketing."""
+    lapse = lapsed_days if campaign.refill_drug else None
+    if campaign.refill_drug and lapsed_days is None:
+        lapse = purposes.CURRENT_PRESCRIPTION_LAPSE_DAYS + 1  # never prescribed: not "currently prescribed"
+    return purposes.requirements(campaign.purpose, remuneration=REMUNERATION.get(campaign.remuneration, "none"),
+                                 prescription_lapsed_days=lapse).effective_purpose
+
+
+def eligibility(session: Session, org_id: str, campaign: Campaign, ids: list[str],
+                at: datetime | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """``({contact_id: "eligible" | reason}, {contact_id: effective purpose})`` for one chunk:
+    one call of the set-based check per distinct effective purpose (two at most for a refill
+    campaign: current and lapsed prescriptions)."""
+    from carepost.consent import eligibility as consent
+    from carepost.consent.service import consent_settings
+
+    lapses = refill_lapse_days(session, org_id, campaign.refill_drug, ids) if campaign.refill_drug else {}
+    groups: dict[str, list[str]] = {}
+    purpose_of: dict[str, str] = {}
+    for cid in ids:
+        eff = effective_purpose(campaign, lapses.get(cid))
+        purpose_of[cid] = eff
+        groups.setdefault(eff, []).append(cid)
+    out: dict[str, str] = {}
+    postal = None
+    for eff, members in groups.items():
+        checked = consent.check_eligibility(session, members, eff, campaign.topic_id, "email", at, org_id=org_id)
+        if purposes.requirements(eff).opt_out_required:
+            if postal is None:
+                postal = bool(consent_settings(session, org_id).get("postal_address"))
+            if not postal:  # CAN-SPAM: never sent without the sender's postal address
+                checked = {k: ("no_postal_address" if v == consent.ELIGIBLE else v) for k, v in checked.items()}
+        out.update(checked)
+    return out, purpose_of
+
+
+def assign_variant(campaign_id: str, contact_id: str, ab_test: dict | None) -> str | None:
+    """The A/B variant of one contact, or ``"holdout"``: a hash of (campaign, contact), so a
+    re-plan gives the same answer. ``ab_test``: ``{"variants": [{"key": "A", ...}, ...] or
+    ["A", "B"], "holdout": 0.05}``."""
+    if not ab_test:
+        return None
+    digest = hashlib.sha256(f"{campaign_id}:{contact_id}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < float(ab_test.get("holdout") or 0):
+        return "holdout"
+    variants = [v.get("key") if isinstance(v, dict) else str(v) for v in ab_test.get("variants") or []]
+    if not variants:
+        return None
+    return variants[int.from_bytes(digest[8:16], "big") % len(variants)]
+
+
+def _zone(name: str | None, default: ZoneInfo) -> ZoneInfo:
+    if not name:
+        return default
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return default
+
+
+def send_times(session: Session, org_id: str, campaign: Campaign, ids: list[str],
+               now: datetime | None = None) -> dict[str, datetime]:
+    """``{contact_id: send_after (UTC)}``: now (the launch), the campaign's ``send_at``, or
+    ``local_time`` on ``local_date`` in each contact's time zone (the organization's default for
+    contacts without one) — one query for the chunk, one conversion per distinct zone. Quiet
+    hours are not applied here: the delivery pipeline defers at send time (never excludes)."""
+    now = clock.aware(now) if now else clock.now()
+    if campaign.schedule_kind == "at" and campaign.send_at:
+        when = clock.aware(campaign.send_at)
+        return {cid: when for cid in ids}
+    if campaign.schedule_kind != "local" or not campaign.local_time:
+        when = clock.aware(campaign.launched_at) if campaign.launched_at else now
+        return {cid: when for cid in ids}
+    from carepost.consent.service import consent_settings
+    from carepost.patients.models import Contact
+
+    default = _zone(consent_settings(session, org_id).get("default_time_zone"), UTC)
+    hh, mm = (int(x) for x in campaign.local_time.split(":"))
+    day = campaign.local_date or (clock.aware(campaign.send_at) if campaign.send_at else now).date()
+    by_zone: dict[str | None, datetime] = {}
+    out: dict[str, datetime] = {}
+    for i in range(0, len(ids), 1000):
+        for cid, tz in session.execute(select(Contact.id, Contact.time_zone).where(
+                Contact.org_id == org_id, Contact.id.in_(ids[i:i + 1000]))):
+            if tz not in by_zone:
+                by_zone[tz] = datetime.combine(day, time(hh, mm), tzinfo=_zone(tz, default)).astimezone(UTC)
+            out[cid] = by_zone[tz]
+    return out
+
+
+# --------------------------------------------------------------------------- one chunk
+
+
+def _naive(when: datetime) -> datetime:
+    """As the database stores times (UTC)."""
+    return clock.aware(when).astimezone(UTC).replace(tzinfo=None)
+
+
+def plan_chunk(session: Session, org_id: str, campaign: Campaign, audience: Audience, ids: list[str],
+               conditions: dict[str, str]) -> tuple[int, int]:
+    """Write one chunk's recipient and exclusion rows (in the caller's transaction):
+    ``(planned, excluded)``."""
+    from carepost.content import blocks
+
+    removed = audience.excluded(session, ids) if audience.exclusions else set()
+    rest = [cid for cid in ids if cid not in removed]
+    verdicts, _ = eligibility(session, org_id, campaign, rest) if rest else ({}, {})
+    eligible = [cid for cid in rest if verdicts.get(cid) == "eligible"]
+    shown = blocks.plan(session, org_id, conditions, eligible) if conditions and eligible else {}
+    when = send_times(session, org_id, campaign, eligible) if eligible else {}
+    now = _naive(clock.now())
+    exclusions = [{"id": new_id(), "org_id": org_id, "campaign_id": campaign.id, "contact_id": cid,
+                   "reason": EXCLUSION_SEGMENT, "created_at": now} for cid in ids if cid in removed]
+    exclusions += [{"id": new_id(), "org_id": org_id, "campaign_id": campaign.id, "contact_id": cid,
+                    "reason": verdicts.get(cid, "no_address"), "created_at": now}
+                   for cid in rest if verdicts.get(cid) != "eligible"]
+    recipients = []
+    for cid in eligible:
+        variant = assign_variant(campaign.id, cid, campaign.ab_test)
+        recipients.append({
+            "id": new_id(), "org_id": org_id, "campaign_id": campaign.id, "contact_id": cid, "variant": variant,
+            "blocks": sorted(shown.get(cid, ())), "send_after": _naive(when[cid]) if cid in when else now,
+            "receiving_domain_index": None, "status": "held_out" if variant == "holdout" else "planned",
+            "message_id": None,
+        })
+    if recipients:
+        session.execute(insert(CampaignRecipient), recipients)
+    if exclusions:
+        session.execute(insert(CampaignExclusion), exclusions)
+    return len(recipients), len(exclusions)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def start(session: Session, campaign: Campaign) -> bool:
+    """Move a launched campaign into ``planning`` (from ``scheduled``, or ``planning`` again after
+    a crash); False when it is in another state (paused, cancelled, already sending...)."""
+    if campaign.status == "scheduled":
+        campaign.status = "planning"
+    if campaign.status != "planning" or campaign.plan_finished_at is not None:
+        return False
+    if campaign.plan_started_at is None:
+        campaign.plan_started_at = clock.now()
+    campaign.worked_at = clock.now()
+    return True
+
+
+def plan(org_id: str, campaign_id: str, *, chunk_size: int = CHUNK, max_chunks: int | None = None) -> PlanReport:
+    """Plan a campaign to the end (or ``max_chunks`` chunks), one transaction per chunk;
+    resumable from ``plan_cursor``. On the last chunk the campaign moves to ``sending``."""
+    from carepost.content import service as content
+
+    report = PlanReport()
+    with org_session(org_id) as session:
+        campaign = session.get(Campaign, campaign_id)
+        if campaign is None or campaign.org_id != org_id:
+            report.stopped = "missing"
+            return report
+        if not start(session, campaign):
+            report.stopped = campaign.status
+            session.rollback()
+            return report
+        session.commit()
+        audience = Audience(session, org_id, campaign)
+        conditions: dict[str, str] = {}
+        if campaign.template_version_id:
+            version = content.get_version_by_id(session, org_id, campaign.template_version_id)
+            conditions = content.version_blocks(version)
+        session.commit()
+        while max_chunks is None or report.chunks < max_chunks:
+            session.expire_all()
+            campaign = session.get(Campaign, campaign_id)
+            if campaign.status != "planning" or campaign.plan_finished_at is not None:
+                report.stopped = campaign.status
+                session.rollback()
+                return report
+            cursor = campaign.plan_cursor
+            ids = audience.chunk(session, cursor, chunk_size)
+            if not ids:
+                finished = session.execute(update(Campaign).where(
+                    Campaign.id == campaign_id, Campaign.status == "planning", Campaign.plan_finished_at.is_(None))
+                    .values(status="sending", plan_finished_at=clock.now(), worked_at=clock.now())).rowcount
+                session.commit()
+                report.finished = bool(finished)
+                log.info("campaign_planned", campaign_id=campaign_id, planned_count=campaign.planned_count,
+                         excluded_count=campaign.excluded_count)
+                return report
+            # Compare-and-set: this transaction owns the chunk only if nobody moved the cursor.
+            cas = update(Campaign).where(Campaign.id == campaign_id, Campaign.status == "planning")
+            cas = cas.where(Campaign.plan_cursor == cursor) if cursor else cas.where(Campaign.plan_cursor.is_(None))
+            if session.execute(cas.values(plan_cursor=ids[-1], worked_at=clock.now())).rowcount != 1:
+                session.rollback()
+                continue
+            planned, excluded = plan_chunk(session, org_id, campaign, audience, ids, conditions)
+            session.execute(update(Campaign).where(Campaign.id == campaign_id).values(
+                planned_count=Campaign.planned_count + planned, excluded_count=Campaign.excluded_count + excluded))
+            session.commit()
+            report.chunks += 1
+            report.planned += planned
+            report.excluded += excluded
+    return report
+
+
+def progress(session: Session, campaign: Campaign) -> dict:
+    """What planning and sending have done so far (for the API, the CLI's progress bar)."""
+    counts = dict(session.execute(select(CampaignRecipient.status, func.count()).where(
+        CampaignRecipient.campaign_id == campaign.id).group_by(CampaignRecipient.status)).tuples().all())
+    reasons = dict(session.execute(select(CampaignExclusion.reason, func.count()).where(
+        CampaignExclusion.campaign_id == campaign.id).group_by(CampaignExclusion.reason)).tuples().all())
+    return {"status": campaign.status, "planned": campaign.planned_count, "excluded": campaign.excluded_count,
+            "materialized": campaign.materialized_count, "plan_finished": campaign.plan_finished_at is not None,
+            "recipients_by_status": counts, "exclusions_by_reason": reasons}

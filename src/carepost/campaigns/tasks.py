@@ -1,0 +1,93 @@
+"""Queue tasks of campaigns: planning, sending, and the sweep that resumes both after a crash.
+
+* :func:`plan_campaign` — plan a launched campaign to the end (``planning.plan``, one
+  transaction per chunk, resumable from the cursor); then queue :func:`send_campaign`;
+* :func:`send_campaign` — materialize due recipients in batches for up to
+  ``SLICE_SECONDS`` and hand each batch's message ids to the delivery task, then queue itself
+  again (so delivery tasks of the same worker run in between), or schedule itself for the next
+  due row or throttle window;
+* :func:`sweep` — every minute: a campaign planning or sending whose heartbeat
+  (``worked_at``) is older than ``CAREPOST_CAMPAIGN_STALE_SECONDS`` lost its task (a worker killed
+  mid-plan or mid-send, a queue flushed): queue it again. Running a task twice is safe
+  (``planning`` moves its cursor by compare-and-set; ``sending`` claims rows before writing).
+
+Tasks carry the organization and campaign ids only.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+from huey import crontab
+
+from carepost.core import clock
+from carepost.core.config import get_settings
+from carepost.core.database import system_session
+from carepost.core.logging import get_logger
+from carepost.core.queue import huey
+
+log = get_logger("carepost.campaigns.tasks")
+
+SLICE_SECONDS = 10.0
+MAX_DELAY_SECONDS = 300
+
+
+@huey.task(name="campaigns.plan_campaign", retries=2, retry_delay=10)
+def plan_campaign(org_id: str, campaign_id: str) -> None:
+    """Plan a campaign (the task a launch enqueues); sending follows when planning finished."""
+    from carepost.campaigns import planning
+
+    report = planning.plan(org_id, campaign_id, chunk_size=get_settings().campaign_plan_chunk)
+    log.info("campaign_plan_run", campaign_id=campaign_id, chunks_count=report.chunks, planned_count=report.planned,
+             excluded_count=report.excluded, finished=report.finished, stopped=report.stopped)
+    if report.finished:
+        send_campaign(org_id, campaign_id)
+
+
+@huey.task(name="campaigns.send_campaign", retries=2, retry_delay=10)
+def send_campaign(org_id: str, campaign_id: str) -> None:
+    """Materialize due recipients for one time slice, handing each batch to delivery."""
+    from carepost.campaigns import sending
+    from carepost.delivery.tasks import enqueue_delivery
+
+    started = time.monotonic()
+    total = 0
+    while True:
+        report = sending.materialize(org_id, campaign_id, batch=get_settings().campaign_send_batch)
+        if report.message_ids:
+            enqueue_delivery(report.message_ids)
+            total += len(report.message_ids)
+        if report.stopped or report.completed:
+            break
+        if not report.more_due:
+            if report.next_due_at is not None:
+                delay = max(1, min(MAX_DELAY_SECONDS, int((report.next_due_at - clock.now()).total_seconds()) + 1))
+                send_campaign.schedule(args=(org_id, campaign_id), delay=delay)
+            break
+        if time.monotonic() - started >= SLICE_SECONDS:
+            send_campaign(org_id, campaign_id)  # the rest after the delivery tasks just queued
+            break
+    log.info("campaign_send_run", campaign_id=campaign_id, messages_count=total)
+
+
+def resume_work(org_id: str, campaign_id: str, status: str) -> None:
+    """Queue what a campaign in ``status`` needs next (after a resume, or from the sweep)."""
+    if status == "planning":
+        plan_campaign(org_id, campaign_id)
+    elif status == "sending":
+        send_campaign(org_id, campaign_id)
+
+
+@huey.periodic_task(crontab(minute="*"), name="campaigns.sweep")
+def sweep() -> None:
+    from carepost.campaigns import sending
+
+    stale = timedelta(seconds=get_settings().campaign_stale_seconds)
+    with system_session() as session:
+        found = sending.stalled(session, stale)
+        session.commit()
+    for org_id, campaign_id, status in found:
+        resume_work(org_id, campaign_id, status)
+    if found:
+        log.info("campaigns_resumed", campaigns_count=len(found))
