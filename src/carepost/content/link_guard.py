@@ -4,10 +4,12 @@ A URL leaves the protected body: it is requested from a web server (logged there
 and security gateway on the way, in browser history), so it may carry no merge field, no email
 address, and none of the recipient's identifiers. Three checks, at three moments:
 
-* **template save** (:func:`check_template_links`): a merge field (``{{ ... }}`` or ``{% ... %}``)
-  in the path, query or fragment of an ``href``/``src`` of a template — a variable in a URL is a
-  per-patient value in a URL. A variable as the whole host-less URL (``href="{{ link }}"``) is
-  refused too: it would be anything.
+* **template save** (:func:`check_template_links`, called by ``content.service`` when a template
+  is created or changed, API and UI alike): a merge field (``{{ ... }}`` or ``{% ... %}``) anywhere
+  in an ``<a href>`` of the HTML or a URL of the text — a variable in a URL is a per-patient value
+  in a URL, and a variable host or a whole-URL variable (``href="{{ link }}"``) would send the
+  patient anywhere — and an email address in any http(s) URL. The 422 names the link
+  (``template.html.links[1]``, ``variants.es.text.links[0]``).
 * **acceptance** (:func:`check_links`): the links of a message's HTML and text as they will be
   sent (rendered): an email address anywhere in an http(s) URL (decoded), and, for the template
   source, merge fields as above.
@@ -28,7 +30,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from carepost.core.errors import ValidationFailed
 
@@ -82,26 +84,32 @@ def _decoded(url: str) -> str:
 
 
 def merge_field_in_url(url: str) -> bool:
-    """A merge field in the path, query or fragment — or a URL that is only a merge field."""
-    if not MERGE_RE.search(url):
-        return False
-    if not _web(url):
-        return True  # href="{{ link }}": the whole URL is a value
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return True
-    return bool(MERGE_RE.search(parts.path + "?" + parts.query + "#" + parts.fragment))
+    """A merge field anywhere in the URL — host, path, query or fragment — or a URL that is only a
+    merge field (a variable host sends the patient, and the value, anywhere)."""
+    return bool(MERGE_RE.search(url))
 
 
-def check_template_links(parts: dict[str, str | None]) -> None:
-    """Template save: no merge field in any URL of the HTML or text (ValidationFailed naming the link)."""
+def _without_merge_fields(url: str) -> str:
+    return re.sub(r"\{\{.*?\}\}|\{%.*?%\}", " ", url, flags=re.DOTALL)
+
+
+def check_template_links(parts: dict[str, str | None], *, prefix: str = "") -> None:
+    """Template save: no merge field and no email address in any URL of the HTML or text
+    (ValidationFailed naming the link as ``{prefix}html.links[i]``, never its URL).
+
+    The recipient's own MRN and date of birth can only be found per recipient, at composition
+    (:func:`recipient_findings`); here a template is refused for what every message from it would
+    carry: a per-patient value in a link, or an address written into one."""
     for link in html_links(parts.get("html")) + _template_text_links(parts.get("text")):
+        field = prefix + link.field
         if merge_field_in_url(link.url):
             raise ValidationFailed(
-                f"{link.field}: a link may not carry template variables in its path or query; link to a page "
+                f"{field}: a link may not carry template variables (in its host, path or query); link to a page "
                 "that asks the patient to sign in instead (URLs are logged outside the protected message).",
-                field=link.field, code="link_phi")
+                field=field, code="link_phi")
+        if _web(link.url) and EMAIL_RE.search(_decoded(_without_merge_fields(link.url))):
+            raise ValidationFailed(f"{field}: a link may not carry an email address (URLs are logged outside the "
+                                   "protected message).", field=field, code="link_phi")
 
 
 def _template_text_links(text: str | None) -> list[Link]:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from carepost.content import authoring, blocks, helpers, phi_lint, rendering
+from carepost.content import authoring, blocks, helpers, link_guard, phi_lint, rendering
 from carepost.content.models import MessageTemplate, MessageTemplateVersion
 from carepost.content.schemas import TemplateIn
 from carepost.core.errors import Conflict, NotFound, ValidationFailed
@@ -89,6 +89,8 @@ def _check_parts(data: dict) -> tuple[list[dict], list[dict]]:
                 data["variants"][lang]["html"] = parts["html"]
         if not parts["html"].strip() and not parts["text"].strip():
             raise ValidationFailed("A template needs an HTML or a text body (or both).", field=where("html"))
+        # The link guard (issue 13 item 3): no merge field and no email address in any URL.
+        link_guard.check_template_links(parts, prefix="template." if lang == default_lang else f"variants.{lang}.")
         try:
             rendering.check_template(parts, contains_phi=data["contains_phi"])
             for part in ("from_name", "portal_notice"):
