@@ -359,6 +359,29 @@ class Keyring:
             return None
         return self.decrypt(session, org_id, table, column, row_id, blob).decode()
 
+    def text_decryptor(self, session: Session, org_id: str):
+        """``decrypt_text`` for many fields of one organization in one go (one request's view):
+        each key version is looked up once for the returned function's lifetime (the caller's
+        scope, never longer), instead of once per field."""
+        ciphers: dict[int, AESGCM] = {}
+
+        def decrypt(table: str, column: str, row_id: str, blob: bytes | None) -> str | None:
+            if blob is None:
+                return None
+            if not blob or blob[0] != CIPHERTEXT_FORMAT or len(blob) < 5 + NONCE_BYTES + 16:
+                raise DecryptionFailed(f"{table}.{column}: not a CarePost ciphertext")
+            version = int.from_bytes(blob[1:5], "big")
+            cipher = ciphers.get(version)
+            if cipher is None:
+                cipher = ciphers[version] = AESGCM(self.data_key(session, org_id, version)[1])
+            try:
+                return cipher.decrypt(blob[5 : 5 + NONCE_BYTES], blob[5 + NONCE_BYTES :],
+                                      _aad(org_id, table, column, row_id)).decode()
+            except InvalidTag as exc:
+                raise DecryptionFailed(f"{table}.{column} of row {row_id} failed authentication") from exc
+
+        return decrypt
+
     @staticmethod
     def key_version_of(blob: bytes) -> int:
         return int.from_bytes(blob[1:5], "big")
