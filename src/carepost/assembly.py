@@ -61,6 +61,7 @@ ROUTER_MODULES = [
     "carepost.delivery.template_tests",
     "carepost.segments.api",
     "carepost.segments.pages",
+    "carepost.campaigns.api",
 ]
 
 # Queue tasks of each capability (the worker must know every task it may be handed).
@@ -178,6 +179,9 @@ def _fill_ports() -> None:
 
     pipeline.links.fill(tracking_links.pipeline_links)  # link guard, click redirects, open pixel (issue 13)
     delivery_pages.engagement_of.fill(engagement.message_engagement)
+    from carepost.tracking import message_engagement
+
+    delivery_messages.engagement_summary.fill(message_engagement.summary)
     delivery_pages.portal_state.fill(portal.portal_state)
     from carepost.delivery import compose
 

@@ -58,6 +58,11 @@ topic_of: Port = Port(
     "A message's topic named by id or short name -> the topic id; ValidationFailed(field='topic') for an "
     "unknown or archived one (consent).")
 
+engagement_summary: Port = Port(
+    "delivery.engagement_summary",
+    "(session, org_id, message_id) -> {privacy_mode, totals, recipients: {recipient id: {opened, clicked}}}: a "
+    "message's opens and clicks for GET /api/v1/messages/{id} (tracking.message_engagement).")
+
 @dataclass
 class PreparedMessage:
     """A message that passed every check, ready to store."""
@@ -442,6 +447,7 @@ def message_view(session: Session, message: Message, *, unmasked: bool) -> dict:
     ):
         events.setdefault(event.recipient_id, []).append(
             {"type": event.type, "at": clock.aware(event.created_at), "details": event.details or {}})
+    engagement = engagement_summary(session, message.org_id, message.id)
     out = []
     for r in recipients:
         address = recipient_address(session, r)
@@ -449,9 +455,12 @@ def message_view(session: Session, message: Message, *, unmasked: bool) -> dict:
             "address": address if unmasked else mask_email(address), "kind": r.kind, "status": r.status,
             "method": r.method, "reason": r.reason, "possible_duplicate": bool(r.possible_duplicate),
             "evidence": _evidence_view(r, message.sandbox), "events": events.get(r.id, []),
+            "engagement": engagement["recipients"].get(r.id),
         })
     return {"id": message.id, "created_at": clock.aware(message.created_at), "purpose": message.purpose,
-            "topic": message.topic_id, "security": message.security, "contains_phi": message.contains_phi, "recipients": out}
+            "topic": message.topic_id, "security": message.security, "contains_phi": message.contains_phi,
+            "engagement": {"privacy_mode": engagement["privacy_mode"], "totals": engagement["totals"]},
+            "recipients": out}
 
 
 def list_messages(session: Session, *, limit: int = 50, cursor: str | None = None, status: str | None = None,

@@ -162,6 +162,28 @@ class EvidenceOut(BaseModel):
     sandbox: bool = False
 
 
+class EngagementKindOut(BaseModel):
+    human: int = Field(0, description="Events classified as a person.")
+    machine: int = Field(0, description="Events from a privacy proxy (Apple Mail Privacy Protection, image proxies) "
+                                        "or a security scanner.")
+    first_at: datetime | None = None
+    last_at: datetime | None = None
+    first_human_at: datetime | None = None
+
+
+class RecipientEngagementOut(BaseModel):
+    opened: EngagementKindOut
+    clicked: EngagementKindOut
+
+
+class MessageEngagementOut(BaseModel):
+    privacy_mode: bool = Field(False, description="The organization keeps aggregate counts only: no per-recipient "
+                                                  "engagement, unique figures unknown (null).")
+    totals: dict[str, int | None] = Field(default_factory=dict, description=(
+        "opened, opened_unique, opened_human, opened_machine, clicked, clicked_unique, clicked_human, clicked_machine "
+        "— the analytics metrics of the same names (GET /api/v1/analytics/metrics); *_machine counts events."))
+
+
 class RecipientOut(BaseModel):
     address: str
     kind: Literal["to", "cc", "bcc"] = "to"
@@ -171,6 +193,8 @@ class RecipientOut(BaseModel):
     possible_duplicate: bool = False
     evidence: EvidenceOut = Field(default_factory=EvidenceOut)
     events: list[EventOut] = Field(default_factory=list)
+    engagement: RecipientEngagementOut | None = Field(
+        None, description="Opens and clicks of this copy (null: none recorded, or privacy mode).")
 
 
 class MessageOut(BaseModel):
@@ -180,6 +204,7 @@ class MessageOut(BaseModel):
     topic: str | None = Field(None, description="The consent topic's id (null when the message has none).")
     security: SecurityMode | None = None
     contains_phi: bool = True
+    engagement: MessageEngagementOut = Field(default_factory=MessageEngagementOut)
     recipients: list[RecipientOut]
 
 
