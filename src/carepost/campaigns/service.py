@@ -64,6 +64,8 @@ CAMPAIGN_SETTINGS_DEFAULTS: dict = {
     "overlap_days": 7,  # the calendar warns when two sends reach the same patients within this many days
 }
 THROTTLE_MAX = 10_000_000
+SCHEDULE_HORIZON = timedelta(days=400)
+AB_TEST_MAX = 10_000  # bytes of JSON
 HHMM = re.compile(r"([01]\d|2[0-3]):[0-5]\d")
 DRUG = re.compile(r"[a-z][a-z0-9_-]{1,19}:[A-Za-z0-9][A-Za-z0-9.\-]{0,40}")
 EMAIL = re.compile(r"[^@\s]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}")
@@ -229,11 +231,16 @@ def _check_schedule(session: Session, org_id: str, data: dict) -> None:
         at = data.get("send_at")
         if at is None:
             raise ValidationFailed("A send time is needed for a schedule at a time.", field="send_at")
-        if at.tzinfo is None:
-            at = at.replace(tzinfo=zone or ZoneInfo("UTC"))
-        at = clock.aware(at.astimezone(ZoneInfo("UTC")))
+        try:
+            if at.tzinfo is None:
+                at = at.replace(tzinfo=zone or ZoneInfo("UTC"))
+            at = clock.aware(at.astimezone(ZoneInfo("UTC")))
+        except (OverflowError, ValueError):
+            raise ValidationFailed("Enter a send time within the next year.", field="send_at") from None
         if at <= now:
             raise ValidationFailed("The send time is in the past.", field="send_at", code="schedule_in_past")
+        if at > now + SCHEDULE_HORIZON:
+            raise ValidationFailed("Enter a send time within the next year.", field="send_at")
         data.update(send_at=at, local_time=None, local_date=None)
         return
     # "local": HH:MM on a day, in each recipient's zone (contacts without one: time_zone or the org's)
@@ -243,6 +250,9 @@ def _check_schedule(session: Session, org_id: str, data: dict) -> None:
     if day is None:
         raise ValidationFailed("A day is needed for a send at each recipient's local time.", field="local_date")
     fallback = zone or _zone(org_time_zone(session, org_id))
+    if not now.date() - timedelta(days=2) <= day <= now.date() + SCHEDULE_HORIZON:
+        raise ValidationFailed("Enter a day within the next year.", field="local_date",
+                               code="schedule_in_past" if day < now.date() else None)
     wall = datetime.combine(day, time(int(hhmm[:2]), int(hhmm[3:])))
     if wall.replace(tzinfo=fallback) <= now:
         raise ValidationFailed("The local send time is in the past (in the organization's time zone).",
@@ -330,8 +340,13 @@ def _validate(session: Session, org_id: str, data: dict, changed: set[str]) -> d
         data["refill_drug"] = drug.split(":", 1)[0].lower() + ":" + drug.split(":", 1)[1]
     _check_throttle(data.get("throttle_per_hour"), "throttle_per_hour")
     _check_throttle(data.get("throttle_per_domain_per_hour"), "throttle_per_domain_per_hour")
-    if data.get("ab_test") is not None and not isinstance(data["ab_test"], dict):
-        raise ValidationFailed("The A/B test settings are an object.", field="ab_test")
+    if data.get("ab_test") is not None:
+        if not isinstance(data["ab_test"], dict):
+            raise ValidationFailed("The A/B test settings are an object.", field="ab_test")
+        dumped = json.dumps(data["ab_test"])
+        if len(dumped) > AB_TEST_MAX or "\\u0000" in dumped:
+            raise ValidationFailed(f"The A/B test settings are at most {AB_TEST_MAX:,} bytes of plain JSON.",
+                                   field="ab_test")
     if changed & set(SCHEDULE_FIELDS):
         _check_schedule(session, org_id, data)
     return derived
