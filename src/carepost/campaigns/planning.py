@@ -244,8 +244,8 @@ def send_times(session: Session, org_id: str, campaign: Campaign, ids: list[str]
 
 
 def _naive(when: datetime) -> datetime:
-    """As the database stores times (UTC)."""
-    return clock.aware(when).astimezone(UTC).replace(tzinfo=None)
+    """In UTC, as every stored time (both databases compare them as UTC)."""
+    return clock.aware(when).astimezone(UTC)
 
 
 def plan_chunk(session: Session, org_id: str, campaign: Campaign, audience: Audience, ids: list[str],
