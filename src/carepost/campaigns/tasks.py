@@ -8,7 +8,8 @@
   due row or throttle window;
 * :func:`sweep` — every minute: a campaign planning or sending whose heartbeat
   (``worked_at``) is older than ``CAREPOST_CAMPAIGN_STALE_SECONDS`` lost its task (a worker killed
-  mid-plan or mid-send, a queue flushed): queue it again. Running a task twice is safe
+  mid-plan or mid-send, a queue flushed): queue it again (a worker also does this once when it
+  starts, :func:`resume_on_start`). Running a task twice is safe
   (``planning`` moves its cursor by compare-and-set; ``sending`` claims rows before writing).
 
 Tasks carry the organization and campaign ids only.
@@ -79,8 +80,8 @@ def resume_work(org_id: str, campaign_id: str, status: str) -> None:
         send_campaign(org_id, campaign_id)
 
 
-@huey.periodic_task(crontab(minute="*"), name="campaigns.sweep")
-def sweep() -> None:
+def resume_stalled() -> int:
+    """Queue every stalled campaign again (see the module docstring); how many."""
     from carepost.campaigns import sending
 
     stale = timedelta(seconds=get_settings().campaign_stale_seconds)
@@ -91,3 +92,19 @@ def sweep() -> None:
         resume_work(org_id, campaign_id, status)
     if found:
         log.info("campaigns_resumed", campaigns_count=len(found))
+    return len(found)
+
+
+@huey.periodic_task(crontab(minute="*"), name="campaigns.sweep")
+def sweep() -> None:
+    resume_stalled()
+
+
+@huey.on_startup()
+def resume_on_start() -> None:
+    """A worker that starts (after a crash, a restart) resumes stalled campaigns at once instead
+    of at the next minute's sweep. Never stops the worker from starting."""
+    try:
+        resume_stalled()
+    except Exception as exc:  # noqa: BLE001 - the database may not be reachable yet: the sweep will do it
+        log.warning("campaigns_resume_on_start_failed", error_type=type(exc).__name__)
