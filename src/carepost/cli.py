@@ -753,6 +753,10 @@ from carepost.tracking.commands import analytics_app  # noqa: E402
 
 app.add_typer(analytics_app, name="analytics")
 
+from carepost.campaigns.commands import campaign_app  # noqa: E402
+
+app.add_typer(campaign_app, name="campaign")
+
 
 @app.command()
 def smtp(
