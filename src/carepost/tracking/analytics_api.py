@@ -307,6 +307,28 @@ def message(request: Request, message_id: str, principal: Principal = Depends(re
     return {"message_id": message_id, "masked": not unmasked, "totals": shown(totals, unmasked)}
 
 
+@router.get("/analytics/links", summary="Clicks per link of a message or a campaign (position, part, target host)")
+def links(request: Request, message_id: str | None = Query(None, max_length=32),
+          campaign_id: str | None = Query(None, max_length=32),
+          principal: Principal = Depends(require(P.ANALYTICS_READ))) -> dict:
+    from carepost.core.errors import NotFound
+    from carepost.core.ids import is_id
+    from carepost.delivery.models import Message
+    from carepost.tracking import link_clicks
+
+    if (message_id is None) == (campaign_id is None):
+        raise ValidationFailed("Give a message_id or a campaign_id (one of them).", field="message_id")
+    for name, value in (("message_id", message_id), ("campaign_id", campaign_id)):
+        if value is not None and not is_id(value):
+            raise ValidationFailed(f"{name} is a CarePost id.", field=name)
+    if message_id is not None and request.state.db.get(Message, message_id) is None:
+        raise NotFound("No such message.", field="message_id")
+    found = link_clicks.link_clicks(request.state.db, principal.org_id, message_id=message_id, campaign_id=campaign_id)
+    unmasked = _unmasked(principal)
+    return {"message_id": message_id, "campaign_id": campaign_id, "masked": not unmasked,
+            "privacy_mode": found["privacy_mode"], "links": link_clicks.shown(found["links"], unmasked)}
+
+
 def _cell(value) -> str:
     text = "" if value is None else str(value)
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text

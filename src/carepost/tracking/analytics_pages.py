@@ -4,7 +4,8 @@ Server-rendered from the rollups only (:mod:`carepost.tracking.analytics`): tota
 time (hour or day) drawn by the vendored uPlot (``/static/vendor/uPlot-*``, MIT) from
 ``/static/analytics-chart.js`` — the data travel in a ``<script type="application/json">`` block,
 which the strict CSP (``script-src 'self'``) leaves alone because it is not run —, the figures
-per message source and per receiving provider, filters (date range, source, purpose, topic) and
+per message source and per receiving provider, clicks per link of a campaign (position, part,
+target host), filters (date range, source, purpose, topic) and
 links to the CSV export. For viewers without ``phi:read_unmasked`` small cells are suppressed
 exactly as in the API (same functions).
 """
@@ -113,7 +114,16 @@ def analytics_page(request: Request, start: str | None = Query(None, max_length=
     query = {k: v for k, v in (("start", f.start.isoformat()), ("end", f.end.isoformat()), ("source", f.source),
                                 ("purpose", f.purpose), ("topic_id", f.topic_id), ("campaign_id", f.campaign_id),
                                 ("journey_step_id", f.journey_step_id)) if v}
+    link_rows, links_private = None, False
+    if f.campaign_id:
+        from carepost.tracking import link_clicks
+
+        found = link_clicks.link_clicks(session, principal.org_id, campaign_id=f.campaign_id)
+        links_private = found["privacy_mode"]
+        link_rows = [{**row, **{m: _text(row[m]) if row[m] is not None else "–" for m in link_clicks.METRICS}}
+                     for row in link_clicks.shown(found["links"], unmasked)]
     return render(request, "tracking/analytics.html", {
+        "link_rows": link_rows, "links_private": links_private,
         "form": form, "errors": errors, "filters": f, "masked": not unmasked,
         "totals": {m: _text(shown_totals.get(m, 0)) for m in TABLE_METRICS},
         "rates": _rates(totals, not unmasked) if unmasked or totals.get("sent", 0) >= analytics.SMALL_CELL else {},
