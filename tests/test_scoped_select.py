@@ -17,7 +17,7 @@ from carepost.core.ids import new_id
 from carepost.core.scoped_select import org_select, scope_select
 from carepost.patients import service
 from carepost.patients.models import Contact, ContactIdentifier
-from tests.test_accounts_credentials import bearer, make_credential  # noqa: F401,F811 (fixture)
+from tests.test_accounts_credentials import bearer, make_credential  # noqa: F401 (fixture)
 
 C, I = Contact.__table__, ContactIdentifier.__table__
 WITH_IDENTIFIERS = (select(C.c.id, I.c.id.label("ident_id"), I.c.org_id.label("ident_org"))
