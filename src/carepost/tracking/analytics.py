@@ -84,12 +84,14 @@ class MessageDims:
     segment_id: str | None
     created_at: datetime | None
     sandbox: bool
+    sending_domain_id: str | None = None
 
     @classmethod
     def of(cls, message) -> MessageDims:
         return cls(message.source, message.template_id, message.purpose, message.topic_id,
                    getattr(message, "campaign_id", None), getattr(message, "journey_step_id", None),
-                   getattr(message, "segment_id", None), message.created_at, bool(message.sandbox))
+                   getattr(message, "segment_id", None), message.created_at, bool(message.sandbox),
+                   message.sending_domain_id)
 
 
 def _message_dims(session: Session, message_id: str) -> MessageDims | None:
@@ -113,7 +115,7 @@ def _add(session: Session, org_id: str, at: datetime, metric: str, dims: Message
     rollups.add(session, org_id=org_id, at=at, metric=metric, n=n, message_id=message_id, source=dims.source,
                 campaign_id=dims.campaign_id, journey_step_id=dims.journey_step_id, template_id=dims.template_id,
                 segment_id=dims.segment_id, receiving_domain=receiving_domain, topic_id=dims.topic_id,
-                purpose=dims.purpose, message_created_at=dims.created_at)
+                purpose=dims.purpose, message_created_at=dims.created_at, sending_domain_id=dims.sending_domain_id)
 
 
 def count_message_event(session: Session, recipient, event) -> int:
@@ -230,6 +232,7 @@ BREAKDOWNS = {
     "receiving_domain": AnalyticsRollup.receiving_domain,
     "topic": AnalyticsRollup.topic_id,
     "purpose": AnalyticsRollup.purpose,
+    "sending_domain": AnalyticsRollup.sending_domain_id,
 }
 MAX_DAYS = 731
 MAX_HOURS_DAYS = 31
@@ -254,6 +257,7 @@ class Filters:
     template_id: str | None = None
     segment_id: str | None = None
     receiving_domain: str | None = None
+    sending_domain_id: str | None = None
     message_id: str | None = None
 
     @property
@@ -274,6 +278,7 @@ def _where(q, f: Filters, grain: str):
                          ("journey_step_id", AnalyticsRollup.journey_step_id),
                          ("template_id", AnalyticsRollup.template_id), ("segment_id", AnalyticsRollup.segment_id),
                          ("receiving_domain", AnalyticsRollup.receiving_domain),
+                         ("sending_domain_id", AnalyticsRollup.sending_domain_id),
                          ("message_id", AnalyticsRollup.message_id)):
         value = getattr(f, name)
         if value is not None:

@@ -172,10 +172,13 @@ def filters(start: date | None = Query(None, description="First day (UTC), defau
             journey_step_id: str | None = Query(None, pattern=ID_PATTERN),
             template_id: str | None = Query(None, pattern=ID_PATTERN),
             segment_id: str | None = Query(None, pattern=ID_PATTERN),
-            receiving_domain: str | None = Query(None, max_length=64, pattern=r"^[a-z0-9.-]{1,64}$")) -> analytics.Filters:
+            receiving_domain: str | None = Query(None, max_length=64, pattern=r"^[a-z0-9.-]{1,64}$"),
+            sending_domain_id: str | None = Query(None, pattern=ID_PATTERN,
+                                                  description="One of the organization's sending domains.")
+            ) -> analytics.Filters:
     return make_filters(start, end, source=source, purpose=purpose, topic_id=topic_id, campaign_id=campaign_id,
                         journey_step_id=journey_step_id, template_id=template_id, segment_id=segment_id,
-                        receiving_domain=receiving_domain)
+                        receiving_domain=receiving_domain, sending_domain_id=sending_domain_id)
 
 
 def make_filters(start: date | None, end: date | None, **dims) -> analytics.Filters:
@@ -249,7 +252,8 @@ def summary(request: Request, f: analytics.Filters = Depends(filters),
             "rates": _rates(totals, not unmasked) if unmasked or totals.get("sent", 0) >= analytics.SMALL_CELL else {}}
 
 
-Breakdown = Literal["source", "campaign", "journey_step", "template", "segment", "receiving_domain", "topic", "purpose"]
+Breakdown = Literal["source", "campaign", "journey_step", "template", "segment", "receiving_domain", "topic", "purpose",
+                    "sending_domain"]
 
 
 @router.get("/analytics/breakdown", summary="Figures per message source, campaign, journey step, template, "

@@ -9,7 +9,8 @@ One table, :class:`AnalyticsRollup`. A row is a counter ``n`` for one key:
 * ``metric`` — see :data:`METRICS` (``excluded:<reason>`` and ``secured:<method>`` carry a code);
 * the dimensions — ``source`` (api | smtp | ui | campaign | journey | …), ``campaign_id``,
   ``journey_step_id``, ``template_id``, ``segment_id``, ``receiving_domain``, ``topic_id``,
-  ``purpose`` and, for grain ``m`` only, ``message_id``.
+  ``purpose``, ``sending_domain_id`` (the organization's own sending domain the copy went out
+  from: deliverability per sending domain) and, for grain ``m`` only, ``message_id``.
 
 Dimensions are stored as ``''`` when absent, never NULL: SQL unique constraints treat NULLs as
 distinct, which would let two writers create two rows for the same key. The hour and day grains
@@ -151,7 +152,7 @@ def valid_metric(metric: str) -> bool:
 # --------------------------------------------------------------------------- the table
 
 DIMENSIONS = ("source", "campaign_id", "journey_step_id", "template_id", "segment_id", "receiving_domain",
-              "topic_id", "purpose", "message_id")
+              "topic_id", "purpose", "sending_domain_id", "message_id")
 
 
 class AnalyticsRollup(OrgScoped, Base):
@@ -177,6 +178,7 @@ class AnalyticsRollup(OrgScoped, Base):
     receiving_domain: Mapped[str] = mapped_column(String(64), default="")
     topic_id: Mapped[str] = mapped_column(String(32), default="")
     purpose: Mapped[str] = mapped_column(String(64), default="")
+    sending_domain_id: Mapped[str] = mapped_column(String(32), default="", server_default="")
     message_id: Mapped[str] = mapped_column(String(32), default="")
     n: Mapped[int] = mapped_column(BigInteger, default=0)
 
@@ -192,7 +194,7 @@ def _hour(at: datetime) -> datetime:
     return at.replace(minute=0, second=0, microsecond=0)
 
 
-_LIMITS = (16, 32, 32, 32, 32, 64, 32, 64)
+_LIMITS = (16, 32, 32, 32, 32, 64, 32, 64, 32)
 _valid_metrics: set[str] = set()
 _KEPT_DOMAINS = PROVIDER_DOMAINS | {OTHER_DOMAIN}
 
@@ -200,7 +202,8 @@ _KEPT_DOMAINS = PROVIDER_DOMAINS | {OTHER_DOMAIN}
 def add(session: Session, *, org_id: str, at: datetime, metric: str, n: int = 1, message_id: str | None = None,
         source: str | None = None, campaign_id: str | None = None, journey_step_id: str | None = None,
         template_id: str | None = None, segment_id: str | None = None, receiving_domain: str | None = None,
-        topic_id: str | None = None, purpose: str | None = None, message_created_at: datetime | None = None) -> None:
+        topic_id: str | None = None, purpose: str | None = None, message_created_at: datetime | None = None,
+        sending_domain_id: str | None = None) -> None:
     """Count ``n`` of ``metric`` at ``at`` (hour and day grains; the message grain too when a
     ``message_id`` of a message outside any campaign or journey is given). ``receiving_domain``
     may be given clear: it is reduced to a provider name or ``other`` here. Written when the
@@ -214,7 +217,7 @@ def add(session: Session, *, org_id: str, at: datetime, metric: str, n: int = 1,
     if receiving_domain and receiving_domain not in _KEPT_DOMAINS:
         receiving_domain = receiving_domain_of(receiving_domain.rsplit("@", 1)[-1])
     dims = (source or "", campaign_id or "", journey_step_id or "", template_id or "", segment_id or "",
-            receiving_domain or "", topic_id or "", purpose or "")
+            receiving_domain or "", topic_id or "", purpose or "", sending_domain_id or "")
     for value, limit in zip(dims, _LIMITS):
         if len(value) > limit:
             raise ValueError(f"rollup dimension longer than {limit} characters")
@@ -228,7 +231,8 @@ def add(session: Session, *, org_id: str, at: datetime, metric: str, n: int = 1,
         if len(message_id) > 32:
             raise ValueError("rollup dimension longer than 32 characters")
         created = _hour(message_created_at).replace(hour=0) if message_created_at else hour.replace(hour=0)
-        buffer[(org_id, "m", created, metric, dims[0], "", "", dims[3], "", "", dims[6], dims[7], message_id)] += n
+        buffer[(org_id, "m", created, metric, dims[0], "", "", dims[3], "", "", dims[6], dims[7], dims[8],
+                message_id)] += n
 
 
 def pending(session: Session) -> int:
