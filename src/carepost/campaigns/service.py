@@ -67,7 +67,7 @@ THROTTLE_MAX = 10_000_000
 SCHEDULE_HORIZON = timedelta(days=400)
 AB_TEST_MAX = 10_000  # bytes of JSON
 HHMM = re.compile(r"([01]\d|2[0-3]):[0-5]\d")
-DRUG = re.compile(r"[a-z][a-z0-9_-]{1,19}:[A-Za-z0-9][A-Za-z0-9.\-]{0,40}")
+DRUG = re.compile(r"[A-Za-z][A-Za-z0-9_-]{1,19}:[A-Za-z0-9][A-Za-z0-9.\-]{0,40}")
 EMAIL = re.compile(r"[^@\s]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}")
 # Remuneration as a campaign declares it -> as consent's requirements() names it.
 REMUNERATION_FOR_CONSENT = {"none": "none", "cost": "cost_related", "other": "above_cost"}
