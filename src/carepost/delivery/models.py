@@ -161,6 +161,8 @@ class MessageRecipient(OrgScoped, Base):
     __table_args__ = (
         Index("ix_message_recipients_due", "status", "next_attempt_at"),
         Index("ix_message_recipients_org_address", "org_id", "address_index"),
+        # a contact's recipient rows (segments' engagement criteria probe it per contact; issue 12)
+        Index("ix_message_recipients_org_contact", "org_id", "contact_id", "status", "message_id"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)

@@ -46,7 +46,9 @@ class Contact(OrgScoped, Base):
         Index("ix_contacts_org_created", "org_id", "id"),
         Index("ix_contacts_org_stage", "org_id", "care_stage"),
         Index("ix_contacts_org_zip", "org_id", "postal_code"),
-        Index("ix_contacts_org_birth", "org_id", "birth_date"),
+        # covering for the usual demographic filters of a segment (age, sex, not deceased): an
+        # index-only range scan, no visit to the wide contact rows (issue 12, docs/performance.md)
+        Index("ix_contacts_org_birth_sex", "org_id", "birth_date", "sex", "deceased", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
@@ -220,6 +222,9 @@ class Medication(ClinicalFact, Base):
 
 class Procedure(ClinicalFact, Base):
     __tablename__ = "procedures"
+    # "has procedure in <value set> within <window>" as an index-only range scan (issue 12)
+    __table_args__ = (Index("ix_procedures_org_code_performed", "org_id", "code", "performed_start", "contact_id",
+                            "code_system", "code_verified"),)
 
     performed_start: Mapped[datetime | None]
     performed_end: Mapped[datetime | None]
@@ -230,6 +235,10 @@ class Observation(ClinicalFact, Base):
     one row per component so segments can test each value."""
 
     __tablename__ = "observations"
+    # "last observation in <value set> ... within <window>": the window's rows of the codes with
+    # everything the latest-value test reads, as an index-only range scan (issue 12)
+    __table_args__ = (Index("ix_observations_org_code_effective", "org_id", "code", "effective_at", "contact_id",
+                            "id", "value_quantity", "code_system", "code_verified"),)
 
     category: Mapped[str | None] = mapped_column(String(40))
     effective_at: Mapped[datetime | None] = mapped_column(index=True)

@@ -281,17 +281,28 @@ def code_predicate(model, entries: list[dict]) -> ColumnElement:
             codes.extend(v for v in _variants(e["system"], e["code"]) if v not in codes)
         else:
             likes.extend(v + "%" for v in _variants(e["system"], e["prefix"]) if v + "%" not in likes)
-    terms = []
+    terms, every_code, any_like = [], [], False
     for system, (codes, likes) in sorted(by_system.items()):
         alts = []
         if codes:
             alts.append(model.code.in_(codes))
+            every_code.extend(c for c in codes if c not in every_code)
         alts.extend(model.code.like(p) for p in likes)
+        any_like = any_like or bool(likes)
         terms.append(and_(model.code_system == system, or_(*alts)))
     if not terms:
         return false()
+    conds = []
     verified = getattr(model, "code_verified", None)  # a code that failed its format check never matches
-    return and_(verified.is_(True), or_(*terms)) if verified is not None else or_(*terms)
+    if verified is not None:
+        conds.append(verified.is_(True))
+    if len(terms) > 1 and not any_like:
+        # Implied by the OR below (each term tests ``code IN`` its own codes); stated once over all
+        # systems so the planner can use ONE range scan of a ``(org_id, code, date)`` index instead of
+        # a BitmapOr of one scan per system, which cannot be index-only.
+        conds.append(model.code.in_(every_code))
+    conds.append(or_(*terms))
+    return and_(*conds)
 
 
 def _entry_matches(system: str, code: str, entry: dict) -> bool:
