@@ -154,12 +154,13 @@ def read_contact(request: Request, contact_id: str, masked: bool = False,
                  principal: Principal = Depends(require(P.PHI_READ_MASKED))) -> dict:
     session = request.state.db
     begin_read(session)  # reads only: no write lock while reading and decrypting
-    contact = service.get_contact(session, contact_id)
+    # Two Core statements scoped to the organization (core.scoped_select), not three ORM queries.
+    view_data = service.contact_view(session, contact_id)
     unmasked, view = _view(principal, masked)
-    data = masking.present(service.contact_dict(session, contact), unmasked)
+    data = masking.present(view_data, unmasked)
     session.commit()
     # Committed (grouped with concurrent reads' events) before the response is sent.
-    record_read(principal, request, "contact.read", target_type="contact", target_id=contact.id, details={"view": view})
+    record_read(principal, request, "contact.read", target_type="contact", target_id=view_data["id"], details={"view": view})
     return data
 
 

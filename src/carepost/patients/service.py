@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -657,6 +657,80 @@ def contact_dicts(session: Session, contacts: list[Contact]) -> list[dict]:
 
 def contact_dict(session: Session, contact: Contact) -> dict:
     return contact_dicts(session, [contact])[0]
+
+
+# One contact read for the API's hot path (issue 11 item 6): the contact and its identifiers in
+# one Core statement, its attribute values (with their definitions) in a second, both scoped to
+# the session's organization by ``core.scoped_select`` — no ORM objects, no per-field key look-up.
+_CONTACTS, _IDENTS = Contact.__table__, ContactIdentifier.__table__
+_VALUES, _DEFS = CustomAttributeValue.__table__, CustomAttributeDefinition.__table__
+_CONTACT_WITH_IDENTIFIERS = (
+    select(_CONTACTS, _IDENTS.c.id.label("ident_id"), _IDENTS.c.kind.label("ident_kind"),
+           _IDENTS.c.system.label("ident_system"), _IDENTS.c.type_code.label("ident_type"),
+           _IDENTS.c.use.label("ident_use"), _IDENTS.c.value_enc.label("ident_value_enc"))
+    .select_from(_CONTACTS.outerjoin(_IDENTS, and_(_IDENTS.c.contact_id == _CONTACTS.c.id,
+                                                   _IDENTS.c.kind.notin_(("source", NAME_KIND)))))
+    .where(_CONTACTS.c.id == bindparam("contact_id"))
+    .order_by(_IDENTS.c.kind, _IDENTS.c.rank, _IDENTS.c.created_at)
+)
+_CONTACT_ATTRIBUTES = (
+    select(_DEFS.c.key, _DEFS.c.type, _VALUES.c.value_text, _VALUES.c.value_number, _VALUES.c.value_date,
+           _VALUES.c.value_boolean)
+    .select_from(_VALUES.join(_DEFS, _DEFS.c.id == _VALUES.c.definition_id))
+    .where(_VALUES.c.contact_id == bindparam("contact_id"))
+)
+
+
+def contact_view(session: Session, contact_id: str) -> dict:
+    """``contact_dict(session, get_contact(session, contact_id))`` in two scoped Core statements
+    (same shape, same values); NotFound for another organization's or an unknown id."""
+    from carepost.core.scoped_select import org_select
+
+    rows = org_select(session, _CONTACT_WITH_IDENTIFIERS, {"contact_id": contact_id}).all() if is_id(contact_id) else []
+    if not rows:
+        raise NotFound("No such contact.", field="contact_id")
+    c = rows[0]._mapping
+    decrypt = get_keyring().text_decryptor(session, c["org_id"])
+    out: dict[str, Any] = {"id": c["id"]}
+    for name in ENCRYPTED_CONTACT_FIELDS:
+        out[name] = decrypt("contacts", name, c["id"], c[f"{name}_enc"])
+    for name in PLAIN_CONTACT_FIELDS:
+        value = c[name]
+        out[name] = value.isoformat() if isinstance(value, date) else value
+    emails, phones, identifiers = [], [], []
+    for row in rows:
+        if row.ident_id is None:
+            continue
+        value = decrypt("contact_identifiers", "value", row.ident_id, row.ident_value_enc)
+        if row.ident_kind == "email":
+            emails.append(value)
+        elif row.ident_kind == "phone":
+            phones.append({"value": value, "use": row.ident_use})
+        elif row.ident_kind == "identifier":
+            identifiers.append({"id": row.ident_id, "system": row.ident_system, "type": row.ident_type, "value": value,
+                                "class": identifier_class(row.ident_system, row.ident_type)})
+    out["email"] = emails[0] if emails else None
+    out["emails"] = emails
+    out["phone"] = phones[0]["value"] if phones else None
+    out["phones"] = phones
+    out["identifiers"] = identifiers
+    out["mrn"] = next((i["value"] for i in identifiers if i["type"] == MRN_TYPE), None)
+    out["external_id"] = next((i["value"] for i in identifiers if i["type"] == EXTERNAL_TYPE), None)
+    attrs: dict[str, Any] = {}
+    for key, type_, text, number, day, boolean in org_select(session, _CONTACT_ATTRIBUTES, {"contact_id": c["id"]}):
+        value = number if type_ == "number" else (day.isoformat() if day else None) if type_ == "date" else \
+            boolean if type_ == "boolean" else text
+        if type_ == "list":
+            attrs.setdefault(key, []).append(value)
+        else:
+            attrs[key] = value
+    out["attributes"] = attrs
+    out["care_stage"] = c["care_stage"]
+    out["care_stage_is_override"] = c["care_stage_override"] is not None
+    out["source"] = c["source"]
+    out["created_at"] = clock.aware(c["created_at"]).isoformat()
+    out["updated_at"] = clock.aware(c["updated_at"]).isoformat()
+    return out
 
 
 def _contact_dict(session, c: Contact, idents: list[ContactIdentifier], attrs: dict) -> dict:
