@@ -62,6 +62,7 @@ ROUTER_MODULES = [
     "carepost.segments.api",
     "carepost.segments.pages",
     "carepost.campaigns.api",
+    "carepost.campaigns.pages",
 ]
 
 # Queue tasks of each capability (the worker must know every task it may be handed).
