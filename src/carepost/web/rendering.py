@@ -22,6 +22,7 @@ NAV: list[tuple[str, str, str, str | tuple[str, ...] | None]] = [
     ("Patients", "Import", "/app/imports", "contacts:import"),
     ("Patients", "Forms and surveys", "/app/forms", "forms:manage"),
     ("Patients", "Segments", "/app/segments", "segments:read"),
+    ("Delivery", "Campaigns", "/app/campaigns", "campaigns:read"),
     ("Delivery", "Compose", "/app/compose", ("messages:send", "campaigns:send")),  # any of them (issue 10 item 5)
     ("Delivery", "Templates", "/app/templates", "templates:manage"),
     ("Delivery", "Sending domains", "/app/domains", "domains:manage"),
@@ -32,6 +33,7 @@ NAV: list[tuple[str, str, str, str | tuple[str, ...] | None]] = [
     ("Delivery", "Recipient keys", "/app/recipient-keys", "messages:read"),
     ("Delivery", "Delivery settings", "/app/delivery-settings", "org:manage"),
     ("Delivery", "Portal notification", "/app/portal-settings", "org:manage"),
+    ("Compliance", "Campaign approvals", "/app/campaigns/approvals", "campaigns:approve"),
     ("Compliance", "Audit log", "/app/audit", "audit:read"),
     ("Compliance", "Authorization texts", "/app/consent/texts", "consent:manage"),
     ("Compliance", "Suppressions", "/app/consent/suppressions", "consent:manage"),
