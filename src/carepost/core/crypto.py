@@ -359,6 +359,20 @@ class Keyring:
             return None
         return self.decrypt(session, org_id, table, column, row_id, blob).decode()
 
+    def encryptor(self, session: Session, org_id: str):
+        """``encrypt`` for many fields of one organization (a batch of rows written in one
+        transaction): the current data key is looked up once, for the returned function's lifetime
+        (the caller's scope, never longer). Each value still gets its own nonce and AAD."""
+        version, key = self.data_key(session, org_id)
+        cipher, prefix = AESGCM(key), bytes([CIPHERTEXT_FORMAT]) + version.to_bytes(4, "big")
+
+        def encrypt(table: str, column: str, row_id: str, value: str | bytes) -> bytes:
+            nonce = secrets.token_bytes(NONCE_BYTES)
+            data = value.encode() if isinstance(value, str) else value
+            return prefix + nonce + cipher.encrypt(nonce, data, _aad(org_id, table, column, row_id))
+
+        return encrypt
+
     def text_decryptor(self, session: Session, org_id: str):
         """``decrypt_text`` for many fields of one organization in one go (one request's view):
         each key version is looked up once for the returned function's lifetime (the caller's
