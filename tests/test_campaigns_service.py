@@ -415,7 +415,7 @@ def test_calendar_warns_when_two_sends_reach_the_same_patients_within_n_days(wor
 
         a = at(world["segment"], 0, "A")  # 4 Springfield contacts
         b = at(both, 2, "B")  # Springfield + Shelby: overlaps A by 4
-        c = at(shelby, 3, "C")  # Shelby only: overlaps B by 2, not A
+        at(shelby, 3, "C")  # Shelby only: overlaps B by 2, not A
         d = at(world["segment"], 30, "D")  # a month later: outside the window
         s.commit()
         start, end = base.date(), (base + timedelta(days=40)).date()

@@ -49,9 +49,7 @@ def operator(org_id: str):
 @campaign_app.command("list")
 def list_(org: str = typer.Option(..., "--org", help="Organization slug or id."),
           status: str = typer.Option(None, "--status", help="Only campaigns in this state.")) -> None:
-    """The organization's campaigns, newest first."""
-    from rich.table import Table
-
+    """The organization's campaigns, newest first (one line each)."""
     from carepost.campaigns import service
     from carepost.core.database import org_session
     from carepost.core.errors import CarePostError
@@ -62,11 +60,10 @@ def list_(org: str = typer.Option(..., "--org", help="Organization slug or id.")
             rows = service.list_campaigns(session, org_id, status=status)
         except CarePostError as exc:
             _fail(exc.message, 2)
-        table = Table("id", "name", "status", "purpose", "send at", "planned", "excluded")
-        for r in rows:
-            table.add_row(r.id, r.name, r.status, r.purpose, service._iso(r.send_at) or "-", str(r.planned_count),
-                          str(r.excluded_count))
-    console.print(table)
+        lines = [f"{r.id}  {r.status:<10} {r.purpose:<22} {service._iso(r.send_at) or '-':<25} "
+                 f"planned {r.planned_count:<8} excluded {r.excluded_count:<8} {r.name}" for r in rows]
+    for line in lines or ["no campaigns"]:
+        console.print(line, soft_wrap=True, highlight=False, markup=False)
 
 
 @campaign_app.command("show")
