@@ -175,8 +175,24 @@ def api_deliverability_domains(request: Request, days: int = Query(7, descriptio
     return deliverability.by_provider(request.state.db, principal.org_id, days)
 
 
+@router.get("/deliverability/sending-domains", tags=["deliverability"],
+            summary="Per sending domain of the organization: delivery, bounce and complaint rates over 7 or 30 days, "
+                    "the complaint and hard-bounce rates judged against their levels")
+def api_deliverability_sending_domains(request: Request, days: int = Query(7, description="The window: 7 or 30 days"),
+                                       principal: Principal = Depends(require(Permission.ANALYTICS_READ))) -> dict:
+    from carepost.core.errors import ValidationFailed
+    from carepost.tracking import deliverability
+
+    if days not in deliverability.WINDOWS:
+        raise ValidationFailed("The window is 7 or 30 days.", field="days")
+    return {"window_days": days, "min_volume": deliverability.MIN_VOLUME,
+            "judged_rates": list(deliverability.SENDING_DOMAIN_RATES),
+            "data": deliverability.by_sending_domain(request.state.db, principal.org_id, days)}
+
+
 @router.get("/deliverability/alerts", tags=["deliverability"],
-            summary="Deliverability alerts, newest first: a provider's rate at or over its warning level or limit")
+            summary="Deliverability alerts, newest first: a provider's or a sending domain's rate at or over its "
+                    "warning level or limit")
 def api_deliverability_alerts(request: Request, active: bool | None = Query(None, description="true: open alerts only; "
                                                                                              "false: cleared ones only"),
                               limit: int = Query(100, ge=1, le=500),

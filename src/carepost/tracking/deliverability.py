@@ -32,8 +32,13 @@ warning level (or too little mail is left to judge), the alert is cleared:
 ``deliverability.threshold_cleared``. Alerts hold a provider name, a rate name, counts and
 levels — no address, no message, no contact.
 
-Per sending domain: the rollups carry no sending-domain dimension, so rates and alerts are per
-organization and receiving provider.
+**Per sending domain.** The rollups also carry the sending domain a copy went out from
+(``sending_domain_id``): :func:`by_sending_domain` sums them per sending domain of the
+organization, and :func:`evaluate` judges the complaint and hard-bounce rates of each one as well
+(:data:`SENDING_DOMAIN_RATES`; deferrals are the receivers' throttling, judged per provider).
+Such an alert has ``provider`` ``all`` and names the sending domain (the organization's own
+domain, never a recipient's). Rollups written before the dimension existed carry none (``''``):
+``carepost analytics rebuild`` recounts them.
 """
 
 from __future__ import annotations
@@ -98,11 +103,14 @@ THRESHOLDS: dict[str, Threshold] = {t.rate: t for t in (
 )}
 
 LEVELS = ("warning", "limit")
+SENDING_DOMAIN_RATES = ("complaint_rate", "bounce_rate")
 
 # Registered by the composition root (``carepost.assembly``), like every other capability's.
 EVENT_TYPES: dict[str, str] = {
-    "deliverability.threshold_crossed": "A receiving provider's complaint, hard-bounce or deferral rate crossed its "
-                                        "warning level or limit (data: provider, rate, level, value, counts, window).",
+    "deliverability.threshold_crossed": "A receiving provider's complaint, hard-bounce or deferral rate, or a sending "
+                                        "domain's complaint or hard-bounce rate, crossed its warning level or limit "
+                                        "(data: provider, sending_domain when it is about one, rate, level, value, "
+                                        "counts, window).",
     "deliverability.threshold_cleared": "A rate that had crossed a level is back under it (or too little mail is left "
                                         "to judge it).",
 }
@@ -128,6 +136,9 @@ class DeliverabilityAlert(OrgScoped, Base):
     updated_at: Mapped[datetime] = mapped_column(default=clock.now)
     cleared_at: Mapped[datetime | None]
     cleared_reason: Mapped[str | None] = mapped_column(String(32))  # back_under | too_little_mail
+    # '' for a receiving provider's alert; else the organization's sending domain it is about.
+    sending_domain_id: Mapped[str] = mapped_column(String(32), default="", server_default="")
+    sending_domain: Mapped[str | None] = mapped_column(String(253))
 
 
 # --------------------------------------------------------------------------- rates
@@ -156,6 +167,43 @@ def totals(session: Session, org_id: str, days: int, now: datetime | None = None
             counts = out.setdefault(key, dict.fromkeys(METRICS, 0))
             counts[metric] += int(n or 0)
     return out
+
+
+def sending_domain_totals(session: Session, org_id: str, days: int,
+                          now: datetime | None = None) -> dict[str, dict[str, int]]:
+    """{sending domain id: {metric: count}} over the window, from day rollups (rows without a
+    sending domain — written before the dimension, or rebuilt — are left out)."""
+    since, _ = _window(days, now)
+    R = AnalyticsRollup
+    out: dict[str, dict[str, int]] = {}
+    for domain_id, metric, n in session.execute(
+            select(R.sending_domain_id, R.metric, func.sum(R.n))
+            .where(R.org_id == org_id, R.grain == "d", R.period >= since, R.metric.in_(METRICS),
+                   R.sending_domain_id != "")
+            .group_by(R.sending_domain_id, R.metric)).all():
+        out.setdefault(domain_id, dict.fromkeys(METRICS, 0))[metric] += int(n or 0)
+    return out
+
+
+def _domain_names(session: Session) -> dict[str, str]:
+    from carepost.delivery.service import list_sending_domains
+
+    return {d.id: d.domain for d in list_sending_domains(session)}
+
+
+def by_sending_domain(session: Session, org_id: str, days: int = 7, now: datetime | None = None) -> list[dict]:
+    """One row per sending domain of the organization with mail in the window: counts, delivery
+    and soft-bounce rates, and the complaint and hard-bounce rates judged (the deferral rate too,
+    shown as the provider table shows it)."""
+    names = _domain_names(session)
+    rows = []
+    for domain_id, counts in sending_domain_totals(session, org_id, days, now).items():
+        row = provider_row(ALL, counts)
+        row.pop("provider")
+        row.pop("gmail_yahoo_rules")
+        rows.append({"sending_domain_id": domain_id, "sending_domain": names.get(domain_id), **row})
+    rows.sort(key=lambda r: (r["sending_domain"] is None, r["sending_domain"] or "", r["sending_domain_id"]))
+    return rows
 
 
 def judge(rate: Threshold, counts: dict[str, int]) -> dict:
@@ -208,6 +256,8 @@ def by_provider(session: Session, org_id: str, days: int = 7, now: datetime | No
                        for name, t in THRESHOLDS.items()},
         "data": [r for r in rows if r["provider"] != ALL],
         "total": next((r for r in rows if r["provider"] == ALL), provider_row(ALL, dict.fromkeys(METRICS, 0))),
+        "sending_domains": by_sending_domain(session, org_id, days, now),
+        "sending_domain_rates": list(SENDING_DOMAIN_RATES),
     }
 
 
@@ -223,6 +273,7 @@ def alert_out(a: DeliverabilityAlert) -> dict:
         "updated_at": clock.aware(a.updated_at).isoformat(),
         "cleared_at": clock.aware(a.cleared_at).isoformat() if a.cleared_at else None,
         "cleared_reason": a.cleared_reason, "active": a.cleared_at is None,
+        "sending_domain_id": a.sending_domain_id or None, "sending_domain": a.sending_domain,
     }
 
 
@@ -242,6 +293,8 @@ def _announce(session: Session, alert: DeliverabilityAlert, event: str, state: s
     data = {"alert_id": alert.id, "provider": alert.provider, "rate": alert.rate, "level": alert.level,
             "value": alert.value, "level_value": alert.level_value, "numerator": alert.numerator,
             "denominator": alert.denominator, "window_days": alert.window_days, "state": state}
+    if alert.sending_domain_id:
+        data.update(sending_domain_id=alert.sending_domain_id, sending_domain=alert.sending_domain)
     if event == "deliverability.threshold_cleared":
         data["cleared_reason"] = alert.cleared_reason
     record(session, org_id=alert.org_id, actor_type="system", actor_id=None, action=event,
@@ -251,44 +304,57 @@ def _announce(session: Session, alert: DeliverabilityAlert, event: str, state: s
 
 def evaluate(session: Session, org_id: str, now: datetime | None = None) -> dict[str, int]:
     """Raise, update and clear the organization's alerts from the last :data:`ALERT_WINDOW_DAYS`
-    days. The caller commits (audit events, alerts and webhook deliveries together)."""
+    days: per receiving provider (every rate), and per sending domain (the complaint and
+    hard-bounce rates). The caller commits (audit events, alerts and webhook deliveries together)."""
     now = clock.aware(now or clock.now())
     counts = totals(session, org_id, ALERT_WINDOW_DAYS, now)
-    open_alerts = {(a.provider, a.rate): a for a in list_alerts(session, org_id, active=True, limit=500)}
+    open_alerts = {(a.provider, a.sending_domain_id or "", a.rate): a
+                   for a in list_alerts(session, org_id, active=True, limit=500)}
     stats = {"raised": 0, "escalated": 0, "cleared": 0}
     for provider, c in counts.items():
         if provider == ALL:
             continue
-        for name, t in THRESHOLDS.items():
-            j = judge(t, c)
-            alert = open_alerts.pop((provider, name), None)
-            if j["status"] in LEVELS:
-                level_value = t.limit if j["status"] == "limit" else t.warning
-                if alert is None:
-                    alert = DeliverabilityAlert(id=new_id(), org_id=org_id, provider=provider, rate=name,
-                                                level=j["status"], value=j["value"], level_value=level_value,
-                                                numerator=j["numerator"], denominator=j["denominator"],
-                                                window_days=ALERT_WINDOW_DAYS, raised_at=now, updated_at=now)
-                    session.add(alert)
-                    session.flush([alert])
-                    _announce(session, alert, "deliverability.threshold_crossed", "raised")
-                    stats["raised"] += 1
-                    continue
-                went_up = alert.level == "warning" and j["status"] == "limit"
-                alert.level, alert.level_value, alert.value = j["status"], level_value, j["value"]
-                alert.numerator, alert.denominator, alert.updated_at = j["numerator"], j["denominator"], now
-                if went_up:
-                    _announce(session, alert, "deliverability.threshold_crossed", "escalated")
-                    stats["escalated"] += 1
-            elif alert is not None:
-                _clear(session, alert, now, "back_under" if j["status"] == "ok" else "too_little_mail", j)
-                stats["cleared"] += 1
-    for alert in open_alerts.values():  # no mail to that provider in the window any more
+        for name in THRESHOLDS:
+            _judge_one(session, org_id, now, open_alerts, stats, provider, "", None, name, c)
+    names = _domain_names(session)
+    for domain_id, c in sending_domain_totals(session, org_id, ALERT_WINDOW_DAYS, now).items():
+        for name in SENDING_DOMAIN_RATES:
+            _judge_one(session, org_id, now, open_alerts, stats, ALL, domain_id, names.get(domain_id), name, c)
+    for alert in open_alerts.values():  # no mail to that provider (from that domain) in the window any more
         _clear(session, alert, now, "too_little_mail", None)
         stats["cleared"] += 1
     if any(stats.values()):
         log.info("deliverability_evaluated", org_id=org_id, **{f"{k}_count": v for k, v in stats.items()})
     return stats
+
+
+def _judge_one(session: Session, org_id: str, now: datetime, open_alerts: dict, stats: dict, provider: str,
+               domain_id: str, domain: str | None, name: str, counts: dict[str, int]) -> None:
+    t = THRESHOLDS[name]
+    j = judge(t, counts)
+    alert = open_alerts.pop((provider, domain_id, name), None)
+    if j["status"] in LEVELS:
+        level_value = t.limit if j["status"] == "limit" else t.warning
+        if alert is None:
+            alert = DeliverabilityAlert(id=new_id(), org_id=org_id, provider=provider, rate=name,
+                                        level=j["status"], value=j["value"], level_value=level_value,
+                                        numerator=j["numerator"], denominator=j["denominator"],
+                                        window_days=ALERT_WINDOW_DAYS, raised_at=now, updated_at=now,
+                                        sending_domain_id=domain_id, sending_domain=domain)
+            session.add(alert)
+            session.flush([alert])
+            _announce(session, alert, "deliverability.threshold_crossed", "raised")
+            stats["raised"] += 1
+            return
+        went_up = alert.level == "warning" and j["status"] == "limit"
+        alert.level, alert.level_value, alert.value = j["status"], level_value, j["value"]
+        alert.numerator, alert.denominator, alert.updated_at = j["numerator"], j["denominator"], now
+        if went_up:
+            _announce(session, alert, "deliverability.threshold_crossed", "escalated")
+            stats["escalated"] += 1
+    elif alert is not None:
+        _clear(session, alert, now, "back_under" if j["status"] == "ok" else "too_little_mail", j)
+        stats["cleared"] += 1
 
 
 def _clear(session: Session, alert: DeliverabilityAlert, now: datetime, reason: str, j: dict | None) -> None:
