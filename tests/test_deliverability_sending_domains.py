@@ -14,7 +14,14 @@ from carepost.core import clock
 from carepost.tracking import rollups
 from tests.fixtures.accounts import login_client
 from tests.test_deliverability import _alerts, _audit, _evaluate, _key
-from tests.test_webhooks import _receiver, allow_private, immediate, independent_verify, make_endpoint, receiver  # noqa: F401
+from tests.test_webhooks import (  # noqa: F401
+    _receiver,
+    allow_private,
+    immediate,
+    independent_verify,
+    make_endpoint,
+    receiver,
+)
 
 
 def _count(session, org_id, domain_id, **metrics):
@@ -66,8 +73,8 @@ def test_alerts_per_sending_domain(session, org, make_user, client, receiver, al
         care = service.create_sending_domain(s, org.id, "care.clinic.example")
         s.commit()
         news_id, care_id = news.id, care.id
-    endpoint, secret = make_endpoint(session, org.id, receiver.url(),
-                                     event_types=("deliverability.threshold_crossed", "deliverability.threshold_cleared"))
+    _endpoint, secret = make_endpoint(session, org.id, receiver.url(),
+                                      event_types=("deliverability.threshold_crossed", "deliverability.threshold_cleared"))
     # The newsletter domain: 0.2% complaints (over the recommended 0.1%) and 6% hard bounces (over 5%);
     # the care domain is clean. Across the organization Gmail's complaint rate is 0.1% — the warning too.
     _count(session, org.id, news_id, sent=1000, delivered=1000, complained=2, bounced_hard=60)
