@@ -22,6 +22,7 @@ from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
+    Mapper,
     ORMExecuteState,
     Session,
     mapped_column,
@@ -210,9 +211,23 @@ def _scoped_mappers(state: ORMExecuteState) -> bool:
     return any(isinstance(m.class_, type) and issubclass(m.class_, OrgScoped) for m in state.all_mappers)
 
 
+_scoped_tables_cache: list = [None]  # frozenset, recomputed when a mapper is added (event below)
+
+
 def _org_scoped_tables() -> frozenset[str]:
-    return frozenset(m.local_table.name for m in Base.registry.mappers
-                     if isinstance(m.class_, type) and issubclass(m.class_, OrgScoped))
+    """The names of the organization tables (checked at every INSERT: cached, not rebuilt from the
+    mapper registry each time)."""
+    found = _scoped_tables_cache[0]
+    if found is None:
+        found = _scoped_tables_cache[0] = frozenset(
+            m.local_table.name for m in Base.registry.mappers
+            if isinstance(m.class_, type) and issubclass(m.class_, OrgScoped))
+    return found
+
+
+@event.listens_for(Mapper, "after_mapper_constructed")
+def _forget_scoped_tables(_mapper, _cls) -> None:
+    _scoped_tables_cache[0] = None
 
 
 def _inserted_org_ids(state: ORMExecuteState) -> set:
