@@ -158,6 +158,9 @@ def main() -> None:
     args = p.parse_args()
     admin, scratch = pop.setup_database(args.database_url, args.keep)
     try:
+        from carepost.assembly import assemble
+
+        assemble()  # the composition root (create_org assembles too; idempotent)
         org_id = pop.create_org("Campaigns Bench")
         from carepost.core.config import get_settings
         from carepost.core.database import get_engine
