@@ -253,3 +253,6 @@ def _wire_registries() -> None:
     from carepost.tracking import deliverability
 
     tracking.register_event_types(deliverability.EVENT_TYPES)
+    from carepost.tracking import conversions as tracking_conversions
+
+    tracking.register_event_types(tracking_conversions.EVENT_TYPES)  # message.converted (issue 13 item 8)

@@ -14,6 +14,7 @@ contact through ``POST /api/v1/events``, and conversions attributed to the messa
   the portal) to that contact within the window before the event, and that message's
   ``converted`` counter goes up (source, campaign, template, receiving domain… as the message's).
   One event converts once; an event without a goal, or no message in the window, is only kept.
+  A conversion goes out as the webhook event ``message.converted`` (ids only).
 
 Attribution reads ``delivery.models`` directly (a set-based read joining events to recipients,
 which ARCHITECTURE.md section 3 allows).
@@ -26,7 +27,15 @@ import json
 import re
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import ForeignKey, Index, Integer, LargeBinary, String, UniqueConstraint, select
+from sqlalchemy import (
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    UniqueConstraint,
+    select,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -56,6 +65,12 @@ KNOWN_EVENTS = {
     "vaccination.given": "The patient was vaccinated.",
 }
 ATTRIBUTING_EVENTS = ("delivered", "sent")
+# Registered by the composition root (``carepost.assembly``), like every other capability's.
+EVENT_TYPES: dict[str, str] = {
+    "message.converted": "A goal's event was attributed to the last message delivered to the contact within the "
+                         "goal's window (data: message_id, recipient_id, contact_id, event_id, goal_id — ids only; "
+                         "the event's name only to endpoints that receive PHI).",
+}
 
 
 class Goal(OrgScoped, Base):
@@ -286,7 +301,21 @@ def record_event(session: Session, org_id: str, *, name: str, contact_id: str | 
         from carepost.tracking import analytics
 
         analytics.count_conversion(session, org_id, at, event.message_id, event.recipient_id)
+        _announce_conversion(session, event)
     return event, True
+
+
+def _announce_conversion(session: Session, event: ContactEvent) -> None:
+    """``message.converted`` to the organization's webhook endpoints, in the event's transaction
+    (a rolled-back event announces nothing; an idempotent replay announces nothing again). Ids
+    only: a custom event's name can say what the patient did (``hiv_test.booked``), so it goes
+    only to endpoints that receive PHI; the properties never."""
+    from carepost.tracking.service import emit
+
+    data = {"message_id": event.message_id, "recipient_id": event.recipient_id, "contact_id": event.contact_id,
+            "event_id": event.id, "goal_id": event.goal_id,
+            "occurred_at": clock.aware(event.occurred_at).isoformat().replace("+00:00", "Z")}
+    emit(session, event.org_id, "message.converted", data, phi={"event_name": event.name})
 
 
 def event_properties(session: Session, event: ContactEvent) -> dict | None:
