@@ -65,6 +65,7 @@ CAMPAIGN_SETTINGS_DEFAULTS: dict = {
 }
 THROTTLE_MAX = 10_000_000
 SCHEDULE_HORIZON = timedelta(days=400)
+CALENDAR_FIRST, CALENDAR_LAST = date(2000, 1, 1), date(2200, 12, 31)
 AB_TEST_MAX = 10_000  # bytes of JSON
 HHMM = re.compile(r"([01]\d|2[0-3]):[0-5]\d")
 DRUG = re.compile(r"[A-Za-z][A-Za-z0-9_-]{1,19}:[A-Za-z0-9][A-Za-z0-9.\-]{0,40}")
@@ -656,6 +657,9 @@ def calendar(session: Session, org_id: str, start: date, end: date, principal, *
     from carepost.patients.models import Contact
     from carepost.segments.service import present_count
 
+    for name, value in (("start", start), ("end", end)):
+        if not CALENDAR_FIRST <= value <= CALENDAR_LAST:
+            raise ValidationFailed(f"Enter a day from {CALENDAR_FIRST.year} to {CALENDAR_LAST.year}.", field=name)
     if end < start:
         raise ValidationFailed("The end is before the start.", field="end")
     if (end - start).days > 366:
