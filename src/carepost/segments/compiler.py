@@ -12,15 +12,16 @@ Every predicate is two-valued (never SQL NULL): a comparison on a nullable colum
 Reading other capabilities' tables: a segment is a set-based join over patients (contacts,
 clinical facts, custom attributes, identifiers), consent (authorizations, subscriptions, topics,
 suppressions), delivery (message recipients and messages), portal (portal messages) and forms
-(form submissions). Calling their services one contact at a time cannot give one statement, so
+(form submissions), tracking (engagement events: opens and clicks) and campaigns (a campaign named
+in ``in campaign``). Calling their services one contact at a time cannot give one statement, so
 this module reads those tables directly (ARCHITECTURE.md section 3 allows it for segments); it
-never writes them. ``forms`` sits above segments, so its table is looked up by name in the
-shared metadata instead of imported.
+never writes them. ``forms`` and ``campaigns`` sit above segments and ``tracking`` beside it, so
+their tables are looked up by name in the shared metadata instead of imported.
 
 Organization scoping: the statement is built from ORM entities and executed through an
 organization-scoped session, so the central mechanism (``core.database``) adds
 ``org_id = :org`` to every entity, in subqueries too (``with_loader_criteria``). The one Core
-table (form submissions) gets its ``org_id`` filter here.
+tables (form submissions, engagement events, campaigns) get their ``org_id`` filter here.
 """
 
 from __future__ import annotations
@@ -412,7 +413,58 @@ def _event_source(ctx: _Ctx, kind: str, node: dict):
         conds = [forms.c.contact_id.isnot(None), forms.c.status.in_(FORM_SUBMITTED_STATUSES),
                  forms.c.org_id == ctx.org_id]
         return forms.c.contact_id, conds, forms.c.created_at, select(forms.c.contact_id), forms.c.id
+    if kind in lang.TRACKED_KINDS:
+        return _tracked_source(ctx, kind, node)
     raise AssertionError(kind)  # pragma: no cover
+
+
+def _table(name: str):
+    """A table of a capability this module may not import (tracking sits beside segments,
+    campaigns above), looked up in the shared metadata."""
+    from carepost.core.database import Base
+
+    table = Base.metadata.tables.get(name)
+    if table is None:  # pragma: no cover - the composition root loads every model
+        raise SegmentQueryError(f"{name} are not available", where="query")
+    return table
+
+
+def _tracked_source(ctx: _Ctx, kind: str, node: dict):
+    """Opens or clicks from tracking's append-only ``engagement_events``, joined to the recipient
+    row for the contact: a person's events only unless qualified ``any`` (privacy proxies and
+    security scanners are not people reading); ``in campaign`` keeps that campaign's messages.
+    Counted per message (two opens of one message are one). Organizations in privacy mode keep no
+    per-recipient events: nobody matches there."""
+    events = _table("engagement_events")
+    conds = [events.c.org_id == ctx.org_id, events.c.type == ("opened" if kind == "message_opened" else "clicked"),
+             MessageRecipient.contact_id.isnot(None)]
+    if node.get("qualifier") != "any":
+        conds.append(events.c.classification == "human")
+    base = select(MessageRecipient.contact_id).select_from(events).join(
+        MessageRecipient, MessageRecipient.id == events.c.recipient_id)
+    if node.get("campaign") is not None:
+        campaign_id = _campaign_id(ctx, node)
+        base = base.join(Message, Message.id == events.c.message_id)
+        conds.append(Message.campaign_id == campaign_id)
+    return MessageRecipient.contact_id, conds, events.c.occurred_at, base, events.c.message_id
+
+
+def _campaign_id(ctx: _Ctx, node: dict) -> str:
+    """A campaign named by id or name (the id wins), resolved when the query compiles."""
+    from carepost.core.ids import is_id
+
+    campaigns = _table("campaigns")
+    value = node["campaign"]
+    found = None
+    if is_id(value):
+        found = ctx.session.scalar(select(campaigns.c.id).where(campaigns.c.org_id == ctx.org_id,
+                                                                campaigns.c.id == value))
+    if found is None:
+        found = ctx.session.scalar(select(campaigns.c.id).where(campaigns.c.org_id == ctx.org_id,
+                                                                campaigns.c.name == value).limit(1))
+    if found is None:
+        raise where_of(node, "query").error(f"unknown campaign '{lang._short(value)}'", found=lang._short(value))
+    return found
 
 
 def _has(ctx: _Ctx, node: dict, pos: Pos) -> ColumnElement:
@@ -420,25 +472,27 @@ def _has(ctx: _Ctx, node: dict, pos: Pos) -> ColumnElement:
     if kind in FACTS:
         model = FACTS[kind][0]
         conds = _fact_conditions(ctx, node, pos, model, kind)
-        id_col = model.contact_id
+        id_col, row_col = model.contact_id, None
         base = select(model.contact_id)
     else:
-        id_col, conds, date_col, base, _ = _event_source(ctx, kind, node)
+        id_col, conds, date_col, base, row_col = _event_source(ctx, kind, node)
         if node.get("time"):
             conds = conds + [window_predicate(date_col, window(node["time"], ctx.at, is_date=False))]
     matching = base.where(*conds)
+    # Opens and clicks count messages (a message opened five times is one); the rest count rows.
+    counted = func.count(func.distinct(row_col)) if kind in lang.TRACKED_KINDS else func.count()
     op, n = node.get("count") or [">=", 1]
     if op == ">=":
         if n <= 0:
             return true()
         if n == 1:
             return _in(matching)
-        return _in(matching.group_by(id_col).having(func.count() >= n))
+        return _in(matching.group_by(id_col).having(counted >= n))
     if op == "=" and n == 0 or op == "<=" and n == 0:
         return not_(_in(matching))
     if op == "<=":
-        return not_(_in(matching.group_by(id_col).having(func.count() > n)))
-    return _in(matching.group_by(id_col).having(func.count() == n))
+        return not_(_in(matching.group_by(id_col).having(counted > n)))
+    return _in(matching.group_by(id_col).having(counted == n))
 
 
 def _last(ctx: _Ctx, node: dict, pos: Pos) -> ColumnElement:

@@ -97,7 +97,11 @@ COMPARE_OPS = ("=", "!=", "<", "<=", ">", ">=")
 # Kinds after ``has``: clinical facts, then engagement events.
 CLINICAL_KINDS = ("condition", "medication", "procedure", "observation", "immunization", "encounter",
                   "hospitalization", "appointment", "care_plan")
-ENGAGEMENT_KINDS = ("message_received", "message_delivered", "message_bounced", "portal_message_opened", "form_submitted")
+ENGAGEMENT_KINDS = ("message_received", "message_delivered", "message_bounced", "portal_message_opened", "form_submitted",
+                    "message_opened", "message_clicked")
+# Opens and clicks (tracking's engagement events): a person's only, unless qualified "any" (privacy
+# proxies and security scanners too); "in campaign" narrows them to one campaign's messages.
+TRACKED_KINDS = ("message_opened", "message_clicked")
 KINDS = CLINICAL_KINDS + ENGAGEMENT_KINDS
 KIND_ALIASES = {k + "s": k for k in KINDS} | {"visit": "encounter", "visits": "encounter",
                                                "hospitalizations": "hospitalization", "careplan": "care_plan"}
@@ -106,6 +110,8 @@ QUALIFIERS = {
     "medication": ("active",),
     "care_plan": ("active",),
     "appointment": ("upcoming", "missed", "fulfilled", "cancelled"),
+    "message_opened": ("any",),
+    "message_clicked": ("any",),
 }
 CODED_KINDS = ("condition", "medication", "procedure", "observation", "immunization", "encounter",
                "hospitalization", "appointment", "care_plan")
@@ -230,7 +236,8 @@ field_ref: NAME
 
 flag_crit: NAME
 
-has_crit: _HAS count? NAME NAME? codespec? time?
+has_crit: _HAS count? NAME NAME? codespec? campaignspec? time?
+campaignspec: _IN CAMPAIGN STRING
 count: _NO                                     -> c_no
      | _AT LEAST INT                           -> c_least
      | _AT MOST INT                            -> c_most
@@ -287,6 +294,7 @@ MILES: "miles"i | "mile"i
 ZIPWORD: "zip"i
 LOCATIONWORD: "location"i
 SEGMENT: "segment"i
+CAMPAIGN: "campaign"i
 CHANGED: "changed"i
 UNIT: "days"i | "day"i | "weeks"i | "week"i | "months"i | "month"i | "years"i | "year"i
 
@@ -477,9 +485,14 @@ class _ToTree(Transformer):
         for item in items:
             if isinstance(item, tuple) and item[0] == "codes":
                 node.update(item[1])
+            elif isinstance(item, tuple) and item[0] == "campaign":
+                node["campaign"] = item[1]
             else:
                 node["time"] = item
         return node
+
+    def campaignspec(self, meta, c):
+        return ("campaign", _unquote(str(c[1])))
 
     def c_no(self, meta, c):
         return ("count", ["=", 0])
@@ -807,7 +820,7 @@ def check_field_value(node: dict, ftype: str, pos: Pos) -> dict:
 
 _ALLOWED_KEYS = {
     "field": {"type", "field", "op", "value", "at", "time"},
-    "has": {"type", "kind", "qualifier", "codes", "valueset", "time", "count"},
+    "has": {"type", "kind", "qualifier", "codes", "valueset", "time", "count", "campaign"},
     "last": {"type", "kind", "codes", "valueset", "op", "value", "time"},
     "refill_due": {"type", "days", "codes", "valueset"},
     "birthday": {"type", "days"},
@@ -872,6 +885,14 @@ def _check_criterion(node: dict, pos: Pos) -> dict:
             _check_codespec(node, out, pos, required=False)
         elif "codes" in node or "valueset" in node:
             raise pos.error(f"{kind} takes no codes")
+        if node.get("campaign") is not None:
+            campaign = node["campaign"]
+            if kind not in TRACKED_KINDS:
+                raise pos.error(f"'in campaign' applies to {' and '.join(TRACKED_KINDS)}", found=kind,
+                                expected=list(TRACKED_KINDS))
+            if not isinstance(campaign, str) or not campaign.strip() or len(campaign) > 200:
+                raise pos.error("campaign is a campaign's name or id (1 to 200 characters)", found=_short(campaign))
+            out["campaign"] = campaign
         if node.get("time") is not None:
             out["time"] = _check_time(node["time"], pos)
         return out
@@ -998,7 +1019,7 @@ def strip_positions(tree: Any) -> Any:
 _BARE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 KEYWORDS = {"or", "and", "not", "in", "is", "empty", "between", "at", "has", "no", "for", "to", "from", "of", "within",
             "before", "after", "since", "next", "least", "most", "exactly", "valueset", "last", "refill", "due",
-            "miles", "mile", "zip", "location", "segment", "changed", "true", "false", "days", "day", "weeks", "week", "months",
+            "miles", "mile", "zip", "location", "segment", "campaign", "changed", "true", "false", "days", "day", "weeks", "week", "months",
             "month", "years", "year"}
 
 
@@ -1065,6 +1086,8 @@ def _criterion_text(n: dict) -> str:
         parts.append(n["kind"])
         if _codes_text(n):
             parts.append(_codes_text(n))
+        if n.get("campaign") is not None:
+            parts.append(f"in campaign {_str(n['campaign'])}")
         if n.get("time"):
             parts.append(_time_text(n["time"]))
         return " ".join(parts)
