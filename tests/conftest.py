@@ -4,6 +4,7 @@
   one backend. PostgreSQL runs when ``CAREPOST_TEST_DATABASE_URL`` is set (CI sets it); each
   xdist worker gets a database of its own.
 * ``db``: a clean database for one test (tables emptied, key caches dropped, clock reset).
+* ``app``: the FastAPI app, built once and reused while the settings stay the same.
 * ``client``: a FastAPI TestClient on the app.
 * ``live_server``: ``carepost serve`` as a real subprocess for Playwright (tests/fixtures/ui.py).
 """
@@ -155,11 +156,42 @@ def session(db):
         yield s
 
 
+# Building the app (about 360 routes: FastAPI makes a pydantic field for every parameter) costs
+# 0.3-0.5 s of CPU, and over half the tests ask for one. The app keeps no per-request state of
+# its own (sessions, keys, rate limits and audit live in the database and module caches, which
+# ``db`` resets), so one app is reused for as long as the settings it was built from are the
+# same; a test that changes a CAREPOST_* setting gets an app of its own, as before.
+_APPS: dict[tuple, object] = {}
+_APPS_KEPT = 4
+
+
+def _settings_key(backend: str) -> tuple:
+    from carepost.core.config import get_settings
+
+    settings = get_settings()
+    values = {name: getattr(settings, name) for name in type(settings).model_fields}
+    values = {k: (v.get_secret_value() if hasattr(v, "get_secret_value") else v) for k, v in values.items()}
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith("CAREPOST_"))
+    return backend, repr(sorted(values.items())), tuple(env)
+
+
 @pytest.fixture
 def app(db):
     from carepost.app import create_app
+    from carepost.core.config import get_settings
+    from carepost.core.logging import configure_logging
 
-    return create_app()
+    key = _settings_key(db.backend)
+    built = _APPS.pop(key, None)
+    if built is None:
+        built = create_app()
+    else:
+        settings = get_settings()
+        configure_logging(settings.log_level, settings.log_json)  # as create_app does
+    _APPS[key] = built  # most recently used last
+    while len(_APPS) > _APPS_KEPT:
+        _APPS.pop(next(iter(_APPS)))
+    return built
 
 
 @pytest.fixture
