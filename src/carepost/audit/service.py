@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from sqlalchemy import event as sa_event
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, SessionTransaction
 
@@ -232,11 +232,69 @@ class _GroupAppender:
         from carepost.core.database import system_session
 
         with system_session() as session:
-            events = record_many(session, [queued.fields for queued in batch])
-            ids = [event.id for event in events]
+            ids = _append_rows(session, [queued.fields for queued in batch])
             session.commit()  # the checkpoint is written in after_commit, before this returns
         for queued, event_id in zip(batch, ids):
             queued.event_id = event_id
+
+
+class _EventRow:
+    """An audit event's columns as attributes (what ``canonical`` hashes and the checkpoint
+    bookkeeping reads), for events written without ORM objects."""
+
+    def __init__(self, values: dict) -> None:
+        self.__dict__.update(values)
+
+
+def _append_rows(session: Session, items: list[dict]) -> list[str]:
+    """:func:`record_many` without ORM objects, for the read group commit (issue 11 item 6): the
+    same chain head lock (``UPDATE`` then ``SELECT ... FOR UPDATE``), the same canonical fields and
+    HMAC chain, one INSERT of all events (executemany) and one UPDATE of each chain head, and the
+    same checkpoint after commit. Returns the event ids in order."""
+    events_table, heads_table = AuditEvent.__table__, AuditChainHead.__table__
+    conn = session.connection()
+    heads: dict[str, list] = {}  # chain -> [seq, hash, key_version, key]
+    rows: list[dict] = []
+    events: list[_EventRow] = []
+    for fields in items:
+        chain = fields.get("org_id") or SYSTEM_CHAIN
+        if chain not in heads:
+            locked = conn.execute(update(heads_table).where(heads_table.c.chain == chain)
+                                  .values(seq=heads_table.c.seq)).rowcount
+            if not locked:
+                _lock_head(session, chain)  # creates the head (rare: the chain's first event)
+                session.flush()
+            seq, hash_ = conn.execute(select(heads_table.c.seq, heads_table.c.hash)
+                                      .where(heads_table.c.chain == chain).with_for_update()).one()
+            heads[chain] = [seq, hash_, *get_keyring().named_key_version(session, chain, "audit")]
+        head = heads[chain]
+        user_agent = fields.get("user_agent")
+        target_id = fields.get("target_id")
+        values = {
+            "id": new_id(), "chain": chain, "seq": head[0] + 1, "org_id": fields.get("org_id"),
+            "occurred_at": clock.now(), "actor_type": fields["actor_type"], "actor_id": fields.get("actor_id"),
+            "on_behalf_of": fields.get("on_behalf_of"), "action": fields["action"],
+            "target_type": fields.get("target_type"),
+            "target_id": None if target_id is None else str(target_id)[:200],
+            "outcome": fields.get("outcome") or "success", "ip": fields.get("ip"),
+            "user_agent": (user_agent or None) and user_agent[:300], "request_id": fields.get("request_id"),
+            "details": scrub_value(fields.get("details") or {}), "prev_hash": head[1], "key_version": head[2],
+        }
+        event = _EventRow(values)
+        values["hash"] = event.hash = event_hash(head[3], event)
+        head[0], head[1] = values["seq"], values["hash"]
+        rows.append(values)
+        events.append(event)
+    conn.execute(insert(events_table), rows)
+    last = {}
+    for event in events:
+        last[event.chain] = event
+    for chain, event in last.items():
+        conn.execute(update(heads_table).where(heads_table.c.chain == chain)
+                     .values(seq=event.seq, hash=event.hash, updated_at=event.occurred_at))
+    for event in events:
+        _remember_append(session, event, heads[event.chain][3])
+    return [event.id for event in events]
 
 
 _appender = _GroupAppender()
