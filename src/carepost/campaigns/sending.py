@@ -104,7 +104,7 @@ class _Sender:
 
         name = None
         if campaign.from_name_enc:
-            name = get_keyring().decrypt_text(session, org_id, Campaign.__tablename__, "from_name", campaign.id,
+            name = get_keyring().decrypt_text(session, org_id, Campaign.__tablename__, "from_name_enc", campaign.id,
                                               campaign.from_name_enc)
         address = parse_address(campaign.from_address or "", field_name="from_address")
         self.sender = type(address)(address.local, address.domain, name or "")
