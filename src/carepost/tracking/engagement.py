@@ -106,6 +106,7 @@ class Recorder:
         self._privacy = _Ttl()
         self._urls = _Ttl()
         self._links = _Ttl()
+        self._human = _Ttl(100_000)  # (message, recipient, type) with a human event committed: see _Group
 
     def submit(self, hit: Hit) -> Future:
         future: Future = Future()
@@ -143,6 +144,7 @@ class Recorder:
         """Forget caches and recent activity (tests change settings between cases)."""
         self.memory = classifier.RecentActivity()
         self._messages, self._privacy, self._urls, self._links = _Ttl(), _Ttl(), _Ttl(), _Ttl()
+        self._human = _Ttl(100_000)
 
     # ------------------------------------------------------------------ one group, one transaction
 
@@ -150,12 +152,14 @@ class Recorder:
         from carepost.tracking.models import EngagementEvent
 
         with system_session() as session:
-            group = _Group()
+            group = _Group(self._human)
             decoded = [self._decode(session, hit) for hit in hits]
-            group.load_seen(session, [d for d in decoded if d is not None])
+            group.load_seen(session, [(hit.kind, d) for hit, d in zip(hits, decoded) if d is not None])
             outcomes = [self._one(session, hit, d, group) if d is not None else INVALID for hit, d in zip(hits, decoded)]
             if group.rows:
-                session.execute(insert(EngagementEvent), group.rows)  # one multi-row INSERT per group
+                # One INSERT executed with the group's rows, on the session's connection (Core: no ORM
+                # bulk bookkeeping; the rows are built here, each with its organization's id).
+                session.connection().execute(_events_insert(EngagementEvent), group.rows)
             from carepost.tracking import rollups
 
             for (org_id, at, metric, message_id, source, template_id, purpose, topic_id, created_at), n in \
@@ -165,6 +169,8 @@ class Recorder:
             for (org_id, message_id, type_, classification), n in sorted(group.counts.items()):
                 _count(session, org_id, message_id, type_, classification, n)  # one UPDATE per counter and group
             session.commit()
+        for key in group.human:
+            self._human.put(key, True)
         return outcomes
 
     def _message(self, session: Session, message_id: str):
@@ -258,18 +264,34 @@ class Recorder:
 
 class _Group:
     """One group's rows and counters, and which (message, recipient, type, class) were seen before:
-    read once per group (one SELECT), then kept up to date as the group's events are added."""
+    read once per group (one SELECT), then kept up to date as the group's events are added.
 
-    def __init__(self):
+    ``known_human`` (the recorder's, kept across groups for a while): (message, recipient, type)
+    whose human event is committed. For such a hit both answers are known — not the first, not the
+    first human — whatever was recorded since, so its pair is not read again (events are
+    append-only: a fact once seen stays true). Repeated opens of the same copy skip the SELECT."""
+
+    def __init__(self, known_human: _Ttl | None = None):
         self.rows: list[dict] = []
         self.counts: dict[tuple, int] = {}
         self.rollups: dict[tuple, int] = {}
         self.seen: set[tuple] = set()
+        self.known_human = known_human
+        self.human: set[tuple] = set()  # (message, recipient, type) with a human event: seen or written
 
     def load_seen(self, session: Session, decoded: list) -> None:
+        """``decoded``: (kind, (token data, message facts, privacy)) of the group's valid hits."""
         from carepost.tracking.models import EngagementEvent as E
 
-        pairs = {(d.message_id, d.recipient_id) for d, _m, privacy in decoded if d.recipient_id and not privacy}
+        known = self.known_human
+        pairs = set()
+        for kind, (d, _m, privacy) in decoded:
+            if not d.recipient_id or privacy:
+                continue
+            if known is not None and known.get((d.message_id, d.recipient_id, TYPES[kind])):
+                self.seen.add((d.message_id, d.recipient_id, TYPES[kind], "human"))
+                continue
+            pairs.add((d.message_id, d.recipient_id))
         if not pairs:
             return
         messages = sorted({m for m, _r in pairs})
@@ -286,16 +308,30 @@ class _Group:
         any_before = any((message_id, recipient_id, type_, c) in self.seen for c in ("human", "proxy", "scanner"))
         human_before = (message_id, recipient_id, type_, "human") in self.seen
         self.seen.add((message_id, recipient_id, type_, classification))
+        if human_before or classification == "human":
+            self.human.add((message_id, recipient_id, type_))
         return not any_before, classification == "human" and not human_before
+
+
+_EVENTS_INSERT: list = []
+
+
+def _events_insert(model):
+    """The events' INSERT (Core, built once: compiled once per dialect and cached)."""
+    if not _EVENTS_INSERT:
+        _EVENTS_INSERT.append(insert(model.__table__))
+    return _EVENTS_INSERT[0]
 
 
 def _count(session: Session, org_id: str, message_id: str, type_: str, classification: str, n: int = 1) -> None:
     """+n on the message's counter (an UPDATE; the first of its kind an INSERT, raced safely)."""
     from carepost.tracking.models import EngagementCount as C
 
+    t = C.__table__
+    done = session.connection().execute(
+        update(t).where(t.c.message_id == message_id, t.c.type == type_, t.c.classification == classification)
+        .values(count=t.c.count + n, updated_at=clock.now())).rowcount
     where = (C.message_id == message_id, C.type == type_, C.classification == classification)
-    done = session.execute(update(C).where(*where).values(count=C.count + n, updated_at=clock.now())
-                           .execution_options(synchronize_session=False)).rowcount
     if done:
         return
     try:
