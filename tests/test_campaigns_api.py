@@ -44,7 +44,7 @@ def shop(sender, session):
 
 def body(shop, **over) -> dict:
     data = {"name": "Flu clinic", "purpose": "marketing", "segment_id": shop["segment"],
-            "template_version_id": shop["version"]}
+            "template_version_id": shop["version"], "from_address": "news@bar.example"}
     data.update(over)
     return data
 
@@ -256,3 +256,53 @@ def test_cli_list_show_and_launch_refused_until_approved(shop, session):
     assert r.exit_code == 2 and "approval" in r.output, r.output
     r = runner.invoke(cli, ["campaign", "show", "f" * 32, "--org", slug])
     assert r.exit_code == 2
+
+
+def test_cli_launch_follows_a_real_worker_to_completion(storage, shop, session, tmp_path):
+    """``carepost campaign launch`` queues planning; a real ``carepost worker`` process plans and
+    materializes the campaign while the command's progress bar follows it to ``completed``."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from carepost.accounts.models import Organization
+    from carepost.campaigns import service
+    from carepost.campaigns.models import Campaign, CampaignRecipient
+    from carepost.cli import app as cli
+    from tests.test_campaigns_service import person, values
+
+    org_id = shop["org_id"]
+    slug = session.get(Organization, org_id).slug
+    with org_session(org_id) as s:
+        treat = make_template(s, org_id, purpose="treatment", name="Reminder")
+        c = service.create_campaign(s, org_id, values(shop["segment"], treat, name="Worker run", purpose="treatment"),
+                                    person(org_id, "marketer"))
+        assert not c.approval_required
+        s.commit()
+        cid = c.id
+    log = open(tmp_path / "worker.log", "w")
+    env = {**os.environ, **storage.env, "CAREPOST_LOG_JSON": "true"}
+    worker = subprocess.Popen([sys.executable, "-m", "carepost.cli", "worker", "--threads", "1", "--no-periodic"],
+                              cwd=str(Path(__file__).resolve().parents[1]), env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        r = CliRunner().invoke(cli, ["campaign", "launch", cid, "--org", slug, "--timeout", "120"])
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        log.close()
+    assert r.exit_code == 0, r.output + (tmp_path / "worker.log").read_text()[-3000:]
+    assert "planned" in r.output and "materialized" in r.output and "sent (any outcome)" in r.output  # the bar's rows
+    assert "planned 4, excluded 0, materialized 4" in r.output, r.output
+    # valid.test has no mail server: every message got its final outcome (bounced) at delivery
+    assert "other outcomes 4" in r.output, r.output
+    session.commit()
+    assert session.get(Campaign, cid).status in ("sending", "completed")
+    assert session.scalar(select(CampaignRecipient.id).where(CampaignRecipient.campaign_id == cid,
+                                                             CampaignRecipient.message_id.is_(None))) is None

@@ -64,7 +64,7 @@ def make_contact(s, org_id, email_address, *, sign=False, city="Springfield", **
 
 def values(seg, ver, **over) -> CampaignIn:
     data = {"name": over.pop("name", f"Flu {new_id()[:6]}"), "purpose": "marketing", "segment_id": seg,
-            "template_version_id": ver}
+            "template_version_id": ver, "from_address": "news@bar.example"}
     data.update(over)
     return CampaignIn(**data)
 
@@ -276,6 +276,14 @@ def test_references_of_another_organization_and_special_cases_are_refused(world,
         with pytest.raises(ValidationFailed) as exc:
             service.update_campaign(s, c, CampaignPatch(segment_id=None), marketer)
         assert exc.value.field == "segment_id"
+        s.rollback()
+        # a draft may lack its sender; submitting or launching it may not
+        c = s.get(Campaign, c.id)
+        service.update_campaign(s, c, CampaignPatch(from_address=None), marketer)
+        for step in (service.submit, service.launch):
+            with pytest.raises(ValidationFailed) as exc:
+                step(s, c, marketer)
+            assert (exc.value.field, exc.value.code) == ("from_address", "incomplete")
         s.rollback()
 
 

@@ -2,7 +2,8 @@
 
 ``launch`` applies the same rules as the API (a campaign that needs approval is refused until
 compliance approved it), queues planning, then follows planned, materialized and sent counts with
-a progress bar until the campaign completes, is paused or cancelled (a worker must be running:
+a progress bar until the campaign completes, is paused or cancelled, or every message has its
+outcome (a worker must be running:
 ``carepost worker`` or ``carepost run``). It is recorded in the audit log as the CLI operator.
 Imports stay inside the commands so ``carepost --help`` stays fast.
 """
@@ -102,6 +103,13 @@ def _snapshot(org_id: str, campaign_id: str) -> dict:
         return service.progress(session, row)
 
 
+def _all_out(snap: dict) -> bool:
+    """Planning finished, every recipient materialized, every message has its outcome (sent,
+    delivered, bounced, failed...): nothing is left to follow even before the status says so."""
+    return (snap["status"] == "sending" and snap["plan_finished_at"] is not None
+            and snap["materialized"] >= snap["planned"] and snap["finished"] >= snap["materialized"])
+
+
 def follow(org_id: str, campaign_id: str, *, timeout: float, interval: float = 0.5) -> dict:
     """Show planned / materialized / sent counts until the campaign is done (or ``timeout``)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -112,15 +120,15 @@ def follow(org_id: str, campaign_id: str, *, timeout: float, interval: float = 0
                   console=console, transient=False) as bar:
         planned = bar.add_task("planned", total=None)
         materialized = bar.add_task("materialized", total=None)
-        sent = bar.add_task("sent", total=None)
+        sent = bar.add_task("sent (any outcome)", total=None)
         while True:
             done_planning = snap["plan_finished_at"] is not None
             total = snap["planned"] if done_planning else None
             bar.update(planned, completed=snap["planned"] + snap["excluded"],
                        total=(snap["planned"] + snap["excluded"]) if done_planning else None)
             bar.update(materialized, completed=snap["materialized"], total=total)
-            bar.update(sent, completed=snap["sent"], total=total)
-            if snap["status"] in DONE_STATUSES or time.monotonic() > deadline:
+            bar.update(sent, completed=snap["finished"], total=total)
+            if snap["status"] in DONE_STATUSES or _all_out(snap) or time.monotonic() > deadline:
                 return snap
             time.sleep(interval)
             snap = _snapshot(org_id, campaign_id)
@@ -155,6 +163,7 @@ def launch(campaign_id: str = typer.Argument(..., help="The campaign id."),
         return
     snap = follow(org_id, campaign_id, timeout=timeout)
     console.print(f"{snap['status']}: planned {snap['planned']}, excluded {snap['excluded']}, materialized "
-                  f"{snap['materialized']}, sent {snap['sent']}", highlight=False)
-    if snap["status"] not in DONE_STATUSES:
+                  f"{snap['materialized']}, sent {snap['sent']}, other outcomes {snap['finished'] - snap['sent']} "
+                  f"({', '.join(f'{k} {v}' for k, v in sorted(snap['messages'].items())) or 'none'})", highlight=False)
+    if snap["status"] not in DONE_STATUSES and not _all_out(snap):
         _fail(f"still {snap['status']} after {timeout:.0f} s (is a worker running?)", 3)

@@ -471,8 +471,16 @@ def _require_state(row: Campaign, allowed: tuple[str, ...], action: str) -> None
                        f"{' or '.join(allowed)}).", field="status", code="illegal_transition")
 
 
+def _check_complete(row: Campaign) -> None:
+    """What a campaign needs before it is submitted or launched (a draft may lack it)."""
+    if not row.from_address:
+        raise ValidationFailed("A campaign needs a sender address (from_address) before it is submitted or "
+                               "launched.", field="from_address", code="incomplete")
+
+
 def submit(session: Session, row: Campaign, principal, comment: str = "") -> Campaign:
     _require_state(row, ("draft", "rejected"), "submitted")
+    _check_complete(row)
     data = _values_of(session, row)
     derived = _validate(session, row.org_id, data, {"segment_id"})  # references may have gone meanwhile
     row.approval_required = approval_needed(session, row.org_id, row.purpose, derived["segment_sensitive"])
@@ -542,6 +550,7 @@ def launch(session: Session, row: Campaign, principal) -> Campaign:
     """Approved (when required) and complete -> ``planning``. The caller commits, then calls
     :func:`start_work` (the task must see the committed state)."""
     _require_state(row, LAUNCHABLE_STATES, "launched")
+    _check_complete(row)
     data = _values_of(session, row)
     derived = _validate(session, row.org_id, data, {"segment_id"})
     row.approval_required = approval_needed(session, row.org_id, row.purpose, derived["segment_sensitive"]) \
@@ -618,6 +627,9 @@ def mark_completed(session: Session, row: Campaign) -> Campaign:
 
 # --------------------------------------------------------------------------- progress
 
+SENT_STATUSES = ("sent", "delivered", "portal_viewed")
+PENDING_STATUSES = ("queued", "deferred")  # message recipient statuses without a final outcome yet
+
 def progress(session: Session, row: Campaign) -> dict:
     """Counts after launch: recipients by status, exclusions by reason, messages by delivery status.
 
@@ -639,7 +651,8 @@ def progress(session: Session, row: Campaign) -> dict:
         .group_by(MessageRecipient.status)).all())
     return {"status": row.status, "planned": row.planned_count, "excluded": row.excluded_count,
             "materialized": row.materialized_count, "recipients": recipients, "exclusions": exclusions,
-            "messages": delivery, "sent": sum(v for k, v in delivery.items() if k in ("sent", "delivered", "portal_viewed")),
+            "messages": delivery, "sent": sum(v for k, v in delivery.items() if k in SENT_STATUSES),
+            "finished": sum(v for k, v in delivery.items() if k not in PENDING_STATUSES),
             "plan_started_at": _iso(row.plan_started_at), "plan_finished_at": _iso(row.plan_finished_at)}
 
 
