@@ -41,6 +41,22 @@ _TERM_RE = re.compile(r"\b(?:" + "|".join(re.escape(t) for t in CLINICAL_TERMS) 
 _NAME_STOP = {"dr", "mr", "mrs", "ms", "md", "the", "and", "of", "de", "la", "van", "von", "jr", "sr"}
 
 
+_NAME_SPLIT = re.compile(r"[^\w'-]+")
+_WORD_CHAR = re.compile(r"\w")
+
+
+def _whole_word_in(token: str, text: str) -> bool:
+    """``re.search(rf"(?<!\\w){re.escape(token)}(?!\\w)", text)`` without compiling a pattern per
+    token (every recipient's name is new: the regex cache never hit, issue 11 item 7)."""
+    start = text.find(token)
+    while start >= 0:
+        end = start + len(token)
+        if (start == 0 or not _WORD_CHAR.match(text[start - 1])) and (end == len(text) or not _WORD_CHAR.match(text[end])):
+            return True
+        start = text.find(token, start + 1)
+    return False
+
+
 def _fold(text: str) -> str:
     return unicodedata.normalize("NFKC", text or "").casefold()
 
@@ -50,8 +66,8 @@ def findings(text: str, *, names: tuple[str, ...] | list[str] = ()) -> list[str]
     folded = _fold(text)
     found = [label for label, pattern in _PATTERNS if pattern.search(folded)]
     for name in names:
-        tokens = {t for t in re.split(r"[^\w'-]+", _fold(name)) if len(t) >= 2 and t not in _NAME_STOP}
-        if any(re.search(rf"(?<!\w){re.escape(t)}(?!\w)", folded) for t in tokens):
+        tokens = {t for t in _NAME_SPLIT.split(_fold(name)) if len(t) >= 2 and t not in _NAME_STOP}
+        if any(_whole_word_in(t, folded) for t in tokens):
             found.append("the recipient's name")
             break
     if _TERM_RE.search(folded):
