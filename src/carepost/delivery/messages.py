@@ -9,7 +9,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from carepost.core import clock
@@ -273,17 +273,33 @@ def store_message(session: Session, org_id: str, prepared: PreparedMessage, *, s
 def store_messages(session: Session, org_id: str, prepared: list[PreparedMessage], *, source: str,
                    created_by: str | None, sandbox: bool = False,
                    idempotency_keys: list[str | None] | None = None) -> list[Message]:
-    """:func:`store_message` for many messages at once (one contact look-up per 500 recipients,
-    three flushes in all)."""
+    """:func:`store_message` for many messages at once, set-based (issue 11 item 7): the data key
+    is looked up once and each domain's blind index computed once per call; the messages go in
+    with one flush, their recipients and ``queued`` events with one INSERT each (executemany, no
+    ORM objects), the recipients' contacts in one look-up per 500 addresses, the eligibility check
+    once for all, and the excluded recipients with one UPDATE and one INSERT of their events.
+
+    This is also the entry point for pre-rendered per-recipient messages (campaign sending builds
+    one :class:`PreparedMessage` per recipient and stores a chunk of them in one call). Returns
+    the :class:`Message` rows (ORM objects in the session), in the order given."""
     ring = get_keyring()
     now = clock.now()
     keys = idempotency_keys or [None] * len(prepared)
+    encrypt = ring.encryptor(session, org_id)
 
     def enc(table: str, column: str, row_id: str, value) -> bytes | None:
-        return None if value is None else ring.encrypt(session, org_id, table, column, row_id, value)
+        return None if value is None else encrypt(table, column, row_id, value)
+
+    domain_indexes: dict[str, str] = {}
+
+    def domain_index(domain: str) -> str:
+        found = domain_indexes.get(domain)
+        if found is None:
+            found = domain_indexes[domain] = ring.blind_index(session, org_id, "domain", domain)
+        return found
 
     mt, at, rt = Message.__tablename__, MessageAttachment.__tablename__, MessageRecipient.__tablename__
-    messages, dependents, recipients = [], [], []
+    messages, dependents, recipients, addresses = [], [], [], []
     for p, key in zip(prepared, keys):
         message_id = new_id()
         messages.append(Message(
@@ -309,26 +325,75 @@ def store_messages(session: Session, org_id: str, prepared: list[PreparedMessage
             ))
         for kind, address in p.recipients:
             rid = new_id()
-            recipients.append(MessageRecipient(
-                id=rid, org_id=org_id, message_id=message_id, kind=kind,
-                address_enc=enc(rt, "address", rid, address.addr_spec),
-                display_name_enc=enc(rt, "display_name", rid, address.display_name or None),
-                address_index=ring.blind_index(session, org_id, "email", address.addr_spec),
-                domain_index=ring.blind_index(session, org_id, "domain", address.domain),
-                status="queued", attempts=0, evidence={}, possible_duplicate=False, updated_at=now, enqueued_at=now,
-            ))
+            addresses.append(address.addr_spec)
+            recipients.append({
+                "id": rid, "org_id": org_id, "message_id": message_id, "kind": kind,
+                "address_enc": enc(rt, "address", rid, address.addr_spec),
+                "display_name_enc": enc(rt, "display_name", rid, address.display_name or None),
+                "address_index": ring.blind_index(session, org_id, "email", address.addr_spec),
+                "domain_index": domain_index(address.domain), "contact_id": None, "status": "queued", "method": None, "reason": None,
+                "attempts": 0, "evidence": {}, "possible_duplicate": False, "updated_at": now, "enqueued_at": now,
+                "next_attempt_at": None,
+            })
     _link_contacts(session, org_id, recipients)
-    events = [MessageEvent(org_id=org_id, message_id=r.message_id, recipient_id=r.id, type="queued",
-                           details={"source": source, "sandbox": bool(sandbox)}, created_at=now) for r in recipients]
-    # In the order of the foreign keys (the models declare no relationships to sort by).
-    for batch in (messages, dependents + recipients, events):
-        session.add_all(batch)
+    session.add_all(messages)
+    session.flush()
+    if dependents:
+        session.add_all(dependents)
         session.flush()
-    for recipient, event in zip(recipients, events):  # message.queued to the organization's webhooks
-        domain_events.publish("message.recipient_event", session, recipient, event)
-    addresses = [address.addr_spec for p in prepared for _kind, address in p.recipients]
-    exclude_ineligible(session, messages, recipients, addresses)
+    if recipients:
+        session.execute(insert(MessageRecipient), recipients)
+    details = {"source": source, "sandbox": bool(sandbox)}
+    events = [{"id": new_id(), "org_id": org_id, "message_id": r["message_id"], "recipient_id": r["id"], "type": "queued",
+                   "details": details, "created_at": now} for r in recipients]
+    if events:
+        session.execute(insert(MessageEvent), events)
+    rows = [_Row(r) for r in recipients]
+    for recipient, event in zip(rows, events):  # message.queued to the organization's webhooks
+        domain_events.publish("message.recipient_event", session, recipient, _Row(event))
+    _exclude_rows(session, messages, rows, addresses, now)
     return messages
+
+
+class _Row:
+    """A stored row's columns as attributes (what the ``message.recipient_event`` subscribers
+    read), for rows written without ORM objects."""
+
+    def __init__(self, values: dict) -> None:
+        self.__dict__.update(values)
+
+
+def _exclude_rows(session: Session, messages: list[Message], recipients: list[_Row], addresses: list[str],
+                  now) -> None:
+    """:func:`exclude_ineligible` for rows stored by :func:`store_messages`: one UPDATE
+    (executemany) of the excluded recipients and one INSERT of their ``excluded`` events."""
+    from carepost.delivery import pipeline
+
+    by_id = {m.id: m for m in messages}
+    candidates = [
+        pipeline.Candidate(r.id, r.message_id, r.org_id, address, r.address_index, r.contact_id,
+                           by_id[r.message_id].purpose, by_id[r.message_id].source, by_id[r.message_id].contains_phi)
+        for r, address in zip(recipients, addresses)
+    ]
+    excluded = (pipeline.eligibility(session, candidates) or {}) if candidates else {}
+    changes, events, published = [], [], []
+    for recipient in recipients:
+        reason = excluded.get(recipient.id)
+        if not reason:
+            continue
+        recipient.status, recipient.reason, recipient.method, recipient.next_attempt_at = \
+            "excluded", str(reason)[:200], None, None
+        changes.append({"id": recipient.id, "status": "excluded", "reason": recipient.reason, "method": None,
+                        "next_attempt_at": None})
+        event = {"id": new_id(), "org_id": recipient.org_id, "message_id": recipient.message_id, "recipient_id": recipient.id,
+                     "type": "excluded", "details": {"reason": str(reason).split(":", 1)[0]}, "created_at": now}
+        events.append(event)
+        published.append((recipient, _Row(event)))
+    if changes:
+        session.execute(update(MessageRecipient), changes)
+        session.execute(insert(MessageEvent), events)
+        for recipient, event in published:
+            domain_events.publish("message.recipient_event", session, recipient, event)
 
 
 def exclude_ineligible(session: Session, messages: list[Message], recipients: list[MessageRecipient],
@@ -367,9 +432,15 @@ def _link_contacts(session: Session, org_id: str, recipients: list[MessageRecipi
         from carepost.patients.service import contacts_by_index
     except ImportError:
         return
-    found = contacts_by_index(session, org_id, "email", [r.address_index for r in recipients])
+    def index(r):
+        return r["address_index"] if isinstance(r, dict) else r.address_index
+
+    found = contacts_by_index(session, org_id, "email", [index(r) for r in recipients])
     for recipient in recipients:
-        recipient.contact_id = found.get(recipient.address_index)
+        if isinstance(recipient, dict):
+            recipient["contact_id"] = found.get(recipient["address_index"])
+        else:
+            recipient.contact_id = found.get(recipient.address_index)
 
 
 @dataclass
