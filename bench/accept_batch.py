@@ -38,7 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from delivery_throughput import HTML, TEXT  # noqa: E402
+from delivery_throughput import HTML, TEXT
 
 
 def _proc_cpu(pid: int) -> float:
