@@ -241,9 +241,67 @@ def _seed_through_b_routes(app, b_client: TestClient) -> int:
 
 
 # --------------------------------------------------------------------------- the sweep
+#
+# The sweep is split into SHARDS tests, each taking whole route families (the first path segment
+# after /api/v1/ or /app/), so pytest-xdist can run them on both workers (one test was 100-160 s,
+# the suite's longest). The families are dealt out when the test runs, from the app's own routes:
+# a route added later lands in some shard without touching this file, and test_shards_cover_every
+# _route checks that every route is swept by exactly one shard. Each shard arranges A and B afresh
+# (B filled through all of B's routes, as before) and checks B's rows afterwards.
+
+SHARDS = 6
 
 
-def test_no_route_lets_a_read_or_change_b(app, tenants, session):
+def _family(path: str) -> str:
+    for prefix in ("/api/v1/", "/app/"):
+        if path.startswith(prefix):
+            return path[len(prefix):].split("/", 1)[0].split("{", 1)[0] or "/"
+    return path.strip("/").split("/", 1)[0] or "/"
+
+
+def _shard_families(app) -> list[set[str]]:
+    """The route families dealt into SHARDS groups of similar size (requests the sweep makes:
+    a listing is one request, any other route one per candidate id), largest family first."""
+    weight: dict[str, int] = {}
+    for method, path, route, kind in _routes(app):
+        if kind == "public" or path == "/app/logout":
+            continue
+        listing = method == "GET" and not route.dependant.path_params
+        weight[_family(path)] = weight.get(_family(path), 0) + (1 if listing else 12)
+    shards: list[tuple[int, set[str]]] = [(0, set()) for _ in range(SHARDS)]
+    for family in sorted(weight, key=lambda f: (-weight[f], f)):
+        i = min(range(SHARDS), key=lambda k: (shards[k][0], k))
+        shards[i] = (shards[i][0] + weight[family], shards[i][1] | {family})
+    return [families for _, families in shards]
+
+
+def _sweep_routes(app, callers, families: set[str] | None = None):
+    return [
+        (caller, method, path, route)
+        for caller in callers
+        for method, path, route, kind in _routes(app)
+        # Public routes carry their own tokens; logout only ends A's own session. API
+        # credentials are for /api/v1; the owner's session is swept over /api/v1 and /app.
+        if kind != "public" and path != "/app/logout"
+        and path.startswith(("/api/v1",) if caller.reauth is None else ("/api/v1", "/app"))
+        and (families is None or _family(path) in families)
+    ]
+
+
+def test_shards_cover_every_route(app):
+    """Every route the sweep concerns is in exactly one shard; none is empty."""
+    callers = [Caller("api", None, None), Caller("web", None, lambda: None)]
+    shards = _shard_families(app)
+    assert all(shards) and len(set().union(*shards)) == sum(len(f) for f in shards)
+    everything = _sweep_routes(app, callers)
+    swept = [r for families in shards for r in _sweep_routes(app, callers, families)]
+    assert len(everything) > 300
+    key = lambda r: (r[0].name, r[1], r[2])
+    assert sorted(map(key, swept)) == sorted(map(key, everything))
+
+
+@pytest.mark.parametrize("shard", range(SHARDS), ids=lambda i: f"shard{i + 1}of{SHARDS}")
+def test_no_route_lets_a_read_or_change_b(app, tenants, session, shard):
     a_org, b_org = tenants["a_org"], tenants["b_org"]
     _seed_through_b_routes(app, tenants["b_client"])
     b_users = tenants["b_users"]
@@ -255,15 +313,8 @@ def test_no_route_lets_a_read_or_change_b(app, tenants, session):
     doc = app.openapi()
     problems: list[str] = []
     crashes: list[str] = []
-    sweep = [
-        (caller, method, path, route)
-        for caller in tenants["callers"]
-        for method, path, route, kind in _routes(app)
-        # Public routes carry their own tokens; logout only ends A's own session. API
-        # credentials are for /api/v1; the owner's session is swept over /api/v1 and /app.
-        if kind != "public" and path != "/app/logout"
-        and path.startswith(("/api/v1",) if caller.reauth is None else ("/api/v1", "/app"))
-    ]
+    families = _shard_families(app)[shard]
+    sweep = _sweep_routes(app, tenants["callers"], families)
 
     # Listings first, while A's own data holds no copy of a B id (A's later attempts are audited
     # in A's log with B's ids as targets, which is correct).
@@ -308,7 +359,8 @@ def test_no_route_lets_a_read_or_change_b(app, tenants, session):
         # Not an isolation breach (nothing was written), but bad input must not crash a route.
         warnings.warn(f"tenant sweep: {crash}", stacklevel=1)
     assert checked > 100, checked
-    print(f"tenant sweep: {checked} requests, {len(candidates)} candidate ids")
+    print(f"tenant sweep, shard {shard + 1} of {SHARDS} ({', '.join(sorted(families))}): "
+          f"{checked} requests, {len(candidates)} candidate ids")
     assert not problems, "\n".join(problems)
     after = _org_rows(b_org.id, b_users)
     changed = sorted(t for t in before if before[t] != after.get(t))
