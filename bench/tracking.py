@@ -21,6 +21,9 @@ request is a different copy) runs them side by side in one run, ``--runs`` times
 reported). Durability is checked: the events in the database after the run are counted and
 compared with the answers wrk received (every answered open and click must be there). Prints and
 writes one JSON document (``--out``, default ``bench/results/tracking_<db>.json``).
+
+``--profile PREFIX`` samples the server with py-spy (GIL holder only) during the first run's open
+and click loads — where the server's CPU goes, for the next change.
 """
 
 from __future__ import annotations
@@ -175,6 +178,10 @@ def main() -> None:
     p.add_argument("--recipients", type=int, default=1000)
     p.add_argument("--out", default=None)
     p.add_argument("--keep-workdir", action="store_true")
+    p.add_argument("--profile", default=None, metavar="PREFIX",
+                   help="py-spy (in .venv) samples the server while it holds the GIL during the first run's open "
+                        "and click loads: PREFIX-open.txt and PREFIX-click.txt (collapsed stacks, flamegraph.pl input); "
+                        "the sampler slows that run: profile with --runs 1, measure without")
     args = p.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is not installed (Debian package wrk)")
@@ -221,8 +228,16 @@ def main() -> None:
             one = {}
             for name, target, paths, pid in (("bare", bare_base, opens, bare.pid), ("open", base, opens, server.pid),
                                              ("click", base, clicks, server.pid)):
+                spy = None
+                if args.profile and name != "bare" and not runs:
+                    spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid),
+                                            "-d", str(max(1, args.duration - 2)), "-r", "200", "--gil", "-f", "raw",
+                                            "-o", f"{args.profile}-{name}.txt", "--nonblocking"],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 c0 = _cpu_seconds(pid)
                 res, _raw = wrk(target, paths, args, work)
+                if spy is not None:
+                    spy.wait(timeout=60)
                 res["server_cpu_ms_per_request"] = round((_cpu_seconds(pid) - c0) * 1000 / max(1, res["requests"]), 3)
                 one[name] = res
             one["open_vs_bare"] = round(one["open"]["requests_per_s"] / one["bare"]["requests_per_s"], 3)

@@ -18,6 +18,7 @@ the rollups (totals, human and machine; "unique" figures are not known there).
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
@@ -114,6 +115,15 @@ class Recorder:
         self._queue.put((hit, future))
         return future
 
+    def submit_async(self, hit: Hit) -> asyncio.Future:
+        """From a running event loop: an asyncio future, answered with the rest of its group in one
+        wake-up of the loop (one ``call_soon_threadsafe`` per group, not one per request)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._ensure()
+        self._queue.put((hit, (loop, future)))
+        return future
+
     def _ensure(self) -> None:
         if self._thread is not None and self._thread.is_alive():
             return
@@ -134,11 +144,9 @@ class Recorder:
                 outcomes = self.write([hit for hit, _f in items])
             except Exception as exc:  # noqa: BLE001 - every waiting request gets an answer
                 log.error("engagement_write_failed", error_type=type(exc).__name__, count=len(items))
-                for _hit, future in items:
-                    future.set_exception(exc)
+                _answer([(future, exc) for _hit, future in items], failed=True)
                 continue
-            for (_hit, future), outcome in zip(items, outcomes):
-                future.set_result(outcome)
+            _answer([(future, outcome) for (_hit, future), outcome in zip(items, outcomes)])
 
     def reset(self) -> None:
         """Forget caches and recent activity (tests change settings between cases)."""
@@ -260,6 +268,33 @@ class Recorder:
             _webhook(session, org_id, data.message_id, recipient_id, type_, verdict,
                      None if data.trap else data.link_index)
         return Outcome(True, url=url, trap=data.trap, classification=verdict.classification)
+
+
+def _answer(pairs: list, failed: bool = False) -> None:
+    """Set each waiting request's result (or exception): a concurrent future at once; asyncio
+    futures gathered per event loop and set in one callback on that loop."""
+    by_loop: dict = {}
+    for future, value in pairs:
+        if isinstance(future, tuple):
+            by_loop.setdefault(future[0], []).append((future[1], value))
+        elif failed:
+            future.set_exception(value)
+        else:
+            future.set_result(value)
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle, items, failed)
+        except RuntimeError:  # the loop is closed (server stopping): nobody waits any more
+            pass
+
+
+def _settle(items: list, failed: bool) -> None:
+    for future, value in items:
+        if not future.done():  # a cancelled request (client gone) is left as it is
+            if failed:
+                future.set_exception(value)
+            else:
+                future.set_result(value)
 
 
 class _Group:

@@ -23,7 +23,6 @@ through to the app unchanged.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
 from urllib.parse import quote
@@ -77,7 +76,7 @@ class EngagementFastPath:
             client = scope.get("client")
             hit = Hit(kind=kind, token=token, user_agent=user_agent, ip=client[0] if client else None, method=method)
             try:
-                outcome = await asyncio.wrap_future(recorder().submit(hit))
+                outcome = await recorder().submit_async(hit)
             except Exception:  # noqa: BLE001 - logged by the recorder; the client may try again
                 outcome = None
             if outcome is None:
