@@ -27,8 +27,9 @@ CAMPAIGN_STATUSES = ("draft", "submitted", "approved", "rejected", "scheduled", 
 SCHEDULE_KINDS = ("now", "at", "local")
 REMUNERATION_KINDS = ("none", "cost", "other")
 EVENT_ACTIONS = ("created", "updated", "submitted", "approved", "rejected", "returned_to_draft", "scheduled",
-                 "launched", "paused", "resumed", "cancelled", "completed")
-RECIPIENT_STATUSES = ("planned", "materialized", "held_out", "cancelled")
+                 "launched", "paused", "resumed", "cancelled", "completed", "winner_chosen")
+# "awaiting": outside an A/B test fraction, waiting for the winner (ab_tests.release makes it planned)
+RECIPIENT_STATUSES = ("planned", "materialized", "held_out", "awaiting", "cancelled")
 
 
 class Campaign(OrgScoped, Base):
@@ -70,8 +71,8 @@ class Campaign(OrgScoped, Base):
     # SHA-256 of the fields compliance approved (service.APPROVED_FIELDS); an edit of any of them
     # after approval returns the campaign to draft.
     content_hash: Mapped[str | None] = mapped_column(String(64))
-    # A/B/n test: {"variants": [...], "holdout": 0.05, "test_fraction": 0.2, "metric": "human_opens",
-    # "winner_after_hours": 4}
+    # A/B/n test (checked by ab_tests.validate): {"variants": [{"key": "A", "subject": ...}, ...],
+    # "holdout": 0.05, "test_fraction": 0.2, "metric": "human_opens", "winner_after_hours": 4}
     ab_test: Mapped[dict | None] = mapped_column(JSON)
     planned_count: Mapped[int] = mapped_column(Integer, default=0)
     excluded_count: Mapped[int] = mapped_column(Integer, default=0)
