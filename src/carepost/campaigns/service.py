@@ -348,6 +348,10 @@ def _validate(session: Session, org_id: str, data: dict, changed: set[str]) -> d
         if len(dumped) > AB_TEST_MAX or "\\u0000" in dumped:
             raise ValidationFailed(f"The A/B test settings are at most {AB_TEST_MAX:,} bytes of plain JSON.",
                                    field="ab_test")
+        from carepost.campaigns import ab_tests
+
+        data["ab_test"] = ab_tests.validate(session, org_id, data["ab_test"], purpose=data["purpose"],
+                                            template_id=version.template_id)
     if changed & set(SCHEDULE_FIELDS):
         _check_schedule(session, org_id, data)
     return derived
