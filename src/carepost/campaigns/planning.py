@@ -31,6 +31,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from sqlalchemy import JSON, func, insert, select, update
 from sqlalchemy.orm import Session
 
+from carepost.campaigns import ab_tests
 from carepost.campaigns.models import Campaign, CampaignExclusion, CampaignRecipient
 from carepost.core import clock, purposes
 from carepost.core.database import org_session
@@ -269,12 +270,14 @@ def plan_chunk(session: Session, org_id: str, campaign: Campaign, audience: Audi
                    for cid in rest if verdicts.get(cid) != "eligible"]
     recipients = []
     for cid in eligible:
-        variant = assign_variant(campaign.id, cid, campaign.ab_test)
+        # A/B: the holdout (held_out), the test fraction (a variant, planned, shifted by the variant's
+        # send offset) or the rest (awaiting the winner) — campaigns.ab_tests.
+        variant, status = ab_tests.assign(campaign.id, cid, campaign.ab_test)
+        at = _naive(when[cid]) if cid in when else now
         recipients.append({
             "id": new_id(), "org_id": org_id, "campaign_id": campaign.id, "contact_id": cid, "variant": variant,
-            "blocks": sorted(shown.get(cid, ())), "send_after": _naive(when[cid]) if cid in when else now,
-            "receiving_domain_index": None, "status": "held_out" if variant == "holdout" else "planned",
-            "message_id": None,
+            "blocks": sorted(shown.get(cid, ())), "send_after": at + ab_tests.send_offset(campaign.ab_test, variant),
+            "receiving_domain_index": None, "status": status, "message_id": None,
         })
     write_rows(session, CampaignRecipient.__table__, recipients)
     write_rows(session, CampaignExclusion.__table__, exclusions)
