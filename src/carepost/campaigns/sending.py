@@ -33,7 +33,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from carepost.campaigns import planning
+from carepost.campaigns import ab_tests, planning
 from carepost.campaigns.models import Campaign, CampaignRecipient
 from carepost.core import clock
 from carepost.core.crypto import get_keyring
@@ -136,8 +136,9 @@ def _finish_if_done(session: Session, campaign: Campaign) -> bool:
     """``sending`` -> ``completed`` once planning finished and no planned row is left."""
     if campaign.plan_finished_at is None:
         return False
-    left = session.scalar(select(CampaignRecipient.id).where(CampaignRecipient.campaign_id == campaign.id,
-                                                             CampaignRecipient.status == "planned").limit(1))
+    left = session.scalar(select(CampaignRecipient.id).where(
+        CampaignRecipient.campaign_id == campaign.id,
+        CampaignRecipient.status.in_(("planned", "awaiting"))).limit(1))  # awaiting: an A/B winner to come
     if left is not None:
         return False
     done = session.execute(update(Campaign).where(Campaign.id == campaign.id, Campaign.status == "sending")
@@ -218,7 +219,6 @@ def _materialize_once(org_id: str, campaign_id: str, batch: int, now: datetime |
         sender = _Sender(session, org_id, campaign, version.contains_phi)
         lapses = (planning.refill_lapse_days(session, org_id, campaign.refill_drug, [r.contact_id for r in rows])
                   if campaign.refill_drug else {})
-        variants = {v.get("key"): v for v in (campaign.ab_test or {}).get("variants") or [] if isinstance(v, dict)}
         # One render per (variant) group: the render loads every contact's data once per chunk.
         by_variant: dict[str | None, list[CampaignRecipient]] = {}
         for r in rows:
@@ -226,11 +226,15 @@ def _materialize_once(org_id: str, campaign_id: str, batch: int, now: datetime |
         prepared: list[PreparedMessage] = []
         owners: list[CampaignRecipient] = []
         unsendable: list[CampaignRecipient] = []
+        base_version = version
         for variant, group in by_variant.items():
+            # The A/B variant's settings (a released row "winner:B" takes B's): subject, template version.
+            override = ab_tests.variant_settings(campaign.ab_test, variant)
+            version = (content.get_version_by_id(session, org_id, override["template_version_id"])
+                       if override.get("template_version_id") else base_version)
             visible = {r.contact_id: frozenset(r.blocks or ()) for r in group}
             rendered = content.render_for_contacts(session, org_id, version, [r.contact_id for r in group],
                                                    visible=visible)
-            override = variants.get(variant) or {}
             for r in group:
                 out = rendered.get(r.contact_id)
                 address = addresses.get(r.contact_id)
