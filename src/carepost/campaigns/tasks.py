@@ -12,6 +12,9 @@
   starts, :func:`resume_on_start`). Running a task twice is safe
   (``planning`` moves its cursor by compare-and-set; ``sending`` claims rows before writing).
 
+* :func:`ab_winners` — every minute: an A/B test whose ``winner_after_hours`` passed gets its
+  winner, and the rows awaiting it are released and sent (``ab_tests.release``).
+
 Tasks carry the organization and campaign ids only.
 """
 
@@ -98,6 +101,34 @@ def resume_stalled() -> int:
 @huey.periodic_task(crontab(minute="*"), name="campaigns.sweep")
 def sweep() -> None:
     resume_stalled()
+
+
+def release_winners() -> list[tuple[str, str]]:
+    """Choose the winner of every A/B test whose time is up and queue the rest's sending
+    (campaigns.ab_tests.release); ``[(campaign_id, winner key)]``."""
+    from carepost.campaigns import ab_tests
+    from carepost.campaigns.models import Campaign
+    from carepost.core.database import org_session
+
+    with system_session() as session:
+        waiting = ab_tests.waiting_campaigns(session)
+        session.commit()
+    out = []
+    for org_id, campaign_id in waiting:
+        with org_session(org_id) as session:
+            campaign = session.get(Campaign, campaign_id)
+            key = ab_tests.release(session, campaign) if campaign is not None else None
+            session.commit()
+        if key:
+            log.info("campaign_ab_winner", campaign_id=campaign_id, variant=key)
+            send_campaign(org_id, campaign_id)
+            out.append((campaign_id, key))
+    return out
+
+
+@huey.periodic_task(crontab(minute="*"), name="campaigns.ab_winners")
+def ab_winners() -> None:
+    release_winners()
 
 
 @huey.on_startup()
