@@ -272,7 +272,7 @@ def _materialize_once(org_id: str, campaign_id: str, batch: int, now: datetime |
 def cancel_remaining(session: Session, campaign_id: str) -> int:
     """A cancelled campaign: every row not yet materialized is ``cancelled`` (the caller commits)."""
     return session.execute(update(CampaignRecipient).where(
-        CampaignRecipient.campaign_id == campaign_id, CampaignRecipient.status == "planned")
+        CampaignRecipient.campaign_id == campaign_id, CampaignRecipient.status.in_(("planned", "awaiting")))
         .values(status="cancelled").execution_options(synchronize_session=False)).rowcount
 
 

@@ -613,7 +613,7 @@ def cancel(session: Session, row: Campaign, principal, comment: str = "") -> Cam
     row.status = "cancelled"
     session.execute(update(CampaignRecipient).where(CampaignRecipient.org_id == row.org_id,
                                                     CampaignRecipient.campaign_id == row.id,
-                                                    CampaignRecipient.status == "planned")
+                                                    CampaignRecipient.status.in_(("planned", "awaiting")))
                     .values(status="cancelled"))
     _event(session, row, "cancelled", actor_of(principal), comment or None)
     session.flush()
