@@ -76,10 +76,12 @@ def validate(session: Session | None, org_id: str, ab, *, purpose: str, template
             raise ValidationFailed("A variant is an object with a key.", field=field)
         for name in v:
             if name not in ("key", "subject", "template_version_id", "send_offset_minutes"):
-                raise ValidationFailed(f"Unknown variant setting {str(name)[:40]!r}.", field=f"{field}.{str(name)[:40]}")
+                raise ValidationFailed(f"Unknown variant setting {str(name)[:40]!r}.",
+                                       field=f"{field}.{str(name)[:40]}")
         key = v.get("key")
         if not isinstance(key, str) or not 1 <= len(key) <= 16 or not set(key) <= KEY_CHARS or key == HOLDOUT:
-            raise ValidationFailed("A variant key is 1-16 letters, digits, _ or - (not 'holdout').", field=f"{field}.key")
+            raise ValidationFailed("A variant key is 1-16 letters, digits, _ or - (not 'holdout').",
+                                   field=f"{field}.key")
         if any(x["key"] == key for x in variants):
             raise ValidationFailed(f"The variant key {key} is used twice.", field=f"{field}.key")
         out = {"key": key}

@@ -1,7 +1,8 @@
 """REST routes of campaigns (``/api/v1/campaigns``; docs/campaigns.md).
 
-* ``campaigns:read``: list, read (with the workflow history), the calendar, the report, the
-  approval rules. Reading one campaign is audited (its history holds free-text comments).
+* ``campaigns:read``: list, read (with the workflow history), the calendar, the report (after
+  launch with the A/B results), the A/B results (``/ab``), the approval rules. Reading one
+  campaign is audited (its history holds free-text comments).
 * ``campaigns:manage``: create, change (an edit of an approved field returns it to draft),
   delete a draft, submit for approval, set the schedule.
 * ``campaigns:approve`` (compliance): approve or reject with a comment; never one's own.
@@ -26,9 +27,9 @@ from fastapi.responses import JSONResponse
 from carepost.accounts.access import Principal, request_context, require
 from carepost.accounts.permissions import Permission as P
 from carepost.audit.service import record_for
-from carepost.campaigns import report, service
+from carepost.campaigns import ab_tests, report, service
 from carepost.campaigns.schemas import CampaignIn, CampaignPatch, CampaignSettingsIn, CommentIn, ScheduleIn
-from carepost.core.errors import PermissionDenied
+from carepost.core.errors import NotFound, PermissionDenied
 from carepost.core.ids import ID_PATTERN
 
 router = APIRouter(prefix="/api/v1", tags=["campaigns"])
@@ -243,6 +244,19 @@ def campaign_report(request: Request, campaign_id: str,
             session.commit()
             raise
     else:
-        out = {"kind": "progress", **service.progress(session, row)}
+        out = {"kind": "progress", **service.progress(session, row), "ab_test": ab_tests.results(session, row)}
     session.commit()
+    return out
+
+
+@router.get("/campaigns/{campaign_id}/ab", summary="The A/B/n test's results: per variant recipients, delivered, "
+            "human opens and clicks, conversions, rates with 95% intervals; chi-square and leader-vs-runner-up "
+            "p-values; the winner; the holdout's lift (404 without a test)")
+def campaign_ab(request: Request, campaign_id: str,
+                principal: Principal = Depends(require(P.CAMPAIGNS_READ))) -> dict:
+    session = request.state.db
+    row = _get(request, principal, campaign_id)
+    out = ab_tests.results(session, row)
+    if out is None:
+        raise NotFound("This campaign has no A/B test.", field="campaign_id")
     return out
