@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import calendar
+import contextlib
 import json
 import os
 import statistics
@@ -155,7 +156,30 @@ def _captured_statement(session, call) -> tuple[str, object]:
         call()
     finally:
         event.remove(engine, "before_cursor_execute", listener)
-    return seen[-1]
+    counts = [x for x in seen if "count(" in x[0].lower()]  # not the planner-settings statements around it
+    return counts[-1] if counts else seen[-1]
+
+
+def _server_cpu(session):
+    """A function returning the CPU seconds used so far by this session's PostgreSQL backend process
+    (the server runs on this machine; /proc), or None. With --serial the backend does all of the
+    query's work, so the difference is the query's server-side CPU time: what it costs without the
+    waiting a shared machine adds."""
+    if session.bind.dialect.name != "postgresql":
+        return None
+    from sqlalchemy import text
+
+    pid = session.execute(text("SELECT pg_backend_pid()")).scalar()
+    stat = Path(f"/proc/{pid}/stat")
+    if not stat.exists():
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu() -> float:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+
+    return cpu
 
 
 def _plan_driver(session, statement: str, parameters) -> list[str]:
@@ -182,40 +206,62 @@ def run(args, org_id: str) -> dict:
 
     at = clock.now()
     out: dict = {"questions": {}}
+    # the hand-written SQL runs under the planner settings the service uses (on PostgreSQL: no JIT)
+    settings = getattr(service, "planner_settings", None) if service else None
+    if settings is None:
+        settings = lambda _s: contextlib.nullcontext()
     with org_session(org_id) as s:
         for name, query in QUESTIONS.items():
+            if args.serial and s.bind.dialect.name == "postgresql":  # each question ends in a rollback
+                s.execute(text("SET max_parallel_workers_per_gather = 0"))
+                out["serial"] = True
+            server_cpu = _server_cpu(s) if args.serial else None  # this question's backend; all the work only when serial
             sql, params = hand_sql(name, org_id, at)
             res: dict = {"query": query, "hand_sql": " ".join(sql.split())}
             hand_times, engine_times, hand_n, engine_n = [], [], None, None
             # warm-up (caches), then three alternating timed runs
-            s.execute(text(sql), params).scalar()
+            with settings(s):
+                s.execute(text(sql), params).scalar()
             if service:
                 service.count(s, org_id, query, service.SYSTEM, at=at)
-            hand_cpu, engine_cpu = [], []
+            hand_cpu, engine_cpu, hand_srv, engine_srv = [], [], [], []
             for _ in range(args.runs):
-                t, c = time.perf_counter(), time.process_time()
-                hand_n = s.execute(text(sql), params).scalar()
+                t, c, sc = time.perf_counter(), time.process_time(), server_cpu() if server_cpu else None
+                with settings(s):
+                    hand_n = s.execute(text(sql), params).scalar()
                 hand_times.append(time.perf_counter() - t)
                 hand_cpu.append(time.process_time() - c)
+                if server_cpu:
+                    hand_srv.append(server_cpu() - sc)
                 if service:
-                    t, c = time.perf_counter(), time.process_time()
+                    t, c, sc = time.perf_counter(), time.process_time(), server_cpu() if server_cpu else None
                     engine_n = service.count(s, org_id, query, service.SYSTEM, at=at)["count"]
                     engine_times.append(time.perf_counter() - t)
                     engine_cpu.append(time.process_time() - c)
+                    if server_cpu:
+                        engine_srv.append(server_cpu() - sc)
             # on SQLCipher the database runs inside this process, so its CPU time is the query's
             # cost without the waiting a loaded machine adds; on PostgreSQL it is only the client's
             res["hand"] = {"count": hand_n, "runs_s": [round(x, 4) for x in hand_times], "median_s": round(statistics.median(hand_times), 4),
                            "median_cpu_s": round(statistics.median(hand_cpu), 4)}
-            res["hand_plan"] = _plan(s, sql, params)
+            if hand_srv:
+                res["hand"]["server_cpu_runs_s"] = [round(x, 3) for x in hand_srv]
+                res["hand"]["median_server_cpu_s"] = round(statistics.median(hand_srv), 3)
+            with settings(s):
+                res["hand_plan"] = _plan(s, sql, params)
             if service:
                 res["engine"] = {"count": engine_n, "runs_s": [round(x, 4) for x in engine_times],
                                  "median_s": round(statistics.median(engine_times), 4),
                                  "median_cpu_s": round(statistics.median(engine_cpu), 4)}
+                if engine_srv:
+                    res["engine"]["server_cpu_runs_s"] = [round(x, 3) for x in engine_srv]
+                    res["engine"]["median_server_cpu_s"] = round(statistics.median(engine_srv), 3)
                 res["engine_over_hand"] = round(statistics.median(engine_times) / statistics.median(hand_times), 2)
                 res["counts_agree"] = engine_n == hand_n
                 csql, cparams = _captured_statement(s, lambda q=query: service.count(s, org_id, q, service.SYSTEM, at=at))
                 res["engine_sql"] = " ".join(csql.split())
-                res["engine_plan"] = _plan_driver(s, csql, cparams)
+                with settings(s):
+                    res["engine_plan"] = _plan_driver(s, csql, cparams)
                 # parse + compile alone
                 medians, parse_medians = [], []
                 for _ in range(args.runs):
@@ -245,6 +291,8 @@ def main() -> None:
     p.add_argument("--contacts", type=int, default=1_000_000)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--serial", action="store_true",
+                   help="PostgreSQL: no parallel workers, so the backend's CPU time (server_cpu) is the whole query's")
     p.add_argument("--database-url", default=None, help="PostgreSQL admin URL; a scratch database is created and dropped")
     p.add_argument("--keep", action="store_true", help="keep the populated database for --reuse")
     p.add_argument("--reuse", default=None, metavar="ORG_ID",
