@@ -177,3 +177,24 @@ def test_an_owner_cannot_approve_their_own_campaign(client, org, make_user, setu
     denied = session.scalars(select(AuditEvent).where(AuditEvent.chain == org.id,
                                                       AuditEvent.action == "campaign.approved")).all()
     assert [e.outcome for e in denied] == ["denied"]
+
+
+def test_the_calendar_shows_two_sends_to_the_same_patients_as_an_overlap(client, org, make_user, setup, session):
+    from datetime import timedelta
+
+    from carepost.core import clock
+
+    marketer = make_user(org, role="marketer")
+    csrf = login_client(client, marketer)
+    for name, days in (("Flu clinic", 2), ("Flu clinic reminder", 3)):
+        at = (clock.now() + timedelta(days=days)).strftime("%Y-%m-%dT%H:%M")
+        r = client.post("/app/campaigns/new", data=form(setup, csrf, 3, name=name, schedule_kind="at", send_at=at,
+                                                         time_zone="UTC"), follow_redirects=False)
+        assert r.status_code == 303, r.text[-1500:]
+    page = client.get("/app/campaigns")
+    assert page.status_code == 200
+    assert page.text.count('data-testid="calendar-entry"') == 2
+    warnings = re.findall(r'data-testid="overlap-warning">(.*?)</p>', page.text, re.DOTALL)
+    assert len(warnings) == 1 and "Flu clinic reminder" in warnings[0] and "fewer than 11" in warnings[0]
+    r = client.get("/app/campaigns", params={"start": "2031-02-30"})
+    assert r.status_code == 422 and "Enter a date as YYYY-MM-DD." in r.text
