@@ -70,6 +70,10 @@ def test_wizard_names_each_bad_field_at_its_step_and_keeps_the_draft(client, org
     # step 2: a sender address that is not one
     r = client.post("/app/campaigns/new", data=form(setup, csrf, 2, from_address="care at bar"))
     assert r.status_code == 422 and "name@domain" in field_error(r.text, "from_address")
+    # an A/B test with a test fraction but no time for the winner: the service's 422, at its field
+    r = client.post("/app/campaigns/new", data=form(setup, csrf, 2, ab_subject_b="Walk in today", ab_holdout="5",
+                                                   ab_test_fraction="20"))
+    assert r.status_code == 422 and "hours" in field_error(r.text, "ab_winner_after_hours")
     # step 3: a throttle of zero, a time in the past, an unknown zone — each named
     for over, field in (({"throttle_per_hour": "0"}, "throttle_per_hour"),
                         ({"throttle_per_domain_per_hour": "many"}, "throttle_per_domain_per_hour"),

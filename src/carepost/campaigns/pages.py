@@ -222,7 +222,7 @@ def _values(form: dict, errors: dict) -> dict:
         value = (form.get(name) or "").strip()
         return value or None
 
-    def whole(name, lo=None):
+    def whole(name):
         value = opt(name)
         if value is None:
             return None
@@ -286,8 +286,6 @@ def _values(form: dict, errors: dict) -> dict:
         if test_fraction:
             ab["test_fraction"] = test_fraction
         if hours is not None:
-            if not 1 <= hours <= 168:
-                errors["ab_winner_after_hours"] = "Enter a number of hours from 1 to 168."
             ab["winner_after_hours"] = hours
         out["ab_test"] = ab
     elif holdout or test_fraction:
@@ -295,8 +293,16 @@ def _values(form: dict, errors: dict) -> dict:
     return out
 
 
+AB_FIELDS = {"ab_test.holdout": "ab_holdout", "ab_test.test_fraction": "ab_test_fraction",
+             "ab_test.metric": "ab_metric", "ab_test.winner_after_hours": "ab_winner_after_hours"}
+
+
 def _field_of(loc) -> str:
+    """The wizard's form field of a service or schema error (``exclusion_segment_ids[1]`` ->
+    ``exclusion_segment_ids``; ``ab_test.holdout`` -> ``ab_holdout``)."""
     field = str(loc[0]) if loc else "campaign"
+    if field.startswith("ab_test."):
+        return AB_FIELDS.get(field, "ab_subject_b" if field.startswith("ab_test.variants") else "ab_test")
     return field.split("[", 1)[0]
 
 
