@@ -353,3 +353,45 @@ def test_effective_purpose_follows_consents_requirements(remuneration, expected)
     assert planning.effective_purpose(refill, 90) == "refill_reminder"
     assert planning.effective_purpose(refill, 91) == "marketing"
     assert planning.effective_purpose(refill, None) == "marketing"
+
+
+def test_a_launched_campaign_runs_through_the_queued_tasks_to_the_smtp_server(
+        delivery_env, sender, delivery_queue, session):
+    """The workflow's launch queues ``campaigns.plan_campaign``; the tasks it chains (plan, send,
+    delivery) run from the real queue, in order, until it is empty."""
+    from carepost.campaigns import service
+    from carepost.campaigns.schemas import CampaignIn
+    from carepost.core.queue import huey
+    from tests.test_campaigns_service import person
+
+    org_id = sender.org_id
+    marketer, compliance = person(org_id, "marketer"), person(org_id, "compliance_officer")
+    with org_session(org_id) as s:
+        seg = make_segment(s, org_id)
+        version = make_template(s, org_id, blocks=False)
+        for i in range(5):
+            make_contact(s, org_id, f"q{i}@valid.test", sign=True)
+        make_contact(s, org_id, "unsigned@valid.test")
+        c = service.create_campaign(s, org_id, CampaignIn(name="Queued", purpose="marketing", segment_id=seg,
+                                                         template_version_id=version,
+                                                         from_address="news@bar.example"), marketer)
+        service.submit(s, c, marketer)
+        service.approve(s, c, compliance)
+        service.launch(s, c, marketer)
+        s.commit()
+        camp_id = c.id
+    assert service.start_work(org_id, camp_id, "planning")
+    names = []
+    for _ in range(50):
+        task = huey.dequeue()
+        if task is None:
+            break
+        names.append(task.name)
+        huey.execute(task)
+    assert names[:2] == ["campaigns.plan_campaign", "campaigns.send_campaign"]
+    assert "delivery.deliver_messages" in names
+    received = sorted(r for m in delivery_env.mx["valid"].recorder.messages for r in m.rcpt_tos)
+    assert received == [f"q{i}@valid.test" for i in range(5)]
+    with org_session(org_id) as s:
+        c = s.get(Campaign, camp_id)
+        assert c.status == "completed" and (c.planned_count, c.excluded_count, c.materialized_count) == (5, 1, 5)

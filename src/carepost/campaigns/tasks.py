@@ -64,7 +64,7 @@ def send_campaign(org_id: str, campaign_id: str) -> None:
             total += len(report.message_ids)
         if report.stopped or report.completed:
             break
-        if not report.more_due:
+        if not report.more_due and not report.message_ids:  # nothing due now (a batch was: look again, to finish)
             if report.next_due_at is not None:
                 delay = max(1, min(MAX_DELAY_SECONDS, int((report.next_due_at - clock.now()).total_seconds()) + 1))
                 send_campaign.schedule(args=(org_id, campaign_id), delay=delay)
