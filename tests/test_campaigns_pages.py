@@ -202,3 +202,27 @@ def test_the_calendar_shows_two_sends_to_the_same_patients_as_an_overlap(client,
     assert len(warnings) == 1 and "Flu clinic reminder" in warnings[0] and "fewer than 11" in warnings[0]
     r = client.get("/app/campaigns", params={"start": "2031-02-30"})
     assert r.status_code == 422 and "Enter a date as YYYY-MM-DD." in r.text
+
+
+def test_the_campaign_page_after_launch_shows_progress_and_the_ab_test(client, org, make_user, setup, session):
+    from carepost.campaigns import planning
+
+    owner = make_user(org, role="owner")
+    csrf = login_client(client, owner)
+    r = client.post("/app/campaigns/new", data=form(setup, csrf, 3, purpose="treatment", ab_subject_b="Walk in today",
+                                                   ab_metric="human_clicks"), follow_redirects=False)
+    campaign_id = r.headers["location"].split("/")[3]
+    r = client.post(f"/app/campaigns/{campaign_id}/launch", data={"csrf_token": csrf}, follow_redirects=False)
+    assert r.status_code == 303, r.text[-1500:]
+    planning.plan(org.id, campaign_id)
+    page = client.get(f"/app/campaigns/{campaign_id}")
+    assert page.status_code == 200
+    assert 'data-testid="progress-planned">3<' in page.text  # treatment: no authorization needed
+    assert page.text.count('data-testid="ab-variant"') == 2 and "Human clicks" in page.text
+    assert "not significant" in page.text  # nothing sent yet: said plainly
+    assert 'data-testid="action-pause"' in page.text and 'data-testid="action-launch"' not in page.text
+    r = client.post(f"/app/campaigns/{campaign_id}/pause", data={"csrf_token": csrf}, follow_redirects=False)
+    assert r.status_code == 303
+    page = client.get(r.headers["location"])
+    assert 'data-testid="campaign-status">paused<' in page.text and 'data-testid="action-resume"' in page.text
+    assert 'hx-trigger="every 2s"' not in page.text  # no polling once nothing runs

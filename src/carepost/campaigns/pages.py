@@ -566,6 +566,31 @@ def _tracking(session, principal: Principal, row) -> dict | None:
             "analytics_link": f"/app/analytics?campaign_id={row.id}&start={start.isoformat()}&end={end.isoformat()}"}
 
 
+def _ab_results(session, principal: Principal, row) -> dict | None:
+    """The A/B test's results after launch (``ab_tests.results``: rates with 95 % intervals,
+    chi-square, leader against runner-up, the winner, the holdout's lift). Counts of 1-10 are
+    shown as "fewer than 11", and their rates left out, to a viewer without ``phi:read_unmasked``."""
+    from carepost.campaigns import ab_tests
+    from carepost.segments.service import SMALL_CELL, present_count
+
+    if row.launched_at is None or not row.ab_test:
+        return None
+    out = ab_tests.results(session, row)
+    if out is None:
+        return None
+    actor = _actor(principal)
+    metric = out["metric"]
+    rows = []
+    for v in out["variants"]:
+        hidden = not actor.unmasked and 0 < v[metric] < SMALL_CELL
+        ci = v.get(f"{metric}_ci95")
+        rows.append({"key": v["key"], "recipients": present_count(v["recipients"], actor),
+                     "sent": present_count(v["sent"], actor), "count": present_count(v[metric], actor),
+                     "rate": None if hidden else v.get(f"{metric}_rate"), "ci": None if hidden else ci})
+    return {**out, "rows": rows, "metric_label": AB_METRICS.get(metric, metric),
+            "awaiting": present_count(out["awaiting"], actor)}
+
+
 def _campaign_page(request: Request, principal: Principal, row, error: dict | None = None, status: int = 200,
                    notice: str | None = None):
     session = request.state.db
@@ -573,6 +598,7 @@ def _campaign_page(request: Request, principal: Principal, row, error: dict | No
     names = _names(session, principal, request, row)
     ctx = {"c": d, "campaign": row, "history": service.events_of(session, row), "actions": _actions(principal, row),
            "error": error, "notice": notice, "names": names, "tracking": _tracking(session, principal, row),
+           "ab": _ab_results(session, principal, row),
            **_progress_ctx(session, principal, row)}
     record_for(session, principal, request, "campaign.read", target_type="campaign", target_id=row.id,
                details={"status": row.status})
