@@ -27,7 +27,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -264,7 +264,7 @@ class Recorder:
             if yes:
                 rkey = (org_id, hour, metric, data.message_id, source, template_id, purpose, topic_id, created_at)
                 group.rollups[rkey] = group.rollups.get(rkey, 0) + 1
-        if recipient_id is not None:
+        if recipient_id is not None and group.webhooks_wanted(session, org_id, type_):
             _webhook(session, org_id, data.message_id, recipient_id, type_, verdict,
                      None if data.trap else data.link_index)
         return Outcome(True, url=url, trap=data.trap, classification=verdict.classification)
@@ -313,6 +313,17 @@ class _Group:
         self.seen: set[tuple] = set()
         self.known_human = known_human
         self.human: set[tuple] = set()  # (message, recipient, type) with a human event: seen or written
+        self.subscribed: dict[str, tuple] = {}  # org id -> event types of its enabled webhook endpoints
+
+    def webhooks_wanted(self, session: Session, org_id: str, type_: str) -> bool:
+        """Does an enabled endpoint of the organization take ``message.<type>``? Read once per
+        group and organization (one cached Core SELECT); only then is the webhook built."""
+        types = self.subscribed.get(org_id)
+        if types is None:
+            types = self.subscribed[org_id] = tuple(
+                name for (names,) in session.connection().execute(_statements()["subscribed"], {"org_id": org_id})
+                for name in (names or ()))
+        return bool(types) and ("*" in types or f"message.{type_}" in types)
 
     def load_seen(self, session: Session, decoded: list) -> None:
         """``decoded``: (kind, (token data, message facts, privacy)) of the group's valid hits."""
@@ -348,27 +359,43 @@ class _Group:
         return not any_before, classification == "human" and not human_before
 
 
-_EVENTS_INSERT: list = []
+_STATEMENTS: dict = {}
 
 
-def _events_insert(model):
-    """The events' INSERT (Core, built once: compiled once per dialect and cached)."""
-    if not _EVENTS_INSERT:
-        _EVENTS_INSERT.append(insert(model.__table__))
-    return _EVENTS_INSERT[0]
+def _statements() -> dict:
+    """The writer's Core statements, built once (compiled once per dialect and cached): the events'
+    INSERT, a counter's UPDATE, the webhook subscriptions of an organization."""
+    if not _STATEMENTS:
+        from carepost.tracking.models import (
+            EngagementCount,
+            EngagementEvent,
+            WebhookEndpoint,
+        )
+
+        c, w = EngagementCount.__table__, WebhookEndpoint.__table__
+        _STATEMENTS["count"] = (
+            update(c).where(c.c.message_id == bindparam("m"), c.c.type == bindparam("t"),
+                            c.c.classification == bindparam("c"))
+            .values(count=c.c.count + bindparam("n"), updated_at=bindparam("at")))
+        _STATEMENTS["subscribed"] = select(w.c.event_types).where(w.c.org_id == bindparam("org_id"),
+                                                                  w.c.enabled.is_(True))
+        _STATEMENTS["events"] = insert(EngagementEvent.__table__)
+    return _STATEMENTS
+
+
+def _events_insert(_model):
+    return _statements()["events"]
 
 
 def _count(session: Session, org_id: str, message_id: str, type_: str, classification: str, n: int = 1) -> None:
     """+n on the message's counter (an UPDATE; the first of its kind an INSERT, raced safely)."""
     from carepost.tracking.models import EngagementCount as C
 
-    t = C.__table__
-    done = session.connection().execute(
-        update(t).where(t.c.message_id == message_id, t.c.type == type_, t.c.classification == classification)
-        .values(count=t.c.count + n, updated_at=clock.now())).rowcount
-    where = (C.message_id == message_id, C.type == type_, C.classification == classification)
+    done = session.connection().execute(_statements()["count"], {
+        "m": message_id, "t": type_, "c": classification, "n": n, "at": clock.now()}).rowcount
     if done:
         return
+    where = (C.message_id == message_id, C.type == type_, C.classification == classification)
     try:
         with session.begin_nested():
             session.add(C(org_id=org_id, message_id=message_id, type=type_, classification=classification, count=n))
