@@ -279,10 +279,11 @@ def test_winner_from_recorded_human_opens_is_sent_to_the_rest_and_the_holdout_ge
         for cid in [sorted(held)[0], *treated]:
             conversions.record_event(s, org_id, name="appointment_booked", contact_id=cid)
         s.commit()
-    reader = _headers(session, org_id, ["campaigns:read"], "ab reader")
+    reader = _headers(session, org_id, ["campaigns:read", "phi:read_unmasked"], "ab reader")
     r = client.get(f"/api/v1/campaigns/{camp_id}/ab", headers=reader)
     assert r.status_code == 200, r.text
     out = r.json()
+    assert "masked" not in out
     assert out["winner"] == "B" and out["winner_recipients"] == len(rest) and out["awaiting"] == 0
     lift = out["holdout_lift"]
     assert (lift["holdout_recipients"], lift["holdout_conversions"]) == (len(held), 1)
@@ -295,4 +296,16 @@ def test_winner_from_recorded_human_opens_is_sent_to_the_rest_and_the_holdout_ge
     assert r.status_code == 200 and r.json()["ab_test"]["winner"] == "B"
     r = client.get(f"/api/v1/campaigns/{camp_id}/ab")
     assert r.status_code == 401
+    # Without phi:read_unmasked, counts of 1-10 people are "<11" and the rates built on them left out.
+    masked = client.get(f"/api/v1/campaigns/{camp_id}/ab",
+                        headers=_headers(session, org_id, ["campaigns:read"], "ab masked")).json()
+    assert masked["masked"] is True and masked["holdout_lift"]["holdout_conversions"] == "<11"
+    for plain, hidden in zip(out["variants"], masked["variants"], strict=True):
+        for name in ("recipients", "sent", "delivered", "human_opens", "conversions"):
+            assert hidden[name] == ("<11" if 0 < plain[name] < 11 else plain[name])
+        if 0 < plain["human_opens"] < 11 or 0 < plain["denominator"] < 11:
+            assert hidden["human_opens_rate"] is None and hidden["human_opens_ci95"] is None
+    report = client.get(f"/api/v1/campaigns/{camp_id}/report",
+                        headers=_headers(session, org_id, ["campaigns:read"], "ab masked 2")).json()
+    assert report["ab_test"]["masked"] is True
     recorder().reset()

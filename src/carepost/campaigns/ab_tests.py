@@ -441,3 +441,42 @@ def waiting_campaigns(session: Session) -> list[tuple[str, str]]:
     return [tuple(r) for r in session.execute(
         select(Campaign.org_id, Campaign.id).where(Campaign.status == "sending", Campaign.id.in_(
             select(CampaignRecipient.campaign_id).where(CampaignRecipient.status == AWAITING))))]
+
+
+COUNTS = ("recipients", "sent", "delivered", "human_opens", "human_clicks", "conversions", "denominator")
+
+
+def mask_small_cells(out: dict) -> dict:
+    """The results as shown to a caller without ``phi:read_unmasked``: counts of 1-10 people
+    become ``"<11"`` (as the analytics API shows them) and the rates and intervals built on them
+    are left out; the test statistics stay (they do not name anyone)."""
+    from carepost.tracking.analytics import SMALL_CELL, SUPPRESSED
+
+    def hide(n):
+        return SUPPRESSED if isinstance(n, int) and 0 < n < SMALL_CELL else n
+
+    variants = []
+    for v in out["variants"]:
+        row = dict(v)
+        for m in METRICS:
+            if isinstance(v[m], int) and 0 < v[m] < SMALL_CELL or 0 < v["denominator"] < SMALL_CELL:
+                row[f"{m}_rate"] = row[f"{m}_ci95"] = None
+        for c in COUNTS:
+            row[c] = hide(v[c])
+        variants.append(row)
+    masked = {**out, "variants": variants, "awaiting": hide(out["awaiting"]),
+              "winner_recipients": hide(out["winner_recipients"]), "masked": True}
+    lift = out.get("holdout_lift")
+    if lift:
+        lift = dict(lift)
+        for side in ("holdout", "treated"):
+            small = any(isinstance(lift.get(f"{side}_{k}"), int) and 0 < lift[f"{side}_{k}"] < SMALL_CELL
+                        for k in ("recipients", "conversions"))
+            for k in ("recipients", "conversions"):
+                if f"{side}_{k}" in lift:
+                    lift[f"{side}_{k}"] = hide(lift[f"{side}_{k}"])
+            if small:
+                lift[f"{side}_rate"] = lift[f"{side}_ci95"] = None
+                lift["lift"] = lift["relative_lift"] = None
+        masked["holdout_lift"] = lift
+    return masked

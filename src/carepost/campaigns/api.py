@@ -244,14 +244,18 @@ def campaign_report(request: Request, campaign_id: str,
             session.commit()
             raise
     else:
-        out = {"kind": "progress", **service.progress(session, row), "ab_test": ab_tests.results(session, row)}
+        ab = ab_tests.results(session, row)
+        if ab is not None and not principal.can(P.PHI_READ_UNMASKED):
+            ab = ab_tests.mask_small_cells(ab)  # counts of 1-10 people as "<11"
+        out = {"kind": "progress", **service.progress(session, row), "ab_test": ab}
     session.commit()
     return out
 
 
 @router.get("/campaigns/{campaign_id}/ab", summary="The A/B/n test's results: per variant recipients, delivered, "
             "human opens and clicks, conversions, rates with 95% intervals; chi-square and leader-vs-runner-up "
-            "p-values; the winner; the holdout's lift (404 without a test)")
+            "p-values; the winner; the holdout's lift (404 without a test; counts of 1-10 people shown as <11 "
+            "without phi:read_unmasked)")
 def campaign_ab(request: Request, campaign_id: str,
                 principal: Principal = Depends(require(P.CAMPAIGNS_READ))) -> dict:
     session = request.state.db
@@ -259,4 +263,4 @@ def campaign_ab(request: Request, campaign_id: str,
     out = ab_tests.results(session, row)
     if out is None:
         raise NotFound("This campaign has no A/B test.", field="campaign_id")
-    return out
+    return out if principal.can(P.PHI_READ_UNMASKED) else ab_tests.mask_small_cells(out)
