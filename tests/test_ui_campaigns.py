@@ -124,6 +124,13 @@ def _captured(capture: dict, rcpts: set[str], timeout: float = 60.0) -> dict[str
     raise AssertionError(f"arrived: {sorted(found)}; expected {sorted(rcpts)}")
 
 
+def next_step(page) -> None:
+    """The wizard's Next, by keyboard (a click can land on the moving layout while a preview
+    frame is being swapped in on a loaded machine), waiting for the page it loads."""
+    with page.expect_navigation():
+        page.get_by_test_id("wizard-next").press("Enter")
+
+
 CLIPPED = """() => {
   const width = document.documentElement.clientWidth;
   const out = [];
@@ -162,11 +169,11 @@ def test_marketer_builds_compliance_approves_worker_sends_report_shows(browser, 
         # the live count (segments service; a masked viewer sees small counts as "fewer than 11")
         expect(page.get_by_test_id("audience-count-value")).to_have_text("fewer than 11")
         page.select_option("#f-purpose", "marketing")
-        page.get_by_test_id("wizard-next").click()  # no name: the field's error, inline
+        next_step(page)  # no name: the field's error, inline
         expect(page.get_by_test_id("error-name")).to_be_visible()
         expect(page.locator("#f-name")).to_have_attribute("aria-invalid", "true")
         page.fill("#f-name", "Diabetes cooking class")
-        page.get_by_test_id("wizard-next").click()
+        next_step(page)
 
         expect(page.get_by_test_id("wizard-steps").locator("[aria-current=step]")).to_have_text("2. Content")
         page.select_option("#f-template_version_id", page.locator(
@@ -187,25 +194,25 @@ def test_marketer_builds_compliance_approves_worker_sends_report_shows(browser, 
         assert "Hola" in page.frame_locator("[data-testid=preview-phone]").locator("body").inner_text()
         page.fill("#f-from_address", "care@elsewhere.example")  # not under the sending domain
         page.select_option("#f-sending_domain_id", label=clinic.domain)
-        page.get_by_test_id("wizard-next").click()
+        next_step(page)
         expect(page.get_by_test_id("error-from_address")).to_contain_text("sending domain")
         page.fill("#f-from_address", f"care@{clinic.domain}")
         page.fill("#f-from_name", "Campaign Clinic")
-        page.get_by_test_id("wizard-next").click()
+        next_step(page)
 
         expect(page.get_by_test_id("wizard-steps").locator("[aria-current=step]")).to_have_text("3. Schedule")
         expect(page.get_by_test_id("quiet-hours-note")).to_be_visible()
         page.fill("#f-throttle_per_hour", "0")
-        page.get_by_test_id("wizard-next").click()
+        next_step(page)
         expect(page.get_by_test_id("error-throttle_per_hour")).to_contain_text("1 to")
         page.check("#sk-at")
         page.fill("#f-send_at", "2001-01-01T09:00")
         page.fill("#f-throttle_per_hour", "")
-        page.get_by_test_id("wizard-next").click()
+        next_step(page)
         expect(page.get_by_test_id("error-send_at")).to_contain_text("past")
         page.check("#sk-now")
         page.fill("#f-throttle_per_domain_per_hour", "500")
-        page.get_by_test_id("wizard-next").click()
+        next_step(page)
 
         # the review: the saved draft and its pre-launch compliance report
         page.wait_for_url(re.compile(r".*/app/campaigns/[0-9a-f]{32}/review$"))
@@ -229,7 +236,7 @@ def test_marketer_builds_compliance_approves_worker_sends_report_shows(browser, 
             if step.startswith("2"):
                 expect(page.get_by_test_id("preview-phone")).to_be_visible()
             assert page.evaluate(CLIPPED) == [], step
-            page.get_by_test_id("wizard-next").click()
+            next_step(page)
         page.wait_for_url(re.compile(r".*/review$"))
         expect(page.get_by_test_id("compliance-report")).to_be_visible()
         assert page.evaluate(CLIPPED) == []
