@@ -43,7 +43,8 @@ class Contact(OrgScoped, Base):
 
     __tablename__ = "contacts"
     __table_args__ = (
-        Index("ix_contacts_org_created", "org_id", "id"),
+        # + birth date, sex, deceased: a segment's contact look-ups by id are index-only (issue 12)
+        Index("ix_contacts_org_created", "org_id", "id", "birth_date", "sex", "deceased"),
         Index("ix_contacts_org_stage", "org_id", "care_stage"),
         Index("ix_contacts_org_zip", "org_id", "postal_code"),
         # covering for the usual demographic filters of a segment (age, sex, not deceased): an
