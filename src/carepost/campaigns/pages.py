@@ -529,7 +529,9 @@ def _progress_ctx(session, principal: Principal, row) -> dict:
     prog = service.progress(session, row)
     actor = _actor(principal)
     prog["exclusions"] = sorted((_reason(k), present_count(v, actor)) for k, v in prog["exclusions"].items())
-    return {"campaign": row, "progress": prog, "live": row.status in LIVE}
+    pending = sum(v for k, v in prog["messages"].items() if k in service.PENDING_STATUSES)
+    # Keep polling while planning or sending, and while messages handed to delivery await their outcome.
+    return {"campaign": row, "progress": prog, "live": row.status in LIVE or bool(pending and row.status != "cancelled")}
 
 
 def _tracking(session, principal: Principal, row) -> dict | None:
