@@ -277,8 +277,8 @@ def test_marketer_builds_compliance_approves_worker_sends_report_shows(browser, 
         expect(page.get_by_test_id("progress-sent")).to_have_text("2", timeout=30000)
         expect(page.get_by_test_id("progress-excluded")).to_have_text("1")
 
-        # --- the report: the campaign's figures and history, for compliance (exact counts). The
-        # campaign turns "completed" at the worker's next sweep (periodic tasks are off here).
+        # --- the report: the campaign's figures and history, for compliance (exact counts); the
+        # campaign is "sending" or already "completed" (every recipient handed to delivery).
         officer.goto(f"/app/campaigns/{campaign_id}")
         expect(officer.get_by_test_id("campaign-status")).to_have_text(re.compile("^(sending|completed)$"))
         expect(officer.get_by_test_id("tracking-sent")).to_have_text("2")
