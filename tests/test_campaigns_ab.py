@@ -309,3 +309,50 @@ def test_winner_from_recorded_human_opens_is_sent_to_the_rest_and_the_holdout_ge
                         headers=_headers(session, org_id, ["campaigns:read"], "ab masked 2")).json()
     assert report["ab_test"]["masked"] is True
     recorder().reset()
+
+
+def test_content_and_send_time_variants_render_their_version_and_shift_their_send_time(sender, session):
+    """Variant C is another version of the campaign's template (its own subject and body); variant
+    D is sent 90 minutes later. The stored messages carry C's version; D's rows wait."""
+    from carepost.content import service as content
+    from carepost.content.models import MessageTemplateVersion
+    from carepost.content.schemas import TemplateIn
+    from carepost.delivery.models import Message
+
+    org_id = sender.org_id
+    with org_session(org_id) as s:
+        seg = make_segment(s, org_id)
+        version = make_template(s, org_id, blocks=False)
+        base = s.get(MessageTemplateVersion, version)
+        template = content.get_template(s, org_id, base.template_id)
+        content.update_template(s, template, TemplateIn(
+            name=template.name, subject="Walk-in flu clinic", purpose="marketing", contains_phi=False,
+            html="<p>Walk in any day, {{ first_name }}.</p>", language="en"))
+        s.flush()
+        second = content.current_version(s, template).id
+        for i in range(30):
+            make_contact(s, org_id, f"v{i}@valid.test", sign=True)
+        ab = ab_tests.validate(s, org_id, {"variants": [{"key": "C", "template_version_id": second},
+                                                        {"key": "D", "send_offset_minutes": 90}]},
+                               purpose="marketing", template_id=base.template_id)
+        camp = make_campaign(s, org_id, seg, version, ab_test=ab)
+        s.commit()
+        camp_id = camp.id
+    assert planning.plan(org_id, camp_id).finished
+    with org_session(org_id) as s:
+        rows = s.scalars(select(CampaignRecipient).where(CampaignRecipient.campaign_id == camp_id)).all()
+        by_key = {k: [r for r in rows if r.variant == k] for k in "CD"}
+        assert by_key["C"] and by_key["D"] and len(rows) == 30
+        c_at = max(clock.aware(r.send_after) for r in by_key["C"])
+        d_at = min(clock.aware(r.send_after) for r in by_key["D"])
+        assert timedelta(minutes=89) < d_at - c_at < timedelta(minutes=91)
+    now_sent = sending.materialize(org_id, camp_id, batch=500)
+    assert len(now_sent.message_ids) == len(by_key["C"])  # D's rows are not due yet
+    with org_session(org_id) as s:
+        versions = set(s.scalars(select(Message.template_version_id).where(Message.id.in_(now_sent.message_ids))))
+        assert versions == {second}
+    later = sending.materialize(org_id, camp_id, batch=500, now=clock.now() + timedelta(minutes=91))
+    assert len(later.message_ids) == len(by_key["D"])
+    with org_session(org_id) as s:
+        versions = set(s.scalars(select(Message.template_version_id).where(Message.id.in_(later.message_ids))))
+        assert versions == {version}
