@@ -114,7 +114,7 @@ def validate(session: Session | None, org_id: str, ab, *, purpose: str, template
                                        field=f"{field}.send_offset_minutes")
             out["send_offset_minutes"] = off
         variants.append(out)
-    holdout = _fraction(ab, "holdout", 0.0)
+    holdout = _fraction(ab, "holdout", 0.0) or 0.0
     test = _fraction(ab, "test_fraction", None)
     if test is not None and test == 0:
         raise ValidationFailed("test_fraction is above 0 (or left out: everyone gets a variant).",
