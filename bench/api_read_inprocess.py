@@ -46,6 +46,9 @@ def main() -> None:
     loadavg_before = Path("/proc/loadavg").read_text().split()[:3]
     org_id, token, ids = api_read.setup(env)
     from carepost.app import create_app
+    from carepost.assembly import assemble
+
+    assemble()  # the one composition root, as every entry point (setup assembled it already)
 
     app = create_app()
     path = f"/api/v1/contacts/{ids[0]}"
