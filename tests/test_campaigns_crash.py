@@ -98,7 +98,7 @@ def test_kill_9_mid_plan_and_mid_send_sends_every_eligible_recipient_once(
         workers.append(_worker(storage, tmp_path / "worker-1.log"))
         tasks.plan_campaign(org_id, camp_id)
         deadline = time.monotonic() + 60
-        while state()[1] < 40:
+        while state()[1] < 8:  # two chunks of four: the kill lands with most of the plan still to do
             assert workers[0].poll() is None, (tmp_path / "worker-1.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "planning did not start"
             time.sleep(0.005)

@@ -19,7 +19,6 @@ campaign_app = typer.Typer(help="Campaigns: list, show, launch with a progress b
 console = Console()
 err = Console(stderr=True)
 
-DONE_STATUSES = ("completed", "cancelled", "paused")
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -104,8 +103,14 @@ def _snapshot(org_id: str, campaign_id: str) -> dict:
 
 
 def _all_out(snap: dict) -> bool:
-    """Planning finished, every recipient materialized, every message has its outcome (sent,
-    delivered, bounced, failed...): nothing is left to follow even before the status says so."""
+    """Nothing is left to follow: the campaign was paused or cancelled, or planning finished,
+    every recipient was materialized and every message has its outcome (sent, delivered,
+    bounced, failed...). A ``completed`` campaign has materialized everyone, but its last
+    messages may still be queued for delivery: follow them to their outcome too."""
+    if snap["status"] in ("paused", "cancelled"):
+        return True
+    if snap["status"] == "completed":
+        return snap["finished"] >= snap["materialized"]
     return (snap["status"] == "sending" and snap["plan_finished_at"] is not None
             and snap["materialized"] >= snap["planned"] and snap["finished"] >= snap["materialized"])
 
@@ -128,7 +133,7 @@ def follow(org_id: str, campaign_id: str, *, timeout: float, interval: float = 0
                        total=(snap["planned"] + snap["excluded"]) if done_planning else None)
             bar.update(materialized, completed=snap["materialized"], total=total)
             bar.update(sent, completed=snap["finished"], total=total)
-            if snap["status"] in DONE_STATUSES or _all_out(snap) or time.monotonic() > deadline:
+            if _all_out(snap) or time.monotonic() > deadline:
                 return snap
             time.sleep(interval)
             snap = _snapshot(org_id, campaign_id)
@@ -165,5 +170,5 @@ def launch(campaign_id: str = typer.Argument(..., help="The campaign id."),
     console.print(f"{snap['status']}: planned {snap['planned']}, excluded {snap['excluded']}, materialized "
                   f"{snap['materialized']}, sent {snap['sent']}, other outcomes {snap['finished'] - snap['sent']} "
                   f"({', '.join(f'{k} {v}' for k, v in sorted(snap['messages'].items())) or 'none'})", highlight=False)
-    if snap["status"] not in DONE_STATUSES and not _all_out(snap):
+    if not _all_out(snap):
         _fail(f"still {snap['status']} after {timeout:.0f} s (is a worker running?)", 3)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -42,7 +41,6 @@ from carepost.core.crypto import get_keyring
 from carepost.core.errors import Conflict, NotFound, PermissionDenied, ValidationFailed
 from carepost.core.ids import is_id
 
-log = logging.getLogger(__name__)
 
 # Fields compliance approves: a change of any of them after approval returns the campaign to draft.
 APPROVED_FIELDS = ("purpose", "topic_id", "segment_id", "exclusion_segment_ids", "template_version_id",
@@ -575,17 +573,13 @@ def launch(session: Session, row: Campaign, principal) -> Campaign:
     return row
 
 
-def start_work(org_id: str, campaign_id: str, status: str) -> bool:
+def start_work(org_id: str, campaign_id: str, status: str) -> None:
     """Queue what a launched or resumed campaign needs next — planning (``planning``) or sending
     (``sending``): ``campaigns.tasks.resume_work``, tasks of ids only. Call after the state change
-    is committed (the task must see it). False when the planning tasks are not installed."""
-    try:
-        from carepost.campaigns.tasks import resume_work
-    except ImportError:
-        log.warning("campaign planning task not available campaign_id=%s", campaign_id)
-        return False
+    is committed (the task must see it)."""
+    from carepost.campaigns.tasks import resume_work  # tasks import this module
+
     resume_work(org_id, campaign_id, status)
-    return True
 
 
 def pause(session: Session, row: Campaign, principal) -> Campaign:
