@@ -39,6 +39,9 @@ class Permission(StrEnum):
     FORMS_MANAGE = "forms:manage"
     ANALYTICS_READ = "analytics:read"
     RETENTION_MANAGE = "retention:manage"
+    # The compliance center (issue 16): de-identified exports, accounting-of-disclosures requests,
+    # disclosures recorded by hand.
+    COMPLIANCE_MANAGE = "compliance:manage"
 
 
 P = Permission
@@ -51,6 +54,7 @@ ROLES: dict[str, frozenset[Permission]] = {
             P.USERS_READ, P.AUDIT_READ, P.AUDIT_EXPORT, P.BREAKGLASS_REVIEW, P.PHI_READ_MASKED,
             P.PHI_READ_UNMASKED, P.CONSENT_MANAGE, P.CAMPAIGNS_APPROVE, P.MESSAGES_READ,
             P.ANALYTICS_READ, P.RETENTION_MANAGE, P.FORMS_MANAGE, P.SEGMENTS_READ, P.CAMPAIGNS_READ,
+            P.COMPLIANCE_MANAGE,
         }
     ),
     "marketer": frozenset(
@@ -96,7 +100,7 @@ API_SCOPES = frozenset(
         P.PHI_READ_MASKED, P.PHI_READ_UNMASKED, P.PHI_WRITE, P.CONTACTS_IMPORT, P.CONSENT_MANAGE,
         P.MESSAGES_SEND, P.MESSAGES_READ, P.DOMAINS_MANAGE, P.WEBHOOKS_MANAGE, P.SEGMENTS_READ, P.SEGMENTS_MANAGE,
         P.TEMPLATES_MANAGE, P.CAMPAIGNS_READ, P.CAMPAIGNS_MANAGE, P.ANALYTICS_READ, P.AUDIT_READ, P.FORMS_MANAGE,
-        P.ORG_MANAGE,
+        P.ORG_MANAGE, P.COMPLIANCE_MANAGE,
     }
 )
 
