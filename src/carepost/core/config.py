@@ -212,6 +212,19 @@ class Settings(BaseSettings):
         30, description="Days received bounce and complaint reports (encrypted) are kept after they were processed."
     )
 
+    # HL7 v2 over MLLP from clinical systems (ehr/mllp.py, docs/ehr.md).
+    mllp_host: str = Field(
+        "127.0.0.1", description="Address `carepost mllp` (HL7 v2 ADT/SIU over MLLP) binds to. Without TLS only a "
+        "loopback address is allowed.",
+    )
+    mllp_port: int = Field(2575, description="Port of the MLLP listener.")
+    mllp_cert_file: Path | None = Field(
+        None, description="PEM certificate (chain) for TLS on the MLLP listener; required to listen on a non-loopback address.",
+    )
+    mllp_key_file: Path | None = Field(None, description="PEM private key for the MLLP listener's certificate.")
+    mllp_max_bytes: int = Field(1024 * 1024, description="Largest HL7 v2 message the MLLP listener accepts, in bytes.")
+    mllp_idle_seconds: int = Field(300, ge=1, description="Seconds an MLLP connection may stay idle before it is closed.")
+
     # Outbound webhooks (tracking/webhooks.py).
     webhook_allow_private: bool = Field(
         False, description="Allow webhook endpoints on private, loopback, link-local and other non-public addresses."
