@@ -24,6 +24,7 @@ MODEL_MODULES = [
     "carepost.segments.models",
     "carepost.campaigns.models",
     "carepost.ehr.models",  # MllpConnection, EhrMessage (issue 15 item 3)
+    "carepost.journeys.models",
 ]
 
 
