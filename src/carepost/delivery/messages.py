@@ -88,6 +88,7 @@ class PreparedMessage:
     template_id: str | None = None
     template_version_id: str | None = None  # the immutable template version it was rendered from
     campaign_id: str | None = None  # the campaign that planned it (campaigns.sending)
+    journey_step_id: str | None = None  # the journey step that sent it (journeys.models.step_key)
 
 
 def request_fingerprint(data) -> str:
@@ -315,6 +316,7 @@ def store_messages(session: Session, org_id: str, prepared: list[PreparedMessage
             portal_enc=enc(mt, "portal", message_id, json.dumps(p.portal)) if p.portal else None,
             track_opens=p.track_opens, track_clicks=p.track_clicks,
             template_id=p.template_id, template_version_id=p.template_version_id, campaign_id=p.campaign_id,
+            journey_step_id=p.journey_step_id,
         ))
         for attachment in p.attachments:
             att_id = new_id()

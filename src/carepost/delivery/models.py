@@ -126,6 +126,9 @@ class Message(OrgScoped, Base):
     topic_id: Mapped[str | None] = mapped_column(String(32))
     # The campaign (campaigns.models.Campaign id) that planned this message; None for others.
     campaign_id: Mapped[str | None] = mapped_column(String(32))
+    # The journey step that sent this message (journeys.models.step_key: version and step id,
+    # 32 hex characters — the rollups' ``journey_step_id`` dimension); None for others.
+    journey_step_id: Mapped[str | None] = mapped_column(String(32))
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     sandbox: Mapped[bool] = mapped_column(Boolean, default=False)
     created_by: Mapped[str | None] = mapped_column(String(32))  # user or API credential id
