@@ -40,6 +40,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from carepost.core import clock
+from carepost.core import events as domain_events
 from carepost.core.crypto import get_keyring
 from carepost.core.database import Base, OrgScoped
 from carepost.core.errors import Conflict, NotFound, ValidationFailed
@@ -65,6 +66,9 @@ KNOWN_EVENTS = {
     "vaccination.given": "The patient was vaccinated.",
 }
 ATTRIBUTING_EVENTS = ("delivered", "sent")
+domain_events.declare("contact.event_recorded",
+                      "A contact event was recorded (the ContactEvent row: ids, name, time; properties stay encrypted). "
+                      "Journeys start, wait and reach goals on it.")
 # Registered by the composition root (``carepost.assembly``), like every other capability's.
 EVENT_TYPES: dict[str, str] = {
     "message.converted": "A goal's event was attributed to the last message delivered to the contact within the "
@@ -302,6 +306,9 @@ def record_event(session: Session, org_id: str, *, name: str, contact_id: str | 
 
         analytics.count_conversion(session, org_id, at, event.message_id, event.recipient_id)
         _announce_conversion(session, event)
+    # Journeys hear every new event (entries, goals, waits for an event), in this transaction; an
+    # idempotent replay returned above and announces nothing again.
+    domain_events.publish("contact.event_recorded", session, event)
     return event, True
 
 
