@@ -16,8 +16,8 @@ The dimensions come from the message row (already in the session's identity map 
 that records an event) and the recipient's domain blind index (reduced to a provider name or
 ``other`` by :func:`carepost.tracking.rollups.provider_of_index`).
 
-This module reads ``delivery.models`` directly: the backfill (:func:`rebuild`) is a set-based
-read of messages, recipients and events (ARCHITECTURE.md section 3 allows it for such reads).
+The recount from stored events (``carepost analytics rebuild``) is :mod:`carepost.tracking.rebuild`:
+a set-based read of messages, recipients and events (ARCHITECTURE.md section 3 allows it).
 
 **Reading** — :func:`summary`, :func:`series`, :func:`breakdown` sum rollup rows only, never
 events. :func:`suppress_small_cells` applies small-cell suppression for viewers without
@@ -30,7 +30,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from carepost.core import clock
@@ -168,56 +168,7 @@ def count_conversion(session: Session, org_id: str, at: datetime, message_id: st
 
 
 # --------------------------------------------------------------------------- backfill
-
-
-def rebuild(session: Session, org_id: str, *, since: datetime | None = None, progress=None, chunk: int = 2000) -> int:
-    """Recount an organization's rollups from its message events (old data, or after a repair).
-    Deletes the organization's rollups of the messages concerned first; the caller commits.
-    Custom events and engagement are not recounted here (their owners feed them as they come)."""
-    from carepost.delivery.models import Message, MessageEvent, MessageRecipient
-
-    if since is None:
-        session.execute(delete(AnalyticsRollup).where(AnalyticsRollup.org_id == org_id,
-                                                      ~AnalyticsRollup.metric.in_(("opened", "opened_unique",
-                                                                                   "opened_human", "clicked",
-                                                                                   "clicked_unique", "clicked_human",
-                                                                                   "converted", "unsubscribed"))))
-    else:
-        since = since.astimezone(UTC)
-    q = (select(MessageEvent, MessageRecipient, Message)
-         .join(MessageRecipient, MessageRecipient.id == MessageEvent.recipient_id)
-         .join(Message, Message.id == MessageEvent.message_id)
-         .where(MessageEvent.org_id == org_id)
-         .order_by(MessageEvent.created_at, MessageEvent.id))
-    if since is not None:
-        q = q.where(MessageEvent.created_at >= since)
-    counted = 0
-    last = None
-    while True:
-        page = q
-        if last is not None:
-            page = page.where((MessageEvent.created_at > last[0])
-                              | ((MessageEvent.created_at == last[0]) & (MessageEvent.id > last[1])))
-        rows = session.execute(page.limit(chunk)).all()
-        if not rows:
-            break
-        for event, recipient, message in rows:
-            if message.sandbox:
-                continue
-            metrics = metrics_for(event, recipient)
-            if not metrics:
-                continue
-            dims = MessageDims.of(message)
-            domain = rollups.provider_of_index(session, org_id, recipient.domain_index)
-            for metric in metrics:
-                _add(session, org_id, event.created_at, metric, dims, message.id, domain)
-            counted += 1
-        last = (rows[-1][0].created_at, rows[-1][0].id)
-        rollups.flush_pending(session)
-        session.expunge_all()
-        if progress:
-            progress(len(rows))
-    return counted
+# ``carepost analytics rebuild``: a set-wise recount in the database, :mod:`carepost.tracking.rebuild`.
 
 
 # --------------------------------------------------------------------------- reading

@@ -21,37 +21,43 @@ def _fail(message: str, code: int = 1) -> None:
 
 @analytics_app.command("rebuild")
 def rebuild(
-    org: str = typer.Option(..., "--org", help="Organization slug or id."),
-    since: str = typer.Option(None, "--since", help="Only add events from this UTC day on (YYYY-MM-DD), "
-                                                    "keeping the rollups already counted; default: recount all."),
+    org: str = typer.Option(None, "--org", help="Organization slug or id (default: every organization)."),
+    from_day: str = typer.Option(None, "--from", help="Replace the rollups from this UTC day on (YYYY-MM-DD) "
+                                                      "with a recount of every figure stored events give."),
+    since: str = typer.Option(None, "--since", hidden=True, help="The same as --from (older name)."),
 ) -> None:
-    """Recount the delivery figures (accepted, excluded, sent, delivered, secured, deferred, bounced,
-    failed, complained, portal views) of an organization from its message events, in one
-    transaction. Without --since the organization's delivery rollups are replaced; opens, clicks,
-    unsubscribes and conversions, which their owners count as they come, stay as they are. With
-    --since, only events from that day on are added: use it for events older rollups never saw."""
-    from rich.progress import Progress
-
+    """Recount the analytics rollups from the stored events, in the database (set-wise), one
+    transaction per organization. With --from DAY the rollups from that day on are *replaced*:
+    delivery figures (message events), opens and clicks (engagement events; organizations in
+    privacy mode keep theirs, they have no events) and conversions (contact events); unsubscribes
+    are kept as counted. Without --from, the delivery figures of all time are replaced (opens,
+    clicks, unsubscribes and conversions stay as they are). Events arriving meanwhile are counted
+    once: see docs/analytics.md."""
     from carepost.accounts.service import get_organization
-    from carepost.core.database import org_session, system_session
+    from carepost.core.database import system_session
     from carepost.core.errors import CarePostError
-    from carepost.tracking import analytics
+    from carepost.tracking import rebuild as recount
 
+    day = from_day or since
     start = None
-    if since:
+    if day:
         try:
-            start = datetime.fromisoformat(since).replace(tzinfo=UTC)
+            start = datetime.fromisoformat(day).replace(tzinfo=UTC)
         except ValueError:
-            _fail("--since is a day as YYYY-MM-DD.", 2)
-    with system_session() as session:
-        try:
-            organization = get_organization(session, org)
-        except CarePostError as exc:
-            _fail(exc.message)
-        org_id, slug = organization.id, organization.slug
-    with org_session(org_id) as session, Progress(console=console, transient=True) as progress:
-        task = progress.add_task("counting events", total=None)
-        counted = analytics.rebuild(session, org_id, since=start,
-                                    progress=lambda n: progress.advance(task, n))
-        session.commit()
-    console.print(f"{counted} events counted into the rollups of {slug}", highlight=False)
+            _fail("--from is a day as YYYY-MM-DD.", 2)
+        if start != start.replace(hour=0, minute=0, second=0, microsecond=0):
+            _fail("--from is a day as YYYY-MM-DD.", 2)
+    org_id, label = None, "every organization"
+    if org:
+        with system_session() as session:
+            try:
+                organization = get_organization(session, org)
+            except CarePostError as exc:
+                _fail(exc.message)
+            org_id, label = organization.id, organization.slug
+    families = recount.FAMILIES if start is not None else (recount.DELIVERY,)
+    result = recount.rebuild(system_session, org_id=org_id, start=start, families=families)
+    counted = sum(result.events.values())
+    detail = ", ".join(f"{family} {n}" for family, n in result.events.items())
+    console.print(f"{counted} events counted into the rollups of {label} ({detail}; {result.rows} rollup rows)",
+                  highlight=False)
