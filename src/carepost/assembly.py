@@ -63,6 +63,7 @@ ROUTER_MODULES = [
     "carepost.segments.pages",
     "carepost.campaigns.api",
     "carepost.campaigns.pages",
+    "carepost.journeys.api",
 ]
 
 # Queue tasks of each capability (the worker must know every task it may be handed).

@@ -757,6 +757,10 @@ from carepost.campaigns.commands import campaign_app  # noqa: E402
 
 app.add_typer(campaign_app, name="campaign")
 
+from carepost.journeys.commands import journeys_app  # noqa: E402
+
+app.add_typer(journeys_app, name="journeys")
+
 
 @app.command()
 def smtp(
