@@ -54,11 +54,18 @@ TEXTS: dict[str, tuple[str, str]] = {
         "A person in {org} started emergency (break-glass) access to patient data for {minutes} minutes.\n\n"
         "Review it in CarePost: {link}\n",
     ),
+    # A journey's "notify" step (journeys.steps): {note} is the step's text, checked at validation
+    # to hold no merge field and nothing that looks like PHI, plus a count; {link} the journey's page.
+    "journey_notice": (
+        "A journey in {org} needs your attention",
+        "{note}\n\nOpen the journey in CarePost: {link}\n",
+    ),
 }
 
 
 def handle_account_notice(session: Session, kind: str, *, org_id: str | None, user_id: str,
-                          link: str | None = None, role: str | None = None, minutes: int | None = None) -> str | None:
+                          link: str | None = None, role: str | None = None, minutes: int | None = None,
+                          note: str | None = None) -> str | None:
     """Queue one account notice to the person ``user_id``; the message id, or None when the
     organization cannot send mail (no sending domain)."""
     from carepost.accounts.models import Organization, User
@@ -79,7 +86,7 @@ def handle_account_notice(session: Session, kind: str, *, org_id: str | None, us
     org_name = org.name if org else "CarePost"
     subject, text = TEXTS[kind]
     values = {"org": org_name, "link": link or "", "role": ROLE_LABELS.get(role or "", role or ""),
-              "minutes": minutes or ""}
+              "minutes": minutes or "", "note": note or ""}
     name = org_name.replace('"', "'")
     data = MessageIn.model_validate({
         "from": f'"{name}" <no-reply@{domain.domain}>', "to": [user.email], "subject": subject.format(**values),
