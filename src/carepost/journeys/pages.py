@@ -365,7 +365,7 @@ def _journey_page(request: Request, principal: Principal, row, error: dict | Non
             {"steps": {}, "layout": {}}, "readonly": True, "counts": counts, "choices": _choices(session, principal, request),
             "urls": {"counts": f"/app/journeys/{row.id}/counts"}, "poll_ms": POLL_MS}
     return render(request, "journeys/journey.html", {
-        "journey": row, "version": shown, "versions": versions, "data": data, "purposes": PURPOSES,
+        "journey": row, "shown": shown, "versions": versions, "data": data, "purposes": PURPOSES,
         "has_draft": bool(versions and versions[-1].published_at is None), "can_manage": principal.can(P.JOURNEYS_MANAGE),
         "error": error, "notice": DONE.get(request.query_params.get("done") or ""),
     }, status_code=status)

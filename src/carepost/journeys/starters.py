@@ -41,22 +41,15 @@ def _send(next_step: str | None) -> dict:
 
 
 def _layout(definition: dict) -> dict:
-    """Editor positions: columns by distance from the start, rows in order of discovery."""
+    """Editor positions: the steps in order of discovery from the start, two to a row, so a
+    starter fits the editor's canvas without zooming out."""
     steps = definition["steps"]
-    depth: dict[str, int] = {definition["start"]: 0}
     order = [definition["start"]]
     for sid in order:
         for target in successors(steps[sid]):
-            if target in steps and target not in depth:
-                depth[target] = depth[sid] + 1
+            if target in steps and target not in order:
                 order.append(target)
-    rows: dict[int, int] = {}
-    layout = {}
-    for sid in order:
-        d = depth[sid]
-        layout[sid] = {"x": 60 + d * 250, "y": 60 + rows.get(d, 0) * 150}
-        rows[d] = rows.get(d, 0) + 1
-    return layout
+    return {sid: {"x": 40 + (i % 2) * 250, "y": 40 + (i // 2) * 140} for i, sid in enumerate(order)}
 
 
 def successors(step: dict) -> list[str]:

@@ -193,7 +193,7 @@
       nodeOf = {}; stepOf = {};
       Object.keys(def.steps).forEach(function (sid, i) {
         var step = def.steps[sid];
-        var pos = def.layout[sid] || { x: 60 + (i % 5) * 250, y: 60 + Math.floor(i / 5) * 160 };
+        var pos = def.layout[sid] || { x: 40 + (i % 2) * 240, y: 40 + Math.floor(i / 2) * 150 };
         def.layout[sid] = pos;
         var id = editor.addNode(step.type, 1, outputLabels(step).length, pos.x, pos.y, "jstep-node jstep-" + step.type,
                                 { step: sid }, "");
@@ -282,7 +282,7 @@
     if (type !== "exit" && type !== "branch" && type !== "split" && type !== "wait_event") { step.next = null; }
     def.steps[sid] = step;
     var n = Object.keys(def.steps).length - 1;
-    def.layout[sid] = { x: 60 + (n % 5) * 250, y: 60 + Math.floor(n / 5) * 160 };
+    def.layout[sid] = { x: 40 + (n % 2) * 240, y: 40 + Math.floor(n / 2) * 150 };
     if (!def.start) { def.start = sid; }
     selected = sid;
     changed(true);
@@ -753,6 +753,26 @@
       .then(function () { setTimeout(poll, data.poll_ms || 4000); });
   }
 
+  // A whole journey fits the canvas when the page opens (Ctrl + wheel zooms, dragging the
+  // background pans).
+  function fit() {
+    var maxX = 0, maxY = 0;
+    Object.keys(def.layout).forEach(function (sid) {
+      maxX = Math.max(maxX, def.layout[sid].x + 240);
+      maxY = Math.max(maxY, def.layout[sid].y + 150);
+    });
+    if (!maxX || !canvas.clientWidth) { return; }
+    var z = Math.min(1, canvas.clientWidth / maxX, canvas.clientHeight / maxY);
+    if (z >= 1) { return; }
+    z = Math.max(0.35, z);
+    editor.zoom = z;
+    editor.zoom_refresh();
+    // Drawflow scales about the canvas' centre: move the origin back to the top left corner.
+    editor.canvas_x = -canvas.clientWidth / 2 * (1 - z);
+    editor.canvas_y = -canvas.clientHeight / 2 * (1 - z);
+    editor.precanvas.style.transform = "translate(" + editor.canvas_x + "px, " + editor.canvas_y + "px) scale(" + z + ")";
+  }
+
   // ------------------------------------------------------------------ start
 
   var dl = el("datalist", { id: "journey-events" });
@@ -760,6 +780,7 @@
   root.appendChild(dl);
   if (data.counts) { counts = data.counts; }
   draw();
+  fit();
   showPanel();
   if (counts) { showCounts(); }
   if (readonly && urls.counts) { setTimeout(poll, data.poll_ms || 4000); }

@@ -1,0 +1,192 @@
+"""Headless Chromium through the journey pages (issue 15 item 6), with a real ``carepost serve``.
+
+An administrator builds a journey from an empty canvas in the editor: adds a send step, a wait
+and an exit from the palette, picks the template in the side panel, connects the send step to
+the wait by dragging its output onto the wait (Drawflow) and the wait to the exit with the side
+panel's "Next" picker; the server's validation puts a zero wait's error next to the wait step;
+fixing the duration clears it; the draft is saved and published. The running view shows the
+counts per step, and when runs exist they change on the page without a reload. The patient's
+contact page shows the journey and the steps the run went through. A starter opens in the editor
+and names its missing templates. No page loads anything from another host and the browser logs
+no error (a Content-Security-Policy violation would be one).
+
+The live server is another process: this module arranges its own organization and never empties
+the database under it.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+import pytest
+from playwright.sync_api import expect
+
+from tests.fixtures.accounts import add_staff, ui_login
+
+pytestmark = pytest.mark.ui
+expect.set_options(timeout=15000)  # a shared, loaded machine
+
+
+@pytest.fixture(scope="module")
+def clinic(live_server):
+    from types import SimpleNamespace
+
+    from carepost.accounts.service import create_organization
+    from carepost.content import service as content
+    from carepost.content.schemas import TemplateIn
+    from carepost.core.database import org_session, system_session
+    from carepost.patients import service as patients
+
+    with system_session() as s:
+        org = create_organization(s, f"Journey Clinic {secrets.token_hex(2)}")
+        admin = add_staff(s, org.id, "admin")
+        s.commit()
+        org_id = org.id
+    with org_session(org_id) as s:
+        t = content.create_template(s, org_id, TemplateIn(
+            name="Visit reminder", subject="Your visit is coming up", purpose="treatment", contains_phi=False,
+            html="<p>Hello {{ first_name }}, see you soon.</p>", language="en"))
+        patient = patients.save_contact(s, org_id, {"given_name": "Imelda", "family_name": "Varga",
+                                                    "email": f"imelda.{secrets.token_hex(3)}@patients.example"}).contact
+        s.commit()
+        return SimpleNamespace(org_id=org_id, admin=admin, template=t.id, patient=patient.id)
+
+
+def _add_runs(org_id: str, journey_id: str, contact_id: str) -> None:
+    """Two runs as the engine leaves them: the patient waiting at the wait step after the send,
+    another patient who reached the goal."""
+    from datetime import timedelta
+
+    from carepost.core import clock
+    from carepost.core.database import org_session
+    from carepost.core.ids import new_id
+    from carepost.journeys.models import JourneyRun, JourneyRunStep, JourneyVersion
+    from carepost.patients import service as patients
+
+    with org_session(org_id) as s:
+        ver = s.query(JourneyVersion).filter_by(journey_id=journey_id, version=1).one()
+        other = patients.save_contact(s, org_id, {"given_name": "Other"}).contact.id
+        now = clock.now()
+        for cid, state, step, reason in ((contact_id, "waiting", "s2", None), (other, "exited", "s3", "goal")):
+            run = JourneyRun(id=new_id(), org_id=org_id, journey_id=journey_id, version=1, version_id=ver.id,
+                             contact_id=cid, state=state, step_id=step, entry_key=new_id(),
+                             entered_at=now - timedelta(hours=3), seq=2 if state == "waiting" else 3,
+                             active_key=cid if state == "waiting" else None,
+                             wake_at=now + timedelta(days=2) if state == "waiting" else None,
+                             ended_at=None if state == "waiting" else now, exit_reason=reason,
+                             converted_at=now if reason == "goal" else None)
+            s.add(run)
+            s.flush()
+            done = [("s1", "send", "sent"), ("s2", "wait", "done")] + ([("s3", "exit", "done")] if reason else [])
+            for i, (sid, kind, status) in enumerate(done, start=1):
+                s.add(JourneyRunStep(org_id=org_id, run_id=run.id, journey_id=journey_id, version_id=ver.id,
+                                     step_id=sid, step_type=kind, seq=i, status=status,
+                                     at=now - timedelta(hours=3 - i)))
+        s.commit()
+
+
+def _set(page, selector: str, value: str) -> None:
+    """Type into a side panel field and leave it (the editor reads it on change)."""
+    page.fill(selector, value)
+    page.press(selector, "Tab")
+
+
+def test_build_validate_fix_save_publish_watch_counts_and_timeline(browser, live_server, clinic):
+    ctx = browser.new_context(base_url=live_server.url, viewport={"width": 1366, "height": 900})
+    page = ctx.new_page()
+    page.set_default_timeout(20000)
+    foreign: list[str] = []
+    console_errors: list[str] = []
+    page.on("request", lambda req: foreign.append(req.url)
+            if not req.url.startswith((live_server.url, "data:", "about:")) else None)
+    page.on("console", lambda msg: console_errors.append(msg.text) if msg.type == "error" else None)
+    page.on("pageerror", lambda exc: console_errors.append(str(exc)))
+    try:
+        ui_login(page, clinic.admin)
+        page.get_by_test_id("main-nav").get_by_role("link", name="Journeys", exact=True).click()
+        expect(page.get_by_test_id("starter")).to_have_count(6)
+        page.get_by_test_id("new-journey").click()
+        expect(page.get_by_test_id("journey-editor")).to_have_attribute("data-ready", "true")
+        expect(page.get_by_test_id("panel-title")).to_have_text("Journey settings")
+        page.fill("#journey-name", "Visit reminders")
+
+        # three steps from the palette; the first becomes the start
+        page.get_by_test_id("add-send").click()
+        expect(page.get_by_test_id("panel-title")).to_have_text("Send email · s1")
+        page.select_option("#f-template", f"{clinic.template}:1")
+        page.get_by_test_id("add-wait").click()
+        expect(page.get_by_test_id("panel-title")).to_have_text("Wait · s2")
+        _set(page, "#f-duration", "0d")
+        page.get_by_test_id("add-exit").click()
+        expect(page.get_by_test_id("step-node")).to_have_count(3)
+        expect(page.locator("[data-step=s1] [data-testid=start-badge]")).to_be_visible()
+
+        # connect s1 -> s2 on the canvas: drag the send step's output onto the wait step's input
+        page.get_by_test_id("output-s1-1").drag_to(page.get_by_test_id("input-s2"))
+        expect(page.locator("#journey-canvas .connection")).to_have_count(1)
+        # s2 -> s3 with the side panel's picker
+        page.locator("[data-step=s2] .jstep-summary").click()
+        expect(page.get_by_test_id("panel-title")).to_have_text("Wait · s2")
+        page.select_option("#next-s2-0", "s3")
+        expect(page.locator("#journey-canvas .connection")).to_have_count(2)
+
+        # the server's validation: the zero wait, next to its step and in the list
+        expect(page.get_by_test_id("validation-status")).to_have_attribute("data-valid", "false")
+        expect(page.get_by_test_id("step-errors-s2")).to_be_visible()
+        expect(page.locator("[data-step=s2]")).to_have_class(re.compile(r"\bhas-error\b"))
+        expect(page.get_by_test_id("validation-error").filter(has_text="steps.s2.duration")).to_have_count(1)
+        expect(page.get_by_test_id("step-errors-s1")).to_have_count(0)
+        # fix it
+        page.locator("[data-step=s2] .jstep-summary").click()
+        _set(page, "#f-duration", "2d")
+        expect(page.get_by_test_id("validation-status")).to_have_attribute("data-valid", "true")
+        expect(page.get_by_test_id("validation-status")).to_have_text("Valid")
+        expect(page.get_by_test_id("step-errors-s2")).to_have_count(0)
+        expect(page.get_by_test_id("validation-error")).to_have_count(0)
+
+        # save the draft (the page moves to the saved journey's editor), then publish
+        page.get_by_test_id("save-draft").click()
+        page.wait_for_url(re.compile(r".*/app/journeys/[0-9a-f]{32}/edit\?saved=1$"))
+        journey_id = page.url.split("/")[-2]
+        expect(page.get_by_test_id("step-node")).to_have_count(3)
+        expect(page.get_by_test_id("validation-status")).to_have_text("Valid")
+        page.get_by_test_id("publish").click()
+        page.wait_for_url(re.compile(rf".*/app/journeys/{journey_id}\?done=published$"))
+        expect(page.get_by_test_id("journey-status")).to_have_text("live")
+
+        # the running view: counts per step, then runs appear and the counts change without a reload
+        expect(page.get_by_test_id("journey-view")).to_have_attribute("data-ready", "true")
+        expect(page.get_by_test_id("total-entered")).to_have_text("0")
+        expect(page.get_by_test_id("node-count-s2")).to_contain_text("now 0")
+        page.evaluate("window.__notReloaded = true")
+        _add_runs(clinic.org_id, journey_id, clinic.patient)
+        expect(page.get_by_test_id("total-entered")).to_have_text("2", timeout=30000)
+        expect(page.get_by_test_id("total-goal")).to_have_text("1")
+        expect(page.get_by_test_id("node-count-s2")).to_contain_text("now 1")
+        expect(page.get_by_test_id("count-executed-s1")).to_have_text("2")
+        expect(page.get_by_test_id("exit-reason")).to_have_text(["goal: 1"])
+        assert page.evaluate("window.__notReloaded") is True
+
+        # the patient's contact page: the journey and the steps of the run
+        page.goto(f"/app/contacts/{clinic.patient}")
+        section = page.get_by_test_id("section-journeys")
+        expect(section).to_contain_text("Visit reminders (version 1): waiting at step s2")
+        expect(section).to_contain_text("step s1 (Send email) — sent")
+        section.get_by_role("link", name=re.compile("Visit reminders")).click()
+        page.wait_for_url(re.compile(rf".*/app/journeys/{journey_id}$"))
+
+        # a starter opens in the editor with its steps laid out and its missing templates named
+        page.goto("/app/journeys")
+        page.get_by_test_id("use-starter-appointment_reminder").click()
+        expect(page.get_by_test_id("starter-note")).to_be_visible()
+        expect(page.get_by_test_id("step-node")).to_have_count(7)
+        expect(page.get_by_test_id("validation-status")).to_have_attribute("data-valid", "false")
+        expect(page.get_by_test_id("step-errors-remind_7d")).to_be_visible()
+        page.locator("[data-step=remind_7d] .jstep-summary").click()
+        expect(page.get_by_test_id("template-picker")).to_be_visible()
+        expect(page.get_by_test_id("side-panel")).to_contain_text("Suggested: Reminder: your appointment is in a week")
+    finally:
+        ctx.close()
+    assert not foreign, f"loaded from other hosts: {foreign}"
+    assert not console_errors, console_errors
