@@ -64,6 +64,7 @@ ROUTER_MODULES = [
     "carepost.campaigns.api",
     "carepost.campaigns.pages",
     "carepost.journeys.api",
+    "carepost.journeys.pages",
 ]
 
 # Queue tasks of each capability (the worker must know every task it may be handed).
@@ -246,6 +247,9 @@ def _wire_registries() -> None:
     patient_pages.register_contact_section("consent", "Consent and authorizations", consent_pages.consent_rows)
     patient_pages.register_contact_section("messages", "Message history", delivery_pages.contact_messages_rows)
     patient_pages.register_contact_section("keys", "Encryption keys", delivery_pages.contact_keys_rows)
+    from carepost.journeys import pages as journey_pages
+
+    patient_pages.register_contact_section("journeys", "Journeys", journey_pages.contact_journey_rows)  # issue 15 item 6
 
     tracking.register_event_types(forms.EVENT_TYPES)
     from carepost.tracking import engagement
