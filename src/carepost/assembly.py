@@ -63,6 +63,7 @@ ROUTER_MODULES = [
     "carepost.segments.pages",
     "carepost.campaigns.api",
     "carepost.campaigns.pages",
+    "carepost.ehr.api",  # FHIR Appointment/Encounter, the EHR error queue, MLLP connections (issue 15 item 3)
     "carepost.journeys.api",
     "carepost.journeys.pages",
 ]
@@ -79,6 +80,7 @@ TASK_MODULES = [
     "carepost.forms.tasks",
     "carepost.segments.tasks",
     "carepost.campaigns.tasks",
+    "carepost.ehr.tasks",
 ]
 
 

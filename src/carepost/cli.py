@@ -757,6 +757,26 @@ from carepost.campaigns.commands import campaign_app  # noqa: E402
 
 app.add_typer(campaign_app, name="campaign")
 
+from carepost.ehr.commands import ehr_app  # noqa: E402
+
+app.add_typer(ehr_app, name="ehr")
+
+
+@app.command()
+def mllp(
+    host: str = typer.Option(None, help="Bind address (default CAREPOST_MLLP_HOST)."),
+    port: int = typer.Option(None, help="Port (default CAREPOST_MLLP_PORT)."),
+) -> None:
+    """Run the HL7 v2 listener (MLLP, TLS with CAREPOST_MLLP_CERT_FILE): ADT and SIU messages become contact events."""
+    from carepost.core.config import get_settings
+    from carepost.ehr.commands import run_mllp
+
+    settings = get_settings()
+    with _holding_data_dir(settings):
+        code = run_mllp(settings, host=host, port=port)
+    raise typer.Exit(code)
+
+
 from carepost.journeys.commands import journeys_app  # noqa: E402
 
 app.add_typer(journeys_app, name="journeys")

@@ -1,0 +1,595 @@
+"""Events in from clinical systems: MLLP connections, the ingestion of HL7 v2 messages and FHIR
+resources into contact events, and the error queue.
+
+* **Who sends.** An HL7 v2 message names its organization by the credential of an
+  :class:`~carepost.ehr.models.MllpConnection` in MSH-8 (``<key id>.<secret>``; the secret is
+  stored as an HMAC, shown once) *and* one of that connection's sending facilities in MSH-4. A
+  message without a known credential or from another facility is rejected (AR) before anything
+  in it is read or stored: it belongs to no organization. A FHIR resource comes through the API
+  with an API credential (``phi:write``) and belongs to the credential's organization.
+* **Whose patient.** PID-3 identifiers (type MR first, then PI/PT or untyped; never SS and the
+  other government or account types) are looked up through the organization's MRN blind index
+  (:func:`carepost.patients.service.find_contact_ids`), in the connection's MRN system or in
+  every MRN system the organization holds. Blind indexes are keyed per organization, so another
+  organization's patient is simply not found: the message goes to the error queue, nothing is
+  recorded (tenant isolation, issue 15 "Bad input").
+* **Once.** A message is recorded once per organization and control id (MSH-10; for FHIR the
+  resource type, id and version). The same message again is answered as the first time without
+  writing anything; the same control id with different content is an error (HL7 code 205) kept
+  in the error queue. A message in the error queue sent again is processed again (a sender's
+  retry after the patient was imported succeeds).
+* **Nothing lost.** A message from a known sender that cannot be recorded — wrong segment order,
+  unknown trigger, missing or unknown MRN, a bad date — is kept in ``ehr_messages`` with status
+  ``error``, a reason code, a sentence naming the field (never a value from the message) and the
+  raw message encrypted under the organization's data key; staff list, retry or discard it. The
+  raw text is dropped once the message is recorded (minimum necessary).
+* **Events** go through :func:`carepost.tracking.conversions.record_event` (properties encrypted
+  there, idempotency key ``hl7v2:<control id>`` / ``fhir:<type>/<id>/_history/<version>``), so
+  journeys and goals see them as any other event. Each recorded event and each queued error is
+  audited (actor ``ehr_connection`` or the API credential), ids and codes only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from carepost.core import clock
+from carepost.core.crypto import get_keyring
+from carepost.core.database import ALL_ORGANIZATIONS
+from carepost.core.errors import CarePostError, NotFound, ValidationFailed
+from carepost.core.ids import is_id, new_id
+from carepost.ehr import hl7v2
+from carepost.ehr.hl7v2 import Hl7Problem
+from carepost.ehr.models import EhrMessage, MllpConnection
+
+SOURCE_HL7 = "hl7v2"
+SOURCE_FHIR = "fhir"
+STATUSES = ("recorded", "ignored", "error", "discarded")
+MAX_FACILITIES = 20
+KEY_ID_PREFIX = "m"
+_SECRET_LABEL = b"carepost-mllp-connection-secret-v1"
+CACHE_SECONDS = 5.0  # a revoked connection is refused by every listener within this bound
+# PID-3 identifier types tried, in order (HL7 table 0203). Government and account numbers
+# (SS, DL, PPN, AN...) are never used to match a patient.
+MRN_TYPES = ("MR", "MRT", "PI", "PT", "PN", None)
+
+
+# --------------------------------------------------------------------------- connections
+
+
+def _hash_secret(key_id: str, secret: str) -> str:
+    return hmac.new(_SECRET_LABEL, f"{key_id}\x00{secret}".encode(), hashlib.sha256).hexdigest()
+
+
+def _check_facilities(values) -> list[str]:
+    if not isinstance(values, list) or not values or len(values) > MAX_FACILITIES:
+        raise ValidationFailed(f"sending_facilities is a list of 1 to {MAX_FACILITIES} MSH-4 namespace ids.",
+                               field="sending_facilities")
+    out = []
+    for i, value in enumerate(values):
+        if not isinstance(value, str) or not value.strip() or len(value.strip()) > 180 or any(
+                c in value for c in "|^~\\&\r\n"):
+            raise ValidationFailed("A sending facility is the MSH-4 namespace id: 1 to 180 characters without HL7 "
+                                   "delimiters.", field=f"sending_facilities.{i}")
+        out.append(value.strip())
+    return list(dict.fromkeys(out))
+
+
+def _check_zone(value: str | None) -> str:
+    value = value or "UTC"
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValidationFailed("time_zone is an IANA time zone such as America/Chicago.", field="time_zone") from None
+    return value
+
+
+def create_connection(session: Session, org_id: str, *, name: str, sending_facilities: list[str],
+                      mrn_system: str | None = None, time_zone: str | None = None,
+                      created_by: str | None = None) -> tuple[MllpConnection, str]:
+    """A new MLLP connection and its credential ``<key id>.<secret>`` (shown once; 39 characters,
+    so it fits MSH-8, an ST of 40). The caller commits."""
+    if not isinstance(name, str) or not name.strip() or len(name.strip()) > 120:
+        raise ValidationFailed("name is 1 to 120 characters.", field="name")
+    facilities = _check_facilities(sending_facilities)
+    if mrn_system is not None and (not isinstance(mrn_system, str) or not mrn_system.strip() or len(mrn_system) > 255):
+        raise ValidationFailed("mrn_system is an identifier system URI of at most 255 characters.", field="mrn_system")
+    zone = _check_zone(time_zone)
+    secret = secrets.token_urlsafe(21)  # 28 characters, no HL7 delimiter
+    for _ in range(5):
+        key_id = KEY_ID_PREFIX + secrets.token_hex(5)
+        exists = session.scalar(select(MllpConnection.id).where(MllpConnection.key_id == key_id)
+                                .execution_options(**ALL_ORGANIZATIONS))
+        if not exists:
+            break
+    conn = MllpConnection(id=new_id(), org_id=org_id, name=name.strip(), key_id=key_id,
+                          secret_hash=_hash_secret(key_id, secret), sending_facilities=facilities,
+                          mrn_system=mrn_system.strip() if mrn_system else None, time_zone=zone, created_by=created_by)
+    session.add(conn)
+    session.flush()
+    return conn, f"{key_id}.{secret}"
+
+
+def list_connections(session: Session, org_id: str) -> list[MllpConnection]:
+    return list(session.scalars(select(MllpConnection).where(MllpConnection.org_id == org_id)
+                                .order_by(MllpConnection.created_at, MllpConnection.id)))
+
+
+def get_connection(session: Session, org_id: str, connection_id: str) -> MllpConnection:
+    conn = session.get(MllpConnection, connection_id) if is_id(connection_id) else None
+    if conn is None or conn.org_id != org_id:
+        raise NotFound("No such MLLP connection.", field="connection_id")
+    return conn
+
+
+def revoke_connection(session: Session, conn: MllpConnection) -> None:
+    if conn.revoked_at is None:
+        conn.revoked_at = clock.now()
+        session.flush()
+    with _cache_lock:
+        _cache.pop(conn.key_id, None)
+
+
+def connection_out(conn: MllpConnection) -> dict:
+    return {"id": conn.id, "name": conn.name, "key_id": conn.key_id, "sending_facilities": list(conn.sending_facilities),
+            "mrn_system": conn.mrn_system, "time_zone": conn.time_zone,
+            "created_at": _iso(conn.created_at), "revoked_at": _iso(conn.revoked_at)}
+
+
+@dataclass(frozen=True)
+class Sender:
+    """What the listener keeps of an authenticated connection."""
+
+    id: str
+    org_id: str
+    key_id: str
+    secret_hash: str
+    facilities: frozenset
+    mrn_system: str | None
+    zone: ZoneInfo
+
+
+_cache: dict[str, tuple[Sender | None, float]] = {}
+_cache_lock = threading.Lock()
+
+
+def _load_sender(session: Session, key_id: str) -> Sender | None:
+    with _cache_lock:
+        hit = _cache.get(key_id)
+    if hit is not None and hit[1] > time.monotonic():
+        return hit[0]
+    row = session.scalar(select(MllpConnection).where(MllpConnection.key_id == key_id)
+                         .execution_options(**ALL_ORGANIZATIONS))
+    sender = None
+    if row is not None and row.revoked_at is None:
+        sender = Sender(row.id, row.org_id, row.key_id, row.secret_hash, frozenset(row.sending_facilities),
+                        row.mrn_system, ZoneInfo(row.time_zone or "UTC"))
+    with _cache_lock:
+        if len(_cache) > 10000:
+            _cache.clear()
+        _cache[key_id] = (sender, time.monotonic() + CACHE_SECONDS)
+    return sender
+
+
+def forget_cached_connections() -> None:
+    with _cache_lock:
+        _cache.clear()
+
+
+def authenticate(session: Session, security: str, facility: str) -> Sender:
+    """The connection whose credential is in MSH-8, if MSH-4 is one of its facilities; else AR.
+    The answer does not say which of the two was wrong for an unknown credential."""
+    key_id, sep, secret = (security or "").strip().partition(".")
+    if not sep or not key_id or not secret or len(key_id) > 16:
+        raise Hl7Problem("AR", hl7v2.UNKNOWN_KEY, "MSH-8 must hold this connection's CarePost credential.",
+                         segment="MSH", field_no=8, reason_code="unauthenticated")
+    sender = _load_sender(session, key_id)
+    if sender is None or not hmac.compare_digest(sender.secret_hash, _hash_secret(key_id, secret)):
+        raise Hl7Problem("AR", hl7v2.UNKNOWN_KEY, "MSH-8 does not hold a valid CarePost credential.",
+                         segment="MSH", field_no=8, reason_code="unauthenticated")
+    if facility not in sender.facilities:
+        raise Hl7Problem("AR", hl7v2.UNKNOWN_KEY, "MSH-4 (sending facility) is not a facility of this connection.",
+                         segment="MSH", field_no=4, reason_code="unknown_facility")
+    return sender
+
+
+# --------------------------------------------------------------------------- patients
+
+
+def match_patient(session: Session, org_id: str, identifiers: list[tuple[str, str | None, str | None]],
+                  mrn_system: str | None, *, field: str = "PID-3") -> str:
+    """The contact named by the identifiers (MRN types in order of :data:`MRN_TYPES`); raises
+    :class:`PatientNotMatched` when none or more than one contact has them."""
+    from carepost.patients import service as patients
+
+    candidates = sorted((i for i in identifiers if i[2] in MRN_TYPES), key=lambda i: MRN_TYPES.index(i[2]))
+    if not candidates:
+        raise PatientNotMatched("no_mrn", f"{field} holds no medical record number (identifier type MR, PI or PT).",
+                                field)
+    for value, _authority, _type in candidates:
+        ids = patients.find_contact_ids(session, org_id, mrn=value[:128], system=mrn_system)
+        if len(ids) == 1:
+            return ids[0]
+        if len(ids) > 1:
+            raise PatientNotMatched("ambiguous_patient", f"More than one patient has the MRN in {field}.", field)
+    raise PatientNotMatched("patient_not_found", f"No patient of this organization has the MRN in {field}.", field)
+
+
+class PatientNotMatched(Exception):
+    def __init__(self, reason_code: str, text: str, field: str):
+        super().__init__(text)
+        self.reason_code, self.text, self.field = reason_code, text, field
+
+
+# --------------------------------------------------------------------------- outcomes
+
+
+@dataclass
+class Outcome:
+    """What became of one message: the answer's code, the stored row and event."""
+
+    code: str  # AA | AE | AR
+    status: str  # recorded | ignored | error | replayed | refused (not stored: no organization)
+    org_id: str | None = None
+    message_id: str | None = None
+    event_id: str | None = None
+    event_name: str | None = None
+    contact_id: str | None = None
+    reason_code: str | None = None
+    text: str | None = None
+    field: str | None = None
+    problem: Hl7Problem | None = None
+    created: bool = False
+
+
+def find_message(session: Session, org_id: str, source: str, control_id: str) -> EhrMessage | None:
+    return session.scalar(select(EhrMessage).where(EhrMessage.org_id == org_id, EhrMessage.source == source,
+                                                   EhrMessage.control_id == control_id))
+
+
+def _store(session: Session, org_id: str, row: EhrMessage | None, *, source: str, connection_id: str | None,
+           control_id: str | None, content_hash: str, message_type: str, status: str, ack_code: str,
+           raw: str | None = None, event_name: str | None = None, reason_code: str | None = None,
+           reason: str | None = None, error_field: str | None = None, contact_id: str | None = None,
+           event_id: str | None = None, resource_key: str | None = None, state_hash: str | None = None) -> EhrMessage:
+    if row is None:
+        row = EhrMessage(id=new_id(), org_id=org_id, source=source, control_id=control_id, attempts=1,
+                         received_at=clock.now())
+        session.add(row)
+    else:
+        row.attempts = (row.attempts or 0) + 1
+    row.connection_id, row.content_hash, row.message_type = connection_id, content_hash, message_type[:40]
+    row.status, row.ack_code, row.event_name = status, ack_code, event_name
+    row.reason_code, row.reason = reason_code, (reason or None) and reason[:300]
+    row.error_field = (error_field or None) and error_field[:60]
+    row.contact_id, row.event_id = contact_id, event_id
+    row.resource_key, row.state_hash = resource_key, state_hash
+    row.updated_at = clock.now()
+    if status == "error" and raw is not None:
+        row.raw_enc = get_keyring().encrypt(session, org_id, EhrMessage.__tablename__, "raw", row.id, raw)
+    elif status != "error":
+        row.raw_enc = None
+    return row
+
+
+def raw_text(session: Session, row: EhrMessage) -> str | None:
+    return get_keyring().decrypt_text(session, row.org_id, EhrMessage.__tablename__, "raw", row.id, row.raw_enc)
+
+
+def _event_time(value: datetime | None) -> datetime:
+    """The event's time: the message's (EVN, PV1-44/45, MSH-7), not later than now (a sender's
+    clock ahead of ours is not an error)."""
+    now = clock.now()
+    if value is None or value > now:
+        return now
+    return value
+
+
+def record(session: Session, org_id: str, *, name: str, contact_id: str, occurred_at: datetime | None,
+           properties: dict, idempotency_key: str, request_hash: str, created_by: str | None,
+           field: str) -> tuple[str, bool]:
+    """The event through tracking (encrypted properties, goals); (event id, created)."""
+    from carepost.tracking import conversions
+
+    try:
+        event, created = conversions.record_event(
+            session, org_id, name=name, contact_id=contact_id, occurred_at=_event_time(occurred_at),
+            properties=properties, idempotency_key=idempotency_key[:200], request_hash=request_hash,
+            created_by=created_by)
+    except CarePostError as exc:
+        raise EventRefused(exc.code or "invalid_event", exc.message, field) from None
+    return event.id, created
+
+
+class EventRefused(Exception):
+    def __init__(self, reason_code: str, text: str, field: str):
+        super().__init__(text)
+        self.reason_code, self.text, self.field = reason_code, text, field
+
+
+def _audit_item(org_id: str, actor_type: str, actor_id: str | None, outcome: Outcome, source: str,
+                ip: str | None = None) -> dict:
+    if outcome.status == "recorded":
+        return {"org_id": org_id, "actor_type": actor_type, "actor_id": actor_id, "action": "contact_event.create",
+                    "target_type": "contact", "target_id": outcome.contact_id, "ip": ip,
+                    "details": {"event_id": outcome.event_id, "name": outcome.event_name, "source": source,
+                             "ehr_message_id": outcome.message_id}}
+    return {"org_id": org_id, "actor_type": actor_type, "actor_id": actor_id, "action": "ehr_message.queue",
+                "target_type": "ehr_message", "target_id": outcome.message_id, "ip": ip, "outcome": "failure",
+                "details": {"source": source, "reason_code": outcome.reason_code, "field": outcome.field}}
+
+
+# --------------------------------------------------------------------------- HL7 v2
+
+
+def _best_effort_header(data: bytes) -> dict:
+    """MSH-3, MSH-4, MSH-9.2, MSH-10 and MSH-12 of a message that failed to parse, for its NAK."""
+    text = hl7v2.decode(data[:4096]).replace("\n", "\r")
+    first = text.split("\r", 1)[0]
+    if not first.startswith("MSH") or len(first) < 4:
+        return {}
+    fields = first.split(first[3])
+    get = (lambda i: fields[i - 1] if len(fields) >= i else "")
+    comp = (lambda value, n: value.split("^")[n] if len(value.split("^")) > n else "")
+    return {"sending_application": comp(get(3), 0), "sending_facility": comp(get(4), 0),
+            "trigger": comp(get(9), 1), "control_id": get(10), "version": get(12)}
+
+
+def ack_for(outcome: Outcome, header: dict) -> bytes:
+    text = hl7v2.ack(code=outcome.code, problem=outcome.problem, **header)
+    return text.encode("utf-8")
+
+
+def ingest_hl7(session: Session, data: bytes, *, peer: str | None = None, audit: list | None = None) -> tuple[Outcome, dict]:
+    """Process one message in the caller's transaction (the caller commits, then sends the ACK).
+    Returns the outcome and the header fields its ACK echoes. Audit items are appended to
+    ``audit`` (the listener writes a batch's at once) or written here."""
+    try:
+        msg = hl7v2.read_message(data)
+    except Hl7Problem as problem:
+        return Outcome(problem.ack_code, "refused", reason_code=problem.reason_code, text=problem.text,
+                       field=problem.field, problem=problem), _best_effort_header(data)
+    header = {"sending_application": msg.sending_application, "sending_facility": msg.sending_facility,
+              "trigger": msg.trigger, "control_id": msg.control_id, "version": msg.version}
+    session.info.pop("org_id", None)
+    session.info["scope"] = "system"
+    try:
+        sender = authenticate(session, msg.security, msg.sending_facility)
+    except Hl7Problem as problem:
+        return Outcome(problem.ack_code, "refused", reason_code=problem.reason_code, text=problem.text,
+                       field=problem.field, problem=problem), header
+    session.info.pop("scope", None)
+    session.info["org_id"] = sender.org_id
+    outcome = process_hl7(session, sender, msg)
+    item = _audit_item(sender.org_id, "ehr_connection", sender.id, outcome, SOURCE_HL7, ip=peer) \
+        if outcome.status in ("recorded", "error") else None
+    if item is not None:
+        if audit is not None:
+            audit.append(item)
+        else:
+            from carepost.audit.service import record_many
+
+            record_many(session, [item])
+    return outcome, header
+
+
+def process_hl7(session: Session, sender: Sender, msg: hl7v2.Hl7Message, row: EhrMessage | None = None,
+                *, retry: bool = False) -> Outcome:
+    """Check, map and record an authenticated message (or keep it in the error queue)."""
+    org_id = sender.org_id
+    control_id = msg.control_id[:199] if msg.control_id else None
+    if row is None and control_id:
+        row = find_message(session, org_id, SOURCE_HL7, control_id)
+        if row is not None and row.status in ("recorded", "ignored"):
+            if row.content_hash == msg.content_hash:
+                return Outcome("AA", "replayed", org_id, row.id, row.event_id, row.event_name, row.contact_id)
+            problem = Hl7Problem("AE", hl7v2.DUPLICATE_KEY, "MSH-10: this control id was used for another message.",
+                                 segment="MSH", field_no=10, reason_code="duplicate_control_id")
+            kept = _store(session, org_id, None, source=SOURCE_HL7, connection_id=sender.id, control_id=None,
+                          content_hash=msg.content_hash, message_type=msg.type_label or "?", status="error",
+                          ack_code="AE", raw=msg.text, reason_code=problem.reason_code, reason=problem.text,
+                          error_field="MSH-10")
+            return Outcome("AE", "error", org_id, kept.id, reason_code=problem.reason_code, text=problem.text,
+                           field="MSH-10", problem=problem)
+    mapped = None
+    try:
+        hl7v2.check_header(msg)
+        hl7v2.check_structure(msg)
+        mapped = hl7v2.map_event(msg, sender.zone)
+        try:
+            contact_id = match_patient(session, org_id, mapped.mrns, sender.mrn_system)
+        except PatientNotMatched as miss:
+            raise Hl7Problem("AE", hl7v2.UNKNOWN_KEY, miss.text, segment="PID", field_no=3,
+                             reason_code=miss.reason_code) from None
+        message_id = row.id if row is not None else new_id()
+        properties = {**mapped.properties, "ehr_message_id": message_id}
+        try:
+            event_id, _ = record(session, org_id, name=mapped.name, contact_id=contact_id,
+                                 occurred_at=mapped.occurred_at, properties=properties,
+                                 idempotency_key=f"{SOURCE_HL7}:{control_id}", request_hash=msg.content_hash,
+                                 created_by=sender.id, field="MSH-10")
+        except EventRefused as refused:
+            seg, _, num = refused.field.partition("-")
+            raise Hl7Problem("AE", hl7v2.INTERNAL if refused.reason_code != "validation_failed" else hl7v2.DATA_TYPE,
+                             "The event could not be recorded: " + refused.text, segment=seg,
+                             field_no=int(num) if num.isdigit() else 0, reason_code="event_refused") from None
+    except Hl7Problem as problem:
+        kept = _store(session, org_id, row, source=SOURCE_HL7, connection_id=sender.id, control_id=control_id,
+                      content_hash=msg.content_hash, message_type=msg.type_label or "?", status="error",
+                      ack_code=problem.ack_code, raw=msg.text, reason_code=problem.reason_code, reason=problem.text,
+                      error_field=problem.field, event_name=mapped.name if mapped else None)
+        return Outcome(problem.ack_code, "error", org_id, kept.id, reason_code=problem.reason_code, text=problem.text,
+                       field=problem.field, problem=problem)
+    if row is None:
+        row = EhrMessage(id=message_id, org_id=org_id, source=SOURCE_HL7, control_id=control_id, attempts=0,
+                         received_at=clock.now())
+        session.add(row)
+    kept = _store(session, org_id, row, source=SOURCE_HL7, connection_id=sender.id, control_id=control_id,
+                  content_hash=msg.content_hash, message_type=msg.type_label, status="recorded", ack_code="AA",
+                  event_name=mapped.name, contact_id=contact_id, event_id=event_id,
+                  resource_key=mapped.resource_key, state_hash=mapped.state_hash)
+    return Outcome("AA", "recorded", org_id, kept.id, event_id, mapped.name, contact_id, created=True)
+
+
+def ingest_batch(frames: list[tuple[bytes, str | None]]) -> list[bytes]:
+    """A group of messages (from any connections) in one transaction, then their ACKs in order.
+
+    Group commit is what lets one listener answer hundreds of messages a second. Every ACK is
+    built only after the transaction that stored its message committed. Should the group's
+    transaction fail (a concurrent writer took the same control id, a lost connection), each
+    message is processed again in a transaction of its own; one that still fails is answered
+    AE 207 and nothing of it is stored — the sender keeps it and sends it again."""
+    from carepost.core.database import session_factory
+
+    try:
+        with session_factory()() as session:
+            answers = _ingest_all(session, frames)
+            session.commit()
+            return answers
+    except Exception:  # noqa: BLE001 - fall back to one transaction per message
+        import structlog
+
+        structlog.get_logger("carepost.ehr").warning("mllp_batch_retried_one_by_one", messages=len(frames))
+    answers = []
+    for frame_data, peer in frames:
+        try:
+            with session_factory()() as session:
+                [answer] = _ingest_all(session, [(frame_data, peer)])
+                session.commit()
+        except Exception as exc:  # noqa: BLE001
+            import structlog
+
+            structlog.get_logger("carepost.ehr").error("mllp_message_failed", error=type(exc).__name__)
+            problem = Hl7Problem("AE", hl7v2.INTERNAL, "CarePost could not store the message now; send it again.",
+                                 reason_code="internal")
+            answer = ack_for(Outcome("AE", "refused", problem=problem), _best_effort_header(frame_data))
+        answers.append(answer)
+    return answers
+
+
+def _ingest_all(session: Session, frames: list[tuple[bytes, str | None]]) -> list[bytes]:
+    from carepost.audit.service import record_many
+
+    audit: list[dict] = []
+    answers = []
+    for frame_data, peer in frames:
+        outcome, header = ingest_hl7(session, frame_data, peer=peer, audit=audit)
+        answers.append(ack_for(outcome, header))
+    by_org: dict[str, list[dict]] = {}
+    for item in audit:
+        by_org.setdefault(item["org_id"], []).append(item)
+    for org_id, items in by_org.items():
+        session.info.pop("scope", None)
+        session.info["org_id"] = org_id
+        record_many(session, items)
+    return answers
+
+
+# --------------------------------------------------------------------------- the error queue
+
+
+def list_messages(session: Session, org_id: str, *, status: str | None = "error", limit: int = 100,
+                  before: str | None = None) -> list[EhrMessage]:
+    if status is not None and status not in STATUSES:
+        raise ValidationFailed(f"status is one of {', '.join(STATUSES)}.", field="status")
+    q = select(EhrMessage).where(EhrMessage.org_id == org_id)
+    if status:
+        q = q.where(EhrMessage.status == status)
+    if before:
+        if not is_id(before):
+            raise ValidationFailed("before is a message id.", field="before")
+        anchor = session.get(EhrMessage, before)
+        if anchor is None or anchor.org_id != org_id:
+            raise NotFound("No such message.", field="before")
+        q = q.where((EhrMessage.received_at < anchor.received_at)
+                    | ((EhrMessage.received_at == anchor.received_at) & (EhrMessage.id < anchor.id)))
+    return list(session.scalars(q.order_by(EhrMessage.received_at.desc(), EhrMessage.id.desc()).limit(limit)))
+
+
+def get_message(session: Session, org_id: str, message_id: str) -> EhrMessage:
+    row = session.get(EhrMessage, message_id) if is_id(message_id) else None
+    if row is None or row.org_id != org_id:
+        raise NotFound("No such EHR message.", field="message_id")
+    return row
+
+
+def message_out(row: EhrMessage) -> dict:
+    """Ids, codes and the reason — never the message."""
+    return {"id": row.id, "source": row.source, "message_type": row.message_type, "control_id": row.control_id,
+            "status": row.status, "ack_code": row.ack_code, "event_name": row.event_name,
+            "reason_code": row.reason_code, "reason": row.reason, "field": row.error_field,
+            "contact_id": row.contact_id, "event_id": row.event_id, "connection_id": row.connection_id,
+            "attempts": row.attempts, "received_at": _iso(row.received_at), "updated_at": _iso(row.updated_at)}
+
+
+def retry_message(session: Session, org_id: str, row: EhrMessage, *, actor_type: str, actor_id: str | None,
+                  ip: str | None = None) -> Outcome:
+    """Process a queued message again (after the patient was imported, a mapping fixed...). The
+    caller commits; the retry is audited with its outcome."""
+    from carepost.audit.service import record_many
+
+    if row.status != "error" or row.raw_enc is None:
+        raise ValidationFailed("Only a message in the error queue can be retried.", field="status")
+    text = raw_text(session, row)
+    if row.source == SOURCE_HL7:
+        conn = session.get(MllpConnection, row.connection_id) if row.connection_id else None
+        if conn is None or conn.org_id != org_id:
+            raise ValidationFailed("The message's MLLP connection no longer exists.", field="connection_id")
+        sender = Sender(conn.id, conn.org_id, conn.key_id, conn.secret_hash, frozenset(conn.sending_facilities),
+                        conn.mrn_system, ZoneInfo(conn.time_zone or "UTC"))
+        try:
+            msg = hl7v2.read_message(text)
+        except Hl7Problem as problem:
+            outcome = Outcome(problem.ack_code, "error", org_id, row.id, reason_code=problem.reason_code,
+                              text=problem.text, field=problem.field, problem=problem)
+            row.attempts += 1
+        else:
+            if row.control_id is None and msg.control_id:
+                # a duplicate control id kept aside: retried, it is still a duplicate unless the first went away
+                existing = find_message(session, org_id, SOURCE_HL7, msg.control_id[:199])
+                if existing is None:
+                    row.control_id = msg.control_id[:199]
+            outcome = process_hl7(session, sender, msg, row=row, retry=True) if row.control_id or not msg.control_id \
+                else _still_duplicate(session, row)
+    else:
+        from carepost.ehr import fhir as ehr_fhir
+
+        outcome = ehr_fhir.retry(session, org_id, row, text)
+    item = _audit_item(org_id, actor_type, actor_id, outcome, row.source, ip=ip)
+    if outcome.status != "recorded":
+        item["action"] = "ehr_message.retry"
+    record_many(session, [item])
+    return outcome
+
+
+def _still_duplicate(session: Session, row: EhrMessage) -> Outcome:
+    row.attempts += 1
+    row.updated_at = clock.now()
+    return Outcome("AE", "error", row.org_id, row.id, reason_code=row.reason_code, text=row.reason,
+                   field=row.error_field)
+
+
+def discard_message(session: Session, row: EhrMessage) -> None:
+    """Take a message out of the error queue for good (its raw text is destroyed)."""
+    if row.status != "error":
+        raise ValidationFailed("Only a message in the error queue can be discarded.", field="status")
+    row.status, row.raw_enc, row.updated_at = "discarded", None, clock.now()
+    session.flush()
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
