@@ -34,6 +34,7 @@ LAYERS = [
     {"portal", "consent"},
     {"segments", "tracking"},
     {"campaigns", "journeys", "forms", "retention"},
+    {"compliance"},  # the compliance center reads several capabilities; nothing below imports it (issue 16)
     {"dashboard"},  # what shows several capabilities at once, beside app.py, cli.py, assembly.py, doctor.py
 ]
 SAME_LAYER_DOWNWARD = {("consent", "portal")}  # consent's pages link to the portal, never the reverse

@@ -63,6 +63,8 @@ ROUTER_MODULES = [
     "carepost.segments.pages",
     "carepost.campaigns.api",
     "carepost.campaigns.pages",
+    "carepost.compliance.api",
+    "carepost.compliance.pages",
     "carepost.ehr.api",  # FHIR Appointment/Encounter, the EHR error queue, MLLP connections (issue 15 item 3)
     "carepost.journeys.api",
     "carepost.journeys.pages",
@@ -80,6 +82,7 @@ TASK_MODULES = [
     "carepost.forms.tasks",
     "carepost.segments.tasks",
     "carepost.campaigns.tasks",
+    "carepost.compliance.tasks",
     "carepost.ehr.tasks",
 ]
 
@@ -252,6 +255,12 @@ def _wire_registries() -> None:
     from carepost.journeys import pages as journey_pages
 
     patient_pages.register_contact_section("journeys", "Journeys", journey_pages.contact_journey_rows)  # issue 15 item 6
+
+    # The accounting of disclosures (audit) lists what higher capabilities derive (issue 16 item 4).
+    from carepost.audit import disclosures
+    from carepost.compliance import disclosure_sources
+
+    disclosures.register_source("webhook", disclosure_sources.webhook_disclosures)
 
     tracking.register_event_types(forms.EVENT_TYPES)
     from carepost.tracking import engagement

@@ -757,6 +757,10 @@ from carepost.campaigns.commands import campaign_app  # noqa: E402
 
 app.add_typer(campaign_app, name="campaign")
 
+from carepost.compliance.commands import compliance_app  # noqa: E402
+
+app.add_typer(compliance_app, name="compliance")
+
 from carepost.ehr.commands import ehr_app  # noqa: E402
 
 app.add_typer(ehr_app, name="ehr")

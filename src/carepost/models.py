@@ -23,6 +23,7 @@ MODEL_MODULES = [
     "carepost.content.models",
     "carepost.segments.models",
     "carepost.campaigns.models",
+    "carepost.compliance.models",
     "carepost.ehr.models",  # MllpConnection, EhrMessage (issue 15 item 3)
     "carepost.journeys.models",
 ]

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from carepost.core import clock
-from carepost.core.database import Base
+from carepost.core.database import Base, OrgScoped
 from carepost.core.ids import new_id
 
 SYSTEM_CHAIN = "system"
@@ -56,3 +64,29 @@ class AuditChainHead(Base):
     seq: Mapped[int] = mapped_column(Integer, default=0)
     hash: Mapped[str] = mapped_column(String(64))
     updated_at: Mapped[datetime] = mapped_column(default=clock.now)
+
+
+class Disclosure(OrgScoped, Base):
+    """A disclosure of one patient's PHI outside treatment, payment and operations, for the
+    accounting of disclosures (45 CFR 164.528): when, to whom (name and address, if known), what
+    was disclosed and why. Recipient, description and purpose are free text that may hold PHI,
+    so they are encrypted (AES-GCM bound to organization, table, column and row); ``source`` says
+    how CarePost knows of it (``manual``: recorded by staff; others are recorded by the capability
+    that made the disclosure). ``contact_id`` has no foreign key: the record is kept for the six
+    years of the accounting even if the contact is deleted (164.528(a), 164.530(j)).
+    """
+
+    __tablename__ = "disclosures"
+    __table_args__ = (Index("ix_disclosures_org_contact_date", "org_id", "contact_id", "disclosed_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    contact_id: Mapped[str] = mapped_column(String(32))
+    disclosed_at: Mapped[datetime]
+    source: Mapped[str] = mapped_column(String(20), default="manual")  # manual | webhook | export | portal
+    source_ref: Mapped[str | None] = mapped_column(String(64))
+    recipient_name_enc: Mapped[bytes] = mapped_column(LargeBinary)
+    recipient_address_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
+    description_enc: Mapped[bytes] = mapped_column(LargeBinary)
+    purpose_enc: Mapped[bytes] = mapped_column(LargeBinary)
+    recorded_by: Mapped[str | None] = mapped_column(String(64))
+    recorded_at: Mapped[datetime] = mapped_column(default=clock.now)

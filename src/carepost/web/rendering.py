@@ -36,6 +36,7 @@ NAV: list[tuple[str, str, str, str | tuple[str, ...] | None]] = [
     ("Delivery", "Portal notification", "/app/portal-settings", "org:manage"),
     ("Compliance", "Campaign approvals", "/app/campaigns/approvals", "campaigns:approve"),
     ("Compliance", "Audit log", "/app/audit", "audit:read"),
+    ("Compliance", "Compliance center", "/app/compliance", "compliance:manage"),
     ("Compliance", "Authorization texts", "/app/consent/texts", "consent:manage"),
     ("Compliance", "Suppressions", "/app/consent/suppressions", "consent:manage"),
     ("Compliance", "Consent reports", "/app/consent/reports", "consent:manage"),
