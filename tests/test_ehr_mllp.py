@@ -136,7 +136,7 @@ def test_adt_and_siu_messages_become_events(db, org, listener):
                                         "patient.updated", "appointment.booked", "appointment.rescheduled",
                                         "appointment.modified", "appointment.cancelled"]
     assert {e.contact_id for e in events} == {cid}
-    assert all(e.properties_enc and b"MRN-4411" not in e.properties_enc and b"4W" not in e.properties_enc
+    assert all(e.properties_enc and b"MRN-4411" not in e.properties_enc and b"NORTHHOSP" not in e.properties_enc
                for e in events)
     admitted = _properties(events[0])
     assert admitted["patient_class"] == "I" and admitted["location"] == {

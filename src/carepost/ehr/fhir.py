@@ -46,6 +46,13 @@ APPOINTMENT_EVENTS = {"booked": "appointment.booked", "cancelled": "appointment.
                       "noshow": "appointment.noshow", "arrived": "appointment.attended",
                       "checked-in": "appointment.attended", "fulfilled": "appointment.attended"}
 ACTIVE_ENCOUNTER = {"arrived", "triaged", "in-progress"}
+# Required bindings the R4 models do not enforce (AppointmentStatus, EncounterStatus).
+STATUSES = {
+    "Appointment": ("proposed", "pending", "booked", "arrived", "fulfilled", "cancelled", "noshow",
+                    "entered-in-error", "checked-in", "waitlist"),
+    "Encounter": ("planned", "arrived", "triaged", "in-progress", "onleave", "finished", "cancelled",
+                  "entered-in-error", "unknown"),
+}
 MAX_RESOURCE_BYTES = 256 * 1024
 
 
@@ -92,6 +99,9 @@ def check_resource(resource, expected: str | None = None, where: str = "") -> di
         path = (getattr(exc, "field", None) or str(exc).split(":", 1)[0]).strip()
         raise FhirProblem(422, "invalid", str(exc), f"{prefix}.{path}" if path and path != rtype else prefix,
                           reason_code="validation_failed") from None
+    if resource.get("status") not in STATUSES[rtype]:
+        raise FhirProblem(422, "code-invalid", f"{rtype}.status is one of {', '.join(STATUSES[rtype])}.",
+                          f"{prefix}.status", reason_code="validation_failed")
     rid = resource.get("id")
     if not isinstance(rid, str) or not rid:
         raise FhirProblem(422, "required", f"{rtype}.id is required: resources are recorded once per id and "
