@@ -408,9 +408,15 @@ def contact_journey_rows(session, org_id: str, contact_id: str) -> list[dict]:
             except CarePostError:
                 names[run.journey_id] = "(removed journey)"
         state = RUN_STATE_WORDS.get(run.state, run.state)
-        where = f" at step {run.step_id}" if run.state in ("active", "waiting") and run.step_id else ""
-        if run.state == "waiting" and run.waiting_event:
-            where += f" (for {run.waiting_event})"
+        where = ""
+        if run.state == "active" and run.step_id:
+            where = f" at step {run.step_id}"
+        elif run.state == "waiting" and run.step_id:
+            where = f" at step {run.step_id}"
+            if run.waiting_event:
+                where += f" (for {run.waiting_event})"
+            elif run.wake_at is not None:
+                where += f" (until {clock.aware(run.wake_at):%Y-%m-%d %H:%M})"
         ended = ""
         if run.ended_at is not None:
             ended = f", ended {clock.aware(run.ended_at):%Y-%m-%d %H:%M}" + (f" ({run.exit_reason})" if run.exit_reason else "")

@@ -308,8 +308,10 @@
 
   var panel = document.getElementById("journey-panel");
   // Drawflow deletes the selected node on the Delete key anywhere in the document: keys typed in
-  // the panel stay in the panel.
-  panel.addEventListener("keydown", function (e) { e.stopPropagation(); });
+  // a field of the editor (name, side panel) never reach it.
+  root.addEventListener("keydown", function (e) {
+    if (e.target.closest("input, select, textarea, button")) { e.stopPropagation(); }
+  });
 
   function field(label, control, id, testid, help) {
     control.id = id;
