@@ -82,6 +82,7 @@ TASK_MODULES = [
     "carepost.forms.tasks",
     "carepost.segments.tasks",
     "carepost.campaigns.tasks",
+    "carepost.journeys.tasks",  # the tick and the advance after an event (issue 15 item 2)
     "carepost.compliance.tasks",
     "carepost.ehr.tasks",
 ]
@@ -229,6 +230,13 @@ def _wire_events() -> None:
 
     events.subscribe("message.recipient_event", analytics.count_message_event)
     events.subscribe("consent.unsubscribed", analytics.count_unsubscribe)
+    # Journeys (issue 15): events start runs, wake waiting runs and meet goals; unsubscribes and
+    # revocations end runs.
+    from carepost.journeys import entries as journey_entries
+
+    events.subscribe("contact.event_recorded", journey_entries.on_contact_event)
+    events.subscribe("consent.unsubscribed", journey_entries.on_unsubscribed)
+    events.subscribe("authorization.revoked", journey_entries.on_revoked)
 
 
 def _wire_registries() -> None:
@@ -272,3 +280,6 @@ def _wire_registries() -> None:
     from carepost.tracking import conversions as tracking_conversions
 
     tracking.register_event_types(tracking_conversions.EVENT_TYPES)  # message.converted (issue 13 item 8)
+    from carepost.journeys import steps as journey_steps
+
+    tracking.register_event_types(journey_steps.WEBHOOK_EVENT_TYPES)  # journey.step (issue 15)

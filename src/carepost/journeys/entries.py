@@ -1,0 +1,463 @@
+"""Who enters a journey, who leaves it early: entries, re-entry, goals, waits for an event and the
+exits on unsubscribe and revocation (issue 15 item 1).
+
+* **Event entries, goals, waits** — :func:`on_contact_event` hears ``contact.event_recorded``
+  (``tracking.conversions.record_event``: ``POST /api/v1/events`` and the ``ehr`` package's
+  HL7/FHIR events) in the transaction that records the event. In order: the contact's open runs
+  whose journey's goal is this event (and the event falls within ``goal.within_days`` of the
+  run's entry) end as ``completed``/``goal`` with ``converted_at``; runs waiting for this event
+  (``wait_event``) move to the step's ``next`` and are due now; every live journey whose entry is
+  this event (and whose ``where`` matches the event's properties, decrypted in memory only when a
+  ``where`` is given) starts a run. The event is the organization's own (``record_event`` resolved
+  its contact within the organization), so another organization's patient starts nothing. A
+  duplicate event (the same idempotency key) is not published again; a run's ``entry_key``
+  (``event:<event id>``) is unique per journey and contact as a last guard.
+* **Segment and date entries** — :func:`evaluate_due`, called by the tick, evaluates each live
+  journey's entry at most every :data:`ENTRY_INTERVAL`, set-wise in SQL:
+
+  - ``segment``: the segment's current members without a run that the re-entry rule keeps out;
+  - ``date``: rows whose date plus ``offset`` falls between the previous evaluation and
+    :data:`HORIZON` ahead (``appointment.start`` per booked appointment, ``birth_date`` — each
+    year with ``anniversary`` — ``last_visit`` (the latest encounter), ``refill_due`` per
+    medication). The run is created at once and waits (``wake_at``) until that moment, at
+    ``at`` in the contact's time zone when given. ``entry_key`` names the occurrence
+    (``appt:<id>:<start>``, ``date:<day>``, ``refill:<id>:<day>``), so evaluating a window twice
+    starts nothing twice. The first evaluation starts at the version's publication: occurrences
+    already past are not started.
+* **Re-entry** (``reentry.mode``): never (one run per contact, ever), after N days (since the
+  previous run entered), always. In every mode a contact is in a journey at most once at a time
+  (``active_key`` unique per journey).
+* **Exits** — :func:`on_unsubscribed` (``consent.unsubscribed``): a contact's open runs of
+  journeys with ``unsubscribe`` in ``exit_on`` end ``exited``/``unsubscribe`` when the opt-out is
+  from all marketing or from the journey's topic; :func:`on_revoked` (``authorization.revoked``):
+  runs of journeys with ``revocation`` in ``exit_on`` whose purpose the revoked authorization
+  covered (or whose topic it named) end ``exited``/``revocation``. The send-time eligibility
+  check refuses the next send anyway; these exits stop the rest of the run (notices, webhooks).
+
+``screening_due:<code>`` date entries are not evaluated yet (see docs/journeys.md).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, time, timedelta
+
+from sqlalchemy import and_, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from carepost.core import clock
+from carepost.core.database import org_session, system_session
+from carepost.core.ids import new_id
+from carepost.core.logging import get_logger
+from carepost.journeys.models import (
+    OPEN_STATES,
+    Journey,
+    JourneyRun,
+    JourneyRunStep,
+    JourneyVersion,
+)
+
+log = get_logger("carepost.journeys.entries")
+
+ENTRY_INTERVAL = timedelta(minutes=5)
+HORIZON = timedelta(days=1)
+INSERT_CHUNK = 1000
+_PENDING = "carepost_journeys_advance_pending"
+
+
+# --------------------------------------------------------------------------- live journeys
+
+
+def live_journeys(session: Session, org_id: str) -> list[tuple[str, int, str, dict]]:
+    """``[(journey id, version, version id, definition)]`` of the organization's live journeys."""
+    from carepost.journeys.engine import definitions
+
+    rows = session.execute(select(Journey.id, JourneyVersion.version, JourneyVersion.id).join(
+        JourneyVersion, and_(JourneyVersion.journey_id == Journey.id, JourneyVersion.version == Journey.current_version))
+        .where(Journey.org_id == org_id, Journey.status == "live")).all()
+    defs = definitions(session, [r[2] for r in rows])
+    return [(jid, ver, vid, defs.get(vid) or {}) for jid, ver, vid in rows]
+
+
+# --------------------------------------------------------------------------- starting runs
+
+
+def _reentry_blocked(session: Session, journey_id: str, definition: dict, contact_ids: list[str],
+                     now: datetime) -> set[str]:
+    """Contacts the re-entry rule keeps out of ``journey_id`` now (an open run always does)."""
+    rule = definition.get("reentry") or {}
+    mode = rule.get("mode") or "never"
+    blocked: set[str] = set()
+    for i in range(0, len(contact_ids), INSERT_CHUNK):
+        part = contact_ids[i:i + INSERT_CHUNK]
+        rows = session.execute(select(JourneyRun.contact_id, func.max(JourneyRun.entered_at),
+                                      func.max(JourneyRun.active_key)).where(
+            JourneyRun.journey_id == journey_id, JourneyRun.contact_id.in_(part)).group_by(JourneyRun.contact_id))
+        for cid, last, active in rows:
+            if active is not None or mode == "never" or mode == "after" and last is not None and \
+                    clock.aware(last) > now - timedelta(days=int(rule.get("days") or 1)):
+                blocked.add(cid)
+    return blocked
+
+
+def _insert_ignore(session: Session, rows: list[dict]) -> int:
+    """Insert runs, skipping any that a unique constraint refuses (an open run, the same entry)."""
+    if not rows:
+        return 0
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    n = 0
+    for i in range(0, len(rows), INSERT_CHUNK):
+        result = session.execute(dialect_insert(JourneyRun).values(rows[i:i + INSERT_CHUNK]).on_conflict_do_nothing())
+        n += max(result.rowcount or 0, 0)
+    return n
+
+
+def start_runs(session: Session, org_id: str, journey_id: str, version: int, version_id: str, definition: dict,
+               entries: list[tuple[str, str, datetime]], now: datetime | None = None) -> int:
+    """Start runs for ``[(contact id, entry key, wake at)]`` that the re-entry rules let in; how
+    many started. Set-wise (one re-entry query per 1,000 contacts, one INSERT per 1,000 runs)."""
+    now = clock.aware(now) if now else clock.now()
+    if not entries:
+        return 0
+    blocked = _reentry_blocked(session, journey_id, definition, sorted({e[0] for e in entries}), now)
+    seen: set[str] = set()
+    rows = []
+    for cid, key, wake in entries:
+        if cid in blocked or cid in seen:
+            continue
+        seen.add(cid)
+        rows.append({"id": new_id(), "org_id": org_id, "journey_id": journey_id, "version": version,
+                     "version_id": version_id, "contact_id": cid, "state": "active" if wake <= now else "waiting",
+                     "step_id": definition.get("start"), "wake_at": wake, "waiting_event": None, "seq": 0,
+                     "variants": {}, "active_key": cid, "entry_key": key[:80], "lease_until": None,
+                     "entered_at": now, "updated_at": now, "ended_at": None, "exit_reason": None,
+                     "converted_at": None})
+    return _insert_ignore(session, rows)
+
+
+# --------------------------------------------------------------------------- events
+
+
+def _where_matches(session: Session, event, where: dict | None) -> bool:
+    if not where:
+        return True
+    from carepost.tracking.conversions import event_properties
+
+    props = event_properties(session, event) or {}
+    return all(props.get(k) == v for k, v in where.items())
+
+
+def advance_after_commit(session: Session, org_id: str) -> None:
+    """Queue the journeys task for ``org_id`` once the session commits (runs started or woken by
+    an event go on at once instead of at the next minute's tick)."""
+    from sqlalchemy import event as sa_event
+
+    pending = session.info.setdefault(_PENDING, set())
+    first = not pending
+    pending.add(org_id)
+    if first:
+        sa_event.listen(session, "after_commit", _queue_pending, once=True)
+        sa_event.listen(session, "after_rollback", _forget_pending, once=True)
+
+
+def _forget_pending(session: Session) -> None:
+    session.info.pop(_PENDING, None)
+
+
+def _queue_pending(session: Session) -> None:
+    orgs = session.info.pop(_PENDING, set())
+    from carepost.journeys.tasks import advance
+
+    for org_id in orgs:
+        try:
+            advance(org_id)
+        except Exception as exc:  # noqa: BLE001 - the periodic tick advances them within a minute anyway
+            log.warning("journeys_advance_not_queued", error_type=type(exc).__name__)
+
+
+def end_runs(session: Session, run_ids: list[str], state: str, reason: str, now: datetime,
+             converted: bool = False) -> int:
+    if not run_ids:
+        return 0
+    values = {"state": state, "exit_reason": reason, "active_key": None, "ended_at": now, "wake_at": None,
+              "waiting_event": None, "updated_at": now}
+    if converted:
+        values["converted_at"] = now
+    return session.execute(update(JourneyRun).where(JourneyRun.id.in_(run_ids), JourneyRun.state.in_(OPEN_STATES))
+                           .values(**values).execution_options(synchronize_session=False)).rowcount or 0
+
+
+def on_contact_event(session: Session, event) -> dict:
+    """``contact.event_recorded``: goals, waits for the event, event entries (module docstring)."""
+    from carepost.journeys.engine import definitions
+
+    org_id, cid, name = event.org_id, event.contact_id, event.name
+    now = clock.now()
+    occurred = clock.aware(event.occurred_at) if event.occurred_at else now
+    result = {"goals": 0, "resumed": 0, "started": 0}
+    if not cid:
+        return result
+    open_runs = session.execute(select(
+        JourneyRun.id, JourneyRun.version_id, JourneyRun.step_id, JourneyRun.seq, JourneyRun.waiting_event,
+        JourneyRun.entered_at, JourneyRun.journey_id).where(
+        JourneyRun.org_id == org_id, JourneyRun.contact_id == cid, JourneyRun.state.in_(OPEN_STATES))).all()
+    if open_runs:
+        defs = definitions(session, [r[1] for r in open_runs])
+        goal_ids = []
+        for rid, vid, _sid, _seq, _waiting, entered, _jid in open_runs:
+            goal = (defs.get(vid) or {}).get("goal") or {}
+            entered = clock.aware(entered)
+            if goal.get("event") == name and \
+                    entered <= occurred + timedelta(minutes=1) and \
+                    occurred <= entered + timedelta(days=int(goal.get("within_days") or 30)):
+                goal_ids.append(rid)
+        result["goals"] = end_runs(session, goal_ids, "completed", "goal", now, converted=True)
+        for rid, vid, sid, seq, waiting, _entered, jid in open_runs:
+            if rid in goal_ids or waiting != name:
+                continue
+            step = ((defs.get(vid) or {}).get("steps") or {}).get(sid) or {}
+            if step.get("type") != "wait_event":
+                continue
+            moved = session.execute(update(JourneyRun).where(
+                JourneyRun.id == rid, JourneyRun.seq == seq, JourneyRun.waiting_event == name,
+                JourneyRun.state == "waiting").values(
+                step_id=step["next"], waiting_event=None, wake_at=now, state="active", seq=seq + 1, updated_at=now)
+                .execution_options(synchronize_session=False)).rowcount
+            if moved:
+                session.add(JourneyRunStep(org_id=org_id, run_id=rid, journey_id=jid, version_id=vid, step_id=sid,
+                                           step_type="wait_event", seq=seq + 1, status="done", reason="event", at=now))
+                result["resumed"] += 1
+    for journey_id, version, version_id, definition in live_journeys(session, org_id):
+        entry = definition.get("entry") or {}
+        if entry.get("type") != "event" or entry.get("event") != name:
+            continue
+        if not _where_matches(session, event, entry.get("where")):
+            continue
+        try:
+            with session.begin_nested():
+                result["started"] += start_runs(session, org_id, journey_id, version, version_id, definition,
+                                                [(cid, f"event:{event.id}", now)], now)
+        except IntegrityError:  # a concurrent start for the same contact won
+            pass
+    if result["resumed"] or result["started"]:
+        session.flush()
+        advance_after_commit(session, org_id)
+    return result
+
+
+def _contact_runs_of(session: Session, org_id: str, contact_id: str):
+    from carepost.journeys.engine import definitions
+
+    rows = session.execute(select(JourneyRun.id, JourneyRun.version_id).where(
+        JourneyRun.org_id == org_id, JourneyRun.contact_id == contact_id, JourneyRun.state.in_(OPEN_STATES))).all()
+    defs = definitions(session, [r[1] for r in rows])
+    return [(rid, defs.get(vid) or {}) for rid, vid in rows]
+
+
+def on_unsubscribed(session: Session, org_id: str, data: dict) -> int:
+    """``consent.unsubscribed``: exit the contact's runs (module docstring)."""
+    cid = (data or {}).get("contact_id")
+    if not cid:
+        return 0
+    topic = data.get("topic_id")
+    ids = [rid for rid, d in _contact_runs_of(session, org_id, cid)
+           if "unsubscribe" in (d.get("exit_on") or ["unsubscribe", "revocation"])
+           and (topic is None or d.get("topic_id") == topic)]
+    return end_runs(session, ids, "exited", "unsubscribe", clock.now())
+
+
+def on_revoked(session: Session, org_id: str, data: dict) -> int:
+    """``authorization.revoked``: exit the contact's runs whose purpose or topic it covered."""
+    cid = (data or {}).get("contact_id")
+    if not cid:
+        return 0
+    purpose, topic = data.get("purpose"), data.get("topic_id")
+    ids = [rid for rid, d in _contact_runs_of(session, org_id, cid)
+           if "revocation" in (d.get("exit_on") or ["unsubscribe", "revocation"])
+           and (purpose is None or d.get("purpose") == purpose or (topic and d.get("topic_id") == topic))]
+    return end_runs(session, ids, "exited", "revocation", clock.now())
+
+
+# --------------------------------------------------------------------------- segment and date entries
+
+
+def _offset(text: str | None) -> tuple[int, str]:
+    from carepost.journeys.schemas import parse_offset
+
+    return parse_offset(text or "0d")
+
+
+def shift(when: datetime, amount: int, unit: str) -> datetime:
+    """``when`` moved by a signed offset (months and years by the calendar, the day clamped)."""
+    if unit in ("mo", "y"):
+        months = amount * (12 if unit == "y" else 1)
+        y, m = divmod(when.month - 1 + months, 12)
+        year, month = when.year + y, m + 1
+        import calendar
+
+        day = min(when.day, calendar.monthrange(year, month)[1])
+        return when.replace(year=year, month=month, day=day)
+    return when + {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1),
+                   "w": timedelta(weeks=1)}[unit] * amount
+
+
+def _to_datetime(value) -> datetime:
+    if isinstance(value, datetime):
+        return clock.aware(value)
+    return clock.aware(datetime.combine(value, time(0, 0)))
+
+
+def _fire_at(entry: dict, anchor, zones, cid: str, amount: int, unit: str) -> datetime:
+    """The instant a contact's occurrence fires: anchor + offset, at ``at`` local time when given
+    (date anchors without ``at``: midnight UTC of the day)."""
+    fired = shift(_to_datetime(anchor), amount, unit)
+    if entry.get("at"):
+        hh, mm = (int(x) for x in entry["at"].split(":"))
+        tz = zones.get(cid)
+        fired = datetime.combine(fired.date(), time(hh, mm), tzinfo=tz).astimezone(clock.aware(fired).tzinfo)
+    return fired
+
+
+def date_candidates(session: Session, org_id: str, entry: dict, lo: datetime, hi: datetime) -> list[tuple[str, str, object]]:
+    """``[(contact id, entry key, anchor)]`` whose anchor + offset falls in ``[lo, hi)`` (the
+    local ``at`` may move it within its day: the window is widened by a day at each end and the
+    exact instant checked after)."""
+    from carepost.patients.models import Appointment, Contact, Encounter, Medication
+
+    amount, unit = _offset(entry.get("offset"))
+    a_lo, a_hi = shift(lo - timedelta(days=1), -amount, unit), shift(hi + timedelta(days=1), -amount, unit)
+    fld = entry.get("field")
+    s = session
+    if fld == "appointment.start":
+        rows = s.execute(select(Appointment.contact_id, Appointment.id, Appointment.start_at).where(
+            Appointment.org_id == org_id, Appointment.status.in_(("booked", "pending", "proposed", "arrived")),
+            Appointment.start_at >= a_lo, Appointment.start_at < a_hi))
+        return [(cid, f"appt:{aid}:{clock.aware(start):%Y%m%d%H%M}", start) for cid, aid, start in rows]
+    if fld == "refill_due":
+        rows = s.execute(select(Medication.contact_id, Medication.id, Medication.next_refill_due).where(
+            Medication.org_id == org_id, Medication.next_refill_due >= a_lo.date(),
+            Medication.next_refill_due < a_hi.date() + timedelta(days=1)))
+        return [(cid, f"refill:{mid}:{due:%Y%m%d}", due) for cid, mid, due in rows]
+    if fld == "last_visit":
+        last = func.max(Encounter.start_at)
+        rows = s.execute(select(Encounter.contact_id, last).where(Encounter.org_id == org_id)
+                         .group_by(Encounter.contact_id).having(and_(last >= a_lo, last < a_hi)))
+        return [(cid, f"visit:{clock.aware(at):%Y%m%d}", at) for cid, at in rows]
+    if fld == "birth_date":
+        alive = Contact.deceased.is_(False)
+        if not entry.get("anniversary"):
+            rows = s.execute(select(Contact.id, Contact.birth_date).where(
+                Contact.org_id == org_id, alive, Contact.birth_date >= a_lo.date(),
+                Contact.birth_date < a_hi.date() + timedelta(days=1)))
+            return [(cid, f"date:{born:%Y%m%d}", born) for cid, born in rows]
+        # Each year: the month and day of birth, this year (29 February: 28 February otherwise).
+        out = []
+        day = a_lo.date()
+        days = []
+        while day <= a_hi.date():
+            days.append(day)
+            day += timedelta(days=1)
+        pg = s.get_bind().dialect.name == "postgresql"
+        md = (func.to_char(Contact.birth_date, "MM-DD") if pg else func.strftime("%m-%d", Contact.birth_date))
+        wanted = {f"{d:%m-%d}": d for d in days}
+        for d in days:
+            if d.month == 2 and d.day == 28 and not _leap(d.year):
+                wanted["02-29"] = d
+        rows = s.execute(select(Contact.id, md).where(Contact.org_id == org_id, alive, md.in_(sorted(wanted))))
+        for cid, mmdd in rows:
+            d = wanted[mmdd]
+            out.append((cid, f"date:{d:%Y%m%d}", d))
+        return out
+    return []  # screening_due:<code> is not evaluated yet
+
+
+def _leap(year: int) -> bool:
+    return year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+
+
+def evaluate_entry(session: Session, org_id: str, journey_id: str, version: int, version_id: str,
+                   definition: dict, lo: datetime, now: datetime) -> int:
+    """Start the runs a segment or date entry admits between ``lo`` and now (+ the horizon)."""
+    from carepost.journeys import steps
+
+    entry = definition.get("entry") or {}
+    kind = entry.get("type")
+    if kind == "segment":
+        ctx = steps.Context(session, org_id, now)
+        ids = _segment_ids(ctx, entry["segment_id"])
+        blocked = _reentry_blocked(session, journey_id, definition, ids, now)
+        return start_runs(session, org_id, journey_id, version, version_id, definition,
+                          [(cid, f"segment:{now:%Y%m%d%H%M}", now) for cid in ids if cid not in blocked], now)
+    if kind != "date":
+        return 0
+    hi = now + HORIZON
+    found = date_candidates(session, org_id, entry, lo, hi)
+    if not found:
+        return 0
+    amount, unit = _offset(entry.get("offset"))
+    zones = {}
+    if entry.get("at"):
+        ctx = steps.Context(session, org_id, now)
+        zones = steps.contact_zones(ctx, sorted({c for c, _, _ in found}))
+    admitted = []
+    for cid, key, anchor in found:
+        at = _fire_at(entry, anchor, zones, cid, amount, unit)
+        if lo <= at < hi:
+            admitted.append((cid, key, max(at, now)))
+    return start_runs(session, org_id, journey_id, version, version_id, definition, admitted, now)
+
+
+def _segment_ids(ctx, segment_id: str) -> list[str]:
+    from carepost.patients.models import Contact
+    from carepost.segments import compiler
+    from carepost.segments import service as segments
+    from carepost.segments.models import SegmentMember
+
+    seg = segments.get_segment(ctx.session, ctx.org_id, segment_id)
+    if seg.kind == "snapshot":
+        return list(ctx.session.scalars(select(SegmentMember.contact_id).where(SegmentMember.segment_id == seg.id)))
+    stmt = compiler.compile_query(ctx.session, ctx.org_id, segments.read_query(seg.query), ctx.now,
+                                  segment_id=seg.id).statement
+    return list(ctx.session.scalars(stmt.where(Contact.org_id == ctx.org_id)))
+
+
+def evaluate_due(org_id: str | None = None, now: datetime | None = None, *, force: bool = False) -> int:
+    """Evaluate every live journey's segment or date entry not evaluated in the last
+    :data:`ENTRY_INTERVAL` (``force``: all of them); how many runs started."""
+    now = clock.aware(now) if now else clock.now()
+    with system_session() as session:
+        q = select(Journey.org_id, Journey.id, JourneyVersion.version, JourneyVersion.id, JourneyVersion.published_at,
+                   JourneyVersion.entry_evaluated_at).join(
+            JourneyVersion, and_(JourneyVersion.journey_id == Journey.id, JourneyVersion.version == Journey.current_version)
+        ).where(Journey.status == "live")
+        if org_id:
+            q = q.where(Journey.org_id == org_id)
+        rows = session.execute(q).all()
+        session.commit()
+    started = 0
+    for oid, jid, ver, vid, published, evaluated in rows:
+        if not force and evaluated is not None and clock.aware(evaluated) > now - ENTRY_INTERVAL:
+            continue
+        with org_session(oid) as session:
+            from carepost.journeys.engine import definitions
+
+            definition = definitions(session, [vid]).get(vid) or {}
+            if (definition.get("entry") or {}).get("type") not in ("segment", "date"):
+                session.rollback()
+                continue
+            # Compare-and-set on the evaluation time: two ticks never evaluate one window twice.
+            cur = session.execute(select(JourneyVersion.entry_evaluated_at).where(JourneyVersion.id == vid)).scalar()
+            if cur != evaluated:
+                session.rollback()
+                continue
+            lo = clock.aware(evaluated or published or now)
+            n = evaluate_entry(session, oid, jid, ver, vid, definition, lo, now)
+            session.execute(update(JourneyVersion).where(JourneyVersion.id == vid).values(
+                entry_evaluated_at=now, entry_state={"last_started": n})
+                .execution_options(synchronize_session=False))
+            session.commit()
+            started += n
+    return started
