@@ -19,7 +19,7 @@ from datetime import date
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.responses import HTMLResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
 from carepost.accounts.access import Principal, request_context, require
 from carepost.accounts.permissions import Permission as P
@@ -103,7 +103,7 @@ def record_disclosure(request: Request, body: DisclosureIn,
 
 
 def _entry_out(e: dict) -> dict:
-    return {**e, "disclosed_at": e["disclosed_at"].isoformat()}
+    return {**e, "disclosed_at": e["disclosed_at"].isoformat().replace("+00:00", "Z")}
 
 
 @router.get("/disclosures", summary="A patient's disclosures subject to accounting (recorded and derived; audited)")
@@ -192,6 +192,6 @@ def accounting_document(request: Request, request_id: str, format: Literal["json
         from carepost.compliance.pages import accounting_html
 
         return HTMLResponse(accounting_html(request, session, req, acc))
-    return {"request": accounting.request_dict(session, req), "period_start": acc["period_start"].isoformat(),
-            "period_end": acc["period_end"].isoformat(), "sources": acc["sources"],
-            "entries": [_entry_out(e) for e in acc["entries"]]}
+    return JSONResponse({"request": accounting.request_dict(session, req), "period_start": acc["period_start"].isoformat(),
+                         "period_end": acc["period_end"].isoformat(), "sources": acc["sources"],
+                         "entries": [_entry_out(e) for e in acc["entries"]]})
