@@ -19,6 +19,15 @@ through the real services, then, ``--runs`` times (median reported):
    and the ``/app/analytics`` page for it, through the ASGI app in this process (TestClient):
    each request timed ``--reads`` times, the slowest and the median reported.
 
+3. **Rebuild** (``--rebuild-events``, default 1,000,000; 0 skips it): a day of stored events
+   written straight into the tables — messages (one per recipient: 90 % campaign, 10 %
+   transactional), recipients over the 12 receiving domains, ``message_events`` (queued, then
+   delivered, deferred or bounced) and ``engagement_events`` (opens and clicks by people,
+   proxies and scanners) — then ``carepost analytics rebuild --from DAY`` (the CLI's function,
+   :func:`carepost.tracking.rebuild.rebuild`, every organization) timed ``--runs`` times: each
+   run deletes that day's rollups and recounts them in the database. Checks the day's totals
+   against the events written.
+
 Prints and writes one JSON document (``--out``, default ``bench/results/analytics_<db>.json``).
 """
 
@@ -142,6 +151,107 @@ def run_update(org_id: str, n: int, seed: int) -> dict:
             "rollup_rows": rows}
 
 
+def _id(at: datetime, rng: random.Random) -> str:
+    return f"{int(at.timestamp() * 1000):012x}{rng.getrandbits(80):020x}"
+
+
+def seed_events(org_id: str, n: int, day: datetime) -> dict:
+    """``n`` stored events of one day (see the module docstring); returns what was written per kind."""
+    from sqlalchemy import insert
+
+    from carepost.core.crypto import get_keyring
+    from carepost.core.database import system_session
+    from carepost.delivery.models import Message, MessageEvent, MessageRecipient
+    from carepost.tracking.models import EngagementEvent
+
+    rng = random.Random(7)
+    with system_session() as s:
+        ring = get_keyring()
+        index = {d: ring.blind_index(s, org_id, "domain", "family.example" if d == "other" else d) for d in DOMAINS}
+        s.commit()
+    campaign, template = uuid.uuid4().hex, "t" * 26
+    messages, recipients, events, engagement = [], [], [], []
+    written = {"queued": 0, "delivered": 0, "deferred": 0, "bounced": 0, "opened": 0, "clicked": 0}
+    total, k = 0, 0
+    started = time.perf_counter()
+
+    def flush(final: bool = False) -> None:
+        if not final and len(events) + len(engagement) < 20_000:
+            return
+        with system_session() as s:
+            conn = s.connection()
+            for model, rows in ((Message, messages), (MessageRecipient, recipients), (MessageEvent, events),
+                                (EngagementEvent, engagement)):
+                if rows:
+                    conn.execute(insert(model.__table__), rows)
+                    rows.clear()
+            s.commit()
+
+    while total < n:
+        api = k % 10 == 0
+        at = day + timedelta(seconds=int(k * 86_400 // max(1, n // 3.5)) % 82_800)
+        mid, rid = _id(at, rng), _id(at, rng)  # ids as carepost.core.ids makes them: time first
+        messages.append({"id": mid, "org_id": org_id, "source": "api" if api else "campaign",
+                         "campaign_id": None if api else campaign, "from_address": "care@bench.example",
+                         "subject_enc": b"", "template_id": template, "contains_phi": False,
+                         "security": "tls_required", "purpose": "treatment" if api else "marketing", "tags": [],
+                         "sandbox": False, "created_at": at, "track_opens": True, "track_clicks": True})
+        domain = rng.choices(DOMAINS, DOMAIN_WEIGHTS)[0]
+        tls = rng.random() < 0.7
+        recipients.append({"id": rid, "org_id": org_id, "message_id": mid, "kind": "to", "address_enc": b"x",
+                           "address_index": rid, "domain_index": index[domain], "status": "delivered",
+                           "method": "tls", "evidence": {"tls_version": "TLSv1.3" if tls else "TLSv1.2"},
+                           "attempts": 1, "possible_duplicate": False, "updated_at": at})
+        outcome = rng.choices(["delivered", "deferred", "bounced"], [28, 4, 2])[0]
+        plan = [("queued", {}), (outcome, {"bounce_type": "hard"} if outcome == "bounced" else {})]
+        for kind, details in plan:
+            events.append({"id": _id(at, rng), "org_id": org_id, "message_id": mid, "recipient_id": rid,
+                           "type": kind, "details": details, "created_at": at + timedelta(seconds=len(events) % 60)})
+            written[kind] += 1
+        total += 2
+        if outcome == "delivered":
+            for kind, count in (("opened", rng.choices([0, 1, 2, 3], [20, 40, 25, 15])[0]),
+                                ("clicked", rng.choices([0, 1, 2], [60, 30, 10])[0])):
+                for j in range(count):
+                    if total >= n:
+                        break
+                    cls = rng.choices(["human", "proxy", "scanner"], [80, 15, 5])[0]
+                    engagement.append({"id": _id(at, rng), "org_id": org_id, "message_id": mid,
+                                       "recipient_id": rid, "type": kind, "link_index": 0 if kind == "clicked" else None,
+                                       "classification": cls, "rule": "mail_client", "agent_family": "Chrome",
+                                       "occurred_at": at + timedelta(minutes=5 + 7 * j)})
+                    written[kind] += 1
+                    total += 1
+        k += 1
+        flush()
+    flush(final=True)
+    return {"events": total, "recipients": k, "by_kind": written, "seed_seconds": round(time.perf_counter() - started, 1)}
+
+
+def run_rebuild(day: datetime, written: dict) -> dict:
+    from sqlalchemy import func, select
+
+    from carepost.core.database import read_only_session, system_session
+    from carepost.tracking import rebuild
+    from carepost.tracking.rollups import AnalyticsRollup
+
+    started = time.perf_counter()
+    result = rebuild.rebuild(system_session, start=day)
+    elapsed = time.perf_counter() - started
+    with read_only_session() as s:
+        totals = dict(s.execute(select(AnalyticsRollup.metric, func.sum(AnalyticsRollup.n))
+                                .where(AnalyticsRollup.grain == "d", AnalyticsRollup.period == day)
+                                .group_by(AnalyticsRollup.metric)).all())
+        rows = s.scalar(select(func.count()).select_from(AnalyticsRollup).where(AnalyticsRollup.period >= day))
+    expect = {"accepted": written["queued"], "delivered": written["delivered"], "deferred": written["deferred"],
+              "bounced_hard": written["bounced"], "opened": written["opened"], "clicked": written["clicked"]}
+    for metric, n in expect.items():
+        assert int(totals.get(metric) or 0) == n, (metric, totals.get(metric), n)
+    return {"events": sum(result.events.values()), "seconds": round(elapsed, 2),
+            "events_per_s": round(sum(result.events.values()) / elapsed), "rollup_rows": rows,
+            "rows_written": result.rows}
+
+
 def seed_campaign(org_id: str, recipients: int) -> str:
     """Rollups of one large campaign (three days, hourly) and 90 days of 30 others, written directly."""
     from carepost.core.database import org_session
@@ -235,6 +345,7 @@ def main() -> None:
     ap.add_argument("--database-url", help="PostgreSQL admin URL (a scratch database is made and dropped)")
     ap.add_argument("--events", type=int, default=1_000_000, help="0: skip the update part")
     ap.add_argument("--recipients", type=int, default=1_000_000, help="0: skip the read part")
+    ap.add_argument("--rebuild-events", type=int, default=1_000_000, help="0: skip the rebuild part")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--reads", type=int, default=5)
     ap.add_argument("--out")
@@ -250,7 +361,14 @@ def main() -> None:
     load_before = os.getloadavg()
     try:
         org_id, token = setup()
-        updates, reads = [], []
+        updates, reads, rebuilds, seeded = [], [], [], None
+        if args.rebuild_events:
+            day = datetime(2026, 10, 1, tzinfo=UTC)
+            seeded = seed_events(org_id, args.rebuild_events, day)
+            print(json.dumps({"seeded": seeded, "load": os.getloadavg()}), flush=True)
+            for _ in range(args.runs):
+                rebuilds.append(run_rebuild(day, seeded["by_kind"]))
+                print(json.dumps({"rebuild_run": rebuilds[-1], "load": os.getloadavg()}), flush=True)
         for seed in range(args.runs if args.events else 0):
             updates.append(run_update(org_id, args.events, seed))
             print(json.dumps({"update_run": updates[-1], "load": os.getloadavg()}), flush=True)
@@ -271,6 +389,9 @@ def main() -> None:
         "command": " ".join(["bench/analytics.py", *sys.argv[1:]]),
         "machine": {"cpus": os.cpu_count(), "load_before": [round(x, 2) for x in load_before],
                     "load_after": [round(x, 2) for x in os.getloadavg()]},
+        "rebuild_seeded": seeded,
+        "rebuild_runs": rebuilds,
+        "rebuild_median_seconds": statistics.median(r["seconds"] for r in rebuilds) if rebuilds else None,
         "update_runs": updates,
         "update_median_seconds": statistics.median(u["seconds"] for u in updates) if updates else None,
         "read_runs": reads,
@@ -281,7 +402,9 @@ def main() -> None:
     }
     text = json.dumps(result, indent=2)
     print(text)
-    part = "" if args.events and args.recipients else ("_reads" if not args.events else "_update")
+    parts = [name for name, on in (("update", args.events), ("reads", args.recipients),
+                                   ("rebuild", args.rebuild_events)) if on]
+    part = "" if len(parts) == 3 else "_" + "_".join(parts)
     out = Path(args.out or ROOT / "bench" / "results" / f"analytics_{db}{part}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")

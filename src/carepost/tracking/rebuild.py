@@ -86,6 +86,8 @@ ENGAGEMENT = "engagement"
 CONVERSIONS = "conversions"
 FAMILIES = (DELIVERY, ENGAGEMENT, CONVERSIONS)
 
+SQLITE_CACHE_KIB = 256 * 1024  # for the rebuild's own connection only, then set back
+
 _DIMS = ("source", "campaign_id", "journey_step_id", "template_id", "segment_id", "receiving_domain", "topic_id",
          "purpose", "sending_domain_id")
 
@@ -122,7 +124,9 @@ DOMAINS = _temp("rb_domains", Column("domain_index", String(64), primary_key=Tru
 SECURED = _temp("rb_secured", _s("method", 16), _s("tls"), _s("metric"))
 REASONS = _temp("rb_reasons", _s("reason", 400), _s("detail_reason", 400), _s("metric"))
 PLAIN = _temp("rb_plain", _s("type", 32), _s("metric"))
-TEMPS = (RAW, BASE, HOUR, DOMAINS, SECURED, REASONS, PLAIN)
+FIRSTS = _temp("rb_firsts", _s("message_id", 32), _s("recipient_id", 32), _s("type", 8),
+               Column("first_at", DateTime(timezone=True)), Column("human_at", DateTime(timezone=True)))
+TEMPS = (RAW, BASE, HOUR, DOMAINS, SECURED, REASONS, PLAIN, FIRSTS)
 
 # Delivery event type -> the metrics counted without a lookup (see analytics.metrics_for).
 PLAIN_METRICS = (("queued", "accepted"), ("delivered", "sent"), ("delivered", "delivered"), ("sent", "sent"),
@@ -208,6 +212,13 @@ def rebuild_organization(session: Session, org_id: str, start: datetime | None,
     conn = session.connection()
     if sql.pg:
         conn.execute(text("LOCK TABLE analytics_rollups IN SHARE ROW EXCLUSIVE MODE"))
+    else:
+        # Page caches large enough for one day's events (each page read is decrypted once) and for
+        # the temporary tables (kept in memory rather than spilled to a temporary file).
+        cache = conn.exec_driver_sql("PRAGMA main.cache_size").scalar()
+        temp_cache = conn.exec_driver_sql("PRAGMA temp.cache_size").scalar()
+        conn.exec_driver_sql(f"PRAGMA main.cache_size = -{SQLITE_CACHE_KIB}")
+        conn.exec_driver_sql(f"PRAGMA temp.cache_size = -{SQLITE_CACHE_KIB}")
     families = tuple(f for f in families if f in FAMILIES)
     if ENGAGEMENT in families and privacy_mode(session, org_id):
         families = tuple(f for f in families if f != ENGAGEMENT)  # their rollups are all there is: kept
@@ -229,6 +240,8 @@ def rebuild_organization(session: Session, org_id: str, start: datetime | None,
     if not sql.pg:  # PostgreSQL drops them at commit
         for table in TEMPS:
             table.drop(conn, checkfirst=True)
+        conn.exec_driver_sql(f"PRAGMA main.cache_size = {int(cache)}")
+        conn.exec_driver_sql(f"PRAGMA temp.cache_size = {int(temp_cache)}")
     return counted, rows
 
 
@@ -390,26 +403,32 @@ def _engagement(conn, sql: _Sql, org_id: str, start: datetime | None) -> int:
 
     # A recipient's first (and first human) open / click: counted in the hour of that first
     # event, when it is from ``start`` on (one before ``start`` was counted then, and is kept).
-    for suffix, human in (("_unique", False), ("_human", True)):
-        first_where = [ev.c.org_id == org_id]
-        if human:
-            first_where.append(ev.c.classification == "human")
-        if start is not None:
-            first_where.append(ev.c.occurred_at >= start)
-        firsts = (select(ev.c.message_id, ev.c.recipient_id, ev.c.type, func.min(ev.c.occurred_at).label("at"))
-                  .where(*first_where).group_by(ev.c.message_id, ev.c.recipient_id, ev.c.type))
-        if start is not None:
-            earlier = ev.alias("earlier")
-            before = [earlier.c.message_id == ev.c.message_id, earlier.c.recipient_id == ev.c.recipient_id,
-                      earlier.c.type == ev.c.type, earlier.c.occurred_at < start]
+    # One pass gives both per (message, recipient, type); only copies of messages created before
+    # ``start`` can have an earlier event, so only theirs are looked up.
+    where = [ev.c.org_id == org_id]
+    if start is not None:
+        where.append(ev.c.occurred_at >= start)
+    human_at = case((ev.c.classification == "human", ev.c.occurred_at))
+    conn.execute(insert(FIRSTS).from_select(
+        ["message_id", "recipient_id", "type", "first_at", "human_at"],
+        select(ev.c.message_id, ev.c.recipient_id, ev.c.type, func.min(ev.c.occurred_at), func.min(human_at))
+        .where(*where).group_by(ev.c.message_id, ev.c.recipient_id, ev.c.type)))
+    if start is not None:
+        for column, human in ((FIRSTS.c.first_at, False), (FIRSTS.c.human_at, True)):
+            before = [ev.c.message_id == FIRSTS.c.message_id, ev.c.recipient_id == FIRSTS.c.recipient_id,
+                      ev.c.type == FIRSTS.c.type, ev.c.occurred_at < start]
             if human:
-                before.append(earlier.c.classification == "human")
-            firsts = firsts.having(~exists(select(literal(1)).select_from(earlier).where(*before)))
-        f = firsts.subquery("firsts")
-        hour = sql.hour(f.c.at)
-        metric = f.c.type.concat(suffix)
+                before.append(ev.c.classification == "human")
+            old = exists(select(literal(1)).select_from(m).where(m.c.id == FIRSTS.c.message_id,
+                                                                  m.c.created_at < start))
+            conn.execute(FIRSTS.update().where(column.is_not(None), old,
+                                               exists(select(literal(1)).select_from(ev).where(*before)))
+                         .values({column.name: None}))
+    for column, suffix in ((FIRSTS.c.first_at, "_unique"), (FIRSTS.c.human_at, "_human")):
+        hour = sql.hour(column)
+        metric = FIRSTS.c.type.concat(suffix)
         q = (select(hour, metric, *dim_cols, m_message, m_day, func.count())
-             .select_from(f.join(m, m.c.id == f.c.message_id))
+             .select_from(FIRSTS.join(m, m.c.id == FIRSTS.c.message_id)).where(column.is_not(None))
              .group_by(hour, metric, *dim_cols, m_message, m_day))
         conn.execute(_base_insert(q, _BASE_NAMES))
     return counted
