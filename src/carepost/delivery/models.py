@@ -201,7 +201,11 @@ class MessageEvent(OrgScoped, Base):
     """What happened to a recipient, in order. Details hold codes and ids, never PHI."""
 
     __tablename__ = "message_events"
-    __table_args__ = (Index("ix_message_events_recipient", "recipient_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_message_events_recipient", "recipient_id", "created_at"),
+        # an organization's events from a day on: ``carepost analytics rebuild --from DAY`` (issue 13)
+        Index("ix_message_events_org_created", "org_id", "created_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     message_id: Mapped[str] = mapped_column(String(32), ForeignKey("messages.id", ondelete="CASCADE"), index=True)
