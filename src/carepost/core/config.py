@@ -171,6 +171,9 @@ class Settings(BaseSettings):
     delivery_concurrency: int = Field(64, description="SMTP transactions one worker process runs at the same time.")
     campaign_plan_chunk: int = Field(2000, description="Contacts a campaign's planning handles per transaction (one chunk of the audience).")
     campaign_send_batch: int = Field(200, description="Campaign recipients rendered and stored as messages per transaction.")
+    journey_tick_chunk: int = Field(
+        500, description="Journey runs the tick advances per transaction (one chunk of due runs; issue 15)."
+    )
     campaign_stale_seconds: int = Field(
         120, description="A campaign planning or sending without progress for this long is queued again by the minute sweep (a killed worker)."
     )
