@@ -137,6 +137,16 @@ def test_build_validate_fix_save_publish_watch_counts_and_timeline(browser, live
         expect(page.locator("[data-step=s2]")).to_have_class(re.compile(r"\bhas-error\b"))
         expect(page.get_by_test_id("validation-error").filter(has_text="steps.s2.duration")).to_have_count(1)
         expect(page.get_by_test_id("step-errors-s1")).to_have_count(0)
+        # a branch added and left unconnected: unreachable, and no default — then removed again
+        page.get_by_test_id("add-branch").click()
+        expect(page.get_by_test_id("panel-title")).to_have_text("Branch · s4")
+        expect(page.get_by_test_id("step-errors-s4")).to_be_visible()
+        expect(page.get_by_test_id("validation-error").filter(has_text="steps.s4.default")).to_have_count(1)
+        expect(page.get_by_test_id("branch-case")).to_have_count(1)
+        page.get_by_test_id("delete-step").click()
+        expect(page.get_by_test_id("step-node")).to_have_count(3)
+        expect(page.get_by_test_id("validation-error").filter(has_text="steps.s4")).to_have_count(0)
+        expect(page.get_by_test_id("step-errors-s2")).to_be_visible()  # the zero wait is still wrong
         # fix it
         page.locator("[data-step=s2] .jstep-summary").click()
         _set(page, "#f-duration", "2d")
@@ -175,6 +185,20 @@ def test_build_validate_fix_save_publish_watch_counts_and_timeline(browser, live
         expect(section).to_contain_text("step s1 (Send email) — sent")
         section.get_by_role("link", name=re.compile("Visit reminders")).click()
         page.wait_for_url(re.compile(rf".*/app/journeys/{journey_id}$"))
+
+        # a second version of the live journey: publishing asks what happens to the runs in it
+        page.get_by_test_id("edit-journey").click()
+        expect(page.get_by_test_id("journey-editor")).to_have_attribute("data-ready", "true")
+        expect(page.get_by_test_id("mode-drain")).to_be_checked()
+        page.locator("[data-step=s2] .jstep-summary").click()
+        _set(page, "#f-duration", "3d")
+        expect(page.get_by_test_id("validation-status")).to_have_text("Valid")
+        page.get_by_test_id("mode-migrate").check()
+        page.get_by_test_id("publish").click()  # saves the changed draft first, then publishes
+        page.wait_for_url(re.compile(rf".*/app/journeys/{journey_id}\?done=published$"))
+        expect(page.get_by_test_id("version-row")).to_have_text([re.compile(r"Version 1: published .*\(drain\)$"),
+                                                                 re.compile(r"Version 2: published .*\(migrate\) — live")])
+        expect(page.get_by_test_id("node-count-s2")).to_contain_text("now 1")  # the waiting run moved along
 
         # a starter opens in the editor with its steps laid out and its missing templates named
         page.goto("/app/journeys")
