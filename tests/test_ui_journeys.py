@@ -5,7 +5,8 @@ and an exit from the palette, picks the template in the side panel, connects the
 the wait by dragging its output onto the wait (Drawflow) and the wait to the exit with the side
 panel's "Next" picker; the server's validation puts a zero wait's error next to the wait step;
 fixing the duration clears it; the draft is saved and published. The running view shows the
-counts per step, and when runs exist they change on the page without a reload. The patient's
+counts per step; when patients book appointments (the event recorded as the events API does)
+and the journey engine's tick moves their runs, the counts change on the page without a reload. The patient's
 contact page shows the journey and the steps the run went through. A starter opens in the editor
 and names its missing templates. No page loads anything from another host and the browser logs
 no error (a Content-Security-Policy violation would be one).
@@ -35,7 +36,9 @@ def clinic(live_server):
     from carepost.accounts.service import create_organization
     from carepost.content import service as content
     from carepost.content.schemas import TemplateIn
+    from carepost.core import clock
     from carepost.core.database import org_session, system_session
+    from carepost.delivery import service as delivery
     from carepost.patients import service as patients
 
     with system_session() as s:
@@ -44,46 +47,36 @@ def clinic(live_server):
         s.commit()
         org_id = org.id
     with org_session(org_id) as s:
+        domain = delivery.create_sending_domain(s, org_id, f"{secrets.token_hex(3)}.journeys-ui.example")
+        domain.verified_at = clock.now()
+        delivery.update_delivery_settings(s, org_id, {"default_purpose": "treatment"})
         t = content.create_template(s, org_id, TemplateIn(
             name="Visit reminder", subject="Your visit is coming up", purpose="treatment", contains_phi=False,
             html="<p>Hello {{ first_name }}, see you soon.</p>", language="en"))
         patient = patients.save_contact(s, org_id, {"given_name": "Imelda", "family_name": "Varga",
                                                     "email": f"imelda.{secrets.token_hex(3)}@patients.example"}).contact
+        other = patients.save_contact(s, org_id, {"given_name": "Oskar", "family_name": "Lind",
+                                                  "email": f"oskar.{secrets.token_hex(3)}@patients.example"}).contact
         s.commit()
-        return SimpleNamespace(org_id=org_id, admin=admin, template=t.id, patient=patient.id)
+        return SimpleNamespace(org_id=org_id, admin=admin, template=t.id, patient=patient.id, other=other.id)
 
 
-def _add_runs(org_id: str, journey_id: str, contact_id: str) -> None:
-    """Two runs as the engine leaves them: the patient waiting at the wait step after the send,
-    another patient who reached the goal."""
+def _book(org_id: str, contact_id: str, *, then_days: int = 0) -> None:
+    """The patient books an appointment (the event as ``POST /api/v1/events`` records it); the
+    journey engine's tick then runs the steps that are due — now, and ``then_days`` later."""
     from datetime import timedelta
 
     from carepost.core import clock
     from carepost.core.database import org_session
-    from carepost.core.ids import new_id
-    from carepost.journeys.models import JourneyRun, JourneyRunStep, JourneyVersion
-    from carepost.patients import service as patients
+    from carepost.journeys import engine
+    from carepost.tracking.conversions import record_event
 
     with org_session(org_id) as s:
-        ver = s.query(JourneyVersion).filter_by(journey_id=journey_id, version=1).one()
-        other = patients.save_contact(s, org_id, {"given_name": "Other"}).contact.id
-        now = clock.now()
-        for cid, state, step, reason in ((contact_id, "waiting", "s2", None), (other, "exited", "s3", "goal")):
-            run = JourneyRun(id=new_id(), org_id=org_id, journey_id=journey_id, version=1, version_id=ver.id,
-                             contact_id=cid, state=state, step_id=step, entry_key=new_id(),
-                             entered_at=now - timedelta(hours=3), seq=2 if state == "waiting" else 3,
-                             active_key=cid if state == "waiting" else None,
-                             wake_at=now + timedelta(days=2) if state == "waiting" else None,
-                             ended_at=None if state == "waiting" else now, exit_reason=reason,
-                             converted_at=now if reason == "goal" else None)
-            s.add(run)
-            s.flush()
-            done = [("s1", "send", "sent"), ("s2", "wait", "done")] + ([("s3", "exit", "done")] if reason else [])
-            for i, (sid, kind, status) in enumerate(done, start=1):
-                s.add(JourneyRunStep(org_id=org_id, run_id=run.id, journey_id=journey_id, version_id=ver.id,
-                                     step_id=sid, step_type=kind, seq=i, status=status,
-                                     at=now - timedelta(hours=3 - i)))
+        record_event(s, org_id, name="appointment.booked", contact_id=contact_id)
         s.commit()
+    engine.run_tick(org_id, enqueue=False)
+    if then_days:
+        engine.run_tick(org_id, now=clock.now() + timedelta(days=then_days), enqueue=False)
 
 
 def _set(page, selector: str, value: str) -> None:
@@ -170,18 +163,22 @@ def test_build_validate_fix_save_publish_watch_counts_and_timeline(browser, live
         expect(page.get_by_test_id("total-entered")).to_have_text("0")
         expect(page.get_by_test_id("node-count-s2")).to_contain_text("now 0")
         page.evaluate("window.__notReloaded = true")
-        _add_runs(clinic.org_id, journey_id, clinic.patient)
+        _book(clinic.org_id, clinic.other, then_days=3)  # sent, waited, sent again, exited
+        _book(clinic.org_id, clinic.patient)  # sent, now waiting two days before the next step
         expect(page.get_by_test_id("total-entered")).to_have_text("2", timeout=30000)
-        expect(page.get_by_test_id("total-goal")).to_have_text("1")
-        expect(page.get_by_test_id("node-count-s2")).to_contain_text("now 1")
+        expect(page.get_by_test_id("total-active")).to_have_text("1")
+        expect(page.get_by_test_id("total-exited")).to_have_text("1")
+        expect(page.get_by_test_id("exit-reason")).to_have_text(["exit_step: 1"])
         expect(page.get_by_test_id("count-executed-s1")).to_have_text("2")
-        expect(page.get_by_test_id("exit-reason")).to_have_text(["goal: 1"])
+        expect(page.get_by_test_id("count-executed-s3")).to_have_text("1")
+        expect(page.get_by_test_id("node-count-s3")).to_contain_text("now 1")
         assert page.evaluate("window.__notReloaded") is True
 
         # the patient's contact page: the journey and the steps of the run
         page.goto(f"/app/contacts/{clinic.patient}")
         section = page.get_by_test_id("section-journeys")
-        expect(section).to_contain_text("Visit reminders (version 1): waiting at step s2")
+        expect(section).to_contain_text("Visit reminders (version 1): waiting at step s3 (until")
+        expect(section).to_contain_text("step s2 (Wait) — done")
         expect(section).to_contain_text("step s1 (Send email) — sent")
         section.get_by_role("link", name=re.compile("Visit reminders")).click()
         page.wait_for_url(re.compile(rf".*/app/journeys/{journey_id}$"))
@@ -198,7 +195,7 @@ def test_build_validate_fix_save_publish_watch_counts_and_timeline(browser, live
         page.wait_for_url(re.compile(rf".*/app/journeys/{journey_id}\?done=published$"))
         expect(page.get_by_test_id("version-row")).to_have_text([re.compile(r"Version 1: published .*\(drain\)$"),
                                                                  re.compile(r"Version 2: published .*\(migrate\) — live")])
-        expect(page.get_by_test_id("node-count-s2")).to_contain_text("now 1")  # the waiting run moved along
+        expect(page.get_by_test_id("node-count-s3")).to_contain_text("now 1")  # the waiting run moved along
 
         # a starter opens in the editor with its steps laid out and its missing templates named
         page.goto("/app/journeys")
