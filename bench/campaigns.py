@@ -3,6 +3,8 @@
     .venv/bin/python bench/campaigns.py --recipients 100000
     .venv/bin/python bench/campaigns.py --recipients 1000000 --database-url postgresql://postgres@127.0.0.1:5432/postgres
     .venv/bin/python bench/campaigns.py --recipients 100000 --runs 3 --json bench/results/campaigns-pg-100k.json
+    .venv/bin/python bench/campaigns.py --recipients 1000000 --runs 0 --state /tmp/pop-1m.json   # build and keep
+    .venv/bin/python bench/campaigns.py --runs 3 --state /tmp/pop-1m.json                        # plan over it
 
 Builds the segments benchmark's population (``bench/segments_population.py``: contacts with
 clinical facts and delivery history, COPY on PostgreSQL) of ``--recipients`` contacts, then
@@ -153,22 +155,47 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3, help="campaigns planned over the same population (median reported)")
     p.add_argument("--chunk", type=int, default=None, help="contacts per planning transaction (default: the setting)")
     p.add_argument("--database-url", default=None, help="PostgreSQL admin URL; a scratch database is created")
-    p.add_argument("--keep", action="store_true")
+    p.add_argument("--keep", action="store_true", help="keep the scratch database / data directory")
     p.add_argument("--json", default=None, help="write the results here too")
+    p.add_argument("--state", default=None,
+                   help="a JSON file naming a kept population: built, kept and written there when the file does not "
+                        "exist; reused (not built, not dropped) when it does — the 1,000,000-contact load takes longer "
+                        "than the runs")
     args = p.parse_args()
-    admin, scratch = pop.setup_database(args.database_url, args.keep)
+    state = json.loads(Path(args.state).read_text()) if args.state and Path(args.state).exists() else None
+    if state:
+        os.environ["CAREPOST_DATA_DIR"] = state["data_dir"]
+        if state.get("database_url"):
+            os.environ["CAREPOST_DATABASE_URL"] = state["database_url"]
+        admin, scratch = None, state.get("scratch")
+        args.keep = True
+    else:
+        args.keep = args.keep or bool(args.state)
+        admin, scratch = pop.setup_database(args.database_url, args.keep)
     try:
         from carepost.assembly import assemble
 
         assemble()  # the composition root (create_org assembles too; idempotent)
-        org_id = pop.create_org("Campaigns Bench")
         from carepost.core.config import get_settings
         from carepost.core.database import get_engine
 
         chunk = args.chunk or get_settings().campaign_plan_chunk
-        loaded = pop.populate(get_engine(), org_id, args.recipients, progress=False)
-        pop.analyze(get_engine())
-        consent = prepare_consent(org_id)
+        if state:
+            from carepost.core.logging import configure_logging
+
+            configure_logging("WARNING", True)
+            org_id, loaded, consent = state["org_id"], state["population"], state["consent"]
+            args.recipients = state["recipients"]
+        else:
+            org_id = pop.create_org("Campaigns Bench")
+            loaded = pop.populate(get_engine(), org_id, args.recipients, progress=False)
+            pop.analyze(get_engine())
+            consent = prepare_consent(org_id)
+            if args.state:
+                Path(args.state).write_text(json.dumps({
+                    "data_dir": os.environ["CAREPOST_DATA_DIR"], "database_url": os.environ.get("CAREPOST_DATABASE_URL"),
+                    "scratch": scratch, "org_id": org_id, "recipients": args.recipients, "population": loaded,
+                    "consent": consent}, default=str))
         print(json.dumps({"population": {k: loaded[k] for k in ("contacts", "load_seconds")}, "consent": consent}),
               flush=True)
         runs = []
@@ -176,7 +203,9 @@ def main() -> None:
             r = plan_once(org_id, args.recipients * 10 + i, chunk)
             runs.append(r)
             print(json.dumps({"run": i + 1, **r}), flush=True)
-        result = {"database": "postgresql" if scratch else "sqlcipher", "recipients": args.recipients, "chunk": chunk,
+        if not runs:
+            return
+        result = {"database": get_engine().dialect.name.replace("sqlite", "sqlcipher"), "recipients": args.recipients, "chunk": chunk,
                   "median_seconds": statistics.median(r["seconds"] for r in runs),
                   "median_audience_per_second": statistics.median(r["audience_per_second"] for r in runs),
                   "rss_mb_max": max(r["rss_mb_max"] for r in runs), "loadavg": Path("/proc/loadavg").read_text().split()[:3],

@@ -28,7 +28,18 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import JSON, func, insert, select, update
+from sqlalchemy import (
+    JSON,
+    String,
+    any_,
+    bindparam,
+    func,
+    insert,
+    literal_column,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from carepost.campaigns import ab_tests
@@ -54,6 +65,15 @@ class PlanReport:
     excluded: int = 0
     finished: bool = False
     stopped: str | None = None  # why planning stopped before the end (paused, cancelled, not planning)
+
+
+def among(session: Session, column, ids: list[str]):
+    """``column IN <ids>`` as one bound parameter, not one per id: ``= ANY(:ids)`` (an array) on
+    PostgreSQL, ``IN (SELECT value FROM json_each(:ids))`` on SQLite. An expanded 2,000-id
+    ``IN`` list costs more to render and convert than the query costs to run."""
+    if session.get_bind().dialect.name == "postgresql":
+        return column == any_(bindparam(None, list(ids), type_=postgresql.ARRAY(String)))
+    return column.in_(select(literal_column("value")).select_from(func.json_each(bindparam(None, json.dumps(list(ids))))))
 
 
 # --------------------------------------------------------------------------- the audience
@@ -84,6 +104,23 @@ class Audience:
                 compiled = compiler.compile_query(session, org_id, segments.read_query(seg.query), at, segment_id=seg.id)
                 self.exclusions.append(("dynamic", compiled.statement))
 
+    def chunk_select(self, after: str | None, limit: int):
+        """The next ``limit`` contacts of the audience after ``after`` as SQL — a CTE of
+        ``contacts`` rows (``id``, ``deceased``, ``time_zone``) for the planner's one-statement
+        eligibility check (``consent.eligibility.verdict_select``)."""
+        from carepost.patients.models import Contact
+
+        columns = (Contact.id.label("id"), Contact.deceased.label("deceased"), Contact.time_zone.label("time_zone"))
+        if self.statement is None:
+            m = self._member
+            stmt = select(*columns).join(m, m.contact_id == Contact.id).where(
+                m.segment_id == self.segment.id, Contact.org_id == self.org_id)
+        else:
+            stmt = self.statement.with_only_columns(*columns).where(Contact.org_id == self.org_id)
+        if after:
+            stmt = stmt.where(Contact.id > after)
+        return stmt.order_by(Contact.id).limit(limit).cte("plan_chunk")
+
     def chunk(self, session: Session, after: str | None, limit: int) -> list[str]:
         from carepost.patients.models import Contact
 
@@ -105,9 +142,9 @@ class Audience:
         for kind, what in self.exclusions:
             if kind == "snapshot":
                 m = self._member
-                out |= set(session.scalars(select(m.contact_id).where(m.segment_id == what, m.contact_id.in_(ids))))
+                out |= set(session.scalars(select(m.contact_id).where(m.segment_id == what, among(session, m.contact_id, ids))))
             else:
-                out |= set(session.scalars(what.where(Contact.org_id == self.org_id, Contact.id.in_(ids))))
+                out |= set(session.scalars(what.where(Contact.org_id == self.org_id, among(session, Contact.id, ids))))
         return out
 
 
@@ -213,11 +250,11 @@ def _zone(name: str | None, default: ZoneInfo) -> ZoneInfo:
 
 
 def send_times(session: Session, org_id: str, campaign: Campaign, ids: list[str],
-               now: datetime | None = None) -> dict[str, datetime]:
+               now: datetime | None = None, zones: dict[str, str | None] | None = None) -> dict[str, datetime]:
     """``{contact_id: send_after (UTC)}``: now (the launch), the campaign's ``send_at``, or
     ``local_time`` on ``local_date`` in each contact's time zone (the organization's default for
-    contacts without one) — one query for the chunk, one conversion per distinct zone. Quiet
-    hours are not applied here: the delivery pipeline defers at send time (never excludes)."""
+    contacts without one; ``zones`` when the caller has read them) — one query for the chunk, one
+    conversion per distinct zone. Quiet hours are not applied here: the delivery pipeline defers at send time (never excludes)."""
     now = clock.aware(now) if now else clock.now()
     if campaign.schedule_kind == "at" and campaign.send_at:
         when = clock.aware(campaign.send_at)
@@ -233,12 +270,15 @@ def send_times(session: Session, org_id: str, campaign: Campaign, ids: list[str]
     day = campaign.local_date or (clock.aware(campaign.send_at) if campaign.send_at else now).date()
     by_zone: dict[str | None, datetime] = {}
     out: dict[str, datetime] = {}
-    for i in range(0, len(ids), 1000):
-        for cid, tz in session.execute(select(Contact.id, Contact.time_zone).where(
-                Contact.org_id == org_id, Contact.id.in_(ids[i:i + 1000]))):
-            if tz not in by_zone:
-                by_zone[tz] = datetime.combine(day, time(hh, mm), tzinfo=_zone(tz, default)).astimezone(UTC)
-            out[cid] = by_zone[tz]
+    if zones is not None:  # the planner read them with the eligibility check
+        pairs = [(cid, zones[cid]) for cid in ids if cid in zones]
+    else:
+        pairs = session.execute(select(Contact.id, Contact.time_zone).where(
+            Contact.org_id == org_id, among(session, Contact.id, ids))).tuples().all()
+    for cid, tz in pairs:
+        if tz not in by_zone:
+            by_zone[tz] = datetime.combine(day, time(hh, mm), tzinfo=_zone(tz, default)).astimezone(UTC)
+        out[cid] = by_zone[tz]
     return out
 
 
@@ -250,18 +290,113 @@ def _naive(when: datetime) -> datetime:
     return clock.aware(when).astimezone(UTC)
 
 
-def plan_chunk(session: Session, org_id: str, campaign: Campaign, audience: Audience, ids: list[str],
-               conditions: dict[str, str]) -> tuple[int, int]:
-    """Write one chunk's recipient and exclusion rows (in the caller's transaction):
-    ``(planned, excluded)``."""
-    from carepost.content import blocks
+def _correlated(statement):
+    """``statement`` with each ``contacts.id IN (SELECT x.contact_id FROM x WHERE ...)`` of the
+    segments compiler rewritten as ``EXISTS (SELECT ... WHERE ... AND x.contact_id = contacts.id)``
+    — the same rows when ``x.contact_id`` cannot be NULL (only then is it rewritten). For a chunk
+    of ids this is one index probe per contact, where SQLite evaluates the ``IN`` list over the
+    whole table (every diabetic of the organization) for every chunk."""
+    from sqlalchemy import exists
+    from sqlalchemy.sql import operators, visitors
+    from sqlalchemy.sql.elements import BinaryExpression
+    from sqlalchemy.sql.selectable import ScalarSelect, Select
 
+    from carepost.patients.models import Contact
+
+    def replace(element):
+        if not (isinstance(element, BinaryExpression) and element.operator is operators.in_op
+                and getattr(element.left, "table", None) is Contact.__table__ and element.left.name == "id"
+                and isinstance(element.right, ScalarSelect) and isinstance(element.right.element, Select)):
+            return None
+        inner = element.right.element
+        columns = list(inner.selected_columns)
+        if len(columns) != 1 or getattr(columns[0], "nullable", True) or inner._limit_clause is not None:
+            return None
+        return exists(inner.where(columns[0] == Contact.__table__.c.id)).correlate(Contact.__table__)
+
+    return visitors.replacement_traverse(statement, {}, replace)
+
+
+class BlockPlan:
+    """The template's dynamic blocks compiled once per planning run: one set-wise query per block
+    per chunk (``contacts.id = ANY(:ids) AND <condition>``), the segments compiler's SQL — the same
+    as ``content.blocks.plan`` without parsing and compiling each condition for every chunk."""
+
+    def __init__(self, session: Session, org_id: str, conditions: dict[str, str]):
+        from carepost.segments import compiler, language
+
+        self.org_id = org_id
+        self.statements = {key: _correlated(compiler.compile_query(session, org_id, language.parse(cond)).statement)
+                           for key, cond in conditions.items()}
+
+    def __bool__(self) -> bool:
+        return bool(self.statements)
+
+    def plan(self, session: Session, contact_ids: list[str]) -> dict[str, list[str]]:
+        """``{contact_id: keys of the blocks it sees}`` (contacts seeing none are left out) for
+        ``contact_ids`` in the database's order of ids (a chunk's order)."""
+        from carepost.patients.models import Contact
+
+        seen: dict[str, list[str]] = {}
+        if not contact_ids:
+            return seen
+        # The ids come in the database's order (a chunk's), so the first and last bound them: the
+        # range lets PostgreSQL read the chunk by the primary key instead of scanning every contact.
+        for key in sorted(self.statements):
+            for cid in session.scalars(self.statements[key].where(
+                    Contact.org_id == self.org_id, Contact.id >= contact_ids[0], Contact.id <= contact_ids[-1],
+                    among(session, Contact.id, contact_ids))):
+                seen.setdefault(cid, []).append(key)
+        return seen
+
+
+def plan_chunk(session: Session, org_id: str, campaign: Campaign, audience: Audience, ids: list[str],
+               conditions: dict[str, str] | BlockPlan) -> tuple[int, int]:
+    """Write one chunk's recipient and exclusion rows (in the caller's transaction):
+    ``(planned, excluded)``. The general path: ``eligibility`` (refill campaigns' per-recipient
+    purpose); :func:`plan_checked` is the planner's one-statement path."""
     removed = audience.excluded(session, ids) if audience.exclusions else set()
     rest = [cid for cid in ids if cid not in removed]
     verdicts, _ = eligibility(session, org_id, campaign, rest) if rest else ({}, {})
+    return write_chunk(session, org_id, campaign, ids, removed, verdicts, conditions)
+
+
+def plan_checked(session: Session, org_id: str, campaign: Campaign, audience: Audience,
+                 rows: list[tuple[str, str | None, str | None]], blocks: BlockPlan, purpose: str,
+                 at: datetime) -> tuple[int, int]:
+    """One chunk whose eligibility the database has answered (``consent.eligibility.verdict_select``:
+    ``(contact_id, time_zone, verdict)``): the few undecided verdicts (suppressed addresses,
+    revoked or expired authorizations) go to ``check_eligibility``, the CAN-SPAM postal rule
+    applies as in :func:`eligibility`, then the rows are written. Only for one effective purpose
+    (no refill drug)."""
+    from carepost.consent import eligibility as consent
+    from carepost.consent.service import consent_settings
+
+    ids = [r[0] for r in rows]
+    removed = audience.excluded(session, ids) if audience.exclusions else set()
+    verdicts = {cid: verdict for cid, _, verdict in rows if cid not in removed}
+    undecided = [cid for cid, verdict in verdicts.items() if verdict is None]
+    if undecided:
+        verdicts.update(consent.check_eligibility(session, undecided, purpose, campaign.topic_id, "email", at,
+                                                  org_id=org_id))
+    if purposes.requirements(purpose).opt_out_required and not consent_settings(session, org_id).get("postal_address"):
+        verdicts = {k: ("no_postal_address" if v == consent.ELIGIBLE else v) for k, v in verdicts.items()}
+    zones = {cid: tz for cid, tz, _ in rows}
+    return write_chunk(session, org_id, campaign, ids, removed, verdicts, blocks, zones)
+
+
+def write_chunk(session: Session, org_id: str, campaign: Campaign, ids: list[str], removed: set[str],
+                verdicts: dict[str, str], conditions: dict[str, str] | BlockPlan,
+                zones: dict[str, str | None] | None = None) -> tuple[int, int]:
+    from carepost.content import blocks
+
+    rest = [cid for cid in ids if cid not in removed]
     eligible = [cid for cid in rest if verdicts.get(cid) == "eligible"]
-    shown = blocks.plan(session, org_id, conditions, eligible) if conditions and eligible else {}
-    when = send_times(session, org_id, campaign, eligible) if eligible else {}
+    if isinstance(conditions, BlockPlan):
+        shown = conditions.plan(session, eligible) if conditions and eligible else {}
+    else:
+        shown = blocks.plan(session, org_id, conditions, eligible) if conditions and eligible else {}
+    when = send_times(session, org_id, campaign, eligible, zones=zones) if eligible else {}
     now = _naive(clock.now())
     exclusions = [{"id": new_id(), "org_id": org_id, "campaign_id": campaign.id, "contact_id": cid,
                    "reason": EXCLUSION_SEGMENT, "created_at": now} for cid in ids if cid in removed]
@@ -269,14 +404,18 @@ def plan_chunk(session: Session, org_id: str, campaign: Campaign, audience: Audi
                     "reason": verdicts.get(cid, "no_address"), "created_at": now}
                    for cid in rest if verdicts.get(cid) != "eligible"]
     recipients = []
+    ab = campaign.ab_test
+    offsets: dict[str | None, timedelta] = {}
     for cid in eligible:
         # A/B: the holdout (held_out), the test fraction (a variant, planned, shifted by the variant's
         # send offset) or the rest (awaiting the winner) — campaigns.ab_tests.
-        variant, status = ab_tests.assign(campaign.id, cid, campaign.ab_test)
+        variant, status = ab_tests.assign(campaign.id, cid, ab)
+        if variant not in offsets:
+            offsets[variant] = ab_tests.send_offset(ab, variant)
         at = _naive(when[cid]) if cid in when else now
         recipients.append({
             "id": new_id(), "org_id": org_id, "campaign_id": campaign.id, "contact_id": cid, "variant": variant,
-            "blocks": sorted(shown.get(cid, ())), "send_after": at + ab_tests.send_offset(campaign.ab_test, variant),
+            "blocks": sorted(shown.get(cid, ())), "send_after": at + offsets[variant],
             "receiving_domain_index": None, "status": status, "message_id": None,
         })
     write_rows(session, CampaignRecipient.__table__, recipients)
@@ -341,6 +480,10 @@ def plan(org_id: str, campaign_id: str, *, chunk_size: int = CHUNK, max_chunks: 
         if campaign.template_version_id:
             version = content.get_version_by_id(session, org_id, campaign.template_version_id)
             conditions = content.version_blocks(version)
+        blocks = BlockPlan(session, org_id, conditions)
+        # One effective purpose for every recipient (no refill drug): the database answers the
+        # chunk's eligibility in the statement that reads the chunk (consent.eligibility.verdict_select).
+        one_purpose = None if campaign.refill_drug else effective_purpose(campaign, None)
         session.commit()
         while max_chunks is None or report.chunks < max_chunks:
             session.expire_all()
@@ -350,7 +493,15 @@ def plan(org_id: str, campaign_id: str, *, chunk_size: int = CHUNK, max_chunks: 
                 session.rollback()
                 return report
             cursor = campaign.plan_cursor
-            ids = audience.chunk(session, cursor, chunk_size)
+            if one_purpose:
+                from carepost.consent.eligibility import verdict_select
+
+                at = clock.now()
+                rows = session.execute(verdict_select(session, org_id, audience.chunk_select(cursor, chunk_size),
+                                                      one_purpose, campaign.topic_id, at)).tuples().all()
+                ids = [r[0] for r in rows]
+            else:
+                ids = audience.chunk(session, cursor, chunk_size)
             if not ids:
                 finished = session.execute(update(Campaign).where(
                     Campaign.id == campaign_id, Campaign.status == "planning", Campaign.plan_finished_at.is_(None))
@@ -366,7 +517,10 @@ def plan(org_id: str, campaign_id: str, *, chunk_size: int = CHUNK, max_chunks: 
             if session.execute(cas.values(plan_cursor=ids[-1], worked_at=clock.now())).rowcount != 1:
                 session.rollback()
                 continue
-            planned, excluded = plan_chunk(session, org_id, campaign, audience, ids, conditions)
+            if one_purpose:
+                planned, excluded = plan_checked(session, org_id, campaign, audience, rows, blocks, one_purpose, at)
+            else:
+                planned, excluded = plan_chunk(session, org_id, campaign, audience, ids, blocks)
             session.execute(update(Campaign).where(Campaign.id == campaign_id).values(
                 planned_count=Campaign.planned_count + planned, excluded_count=Campaign.excluded_count + excluded))
             session.commit()
