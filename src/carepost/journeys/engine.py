@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
@@ -152,6 +152,7 @@ def run_tick(org_id: str | None = None, *, now: datetime | None = None, chunk: i
         from carepost.journeys import entries as journey_entries
 
         report.entered = journey_entries.evaluate_due(org_id=org_id, now=now)
+        requeue_lost(now)
     orgs = [org_id] if org_id else due_organizations(now)
     for oid in orgs:
         report.organizations += 1
@@ -167,6 +168,34 @@ def run_tick(org_id: str | None = None, *, now: datetime | None = None, chunk: i
                  excluded_count=report.excluded, ended_count=report.ended, entered_count=report.entered,
                  seconds=round(report.seconds, 3))
     return report
+
+
+HANDOFF_GRACE = timedelta(seconds=60)
+
+
+def requeue_lost(now: datetime | None = None) -> int:
+    """Hand to delivery again the journey messages still ``queued`` a minute after they were
+    stored: a worker killed between a chunk's commit and its hand-off to delivery left them
+    without a task. Delivery's own sweep would find them after ``pipeline.REQUEUE_AFTER`` (ten
+    minutes); the minute tick does it sooner. Queuing a message twice is harmless: delivery claims
+    each recipient before sending (a lease), so a second task finds nothing to do."""
+    from carepost.delivery import pipeline
+    from carepost.delivery.models import Message, MessageRecipient
+
+    now = clock.aware(now) if now else clock.now()
+    with system_session() as session:
+        ids = list(session.scalars(select(Message.id).join(MessageRecipient, MessageRecipient.message_id == Message.id)
+                                   .where(Message.source == "journey", MessageRecipient.status == "queued",
+                                          MessageRecipient.enqueued_at < now - HANDOFF_GRACE,
+                                          MessageRecipient.enqueued_at > now - pipeline.REQUEUE_AFTER)
+                                   .distinct().limit(10_000)))
+        session.commit()
+    if ids:
+        from carepost.delivery.tasks import enqueue_delivery
+
+        log.info("journeys_messages_requeued", messages_count=len(ids))
+        enqueue_delivery(ids)
+    return len(ids)
 
 
 def _claim(session: Session, org_id: str, now: datetime, limit: int) -> list[Run]:

@@ -110,8 +110,10 @@ def _insert_ignore(session: Session, rows: list[dict]) -> int:
         from sqlalchemy.dialects.sqlite import insert as dialect_insert
     n = 0
     for i in range(0, len(rows), INSERT_CHUNK):
-        result = session.execute(dialect_insert(JourneyRun).values(rows[i:i + INSERT_CHUNK]).on_conflict_do_nothing())
-        n += max(result.rowcount or 0, 0)
+        table = JourneyRun.__table__
+        result = session.execute(dialect_insert(table).values(rows[i:i + INSERT_CHUNK]).on_conflict_do_nothing()
+                                 .returning(table.c.id))
+        n += len(result.fetchall())
     return n
 
 

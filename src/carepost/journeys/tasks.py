@@ -24,13 +24,15 @@ TICK_SECONDS = 50.0
 
 @huey.periodic_task(crontab(minute="*"), name="journeys.tick")
 def tick() -> None:
+    from carepost.core.config import get_settings
     from carepost.journeys import engine
 
-    engine.run_tick(max_seconds=TICK_SECONDS)
+    engine.run_tick(max_seconds=TICK_SECONDS, chunk=get_settings().journey_tick_chunk)
 
 
 @huey.task(name="journeys.advance", retries=2, retry_delay=5)
 def advance(org_id: str) -> None:
+    from carepost.core.config import get_settings
     from carepost.journeys import engine
 
-    engine.run_tick(org_id, max_seconds=TICK_SECONDS, entries=False)
+    engine.run_tick(org_id, max_seconds=TICK_SECONDS, entries=False, chunk=get_settings().journey_tick_chunk)
