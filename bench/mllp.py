@@ -13,7 +13,9 @@ control id and a random patient each. Every message is fully processed before it
 sender authenticated, patient found by the MRN blind index, event recorded with encrypted
 properties, the message row and the audit event written, the group's transaction committed.
 
-Reported per run: messages per second from the first send to the last ACK, and the counts of AA;
+Reported per run: messages per second from the first send to the last ACK, the listener
+process's CPU time per message (from /proc: what one message costs, whatever else loads the
+machine; 1000 / that is the rate one free core would sustain), and the counts of AA;
 the events in the database are counted afterwards and must equal the AAs (durability). ``--runs``
 runs (3), median reported, with the load average before and after each run (the machine is
 shared). Prints and writes one JSON document (``--out``, default ``bench/results/mllp_<db>.json``).
@@ -47,6 +49,12 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU (user + system) a process has used: the listener's cost per message, whatever the load."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pg_database(admin_url: str) -> tuple[str, str]:
@@ -193,12 +201,16 @@ def main() -> int:
             frames = [_message(token, n, run, rng.choice(mrns)) for n in range(args.messages)]
             per_connection = [frames[i::args.connections] for i in range(args.connections)]
             load_before = os.getloadavg()
+            cpu_before = _cpu_seconds(proc.pid)
             seconds, codes = asyncio.run(_load(port, per_connection))
+            cpu = _cpu_seconds(proc.pid) - cpu_before
             load_after = os.getloadavg()
             recorded = _count_events(env, org_id)
             aa = codes.count("AA")
             runs.append({"messages": len(codes), "seconds": round(seconds, 3),
                          "messages_per_second": round(len(codes) / seconds, 1), "aa": aa,
+                         "listener_cpu_ms_per_message": round(cpu * 1000 / max(len(codes), 1), 2),
+                         "messages_per_listener_cpu_second": round(len(codes) / cpu, 1) if cpu else None,
                          "other_answers": len(codes) - aa, "events_recorded": recorded - recorded_before,
                          "load_before": [round(x, 2) for x in load_before],
                          "load_after": [round(x, 2) for x in load_after]})
@@ -212,6 +224,7 @@ def main() -> int:
             "machine": f"{platform.machine()} {os.cpu_count()} vCPU", "messages_per_run": args.messages,
             "connections": args.connections, "patients": args.patients, "runs": runs,
             "median_messages_per_second": statistics.median(rates),
+            "median_listener_cpu_ms_per_message": statistics.median(r["listener_cpu_ms_per_message"] for r in runs),
             "durable": all(r["aa"] == r["events_recorded"] for r in runs),
             "at": datetime.now(UTC).isoformat(timespec="seconds"),
         }

@@ -388,8 +388,12 @@ def process_hl7(session: Session, sender: Sender, msg: hl7v2.Hl7Message, row: Eh
     """Check, map and record an authenticated message (or keep it in the error queue)."""
     org_id = sender.org_id
     control_id = msg.control_id[:199] if msg.control_id else None
+    known = session.info.get(_KNOWN)
     if row is None and control_id:
-        row = find_message(session, org_id, SOURCE_HL7, control_id)
+        if known is not None and (org_id, control_id) in known:
+            row = known[(org_id, control_id)]
+        elif known is None or org_id not in known.get("orgs", ()):
+            row = find_message(session, org_id, SOURCE_HL7, control_id)
         if row is not None and row.status in ("recorded", "ignored"):
             if row.content_hash == msg.content_hash:
                 return Outcome("AA", "replayed", org_id, row.id, row.event_id, row.event_name, row.contact_id)
@@ -428,6 +432,8 @@ def process_hl7(session: Session, sender: Sender, msg: hl7v2.Hl7Message, row: Eh
                       content_hash=msg.content_hash, message_type=msg.type_label or "?", status="error",
                       ack_code=problem.ack_code, raw=msg.text, reason_code=problem.reason_code, reason=problem.text,
                       error_field=problem.field, event_name=mapped.name if mapped else None)
+        if known is not None and control_id:
+            known[(org_id, control_id)] = kept
         return Outcome(problem.ack_code, "error", org_id, kept.id, reason_code=problem.reason_code, text=problem.text,
                        field=problem.field, problem=problem)
     if row is None:
@@ -438,6 +444,8 @@ def process_hl7(session: Session, sender: Sender, msg: hl7v2.Hl7Message, row: Eh
                   content_hash=msg.content_hash, message_type=msg.type_label, status="recorded", ack_code="AA",
                   event_name=mapped.name, contact_id=contact_id, event_id=event_id,
                   resource_key=mapped.resource_key, state_hash=mapped.state_hash)
+    if known is not None and control_id:
+        known[(org_id, control_id)] = kept
     return Outcome("AA", "recorded", org_id, kept.id, event_id, mapped.name, contact_id, created=True)
 
 
@@ -477,14 +485,48 @@ def ingest_batch(frames: list[tuple[bytes, str | None]]) -> list[bytes]:
     return answers
 
 
+_KNOWN = "carepost_ehr_known_messages"
+
+
+def _prefetch(session: Session, frames: list[tuple[bytes, str | None]]) -> None:
+    """The rows already stored for a group's control ids, one query per organization instead of
+    one per message (read before any credential is checked: only used once a message of that
+    organization is authenticated)."""
+    wanted: dict[str, set[str]] = {}
+    session.info.pop("org_id", None)
+    session.info["scope"] = "system"
+    for data, _ in frames:
+        first = hl7v2.decode(data[:2048]).replace("\n", "\r").split("\r", 1)[0]
+        if not first.startswith("MSH") or len(first) < 4:
+            continue
+        fields = first.split(first[3])
+        if len(fields) < 10 or not fields[9]:
+            continue
+        sender = _load_sender(session, fields[7].partition(".")[0][:16]) if "." in fields[7] else None
+        if sender is not None:
+            wanted.setdefault(sender.org_id, set()).add(fields[9][:199])
+    known: dict = {"orgs": set(wanted)}
+    for org_id, ids in wanted.items():
+        rows = session.scalars(select(EhrMessage).where(EhrMessage.org_id == org_id, EhrMessage.source == SOURCE_HL7,
+                                                        EhrMessage.control_id.in_(sorted(ids))))
+        for row in rows:
+            known[(org_id, row.control_id)] = row
+    session.info[_KNOWN] = known
+
+
 def _ingest_all(session: Session, frames: list[tuple[bytes, str | None]]) -> list[bytes]:
     from carepost.audit.service import record_many
 
     audit: list[dict] = []
     answers = []
-    for frame_data, peer in frames:
-        outcome, header = ingest_hl7(session, frame_data, peer=peer, audit=audit)
-        answers.append(ack_for(outcome, header))
+    if len(frames) > 1:
+        _prefetch(session, frames)
+    try:
+        for frame_data, peer in frames:
+            outcome, header = ingest_hl7(session, frame_data, peer=peer, audit=audit)
+            answers.append(ack_for(outcome, header))
+    finally:
+        session.info.pop(_KNOWN, None)
     by_org: dict[str, list[dict]] = {}
     for item in audit:
         by_org.setdefault(item["org_id"], []).append(item)
