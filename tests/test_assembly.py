@@ -33,7 +33,7 @@ LAYERS = [
     {"delivery"},
     {"portal", "consent"},
     {"segments", "tracking"},
-    {"campaigns", "journeys", "forms", "retention"},
+    {"campaigns", "journeys", "forms", "retention", "ehr"},  # ehr: events in from clinical systems (issue 15)
     {"compliance"},  # the compliance center reads several capabilities; nothing below imports it (issue 16)
     {"dashboard"},  # what shows several capabilities at once, beside app.py, cli.py, assembly.py, doctor.py
 ]
