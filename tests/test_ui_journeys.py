@@ -53,12 +53,16 @@ def clinic(live_server):
         t = content.create_template(s, org_id, TemplateIn(
             name="Visit reminder", subject="Your visit is coming up", purpose="treatment", contains_phi=False,
             html="<p>Hello {{ first_name }}, see you soon.</p>", language="en"))
+        refill = content.create_template(s, org_id, TemplateIn(
+            name="Refill due", subject="Your prescription can be refilled", purpose="refill_reminder",
+            contains_phi=False, html="<p>Hello {{ first_name }}, your refill is due.</p>", language="en"))
         patient = patients.save_contact(s, org_id, {"given_name": "Imelda", "family_name": "Varga",
                                                     "email": f"imelda.{secrets.token_hex(3)}@patients.example"}).contact
         other = patients.save_contact(s, org_id, {"given_name": "Oskar", "family_name": "Lind",
                                                   "email": f"oskar.{secrets.token_hex(3)}@patients.example"}).contact
         s.commit()
-        return SimpleNamespace(org_id=org_id, admin=admin, template=t.id, patient=patient.id, other=other.id)
+        return SimpleNamespace(org_id=org_id, admin=admin, template=t.id, refill=refill.id, patient=patient.id,
+                               other=other.id)
 
 
 def _book(org_id: str, contact_id: str, *, then_days: int = 0) -> None:
@@ -210,4 +214,83 @@ def test_build_validate_fix_save_publish_watch_counts_and_timeline(browser, live
     finally:
         ctx.close()
     assert not foreign, f"loaded from other hosts: {foreign}"
+    assert not console_errors, console_errors
+
+
+def test_starter_step_panels_branch_split_and_settings(browser, live_server, clinic):
+    """The side panel of each kind of step, on the refill reminder starter: templates chosen, the
+    branch's engagement case edited and a second case added and removed (its output with it), an
+    A/B split whose weights do not add up, the journey's entry and goal; saved and reloaded."""
+    ctx = browser.new_context(base_url=live_server.url, viewport={"width": 1366, "height": 900})
+    page = ctx.new_page()
+    page.set_default_timeout(20000)
+    console_errors: list[str] = []
+    page.on("console", lambda msg: console_errors.append(msg.text) if msg.type == "error" else None)
+    page.on("pageerror", lambda exc: console_errors.append(str(exc)))
+    try:
+        ui_login(page, clinic.admin)
+        page.goto("/app/journeys/new?starter=refill_reminder")
+        expect(page.get_by_test_id("journey-editor")).to_have_attribute("data-ready", "true")
+        expect(page.get_by_test_id("step-node")).to_have_count(5)
+        for sid in ("remind", "remind_again"):
+            page.locator(f"[data-step={sid}] .jstep-summary").click()
+            expect(page.get_by_test_id("panel-title")).to_have_text(f"Send email · {sid}")
+            page.select_option("#f-template", f"{clinic.refill}:1")
+            expect(page.locator(f"[data-step={sid}] .jstep-summary")).to_have_text("Refill due — v1")
+        expect(page.get_by_test_id("validation-status")).to_have_text("Valid")
+
+        # the branch: its engagement case, a second case with its own output, removed again
+        page.locator("[data-step=opened] .jstep-summary").click()
+        expect(page.get_by_test_id("panel-title")).to_have_text("Branch · opened")
+        expect(page.locator("#c0-kind")).to_have_value("engagement")
+        expect(page.locator("#c0-step")).to_have_value("remind")
+        expect(page.locator("#c0-is")).to_have_value("not_opened")
+        page.select_option("#c0-is", "clicked")
+        expect(page.locator("#journey-canvas [data-step=opened] .outputs .output")).to_have_count(2)
+        page.get_by_test_id("add-case").click()
+        expect(page.get_by_test_id("branch-case")).to_have_count(2)
+        expect(page.locator("#journey-canvas [data-step=opened] .outputs .output")).to_have_count(3)
+        expect(page.get_by_test_id("validation-error").filter(has_text="steps.opened.cases[1]")).not_to_have_count(0)
+        page.select_option("#c1-field", "sex")
+        page.select_option("#c1-op", "eq")
+        page.fill("#c1-value", "female")
+        page.press("#c1-value", "Tab")
+        page.select_option("#next-opened-1", "remind_again")
+        expect(page.get_by_test_id("validation-status")).to_have_text("Valid")
+        page.get_by_test_id("remove-case").nth(1).click()
+        expect(page.locator("#journey-canvas [data-step=opened] .outputs .output")).to_have_count(2)
+        expect(page.get_by_test_id("validation-status")).to_have_text("Valid")
+
+        # an A/B split whose weights add up to 90: named at the split; then deleted
+        page.get_by_test_id("add-split").click()
+        expect(page.get_by_test_id("panel-title")).to_have_text("A/B split · s1")
+        page.fill("#v1-weight", "40")
+        page.press("#v1-weight", "Tab")
+        expect(page.get_by_test_id("split-total")).to_have_text("Total: 90%")
+        expect(page.get_by_test_id("step-errors-s1")).to_be_visible()
+        page.get_by_test_id("delete-step").click()
+        expect(page.get_by_test_id("validation-status")).to_have_text("Valid")
+
+        # the journey's settings: a goal
+        page.locator("[data-step=remind] .jstep-summary").click()
+        page.get_by_test_id("show-settings").click()
+        expect(page.get_by_test_id("panel-title")).to_have_text("Journey settings")
+        expect(page.locator("#f-entry-field")).to_have_value("refill_due")
+        expect(page.locator("#f-entry-offset")).to_have_value("-7d")
+        page.fill("#f-goal-event", "refill.picked_up")
+        page.press("#f-goal-event", "Tab")
+        expect(page.locator("#f-goal-days")).to_have_value("30")
+        page.fill("#f-goal-event", "no.such_event")
+        page.press("#f-goal-event", "Tab")
+        expect(page.get_by_test_id("validation-error").filter(has_text="goal.event")).to_have_count(1)
+        page.fill("#f-goal-event", "refill.picked_up")
+        page.press("#f-goal-event", "Tab")
+        expect(page.get_by_test_id("validation-status")).to_have_text("Valid")
+        page.get_by_test_id("save-draft").click()
+        page.wait_for_url(re.compile(r".*/app/journeys/[0-9a-f]{32}/edit\?saved=1$"))
+        expect(page.locator("#f-goal-event")).to_have_value("refill.picked_up")
+        expect(page.locator("#f-purpose")).to_have_value("refill_reminder")
+        expect(page.get_by_test_id("step-node")).to_have_count(5)
+    finally:
+        ctx.close()
     assert not console_errors, console_errors
