@@ -303,3 +303,64 @@ def test_the_routes_are_in_the_openapi_document(client):
                  "/api/v1/journeys/{journey_id}/reject", "/api/v1/journeys/{journey_id}/runs",
                  "/api/v1/journeys/{journey_id}/analytics"):
         assert path in paths, path
+
+
+@pytest.mark.slow
+def test_schemathesis_over_the_journeys_routes_finds_nothing(app, shop, session):
+    """The live OpenAPI document, journeys routes only, fuzzed in-process with a key holding every
+    API scope: no 5xx, no undocumented status or content type, every response as documented."""
+    import os
+
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import checks
+
+    from carepost.accounts.permissions import API_SCOPES
+
+    examples = int(os.environ.get("CAREPOST_FUZZ_EXAMPLES_JOURNEYS", "25"))
+    cred, secret = create_credential(session, shop["org_id"], name="Fuzzer", scopes=sorted(API_SCOPES),
+                                     rate_limit_per_minute=100_000)
+    session.commit()
+    headers = {"Authorization": f"Bearer {cred.key_id}.{secret}"}
+    # every other case names a real journey (and contact), so the fuzz gets past the 404s
+    from fastapi.testclient import TestClient as _Client
+
+    with _Client(app, base_url="http://localhost:8000") as c:
+        r = c.post("/api/v1/journeys", json={"name": "Fuzzed", "definition": definition(shop["template"])},
+                   headers=headers)
+        assert r.status_code == 201, r.text
+        real = r.json()["id"]
+        assert c.post(f"/api/v1/journeys/{real}/publish", json={}, headers=headers).status_code == 200
+    counter = {"n": 0}
+    statuses: dict[int, int] = {}
+    schema = schemathesis.openapi.from_asgi("/api/v1/openapi.json", app)
+    selected = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
+                checks.response_schema_conformance]
+    failures: dict[str, str] = {}
+    operations = 0
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        if not operation.path.startswith("/api/v1/journeys"):
+            continue
+        operations += 1
+
+        @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy())
+        def run(case):
+            counter["n"] += 1
+            if counter["n"] % 2:
+                if case.path_parameters and "journey_id" in case.path_parameters:
+                    case.path_parameters["journey_id"] = real
+                if case.query and "contact_id" in case.query:
+                    case.query["contact_id"] = shop["contacts"][0]
+            response = case.call_and_validate(headers=headers, checks=selected)
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+
+        try:
+            run()
+        except (Exception, BaseExceptionGroup) as exc:  # noqa: BLE001 - every failure is reported below
+            failures[operation.label] = str(exc)[:1500]
+    assert operations >= 17
+    assert {200, 404, 422} <= set(statuses), statuses  # the fuzz reached real journeys, not only misses
+    assert not failures, "\n\n".join(f"{label}:\n{text}" for label, text in sorted(failures.items()))

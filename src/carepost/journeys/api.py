@@ -18,7 +18,7 @@ audited; every route is scoped to the caller's organization: another's journey i
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from carepost.accounts.access import Principal, require
@@ -157,7 +157,7 @@ def save_version(request: Request, journey_id: str, body: VersionIn,
 
 
 @router.get("/journeys/{journey_id}/versions/{version}", summary="One version of a journey")
-def read_version(request: Request, journey_id: str, version: int,
+def read_version(request: Request, journey_id: str, version: int = Path(ge=1, le=100_000),
                  principal: Principal = Depends(require(P.JOURNEYS_READ))) -> dict:
     row = _get(request, principal, journey_id)
     return service.version_dict(service.get_version(request.state.db, row, version))

@@ -87,6 +87,8 @@ def get_version(session: Session, row: Journey, number: int | None = None, field
     stmt = select(JourneyVersion).where(JourneyVersion.org_id == row.org_id, JourneyVersion.journey_id == row.id)
     if number is None:
         ver = session.scalars(stmt.order_by(JourneyVersion.version.desc()).limit(1)).first()
+    elif not isinstance(number, int) or isinstance(number, bool) or not 1 <= number <= MAX_VERSIONS:
+        ver = None
     else:
         ver = session.scalars(stmt.where(JourneyVersion.version == number)).first()
     if ver is None:
