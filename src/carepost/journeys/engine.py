@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from carepost.core import clock
@@ -203,11 +203,34 @@ def _claim(session: Session, org_id: str, now: datetime, limit: int) -> list[Run
     stmt = (select(j.id, j.org_id, j.journey_id, j.version, j.version_id, j.contact_id, j.state, j.step_id, j.seq,
                    j.variants, j.waiting_event, j.entered_at)
             .join(Journey, Journey.id == j.journey_id)
-            .where(j.org_id == org_id, j.state.in_(OPEN_STATES), j.wake_at <= now, Journey.status == "live")
+            .where(j.org_id == org_id, j.wake_at <= now, j.state.in_(OPEN_STATES), Journey.status == "live")
             .order_by(j.wake_at).limit(limit))
     if is_postgres(session):
         stmt = stmt.with_for_update(of=j, skip_locked=True)
     return [Run(*row[:9], dict(row[9] or {}), row[10], row[11]) for row in session.execute(stmt)]
+
+
+_RUN_COLUMNS = ("step_id", "seq", "variants", "state", "waiting_event", "wake_at", "updated_at", "lease_until",
+                "active_key", "ended_at", "exit_reason")
+
+
+def _write(session: Session, org_id: str, step_rows: list[dict], changes: list[dict]) -> None:
+    """The chunk's step rows (COPY on PostgreSQL, one executemany on SQLite) and the runs' moves
+    (one executemany UPDATE by id, within the organization), Core statements: no ORM unit of work."""
+    from sqlalchemy import bindparam
+
+    from carepost.campaigns.planning import write_rows
+
+    write_rows(session, JourneyRunStep.__table__, step_rows)
+    t = JourneyRun.__table__
+    ended = [c for c in changes if "ended_at" in c]
+    going = [c for c in changes if "ended_at" not in c]
+    for rows, columns in ((going, _RUN_COLUMNS[:8]), (ended, _RUN_COLUMNS)):
+        if not rows:
+            continue
+        stmt = (update(t).where(t.c.id == bindparam("b_id"), t.c.org_id == org_id)
+                .values({c: bindparam(f"b_{c}") for c in columns}))
+        session.connection().execute(stmt, [{"b_id": r["id"], **{f"b_{c}": r.get(c) for c in columns}} for r in rows])
 
 
 def advance_chunk(org_id: str, *, now: datetime | None = None, limit: int = CHUNK, report: TickReport | None = None,
@@ -274,9 +297,7 @@ def advance_chunk(org_id: str, *, now: datetime | None = None, limit: int = CHUN
                 row.update(active_key=None, ended_at=now, exit_reason=r.exit_reason, wake_at=None,
                            waiting_event=None)
             changes.append(row)
-        if step_rows:
-            session.execute(insert(JourneyRunStep), step_rows)
-        session.execute(update(JourneyRun), changes)
+        _write(session, org_id, step_rows, changes)
         session.commit()
         message_ids = list(ctx.message_ids)
     if message_ids and enqueue:

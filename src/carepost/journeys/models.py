@@ -91,7 +91,9 @@ class JourneyVersion(OrgScoped, Base):
 class JourneyRun(OrgScoped, Base):
     __tablename__ = "journey_runs"
     __table_args__ = (
-        Index("ix_journey_runs_due", "state", "wake_at"),
+        # The tick's claim: an open run has a wake_at, an ended one none (every path that ends a
+        # run clears it), so "due" is one range per organization on this index.
+        Index("ix_journey_runs_due", "org_id", "wake_at"),
         Index("ix_journey_runs_journey_state", "org_id", "journey_id", "state", "step_id"),
         Index("ix_journey_runs_contact", "org_id", "contact_id", "state"),
         UniqueConstraint("journey_id", "active_key", name="uq_journey_runs_active"),
