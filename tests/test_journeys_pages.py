@@ -189,7 +189,8 @@ def test_editor_validates_saves_publishes_with_a_choice_and_pauses(client, org, 
 
     # every change is audited with the journey id
     actions = audit_actions(session, org.id, marketer.id)
-    for action in ("journey.create", "journey.update", "journey.publish", "journey.pause", "journey.resume"):
+    for action in ("journey.created", "journey.updated", "journey.version_saved", "journey.published", "journey.paused",
+                   "journey.resumed"):
         assert action in actions, actions
 
 
@@ -252,10 +253,23 @@ def test_csrf_permissions_and_other_organizations(client, org, make_user, clinic
     from carepost.journeys.models import Journey
 
     assert session.get(Journey, foreign).status == "live"
-    # without journeys:manage (an analyst): refused
+    # an analyst (journeys:read, not journeys:manage) sees the list and the running view, edits nothing
     client.cookies.clear()
     analyst = make_user(org, role="analyst")
-    login_client(client, analyst)
+    csrf = login_client(client, analyst)
+    r = client.get("/app/journeys")
+    assert r.status_code == 200 and 'data-testid="new-journey"' not in r.text and "starter-picker" not in r.text
+    r = client.get(f"/app/journeys/{own}")
+    assert r.status_code == 200 and 'data-testid="pause"' not in r.text and 'data-testid="edit-journey"' not in r.text
+    assert client.get(f"/app/journeys/{own}/counts").status_code == 200
+    assert client.get(f"/app/journeys/{own}/edit").status_code == 403
+    assert client.get("/app/journeys/new").status_code == 403
+    assert _json_post(client, "/app/journeys/validate", csrf, body).status_code == 403
+    assert client.post(f"/app/journeys/{own}/pause", data={"csrf_token": csrf}).status_code == 403
+    assert client.post(f"/app/journeys/{own}/approve", data={"csrf_token": csrf}).status_code == 403
+    # care team (no journeys:read): nothing
+    client.cookies.clear()
+    login_client(client, make_user(org, role="care_team"))
     assert client.get("/app/journeys").status_code == 403
     assert client.get(f"/app/journeys/{own}").status_code == 403
 
@@ -341,3 +355,74 @@ def test_no_phi_in_urls_of_the_journey_pages(client, org, make_user, clinic, ses
     assert urls and not [u for u in urls if re.search(r"ana\.private|Anabelle|Quintero|@", u, re.IGNORECASE)]
     counts = client.get(f"/app/journeys/{jid}/counts").text
     assert "Anabelle" not in counts and "ana.private" not in counts and ana not in counts
+
+
+def test_a_marketing_journey_is_published_only_after_compliance_approves_it_on_the_page(client, org, make_user, clinic,
+                                                                                         session):
+    from carepost.content import service as content
+    from carepost.content.schemas import TemplateIn
+
+    with org_session(org.id) as s:
+        t = content.create_template(s, org.id, TemplateIn(
+            name="Cooking class", subject="A class for you", purpose="marketing", contains_phi=False,
+            html="<p>Join our cooking class.</p>", language="en"))
+        s.commit()
+        tid = t.id
+    definition = _definition({"treatment": (tid, 1)})
+    definition["purpose"] = "marketing"
+    marketer = make_user(org, role="marketer")
+    officer = make_user(org, role="compliance_officer")
+    csrf = login_client(client, marketer)
+    r = _json_post(client, "/app/journeys", csrf, {"name": "Cooking class", "definition": definition})
+    assert r.status_code == 201, r.text
+    jid = r.json()["id"]
+    r = client.get(f"/app/journeys/{jid}/edit")
+    assert 'data-testid="approval-note"' in r.text and "marketing purpose" in r.text
+    r = client.post(f"/app/journeys/{jid}/publish", data={"csrf_token": csrf, "mode": "drain"})
+    assert r.status_code == 409 and "needs approval by compliance" in r.text
+    r = client.get(f"/app/journeys/{jid}")
+    assert 'data-testid="approval"' in r.text and "awaiting approval" in r.text and 'data-testid="approve"' not in r.text
+    assert 'data-testid="row-approval">awaiting approval<' in client.get("/app/journeys").text
+    assert client.post(f"/app/journeys/{jid}/approve", data={"csrf_token": csrf}).status_code == 403  # not compliance
+
+    client.cookies.clear()
+    ocsrf = login_client(client, officer)
+    r = client.get(f"/app/journeys/{jid}?version=1")
+    assert r.status_code == 200 and 'data-testid="approve"' in r.text and 'data-testid="edit-journey"' not in r.text
+    r = client.post(f"/app/journeys/{jid}/approve", data={"csrf_token": ocsrf}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == f"/app/journeys/{jid}?version=1&done=approved"
+    r = client.get(r.headers["location"])
+    assert "Approved" in r.text and 'data-testid="reject"' in r.text
+
+    client.cookies.clear()
+    csrf = login_client(client, marketer)
+    r = client.post(f"/app/journeys/{jid}/publish", data={"csrf_token": csrf, "mode": "drain"}, follow_redirects=False)
+    assert r.status_code == 303
+    assert "journey.approved" in audit_actions(session, org.id, officer.id)
+
+
+def test_the_author_cannot_approve_their_own_version(client, org, make_user, clinic, session):
+    from carepost.content import service as content
+    from carepost.content.schemas import TemplateIn
+
+    with org_session(org.id) as s:
+        t = content.create_template(s, org.id, TemplateIn(
+            name="Offer", subject="An offer", purpose="marketing", contains_phi=False, html="<p>Offer.</p>",
+            language="en"))
+        s.commit()
+        tid = t.id
+    definition = _definition({"treatment": (tid, 1)})
+    definition["purpose"] = "marketing"
+    owner = make_user(org, role="owner")  # holds journeys:manage and campaigns:approve
+    csrf = login_client(client, owner)
+    jid = _json_post(client, "/app/journeys", csrf, {"name": "Offer", "definition": definition}).json()["id"]
+    r = client.get(f"/app/journeys/{jid}")
+    assert "You wrote this version" in r.text and 'data-testid="approve"' not in r.text
+    r = client.post(f"/app/journeys/{jid}/approve", data={"csrf_token": csrf})
+    assert r.status_code == 403 and "cannot approve" in r.text
+    session.rollback()
+    from carepost.journeys.models import JourneyVersion
+
+    assert session.query(JourneyVersion).filter_by(journey_id=jid).one().approved_at is None
+    denied = [a for a in audit_actions(session, org.id, owner.id) if a == "journey.approved"]
+    assert denied  # the refusal is audited (outcome denied)

@@ -25,7 +25,7 @@ Journey pages hold no PHI (ids, step ids, counts); every change is audited with 
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse
 
@@ -45,7 +45,8 @@ STEP_TYPES = {"send": "Send email", "wait": "Wait", "wait_until": "Wait until", 
               "branch": "Branch", "split": "A/B split", "update": "Update contact", "notify": "Notify staff",
               "webhook": "Webhook", "exit": "Exit"}
 DONE = {"published": "Published.", "paused": "Paused: no run enters or moves until it is resumed.",
-        "resumed": "Resumed.", "created": "Draft saved."}
+        "resumed": "Resumed.", "created": "Draft saved.", "approved": "Approved: the author may publish this version.",
+        "rejected": "Approval withdrawn."}
 POLL_MS = 4000
 EMPTY_DEFINITION = {"purpose": "treatment", "topic_id": None, "entry": {"type": "event", "event": "appointment.booked"},
                     "reentry": {"mode": "never"}, "exit_on": ["unsubscribe", "revocation"], "start": None,
@@ -100,7 +101,7 @@ def _show(n, principal: Principal):
 
 
 @router.get("/journeys")
-def journey_list(request: Request, principal: Principal = Depends(require(P.JOURNEYS_MANAGE))):
+def journey_list(request: Request, principal: Principal = Depends(require(P.JOURNEYS_READ))):
     session = request.state.db
     rows = service.list_journeys(session, principal.org_id)
     totals = _totals(session, rows)
@@ -111,7 +112,7 @@ def journey_list(request: Request, principal: Principal = Depends(require(P.JOUR
         out.append({**d, **{k: _show(v, principal) for k, v in t.items()}})
     return render(request, "journeys/list.html", {
         "journeys": out, "starters": starters.list_starters(), "purposes": PURPOSES,
-        "notice": DONE.get(request.query_params.get("done") or ""),
+        "notice": DONE.get(request.query_params.get("done") or ""), "can_manage": principal.can(P.JOURNEYS_MANAGE),
     })
 
 
@@ -161,6 +162,7 @@ def _editor(request: Request, principal: Principal, *, row=None, definition: dic
     return render(request, "journeys/editor.html", {
         "journey": row, "data": data, "name": name, "starter": starter, "step_types": STEP_TYPES,
         "has_live": has_live, "error": error, "saved": request.query_params.get("saved") == "1",
+        "approval": _approval(session, principal, row, service.list_versions(session, row)) if row is not None else None,
         "notice": None,
     }, status_code=status)
 
@@ -238,7 +240,7 @@ async def journey_create(request: Request, principal: Principal = Depends(requir
                                          {"name": _name(body), "definition": body.get("definition")}, principal)
         except CarePostError as exc:
             return _refusal(session, exc)
-        record_for(session, principal, request, "journey.create", target_type="journey", target_id=row.id,
+        record_for(session, principal, request, "journey.created", target_type="journey", target_id=row.id,
                    details={"version": 1, "source": "editor"})
         session.commit()
         return JSONResponse({"id": row.id, "version": 1, "edit_url": f"/app/journeys/{row.id}/edit",
@@ -257,12 +259,16 @@ async def journey_save(request: Request, journey_id: str, principal: Principal =
         row = service.get_journey(session, principal.org_id, journey_id)
         try:
             name = _name(body)
-            if name != row.name:
+            renamed = name != row.name
+            if renamed:
                 service.update_journey(session, row, {"name": name})
             ver = service.save_definition(session, row, body.get("definition"), principal)
         except CarePostError as exc:
             return _refusal(session, exc)
-        record_for(session, principal, request, "journey.update", target_type="journey", target_id=row.id,
+        if renamed:
+            record_for(session, principal, request, "journey.updated", target_type="journey", target_id=row.id,
+                       details={"fields": ["name"], "source": "editor"})
+        record_for(session, principal, request, "journey.version_saved", target_type="journey", target_id=row.id,
                    details={"version": ver.version, "source": "editor"})
         session.commit()
         return JSONResponse({"id": row.id, "version": ver.version, "edit_url": f"/app/journeys/{row.id}/edit",
@@ -300,7 +306,7 @@ async def _act(request: Request, principal: Principal, journey_id: str, action: 
                                error=error, status=exc.status_code)
             return _journey_page(request, principal, row, error=error, status=exc.status_code)
         past = {"publish": "published", "pause": "paused", "resume": "resumed"}[action]
-        record_for(session, principal, request, f"journey.{action}", target_type="journey", target_id=row.id,
+        record_for(session, principal, request, f"journey.{past}", target_type="journey", target_id=row.id,
                    details={"status": row.status, **details})
         session.commit()
         return RedirectResponse(f"/app/journeys/{row.id}?done={past}", status_code=303)
@@ -321,6 +327,44 @@ async def journey_pause(request: Request, journey_id: str, principal: Principal 
 @router.post("/journeys/{journey_id}/resume")
 async def journey_resume(request: Request, journey_id: str, principal: Principal = Depends(require(P.JOURNEYS_MANAGE))):
     return await _act(request, principal, journey_id, "resume")
+
+
+async def _review(request: Request, principal: Principal, journey_id: str, action: str):
+    """Compliance approves the draft version, or withdraws its approval (never the author's own:
+    the service refuses, and the refusal is audited)."""
+    await request.form()
+
+    def work():
+        session = request.state.db
+        row = service.get_journey(session, principal.org_id, journey_id)
+        fn = service.approve if action == "approved" else service.revoke_approval
+        try:
+            ver = fn(session, row, principal)
+        except CarePostError as exc:
+            session.rollback()
+            if exc.status_code == 403:
+                record_for(session, principal, request, f"journey.{action}", target_type="journey", target_id=row.id,
+                           outcome="denied", details={"reason": exc.code})
+                session.commit()
+            row = service.get_journey(session, principal.org_id, journey_id)
+            return _journey_page(request, principal, row, error={"field": exc.field, "message": exc.message},
+                                 status=exc.status_code)
+        record_for(session, principal, request, f"journey.{action}", target_type="journey", target_id=row.id,
+                   details={"version": ver.version, "source": "page"})
+        session.commit()
+        return RedirectResponse(f"/app/journeys/{row.id}?version={ver.version}&done={action}", status_code=303)
+
+    return await run_in_threadpool(work)
+
+
+@router.post("/journeys/{journey_id}/approve")
+async def journey_approve(request: Request, journey_id: str, principal: Principal = Depends(require(P.CAMPAIGNS_APPROVE))):
+    return await _review(request, principal, journey_id, "approved")
+
+
+@router.post("/journeys/{journey_id}/reject")
+async def journey_reject(request: Request, journey_id: str, principal: Principal = Depends(require(P.CAMPAIGNS_APPROVE))):
+    return await _review(request, principal, journey_id, "rejected")
 
 
 # --------------------------------------------------------------------------- the running view
@@ -355,11 +399,30 @@ def live_counts(session, principal: Principal, row) -> dict:
             "masked": not unmasked, "at": clock.now().strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def _journey_page(request: Request, principal: Principal, row, error: dict | None = None, status: int = 200):
+def _approval(session, principal: Principal, row, versions) -> dict | None:
+    """The newest version when it is a draft that needs compliance approval (marketing purpose,
+    sensitive segment): the reasons, whether it is approved, what the viewer may do."""
+    if not versions or versions[-1].published_at is not None:
+        return None
+    newest = versions[-1]
+    reasons = service.approval_reasons(session, row.org_id, newest.definition)
+    if not reasons:
+        return None
+    me = service.actor_of(principal)
+    may_review = principal.can(P.CAMPAIGNS_APPROVE) and newest.created_by != me
+    return {"version": newest.version, "reasons": [r.replace("_", " ") for r in reasons],
+            "approved": newest.approved_at is not None, "approved_at": newest.approved_at,
+            "own": newest.created_by == me, "may_review": may_review}
+
+
+def _journey_page(request: Request, principal: Principal, row, error: dict | None = None, status: int = 200,
+                  number: int | None = None):
     session = request.state.db
     versions = service.list_versions(session, row)
-    live = service.live_version(session, row)
-    shown = live or (versions[-1] if versions else None)
+    if number is not None:
+        shown = service.get_version(session, row, number)
+    else:
+        shown = service.live_version(session, row) or (versions[-1] if versions else None)
     counts = live_counts(session, principal, row)
     data = {"journey": {"id": row.id, "status": row.status}, "definition": (shown.definition if shown else None) or
             {"steps": {}, "layout": {}}, "readonly": True, "counts": counts, "choices": _choices(session, principal, request),
@@ -367,18 +430,20 @@ def _journey_page(request: Request, principal: Principal, row, error: dict | Non
     return render(request, "journeys/journey.html", {
         "journey": row, "shown": shown, "versions": versions, "data": data, "purposes": PURPOSES,
         "has_draft": bool(versions and versions[-1].published_at is None), "can_manage": principal.can(P.JOURNEYS_MANAGE),
+        "approval": _approval(session, principal, row, versions),
         "error": error, "notice": DONE.get(request.query_params.get("done") or ""),
     }, status_code=status)
 
 
 @router.get("/journeys/{journey_id}")
-def journey_page(request: Request, journey_id: str, principal: Principal = Depends(require(P.JOURNEYS_MANAGE))):
+def journey_page(request: Request, journey_id: str, version: int | None = Query(None, ge=1, le=100_000),
+                 principal: Principal = Depends(require(P.JOURNEYS_READ))):
     row = service.get_journey(request.state.db, principal.org_id, journey_id)
-    return _journey_page(request, principal, row)
+    return _journey_page(request, principal, row, number=version)
 
 
 @router.get("/journeys/{journey_id}/counts")
-def journey_counts(request: Request, journey_id: str, principal: Principal = Depends(require(P.JOURNEYS_MANAGE))):
+def journey_counts(request: Request, journey_id: str, principal: Principal = Depends(require(P.JOURNEYS_READ))):
     """The running view's counts as JSON (the page fetches them again every few seconds)."""
     session = request.state.db
     row = service.get_journey(session, principal.org_id, journey_id)
