@@ -23,7 +23,7 @@ NAV: list[tuple[str, str, str, str | tuple[str, ...] | None]] = [
     ("Patients", "Forms and surveys", "/app/forms", "forms:manage"),
     ("Patients", "Segments", "/app/segments", "segments:read"),
     ("Delivery", "Campaigns", "/app/campaigns", "campaigns:read"),
-    ("Delivery", "Journeys", "/app/journeys", "journeys:manage"),  # issue 15 item 6
+    ("Delivery", "Journeys", "/app/journeys", "journeys:read"),  # issue 15 item 6
     ("Delivery", "Compose", "/app/compose", ("messages:send", "campaigns:send")),  # any of them (issue 10 item 5)
     ("Delivery", "Templates", "/app/templates", "templates:manage"),
     ("Delivery", "Sending domains", "/app/domains", "domains:manage"),
