@@ -414,3 +414,41 @@ def test_a_paused_journey_advances_nothing_and_a_migrated_run_takes_the_new_vers
     assert report.sent == 1
     (run,) = runs(org_id, jid)
     assert run.state == "completed" and [x[0] for x in steps_of(org_id, run.id)] == ["s1", "s2", "s3"]
+
+
+# --------------------------------------------------------------------------- update, notify, webhook
+
+
+def test_update_notify_and_webhook_steps(sender, session, make_user):
+    from carepost.audit.models import AuditEvent
+    from carepost.patients.models import Contact
+
+    org_id = sender.org_id
+    staff = make_user(org_id, role="marketer")
+    steps = {
+        "s1": {"type": "update", "action": "set_field", "field": "preferred_language", "value": "es", "next": "s2"},
+        "s2": {"type": "notify", "role": "marketer", "text": "A patient finished the discharge follow-up.",
+               "next": "s3"},
+        "s3": {"type": "webhook", "event": "journey.step", "next": "s4"},
+        "s4": {"type": "exit"},
+    }
+    with org_session(org_id) as s:
+        ref = template_ref(s, org_id)
+        jid, _ = make_journey(s, org_id, definition(ref, steps=steps))
+        cid = make_contact(s, org_id, "update@valid.test")
+        s.commit()
+    record(org_id, cid)
+    report = tick(org_id)
+    assert report.steps == 4
+    (run,) = runs(org_id, jid)
+    assert run.state == "completed"
+    assert [x[:3] for x in steps_of(org_id, run.id)] == [
+        ("s1", "done", "set_field"), ("s2", "done", "notified:1"), ("s3", "done", None), ("s4", "done", None)]
+    with org_session(org_id) as s:
+        assert s.get(Contact, cid).preferred_language == "es"
+        assert s.scalar(select(AuditEvent.id).where(AuditEvent.action == "journey.update",
+                                                   AuditEvent.target_id == cid)) is not None
+        notices = [m for m in s.scalars(select(Message).where(Message.org_id == org_id))
+                   if "account:journey_notice" in (m.tags or [])]
+    assert len(notices) == 1 and notices[0].contains_phi is False
+    _ = staff
