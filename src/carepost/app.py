@@ -231,8 +231,10 @@ def install_middleware(app: FastAPI, settings: Settings) -> None:
         return response
 
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
-    # Outermost: the open pixel and click redirects (/t/o/, /t/c/) are answered before routing and
-    # the middleware above, with the same security headers (issue 13; carepost.tracking.engagement_pages).
+    # In front of the whole stack: the open pixel and click redirects (/t/o/, /t/c/) are answered
+    # before the app's middleware stack (Starlette's error middleware, FastAPI's telemetry and body
+    # limit, the middleware above) and routing, with the same security headers (issue 13;
+    # carepost.tracking.engagement_pages): the app's built stack is wrapped, not extended.
     from carepost.tracking.engagement_pages import EngagementFastPath
 
     fast_headers = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
@@ -242,7 +244,12 @@ def install_middleware(app: FastAPI, settings: Settings) -> None:
                     (b"cache-control", b"no-store"), (b"pragma", b"no-cache")]
     if settings.base_url.startswith("https://"):
         fast_headers.append((b"strict-transport-security", b"max-age=31536000; includeSubDomains"))
-    app.add_middleware(EngagementFastPath, headers=fast_headers, observe=observe_request)
+    build_stack = app.build_middleware_stack
+
+    def _build_with_fast_path():
+        return EngagementFastPath(build_stack(), headers=fast_headers, observe=observe_request)
+
+    app.build_middleware_stack = _build_with_fast_path
 
 
 def enforce_declared_access(app: FastAPI) -> list[str]:
@@ -261,6 +268,22 @@ def enforce_declared_access(app: FastAPI) -> list[str]:
     return undeclared
 
 
+_frozen = [False]
+
+
+def _freeze_start_up_objects() -> None:
+    """Once per process, when the app starts (models, routes, templates loaded): move what exists
+    now out of the garbage collector's generations, so its collections do not walk it again and
+    again under load (issue 13, /t/ throughput). Later garbage is collected as usual."""
+    if _frozen[0]:
+        return
+    import gc
+
+    _frozen[0] = True
+    gc.collect()
+    gc.freeze()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     import importlib
 
@@ -272,6 +295,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        _freeze_start_up_objects()
         yield
         from carepost.core.database import dispose_engine
 

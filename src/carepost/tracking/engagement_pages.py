@@ -12,8 +12,9 @@ user agent's family (``tracking.engagement``).
 
 **A fast path in front of the app.** These two paths are the busiest of an installation (every
 image load and click of every tracked message) and carry nothing but a token, so they are served
-by :class:`EngagementFastPath`, a plain ASGI layer the composition root (``carepost.app``) puts
-outermost, instead of going through routing, the request-id/header middleware and a database
+by :class:`EngagementFastPath`, a plain ASGI layer the composition root (``carepost.app``) wraps
+around the app's built middleware stack, instead of going through Starlette's error middleware,
+FastAPI's telemetry and body limit, routing, the request-id/header middleware and a database
 session per request: the handler awaits the writer thread's group commit (``tracking.engagement``)
 and answers with the same security headers every CarePost response carries (passed in by the
 app). They are public by design (the token is the credential), declared here as the consent
