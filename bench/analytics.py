@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -228,6 +229,15 @@ def seed_events(org_id: str, n: int, day: datetime) -> dict:
     return {"events": total, "recipients": k, "by_kind": written, "seed_seconds": round(time.perf_counter() - started, 1)}
 
 
+def _proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of a local process so far (/proc/<pid>/stat)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_rebuild(day: datetime, written: dict) -> dict:
     from sqlalchemy import func, select
 
@@ -235,9 +245,24 @@ def run_rebuild(day: datetime, written: dict) -> dict:
     from carepost.tracking import rebuild
     from carepost.tracking.rollups import AnalyticsRollup
 
+    backends: dict[int, float] = {}  # pid -> its CPU seconds when first seen
+
+    @contextmanager
+    def sessions():
+        """system_session, noting the PostgreSQL server process that does the work (its CPU time
+        is the rebuild's, on a machine other processes load)."""
+        with system_session() as s:
+            if s.get_bind().dialect.name == "postgresql":
+                pid = s.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
+                backends.setdefault(pid, _proc_cpu(pid))
+            yield s
+
+    cpu0 = time.process_time()
     started = time.perf_counter()
-    result = rebuild.rebuild(system_session, start=day)
+    result = rebuild.rebuild(sessions, start=day)
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu0
+    server_cpu = sum(_proc_cpu(pid) - before for pid, before in backends.items()) if backends else None
     with read_only_session() as s:
         totals = dict(s.execute(select(AnalyticsRollup.metric, func.sum(AnalyticsRollup.n))
                                 .where(AnalyticsRollup.grain == "d", AnalyticsRollup.period == day)
@@ -248,6 +273,8 @@ def run_rebuild(day: datetime, written: dict) -> dict:
     for metric, n in expect.items():
         assert int(totals.get(metric) or 0) == n, (metric, totals.get(metric), n)
     return {"events": sum(result.events.values()), "seconds": round(elapsed, 2),
+            "cpu_seconds_bench_process": round(cpu, 2),
+            "cpu_seconds_postgres_backend": round(server_cpu, 2) if server_cpu is not None else None,
             "events_per_s": round(sum(result.events.values()) / elapsed), "rollup_rows": rows,
             "rows_written": result.rows}
 
