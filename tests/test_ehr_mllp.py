@@ -395,3 +395,24 @@ def test_the_cli_lists_and_retries_the_error_queue(db, org, listener):
 
 def test_pid_helper_is_synthetic():
     assert "Testpatient" in pid("X")
+
+
+def test_an_hl7_appointment_starts_a_journey(db, org, listener):
+    """An EHR drives journeys without custom code: SIU^S12 over MLLP -> appointment.booked (with its
+    appointment_type property) -> a run of the live journey that enters on it."""
+    from carepost.journeys.models import JourneyRun
+    from tests.test_journeys_engine import make_journey
+
+    cid = _patient(org.id, "MRN-J")
+    token = _connection(org.id)
+    with org_session(org.id) as s:
+        journey_id, _ = make_journey(s, org.id, {
+            "purpose": "treatment", "reentry": {"mode": "never"}, "start": "w",
+            "entry": {"type": "event", "event": "appointment.booked", "where": {"appointment_type": "FOLLOWUP"}},
+            "steps": {"w": {"type": "wait", "duration": "2d", "next": "x"}, "x": {"type": "exit"}}})
+        s.commit()
+    with MllpClient(listener) as client:
+        assert client.exchange(siu(token, "S12", "J-1", "MRN-J"))["code"] == "AA"
+    with read_only_session(org.id) as s:
+        runs = s.scalars(select(JourneyRun).where(JourneyRun.org_id == org.id)).all()
+    assert [(r.journey_id, r.contact_id) for r in runs] == [(journey_id, cid)]
