@@ -177,6 +177,11 @@ def test_build_validate_fix_save_publish_watch_counts_and_timeline(browser, live
         expect(page.get_by_test_id("count-executed-s3")).to_have_text("1")
         expect(page.get_by_test_id("node-count-s3")).to_contain_text("now 1")
         assert page.evaluate("window.__notReloaded") is True
+        # read-only: a step's settings by the keyboard-friendly chooser, nothing editable
+        page.select_option("#f-choose-step", "s1")
+        expect(page.get_by_test_id("panel-title")).to_have_text("Send email · s1")
+        expect(page.locator("#f-template")).to_be_disabled()
+        expect(page.get_by_test_id("delete-step")).to_have_count(0)
 
         # the patient's contact page: the journey and the steps of the run
         page.goto(f"/app/contacts/{clinic.patient}")
@@ -211,6 +216,12 @@ def test_build_validate_fix_save_publish_watch_counts_and_timeline(browser, live
         page.locator("[data-step=remind_7d] .jstep-summary").click()
         expect(page.get_by_test_id("template-picker")).to_be_visible()
         expect(page.get_by_test_id("side-panel")).to_contain_text("Suggested: Reminder: your appointment is in a week")
+
+        # phone width: the list and the running view fit without scrolling sideways
+        page.set_viewport_size({"width": 390, "height": 844})
+        for url in ("/app/journeys", f"/app/journeys/{journey_id}"):
+            page.goto(url)
+            assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth + 1"), url
     finally:
         ctx.close()
     assert not foreign, f"loaded from other hosts: {foreign}"

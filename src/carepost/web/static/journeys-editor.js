@@ -595,9 +595,21 @@
     return out;
   }
 
+  // Steps can be chosen by keyboard too (the canvas needs a pointer).
+  function stepChooser() {
+    var s = el("select", { id: "f-choose-step", "data-testid": "choose-step", "aria-label": "Show a step" });
+    s.appendChild(el("option", { value: "", text: "Journey settings", selected: !selected }));
+    Object.keys(def.steps).forEach(function (sid) {
+      s.appendChild(el("option", { value: sid, text: sid + " — " + (TYPES[def.steps[sid].type] || def.steps[sid].type),
+                                   selected: sid === selected }));
+    });
+    s.addEventListener("change", function () { selected = s.value || null; draw(); showPanel(); });
+    return el("div", { className: "field step-chooser" }, [el("label", { "for": "f-choose-step", text: "Show" }), s]);
+  }
+
   function showPanel() {
     panel.textContent = "";
-    var items = selected && def.steps[selected] ? stepPanel(selected) : settingsPanel();
+    var items = [stepChooser()].concat(selected && def.steps[selected] ? stepPanel(selected) : settingsPanel());
     items.forEach(function (x) { if (x) { panel.appendChild(x); } });
   }
 
@@ -699,6 +711,17 @@
     });
   }
   window.addEventListener("beforeunload", function (e) { if (dirty && !readonly) { e.preventDefault(); e.returnValue = ""; } });
+
+  var zoomBox = document.getElementById("journey-zoom");
+  if (zoomBox) {
+    zoomBox.addEventListener("click", function (e) {
+      var b = e.target.closest("[data-zoom]");
+      if (!b) { return; }
+      var how = b.getAttribute("data-zoom");
+      if (how === "in") { editor.zoom_in(); } else if (how === "out") { editor.zoom_out(); }
+      else { editor.zoom = 1; editor.zoom_refresh(); editor.canvas_x = 0; editor.canvas_y = 0; editor.zoom_refresh(); fit(); }
+    });
+  }
 
   var palette = document.getElementById("journey-palette");
   if (palette) {
