@@ -23,6 +23,7 @@ from carepost.accounts.permissions import Permission as P
 from carepost.audit import disclosures
 from carepost.compliance import accounting, service
 from carepost.compliance.api import actor_fields, start_export
+from carepost.core import clock
 from carepost.core.errors import CarePostError
 from carepost.segments import service as segments
 from carepost.segments.service import Actor
@@ -60,7 +61,7 @@ def _overview(request: Request, principal: Principal, *, errors: dict | None = N
     return render(request, "compliance/index.html", {
         "segments": segs, "segment_names": names, "exports": exports, "requests": requests_,
         "overdue_count": sum(1 for r in requests_ if r["overdue"]), "errors": errors or {}, "form": form or {},
-        "today": date.today().isoformat(),
+        "today": clock.now().date().isoformat(),
     }, status_code=status_code)
 
 
@@ -135,7 +136,7 @@ def _detail(request: Request, principal: Principal, request_id: str, *, errors: 
     return render(request, "compliance/request.html", {
         "req": accounting.request_dict(session, req), "acc": acc, "errors": errors or {}, "form": form or {},
         "can_read_phi": principal.can(P.PHI_READ_UNMASKED), "methods": accounting.DELIVERY_METHODS,
-        "today": date.today().isoformat(),
+        "today": clock.now().date().isoformat(),
     }, status_code=status_code)
 
 
