@@ -379,7 +379,7 @@ def test_analytics_count_runs_steps_exits_goal_drop_off_and_messages(world):
             + [(["s1"], "exited", "s1", "unsubscribe")] * 1)
         for contact, (steps, state, at, reason) in zip(contacts, plans, strict=True):
             run = JourneyRun(id=new_id(), org_id=org_id, journey_id=row.id, version=1, version_id=ver.id,
-                             contact_id=contact, state=state, step_id=at, entry_key=new_id(),
+                             contact_id=contact, state=state, step_id=at, entry_key=new_id(), seq=len(steps),
                              active_key=contact if state == "waiting" else None, entered_at=now,
                              ended_at=now if reason else None, exit_reason=reason,
                              converted_at=now if reason == "goal" else None)
@@ -416,3 +416,53 @@ def test_analytics_count_runs_steps_exits_goal_drop_off_and_messages(world):
         # a later day: the journey's figures do not depend on the date range
         clock.advance(timedelta(days=3))
         assert analytics.journey_analytics(s, row)["steps"][0]["messages"]["accepted"] == 12
+
+
+def test_analytics_over_runs_the_engine_moved(sender, session):
+    """Real runs: events start them (tracking's record_event -> the engine's entries), the tick
+    advances them (a send, a wait, a branch on sex), a goal event ends one; the figures and the
+    send step's message metrics (tracking's rollups under the step's key) follow."""
+    from carepost.journeys import engine
+    from tests.test_journeys_engine import record
+
+    org_id = sender.org_id
+    who = person(org_id)
+    with org_session(org_id) as s:
+        tid, ver = make_template(s, org_id)
+        d = {"purpose": "treatment", "entry": {"type": "event", "event": "appointment.booked"},
+             "goal": {"event": "appointment.attended", "within_days": 30}, "start": "send",
+             "steps": {"send": {"type": "send", "template_id": tid, "template_version": ver, "next": "wait"},
+                       "wait": {"type": "wait", "duration": "1d", "next": "sex"},
+                       "sex": {"type": "branch", "cases": [{"when": {"kind": "attribute", "field": "sex", "op": "eq",
+                                                                     "value": "female"}, "next": "done"}],
+                               "default": "later"},
+                       "later": {"type": "wait", "duration": "7d", "next": "done"},
+                       "done": {"type": "exit"}}}
+        row = _create(s, org_id, d, who, "Follow-up")
+        ver_row, _ = service.publish(s, row, who)
+        women = [make_contact(s, org_id, f"w{i}@valid.test", sex="female") for i in range(3)]
+        men = [make_contact(s, org_id, f"m{i}@valid.test", sex="male") for i in range(2)]
+        s.commit()
+        jid, vid = row.id, ver_row.id
+    engine.forget_definitions()
+    for cid in women + men:
+        record(org_id, cid)
+    assert engine.run_tick(org_id, enqueue=False).runs == 5  # each sent, now waiting a day
+    record(org_id, men[0], name="appointment.attended")  # the goal ends one run at once
+    engine.run_tick(org_id, now=clock.now() + timedelta(days=1, minutes=1), enqueue=False)
+    with org_session(org_id) as s:
+        out = analytics.journey_analytics(s, service.get_journey(s, org_id, jid))
+    assert (out["entered"], out["active"], out["reached_goal"]) == (5, 1, 1)
+    assert out["exited"] == {"exit_step": 3, "goal": 1}
+    steps = {n["id"]: n for n in out["steps"]}
+    assert [n["id"] for n in out["steps"]] == ["send", "wait", "sex", "later", "done"]
+    assert (steps["send"]["reached"], steps["wait"]["reached"], steps["sex"]["reached"]) == (5, 5, 4)
+    assert (steps["later"]["now"], steps["done"]["reached"]) == (1, 3)
+    assert steps["wait"]["left_here"] == {"goal": 1} and steps["wait"]["drop_off"] == 0
+    assert steps["send"]["outcomes"] == {"sent": 5}
+    assert steps["send"]["messages"].get("accepted") == 5, steps["send"]["messages"]
+    edges = {(e["from"], e["to"]): e["runs"] for e in out["edges"]}
+    assert edges == {("send", "wait"): 5, ("wait", "sex"): 4, ("sex", "done"): 3, ("sex", "later"): 1}
+    assert out["start"] == "send" and out["shown_version"] == 1
+    with org_session(org_id) as s:
+        assert s.scalar(select(JourneyRunStep.version_id).where(JourneyRunStep.journey_id == jid).limit(1)) == vid

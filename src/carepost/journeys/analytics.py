@@ -36,6 +36,7 @@ from carepost.journeys.models import (
 )
 
 FINISHING_REASONS = ("exit_step", "goal")
+WAIT_TYPES = ("wait", "wait_until", "wait_event")
 MESSAGE_METRICS = ("accepted", "sent", "delivered", "failed", "bounced_hard", "bounced_soft", "complained",
                    "portal_viewed", "opened_unique", "opened_human", "clicked_unique", "clicked_human",
                    "unsubscribed", "converted")
@@ -90,16 +91,28 @@ def journey_analytics(session: Session, row: Journey, *, version: int | None = N
                                     .group_by(JourneyRun.state)).all())
     entered = sum(by_state.values())
     open_ = by_state.get("active", 0) + by_state.get("waiting", 0)
-    at_step = dict(session.execute(select(JourneyRun.step_id, func.count()).where(
-        *runs, JourneyRun.state.in_(("active", "waiting"))).group_by(JourneyRun.step_id)).all())
-    ended_rows = session.execute(select(JourneyRun.step_id, JourneyRun.exit_reason, func.count()).where(
-        *runs, JourneyRun.ended_at.is_not(None)).group_by(JourneyRun.step_id, JourneyRun.exit_reason)).all()
+    # Where a run is: the last step it executed when that step waits (a waiting run counts at
+    # the wait, wait_until or wait_event it waits in) or ended it; else the step it will run next.
+    last = aliased(JourneyRunStep)
+    located = session.execute(
+        select(JourneyRun.state, JourneyRun.step_id, JourneyRun.exit_reason, last.step_id, last.step_type,
+               func.count())
+        .outerjoin(last, and_(last.run_id == JourneyRun.id, last.seq == JourneyRun.seq, last.org_id == org_id))
+        .where(*runs)
+        .group_by(JourneyRun.state, JourneyRun.step_id, JourneyRun.exit_reason, last.step_id, last.step_type)).all()
+    at_step: dict[str, int] = {}
     exited: dict[str, int] = {}
     left: dict[str, dict[str, int]] = {}
-    for step_id, reason, n in ended_rows:
-        reason = reason or "completed"
+    for state, step_id, reason, last_step, last_type, n in located:
+        ended = state not in ("active", "waiting")
+        where = last_step if last_step is not None and (ended or last_type in WAIT_TYPES) else step_id
+        where = where or ""
+        if not ended:
+            at_step[where] = at_step.get(where, 0) + n
+            continue
+        reason = reason or state
         exited[reason] = exited.get(reason, 0) + n
-        cell = left.setdefault(step_id or "", {})
+        cell = left.setdefault(where, {})
         cell[reason] = cell.get(reason, 0) + n
     goal = session.scalar(select(func.count()).select_from(JourneyRun).where(*runs, JourneyRun.converted_at.is_not(None))) or 0
 
