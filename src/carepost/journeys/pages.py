@@ -476,12 +476,12 @@ def contact_journey_rows(session, org_id: str, contact_id: str) -> list[dict]:
         where = ""
         if run.state == "active" and run.step_id:
             where = f" at step {run.step_id}"
+        elif run.state == "waiting" and run.waiting_event:
+            where = f" for {run.waiting_event} at step {run.step_id}"
         elif run.state == "waiting" and run.step_id:
-            where = f" at step {run.step_id}"
-            if run.waiting_event:
-                where += f" (for {run.waiting_event})"
-            elif run.wake_at is not None:
-                where += f" (until {clock.aware(run.wake_at):%Y-%m-%d %H:%M})"
+            # the engine keeps a waiting run at the step it runs when it wakes
+            until = f" until {clock.aware(run.wake_at):%Y-%m-%d %H:%M}" if run.wake_at is not None else ""
+            where = f"{until}, then step {run.step_id}"
         ended = ""
         if run.ended_at is not None:
             ended = f", ended {clock.aware(run.ended_at):%Y-%m-%d %H:%M}" + (f" ({run.exit_reason})" if run.exit_reason else "")
