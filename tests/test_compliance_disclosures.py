@@ -90,6 +90,13 @@ def test_recorded_disclosures_and_bad_input(client, clinic, session):
     assert r.status_code == 200
     assert [(e["recipient_name"], e["source"]) for e in r.json()["data"]] == [("State Department of Health", "manual")]
     assert client.get("/api/v1/compliance/disclosures", params={"contact_id": ids["other"]}, headers=h).json()["data"] == []
+    r = client.get("/api/v1/compliance/disclosures", params={"contact_id": ids["ophelia"], "period_end": "0001-01-01"},
+                   headers=h)
+    assert r.status_code == 200 and r.json()["data"] == []  # the earliest date: an empty period, not an error
+    for params, name in (({"period_end": "9999-12-31"}, "period_end"),
+                         ({"period_start": "2000-01-01"}, "period_start")):
+        r = client.get("/api/v1/compliance/disclosures", params={"contact_id": ids["ophelia"], **params}, headers=h)
+        assert r.status_code == 422 and r.json()["error"]["field"] == name, (params, r.text)
 
 
 def test_webhooks_carrying_phi_are_in_the_accounting(client, clinic, session, tls_receiver, allow_private, immediate):  # noqa: F811

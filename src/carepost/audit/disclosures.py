@@ -56,6 +56,8 @@ def registered_sources() -> list[str]:
 
 
 def years_before(day: date, years: int) -> date:
+    if day.year - years < date.min.year:
+        return date.min
     try:
         return day.replace(year=day.year - years)
     except ValueError:  # 29 February
@@ -163,7 +165,10 @@ def accounting(session: Session, org_id: str, contact_id: str, *, period_start: 
     """The accounting of one patient's disclosures: recorded ones and those every registered
     source derives, oldest first, for ``period_start`` .. ``period_end`` (inclusive dates;
     default: the six years up to today)."""
-    end = period_end or clock.now().date()
+    today = clock.now().date()
+    end = period_end or today
+    if end > today:
+        raise ValidationFailed("Cannot be in the future.", field="period_end")
     start = period_start or accounting_start(end)
     if start > end:
         raise ValidationFailed("Must be on or before the end of the period.", field="period_start")
