@@ -107,21 +107,33 @@ class Recorder:
         self._urls = _Ttl()
         self._links = _Ttl()
         self._human = _Ttl(100_000)  # (message, recipient, type) with a human event committed: see _Group
+        self._handing: dict = {}  # event loop -> hits of its current turn, not yet handed to the writer
 
     def submit(self, hit: Hit) -> Future:
         future: Future = Future()
         self._ensure()
-        self._queue.put((hit, future))
+        self._queue.put([(hit, future)])
         return future
 
     def submit_async(self, hit: Hit) -> asyncio.Future:
         """From a running event loop: an asyncio future, answered with the rest of its group in one
-        wake-up of the loop (one ``call_soon_threadsafe`` per group, not one per request)."""
+        wake-up of the loop (one ``call_soon_threadsafe`` per group, not one per request). The
+        hits of one turn of the loop are handed to the writer together, in one ``put`` (waking
+        the writer thread once per turn, not once per request, was ~12% of the server's time)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._ensure()
-        self._queue.put((hit, (loop, future)))
+        waiting = self._handing.get(loop)
+        if waiting is None:
+            waiting = self._handing[loop] = []
+            loop.call_soon(self._hand_over, loop)
+        waiting.append((hit, (loop, future)))
         return future
+
+    def _hand_over(self, loop) -> None:
+        waiting = self._handing.pop(loop, None)
+        if waiting:
+            self._ensure()
+            self._queue.put(waiting)
 
     def _ensure(self) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -133,10 +145,10 @@ class Recorder:
 
     def _run(self) -> None:
         while True:
-            items = [self._queue.get()]
+            items = list(self._queue.get())
             while len(items) < MAX_BATCH:
                 try:
-                    items.append(self._queue.get_nowait())
+                    items.extend(self._queue.get_nowait())
                 except queue.Empty:
                     break
             try:
