@@ -194,6 +194,17 @@ def fingerprint(text: str) -> str:
     return hashlib.sha256((first[3].join(fields) + sep + rest).encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def without_credential(text: str) -> str:
+    """The message with MSH-8 (the connection's credential) emptied: what the error queue keeps."""
+    first, sep, rest = text.partition("\r")
+    if not first.startswith("MSH") or len(first) < 4:
+        return text
+    fields = first.split(first[3])
+    if len(fields) > 7:
+        fields[7] = ""
+    return first[3].join(fields) + sep + rest
+
+
 def read_message(data: bytes | str) -> Hl7Message:
     """Check and parse one message (the bytes between the MLLP start and end blocks)."""
     text = decode(data) if isinstance(data, bytes) else data

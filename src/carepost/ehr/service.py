@@ -401,7 +401,8 @@ def process_hl7(session: Session, sender: Sender, msg: hl7v2.Hl7Message, row: Eh
                                  segment="MSH", field_no=10, reason_code="duplicate_control_id")
             kept = _store(session, org_id, None, source=SOURCE_HL7, connection_id=sender.id, control_id=None,
                           content_hash=msg.content_hash, message_type=msg.type_label or "?", status="error",
-                          ack_code="AE", raw=msg.text, reason_code=problem.reason_code, reason=problem.text,
+                          ack_code="AE", raw=hl7v2.without_credential(msg.text), reason_code=problem.reason_code,
+                          reason=problem.text,
                           error_field="MSH-10")
             return Outcome("AE", "error", org_id, kept.id, reason_code=problem.reason_code, text=problem.text,
                            field="MSH-10", problem=problem)
@@ -430,7 +431,8 @@ def process_hl7(session: Session, sender: Sender, msg: hl7v2.Hl7Message, row: Eh
     except Hl7Problem as problem:
         kept = _store(session, org_id, row, source=SOURCE_HL7, connection_id=sender.id, control_id=control_id,
                       content_hash=msg.content_hash, message_type=msg.type_label or "?", status="error",
-                      ack_code=problem.ack_code, raw=msg.text, reason_code=problem.reason_code, reason=problem.text,
+                      ack_code=problem.ack_code, raw=hl7v2.without_credential(msg.text),
+                      reason_code=problem.reason_code, reason=problem.text,
                       error_field=problem.field, event_name=mapped.name if mapped else None)
         if known is not None and control_id:
             known[(org_id, control_id)] = kept
