@@ -2,14 +2,23 @@
 
 ARCHITECTURE.md section 4, step 1. :func:`plan` resolves the segment (minus the exclusion
 segments) to contact ids in chunks ordered by contact id, starting after ``plan_cursor``; each
-chunk goes through the one set-based eligibility function (``consent.eligibility``), the refill
-facts of the campaign's drug, the dynamic-block plan of the template version (``content.blocks``,
-one query per block per chunk) and the A/B assignment, and is written — recipient rows,
-exclusion rows with their reason, the cursor and the counts — in **one transaction per chunk**.
+chunk goes through the one set-based eligibility check, the refill facts of the campaign's drug,
+the dynamic-block plan of the template version (one query per block per chunk) and the A/B
+assignment, and is written — recipient rows, exclusion rows with their reason, the cursor and
+the counts — in **one transaction per chunk**.
+
+Speed (issue 14: a million recipients in minutes): a campaign with one effective purpose (no
+refill drug) reads the chunk of the segment and its eligibility in **one statement**
+(``consent.eligibility.verdict_select``: per contact a few index probes, no id list sent), only
+the few verdicts that statement leaves undecided go through ``check_eligibility``; id sets are
+sent as one parameter (:func:`among`); the block conditions are compiled once per run; the rows
+are written by COPY on PostgreSQL. A refill campaign (a purpose per recipient) takes the general
+path (:func:`chunk_rows`: ``check_eligibility`` per purpose).
 
 Why a crash plans nobody twice and skips nobody: the cursor moves in the same transaction as the
-rows of its chunk, by a compare-and-set (``UPDATE ... WHERE plan_cursor = <the one read>``), so a
-second planner of the same campaign (the sweep re-queued it while the first was still alive)
+rows of its chunk, by a compare-and-set (``UPDATE ... WHERE plan_cursor = <the one read>``, which
+also adds the chunk's counts), made before the rows are written, so a second planner of the same
+campaign (the sweep re-queued it while the first was still alive) waits on the campaign row,
 finds the cursor moved and re-reads instead of writing; the unique constraints on (campaign,
 contact) are the last guard. A killed planner leaves its chunk uncommitted; the next one starts
 at the last committed cursor. The segment is evaluated at ``plan_started_at`` every time, so a
@@ -350,25 +359,23 @@ class BlockPlan:
         return seen
 
 
-def plan_chunk(session: Session, org_id: str, campaign: Campaign, audience: Audience, ids: list[str],
-               conditions: dict[str, str] | BlockPlan) -> tuple[int, int]:
-    """Write one chunk's recipient and exclusion rows (in the caller's transaction):
-    ``(planned, excluded)``. The general path: ``eligibility`` (refill campaigns' per-recipient
-    purpose); :func:`plan_checked` is the planner's one-statement path."""
+def chunk_rows(session: Session, org_id: str, campaign: Campaign, audience: Audience, ids: list[str],
+               conditions: dict[str, str] | BlockPlan) -> tuple[list[dict], list[dict]]:
+    """The recipient and exclusion rows of one chunk by the general path (not written)."""
     removed = audience.excluded(session, ids) if audience.exclusions else set()
     rest = [cid for cid in ids if cid not in removed]
     verdicts, _ = eligibility(session, org_id, campaign, rest) if rest else ({}, {})
-    return write_chunk(session, org_id, campaign, ids, removed, verdicts, conditions)
+    return build_rows(session, org_id, campaign, ids, removed, verdicts, conditions)
 
 
-def plan_checked(session: Session, org_id: str, campaign: Campaign, audience: Audience,
+def checked_rows(session: Session, org_id: str, campaign: Campaign, audience: Audience,
                  rows: list[tuple[str, str | None, str | None]], blocks: BlockPlan, purpose: str,
-                 at: datetime) -> tuple[int, int]:
+                 at: datetime) -> tuple[list[dict], list[dict]]:
     """One chunk whose eligibility the database has answered (``consent.eligibility.verdict_select``:
     ``(contact_id, time_zone, verdict)``): the few undecided verdicts (suppressed addresses,
     revoked or expired authorizations) go to ``check_eligibility``, the CAN-SPAM postal rule
-    applies as in :func:`eligibility`, then the rows are written. Only for one effective purpose
-    (no refill drug)."""
+    applies as in :func:`eligibility`: the recipient and exclusion rows (not written). Only for one
+    effective purpose (no refill drug)."""
     from carepost.consent import eligibility as consent
     from carepost.consent.service import consent_settings
 
@@ -382,12 +389,12 @@ def plan_checked(session: Session, org_id: str, campaign: Campaign, audience: Au
     if purposes.requirements(purpose).opt_out_required and not consent_settings(session, org_id).get("postal_address"):
         verdicts = {k: ("no_postal_address" if v == consent.ELIGIBLE else v) for k, v in verdicts.items()}
     zones = {cid: tz for cid, tz, _ in rows}
-    return write_chunk(session, org_id, campaign, ids, removed, verdicts, blocks, zones)
+    return build_rows(session, org_id, campaign, ids, removed, verdicts, blocks, zones)
 
 
-def write_chunk(session: Session, org_id: str, campaign: Campaign, ids: list[str], removed: set[str],
-                verdicts: dict[str, str], conditions: dict[str, str] | BlockPlan,
-                zones: dict[str, str | None] | None = None) -> tuple[int, int]:
+def build_rows(session: Session, org_id: str, campaign: Campaign, ids: list[str], removed: set[str],
+               verdicts: dict[str, str], conditions: dict[str, str] | BlockPlan,
+               zones: dict[str, str | None] | None = None) -> tuple[list[dict], list[dict]]:
     from carepost.content import blocks
 
     rest = [cid for cid in ids if cid not in removed]
@@ -418,9 +425,7 @@ def write_chunk(session: Session, org_id: str, campaign: Campaign, ids: list[str
             "blocks": sorted(shown.get(cid, ())), "send_after": at + offsets[variant],
             "receiving_domain_index": None, "status": status, "message_id": None,
         })
-    write_rows(session, CampaignRecipient.__table__, recipients)
-    write_rows(session, CampaignExclusion.__table__, exclusions)
-    return len(recipients), len(exclusions)
+    return recipients, exclusions
 
 
 def write_rows(session: Session, table, rows: list[dict]) -> None:
@@ -485,14 +490,16 @@ def plan(org_id: str, campaign_id: str, *, chunk_size: int = CHUNK, max_chunks: 
         # chunk's eligibility in the statement that reads the chunk (consent.eligibility.verdict_select).
         one_purpose = None if campaign.refill_drug else effective_purpose(campaign, None)
         session.commit()
+        reload = True
         while max_chunks is None or report.chunks < max_chunks:
-            session.expire_all()
-            campaign = session.get(Campaign, campaign_id)
-            if campaign.status != "planning" or campaign.plan_finished_at is not None:
-                report.stopped = campaign.status
-                session.rollback()
-                return report
-            cursor = campaign.plan_cursor
+            if reload:  # at the start, and when the compare-and-set found the campaign changed
+                session.expire_all()
+                campaign = session.get(Campaign, campaign_id)
+                if campaign.status != "planning" or campaign.plan_finished_at is not None:
+                    report.stopped = campaign.status
+                    session.rollback()
+                    return report
+                cursor, reload = campaign.plan_cursor, False
             if one_purpose:
                 from carepost.consent.eligibility import verdict_select
 
@@ -508,25 +515,34 @@ def plan(org_id: str, campaign_id: str, *, chunk_size: int = CHUNK, max_chunks: 
                     .values(status="sending", plan_finished_at=clock.now(), worked_at=clock.now())).rowcount
                 session.commit()
                 report.finished = bool(finished)
-                log.info("campaign_planned", campaign_id=campaign_id, planned_count=campaign.planned_count,
-                         excluded_count=campaign.excluded_count)
+                planned_count, excluded_count = session.execute(select(
+                    Campaign.planned_count, Campaign.excluded_count).where(Campaign.id == campaign_id)).one()
+                session.rollback()
+                log.info("campaign_planned", campaign_id=campaign_id, planned_count=planned_count,
+                         excluded_count=excluded_count)
                 return report
-            # Compare-and-set: this transaction owns the chunk only if nobody moved the cursor.
+            if one_purpose:
+                recipients, exclusions = checked_rows(session, org_id, campaign, audience, rows, blocks, one_purpose, at)
+            else:
+                recipients, exclusions = chunk_rows(session, org_id, campaign, audience, ids, blocks)
+            # Compare-and-set: this transaction owns the chunk only if nobody moved the cursor (nor
+            # paused or cancelled the campaign); the counts move with it, in the same statement.
             cas = update(Campaign).where(Campaign.id == campaign_id, Campaign.status == "planning")
             cas = cas.where(Campaign.plan_cursor == cursor) if cursor else cas.where(Campaign.plan_cursor.is_(None))
-            if session.execute(cas.values(plan_cursor=ids[-1], worked_at=clock.now())).rowcount != 1:
+            if session.execute(cas.values(
+                    plan_cursor=ids[-1], worked_at=clock.now(),
+                    planned_count=Campaign.planned_count + len(recipients),
+                    excluded_count=Campaign.excluded_count + len(exclusions))).rowcount != 1:
                 session.rollback()
+                reload = True
                 continue
-            if one_purpose:
-                planned, excluded = plan_checked(session, org_id, campaign, audience, rows, blocks, one_purpose, at)
-            else:
-                planned, excluded = plan_chunk(session, org_id, campaign, audience, ids, blocks)
-            session.execute(update(Campaign).where(Campaign.id == campaign_id).values(
-                planned_count=Campaign.planned_count + planned, excluded_count=Campaign.excluded_count + excluded))
+            write_rows(session, CampaignRecipient.__table__, recipients)
+            write_rows(session, CampaignExclusion.__table__, exclusions)
             session.commit()
+            cursor = ids[-1]
             report.chunks += 1
-            report.planned += planned
-            report.excluded += excluded
+            report.planned += len(recipients)
+            report.excluded += len(exclusions)
     return report
 
 
