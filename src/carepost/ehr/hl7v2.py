@@ -511,6 +511,14 @@ def escape(value: str) -> str:
     return value
 
 
+_UNESCAPES = {"F": "|", "S": "^", "R": "~", "T": "&", "E": "\\"}
+
+
+def unescape(value: str) -> str:
+    """The inverse of :func:`escape` for the standard delimiters (\\F\\, \\S\\, \\R\\, \\T\\, \\E\\)."""
+    return re.sub(r"\\([FSRTE])\\", lambda m: _UNESCAPES[m.group(1)], value)
+
+
 _ack_counter = [0]
 
 
