@@ -3,6 +3,7 @@ cross-cutting middleware."""
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from contextlib import asynccontextmanager
@@ -231,10 +232,10 @@ def install_middleware(app: FastAPI, settings: Settings) -> None:
         return response
 
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
-    # In front of the whole stack: the open pixel and click redirects (/t/o/, /t/c/) are answered
-    # before the app's middleware stack (Starlette's error middleware, FastAPI's telemetry and body
-    # limit, the middleware above) and routing, with the same security headers (issue 13;
-    # carepost.tracking.engagement_pages): the app's built stack is wrapped, not extended.
+    # In front of the whole app: the open pixel and click redirects (/t/o/, /t/c/) are answered
+    # before FastAPI itself (its telemetry, Starlette's error middleware, the body limit), the
+    # middleware above and routing, with the same security headers (issue 13;
+    # carepost.tracking.engagement_pages): CarePostApp.__call__ enters through ``app.front``.
     from carepost.tracking.engagement_pages import EngagementFastPath
 
     fast_headers = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
@@ -244,12 +245,8 @@ def install_middleware(app: FastAPI, settings: Settings) -> None:
                     (b"cache-control", b"no-store"), (b"pragma", b"no-cache")]
     if settings.base_url.startswith("https://"):
         fast_headers.append((b"strict-transport-security", b"max-age=31536000; includeSubDomains"))
-    build_stack = app.build_middleware_stack
-
-    def _build_with_fast_path():
-        return EngagementFastPath(build_stack(), headers=fast_headers, observe=observe_request)
-
-    app.build_middleware_stack = _build_with_fast_path
+    app.front = EngagementFastPath(functools.partial(FastAPI.__call__, app), headers=fast_headers,
+                                   observe=observe_request)
 
 
 def enforce_declared_access(app: FastAPI) -> list[str]:
@@ -266,6 +263,20 @@ def enforce_declared_access(app: FastAPI) -> list[str]:
     if undeclared:
         raise RuntimeError("routes without an access declaration: " + "; ".join(undeclared))
     return undeclared
+
+
+class CarePostApp(FastAPI):
+    """The ASGI app ``serve`` runs: a FastAPI app whose calls enter through ``front`` when it is
+    set (the /t/ fast path, which hands every other request to FastAPI unchanged)."""
+
+    front = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        front = self.front
+        if front is not None:
+            await front(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
 
 
 _frozen = [False]
@@ -301,7 +312,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         dispose_engine()
 
-    app = FastAPI(
+    app = CarePostApp(
         title="CarePost API",
         version=__version__,
         docs_url=None,
