@@ -37,7 +37,10 @@ LAYERS = [
     {"compliance"},  # the compliance center reads several capabilities; nothing below imports it (issue 16)
     {"dashboard"},  # what shows several capabilities at once, beside app.py, cli.py, assembly.py, doctor.py
 ]
-SAME_LAYER_DOWNWARD = {("consent", "portal")}  # consent's pages link to the portal, never the reverse
+SAME_LAYER_DOWNWARD = {
+    ("consent", "portal"),  # consent's pages link to the portal, never the reverse
+    ("journeys", "campaigns"),  # a journey's send uses campaigns' eligibility and bulk writer, never the reverse
+}
 TOP_LEVEL_MODULES = {"app", "cli", "assembly", "doctor", "models", "__init__"}
 
 
