@@ -452,3 +452,53 @@ def test_update_notify_and_webhook_steps(sender, session, make_user):
                    if "account:journey_notice" in (m.tags or [])]
     assert len(notices) == 1 and notices[0].contains_phi is False
     _ = staff
+
+
+# --------------------------------------------------------------------------- segment entry, segment branch, refill
+
+
+def test_segment_entry_admits_members_once_and_a_branch_tests_membership(sender, session):
+    from tests.test_campaigns_planning import make_segment
+
+    org_id = sender.org_id
+    with org_session(org_id) as s:
+        ref = template_ref(s, org_id)
+        springfield = make_segment(s, org_id)  # city = Springfield
+        shelby = make_segment(s, org_id, query="city = Shelbyville", name="Shelbyville")
+        steps = {"s1": {"type": "branch", "cases": [{"when": {"kind": "segment", "segment_id": shelby}, "next": "s2"}],
+                        "default": "s3"},
+                 "s2": {"type": "exit"}, "s3": {"type": "wait", "duration": "1d", "next": "s2"}}
+        jid, _ = make_journey(s, org_id, definition(ref, steps=steps,
+                                                    entry={"type": "segment", "segment_id": springfield}))
+        member = make_contact(s, org_id, "member@valid.test")
+        outsider = make_contact(s, org_id, "outsider@valid.test", city="Shelbyville")
+        s.commit()
+    assert entries.evaluate_due(org_id) == 1
+    assert entries.evaluate_due(org_id, force=True) == 0  # still a member, reentry never: not again
+    (run,) = runs(org_id, jid)
+    assert run.contact_id == member and outsider not in [r.contact_id for r in runs(org_id)]
+    tick(org_id)
+    (run,) = runs(org_id, jid)
+    assert run.state == "waiting" and steps_of(org_id, run.id)[0][2] == "default"
+
+
+def test_refill_due_entry_seven_days_before(sender, session):
+    from carepost.patients.models import Medication
+
+    org_id = sender.org_id
+    today = clock.now().date()
+    with org_session(org_id) as s:
+        ref = template_ref(s, org_id)
+        jid, _ = make_journey(s, org_id, definition(
+            ref, entry={"type": "date", "field": "refill_due", "offset": "-7d"}), published_ago=timedelta(days=2))
+        due = make_contact(s, org_id, "refill@valid.test")
+        later = make_contact(s, org_id, "later@valid.test")
+        s.add(Medication(org_id=org_id, contact_id=due, code_system="rxnorm", code="197361", status="active",
+                         next_refill_due=today + timedelta(days=7)))
+        s.add(Medication(org_id=org_id, contact_id=later, code_system="rxnorm", code="197361", status="active",
+                         next_refill_due=today + timedelta(days=30)))
+        s.commit()
+    assert entries.evaluate_due(org_id) == 1
+    (run,) = runs(org_id, jid)
+    assert run.contact_id == due and run.entry_key.startswith("refill:")
+    assert tick(org_id).sent == 1
