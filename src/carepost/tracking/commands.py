@@ -59,5 +59,5 @@ def rebuild(
     result = recount.rebuild(system_session, org_id=org_id, start=start, families=families)
     counted = sum(result.events.values())
     detail = ", ".join(f"{family} {n}" for family, n in result.events.items())
-    console.print(f"{counted} events counted into the rollups of {label} ({detail}; {result.rows} rollup rows)",
-                  highlight=False)
+    rows = f"; {result.rows} rollup rows" if result.rows is not None else ""
+    console.print(f"{counted} events counted into the rollups of {label} ({detail}{rows})", highlight=False)

@@ -86,7 +86,8 @@ ENGAGEMENT = "engagement"
 CONVERSIONS = "conversions"
 FAMILIES = (DELIVERY, ENGAGEMENT, CONVERSIONS)
 
-SQLITE_CACHE_KIB = 256 * 1024  # for the rebuild's own connection only, then set back
+SQLITE_CACHE_KIB = 256 * 1024
+PG_WORK_MEM = "256MB"  # for the rebuild's own connection only, then set back
 
 _DIMS = ("source", "campaign_id", "journey_step_id", "template_id", "segment_id", "receiving_domain", "topic_id",
          "purpose", "sending_domain_id")
@@ -96,7 +97,7 @@ _DIMS = ("source", "campaign_id", "journey_step_id", "template_id", "segment_id"
 class Result:
     organizations: int = 0
     events: dict[str, int] = field(default_factory=dict)  # family -> events counted
-    rows: int = 0  # rollup rows written
+    rows: int | None = 0  # rollup rows written (None: the driver did not report them)
 
 
 # --------------------------------------------------------------------------- temporary tables
@@ -194,7 +195,7 @@ def rebuild(session_factory, *, org_id: str | None = None, start: datetime | Non
             counted, rows = rebuild_organization(session, org, start, families)
             session.commit()
         result.organizations += 1
-        result.rows += rows
+        result.rows = None if rows is None or result.rows is None else result.rows + rows
         for family, n in counted.items():
             result.events[family] = result.events.get(family, 0) + n
         if progress:
@@ -203,15 +204,18 @@ def rebuild(session_factory, *, org_id: str | None = None, start: datetime | Non
 
 
 def rebuild_organization(session: Session, org_id: str, start: datetime | None,
-                         families: tuple[str, ...] = FAMILIES) -> tuple[dict[str, int], int]:
+                         families: tuple[str, ...] = FAMILIES) -> tuple[dict[str, int], int | None]:
     """One organization, in ``session``'s transaction (the caller commits). Returns the events
-    counted per family and the rollup rows written."""
+    counted per family and the rollup rows written (None when the driver does not report them)."""
     from carepost.tracking.links import privacy_mode
 
     sql = _Sql(session)
     conn = session.connection()
     if sql.pg:
         conn.execute(text("LOCK TABLE analytics_rollups IN SHARE ROW EXCLUSIVE MODE"))
+        # Memory for the day's grouping and sorting in this transaction only (the default 4 MB
+        # spills a million-event GROUP BY to disk).
+        conn.execute(text(f"SET LOCAL work_mem = '{PG_WORK_MEM}'"))
     else:
         # Page caches large enough for one day's events (each page read is decrypted once) and for
         # the temporary tables (kept in memory rather than spilled to a temporary file).
@@ -463,19 +467,20 @@ def _write(conn, sql: _Sql, org_id: str, prefix: str) -> int:
                                           .group_by(BASE.c.hour, BASE.c.metric, *dims)))
     names = ["id", "org_id", "grain", "period", "metric", *_DIMS, "message_id", "n"]
     hdims = [HOUR.c[d] for d in _DIMS]
-    written = conn.execute(insert(t).from_select(names, select(
+    counts = []
+    counts.append(conn.execute(insert(t).from_select(names, select(
         sql.new_id(prefix), literal(org_id), literal("h"), HOUR.c.hour, HOUR.c.metric, *hdims, literal(""),
-        HOUR.c.n).where(HOUR.c.n != 0))).rowcount or 0
+        HOUR.c.n).where(HOUR.c.n != 0))).rowcount)
     day = sql.day(HOUR.c.hour)
-    written += conn.execute(insert(t).from_select(names, select(
+    counts.append(conn.execute(insert(t).from_select(names, select(
         sql.new_id(prefix), literal(org_id), literal("d"), day, HOUR.c.metric, *hdims, literal(""),
-        func.sum(HOUR.c.n)).group_by(day, HOUR.c.metric, *hdims))).rowcount or 0
+        func.sum(HOUR.c.n)).group_by(day, HOUR.c.metric, *hdims))).rowcount)
     # The message grain keeps source, template, topic, purpose and sending domain (rollups.add).
     mdims = [BASE.c.source, literal(""), literal(""), BASE.c.template_id, literal(""), literal(""), BASE.c.topic_id,
              BASE.c.purpose, BASE.c.sending_domain_id]
     group = [BASE.c.m_day, BASE.c.metric, BASE.c.source, BASE.c.template_id, BASE.c.topic_id, BASE.c.purpose,
              BASE.c.sending_domain_id, BASE.c.m_message_id]
-    written += conn.execute(insert(t).from_select(names, select(
+    counts.append(conn.execute(insert(t).from_select(names, select(
         sql.new_id(prefix), literal(org_id), literal("m"), BASE.c.m_day, BASE.c.metric, *mdims,
-        BASE.c.m_message_id, func.sum(BASE.c.n)).where(BASE.c.m_message_id != "").group_by(*group))).rowcount or 0
-    return written
+        BASE.c.m_message_id, func.sum(BASE.c.n)).where(BASE.c.m_message_id != "").group_by(*group))).rowcount)
+    return sum(counts) if all(c is not None and c >= 0 for c in counts) else None  # None: the driver did not say
