@@ -128,3 +128,38 @@ def test_kill_9_mid_tick_neither_skips_nor_repeats_a_send(storage, delivery_env,
     assert set(ids_by_rcpt) == {f"patient{i}@valid.test" for i in range(PATIENTS)}
     assert all(len(ids) == 2 for ids in ids_by_rcpt.values())
     print(f"kill -9 mid-tick after {at_kill}/{PATIENTS} runs advanced; every patient got both messages once")
+
+
+def test_an_event_reaches_the_patient_through_a_real_worker(storage, delivery_env, sender, delivery_queue, session,
+                                                            tmp_path):
+    """The whole path with no tick called by the test: an event recorded (as POST /api/v1/events
+    does) starts the run and queues ``journeys.advance`` when its transaction commits; the worker
+    runs the send step and delivers the message to the SMTP server; the run waits at the next step."""
+    from carepost.tracking import conversions
+
+    engine.forget_definitions()
+    mx = delivery_env.mx["valid"]
+    org_id = sender.org_id
+    with org_session(org_id) as s:
+        ref = template_ref(s, org_id)
+        steps = {"s1": {"type": "send", "template_id": ref[0], "template_version": ref[1], "next": "s2"},
+                 "s2": {"type": "wait", "duration": "2d", "next": "s3"}, "s3": {"type": "exit"}}
+        jid, _ = make_journey(s, org_id, definition(ref, steps=steps))
+        cid = make_contact(s, org_id, "event-patient@valid.test")
+        s.commit()
+    worker = _worker(storage, tmp_path / "worker.log")
+    try:
+        with org_session(org_id) as s:
+            conversions.record_event(s, org_id, name="appointment.booked", contact_id=cid)
+            s.commit()
+        deadline = time.monotonic() + 120
+        while not mx.recorder.messages:
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "nothing arrived"
+            time.sleep(0.2)
+    finally:
+        _stop(worker)
+    assert [m.rcpt_tos for m in mx.recorder.messages] == [["event-patient@valid.test"]]
+    session.rollback()
+    (run,) = session.scalars(select(JourneyRun).where(JourneyRun.journey_id == jid)).all()
+    assert run.state == "waiting" and run.step_id == "s3"
