@@ -502,3 +502,32 @@ def test_refill_due_entry_seven_days_before(sender, session):
     (run,) = runs(org_id, jid)
     assert run.contact_id == due and run.entry_key.startswith("refill:")
     assert tick(org_id).sent == 1
+
+
+def test_segment_entry_is_a_join_leaving_and_coming_back_joins_again(sender, session):
+    from carepost.patients.models import Contact
+    from tests.test_campaigns_planning import make_segment
+
+    org_id = sender.org_id
+    with org_session(org_id) as s:
+        ref = template_ref(s, org_id)
+        seg = make_segment(s, org_id)  # city = Springfield
+        jid, _ = make_journey(s, org_id, definition(ref, steps={"s1": {"type": "exit"}},
+                                                    entry={"type": "segment", "segment_id": seg},
+                                                    reentry={"mode": "always"}))
+        cid = make_contact(s, org_id, "mover@valid.test")
+        s.commit()
+    assert entries.evaluate_due(org_id) == 1
+    tick(org_id)  # the run ends at once
+    assert entries.evaluate_due(org_id, force=True) == 0  # still a member: no new join, even with "always"
+
+    def move(city):
+        with org_session(org_id) as s:
+            s.get(Contact, cid).city = city
+            s.commit()
+
+    move("Shelbyville")
+    assert entries.evaluate_due(org_id, force=True) == 0  # left
+    move("Springfield")
+    assert entries.evaluate_due(org_id, force=True) == 1  # joined again: a new run
+    assert [r.state for r in runs(org_id, jid)] == ["completed", "active"]

@@ -15,7 +15,10 @@ exits on unsubscribe and revocation (issue 15 item 1).
 * **Segment and date entries** — :func:`evaluate_due`, called by the tick, evaluates each live
   journey's entry at most every :data:`ENTRY_INTERVAL`, set-wise in SQL:
 
-  - ``segment``: the segment's current members without a run that the re-entry rule keeps out;
+  - ``segment``: the contacts that joined the segment since the previous evaluation (at the
+    first, every current member), from the journey's own member list
+    (``models.JourneySegmentMember``: who left is removed, so leaving and coming back is a new
+    join), admitted by the re-entry rule;
   - ``date``: rows whose date plus ``offset`` falls between the previous evaluation and
     :data:`HORIZON` ahead (``appointment.start`` per booked appointment, ``birth_date`` — each
     year with ``anniversary`` — ``last_visit`` (the latest encounter), ``refill_due`` per
@@ -389,10 +392,9 @@ def evaluate_entry(session: Session, org_id: str, journey_id: str, version: int,
     kind = entry.get("type")
     if kind == "segment":
         ctx = steps.Context(session, org_id, now)
-        ids = _segment_ids(ctx, entry["segment_id"])
-        blocked = _reentry_blocked(session, journey_id, definition, ids, now)
+        joined = _segment_joins(session, org_id, journey_id, set(_segment_ids(ctx, entry["segment_id"])))
         return start_runs(session, org_id, journey_id, version, version_id, definition,
-                          [(cid, f"segment:{now:%Y%m%d%H%M}", now) for cid in ids if cid not in blocked], now)
+                          [(cid, f"segment:{now:%Y%m%d%H%M%S%f}", now) for cid in sorted(joined)], now)
     if kind != "date":
         return 0
     hi = now + HORIZON
@@ -410,6 +412,27 @@ def evaluate_entry(session: Session, org_id: str, journey_id: str, version: int,
         if lo <= at < hi:
             admitted.append((cid, key, max(at, now)))
     return start_runs(session, org_id, journey_id, version, version_id, definition, admitted, now)
+
+
+def _segment_joins(session: Session, org_id: str, journey_id: str, members: set[str]) -> set[str]:
+    """Contacts that joined the segment since the last evaluation (all members at the first);
+    the journey's member list is brought up to date (who left removed, who joined added)."""
+    from sqlalchemy import delete
+
+    from carepost.campaigns.planning import write_rows
+    from carepost.journeys.models import JourneySegmentMember
+
+    m = JourneySegmentMember
+    before = set(session.scalars(select(m.contact_id).where(m.org_id == org_id, m.journey_id == journey_id)))
+    joined, left = members - before, sorted(before - members)
+    for i in range(0, len(left), INSERT_CHUNK):
+        session.execute(delete(m).where(m.org_id == org_id, m.journey_id == journey_id,
+                                        m.contact_id.in_(left[i:i + INSERT_CHUNK]))
+                        .execution_options(synchronize_session=False))
+    rows = [{"id": new_id(), "org_id": org_id, "journey_id": journey_id, "contact_id": cid} for cid in sorted(joined)]
+    for i in range(0, len(rows), 20_000):
+        write_rows(session, m.__table__, rows[i:i + 20_000])
+    return joined
 
 
 def _segment_ids(ctx, segment_id: str) -> list[str]:

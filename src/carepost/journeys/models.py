@@ -139,3 +139,16 @@ class JourneyRunStep(OrgScoped, Base):
     reason: Mapped[str | None] = mapped_column(String(64))
     message_id: Mapped[str | None] = mapped_column(String(32))
     at: Mapped[datetime] = mapped_column(default=clock.now)
+
+
+class JourneySegmentMember(OrgScoped, Base):
+    """Who was in a segment-entry journey's segment at its last evaluation: a contact *joins* when
+    it is a member now and was not then (``entries.evaluate_entry``); one who leaves is removed,
+    so leaving and joining again is a new join (the re-entry rule then decides)."""
+
+    __tablename__ = "journey_segment_members"
+    __table_args__ = (UniqueConstraint("journey_id", "contact_id", name="uq_journey_segment_members_contact"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    journey_id: Mapped[str] = mapped_column(String(32), ForeignKey("journeys.id", ondelete="CASCADE"))
+    contact_id: Mapped[str] = mapped_column(String(32), ForeignKey("contacts.id", ondelete="CASCADE"))
