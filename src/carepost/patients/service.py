@@ -681,6 +681,27 @@ _CONTACT_ATTRIBUTES = (
 )
 
 
+def _identifier_fields(out: dict[str, Any], idents) -> None:
+    """Fill a contact dict's emails, phones, identifiers, MRN and external id from
+    ``(id, kind, system, type, use, decrypted value)`` tuples, in order."""
+    emails, phones, identifiers = [], [], []
+    for ident_id, kind, system, type_code, use, value in idents:
+        if kind == "email":
+            emails.append(value)
+        elif kind == "phone":
+            phones.append({"value": value, "use": use})
+        elif kind == "identifier":
+            identifiers.append({"id": ident_id, "system": system, "type": type_code, "value": value,
+                                "class": identifier_class(system, type_code)})
+    out["email"] = emails[0] if emails else None
+    out["emails"] = emails
+    out["phone"] = phones[0]["value"] if phones else None
+    out["phones"] = phones
+    out["identifiers"] = identifiers
+    out["mrn"] = next((i["value"] for i in identifiers if i["type"] == MRN_TYPE), None)
+    out["external_id"] = next((i["value"] for i in identifiers if i["type"] == EXTERNAL_TYPE), None)
+
+
 def contact_view(session: Session, contact_id: str) -> dict:
     """``contact_dict(session, get_contact(session, contact_id))`` in two scoped Core statements
     (same shape, same values); NotFound for another organization's or an unknown id."""
@@ -697,25 +718,9 @@ def contact_view(session: Session, contact_id: str) -> dict:
     for name in PLAIN_CONTACT_FIELDS:
         value = c[name]
         out[name] = value.isoformat() if isinstance(value, date) else value
-    emails, phones, identifiers = [], [], []
-    for row in rows:
-        if row.ident_id is None:
-            continue
-        value = decrypt("contact_identifiers", "value", row.ident_id, row.ident_value_enc)
-        if row.ident_kind == "email":
-            emails.append(value)
-        elif row.ident_kind == "phone":
-            phones.append({"value": value, "use": row.ident_use})
-        elif row.ident_kind == "identifier":
-            identifiers.append({"id": row.ident_id, "system": row.ident_system, "type": row.ident_type, "value": value,
-                                "class": identifier_class(row.ident_system, row.ident_type)})
-    out["email"] = emails[0] if emails else None
-    out["emails"] = emails
-    out["phone"] = phones[0]["value"] if phones else None
-    out["phones"] = phones
-    out["identifiers"] = identifiers
-    out["mrn"] = next((i["value"] for i in identifiers if i["type"] == MRN_TYPE), None)
-    out["external_id"] = next((i["value"] for i in identifiers if i["type"] == EXTERNAL_TYPE), None)
+    _identifier_fields(out, ((row.ident_id, row.ident_kind, row.ident_system, row.ident_type, row.ident_use,
+                              decrypt("contact_identifiers", "value", row.ident_id, row.ident_value_enc))
+                             for row in rows if row.ident_id is not None))
     attrs: dict[str, Any] = {}
     for key, type_, text, number, day, boolean in org_select(session, _CONTACT_ATTRIBUTES, {"contact_id": c["id"]}):
         value = number if type_ == "number" else (day.isoformat() if day else None) if type_ == "date" else \
@@ -740,23 +745,9 @@ def _contact_dict(session, c: Contact, idents: list[ContactIdentifier], attrs: d
     for name in PLAIN_CONTACT_FIELDS:
         value = getattr(c, name)
         out[name] = value.isoformat() if isinstance(value, date) else value
-    emails, phones, identifiers = [], [], []
-    for row in idents:
-        value = _decrypt(session, c.org_id, "contact_identifiers", "value", row.id, row.value_enc)
-        if row.kind == "email":
-            emails.append(value)
-        elif row.kind == "phone":
-            phones.append({"value": value, "use": row.use})
-        elif row.kind == "identifier":
-            identifiers.append({"id": row.id, "system": row.system, "type": row.type_code, "value": value,
-                                "class": identifier_class(row.system, row.type_code)})
-    out["email"] = emails[0] if emails else None
-    out["emails"] = emails
-    out["phone"] = phones[0]["value"] if phones else None
-    out["phones"] = phones
-    out["identifiers"] = identifiers
-    out["mrn"] = next((i["value"] for i in identifiers if i["type"] == MRN_TYPE), None)
-    out["external_id"] = next((i["value"] for i in identifiers if i["type"] == EXTERNAL_TYPE), None)
+    _identifier_fields(out, ((row.id, row.kind, row.system, row.type_code, row.use,
+                              _decrypt(session, c.org_id, "contact_identifiers", "value", row.id, row.value_enc))
+                             for row in idents))
     out["attributes"] = attrs
     out["care_stage"] = c.care_stage
     out["care_stage_is_override"] = c.care_stage_override is not None
