@@ -217,6 +217,13 @@ def test_a_rebuild_from_a_day_gives_exactly_the_live_counts(data):
                    "converted", "unsubscribed"):
         assert metric in metrics, metric
     assert {k[1] for k in live} == {"h", "d", "m"}
+    # Opens and clicks count under the campaign, as its delivery events do (a campaign report
+    # shows them), and under the sending domain the copy went out from.
+    campaign_at = 4 + DIMENSIONS.index("campaign_id")
+    domain_at = 4 + DIMENSIONS.index("sending_domain_id")
+    for metric in ("opened", "opened_human", "clicked", "delivered"):
+        assert any(k[3] == metric and k[campaign_at] and k[1] == "d" for k in live), metric
+    assert any(k[3] == "opened" and k[domain_at] == data.domain_id for k in live)
     day = data.start.strftime("%Y-%m-%d")
 
     # Lose some rows and spoil others: the rebuild replaces them.

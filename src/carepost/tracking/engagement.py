@@ -175,10 +175,13 @@ class Recorder:
             decoded = [self._decode(session, hit) for hit in hits]
             group.load_seen(session, [(hit.kind, d) for hit, d in zip(hits, decoded) if d is not None])
             outcomes = [self._one(session, hit, d, group) if d is not None else INVALID for hit, d in zip(hits, decoded)]
-            for (org_id, at, metric, message_id, source, template_id, purpose, topic_id, created_at), n in \
+            for (org_id, at, metric, message_id, source, template_id, purpose, topic_id, created_at, tags), n in \
                     group.rollups.items():
+                campaign_id, journey_step_id, sending_domain_id = tags
                 rollups.add(session, org_id=org_id, at=at, metric=metric, n=n, message_id=message_id, source=source,
-                            template_id=template_id, purpose=purpose, topic_id=topic_id, message_created_at=created_at)
+                            campaign_id=campaign_id, journey_step_id=journey_step_id, template_id=template_id,
+                            purpose=purpose, topic_id=topic_id, sending_domain_id=sending_domain_id,
+                            message_created_at=created_at)
             _write_group(session, group)
             session.commit()
         for key in group.human:
@@ -186,14 +189,16 @@ class Recorder:
         return outcomes
 
     def _message(self, session: Session, message_id: str):
-        """(org id, created_at, source, template, purpose, topic, campaign-ish tags) or None."""
+        """(org id, created_at, source, template, purpose, topic, (campaign, journey step, sending
+        domain)) or None: the dimensions the message's delivery events are counted under."""
         found = self._messages.get(message_id)
         if found is None:
             from carepost.delivery.models import Message
 
             m = session.get(Message, message_id)
             found = (None,) if m is None else (m.org_id, clock.aware(m.created_at), m.source, m.template_id,
-                                                m.purpose, m.topic_id)
+                                                m.purpose, m.topic_id,
+                                                (m.campaign_id, m.journey_step_id, m.sending_domain_id))
             self._messages.put(message_id, found)
         return None if found[0] is None else found
 
@@ -239,7 +244,7 @@ class Recorder:
 
     def _one(self, session: Session, hit: Hit, decoded, group: _Group) -> Outcome:
         data, message, privacy = decoded
-        org_id, created_at, source, template_id, purpose, topic_id = message
+        org_id, created_at, source, template_id, purpose, topic_id, tags = message
         url = None
         if hit.kind == "c" and not data.trap:
             url = self._url(session, org_id, data.message_id, data.link_index)
@@ -266,7 +271,8 @@ class Recorder:
         hour = hit.at.replace(minute=0, second=0, microsecond=0)
         for metric, yes in ((type_, True), (f"{type_}_unique", first), (f"{type_}_human", first_human)):
             if yes:
-                rkey = (org_id, hour, metric, data.message_id, source, template_id, purpose, topic_id, created_at)
+                rkey = (org_id, hour, metric, data.message_id, source, template_id, purpose, topic_id, created_at,
+                        tags)
                 group.rollups[rkey] = group.rollups.get(rkey, 0) + 1
         if recipient_id is not None and group.webhooks_wanted(session, org_id, type_):
             _webhook(session, org_id, data.message_id, recipient_id, type_, verdict,

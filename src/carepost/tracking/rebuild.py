@@ -286,7 +286,7 @@ def _receiving_domain(domain_index_col):
     return case((_c(domain_index_col) == "", ""), else_=func.coalesce(provider, rollups.OTHER_DOMAIN))
 
 
-def _message_columns(sql: _Sql, m, start: datetime | None, *, delivery: bool):
+def _message_columns(sql: _Sql, m, start: datetime | None):
     """The dimensions of message ``m`` as the live path writes them, and its message-grain key."""
     from carepost.delivery.models import Message
 
@@ -294,16 +294,12 @@ def _message_columns(sql: _Sql, m, start: datetime | None, *, delivery: bool):
     segment = getattr(Message.__table__.c, "segment_id", None)
     journey_col = _c(m.c[journey.name]) if journey is not None else literal("")
     segment_col = _c(m.c[segment.name]) if segment is not None else literal("")
-    if delivery:
-        dims = {"source": _c(m.c.source), "campaign_id": _c(m.c.campaign_id), "journey_step_id": journey_col,
-                "template_id": _c(m.c.template_id), "segment_id": segment_col, "topic_id": _c(m.c.topic_id),
-                "purpose": _c(m.c.purpose), "sending_domain_id": _c(m.c.sending_domain_id)}
-        keeps_row = and_(_c(m.c.campaign_id) == "", journey_col == "", _c(m.c.source).not_in(("campaign", "journey")))
-    else:  # the engagement writer passes source, template, purpose and topic only
-        dims = {"source": _c(m.c.source), "campaign_id": literal(""), "journey_step_id": literal(""),
-                "template_id": _c(m.c.template_id), "segment_id": literal(""), "topic_id": _c(m.c.topic_id),
-                "purpose": _c(m.c.purpose), "sending_domain_id": literal("")}
-        keeps_row = _c(m.c.source).not_in(("campaign", "journey"))
+    # Delivery events and opens / clicks are counted under the same dimensions (the receiving
+    # domain, a recipient's, is added by the caller where it is known).
+    dims = {"source": _c(m.c.source), "campaign_id": _c(m.c.campaign_id), "journey_step_id": journey_col,
+            "template_id": _c(m.c.template_id), "segment_id": segment_col, "topic_id": _c(m.c.topic_id),
+            "purpose": _c(m.c.purpose), "sending_domain_id": _c(m.c.sending_domain_id)}
+    keeps_row = and_(_c(m.c.campaign_id) == "", journey_col == "", _c(m.c.source).not_in(("campaign", "journey")))
     if start is not None:
         keeps_row = and_(keeps_row, m.c.created_at >= start)
     m_message = case((keeps_row, m.c.id), else_="")
@@ -321,7 +317,7 @@ def _delivery(session: Session, conn, sql: _Sql, org_id: str, start: datetime | 
     from carepost.delivery.models import Message, MessageEvent, MessageRecipient
 
     e, r, m = MessageEvent.__table__, MessageRecipient.__table__, Message.__table__
-    dims, m_message, m_day = _message_columns(sql, m, start, delivery=True)
+    dims, m_message, m_day = _message_columns(sql, m, start)
     kind = e.c.type
     method = case((kind.in_(("sent", "delivered")), _c(r.c.method)), else_="")
     tls = case((kind.in_(("sent", "delivered")), _c(r.c.evidence["tls_version"].as_string())), else_="")
@@ -390,7 +386,7 @@ def _engagement(conn, sql: _Sql, org_id: str, start: datetime | None) -> int:
     from carepost.tracking.models import EngagementEvent
 
     ev, m = EngagementEvent.__table__, Message.__table__
-    dims, m_message, m_day = _message_columns(sql, m, start, delivery=False)
+    dims, m_message, m_day = _message_columns(sql, m, start)
     dim_cols = [dims.get(d, literal("")) for d in _DIMS]
 
     # Every open and click.
@@ -443,7 +439,7 @@ def _conversions(conn, sql: _Sql, org_id: str, start: datetime | None) -> int:
     from carepost.tracking.conversions import ContactEvent
 
     c, m, r = ContactEvent.__table__, Message.__table__, MessageRecipient.__table__
-    dims, m_message, m_day = _message_columns(sql, m, start, delivery=True)
+    dims, m_message, m_day = _message_columns(sql, m, start)
     dims["receiving_domain"] = _receiving_domain(r.c.domain_index)
     dim_cols = [dims[d] for d in _DIMS]
     hour = sql.hour(c.c.occurred_at)
