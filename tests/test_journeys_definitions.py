@@ -326,6 +326,29 @@ def test_approval_rules_marketing_purpose_and_sensitive_segment(world):
         service.publish(s, sens, author)
 
 
+def test_approval_follows_the_organizations_campaign_rules_too(world):
+    from carepost.campaigns.service import set_campaign_settings
+
+    org_id = world["org_id"]
+    author, compliance = person(org_id), person(org_id)
+    with org_session(org_id) as s:
+        treat = definition(world["template"])
+        assert service.approval_reasons(s, org_id, treat) == []
+        set_campaign_settings(s, org_id, {"approval_required_purposes": ["marketing", "treatment"]})
+        assert service.approval_reasons(s, org_id, treat) == ["purpose_rule"]
+        set_campaign_settings(s, org_id, {"approval_required_purposes": [], "approval_required_for_all": True})
+        assert service.approval_reasons(s, org_id, treat) == ["all_sends"]
+        # marketing needs approval whatever the organization's settings
+        assert service.approval_reasons(s, org_id, definition(world["marketing"], purpose="marketing")) == \
+            ["marketing_purpose"]
+        row = _create(s, org_id, treat, author, "Every send approved")
+        with pytest.raises(Conflict) as exc:
+            service.publish(s, row, author)
+        assert exc.value.code == "approval_required"
+        service.approve(s, row, compliance)
+        service.publish(s, row, author)
+
+
 def test_pause_resume_archive_and_delete(world):
     org_id = world["org_id"]
     who = person(org_id)

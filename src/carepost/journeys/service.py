@@ -6,7 +6,8 @@ and the runs of a journey or a contact (the engine in ``engine.py`` moves them).
   a new draft when the newest is published. A published version never changes.
 * **Approval** (as for campaigns, docs/campaigns.md): a version whose purpose is marketing (or
   marketing with remuneration), or that names a sensitive segment (entry or branch), needs
-  approval by compliance (``campaigns:approve``) before it can be published — and never by the
+  approval — and so does one the organization's campaign approval rules cover (another purpose
+  it lists, or every send) — by compliance (``campaigns:approve``) before it can be published — and never by the
   person who wrote the version.
 * **Publish** validates the version again (references may have gone), checks the approval and
   makes it the live version new runs enter. When the journey already has a live version the
@@ -130,13 +131,22 @@ def journey_dict(session: Session, row: Journey, *, with_definition: bool = True
 # --------------------------------------------------------------------------- approval rules
 
 def approval_reasons(session: Session, org_id: str, definition: dict) -> list[str]:
-    """Why a version needs compliance approval: ``marketing_purpose``, ``sensitive_segment``."""
+    """Why a version needs compliance approval: ``marketing_purpose`` and ``sensitive_segment``
+    always (whatever the organization's settings), and the organization's own campaign approval
+    rules (``docs/campaigns.md``): ``purpose_rule`` for another purpose it lists,
+    ``all_sends`` when it requires approval of every send."""
+    from carepost.campaigns.service import campaign_settings
     from carepost.segments.service import get_segment
 
     reasons = []
     purpose = (definition or {}).get("purpose")
+    rules = campaign_settings(session, org_id)
     if purpose in purposes.MARKETING_PURPOSES:
         reasons.append("marketing_purpose")
+    elif purpose in rules["approval_required_purposes"]:
+        reasons.append("purpose_rule")
+    if rules["approval_required_for_all"] and not reasons:
+        reasons.append("all_sends")
     for segment_id in sorted(validation.references(definition or {})["segments"]):
         try:
             seg = get_segment(session, org_id, segment_id)
