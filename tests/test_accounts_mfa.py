@@ -170,7 +170,8 @@ def test_webauthn_register_and_authenticate_with_software_authenticator(client, 
     session.rollback()
     session.expire_all()
     assert session.get(WebAuthnCredential, stored.id).sign_count == 1
-    mfa_events = list(session.scalars(select(AuditEvent).where(AuditEvent.chain == org.id, AuditEvent.action == "auth.mfa")))
+    mfa_events = list(session.scalars(select(AuditEvent).where(AuditEvent.chain == org.id, AuditEvent.action == "auth.mfa")
+                                      .order_by(AuditEvent.seq)))
     assert mfa_events[-1].details == {"method": "webauthn"} and mfa_events[-1].outcome == "success"
     register_events = list(session.scalars(select(AuditEvent).where(AuditEvent.action == "auth.webauthn_register")))
     assert register_events and register_events[-1].actor_id == user.id

@@ -26,7 +26,8 @@ def key(sender, delivery_queue):
 
 def audit(session, org_id, action):
     session.rollback()
-    return list(session.scalars(select(AuditEvent).where(AuditEvent.org_id == org_id, AuditEvent.action == action)))
+    return list(session.scalars(select(AuditEvent).where(AuditEvent.org_id == org_id, AuditEvent.action == action)
+                                .order_by(AuditEvent.chain, AuditEvent.seq)))  # in the order written
 
 
 def publish(dns, records: list[dict]) -> None:

@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import func, select
 
 from carepost.core import clock
-from carepost.core.database import org_session
+from carepost.core.database import org_session, read_only_session
 from carepost.delivery.models import Message, MessageRecipient
 from carepost.journeys import engine, entries
 from carepost.journeys.models import JourneyRun, JourneyRunStep
@@ -73,7 +73,9 @@ def test_kill_9_mid_tick_neither_skips_nor_repeats_a_send(storage, delivery_env,
         s.commit()
 
     def advanced():
-        with org_session(org_id) as s:
+        # A read that takes no write lock: an org_session would BEGIN IMMEDIATE on SQLite and
+        # queue behind the worker's chunks, seeing the count only after the tick had finished.
+        with read_only_session(org_id) as s:
             return s.scalar(select(func.count()).select_from(JourneyRun).where(
                 JourneyRun.journey_id == jid, JourneyRun.seq > 0))
 

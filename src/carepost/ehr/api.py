@@ -33,8 +33,23 @@ _FHIR_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object", "additionalProperties": True}}}}}
 
 
+_OUTCOME = {FHIR_JSON: {"schema": {"type": "object", "additionalProperties": True}}}
+# The app's own input guard (control characters, sizes…) answers before the route, in its Error shape.
+_OUTCOME_OR_ERROR = {**_OUTCOME, "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+_FHIR_ANSWERS = {201: {"description": "Recorded (OperationOutcome)", "content": _OUTCOME},
+                 400: {"description": "Not JSON, or not a FHIR resource (OperationOutcome)", "content": _OUTCOME_OR_ERROR},
+                 422: {"description": "OperationOutcome naming the element, or the input guard's Error",
+                       "content": _OUTCOME_OR_ERROR}}
+
+
+class FhirJSONResponse(JSONResponse):
+    """A FHIR answer (OperationOutcome): documented and sent as ``application/fhir+json``."""
+
+    media_type = FHIR_JSON
+
+
 def _fhir_response(status: int, issues: list[dict]) -> JSONResponse:
-    return JSONResponse(ehr_fhir.operation_outcome(issues), status_code=status, media_type=FHIR_JSON,
+    return FhirJSONResponse(ehr_fhir.operation_outcome(issues), status_code=status, media_type=FHIR_JSON,
                         headers={"Cache-Control": "no-store"})
 
 
@@ -104,22 +119,21 @@ async def _post_resource(request: Request, principal: Principal, expected: str) 
 
 
 @router.post("/fhir/Appointment", summary="A FHIR R4 Appointment, mapped to an appointment event",
-             openapi_extra=_FHIR_BODY, responses={201: {"description": "Recorded (OperationOutcome)"},
-                                                   422: {"description": "OperationOutcome naming the element"}})
+             openapi_extra=_FHIR_BODY, response_class=FhirJSONResponse, responses=_FHIR_ANSWERS)
 async def post_appointment(request: Request, principal: Principal = Depends(require(P.PHI_WRITE))) -> JSONResponse:
     return await _post_resource(request, principal, "Appointment")
 
 
 @router.post("/fhir/Encounter", summary="A FHIR R4 Encounter, mapped to an admission, discharge or visit event",
-             openapi_extra=_FHIR_BODY, responses={201: {"description": "Recorded (OperationOutcome)"},
-                                                   422: {"description": "OperationOutcome naming the element"}})
+             openapi_extra=_FHIR_BODY, response_class=FhirJSONResponse, responses=_FHIR_ANSWERS)
 async def post_encounter(request: Request, principal: Principal = Depends(require(P.PHI_WRITE))) -> JSONResponse:
     return await _post_resource(request, principal, "Encounter")
 
 
 @router.post("/fhir/subscription-notification",
              summary="A FHIR Subscription rest-hook notification: a Bundle of Appointment and Encounter resources",
-             openapi_extra=_FHIR_BODY)
+             openapi_extra=_FHIR_BODY, response_class=FhirJSONResponse,
+             responses={400: _FHIR_ANSWERS[400], 422: _FHIR_ANSWERS[422]})
 async def post_notification(request: Request, principal: Principal = Depends(require(P.PHI_WRITE))) -> JSONResponse:
     from starlette.concurrency import run_in_threadpool
 

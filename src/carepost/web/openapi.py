@@ -135,7 +135,10 @@ def complete_document(app: FastAPI, document: dict, access_kind: Callable[[APIRo
             oauth = path.startswith("/api/v1/oauth/")
             for code, entry in error_responses(*_codes_for(method, path, kind, operation), oauth=oauth).items():
                 existing = responses.get(str(code))
-                if existing is None or code == 422:
+                # The Error shape replaces FastAPI's validation 422, not an answer a route documents
+                # in a media type of its own (FHIR's OperationOutcome as application/fhir+json).
+                own_media = existing is not None and set(existing.get("content") or {}) - {"application/json"}
+                if existing is None or (code == 422 and not own_media):
                     responses[str(code)] = entry
             for code, content in EXTRA_CONTENT.get((method, path), {}).items():
                 responses.setdefault(str(code), {"description": "OK"}).setdefault("content", {}).update(content)
