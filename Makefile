@@ -11,11 +11,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Two xdist workers: about twice as fast as one process on two cores (docs/development.md).
 PYTEST_WORKERS ?= 2
+# Whole files to a worker: a UI module starts its server and browser once, not on both workers;
+# files with slow tests are dealt out first (tests/conftest.py).
+PYTEST_DIST ?= loadfile
 PYTEST_ARGS ?=
 
 # Debian packages: Chromium for the UI tests (Playwright drives the system browser), gpg and
-# openssl to prove PGP and S/MIME output decrypts, PostgreSQL and Redis for the scale-out backends.
-DEBIAN_TEST_PACKAGES := chromium gnupg openssl postgresql redis-server unbound nsd ldnsutils
+# openssl to prove PGP and S/MIME output decrypts, PostgreSQL and Redis for the scale-out backends,
+# nginx for the multi-node topology test.
+DEBIAN_TEST_PACKAGES := chromium gnupg openssl postgresql redis-server unbound nsd ldnsutils nginx-light
 
 .PHONY: help run test test-deps install clean-venv
 
@@ -42,7 +46,7 @@ run: $(VENV)/.installed
 	$(BIN)/carepost run
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist $(PYTEST_DIST) $(PYTEST_ARGS)
 
 test-deps:
 	@missing=""; for p in $(DEBIAN_TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

@@ -11,8 +11,11 @@ through the real services, then, ``--runs`` times (median reported):
    metrics per event (accepted; sent, delivered and secured:<method>; deferred; bounced; opens
    and clicks), spread over the 24 hours and 12 receiving domains, 90 % from campaigns and
    10 % transactional API messages (these also keep a per-message row) — committed every 500
-   events, the pipeline's batch. Reports the wall time and events per second, and checks the
-   rollups sum to what was added.
+   events, the pipeline's batch (each commit appends its increments to
+   ``analytics_increments``), while a thread folds them into the rollups every
+   ``--fold-every`` seconds (the worker's periodic task; default 60), and a last fold after the
+   last event. Reports the wall time from the first event to the rollups complete (nothing left
+   to fold), the appending and last-fold parts, and checks the rollups sum to what was added.
 2. **Read**: rollups of a 1,000,000-recipient campaign written directly (three days, every hour,
    12 providers, every metric), beside 90 days of 30 other campaigns; then the analytics API
    (summary, per source, per receiving provider, hourly series, CSV) filtered to that campaign,
@@ -116,19 +119,35 @@ def _event_plan(n: int, seed: int) -> list[tuple]:
     return plan
 
 
-def run_update(org_id: str, n: int, seed: int) -> dict:
+def _folder(every: float, stop, folds: list) -> None:
+    """The worker's periodic fold (``tracking.fold_rollups``), every ``every`` seconds."""
+    from carepost.core.database import system_session
+    from carepost.tracking.rollups import fold_all
+
+    while not stop.wait(every):
+        t0 = time.perf_counter()
+        chunks = fold_all(system_session)
+        folds.append((round(time.perf_counter() - t0, 2), chunks))
+
+
+def run_update(org_id: str, n: int, seed: int, fold_every: float) -> dict:
+    import threading
+
     from sqlalchemy import delete, func, select
 
-    from carepost.core.database import org_session
+    from carepost.core.database import org_session, system_session
     from carepost.tracking import rollups
-    from carepost.tracking.rollups import AnalyticsRollup
+    from carepost.tracking.rollups import AnalyticsRollup, fold_all
 
     day = datetime(2026, 11, 1, tzinfo=UTC) + timedelta(days=seed)
     campaign = uuid.uuid4().hex
     plan = _event_plan(n, seed)
     hours = [day + timedelta(hours=h) for h in range(24)]
     added = 0
+    stop, folds = threading.Event(), []
+    folder = threading.Thread(target=_folder, args=(fold_every, stop, folds), daemon=True)
     started = time.perf_counter()
+    folder.start()
     with org_session(org_id) as s:
         for start in range(0, n, 500):
             for hour, metrics, domain, source, message_id in plan[start:start + 500]:
@@ -139,7 +158,19 @@ def run_update(org_id: str, n: int, seed: int) -> dict:
                                 message_id=message_id, template_id="t" * 26)
                     added += 1
             s.commit()
+    appended = time.perf_counter() - started
+    stop.set()
+    folder.join()
+    t0 = time.perf_counter()
+    fold_all(system_session)  # what is left after the day's last event: the rollups are then complete
+    final_fold = time.perf_counter() - t0
     elapsed = time.perf_counter() - started
+    with system_session() as s:
+        pending = s.connection().exec_driver_sql("SELECT count(*) FROM analytics_increments").scalar()
+        assert pending == 0, pending
+        total = s.connection().exec_driver_sql(
+            "SELECT sum(n) FROM analytics_rollups WHERE grain = 'd'").scalar()  # read without a fold
+        assert total == added, (total, added)
     with org_session(org_id) as s:
         total = s.scalar(select(func.sum(AnalyticsRollup.n)).where(
             AnalyticsRollup.grain == "d", AnalyticsRollup.period == day))
@@ -149,7 +180,8 @@ def run_update(org_id: str, n: int, seed: int) -> dict:
                                                 AnalyticsRollup.period < day + timedelta(days=1)))
         s.commit()
     return {"events": n, "increments": added, "seconds": round(elapsed, 2), "events_per_s": round(n / elapsed),
-            "rollup_rows": rows}
+            "append_seconds": round(appended, 2), "final_fold_seconds": round(final_fold, 2),
+            "periodic_folds": folds, "rollup_rows": rows}
 
 
 def _id(at: datetime, rng: random.Random) -> str:
@@ -373,6 +405,8 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=1_000_000, help="0: skip the update part")
     ap.add_argument("--recipients", type=int, default=1_000_000, help="0: skip the read part")
     ap.add_argument("--rebuild-events", type=int, default=1_000_000, help="0: skip the rebuild part")
+    ap.add_argument("--fold-every", type=float, default=60.0,
+                    help="seconds between the periodic folds during the update (the worker's: every minute)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--reads", type=int, default=5)
     ap.add_argument("--out")
@@ -397,7 +431,7 @@ def main() -> None:
                 rebuilds.append(run_rebuild(day, seeded["by_kind"]))
                 print(json.dumps({"rebuild_run": rebuilds[-1], "load": os.getloadavg()}), flush=True)
         for seed in range(args.runs if args.events else 0):
-            updates.append(run_update(org_id, args.events, seed))
+            updates.append(run_update(org_id, args.events, seed, args.fold_every))
             print(json.dumps({"update_run": updates[-1], "load": os.getloadavg()}), flush=True)
         if args.recipients:
             campaign = seed_campaign(org_id, args.recipients)

@@ -16,6 +16,10 @@ second and latency percentiles it reads the server's own CPU time (``/proc/<pid>
 system) to report CPU milliseconds per request, which a loaded machine does not distort the way
 it distorts rates. It checks that every read wrote its audit event (events counted before and
 after). Prints and writes one JSON document (``--out``, default ``bench/results/api_read_<db>.json``).
+
+``--rate 200`` offers about 200 requests/s instead of as many as the server answers (each
+connection waits between requests through wrk's ``delay()`` hook): the latency percentiles at a
+given load, as the issue's goal states it, rather than at saturation.
 """
 
 from __future__ import annotations
@@ -42,6 +46,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def server_protocols() -> dict:
+    """What uvicorn's auto choice (``carepost serve``'s, and the bare app's in bench/tracking.py)
+    runs with on this machine: httptools and uvloop when installed, else h11 and asyncio."""
+    import importlib.util
+
+    return {"http": "httptools" if importlib.util.find_spec("httptools") else "h11",
+            "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"}
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -155,7 +168,12 @@ end
 
 def wrk(url: str, args, headers: dict | None = None) -> tuple[dict, str]:
     script = Path(tempfile.mkdtemp(prefix="carepost-wrk-")) / "statuses.lua"
-    script.write_text(STATUS_SCRIPT)
+    text = STATUS_SCRIPT
+    if getattr(args, "delay_ms", None):
+        # --rate: each connection waits this long before its next request (wrk's delay() hook), so
+        # the connections together offer about the rate asked for; wrk reports the rate reached.
+        text += f"function delay() return {args.delay_ms} end\n"
+    script.write_text(text)
     cmd = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s", "--latency", "--timeout", "2s",
            "-s", str(script)]
     for k, v in (headers or {}).items():
@@ -176,7 +194,11 @@ def main() -> None:
                    help="after the timed runs, sample the server with py-spy during one more contact-read run "
                         "(folded stacks into FILE; top functions in the JSON)")
     p.add_argument("--keep-workdir", action="store_true", help="keep the data dir and serve.log")
+    p.add_argument("--rate", type=float, default=None,
+                   help="offer about this many requests/s instead of as many as the server answers: each "
+                        "connection waits connections/rate seconds, less one request's time, between requests")
     args = p.parse_args()
+    args.delay_ms = None
     if not shutil.which("wrk"):
         sys.exit("wrk is not installed (Debian package wrk)")
     work = Path(tempfile.mkdtemp(prefix="carepost-bench-api-"))
@@ -197,19 +219,10 @@ def main() -> None:
     loadavg_before = Path("/proc/loadavg").read_text().split()[:3]
     try:
         org_id, token, ids = setup(env)
-        port = _free_port()
-        server = subprocess.Popen([sys.executable, "-m", "carepost.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                                  env=env, stdout=subprocess.DEVNULL, stderr=open(work / "serve.log", "w"))
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(base + "/healthz", timeout=2).read()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    sys.exit("serve did not start:\n" + (work / "serve.log").read_text()[-3000:])
-                time.sleep(0.3)
+        sys.path.insert(0, str(ROOT / "bench"))
+        from _scratch import start_serve
+
+        server, base = start_serve(env, work / "serve.log")
         auth = {"Authorization": f"Bearer {token}"}
         url = f"{base}/api/v1/contacts/{ids[0]}"
         req = urllib.request.Request(url, headers=auth)
@@ -218,6 +231,8 @@ def main() -> None:
             t = time.perf_counter()
             assert urllib.request.urlopen(req, timeout=5).status == 200
             single.append((time.perf_counter() - t) * 1000)
+        if args.rate:
+            args.delay_ms = max(0, round(args.connections * 1000 / args.rate - statistics.median(single)))
         before_events = audit_count(env, org_id)
         runs = []
         for _ in range(args.runs):
@@ -251,7 +266,9 @@ def main() -> None:
         result = {
             "database": "postgresql" if args.database_url else "sqlcipher",
             "command": " ".join([".venv/bin/python", "bench/api_read.py", *sys.argv[1:]]),
-            "wrk": f"-t{args.threads} -c{args.connections} -d{args.duration}s",
+            "wrk": f"-t{args.threads} -c{args.connections} -d{args.duration}s"
+                   + (f", delay {args.delay_ms} ms per connection (--rate {args.rate:g})" if args.rate else ""),
+            "server": server_protocols(),
             "single_request_ms_median": round(statistics.median(single), 2),
             "median": {kind: {key: med(kind, key) for key in ("requests_per_s", "p50_ms", "p90_ms", "p99_ms", "timeouts",
                                                                "non_2xx", "server_cpu_ms_per_request")}

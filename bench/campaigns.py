@@ -17,7 +17,8 @@ chunks, the set-based eligibility check, the block plan, and the recipient and e
 one transaction per chunk (``CAREPOST_CAMPAIGN_PLAN_CHUNK``). RSS of this process is sampled
 every 0.25 s during planning (flat memory: the peak should not grow with the audience).
 
-The end-to-end send (rendering, DKIM, SMTP through one worker) is not part of this script yet.
+The end-to-end send (rendering, DKIM, SMTP through one worker, against the transactional rate of
+the same run) is ``bench/campaign_send.py``, which reuses this script's population and campaign.
 """
 
 from __future__ import annotations

@@ -20,14 +20,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import _scratch  # noqa: E402
 from delivery_throughput import make_certificates  # noqa: E402
-from delivery_worker import accept, count_statuses, free_port  # noqa: E402
+from delivery_worker import accept, count_statuses, free_port, sink_arrivals  # noqa: E402
 
 
 def main() -> None:
@@ -68,7 +68,7 @@ def main() -> None:
         from carepost.assembly import assemble
         from carepost.core.bootstrap import initialize_storage
         from carepost.core.config import reset_settings
-        from carepost.core.database import dispose_engine, read_only_session
+        from carepost.core.database import dispose_engine
         from carepost.core.logging import configure_logging
         from carepost.core.queue import huey
         from carepost.delivery.tasks import enqueue_delivery
@@ -111,34 +111,16 @@ def main() -> None:
             recovered = time.perf_counter() - killed
         finally:
             for proc in (first, second):
-                if proc is not None and proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-                    try:
-                        proc.wait(timeout=60)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
+                _scratch.stop(proc, timeout=60)
             sink.terminate()
             sink.communicate(timeout=10)
             huey.flush()
 
-        from sqlalchemy import select
-
-        from carepost.delivery.models import Message, MessageRecipient
-
-        with read_only_session(org_id) as session:
-            headers = dict(session.execute(select(Message.id, Message.message_id_header)
-                                           .where(Message.id.in_(ids))).all()) if len(ids) <= 30000 else {}
-            if not headers:
-                headers = dict(session.execute(select(Message.id, Message.message_id_header)).all())
-            flagged = {headers[m] for m, in session.execute(
-                select(MessageRecipient.message_id).where(MessageRecipient.possible_duplicate.is_(True)))}
-        counts = Counter(arrived())
-        expected = {h.strip() for h in headers.values()}
-        twice = {h for h, n in counts.items() if n > 1}
+        check = sink_arrivals(org_id, arrived())
         result = {
-            "messages": len(ids), "arrived_at_kill": at_kill, "missing": len(expected - set(counts)),
-            "arrived_twice": len(twice), "flagged_possible_duplicate": len(flagged),
-            "duplicates_not_flagged": len(twice - {f.strip() for f in flagged}),
+            "messages": len(ids), "arrived_at_kill": at_kill, "missing": check["missing"],
+            "arrived_twice": check["arrived_twice"], "flagged_possible_duplicate": check["flagged_possible_duplicate"],
+            "duplicates_not_flagged": check["duplicates_not_flagged"],
             "recovered_seconds_after_kill": round(recovered, 1), "lease_seconds": args.lease_seconds,
             "concurrency": args.concurrency, "database": "postgresql" if args.database_url else "sqlcipher",
             "load_average_at_end": os.getloadavg(),

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import secrets
 import statistics
-import tempfile
 import time
-import uuid
-from pathlib import Path
+
+from _scratch import bench_organization, scratch_storage
 
 
 def main() -> None:
@@ -29,50 +27,21 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--database-url", default=None, help="PostgreSQL admin URL; a scratch database is created and dropped")
     args = p.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="carepost-bench-"))
-    os.environ["CAREPOST_DATA_DIR"] = str(work / "data")
-    scratch = admin = None
-    if args.database_url:
-        import psycopg
-        from sqlalchemy.engine import make_url
-
-        admin = make_url(args.database_url).set(drivername="postgresql").render_as_string(hide_password=False)
-        scratch = f"carepost_bench_{uuid.uuid4().hex[:8]}"
-        with psycopg.connect(admin, autocommit=True) as c:
-            c.execute(f'CREATE DATABASE "{scratch}"')
-        os.environ["CAREPOST_DATABASE_URL"] = make_url(args.database_url).set(
-            drivername="postgresql+psycopg", database=scratch).render_as_string(hide_password=False)
-    try:
+    with scratch_storage(args.database_url):
         print(json.dumps(run(args)))
-    finally:
-        if scratch:
-            from carepost.core.database import dispose_engine
-
-            dispose_engine()
-            with psycopg.connect(admin, autocommit=True) as c:
-                c.execute(f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)')
 
 
 def run(args) -> dict:
     from sqlalchemy import insert
 
-    from carepost.accounts.service import create_organization
-    from carepost.assembly import assemble
     from carepost.core import clock
-    from carepost.core.bootstrap import initialize_storage
-    from carepost.core.database import org_session, session_factory, system_session
-    from carepost.core.logging import configure_logging
+    from carepost.core.database import org_session, session_factory
     from carepost.core.reindex import rotate_index_keys
     from carepost.delivery.models import Suppression
     from carepost.patients import service
     from carepost.patients.models import Contact, ContactIdentifier
 
-    configure_logging("WARNING", True)
-    assemble()
-    initialize_storage()
-    with system_session() as s:
-        org_id = create_organization(s, "Index Rotation Bench").id
-        s.commit()
+    org_id = bench_organization("Index Rotation Bench")
     mrn_system = "urn:carepost:mrn"
     fake_ct = secrets.token_bytes(60)  # the rotation never decrypts; rows carry a ciphertext-sized value
     with org_session(org_id) as s:

@@ -13,10 +13,13 @@ control id and a random patient each. Every message is fully processed before it
 sender authenticated, patient found by the MRN blind index, event recorded with encrypted
 properties, the message row and the audit event written, the group's transaction committed.
 
-Reported per run: messages per second from the first send to the last ACK, the listener
-process's CPU time per message (from /proc: what one message costs, whatever else loads the
-machine; 1000 / that is the rate one free core would sustain), and the counts of AA;
-the events in the database are counted afterwards and must equal the AAs (durability). ``--runs``
+Reported per run: messages per second from the first send to the last ACK, the listener's CPU
+time per message (from /proc, with ``--processes N`` its children's summed: what one message
+costs, whatever else loads the machine; 1000 / that is the rate one free core would sustain),
+and the counts of AA;
+the events in the database are counted afterwards and must equal the AAs (durability). The
+sending client runs on the same machine: its own CPU per message is reported too
+(``client_cpu_ms_per_message``), as it takes from the same two cores. ``--runs``
 runs (3), median reported, with the load average before and after each run (the machine is
 shared). Prints and writes one JSON document (``--out``, default ``bench/results/mllp_<db>.json``).
 """
@@ -52,9 +55,26 @@ def _free_port() -> int:
 
 
 def _cpu_seconds(pid: int) -> float:
-    """CPU (user + system) a process has used: the listener's cost per message, whatever the load."""
+    """CPU (user + system) a process and its live child processes (``--processes``) have used: the
+    listener's cost per message, whatever the load."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            total += _cpu_seconds(int(child))
+    return total
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def _memory_gb() -> float:
+    kib = int(Path("/proc/meminfo").read_text().split("MemTotal:", 1)[1].split()[0])
+    return round(kib / 1024 / 1024, 1)
 
 
 def _pg_database(admin_url: str) -> tuple[str, str]:
@@ -168,6 +188,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=8, help="concurrent MLLP connections (8)")
     parser.add_argument("--patients", type=int, default=500, help="patients to match (500)")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--processes", type=int, default=1, help="carepost mllp --processes (1)")
     parser.add_argument("--out", help="JSON result file")
     args = parser.parse_args()
 
@@ -183,16 +204,19 @@ def main() -> int:
         org_id, token, mrns = setup(env, args.patients)
         port = _free_port()
         proc = subprocess.Popen([sys.executable, "-m", "carepost.cli", "mllp", "--host", "127.0.0.1", "--port",
-                                 str(port)], env={**os.environ, **env}, cwd=str(ROOT),
+                                 str(port), *(["--processes", str(args.processes)] if args.processes > 1 else [])],
+                                env={**os.environ, **env}, cwd=str(ROOT),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 600  # a loaded, shared machine: starting may take minutes
         while True:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("carepost mllp did not start: " + proc.stderr.read().decode()[-2000:]) from None
+                    if proc.poll() is None:
+                        proc.kill()  # read its stderr only once it ended (else the read waits forever)
+                    raise SystemExit("carepost mllp did not start: " + proc.communicate()[1].decode()[-2000:]) from None
                 time.sleep(0.2)
         rng = random.Random(15)
         runs = []
@@ -201,9 +225,10 @@ def main() -> int:
             frames = [_message(token, n, run, rng.choice(mrns)) for n in range(args.messages)]
             per_connection = [frames[i::args.connections] for i in range(args.connections)]
             load_before = os.getloadavg()
-            cpu_before = _cpu_seconds(proc.pid)
+            cpu_before, client_before = _cpu_seconds(proc.pid), time.process_time()
             seconds, codes = asyncio.run(_load(port, per_connection))
             cpu = _cpu_seconds(proc.pid) - cpu_before
+            client_cpu = time.process_time() - client_before
             load_after = os.getloadavg()
             recorded = _count_events(env, org_id)
             aa = codes.count("AA")
@@ -211,6 +236,7 @@ def main() -> int:
                          "messages_per_second": round(len(codes) / seconds, 1), "aa": aa,
                          "listener_cpu_ms_per_message": round(cpu * 1000 / max(len(codes), 1), 2),
                          "messages_per_listener_cpu_second": round(len(codes) / cpu, 1) if cpu else None,
+                         "client_cpu_ms_per_message": round(client_cpu * 1000 / max(len(codes), 1), 2),
                          "other_answers": len(codes) - aa, "events_recorded": recorded - recorded_before,
                          "load_before": [round(x, 2) for x in load_before],
                          "load_after": [round(x, 2) for x in load_after]})
@@ -222,9 +248,11 @@ def main() -> int:
         result = {
             "bench": "mllp", "database": db, "command": " ".join([".venv/bin/python", "bench/mllp.py", *sys.argv[1:]]),
             "machine": f"{platform.machine()} {os.cpu_count()} vCPU", "messages_per_run": args.messages,
-            "connections": args.connections, "patients": args.patients, "runs": runs,
+            "connections": args.connections, "processes": args.processes, "patients": args.patients,
+            "cpu": _cpu_model(), "memory_gb": _memory_gb(), "runs": runs,
             "median_messages_per_second": statistics.median(rates),
             "median_listener_cpu_ms_per_message": statistics.median(r["listener_cpu_ms_per_message"] for r in runs),
+            "median_client_cpu_ms_per_message": statistics.median(r["client_cpu_ms_per_message"] for r in runs),
             "durable": all(r["aa"] == r["events_recorded"] for r in runs),
             "at": datetime.now(UTC).isoformat(timespec="seconds"),
         }

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import secrets
 import statistics
-import tempfile
 import time
-import uuid
-from pathlib import Path
+
+from _scratch import bench_organization, scratch_storage
 
 
 def main() -> None:
@@ -29,47 +27,19 @@ def main() -> None:
     p.add_argument("--lookups", type=int, default=2000)
     p.add_argument("--database-url", default=None, help="PostgreSQL admin URL; a scratch database is created and dropped")
     args = p.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="carepost-bench-"))
-    os.environ["CAREPOST_DATA_DIR"] = str(work / "data")
-    scratch = admin = None
-    if args.database_url:
-        import psycopg
-        from sqlalchemy.engine import make_url
-
-        admin = make_url(args.database_url).set(drivername="postgresql").render_as_string(hide_password=False)
-        scratch = f"carepost_bench_{uuid.uuid4().hex[:8]}"
-        with psycopg.connect(admin, autocommit=True) as c:
-            c.execute(f'CREATE DATABASE "{scratch}"')
-        os.environ["CAREPOST_DATABASE_URL"] = make_url(args.database_url).set(drivername="postgresql+psycopg", database=scratch).render_as_string(hide_password=False)
-    try:
+    with scratch_storage(args.database_url):
         print(json.dumps(run(args)))
-    finally:
-        if scratch:
-            from carepost.core.database import dispose_engine
-
-            dispose_engine()
-            with psycopg.connect(admin, autocommit=True) as c:
-                c.execute(f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)')
 
 
 def run(args) -> dict:
     from sqlalchemy import insert, text
 
-    from carepost.accounts.service import create_organization
     from carepost.core import clock
-    from carepost.assembly import assemble
-    from carepost.core.bootstrap import initialize_storage
-    from carepost.core.database import get_engine, org_session, system_session
-    from carepost.core.logging import configure_logging
+    from carepost.core.database import get_engine, org_session
     from carepost.patients import service
     from carepost.patients.models import Contact, ContactIdentifier
 
-    configure_logging("WARNING", True)
-    assemble()  # the one composition root, as every entry point
-    initialize_storage()
-    with system_session() as s:
-        org_id = create_organization(s, "Lookup Bench").id
-        s.commit()
+    org_id = bench_organization("Lookup Bench")
     mrn_system = "urn:carepost:mrn"
     fake_ct = secrets.token_bytes(60)  # look-ups never decrypt; rows carry a ciphertext-sized value
     t0 = time.perf_counter()

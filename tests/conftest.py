@@ -46,6 +46,10 @@ def create_pg_database(prefix: str = "carepost_test") -> str:
     dsn = admin.set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
+        # The suite's shared server is never crashed (tests/faults restarts a private one), so a
+        # commit need not wait for its WAL to reach the disk (about 5 ms each here): nothing a
+        # test can observe changes, and a server crash would only lose this throwaway database.
+        conn.execute(f'ALTER DATABASE "{name}" SET synchronous_commit = off')
     return admin.set(drivername="postgresql+psycopg", database=name).render_as_string(hide_password=False)
 
 
@@ -59,11 +63,23 @@ def drop_pg_database(url: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE)')
 
 
+def close_engagement_journal() -> None:
+    """Let go of this process's /t/ journal (tracking.engagement): it is process-wide, tied to
+    the data dir, keys and database it was opened with. Left open, the next test's requests were
+    journaled under the previous database's keys (503, KeyUnavailable) and another backend's
+    journal was ingested into this one's database."""
+    from carepost.tracking.engagement import recorder
+
+    recorder().stop(timeout=2.0)  # drained into the database it belongs to, if it can be
+    recorder().reset()
+
+
 def apply_env(env: dict) -> None:
     from carepost.core.config import reset_settings
     from carepost.core.crypto import reset_keyring
     from carepost.core.database import dispose_engine
 
+    close_engagement_journal()
     for key in _ENV_KEYS:
         os.environ.pop(key, None)
     os.environ.update(env)
@@ -72,18 +88,86 @@ def apply_env(env: dict) -> None:
     dispose_engine()
 
 
+def pytest_configure(config):
+    """Write CarePost's bytecode once, before any test starts a process. Where
+    ``PYTHONDONTWRITEBYTECODE`` is set (as on the development machines) nothing else writes it, and
+    every ``carepost`` subprocess of the suite — workers, servers, CLI commands, hundreds of them —
+    compiled its few hundred modules from source again: 0.3–0.5 s of CPU each
+    (docs/performance.md, "Process start-up"). A ``.pyc`` older than its source is not used (the
+    import system checks the source's time stamp and size), so an edit during the run costs only
+    the compile it would have cost anyway. The xdist controller compiles; its workers find it done."""
+    if hasattr(config, "workerinput"):
+        return
+    _temporary_files_in_memory()
+    import compileall
+
+    import carepost
+
+    compileall.compile_dir(Path(carepost.__file__).parent, quiet=2)
+
+
+def _temporary_files_in_memory() -> None:
+    """pytest's temporary directories (every test's data dir: SQLCipher files, audit checkpoints,
+    queues, the live servers' data) on tmpfs ``/dev/shm`` when it has room. CarePost fsyncs what
+    must survive a crash (each audited request's checkpoint file, SQLite's WAL checkpoints), about
+    5 ms each on this machine's disk and nothing on tmpfs; no test crashes the machine, so no test
+    sees a difference. Not when ``--basetemp`` or ``PYTEST_DEBUG_TEMPROOT`` chooses the place;
+    pytest keeps its usual three last runs there. xdist's workers get directories below the one
+    the controller chose."""
+    if os.environ.get("PYTEST_DEBUG_TEMPROOT"):
+        return
+    shm = Path("/dev/shm")
+    try:
+        free = os.statvfs(shm).f_bavail * os.statvfs(shm).f_frsize
+    except OSError:
+        return
+    if free >= 4 << 30 and os.access(shm, os.W_OK | os.X_OK):
+        os.environ["PYTEST_DEBUG_TEMPROOT"] = str(shm)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Files holding a test marked ``slow`` run first (pytest-xdist deals whole files out in this
+    order with ``--dist loadfile``): the long ones overlap the many short ones instead of trailing
+    alone at the end. The sort is stable, so the order within a file is pytest's own."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items[:] = sorted(items, key=lambda item: item.path not in slow)
+
+
+@pytest.fixture(scope="session")
+def _storage_pool():
+    """Each backend's storage, made once per process and kept until the session ends. pytest
+    finalizes a parametrized session fixture whenever the next test has the other parameter; with
+    ``--dist loadfile`` that happens at nearly every file (a file's SQLite and PostgreSQL tests run
+    in one process), and making a new database each time cost about a second per file."""
+    pool: dict[str, tuple[Storage, str | None]] = {}
+    saved = {k: os.environ.get(k) for k in _ENV_KEYS}
+    yield pool
+    from carepost.core.database import dispose_engine
+
+    dispose_engine()
+    for _, url in pool.values():
+        if url:
+            drop_pg_database(url)
+    apply_env({k: v for k, v in saved.items() if v is not None})
+
+
 @pytest.fixture(scope="session", params=BACKENDS)
-def storage(request, tmp_path_factory):
+def storage(request, tmp_path_factory, _storage_pool):
     backend = request.param
     if backend == "postgresql" and not _pg_admin_url():
         pytest.skip("PostgreSQL tests need CAREPOST_TEST_DATABASE_URL")
+    if backend in _storage_pool:
+        made, _ = _storage_pool[backend]
+        apply_env(made.env)  # back to this backend: settings, key caches and engine follow it
+        yield made
+        return
     data_dir = tmp_path_factory.mktemp(f"data-{backend}")
     env = {"CAREPOST_DATA_DIR": str(data_dir), "CAREPOST_LOG_JSON": "true"}
     url = None
     if backend == "postgresql":
         url = create_pg_database()
         env["CAREPOST_DATABASE_URL"] = url
-    saved = {k: os.environ.get(k) for k in _ENV_KEYS}
     apply_env(env)
     from carepost.assembly import assemble
     from carepost.core.bootstrap import initialize_storage
@@ -91,13 +175,9 @@ def storage(request, tmp_path_factory):
     assemble()  # the one composition root, as every entry point
 
     initialize_storage()
-    yield Storage(backend, data_dir, env)
-    from carepost.core.database import dispose_engine
-
-    dispose_engine()
-    if url:
-        drop_pg_database(url)
-    apply_env({k: v for k, v in saved.items() if v is not None})
+    made = Storage(backend, data_dir, env)
+    _storage_pool[backend] = (made, url)
+    yield made
 
 
 def empty_database() -> None:
@@ -111,8 +191,13 @@ def empty_database() -> None:
     from carepost.models import load_all_models
 
     load_all_models()
-    # Checkpoints of the previous test's chains would no longer match the emptied database.
+    # Checkpoints of the previous test's chains would no longer match the emptied database, nor
+    # would the /t/ journal (its keys and mark are rows deleted here).
     shutil.rmtree(get_settings().data_dir / "audit" / "checkpoints", ignore_errors=True)
+    close_engagement_journal()
+    from carepost.tracking import engagement_journal
+
+    shutil.rmtree(engagement_journal.root_of(get_settings().data_dir), ignore_errors=True)
     engine = get_engine()
     tables = [t.name for t in reversed(Base.metadata.sorted_tables)]
     with engine.begin() as conn:
@@ -132,6 +217,17 @@ def empty_database() -> None:
     with system_session() as session:
         get_keyring().ensure_org_keys(session, SYSTEM_KEY_OWNER)
         session.commit()
+
+
+def read_elsewhere(path: Path) -> bytes:
+    """The bytes of a file of the open embedded database, read by another process. Opening and
+    closing it here would drop every POSIX lock this process holds on it (SQLite's locks), and a
+    server closing its connection could then delete the WAL this process still uses."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", "import sys; sys.stdout.buffer.write(open(sys.argv[1], 'rb').read())",
+                           str(path)], check=True, capture_output=True, timeout=120).stdout
 
 
 @pytest.fixture

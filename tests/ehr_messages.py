@@ -1,4 +1,4 @@
-"""HL7 v2 test messages written for CarePost's tests (ADT A01/A03/A04/A08, SIU S12-S15) and a
+"""HL7 v2 test messages written for CarePost's tests (ADT A01-A13, SIU S12-S26) and a
 small MLLP client. Synthetic patients only."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ def ts(delta: timedelta = timedelta(0)) -> str:
 
 def msh(token: str, trigger: str, control_id: str, *, facility: str = "NORTHCLINIC", message_type: str = "ADT",
         version: str = "2.5.1") -> str:
-    structure = {"A01": "ADT_A01", "A03": "ADT_A03", "A04": "ADT_A01", "A08": "ADT_A01"}.get(trigger, "SIU_S12")
+    structure = {"A01": "ADT_A01", "A02": "ADT_A02", "A03": "ADT_A03", "A04": "ADT_A01", "A05": "ADT_A05",
+                 "A08": "ADT_A01", "A11": "ADT_A09", "A13": "ADT_A01", "A40": "ADT_A39"}.get(trigger, "SIU_S12")
     return (f"MSH|^~\\&|EPICADT|{facility}^2.16.840.1.113883.19.5^ISO|CAREPOST|CAREPOST|{ts()}|{token}|"
             f"{message_type}^{trigger}^{structure}|{control_id}|P|{version}")
 
@@ -37,6 +38,14 @@ def adt(token: str, trigger: str, control_id: str, mrn: str, *, patient_class: s
         f"PV1|1|{patient_class}|4W^401^B^NORTHHOSP||||1234567^Carter^Maya^^^DR|7654321^Ng^Lee|||MED|||||||||"
         f"||||||||||||||||||||||||{admitted}|{discharged}",
     ]
+    return "\r".join(segments) + "\r"
+
+
+def merge(token: str, control_id: str, mrn: str, prior_mrn: str | None) -> str:
+    """ADT^A40: the patient of ``prior_mrn`` (MRG-1) merged into the patient of ``mrn`` (PID-3)."""
+    segments = [msh(token, "A40", control_id), f"EVN|A40|{ts(timedelta(minutes=-5))}", pid(mrn)]
+    if prior_mrn is not None:
+        segments.append(f"MRG|{prior_mrn}^^^NORTH^MR")
     return "\r".join(segments) + "\r"
 
 

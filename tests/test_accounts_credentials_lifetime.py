@@ -32,7 +32,8 @@ def _bearer(body):
 def _actions(session, org_id, action):
     session.rollback()
     session.expire_all()
-    return list(session.scalars(select(AuditEvent).where(AuditEvent.chain == org_id, AuditEvent.action == action)))
+    return list(session.scalars(select(AuditEvent).where(AuditEvent.chain == org_id, AuditEvent.action == action)
+                                .order_by(AuditEvent.seq)))
 
 
 def test_keys_of_a_removed_person_are_revoked(client, app, org, make_user, session):

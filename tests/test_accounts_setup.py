@@ -57,7 +57,8 @@ def test_setup_link_creates_org_and_owner_then_mfa_enrollment(client, db, sessio
     again = client.get(path)
     assert again.status_code == 410 and "already been used" in again.text
     session.rollback()
-    system = list(session.scalars(select(AuditEvent).where(AuditEvent.chain == "system", AuditEvent.action == "link.setup")))
+    system = list(session.scalars(select(AuditEvent).where(AuditEvent.chain == "system", AuditEvent.action == "link.setup")
+                                  .order_by(AuditEvent.seq)))
     assert system and system[-1].details == {"reason": "link_expired"}
     # No new setup link is made once a person exists.
     with system_session() as s:

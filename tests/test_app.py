@@ -297,7 +297,7 @@ def test_healthz(client):
 def test_readyz_checks_the_database(client):
     response = client.get("/readyz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "checks": {"database": "ok"}}
+    assert response.json() == {"status": "ok", "checks": {"database": "ok", "queue": "ok"}}
 
 
 def test_readyz_is_503_when_the_database_is_unreachable(client, monkeypatch):

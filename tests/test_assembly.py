@@ -34,7 +34,7 @@ LAYERS = [
     {"portal", "consent"},
     {"segments", "tracking"},
     {"campaigns", "journeys", "forms", "retention", "ehr"},  # ehr: events in from clinical systems (issue 15)
-    {"compliance"},  # the compliance center reads several capabilities; nothing below imports it (issue 16)
+    {"compliance", "archive"},  # the compliance center reads several capabilities; nothing below imports it (issue 16)
     {"dashboard"},  # what shows several capabilities at once, beside app.py, cli.py, assembly.py, doctor.py
 ]
 SAME_LAYER_DOWNWARD = {
@@ -51,7 +51,9 @@ def _layer_of(package: str) -> int:
     raise AssertionError(f"package {package!r} is in no layer: add it to LAYERS and docs/development.md")
 
 
-def _imports(path: Path) -> list[tuple[str, int]]:
+def _imported_names(path: Path) -> list[tuple[str, int]]:
+    """Every dotted name an absolute import of ``path`` names (``from a.b import c``: ``a.b`` and
+    ``a.b.c``), with its line."""
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and not node.level:
@@ -60,11 +62,14 @@ def _imports(path: Path) -> list[tuple[str, int]]:
             names = [a.name for a in node.names]
         else:
             continue
-        for name in names:
-            bits = name.split(".")
-            if bits[0] == "carepost" and len(bits) > 1:
-                found.append((bits[1], node.lineno))
+        found += [(name, node.lineno) for name in names]
     return found
+
+
+def _imports(path: Path) -> list[tuple[str, int]]:
+    """The CarePost packages ``path`` imports, with the line of each import."""
+    return [(bits[1], line) for name, line in _imported_names(path)
+            if (bits := name.split("."))[0] == "carepost" and len(bits) > 1]
 
 
 def _package_edges() -> dict[tuple[str, str], list[str]]:
@@ -170,7 +175,7 @@ def test_no_module_replaces_another_modules_attribute():
 def test_every_entry_point_calls_the_composition_root():
     cli = (SRC / "cli.py").read_text()
     callback = cli[cli.index("@app.callback()"):cli.index("def fail(")]
-    assert "assemble()" in callback, "every `carepost` command runs through the CLI callback, which assembles"
+    assert "assemble(http=" in callback, "every `carepost` command runs through the CLI callback, which assembles"
     app = (SRC / "app.py").read_text()
     create = app[app.index("def create_app("):]
     assert "assemble()" in create and "assembly.routers" in create
@@ -178,8 +183,9 @@ def test_every_entry_point_calls_the_composition_root():
     assert "assemble()" in conftest
     for bench in sorted((ROOT / "bench").glob("*.py")):
         text = bench.read_text()
-        if "from carepost" in text:
-            assert "assemble()" in text, f"{bench.name} uses CarePost without assembling it"
+        if "from carepost" in text:  # directly, or through bench/_scratch.py's bench_organization, which assembles
+            assert "assemble()" in text or "bench_organization(" in text, f"{bench.name} uses CarePost without assembling it"
+    assert "assemble()" in (ROOT / "bench" / "_scratch.py").read_text()
 
 
 def test_the_assembly_names_every_router_task_and_model_module():
@@ -203,6 +209,53 @@ def test_assembly_fills_every_declared_port():
     assert {"delivery.eligibility", "delivery.quiet_hours", "delivery.list_unsubscribe", "delivery.portal_store",
             "accounts.audit_record"} <= set(declared_ports())
     assert "pipeline_eligibility" in result.ports["delivery.eligibility"]
+
+
+def test_only_the_app_and_the_root_import_a_router_module():
+    """A process that serves no HTTP assembles without the router modules (``assemble(http=False)``):
+    it can only stay whole if nothing else reaches a router module — one imported on the side would
+    hold its ports unfilled and the contact page's registry empty."""
+    from carepost.assembly import ROUTER_MODULES
+
+    routers = set(ROUTER_MODULES)
+    offenders = []
+    for path in SRC.rglob("*.py"):
+        module = ".".join(("carepost", *path.relative_to(SRC).with_suffix("").parts))
+        if module in routers or module in ("carepost.app", "carepost.assembly"):
+            continue
+        offenders += [f"{path.relative_to(SRC)}:{line} {name}" for name, line in _imported_names(path) if name in routers]
+    assert not offenders, offenders
+
+
+def test_a_process_without_http_assembles_without_the_router_modules(tmp_path):
+    """``assemble(http=False)`` fills every port declared in the process and imports no router
+    module; a later ``assemble()`` (``create_app``) adds the routers, the page ports and the
+    contact page's sections, and leaves nothing unfilled."""
+    result = _python("""
+        import sys
+        from carepost.assembly import ROUTER_MODULES, assemble, assembled
+        from carepost.core.ports import declared_ports, unfilled_ports
+
+        core = assemble(http=False)
+        loaded = [name for name in ROUTER_MODULES if name in sys.modules]
+        print("core", core.http, core.routers, loaded, unfilled_ports(), "delivery.eligibility" in declared_ports())
+        print("not imported:", [m for m in ("fastapi", "alembic", "dns") if m not in sys.modules])  # start-up cost
+        assert assemble(http=False) is core and assembled() is core
+        full = assemble()
+        from carepost.delivery import pages as delivery_pages
+        from carepost.patients import pages as patient_pages
+        print("full", full.http, full.routers == ROUTER_MODULES, all(name in sys.modules for name in ROUTER_MODULES),
+              unfilled_ports(), delivery_pages.engagement_of.filled, delivery_pages.legal_holds_of.filled,
+              sorted(patient_pages._SECTIONS))
+        print("again", assemble() is full, assemble(http=False) is full)
+    """, {"CAREPOST_DATA_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "core False [] [] [] True",
+        "not imported: ['fastapi', 'alembic', 'dns']",
+        "full True True True [] True True ['consent', 'journeys', 'keys', 'legal_holds', 'messages']",
+        "again True True",
+    ], result.stdout
 
 
 # --------------------------------------------------------------------------- fail closed
@@ -267,9 +320,11 @@ def test_a_command_exits_non_zero_when_assembly_fails(tmp_path):
     assert "test.missing_capability" in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("command", [["worker", "--help"], ["inbound", "--help"], ["smtp", "--help"], ["serve", "--help"]])
-def test_entry_points_start_through_the_root(command, tmp_path):
-    """Even ``--help`` of each long-running command goes through the callback that assembles."""
+@pytest.mark.parametrize("command, http", [(["worker", "--help"], False), (["inbound", "--help"], False),
+                                           (["smtp", "--help"], False), (["serve", "--help"], True)])
+def test_entry_points_start_through_the_root(command, http, tmp_path):
+    """Even ``--help`` of each long-running command goes through the callback that assembles;
+    only ``serve`` assembles the router modules in its own process."""
     result = _python(f"""
         import sys
         from carepost import assembly
@@ -279,6 +334,16 @@ def test_entry_points_start_through_the_root(command, tmp_path):
             main()
         except SystemExit:
             pass
-        print("assembled" if assembly.assembled() else "not assembled")
+        done = assembly.assembled()
+        print("not assembled" if done is None else f"assembled http={{done.http}}")
+        print("routers loaded:", sum(name in sys.modules for name in assembly.ROUTER_MODULES))
     """, {"CAREPOST_DATA_DIR": str(tmp_path)})
-    assert result.stdout.strip().endswith("assembled") and "not assembled" not in result.stdout, result.stdout + result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[-2:] == [f"assembled http={http}", f"routers loaded: {len(_router_modules()) if http else 0}"], \
+        result.stdout + result.stderr
+
+
+def _router_modules() -> list[str]:
+    from carepost.assembly import ROUTER_MODULES
+
+    return ROUTER_MODULES

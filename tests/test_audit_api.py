@@ -57,7 +57,8 @@ SPECS = [
 
 def audit_reads(session, org_id, action="audit.read"):
     session.rollback()
-    return list(session.scalars(select(AuditEvent).where(AuditEvent.chain == org_id, AuditEvent.action == action)))
+    return list(session.scalars(select(AuditEvent).where(AuditEvent.chain == org_id, AuditEvent.action == action)
+                                .order_by(AuditEvent.seq)))
 
 
 def test_list_newest_first_with_every_field_and_audited(client, session, org, api_key):

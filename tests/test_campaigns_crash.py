@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import email
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from email import policy as email_policy
@@ -24,8 +22,9 @@ import pytest
 from sqlalchemy import func, select
 
 from carepost.campaigns.models import Campaign, CampaignExclusion, CampaignRecipient
-from carepost.core.database import org_session
+from carepost.core.database import org_session, read_only_session
 from carepost.delivery.models import Message, MessageRecipient
+from tests.faults import start_worker, stop
 from tests.test_campaigns_planning import (
     make_campaign,
     make_contact,
@@ -42,22 +41,9 @@ LEASE_SECONDS = 5
 
 
 def _worker(storage, log_path) -> subprocess.Popen:
-    env = {**os.environ, **storage.env, "CAREPOST_LOG_JSON": "true",
-           "CAREPOST_DELIVERY_LEASE_SECONDS": str(LEASE_SECONDS), "CAREPOST_DELIVERY_CONCURRENCY": str(CONCURRENCY),
-           "CAREPOST_DELIVERY_BATCH_SIZE": "50", "CAREPOST_CAMPAIGN_PLAN_CHUNK": "4",
-           "CAREPOST_CAMPAIGN_SEND_BATCH": "25", "CAREPOST_CAMPAIGN_STALE_SECONDS": "1"}
-    args = [sys.executable, "-m", "carepost.cli", "worker", "--threads", "1"]
-    with open(log_path, "w") as log:
-        return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _stop(proc) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    return start_worker(storage, log_path, periodic=True, delivery_lease_seconds=LEASE_SECONDS,
+                        delivery_concurrency=CONCURRENCY, delivery_batch_size=50, campaign_plan_chunk=4,
+                        campaign_send_batch=25, campaign_stale_seconds=1)
 
 
 def _kill(proc) -> None:
@@ -89,7 +75,9 @@ def test_kill_9_mid_plan_and_mid_send_sends_every_eligible_recipient_once(
         s.commit()
 
     def state():
-        with org_session(org_id) as s:
+        # A read that takes no write lock: an org_session would BEGIN IMMEDIATE on SQLite and queue
+        # behind the worker's plan chunks, seeing the count only after planning (and sending) ended.
+        with read_only_session(org_id) as s:
             c = s.get(Campaign, camp_id)
             return c.status, c.planned_count + c.excluded_count, c.plan_finished_at is not None
 
@@ -135,7 +123,7 @@ def test_kill_9_mid_plan_and_mid_send_sends_every_eligible_recipient_once(
         recovered_in = time.monotonic() - killed_at
     finally:
         for proc in workers:
-            _stop(proc)
+            stop(proc)
 
     received = Counter(rcpt for m in mx.recorder.messages for rcpt in m.rcpt_tos)
     expected = {f"patient{i}@valid.test" for i in range(ELIGIBLE)}

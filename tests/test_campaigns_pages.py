@@ -66,13 +66,15 @@ def test_wizard_names_each_bad_field_at_its_step_and_keeps_the_draft(client, org
     r = client.post("/app/campaigns/new", data=form(setup, csrf, 1))
     assert r.status_code == 200 and 'aria-current="step" class="current">2. Content' in r.text
     assert r.text.count('name="preview_contact_id"') == 1 and "(es)" in r.text  # contacts of the audience
+    title = r.text.split("<title>", 1)[1].split("</title>", 1)[0]
+    assert "<" not in title and r.text.count('src="/static/campaigns-ab.js"') == 1  # the script once, in the body
 
     # step 2: a sender address that is not one
     r = client.post("/app/campaigns/new", data=form(setup, csrf, 2, from_address="care at bar"))
     assert r.status_code == 422 and "name@domain" in field_error(r.text, "from_address")
     # an A/B test with a test fraction but no time for the winner: the service's 422, at its field
-    r = client.post("/app/campaigns/new", data=form(setup, csrf, 2, ab_subject_b="Walk in today", ab_holdout="5",
-                                                   ab_test_fraction="20"))
+    r = client.post("/app/campaigns/new", data=form(setup, csrf, 2, ab_enabled="true", ab_v1_subject="Walk in today",
+                                                   ab_holdout="5", ab_test_fraction="20"))
     assert r.status_code == 422 and "hours" in field_error(r.text, "ab_winner_after_hours")
     # step 3: a throttle of zero, a time in the past, an unknown zone — each named
     for over, field in (({"throttle_per_hour": "0"}, "throttle_per_hour"),
@@ -90,7 +92,8 @@ def test_wizard_names_each_bad_field_at_its_step_and_keeps_the_draft(client, org
     assert session.scalar(select(Campaign.id).where(Campaign.org_id == org.id)) is None  # nothing kept yet
 
     r = client.post("/app/campaigns/new", data=form(setup, csrf, 3, throttle_per_domain_per_hour="500",
-                                                   ab_subject_b="Flu shots: walk in", ab_holdout="5"),
+                                                   ab_enabled="true", ab_v1_subject="Flu shots: walk in",
+                                                   ab_holdout="5"),
                     follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"].endswith("/review")
     campaign_id = r.headers["location"].split("/")[3]
@@ -184,24 +187,55 @@ def test_an_owner_cannot_approve_their_own_campaign(client, org, make_user, setu
 
 
 def test_the_calendar_shows_two_sends_to_the_same_patients_as_an_overlap(client, org, make_user, setup, session):
-    from datetime import timedelta
+    """The month view in the organization's time zone: each send on its day, the overlap
+    warning with a masked count, month navigation, and bad input named at its field."""
+    from datetime import datetime, timedelta
+    from zoneinfo import ZoneInfo
 
+    from carepost.consent.service import set_consent_settings
     from carepost.core import clock
 
+    with org_session(org.id) as s:
+        set_consent_settings(s, org.id, {"default_time_zone": "Pacific/Auckland"})
+        s.commit()
     marketer = make_user(org, role="marketer")
     csrf = login_client(client, marketer)
-    for name, days in (("Flu clinic", 2), ("Flu clinic reminder", 3)):
-        at = (clock.now() + timedelta(days=days)).strftime("%Y-%m-%dT%H:%M")
-        r = client.post("/app/campaigns/new", data=form(setup, csrf, 3, name=name, schedule_kind="at", send_at=at,
-                                                         time_zone="UTC"), follow_redirects=False)
+    zone = ZoneInfo("Pacific/Auckland")
+    # 00:30 in Auckland is the day before in UTC: the calendar puts it on the Auckland day
+    day = (clock.now().astimezone(zone) + timedelta(days=3)).date()
+    if (day + timedelta(days=1)).month != day.month:  # both sends in one month
+        day += timedelta(days=2)
+    sends = [("Flu clinic", datetime.combine(day, datetime.min.time()).replace(hour=0, minute=30)),
+             ("Flu clinic reminder", datetime.combine(day + timedelta(days=1), datetime.min.time()).replace(hour=9))]
+    for name, at in sends:
+        r = client.post("/app/campaigns/new", data=form(setup, csrf, 3, name=name, schedule_kind="at",
+                                                         send_at=at.strftime("%Y-%m-%dT%H:%M"),
+                                                         time_zone="Pacific/Auckland"), follow_redirects=False)
         assert r.status_code == 303, r.text[-1500:]
-    page = client.get("/app/campaigns")
+    page = client.get("/app/campaigns", params={"month": day.strftime("%Y-%m")})
     assert page.status_code == 200
+    cells = dict(re.findall(r'data-day="([0-9-]{10})" data-testid="calendar-day"[^>]*>(.*?)</td>', page.text, re.DOTALL))
+    assert "00:30 Flu clinic<" in cells[day.isoformat()] and "Flu clinic reminder" not in cells[day.isoformat()]
+    assert "09:00 Flu clinic reminder" in cells[(day + timedelta(days=1)).isoformat()]
     assert page.text.count('data-testid="calendar-entry"') == 2
+    assert page.text.count('data-testid="calendar-overlap"') == 2  # both marked in the grid
+    assert page.text.count('data-testid="calendar-list-entry"') == 2  # the narrow screens' list
+    assert "Days in Pacific/Auckland" in page.text
     warnings = re.findall(r'data-testid="overlap-warning">(.*?)</p>', page.text, re.DOTALL)
     assert len(warnings) == 1 and "Flu clinic reminder" in warnings[0] and "fewer than 11" in warnings[0]
-    r = client.get("/app/campaigns", params={"start": "2031-02-30"})
-    assert r.status_code == 422 and "Enter a date as YYYY-MM-DD." in r.text
+    # a narrower window than the gap (1.4 days): no warning
+    page = client.get("/app/campaigns", params={"month": day.strftime("%Y-%m"), "overlap_days": "1"})
+    assert page.status_code == 200 and 'data-testid="overlap-warning"' not in page.text
+    # the month before has neither
+    prev = (day.replace(day=1) - timedelta(days=1)).strftime("%Y-%m")
+    assert f'href="/app/campaigns?month={prev}"' in client.get("/app/campaigns", params={"month": day.strftime("%Y-%m")}).text
+    page = client.get("/app/campaigns", params={"month": prev})
+    assert page.status_code == 200 and 'data-testid="overlap-warning"' not in page.text
+    for params, field, text in (({"month": "2031-13"}, "month", "YYYY-MM"), ({"month": "1999-12"}, "month", "2000"),
+                                ({"overlap_days": "x"}, "overlap_days", "0 to 90"),
+                                ({"overlap_days": "91"}, "overlap_days", "0 to 90")):
+        r = client.get("/app/campaigns", params=params)
+        assert r.status_code == 422 and text in (field_error(r.text, field) or ""), (params, field_error(r.text, field))
 
 
 def test_the_campaign_page_after_launch_shows_progress_and_the_ab_test(client, org, make_user, setup, session):
@@ -209,8 +243,8 @@ def test_the_campaign_page_after_launch_shows_progress_and_the_ab_test(client, o
 
     owner = make_user(org, role="owner")
     csrf = login_client(client, owner)
-    r = client.post("/app/campaigns/new", data=form(setup, csrf, 3, purpose="treatment", ab_subject_b="Walk in today",
-                                                   ab_metric="human_clicks"), follow_redirects=False)
+    r = client.post("/app/campaigns/new", data=form(setup, csrf, 3, purpose="treatment", ab_enabled="true",
+                                                   ab_v1_subject="Walk in today", ab_metric="human_clicks"), follow_redirects=False)
     campaign_id = r.headers["location"].split("/")[3]
     r = client.post(f"/app/campaigns/{campaign_id}/launch", data={"csrf_token": csrf}, follow_redirects=False)
     assert r.status_code == 303, r.text[-1500:]
@@ -226,3 +260,73 @@ def test_the_campaign_page_after_launch_shows_progress_and_the_ab_test(client, o
     page = client.get(r.headers["location"])
     assert 'data-testid="campaign-status">paused<' in page.text and 'data-testid="action-resume"' in page.text
     assert 'hx-trigger="every 2s"' not in page.text  # no polling once nothing runs
+
+
+def test_wizard_ab_n_variants_on_subject_content_and_send_time_each_error_at_its_row(client, org, make_user, setup,
+                                                                                     session):
+    """Three variant rows — a subject, another template version (content), a later send — stored
+    as such; a bad row names its own field; adding and removing rows works without the script."""
+    from carepost.content import service as content
+    from carepost.content.models import MessageTemplateVersion
+    from carepost.content.schemas import TemplateIn
+
+    with org_session(org.id) as s:
+        template = content.get_template(s, org.id, s.get(MessageTemplateVersion, setup["version"]).template_id)
+        content.update_template(s, template, TemplateIn(
+            name=template.name, subject="Flu shots this week", purpose="marketing", contains_phi=False,
+            html="<p>Hello {{ first_name }}, walk in any day this week.</p>", language="en"))
+        s.flush()
+        version_2 = content.current_version(s, template).id
+        other = make_template(s, org.id, purpose="marketing", blocks=True)  # another template's version
+        s.commit()
+    marketer = make_user(org, role="marketer")
+    csrf = login_client(client, marketer)
+    ab = {"ab_enabled": "true", "ab_v1_subject": "Walk in today", "ab_v2_template_version_id": version_2,
+          "ab_v3_send_offset_minutes": "90", "ab_holdout": "10", "ab_test_fraction": "50",
+          "ab_winner_after_hours": "4", "ab_metric": "human_clicks"}
+
+    # without the script, Add and Remove are round trips that keep what was typed
+    r = client.post("/app/campaigns/new", data=form(setup, csrf, 2, **{**ab, "go": "add_variant"}))
+    assert r.status_code == 200 and r.text.count('data-testid="ab-variant-row"') == 6  # 5 rows + the template
+    assert 'value="90"' in r.text
+    r = client.post("/app/campaigns/new", data=form(setup, csrf, 2, **{**ab, "go": "remove_variant:1"}))
+    assert r.status_code == 200 and r.text.count('data-testid="ab-variant-row"') == 4
+    assert "Walk in today" not in r.text and 'name="ab_v2_send_offset_minutes" data-setting="send_offset_minutes"' \
+        ' inputmode="numeric" value="90"' in r.text
+
+    # each bad setting at its own row's field (the service's checks, mapped back from ab_test.variants[i])
+    for over, field, text in (
+            ({"ab_v3_send_offset_minutes": "soon"}, "ab_v3_send_offset_minutes", "whole number"),
+            ({"ab_v3_send_offset_minutes": "20000"}, "ab_v3_send_offset_minutes", "10080"),
+            ({"ab_v2_template_version_id": other}, "ab_v2_template_version_id", "campaign&#39;s template"),
+            ({"ab_v2_template_version_id": "f" * 32}, "ab_v2_template_version_id", "Unknown template version"),
+            ({"ab_v1_subject": ""}, "ab_variants", "same"),  # A and B the same
+            ({"ab_v1_subject": "", "ab_v2_template_version_id": "", "ab_v3_send_offset_minutes": ""}, "ab_variants",
+             "same"),
+            ({"ab_test_fraction": "95"}, "ab_test_fraction", "at most 1")):
+        r = client.post("/app/campaigns/new", data=form(setup, csrf, 2, **{**ab, **over}))
+        assert r.status_code == 422 and text in (field_error(r.text, field) or ""), (field, field_error(r.text, field))
+        assert 'aria-current="step" class="current">2. Content' in r.text and '<details class="card-inner ab-test"' \
+            ' id="ab-test" data-testid="ab-test" open>' in r.text
+    r = client.post("/app/campaigns/new", data=form(setup, csrf, 2, ab_enabled="true", ab_v0_subject="Only one",
+                                                   ab_v1_subject="Only one"))
+    assert r.status_code == 422 and "same" in field_error(r.text, "ab_variants")
+
+    # step 2 passes; the rows travel hidden through step 3 and are stored as four variants
+    r = client.post("/app/campaigns/new", data=form(setup, csrf, 2, **ab))
+    assert r.status_code == 200 and 'current">3. Schedule' in r.text
+    assert 'name="ab_v2_template_version_id" value="' + version_2 + '"' in r.text
+    r = client.post("/app/campaigns/new", data=form(setup, csrf, 3, **ab), follow_redirects=False)
+    assert r.status_code == 303, r.text[-2000:]
+    campaign_id = r.headers["location"].split("/")[3]
+    session.rollback()
+    row = session.get(Campaign, campaign_id)
+    assert row.ab_test == {"variants": [{"key": "A"}, {"key": "B", "subject": "Walk in today"},
+                                        {"key": "C", "template_version_id": version_2},
+                                        {"key": "D", "send_offset_minutes": 90}],
+                           "holdout": 0.1, "test_fraction": 0.5, "metric": "human_clicks", "winner_after_hours": 4}
+    # editing shows the stored rows again
+    r = client.post(f"/app/campaigns/{campaign_id}/edit", data=form(setup, csrf, 1, **ab))
+    assert r.status_code == 200 and r.text.count('data-testid="ab-variant-row"') == 5
+    edit = client.get(f"/app/campaigns/{campaign_id}/edit")
+    assert 'name="ab_v3_send_offset_minutes" value="90"' in edit.text  # carried hidden from step 1

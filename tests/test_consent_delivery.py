@@ -199,3 +199,35 @@ def test_deceased_patients_are_excluded_from_every_send(env):
     assert "gone@valid.test" not in rcpts and "later@valid.test" not in rcpts and "pat@valid.test" in rcpts
     report = client.get("/api/v1/consent/reports", headers=key)
     assert report.status_code == 200 and report.json()["excluded_contacts"] == {"deceased": 2}
+
+
+def test_frequency_cap_holds_for_two_messages_accepted_and_delivered_together(env):
+    """Two marketing messages to one patient in one batch, cap one a day: the database's count
+    leaves out the messages being checked (a message never counts against itself), so both
+    would pass it; the cap's places (consent.eligibility.hold_cap_places: Redis when configured,
+    else this process) admit the first and exclude the second with ``frequency_cap``. Delivered
+    together in one run, one arrives."""
+    from carepost.consent.service import set_consent_settings
+    from carepost.delivery.models import MessageRecipient
+
+    peers, sender, key, client = env
+    _contact(sender.org_id, "capped@valid.test")
+    with org_session(sender.org_id) as s:
+        set_consent_settings(s, sender.org_id, {"frequency_cap_daily": 1})
+        s.commit()
+    body = {"from": "Bar Clinic <care@bar.example>", "to": ["capped@valid.test"], "subject": "Flu clinic",
+            "text": TEXT, "purpose": "marketing"}
+    r = client.post("/api/v1/messages/batch", json={"messages": [body, {**body, "subject": "Flu clinic, again"}]},
+                    headers=key)
+    assert r.status_code == 202, r.text
+    ids = r.json()["ids"]
+    with org_session(sender.org_id) as s:
+        rows = {r.message_id: (r.status, r.reason) for r in s.scalars(
+            select(MessageRecipient).where(MessageRecipient.message_id.in_(ids)))}
+    assert sorted(rows.values(), key=str) == [("excluded", "frequency_cap"), ("queued", None)], rows
+    pipeline.deliver(ids)  # one run for both: the excluded one stays excluded
+    received = [rcpt for m in peers.mx["valid"].recorder.messages for rcpt in m.rcpt_tos]
+    assert received == ["capped@valid.test"]
+    with org_session(sender.org_id) as s:
+        statuses = sorted(r.status for r in s.scalars(select(MessageRecipient).where(MessageRecipient.message_id.in_(ids))))
+    assert statuses == ["delivered", "excluded"]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import sqlite3
+import subprocess
+import sys
 
 import pytest
 from sqlalchemy import select
 
 from carepost.accounts.models import ApiCredential, Membership, User
 from carepost.core.errors import TenantScopeError
+from tests.conftest import read_elsewhere
 
 
 def test_sqlite_file_is_encrypted(db, session, org):
@@ -20,10 +22,14 @@ def test_sqlite_file_is_encrypted(db, session, org):
     session.commit()
     dispose_engine()  # checkpoint the WAL into the main file
     path = db.data_dir / "carepost.db"
-    with pytest.raises(sqlite3.DatabaseError):
-        sqlite3.connect(path).execute("SELECT * FROM sqlite_master").fetchall()
+    # Plain SQLite (the standard library's) in another process: a second SQLite library closing the
+    # file here would drop this process's locks on it (tests/conftest.py read_elsewhere).
+    plain = subprocess.run([sys.executable, "-c", "import sqlite3, sys; "
+                            "sqlite3.connect(sys.argv[1]).execute('SELECT * FROM sqlite_master').fetchall()", str(path)],
+                           capture_output=True, text=True, timeout=120)
+    assert plain.returncode != 0 and "file is not a database" in plain.stderr
     for f in db.data_dir.glob("carepost.db*"):
-        raw = f.read_bytes()
+        raw = read_elsewhere(f)
         assert b"visible-marker" not in raw and b"Bar Clinic" not in raw and b"Marker Person" not in raw
 
 

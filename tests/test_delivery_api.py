@@ -25,7 +25,8 @@ def body(**over) -> dict:
 
 def audit(session, org_id, action):
     session.rollback()
-    return list(session.scalars(select(AuditEvent).where(AuditEvent.org_id == org_id, AuditEvent.action == action)))
+    return list(session.scalars(select(AuditEvent).where(AuditEvent.org_id == org_id, AuditEvent.action == action)
+                                .order_by(AuditEvent.chain, AuditEvent.seq)))
 
 
 def count(session, model) -> int:

@@ -84,6 +84,10 @@ def _patch(env, payload):  # noqa: F811
 
     cred, secret = create_credential(env.sender.session, env.sender.org_id, name="settings", scopes=["org:manage"])
     env.sender.session.commit()
+    if (payload.get("relay") or {}).get("host"):  # PHI goes through a relay only under a BAA (issue 16 item 9)
+        from tests.test_webhooks import record_baa
+
+        record_baa(env.sender.session, env.sender.org_id, "smtp_relay", "relay.bar.example")
     return env.client.patch("/api/v1/delivery-settings", json=payload,
                             headers={"Authorization": f"Bearer {cred.key_id}.{secret}"})
 

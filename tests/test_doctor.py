@@ -124,6 +124,37 @@ def test_plain_sqlite_database_fails(tmp_path):
     assert finding.level == "fail"
 
 
+def test_the_check_keeps_the_processs_locks_on_the_open_database(db):
+    """The evidence pack runs this check inside the server, which holds the database open. The
+    check must not close a descriptor of the file through a second SQLite library: POSIX locks are
+    per process, so that would drop the server's, and another process closing its connection would
+    then take itself for the last one, checkpoint and delete the WAL the server still writes to."""
+    import subprocess
+    import sys
+
+    from sqlalchemy import text
+
+    from carepost.core.config import get_settings
+    from carepost.core.database import get_engine
+    from carepost.core.masterkeys import sqlcipher_raw_key
+
+    if db.backend != "sqlite":
+        pytest.skip("the embedded database")
+    settings = get_settings()
+    with get_engine().connect() as held:  # this process keeps the database open, as a server does
+        held.execute(text("SELECT count(*) FROM organizations")).scalar()
+        held.commit()
+        wal = settings.sqlite_path.with_name("carepost.db-wal")
+        assert wal.exists()
+        assert levels(check_database_encryption(settings))[-1] == "ok"
+        other = ("import sqlcipher3, sys; c = sqlcipher3.dbapi2.connect(sys.argv[1]); "
+                 "c.execute(\"PRAGMA key = \\\"x'\" + sys.argv[2] + \"'\\\"\"); "
+                 "c.execute('SELECT count(*) FROM sqlite_master').fetchone(); c.close()")
+        subprocess.run([sys.executable, "-c", other, str(settings.sqlite_path), sqlcipher_raw_key(settings).hex()],
+                       check=True, timeout=60)
+        assert wal.exists(), "another process deleted the WAL: this process had lost its locks"
+
+
 def test_database_key_file_permissions_are_checked(initialized, tmp_path):
     import shutil
 

@@ -6,6 +6,7 @@ organization's patient."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -224,3 +225,134 @@ def test_fhir_routes_need_phi_write(db, org, client, sender):
     r = client.post("/api/v1/fhir/Appointment", headers={**FHIR, **sender.key("analytics:read")}, json=appointment())
     assert r.status_code == 403
     assert client.post("/api/v1/fhir/Appointment", headers=FHIR, json=appointment()).status_code == 401
+
+
+def _backport_status(ntype: str = "event-notification", events: list[tuple[str, str]] = ()) -> dict:
+    """The R4 Subscriptions backport's status: a Parameters resource (first entry of a history Bundle)."""
+    params = [{"name": "subscription", "valueReference": {"reference": "https://ehr.example/fhir/Subscription/sub-1"}},
+              {"name": "topic", "valueCanonical": "https://ehr.example/SubscriptionTopic/appointments"},
+              {"name": "status", "valueCode": "active"}, {"name": "type", "valueCode": ntype},
+              {"name": "events-since-subscription-start", "valueString": str(len(events))}]
+    for number, focus in events:
+        params.append({"name": "notification-event", "part": [
+            {"name": "event-number", "valueString": number},
+            {"name": "timestamp", "valueInstant": "2026-12-04T10:00:00Z"},
+            {"name": "focus", "valueReference": {"reference": focus}}]})
+    return {"resourceType": "Parameters", "meta": {"profile": [
+        "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription-status-r4"]},
+        "parameter": params}
+
+
+def _notification(status: dict, *entries: dict) -> dict:
+    return {"resourceType": "Bundle", "type": "history", "timestamp": "2026-12-04T10:00:01Z",
+            "entry": [{"fullUrl": "urn:uuid:5c1b3d0e-0000-4000-8000-000000000001", "resource": status}, *entries]}
+
+
+def test_id_only_notifications_keep_the_ids_and_say_no_event_was_recorded(db, org, api):
+    client, key = api
+    _patient(org.id, source="Patient/pat-77")
+    url = "https://ehr.example/fhir/Appointment/apt-20/_history/3"
+    bundle = _notification(_backport_status(events=[("7", url), ("8", "https://ehr.example/fhir/Encounter/enc-20")]),
+                           {"fullUrl": url, "request": {"method": "PUT", "url": "Appointment/apt-20"},
+                            "response": {"status": "200"}})
+    r = client.post("/api/v1/fhir/subscription-notification", headers=key, json=bundle)
+    assert r.status_code == 200, r.text
+    issues = r.json()["issue"]
+    assert [i["expression"][0] for i in issues] == [
+        "Bundle.entry[1].fullUrl",
+        "Bundle.entry[0].resource.parameter.where(name='notification-event')[1].part.where(name='focus')"]
+    assert all(i["severity"] == "warning" and "does not fetch" in i["diagnostics"] for i in issues)
+    assert issues[0]["diagnostics"].startswith("Appointment/apt-20/_history/3:")
+    assert _events(org.id) == []  # no resource, no event
+    listed = client.get("/api/v1/ehr/messages", headers=key, params={"status": "ignored"}).json()
+    assert sorted((m["message_type"], m["reason_code"], m["control_id"]) for m in listed) == [
+        ("Appointment", "id_only", "id-only:Appointment/apt-20/_history/3@sub-1#7"),
+        ("Encounter", "id_only", "id-only:Encounter/enc-20@sub-1#8")]
+    # A redelivery (rest-hook retry) keeps nothing twice.
+    again = client.post("/api/v1/fhir/subscription-notification", headers=key, json=bundle)
+    assert again.status_code == 200 and "already received" in again.json()["issue"][0]["diagnostics"]
+    assert len(client.get("/api/v1/ehr/messages", headers=key, params={"status": "ignored"}).json()) == 2
+
+
+def test_full_resource_notifications_r4b_and_handshakes(db, org, api):
+    client, key = api
+    _patient(org.id, source="Patient/pat-77")
+    status = {"resourceType": "SubscriptionStatus", "status": "active", "type": "event-notification",
+              "eventsSinceSubscriptionStart": "2",
+              "notificationEvent": [{"eventNumber": "2", "focus": {"reference": "Appointment/apt-30"}}],
+              "subscription": {"reference": "Subscription/sub-2"}, "topic": "https://ehr.example/topic/appt"}
+    bundle = {"resourceType": "Bundle", "type": "history", "entry": [
+        {"fullUrl": "urn:uuid:1", "resource": status},
+        {"fullUrl": "https://ehr.example/fhir/Appointment/apt-30", "resource": appointment(rid="apt-30")}]}
+    r = client.post("/api/v1/fhir/subscription-notification", headers=key, json=bundle)
+    assert r.status_code == 200, r.text
+    assert [e.name for e in _events(org.id)] == ["appointment.booked"]
+    # the focus is the resource in the Bundle: not an id-only reference as well
+    assert client.get("/api/v1/ehr/messages", headers=key, params={"status": "ignored"}).json() == []
+    for ntype in ("handshake", "heartbeat"):
+        for shape in (_notification(_backport_status(ntype)), {**bundle, "entry": [{"resource": {**status, "type": ntype}}]}):
+            r = client.post("/api/v1/fhir/subscription-notification", headers=key, json=shape)
+            assert r.status_code == 200 and f"A {ntype} notification" in r.text, r.text
+    empty = client.post("/api/v1/fhir/subscription-notification", headers=key,
+                        json=_notification(_backport_status(events=[("3", "")])))
+    assert empty.status_code == 200 and "nothing to record" in empty.text
+    bad = [({**bundle, "entry": [{"resource": {**status, "type": "ping"}}]}, "Bundle.entry[0].resource.type"),
+           (_notification(_backport_status("ping")), "Bundle.entry[0].resource.parameter.where(name='type').value"),
+           (_notification(_backport_status(events=[("4", "not a reference")])),
+            "Bundle.entry[0].resource.parameter.where(name='notification-event')[0].part.where(name='focus')"),
+           (_notification(_backport_status(), {"fullUrl": "urn:uuid:x"}), "Bundle.entry[1].fullUrl"),
+           ({**bundle, "type": "document"}, "Bundle.type"), ({**bundle, "entry": [3]}, "Bundle.entry[0]")]
+    for shape, expression in bad:
+        r = client.post("/api/v1/fhir/subscription-notification", headers=key, json=shape)
+        assert r.status_code == 422 and r.json()["issue"][0]["expression"] == [expression], (expression, r.text)
+    assert len(_events(org.id)) == 1
+
+
+def test_r4_rest_hook_puts_and_empty_pings(db, org, api, client, sender):
+    http, key = api
+    _patient(org.id, source="Patient/pat-77")
+    # R4 rest-hook with a payload: PUT <endpoint>/Appointment/<id>.
+    r = http.put("/api/v1/fhir/Appointment/apt-40", headers=key, json=appointment(rid="apt-40"))
+    assert r.status_code == 201 and "appointment.booked" in r.text, r.text
+    again = http.put("/api/v1/fhir/Appointment/apt-40", headers=key, json=appointment(rid="apt-40"))
+    assert again.status_code == 200 and "Already received" in again.text
+    r = http.put("/api/v1/fhir/Encounter/enc-40", headers=key, json=encounter(rid="enc-40"))
+    assert r.status_code == 201 and "patient.discharged" in r.text
+    wrong = http.put("/api/v1/fhir/Appointment/apt-41", headers=key, json=appointment(rid="apt-40"))
+    assert wrong.status_code == 400 and wrong.json()["issue"][0]["expression"] == ["Appointment.id"]
+    # R4 rest-hook with payload empty: a POST without a body.
+    ping = http.post("/api/v1/fhir/subscription-notification", headers=key)
+    assert ping.status_code == 200 and "names no resource" in ping.text
+    assert [e.name for e in _events(org.id)] == ["appointment.booked", "patient.discharged"]
+    # Authenticated like every event endpoint.
+    assert client.post("/api/v1/fhir/subscription-notification", headers=FHIR).status_code == 401
+    assert client.post("/api/v1/fhir/subscription-notification",
+                       headers={**FHIR, **sender.key("analytics:read")}).status_code == 403
+    assert client.put("/api/v1/fhir/Appointment/apt-40", headers=FHIR, json=appointment(rid="apt-40")).status_code == 401
+
+
+def test_notifications_over_http_to_carepost_serve(db, org, sender, live_server):
+    """The rest-hook as an EHR calls it: real HTTP to a real ``carepost serve`` process."""
+    import httpx
+
+    cid = _patient(org.id, source="Patient/pat-77")
+    key = {**FHIR, **sender.key("phi:write")}
+    url = f"{live_server.url}/api/v1/fhir/subscription-notification"
+    bundle = _notification(_backport_status(events=[("1", "Appointment/apt-50"), ("2", "Encounter/enc-50")]),
+                           {"fullUrl": "https://ehr.example/fhir/Appointment/apt-50",
+                            "resource": appointment(rid="apt-50")})
+    with httpx.Client(timeout=60) as http:
+        r = http.post(url, headers=key, content=json.dumps(bundle))
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"].startswith("application/fhir+json")
+        assert [i["severity"] for i in r.json()["issue"]] == ["information", "warning"]  # full, then id-only
+        assert http.post(url, headers=key, content=json.dumps(bundle)).status_code == 200  # redelivered
+        assert http.post(url, headers=key).status_code == 200  # R4 empty ping
+        assert http.post(url, headers=FHIR, content=json.dumps(bundle)).status_code == 401
+        bad = http.post(url, headers=key, content=json.dumps({**bundle, "type": "document"}))
+        assert bad.status_code == 422 and bad.json()["issue"][0]["expression"] == ["Bundle.type"]
+    assert [(e.name, e.contact_id) for e in _events(org.id)] == [("appointment.booked", cid)]
+    with read_only_session(org.id) as s:
+        kept = s.scalars(select(EhrMessage.control_id).where(EhrMessage.org_id == org.id,
+                                                             EhrMessage.reason_code == "id_only")).all()
+    assert kept == ["id-only:Encounter/enc-50@sub-1#2"]

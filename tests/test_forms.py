@@ -138,7 +138,8 @@ def subs(session, form_id=None):
 
 def events(session, action):
     session.rollback()
-    return list(session.scalars(select(AuditEvent).where(AuditEvent.action == action)))
+    return list(session.scalars(select(AuditEvent).where(AuditEvent.action == action)
+                                .order_by(AuditEvent.chain, AuditEvent.seq)))
 
 
 # --------------------------------------------------------------------------- builder API
@@ -301,7 +302,9 @@ def assert_not_in_database(session, storage, values: list[str]) -> None:
             for value in values:
                 assert value not in blob, f"{value!r} stored in clear in {table.name}"
     if storage.backend == "sqlite":
-        raw = (storage.data_dir / "carepost.db").read_bytes()
+        from tests.conftest import read_elsewhere
+
+        raw = read_elsewhere(storage.data_dir / "carepost.db")
         for value in values:
             # Random ciphertext pages contain any given 3-byte string by chance; only values
             # long enough to be meaningful are looked for in the raw encrypted file.

@@ -32,6 +32,17 @@ def carepost(storage, *args: str) -> subprocess.CompletedProcess:
                           env=env, capture_output=True, text=True, timeout=180)
 
 
+def carepost_here(storage, *args: str) -> subprocess.CompletedProcess:
+    """The same command run in this process (the same Typer app and code, without the 3-4 s of
+    CPU each new process spends importing the CLI): for the many steps after the first real call."""
+    from typer.testing import CliRunner
+
+    from carepost.cli import app
+
+    result = CliRunner(env={"COLUMNS": "400"}).invoke(app, ["journeys", *args])
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
 @pytest.fixture
 def world(org, session):
     with org_session(org.id) as s:
@@ -86,14 +97,14 @@ def test_list_show_publish_pause_runs_and_tick(storage, world, session):
     slug = world["slug"]
     r = carepost(storage, "list", "--org", slug)
     assert r.returncode == 0 and jid in r.stdout and "CLI journey" in r.stdout and "draft" in r.stdout, r.stderr
-    r = carepost(storage, "publish", pid, "--org", slug)
+    r = carepost_here(storage, "publish", pid, "--org", slug)
     assert r.returncode == 2 and "approval" in r.stderr, r.stdout + r.stderr
     with org_session(org_id) as s:
         service.approve(s, service.get_journey(s, org_id, pid), compliance)
         s.commit()
-    r = carepost(storage, "publish", pid, "--org", slug)
+    r = carepost_here(storage, "publish", pid, "--org", slug)
     assert r.returncode == 0 and "published" in r.stdout, r.stderr
-    r = carepost(storage, "publish", jid, "--org", slug)
+    r = carepost_here(storage, "publish", jid, "--org", slug)
     assert r.returncode == 0 and f"published {jid} v1 (drain; 0 runs migrated): live" in r.stdout, r.stderr
     # a second version: the mode must be named
     with org_session(org_id) as s:
@@ -106,33 +117,33 @@ def test_list_show_publish_pause_runs_and_tick(storage, world, session):
                          state="waiting", step_id="n", active_key=c, entry_key="cli",
                          wake_at=clock.now() - timedelta(minutes=1)))
         s.commit()
-    r = carepost(storage, "publish", jid, "--org", slug)
+    r = carepost_here(storage, "publish", jid, "--org", slug)
     assert r.returncode == 2 and "migrate or drain" in r.stderr, r.stderr
-    r = carepost(storage, "publish", jid, "--org", slug, "--mode", "sideways")
+    r = carepost_here(storage, "publish", jid, "--org", slug, "--mode", "sideways")
     assert r.returncode == 2
-    r = carepost(storage, "publish", jid, "--org", slug, "--mode", "migrate")
+    r = carepost_here(storage, "publish", jid, "--org", slug, "--mode", "migrate")
     assert r.returncode == 0 and "v2 (migrate; 1 runs migrated)" in r.stdout, r.stderr
-    r = carepost(storage, "show", jid, "--org", slug)
+    r = carepost_here(storage, "show", jid, "--org", slug)
     assert r.returncode == 0, r.stderr
     assert "status: live" in r.stdout and "v1  published" in r.stdout and "(migrate)" in r.stdout
     assert "entered 1, active 1" in r.stdout
-    r = carepost(storage, "runs", jid, "--org", slug)
+    r = carepost_here(storage, "runs", jid, "--org", slug)
     assert r.returncode == 0 and world["contact"] in r.stdout and "waiting" in r.stdout, r.stderr
-    r = carepost(storage, "runs", "--contact", world["contact"], "--org", slug)
+    r = carepost_here(storage, "runs", "--contact", world["contact"], "--org", slug)
     assert r.returncode == 0 and jid in r.stdout, r.stderr
-    assert carepost(storage, "runs", "--org", slug).returncode == 2
+    assert carepost_here(storage, "runs", "--org", slug).returncode == 2
     # paused: the tick leaves the run alone; resumed: it advances it to the end
-    assert carepost(storage, "pause", jid, "--org", slug).stdout.strip() == f"{jid}: paused"
-    r = carepost(storage, "tick", "--org", slug)
+    assert carepost_here(storage, "pause", jid, "--org", slug).stdout.strip() == f"{jid}: paused"
+    r = carepost_here(storage, "tick", "--org", slug)
     assert r.returncode == 0 and "0 runs advanced" in r.stdout, r.stdout + r.stderr
-    assert carepost(storage, "resume", jid, "--org", slug).stdout.strip() == f"{jid}: live"
-    r = carepost(storage, "tick", "--org", slug)
+    assert carepost_here(storage, "resume", jid, "--org", slug).stdout.strip() == f"{jid}: live"
+    r = carepost_here(storage, "tick", "--org", slug)
     assert r.returncode == 0 and "1 runs advanced" in r.stdout, r.stdout + r.stderr
     session.commit()
     run = session.scalars(select(JourneyRun).where(JourneyRun.journey_id == jid)).one()
     assert (run.state, run.exit_reason) == ("completed", "exit_step")
     # refusals name the problem; nothing changed
-    r = carepost(storage, "pause", "f" * 32, "--org", slug)
+    r = carepost_here(storage, "pause", "f" * 32, "--org", slug)
     assert r.returncode == 2 and "No such journey" in r.stderr
     assert session.get(Journey, jid).status == "live"
     from carepost.audit.models import AuditEvent

@@ -111,7 +111,7 @@ def test_a_full_definition_is_valid_and_parses_to_typed_steps(world):
         for entry in ({"type": "segment", "segment_id": world["segment"]},
                       {"type": "date", "field": "appointment.start", "offset": "-48h"},
                       {"type": "date", "field": "birth_date", "offset": "0d", "anniversary": True, "at": "09:00"},
-                      {"type": "date", "field": "screening_due:loinc:77353-1", "offset": "-7d"},
+                      {"type": "date", "field": "screening_due:colorectal_cancer_screening", "offset": "1y"},
                       {"type": "event", "event": "patient.discharged", "where": {"encounter_class": "inpatient"}}):
             assert validate_definition(s, org_id, definition(world["template"], entry=entry)) == [], entry
 

@@ -224,6 +224,28 @@ def test_unsubscribe_and_revocation_exit_the_run(sender, session):
     assert tick(org_id, now=clock.now() + timedelta(days=3)).sent == 0
 
 
+def test_an_opt_out_from_all_marketing_ends_marketing_runs_not_treatment_runs(sender, session):
+    """Unsubscribing from all marketing stops what the send-time check would refuse (a marketing
+    journey), not an appointment reminder, whose next send stays eligible."""
+    from carepost.consent import service as consent
+
+    org_id = sender.org_id
+    with org_session(org_id) as s:
+        marketing = make_journey(s, org_id, definition(template_ref(s, org_id, purpose="marketing"),
+                                                       purpose="marketing"))[0]
+        treatment = make_journey(s, org_id, definition(template_ref(s, org_id), purpose="treatment"))[0]
+        cid = make_contact(s, org_id, "both@valid.test", sign=True)
+        s.commit()
+    record(org_id, cid)
+    assert tick(org_id).sent == 2
+    with org_session(org_id) as s:
+        consent.unsubscribe_contact(s, org_id, cid, None, source="test")
+        s.commit()
+    (m,), (t,) = runs(org_id, marketing), runs(org_id, treatment)
+    assert (m.state, m.exit_reason) == ("exited", "unsubscribe")
+    assert t.exit_reason is None and t.state not in ("exited", "completed", "failed")
+
+
 # --------------------------------------------------------------------------- re-entry
 
 
@@ -309,7 +331,8 @@ def test_date_relative_entry_48_hours_before_an_appointment(sender, session):
 
 
 def test_date_relative_entry_on_each_birthday(sender, session):
-    from datetime import date
+    from datetime import date, datetime
+    from datetime import time as dtime
 
     org_id = sender.org_id
     now = clock.now()
@@ -323,16 +346,19 @@ def test_date_relative_entry_on_each_birthday(sender, session):
         other = make_contact(s, org_id, "other@valid.test",
                              birth_date=born + timedelta(days=100))
         s.commit()
-    later = now + timedelta(hours=20)  # the horizon (a day ahead) then covers 09:00 tomorrow in any zone
-    entries.evaluate_due(org_id, now=later)
-    got = runs(org_id, jid)
-    assert [r.contact_id for r in got] == [birthday]
-    assert other not in [r.contact_id for r in got]
     from carepost.consent.service import consent_settings
     from carepost.journeys.steps import UTC, zone
 
     with org_session(org_id) as s:
         tz = zone(consent_settings(s, org_id).get("default_time_zone"), UTC)
+    # An hour before 09:00 on the birthday in the organization's zone (never before now): the
+    # horizon (a day ahead) covers 09:00, which has not passed, whatever the time of day the test runs.
+    nine = datetime.combine(tomorrow, dtime(9, 0), tzinfo=tz)
+    later = max(now, nine - timedelta(hours=1))
+    entries.evaluate_due(org_id, now=later)
+    got = runs(org_id, jid)
+    assert [r.contact_id for r in got] == [birthday]
+    assert other not in [r.contact_id for r in got]
     wake = clock.aware(got[0].wake_at).astimezone(tz)  # 09:00 on the birthday, in the organization's zone
     assert (wake.date(), wake.hour, wake.minute) == (tomorrow, 9, 0)
     assert got[0].state == "waiting"

@@ -9,10 +9,8 @@ What must hold: every run sends each of its two messages exactly once — one ``
 from __future__ import annotations
 
 import email
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from email import policy as email_policy
@@ -25,6 +23,7 @@ from carepost.core.database import org_session, read_only_session
 from carepost.delivery.models import Message, MessageRecipient
 from carepost.journeys import engine, entries
 from carepost.journeys.models import JourneyRun, JourneyRunStep
+from tests.faults import start_worker, stop
 from tests.test_campaigns_planning import make_contact
 from tests.test_journeys_engine import definition, make_journey, template_ref
 
@@ -35,21 +34,8 @@ CHUNK = 4
 
 
 def _worker(storage, log_path) -> subprocess.Popen:
-    env = {**os.environ, **storage.env, "CAREPOST_LOG_JSON": "true", "CAREPOST_DELIVERY_LEASE_SECONDS": "5",
-           "CAREPOST_DELIVERY_CONCURRENCY": "4", "CAREPOST_DELIVERY_BATCH_SIZE": "50",
-           "CAREPOST_JOURNEY_TICK_CHUNK": str(CHUNK)}
-    args = [sys.executable, "-m", "carepost.cli", "worker", "--threads", "1"]
-    with open(log_path, "w") as log:
-        return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _stop(proc) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    return start_worker(storage, log_path, delivery_lease_seconds=5, delivery_concurrency=4, delivery_batch_size=50,
+                        journey_tick_chunk=CHUNK)
 
 
 def test_kill_9_mid_tick_neither_skips_nor_repeats_a_send(storage, delivery_env, sender, delivery_queue, session,
@@ -111,7 +97,7 @@ def test_kill_9_mid_tick_neither_skips_nor_repeats_a_send(storage, delivery_env,
             time.sleep(0.5)
     finally:
         for proc in workers:
-            _stop(proc)
+            stop(proc)
 
     session.rollback()
     # The database: one message per (run, send step), one step row per (run, step).
@@ -160,7 +146,7 @@ def test_an_event_reaches_the_patient_through_a_real_worker(storage, delivery_en
             assert time.monotonic() < deadline, "nothing arrived"
             time.sleep(0.2)
     finally:
-        _stop(worker)
+        stop(worker)
     assert [m.rcpt_tos for m in mx.recorder.messages] == [["event-patient@valid.test"]]
     session.rollback()
     (run,) = session.scalars(select(JourneyRun).where(JourneyRun.journey_id == jid)).all()

@@ -27,7 +27,8 @@ def _denied_events(org_id: str):
 
     with read_only_session() as s:
         return list(s.scalars(select(AuditEvent).where(AuditEvent.chain == org_id,
-                                                        AuditEvent.action == "access.denied")))
+                                                        AuditEvent.action == "access.denied")
+                                                   .order_by(AuditEvent.seq)))
 
 
 # --------------------------------------------------------------------------- item 22

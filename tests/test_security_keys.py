@@ -28,13 +28,17 @@ from carepost.doctor import check_master_key
 from tests.test_cli import cli, fresh_env
 from tests.test_doctor import settings_for
 
-OTHER_FS = Path("/dev/shm")  # tmpfs: another filesystem than the data's
+# A filesystem other than the data's: tmpfs /dev/shm, or /var/tmp when the test's own temporary
+# directory (the data's) is on /dev/shm (tests/conftest.py puts it there when there is room).
+OTHER_FS_CANDIDATES = (Path("/dev/shm"), Path("/var/tmp"), Path("/tmp"))
 
 
 @pytest.fixture
-def other_fs_dir():
-    assert os.stat(OTHER_FS).st_dev != os.stat("/tmp").st_dev, "the test needs /dev/shm on its own filesystem"
-    path = OTHER_FS / f"carepost-key-{uuid.uuid4().hex[:12]}"
+def other_fs_dir(tmp_path):
+    data_dev = os.stat(tmp_path).st_dev
+    other = next((p for p in OTHER_FS_CANDIDATES if p.is_dir() and os.stat(p).st_dev != data_dev), None)
+    assert other is not None, f"the test needs one of {[str(p) for p in OTHER_FS_CANDIDATES]} on another filesystem than {tmp_path}"
+    path = other / f"carepost-key-{uuid.uuid4().hex[:12]}"
     path.mkdir(mode=0o700)
     yield path
     shutil.rmtree(path, ignore_errors=True)

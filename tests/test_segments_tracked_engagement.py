@@ -27,6 +27,9 @@ def env(delivery_env, sender, delivery_queue, client):
 
 def _ids(org_id, query):
     from carepost.core.database import read_only_session
+    from carepost.tracking.engagement import recorder
+
+    recorder().drain()  # answered /t/ requests are journaled; their rows come with the ingester
     from carepost.segments import service
 
     with read_only_session(org_id) as s:

@@ -84,6 +84,9 @@ def path_of(kind: str, token: str) -> str:
 
 
 def rows(session, model, **where):
+    from carepost.tracking.engagement import recorder
+
+    recorder().drain()  # answered /t/ requests are journaled; their rows come with the ingester
     session.rollback()
     q = select(model)
     for k, v in where.items():

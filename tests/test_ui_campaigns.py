@@ -33,7 +33,7 @@ DOMAIN = "campaigns-ui.example"
 
 
 @pytest.fixture(scope="module")
-def capture(tmp_path_factory):
+def capture(storage, tmp_path_factory):  # one per database: a module runs on both in one process
     yield from running_capture(tmp_path_factory)
 
 

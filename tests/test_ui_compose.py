@@ -34,7 +34,7 @@ DOMAIN = "compose-ui.example"
 
 
 @pytest.fixture(scope="module")
-def capture(tmp_path_factory):
+def capture(storage, tmp_path_factory):  # one per database: a module runs on both in one process
     """The mail capture ``carepost run`` starts: every message the worker sends lands as a file."""
     yield from running_capture(tmp_path_factory)
 

@@ -36,7 +36,7 @@ DESKTOP_CHROME = ("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, li
 
 
 @pytest.fixture(scope="module")
-def capture(tmp_path_factory):
+def capture(storage, tmp_path_factory):  # one per database: a module runs on both in one process
     yield from running_capture(tmp_path_factory)
 
 

@@ -166,13 +166,32 @@ def independent_verify(secret: str, headers: dict, body: bytes, tolerance: int =
 # --------------------------------------------------------------------------- helpers
 
 
-def make_endpoint(session, org_id, url, *, event_types=("*",), include_phi=False, allow_phi=False):
+def make_endpoint(session, org_id, url, *, event_types=("*",), include_phi=False, allow_phi=False, baa=True):
+    """An endpoint; one receiving PHI gets a BAA on record too (``baa=False``: none; PHI is then
+    refused, issue 16 item 9)."""
     from carepost.tracking.service import create_endpoint
 
     row, secret = create_endpoint(session, org_id, url=url, event_types=list(event_types), include_phi=include_phi,
                                   allow_phi=allow_phi)
     session.commit()
+    if include_phi and baa:
+        record_baa(session, org_id, "webhook", row.id)
     return row, secret
+
+
+def record_baa(session, org_id, kind, ref, name="Test associate"):
+    """A signed BAA on record for a relay host or a PHI webhook endpoint (compliance.associates)."""
+    from datetime import date, timedelta
+
+    from carepost.compliance import associates
+    from carepost.core.database import org_session
+
+    with org_session(org_id) as s:
+        row = associates.create(s, org_id, {"name": name, "kind": kind, "ref": ref, "scope": "PHI in events",
+                                            "baa_signed_on": date.today() - timedelta(days=30)},
+                                {"actor_type": "system", "actor_id": None})
+        s.commit()
+        return row.id
 
 
 def deliveries(session, endpoint_id=None):

@@ -208,6 +208,40 @@ def test_redis_url_selects_redis_storage(queue_env):
     assert huey.pending_count() == 0
 
 
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_enqueue_many_writes_every_task_with_its_own_request_id_or_none(queue_env, store):
+    """``huey.enqueue_many`` (the API's group accept: one write for a group's delivery tasks):
+    each task is dequeued as enqueued alone, in order, with the request id it was given; one
+    argument that is not an id rejects the whole call before anything is written."""
+    from carepost.core.queue import TaskArgumentRejected, _incoming, huey
+
+    if store == "redis":
+        url = redis_test_url()
+        if url is None:
+            pytest.skip("Redis not reachable and CAREPOST_TEST_REDIS_URL not set")
+        queue_env({"CAREPOST_QUEUE_URL": url})
+
+    @huey.task(name="probe_task_for_enqueue_many")
+    def probe(message_ids: list) -> None:
+        pass
+
+    try:
+        ids = [new_id() for _ in range(3)]
+        request_ids = [uuid.uuid4().hex, None, uuid.uuid4().hex]
+        with pytest.raises(TaskArgumentRejected):
+            huey.enqueue_many([(probe.s([ids[0]]), request_ids[0]), (probe.s(["jane@example.org"]), None)])
+        assert huey.pending_count() == 0
+        huey.enqueue_many([(probe.s([i]), r) for i, r in zip(ids, request_ids)])
+        assert huey.pending_count() == 3
+        got = []
+        for _ in ids:
+            task = huey.dequeue()
+            got.append((task.args, getattr(_incoming, "request_id", None)))
+        assert got == [(([i],), r) for i, r in zip(ids, request_ids)]
+    finally:
+        probe.unregister()
+
+
 def test_unsupported_queue_url_is_refused(queue_env):
     from carepost.core.queue import huey
 

@@ -3,11 +3,13 @@ cross-cutting middleware."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import re
 import time
 from contextlib import asynccontextmanager
 
+import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -126,6 +128,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
             # A browser that is not signed in, or has not finished MFA, is sent to finish it.
             return RedirectResponse("/app/login" if exc.status_code == 401 else "/app/mfa", status_code=303)
+        if _wants_html(request) and exc.code == "acknowledgement_required":
+            # The training gate (issue 16 item 10): read and acknowledge the policies, then come back.
+            from urllib.parse import quote
+
+            from fastapi.responses import RedirectResponse
+
+            return RedirectResponse("/app/compliance/acknowledge?next=" + quote(request.url.path, safe="/"),
+                                    status_code=303)
         if exc.status_code == 401:
             # RFC 9110 15.5.2: a 401 names the schemes that would work (RFC 6750 Bearer, RFC 7617 Basic).
             headers = {**(headers or {}), "WWW-Authenticate": WWW_AUTHENTICATE}
@@ -174,8 +184,29 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
+        if storage_full(exc):
+            # Issue 17 item 3: the disk under the database (or the data dir) is full. The
+            # transaction was rolled back, so nothing was half-stored: say so, and when to retry.
+            log.error("storage_full", error_type=type(exc).__name__, path_template=_route_template(request))
+            return _error_response(request, 507, {"code": "storage_full", "message": "The server's storage is full; "
+                                                  "nothing was stored. Try again later."}, {"Retry-After": "60"})
         log.error("unhandled_error", error_type=type(exc).__name__, path_template=_route_template(request))
         return _error_response(request, 500, {"code": "internal_error", "message": "Something went wrong. The error was logged."})
+
+
+def storage_full(exc: BaseException) -> bool:
+    """SQLite's SQLITE_FULL ("database or disk is full") or an OSError ENOSPC, possibly wrapped."""
+    import errno
+
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        if "database or disk is full" in str(exc) or "No space left on device" in str(exc):
+            return True
+        exc = getattr(exc, "orig", None) or exc.__cause__ or exc.__context__
+        seen += 1
+    return False
 
 
 def _route_template(request: Request) -> str:
@@ -195,6 +226,89 @@ def accepted_request_id(value: str | None) -> str:
     return new_id()
 
 
+# The headers every response carries (the /t/ fast path builds the same list in install_middleware).
+SECURITY_HEADERS = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+    (b"permissions-policy", b"camera=(), microphone=(), geolocation=()"),
+)
+HSTS = (b"strict-transport-security", b"max-age=31536000; includeSubDomains")
+NO_STORE = ((b"cache-control", b"no-store"), (b"pragma", b"no-cache"))
+
+
+class HeadersAndIds:
+    """Pure ASGI middleware: the request id (``request.state.request_id``), the security headers
+    and ``Cache-Control: no-store`` on every answer, and the request metrics.
+
+    It was a Starlette ``BaseHTTPMiddleware`` (``@app.middleware("http")``), which runs the app in
+    a task group of its own and streams every answer through a memory channel: about 1 ms of CPU
+    per request (issue 11 item 6). Same behaviour: a client's trace-like ``X-Request-Id`` is kept,
+    anything else replaced; a route's own ``Content-Security-Policy`` wins, every other header
+    here replaces what the route set; ``/static/`` and ``/b/`` may be cached; an exception from
+    the app passes through (Starlette's error middleware, outside, answers it)."""
+
+    def __init__(self, app: ASGIApp, settings: Settings, observe=None):
+        self.app = app
+        self.observe = observe  # (method, route template, status, seconds) -> None
+        fixed = list(SECURITY_HEADERS)
+        if settings.base_url.startswith("https://"):
+            fixed.append(HSTS)
+        self.fixed = fixed
+        self.fixed_no_store = fixed + list(NO_STORE)
+        self.csp = (b"content-security-policy", CSP.encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        sent_id = None
+        for name, value in scope.get("headers") or ():
+            if name == b"x-request-id":
+                sent_id = value.decode("latin-1")
+                break
+        request_id = accepted_request_id(sent_id)
+        scope.setdefault("state", {})["request_id"] = request_id
+        # On every log line of this request, and on the tasks it queues (carepost.core.queue): a
+        # trace id only (the rule above), in this request's own context (one task per request).
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        started = time.perf_counter()
+        # /b/: an organization's public logo and colours, no PHI. PHI may be on any other API
+        # response or page: never cache (ASVS 8.2.1).
+        cacheable = scope["path"].startswith(("/static/", "/b/"))
+        ours = self.fixed if cacheable else self.fixed_no_store
+        replaced = {name for name, _ in ours}
+        replaced.add(b"x-request-id")
+        status = [None]
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                headers = []
+                has_csp = False
+                for name, value in message.get("headers") or ():
+                    lower = name.lower()
+                    if lower in replaced:
+                        continue
+                    if lower == b"content-security-policy":
+                        has_csp = True
+                    headers.append((name, value))
+                headers.append((b"x-request-id", request_id.encode("latin-1")))
+                if not has_csp:
+                    headers.append(self.csp)
+                headers.extend(ours)
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+        if self.observe is not None and status[0] is not None:
+            self.observe(scope["method"], _route_template_of(scope), status[0], time.perf_counter() - started)
+
+
+def _route_template_of(scope: Scope) -> str:
+    return getattr(scope.get("route"), "path", "unmatched")
+
+
 def install_middleware(app: FastAPI, settings: Settings) -> None:
     from carepost.web.inputs import ControlCharacterGuard
     from carepost.web.metrics import observe_request
@@ -209,28 +323,7 @@ def install_middleware(app: FastAPI, settings: Settings) -> None:
     # Innermost: the refusal still gets the request id and security headers below.
     app.add_middleware(ControlCharacterGuard, refuse=_refuse_control_characters, router_app=app)
 
-    @app.middleware("http")
-    async def _headers_and_ids(request: Request, call_next):
-        request.state.request_id = accepted_request_id(request.headers.get("x-request-id"))
-        started = time.perf_counter()
-        response = await call_next(request)
-        response.headers["X-Request-Id"] = request.state.request_id
-        response.headers.setdefault("Content-Security-Policy", CSP)
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["X-Frame-Options"] = "DENY"
-        response.headers["Referrer-Policy"] = "no-referrer"
-        response.headers["Cross-Origin-Opener-Policy"] = "same-origin"
-        response.headers["Permissions-Policy"] = "camera=(), microphone=(), geolocation=()"
-        if settings.base_url.startswith("https://"):
-            response.headers["Strict-Transport-Security"] = "max-age=31536000; includeSubDomains"
-        path = request.url.path
-        if not path.startswith(("/static/", "/b/")):  # /b/: an organization's public logo and colours, no PHI
-            # PHI may be on any API response or page: never cache (ASVS 8.2.1).
-            response.headers["Cache-Control"] = "no-store"
-            response.headers["Pragma"] = "no-cache"
-        observe_request(request.method, _route_template(request), response.status_code, time.perf_counter() - started)
-        return response
-
+    app.add_middleware(HeadersAndIds, settings=settings, observe=observe_request)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
     # In front of the whole app: the open pixel and click redirects (/t/o/, /t/c/) are answered
     # before FastAPI itself (its telemetry, Starlette's error middleware, the body limit), the
@@ -263,6 +356,65 @@ def enforce_declared_access(app: FastAPI) -> list[str]:
     if undeclared:
         raise RuntimeError("routes without an access declaration: " + "; ".join(undeclared))
     return undeclared
+
+
+def _path_shapes(router) -> list[tuple[str, bool]]:
+    """Each route's path up to its first parameter, and whether that is the whole path: a request
+    path can match the route only if it starts with this text (or, without parameters, is it). A
+    route without a path could match anything (the empty prefix)."""
+    out = []
+    for route in router.routes:
+        path = getattr(route, "path", None)
+        out.append((path.split("{", 1)[0], "{" not in path) if isinstance(path, str) else ("", False))
+    return out
+
+
+def _may_share_a_path(a: tuple[str, bool], b: tuple[str, bool]) -> bool:
+    (pa, exact_a), (pb, exact_b) = a, b
+    if exact_a and exact_b:
+        return pa == pb
+    if exact_a:
+        return pa.startswith(pb)
+    if exact_b:
+        return pb.startswith(pa)
+    return pa.startswith(pb) or pb.startswith(pa)
+
+
+# The routers of the high-rate API, matched first and in this order (see matching_order): an EHR's
+# transactional sends (issue 17), then the audited contact read (issue 11 item 6).
+HOT_ROUTERS = ("carepost.delivery.api", "carepost.patients.api")
+
+
+def matching_order(routers: list, first: tuple = ()) -> list:
+    """The routers in the order the app includes them: the web UI's routers (every path under
+    ``/app``) after the others, so an API request (or ``/healthz``, ``/p/``, ``/f/``) is matched
+    after tens of routes rather than a hundred (FastAPI tries an app's routes one by one, a few
+    µs each; issue 11 item 6). A UI page, which renders a template, is matched after more.
+    Routers in ``first`` (the high-rate API), in that order, go ahead of all others they may go
+    ahead of: ``POST /api/v1/messages`` is matched after no other router's routes (it was after
+    about a hundred, each tried twice per request by FastAPI 0.165; issue 17).
+
+    No request is answered by another route than in the composition root's order: a router moves
+    ahead of an earlier one only when no path can match a route of both (see
+    :func:`_may_share_a_path`), so among routes that could both match a path the composition
+    root's order stands (for a full match, and for a method mismatch's 405)."""
+    shapes = [sorted(set(_path_shapes(r))) for r in routers]
+
+    def overlap(a: list, b: list) -> bool:
+        return any(_may_share_a_path(x, y) for x in a for y in b)
+
+    conflicts = {i: {j for j in range(i) if overlap(shapes[i], shapes[j])} for i in range(len(routers))}
+    ui = [bool(s) and all(p == "/app" or p.startswith("/app/") for p, _ in s) for s in shapes]
+    remaining = list(range(len(routers)))
+    order = []
+    while remaining:
+        left = set(remaining)
+        ready = [i for i in remaining if not (conflicts[i] & left)]  # never empty: the first one is ready
+        pick = next((i for hot in first for i in ready if routers[i] is hot),
+                    next((i for i in ready if not ui[i]), ready[0]))
+        order.append(pick)
+        remaining.remove(pick)
+    return [routers[i] for i in order]
 
 
 class CarePostApp(FastAPI):
@@ -306,10 +458,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        from carepost.tracking.engagement import recorder
+
+        # The /t/ journal of this process, and its ingester: what a killed process journaled is
+        # moved into the database now, not at the next open (issue 13; tracking.engagement_journal).
+        try:
+            await asyncio.to_thread(recorder().start)
+        except Exception as exc:  # noqa: BLE001 - e.g. the database not up yet: opened at the first /t/ request
+            log.warning("engagement_journal_not_opened", error_type=type(exc).__name__)
         _freeze_start_up_objects()
         yield
         from carepost.core.database import dispose_engine
 
+        await asyncio.to_thread(recorder().stop)
         dispose_engine()
 
     app = CarePostApp(
@@ -327,12 +488,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from carepost.web.rendering import STATIC_DIR
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    for module_name in assembly.routers:
-        module = importlib.import_module(module_name)
-        app.include_router(module.router)
+    routers = [importlib.import_module(name).router for name in assembly.routers]
+    hot = tuple(routers[assembly.routers.index(name)] for name in HOT_ROUTERS if name in assembly.routers)
+    for router in matching_order(routers, first=hot):
+        app.include_router(router)
     enforce_declared_access(app)
     from carepost.web.openapi import install_openapi
 
+    # The document lists the routes as before the hot routers went first (its tags and paths in
+    # the order readers know), whatever order they are matched in.
+    place = {id(r): i for i, r in enumerate(matching_order(routers))}
+
+    def listed(routes: list) -> list:
+        return sorted(routes, key=lambda route: place.get(id(getattr(route, "original_router", None)), -1))
+
     # the document as the API behaves (issue 9 item 28)
-    install_openapi(app, lambda route: (declared_access(route) or ("public",))[0])
+    install_openapi(app, lambda route: (declared_access(route) or ("public",))[0], listed)
     return app

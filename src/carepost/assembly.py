@@ -12,7 +12,17 @@ benchmarks and the test fixtures — calls :func:`assemble` and nothing else ass
 4. **events and registries**: reactions across capabilities (an organization created → default
    authorization texts; a recipient event → webhooks; a contact deleted → consent and forms
    forget it; contact page sections; right-of-access export sections);
-5. **routers**: the modules whose ``router`` the ASGI app includes, in matching order.
+5. **routers**: the modules whose ``router`` the ASGI app includes, in matching order, and what
+   only their pages use (contact page sections, the message page's engagement, portal and
+   legal-hold steps).
+
+A process that serves no HTTP — ``worker``, ``smtp``, ``inbound``, ``mllp``, ``run``'s supervisor,
+every CLI command but ``serve`` — calls ``assemble(http=False)``: steps 1–4 only, without
+importing the 45 router modules (about 1 s of CPU per process; bench/startup.py).
+Nothing outside the router modules, :mod:`carepost.app` and this module imports a router module
+(``tests/test_assembly.py`` checks it), so such a process never holds a page's port unfilled or a
+page's registry empty; :func:`carepost.app.create_app` calls ``assemble()``, which finishes the
+HTTP part in a process that began without it.
 
 Fail closed: if a capability cannot be imported or a declared port is left unfilled,
 :func:`assemble` raises :class:`~carepost.core.ports.NotAssembled` and the process exits
@@ -65,9 +75,16 @@ ROUTER_MODULES = [
     "carepost.campaigns.pages",
     "carepost.compliance.api",
     "carepost.compliance.pages",
+    "carepost.compliance.program_api",  # breaches, reports, business associates, policies (issue 16 items 5, 6, 9, 10)
+    "carepost.compliance.program_pages",
     "carepost.ehr.api",  # FHIR Appointment/Encounter, the EHR error queue, MLLP connections (issue 15 item 3)
+    "carepost.ehr.pages",  # the EHR error queue page (issue 15)
     "carepost.journeys.api",
     "carepost.journeys.pages",
+    "carepost.archive.api",  # the message archive: search, production exports (issue 16 item 8)
+    "carepost.archive.pages",
+    "carepost.retention.api",  # schedules, legal holds, purges, destruction certificates (issue 16 items 1-4)
+    "carepost.retention.pages",
 ]
 
 # Queue tasks of each capability (the worker must know every task it may be handed).
@@ -84,6 +101,7 @@ TASK_MODULES = [
     "carepost.campaigns.tasks",
     "carepost.journeys.tasks",  # the tick and the advance after an event (issue 15 item 2)
     "carepost.compliance.tasks",
+    "carepost.retention.tasks",  # the nightly purge (issue 16 item 1)
     "carepost.ehr.tasks",
 ]
 
@@ -96,26 +114,33 @@ class Assembly:
     tasks: list[str] = field(default_factory=list)
     routers: list[str] = field(default_factory=list)
     ports: dict[str, str] = field(default_factory=dict)
+    http: bool = False  # the router modules and what only their pages use are assembled too
 
 
 _lock = threading.RLock()
 _assembled: Assembly | None = None
 
 
-def assemble() -> Assembly:
-    """Assemble this process (idempotent; cheap after the first call)."""
+def assemble(*, http: bool = True) -> Assembly:
+    """Assemble this process (idempotent; cheap after the first call).
+
+    ``http=False`` leaves out the router modules and what only their pages use (see the module
+    docstring); a later ``assemble()`` adds them.
+    """
     global _assembled
     with _lock:
-        if _assembled is not None:
+        if _assembled is not None and (_assembled.http or not http):
             return _assembled
         try:
-            result = _assemble()
+            if _assembled is None:
+                _assembled = _assemble()
+            if http:
+                _assembled = _assemble_http(_assembled)
         except NotAssembled:
             raise
         except ImportError as exc:
             raise NotAssembled(f"a capability could not be loaded: {exc}") from exc
-        _assembled = result
-        return result
+        return _assembled
 
 
 def assembled() -> Assembly | None:
@@ -146,28 +171,49 @@ def _assemble() -> Assembly:
     _wire_events()
     _wire_registries()
 
-    missing = unfilled_ports()
-    if missing:
-        raise NotAssembled("ports left unfilled: " + ", ".join(missing))
+    _refuse_unfilled_ports()
     events.mark_assembled()
     return Assembly(
         models=list(MODEL_MODULES),
         tasks=list(TASK_MODULES),
-        routers=list(ROUTER_MODULES),
         ports={name: repr(port) for name, port in sorted(declared_ports().items())},
     )
+
+
+def _assemble_http(core: Assembly) -> Assembly:
+    """The router modules, in matching order, and the ports and registries only pages use."""
+    for name in ROUTER_MODULES:
+        importlib.import_module(name)
+    _fill_page_ports()
+    _wire_page_registries()
+    _refuse_unfilled_ports()
+    return Assembly(
+        models=core.models,
+        tasks=core.tasks,
+        routers=list(ROUTER_MODULES),
+        ports={name: repr(port) for name, port in sorted(declared_ports().items())},
+        http=True,
+    )
+
+
+def _refuse_unfilled_ports() -> None:
+    missing = unfilled_ports()
+    if missing:
+        raise NotAssembled("ports left unfilled: " + ", ".join(missing))
 
 
 def _fill_ports() -> None:
     from carepost.accounts import ports as accounts_ports
     from carepost.audit import service as audit
     from carepost.consent import eligibility
-    from carepost.delivery import pages as delivery_pages
     from carepost.delivery import pipeline
     from carepost.portal import service as portal
 
     accounts_ports.record.fill(audit.record)
     accounts_ports.record_for.fill(audit.record_for)
+    from carepost.compliance import training
+
+    accounts_ports.phi_gate.fill(training.phi_gate)  # the training gate on unmasked PHI (issue 16 item 10)
 
     # The delivery pipeline's steps owned by capabilities above delivery.
     pipeline.eligibility.fill(eligibility.pipeline_eligibility)
@@ -184,14 +230,25 @@ def _fill_ports() -> None:
     delivery_messages.topic_of.fill(eligibility.resolve_message_topic)
     pipeline.portal_store.fill(portal.store_portal_message)
     pipeline.portal_notification.fill(portal.notification_email)
-    from carepost.tracking import engagement, links as tracking_links
+    from carepost.tracking import links as tracking_links
 
     pipeline.links.fill(tracking_links.pipeline_links)  # link guard, click redirects, open pixel (issue 13)
-    delivery_pages.engagement_of.fill(engagement.message_engagement)
+    # No PHI through an organization relay or to a PHI webhook without a BAA on record (issue 16 item 9).
+    from carepost.compliance import associates
+    from carepost.tracking import service as tracking_service
+
+    pipeline.relay_baa.fill(associates.relay_refusal)
+    tracking_service.webhook_baa.fill(associates.webhook_refusal)
     from carepost.tracking import message_engagement
 
     delivery_messages.engagement_summary.fill(message_engagement.summary)
-    delivery_pages.portal_state.fill(portal.portal_state)
+    from carepost.archive import index as archive_index
+
+    delivery_messages.archive_index.fill(archive_index.index_messages)  # keyed word index (issue 16 item 8)
+    from carepost import doctor
+    from carepost.compliance import evidence
+
+    evidence.doctor_checks.fill(doctor.run_checks)  # the evidence pack's doctor findings (issue 16 item 11)
     from carepost.delivery import compose
 
     compose.topic_choices.fill(eligibility.compose_topics)
@@ -209,6 +266,18 @@ def _fill_ports() -> None:
     content_blocks.block_members.fill(segment_blocks.members)
     compose.recipient_eligibility.fill(eligibility.recipients_eligibility)
     compose.reason_text.fill(eligibility.reason_sentence)
+
+
+def _fill_page_ports() -> None:
+    """Steps of the message page (delivery) that higher capabilities supply."""
+    from carepost.delivery import pages as delivery_pages
+    from carepost.portal import service as portal
+    from carepost.retention import pages as retention_pages
+    from carepost.tracking import engagement
+
+    delivery_pages.engagement_of.fill(engagement.message_engagement)
+    delivery_pages.portal_state.fill(portal.portal_state)
+    delivery_pages.legal_holds_of.fill(retention_pages.message_hold_rows)  # the held mark on the message page (issue 16)
 
 
 def _wire_events() -> None:
@@ -235,34 +304,25 @@ def _wire_events() -> None:
     from carepost.journeys import entries as journey_entries
 
     events.subscribe("contact.event_recorded", journey_entries.on_contact_event)
+    events.subscribe("contact.events_recorded", journey_entries.on_contact_events)
     events.subscribe("consent.unsubscribed", journey_entries.on_unsubscribed)
     events.subscribe("authorization.revoked", journey_entries.on_revoked)
 
 
 def _wire_registries() -> None:
     """Registries owned by a lower capability, filled with the functions of higher ones."""
-    from carepost.consent import pages as consent_pages
     from carepost.consent import service as consent
-    from carepost.delivery import pages as delivery_pages
     from carepost.forms import service as forms
-    from carepost.patients import pages as patient_pages
     from carepost.patients import service as patients
     from carepost.tracking import service as tracking
 
-    patients.register_deletion_hook(consent.forget_contact)
+    patients.register_deletion_hook(consent.forget_contact, many=consent.forget_contacts)
     patients.register_export_section("consent", consent.export_section)
-    patients.register_deletion_hook(forms.forget_contact)
+    patients.register_deletion_hook(forms.forget_contact, many=forms.forget_contacts)
     patients.register_export_section("form_submissions", forms.export_section)
     from carepost.tracking import conversions
 
-    patients.register_deletion_hook(conversions.forget_contact)  # custom events (issue 13 item 4)
-
-    patient_pages.register_contact_section("consent", "Consent and authorizations", consent_pages.consent_rows)
-    patient_pages.register_contact_section("messages", "Message history", delivery_pages.contact_messages_rows)
-    patient_pages.register_contact_section("keys", "Encryption keys", delivery_pages.contact_keys_rows)
-    from carepost.journeys import pages as journey_pages
-
-    patient_pages.register_contact_section("journeys", "Journeys", journey_pages.contact_journey_rows)  # issue 15 item 6
+    patients.register_deletion_hook(conversions.forget_contact, many=conversions.forget_contacts)  # custom events (issue 13 item 4)
 
     # The accounting of disclosures (audit) lists what higher capabilities derive (issue 16 item 4).
     from carepost.audit import disclosures
@@ -283,3 +343,24 @@ def _wire_registries() -> None:
     from carepost.journeys import steps as journey_steps
 
     tracking.register_event_types(journey_steps.WEBHOOK_EVENT_TYPES)  # journey.step (issue 15)
+
+
+def _wire_page_registries() -> None:
+    """The contact page's sections and the campaign calendar's journey sends, supplied by the
+    capabilities that own them."""
+    from carepost.consent import pages as consent_pages
+    from carepost.delivery import pages as delivery_pages
+    from carepost.journeys import pages as journey_pages
+    from carepost.patients import pages as patient_pages
+    from carepost.retention import pages as retention_pages
+
+    patient_pages.register_contact_section("consent", "Consent and authorizations", consent_pages.consent_rows)
+    patient_pages.register_contact_section("messages", "Message history", delivery_pages.contact_messages_rows)
+    patient_pages.register_contact_section("keys", "Encryption keys", delivery_pages.contact_keys_rows)
+    patient_pages.register_contact_section("journeys", "Journeys", journey_pages.contact_journey_rows)  # issue 15 item 6
+    patient_pages.register_contact_section("legal_holds", "Legal holds", retention_pages.contact_hold_rows)  # issue 16
+    # The campaign calendar shows the journeys' scheduled sends (issue 14 item 2; campaigns never imports journeys).
+    from carepost.campaigns import pages as campaign_pages
+    from carepost.journeys import calendar as journey_calendar
+
+    campaign_pages.register_calendar_source("journeys", journey_calendar.calendar_entries)

@@ -36,8 +36,14 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+# The commands that serve HTTP in their own process; every other one assembles without the router
+# modules (carepost.assembly: ``http=False``). ``run`` starts ``serve`` as a child of its own.
+HTTP_COMMANDS = frozenset({"serve"})
+
+
 @app.callback()
 def _main(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     from carepost.assembly import assemble
@@ -48,7 +54,8 @@ def _main(
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)
     try:
-        assemble()  # every command runs on the one composition root (fail closed)
+        # every command runs on the one composition root (fail closed)
+        assemble(http=ctx.invoked_subcommand in HTTP_COMMANDS)
     except NotAssembled as exc:
         fail(f"CarePost could not be assembled: {exc}", code=70)
 
@@ -472,6 +479,68 @@ def keys_rekey_database() -> None:
         console.print(f"Re-keyed {result.database} ({result.pages} pages). The new key is in {settings.data_dir / 'database.key'}; back it up.")
 
 
+# --------------------------------------------------------------------------- backup and restore
+
+
+def _read_passphrase(enabled: bool) -> bytes | None:
+    if not enabled:
+        return None
+    value = sys.stdin.readline().rstrip("\r\n").encode()
+    if len(value) < 12:
+        fail("the passphrase (first line of standard input) must be at least 12 characters")
+    return value
+
+
+@app.command()
+def backup(
+    output: Path = typer.Argument(..., help="The archive to write (mode 0600), outside the data dir."),
+    passphrase_stdin: bool = typer.Option(
+        False, "--passphrase-stdin", help="Encrypt under a passphrase read from standard input instead of a key derived from the master key."),
+) -> None:
+    """Online, consistent, encrypted backup of the data dir (the database snapshot, database.key,
+    audit checkpoints, TLS keys); never the master key. See docs/backup.md."""
+    from carepost.audit.service import record
+    from carepost.core.backup import BackupError, create_backup
+    from carepost.core.config import get_settings
+    from carepost.core.crypto import KeyUnavailable
+    from carepost.core.database import system_session
+
+    settings = get_settings()
+    try:
+        result = create_backup(settings, output, passphrase=_read_passphrase(passphrase_stdin))
+    except (BackupError, KeyUnavailable, OSError) as exc:
+        fail(f"backup failed: {exc}")
+    with system_session() as session:
+        record(session, org_id=None, actor_type="system", actor_id="cli", action="backup.created",
+               target_type="backup", target_id=output.name,
+               details={"files_count": len(result.files), "bytes": result.bytes_written})
+        session.commit()
+    console.print(f"Wrote {result.path} ({result.bytes_written:,} bytes, {len(result.files)} files, "
+                  f"{result.seconds:.1f} s). The master key is not in it: keep it separately.")
+    if not settings.is_sqlite:
+        console.print("The database is PostgreSQL: back it up with pg_dump or base backups (docs/backup.md).")
+
+
+@app.command()
+def restore(
+    archive: Path = typer.Argument(..., exists=True, dir_okay=False, help="An archive written by `carepost backup`."),
+    passphrase_stdin: bool = typer.Option(False, "--passphrase-stdin", help="Read the archive's passphrase from standard input."),
+) -> None:
+    """Restore a backup into a fresh data dir (CAREPOST_DATA_DIR); its master key must be there
+    already (copy master.key in, or set CAREPOST_MASTER_KEY). Then run `carepost audit verify`."""
+    from carepost.core.backup import BackupError, restore_backup
+    from carepost.core.config import get_settings
+
+    settings = get_settings()
+    try:
+        result = restore_backup(settings, archive, passphrase=_read_passphrase(passphrase_stdin))
+    except (BackupError, OSError) as exc:
+        fail(f"restore failed: {exc}")
+    console.print(f"Restored {len(result.files)} files into {result.data_dir} in {result.seconds:.1f} s"
+                  + ("; the database opens and passes its integrity checks." if result.database_ok else "."))
+    console.print("Next: `carepost audit verify` (and `carepost doctor`).")
+
+
 # --------------------------------------------------------------------------- organizations
 
 
@@ -761,6 +830,10 @@ from carepost.compliance.commands import compliance_app  # noqa: E402
 
 app.add_typer(compliance_app, name="compliance")
 
+from carepost.retention.commands import retention_app  # noqa: E402
+
+app.add_typer(retention_app, name="retention")
+
 from carepost.ehr.commands import ehr_app  # noqa: E402
 
 app.add_typer(ehr_app, name="ehr")
@@ -770,6 +843,7 @@ app.add_typer(ehr_app, name="ehr")
 def mllp(
     host: str = typer.Option(None, help="Bind address (default CAREPOST_MLLP_HOST)."),
     port: int = typer.Option(None, help="Port (default CAREPOST_MLLP_PORT)."),
+    processes: int = typer.Option(1, min=1, max=64, help="Listener processes sharing the port (SO_REUSEPORT, Linux)."),
 ) -> None:
     """Run the HL7 v2 listener (MLLP, TLS with CAREPOST_MLLP_CERT_FILE): ADT and SIU messages become contact events."""
     from carepost.core.config import get_settings
@@ -777,13 +851,17 @@ def mllp(
 
     settings = get_settings()
     with _holding_data_dir(settings):
-        code = run_mllp(settings, host=host, port=port)
+        code = run_mllp(settings, host=host, port=port, processes=processes)
     raise typer.Exit(code)
 
 
 from carepost.journeys.commands import journeys_app  # noqa: E402
 
 app.add_typer(journeys_app, name="journeys")
+
+from carepost.archive.commands import archive_app  # noqa: E402
+
+app.add_typer(archive_app, name="archive")  # the message archive's word index (issue 16 item 8)
 
 
 @app.command()

@@ -16,7 +16,6 @@ References: 45 CFR 164.312(a)(2)(iv) encryption at rest, 164.312(e) transmission
 from __future__ import annotations
 
 import ipaddress
-import sqlite3
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -156,11 +155,18 @@ def check_database_encryption(settings: Settings) -> list[Finding]:
     key_file = database_key_file(settings)
     if key_file.exists() and _mode(key_file) & 0o077:
         findings.append(Finding("database encryption", "fail", f"{key_file} has mode {_mode(key_file):04o}; it must be 0600."))
-    plain = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    # Read as plain SQLite would: SQLCipher's own library without a key (never the standard
+    # library's sqlite3 here: a second SQLite library in a process that holds the database open
+    # closes a descriptor of the file, which drops every POSIX lock the process holds on it, and
+    # another process may then checkpoint and delete the WAL in use — the evidence pack runs this
+    # inside the server).
+    import sqlcipher3
+
+    plain = sqlcipher3.dbapi2.connect(f"file:{path}?mode=ro", uri=True)
     try:
         plain.execute("SELECT count(*) FROM sqlite_master").fetchone()
         readable = True
-    except sqlite3.DatabaseError:
+    except sqlcipher3.dbapi2.DatabaseError:
         readable = False
     finally:
         plain.close()
@@ -173,7 +179,7 @@ def check_database_encryption(settings: Settings) -> list[Finding]:
 
     engine = make_engine(settings)
     try:
-        with engine.connect() as conn:
+        with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:  # reads only
             version = conn.execute(text("PRAGMA cipher_version")).scalar()
     finally:
         engine.dispose()
@@ -323,9 +329,11 @@ def check_sending_domains(settings: Settings) -> list[Finding]:
     from carepost.core.database import make_engine
     from carepost.delivery.service import unproven_sending_domains, unverified_sending_domains
 
+    # Only reads: DEFERRED on SQLite, so a caller holding the write lock (the evidence pack is
+    # built inside a request's transaction) is not waited on until the busy timeout.
     engine = make_engine(settings)
     try:
-        with Session(engine) as session:
+        with Session(engine.execution_options(sqlite_begin="DEFERRED")) as session:
             session.info["scope"] = "system"
             unverified = unverified_sending_domains(session)
             unproven = unproven_sending_domains(session)
@@ -363,9 +371,11 @@ def check_notice_sender(settings: Settings) -> list[Finding]:
         domain = None
     if domain is not None:
         return [Finding("notice sender", "ok", f"Notices of an organization without a sending domain come from no-reply@{domain}.")]
+    # Only reads: DEFERRED on SQLite, so a caller holding the write lock (the evidence pack is
+    # built inside a request's transaction) is not waited on until the busy timeout.
     engine = make_engine(settings)
     try:
-        with Session(engine) as session:
+        with Session(engine.execution_options(sqlite_begin="DEFERRED")) as session:
             session.info["scope"] = "system"
             orgs = session.scalar(select(func.count()).select_from(Organization)) or 0
             with_domain = session.scalar(select(func.count(func.distinct(SendingDomain.org_id)))) or 0
@@ -391,9 +401,11 @@ def check_api_credentials(settings: Settings) -> list[Finding]:
     from carepost.accounts.credentials import expiring_credentials
     from carepost.core.database import make_engine
 
+    # Only reads: DEFERRED on SQLite, so a caller holding the write lock (the evidence pack is
+    # built inside a request's transaction) is not waited on until the busy timeout.
     engine = make_engine(settings)
     try:
-        with Session(engine) as session:
+        with Session(engine.execution_options(sqlite_begin="DEFERRED")) as session:
             session.info["scope"] = "system"
             soon = [(c.key_id, c.expires_at) for c in expiring_credentials(session)]
     finally:

@@ -26,6 +26,8 @@ MODEL_MODULES = [
     "carepost.compliance.models",
     "carepost.ehr.models",  # MllpConnection, EhrMessage (issue 15 item 3)
     "carepost.journeys.models",
+    "carepost.archive.models",  # ArchiveTerm, ArchiveRequest (issue 16 item 8)
+    "carepost.retention.models",  # RetentionSchedule, LegalHold, PurgeRun, DestructionCertificate (issue 16 items 1-4)
 ]
 
 

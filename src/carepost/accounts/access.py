@@ -14,13 +14,16 @@ Every route declares exactly one of:
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from fastapi import Depends, Request
+# Starlette's Request is fastapi.Request itself (FastAPI resolves the dependencies' annotations
+# below by this name); FastAPI is imported where a dependency is made, so a process without
+# routes (the worker, CLI commands) does not import it (docs/performance.md, "Process start-up").
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
 
 from carepost.accounts.permissions import Permission
 from carepost.core.database import session_factory
@@ -55,15 +58,24 @@ class Principal:
         return permission in self.permissions
 
 
-def db_session(request: Request) -> Iterator[Session]:
+async def db_session(request: Request) -> AsyncIterator[Session]:
     """The request's database session. Unscoped until an access dependency scopes it;
-    an unscoped session refuses to read organization tables."""
+    an unscoped session refuses to read organization tables.
+
+    Opened and closed on the event loop, not in the thread pool: a new session holds no
+    connection, and one whose transaction has ended (committed or rolled back) has returned its
+    connection to the pool, so neither does any I/O — two thread hand-offs fewer per request
+    (issue 11 item 6). A session still in a transaction is closed in the thread pool (its
+    rollback is a database round trip)."""
     session = session_factory()()
     request.state.db = session
     try:
         yield session
     finally:
-        session.close()
+        if session.in_transaction():
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
 
 
 def request_context(request: Request) -> dict:
@@ -73,6 +85,46 @@ def request_context(request: Request) -> dict:
         "user_agent": (request.headers.get("user-agent") or "")[:300],
         "request_id": getattr(request.state, "request_id", None),
     }
+
+
+def _from_memory(request: Request) -> tuple[Principal | None, bool, str | None]:
+    """``(principal, gate known, acknowledgement)`` decided on the event loop, without the
+    database: an API key pair this process verified moments ago (``credentials.principal_from_memory``)
+    and, when it holds ``phi:read_unmasked``, its cached training gate. ``(None, False, None)``:
+    authenticate in the thread pool as usual. Two thread hand-offs fewer per API request
+    (issue 11 item 6); every failure and every look-up still goes through :func:`_authenticate`."""
+    path = request.url.path  # as _authenticate reads it: API keys never sign in to the web UI
+    if path == "/app" or path.startswith("/app/") or not request.headers.get("authorization"):
+        return None, False, None
+    from carepost.accounts.credentials import principal_from_memory
+
+    principal = principal_from_memory(request)  # raises RateLimited, counted once
+    if principal is None or not principal.can(Permission.PHI_READ_UNMASKED):
+        return principal, True, None
+    from carepost.accounts.ports import phi_gate
+
+    try:
+        return principal, True, phi_gate(None, principal)
+    except LookupError:
+        return principal, False, None
+
+
+def _gate(session: Session, principal: Principal) -> str | None:
+    """The training gate (``ports.phi_gate``) read in the caller's organization."""
+    from carepost.accounts.ports import phi_gate
+
+    session.info.pop("scope", None)
+    session.info["org_id"] = principal.org_id  # the caller's organization (as in require, once allowed)
+    return phi_gate(session, principal)
+
+
+def _authenticate_and_gate(request: Request, session: Session) -> tuple[Principal | None, str | None]:
+    """:func:`_authenticate`, then the training gate of a caller holding ``phi:read_unmasked``,
+    in one thread hand-off."""
+    principal = _authenticate(request, session)
+    if principal is None or not principal.can(Permission.PHI_READ_UNMASKED):
+        return principal, None
+    return principal, _gate(session, principal)
 
 
 def _authenticate(request: Request, session: Session) -> Principal | None:
@@ -127,16 +179,29 @@ def _audit_denial(session: Session, request: Request, principal: Principal | Non
 
 def require(*permissions: Permission | str):
     """Dependency: an authenticated caller holding every one of ``permissions``."""
+    from fastapi import Depends
+
     needed = tuple(str(p) for p in permissions)
 
     async def dependency(request: Request, session: Session = Depends(db_session)) -> Principal:
-        principal = await run_in_threadpool(_authenticate, request, session)
+        # The training gate (164.308(a)(5), issue 16 item 10): unmasked PHI only for a caller who
+        # acknowledged the current policies; otherwise this request sees PHI masked, and a route
+        # that needs it unmasked is refused. Cached per person (compliance.training). Decided with
+        # the authentication: from memory on the event loop when it can be, else in one hand-off.
+        principal, gate_known, acknowledgement = _from_memory(request)
+        if principal is None:
+            principal, acknowledgement = await run_in_threadpool(_authenticate_and_gate, request, session)
+        elif not gate_known:
+            acknowledgement = await run_in_threadpool(_gate, session, principal)
         if principal is None:
             await run_in_threadpool(_audit_denial, session, request, None, "unauthenticated", needed)
             raise AuthenticationRequired("Sign in or send API credentials.")
         if not await _csrf_ok(request, principal):
             await run_in_threadpool(_audit_denial, session, request, principal, "csrf", needed)
             raise PermissionDenied("Missing or wrong CSRF token.", code="csrf_failed")
+        if acknowledgement:  # only ever set for a caller holding phi:read_unmasked
+            principal = replace(principal, permissions=principal.permissions - {Permission.PHI_READ_UNMASKED},
+                                extra={**principal.extra, "acknowledgement_required": acknowledgement})
         missing = [p for p in needed if not principal.can(p)]
         if principal.kind == "user" and not principal.mfa_verified:
             # MFA is mandatory for every person before any permissioned route (HIPAA NPRM 2025).
@@ -145,6 +210,8 @@ def require(*permissions: Permission | str):
             await run_in_threadpool(_audit_denial, session, request, principal, "missing:" + ",".join(missing), needed)
             if missing == ["mfa"]:
                 raise PermissionDenied("Multi-factor authentication is required.", code="mfa_required")
+            if acknowledgement and missing == [Permission.PHI_READ_UNMASKED.value]:
+                raise PermissionDenied(acknowledgement, code="acknowledgement_required")
             raise PermissionDenied("You do not have permission to do this.")
         session.info.pop("scope", None)
         session.info["org_id"] = principal.org_id
@@ -157,6 +224,7 @@ def require(*permissions: Permission | str):
 
 def authenticated():
     """Dependency: any signed-in caller, MFA not yet required (MFA enrollment, logout)."""
+    from fastapi import Depends
 
     async def dependency(request: Request, session: Session = Depends(db_session)) -> Principal:
         principal = await run_in_threadpool(_authenticate, request, session)

@@ -49,7 +49,7 @@ from sqlalchemy.orm import Session
 from carepost.accounts.access import Principal, request_context
 from carepost.accounts.models import ApiCredential, OAuthToken, Organization, RequestNonce
 from carepost.accounts.permissions import API_SCOPES, OWNER_ONLY_SCOPES
-from carepost.accounts.ratelimit import enforce, redis_client
+from carepost.accounts.ratelimit import enforce, limiter_in_process, redis_client
 from carepost.accounts.ports import record
 from carepost.core import clock
 from carepost.core.config import get_settings
@@ -511,6 +511,39 @@ def principal_from_authorization(request, session: Session, *, count_request: bo
             session.commit()
         if auth.method in ("api_key", "basic"):
             _remember_verified(cred)
+    return _principal_of(auth, count_request)
+
+
+def principal_from_memory(request, *, count_request: bool = True) -> Principal | None:
+    """:func:`principal_from_authorization` for a Bearer or Basic key pair this process verified
+    less than VERIFIED_KEY_SECONDS ago (the remembered copy, see "verified keys" above), decided
+    without the database and without blocking: the caller may run it on the event loop instead
+    of handing the request to the thread pool (issue 11 item 6).
+
+    None means "ask the database": another scheme, an OAuth token, no usable remembered copy
+    (unknown, expired copy, revoked or suspended, last use due), a malformed or wrong secret, or
+    a rate limit kept in Redis (a network round trip). Failures are therefore never decided here:
+    the caller runs :func:`principal_from_authorization`, which checks and audits them. Raises
+    :class:`RateLimited` exactly as it does (the request counted once, here)."""
+    header = request.headers.get("authorization", "")
+    scheme, _, rest = header.strip().partition(" ")
+    method = scheme.lower()
+    try:
+        if method == "bearer":
+            auth = _authenticate_bearer(None, rest.strip(), memory_only=True)
+        elif method == "basic":
+            auth = _authenticate_basic(None, rest.strip(), memory_only=True)
+        else:
+            return None
+    except (_Failure, _NeedsDatabase):
+        return None
+    if count_request and not limiter_in_process():
+        return None
+    return _principal_of(auth, count_request)
+
+
+def _principal_of(auth: _Authenticated, count_request: bool) -> Principal:
+    cred = auth.cred
     settings = get_settings()
     limit = cred.rate_limit_per_minute or settings.rate_limit_per_minute
     principal = Principal(
@@ -562,28 +595,36 @@ def _usable(cred: ApiCredential | None, secret_ok: bool) -> ApiCredential:
     return cred
 
 
-def _key_pair(session: Session, key_id: str, secret: str) -> _Authenticated:
+class _NeedsDatabase(Exception):
+    """Raised with ``memory_only``: the answer is not in this process's memory."""
+
+
+def _key_pair(session: Session | None, key_id: str, secret: str, *, memory_only: bool = False) -> _Authenticated:
     if not _KEY_ID_RE.match(key_id) or not _SECRET_RE.match(secret):
         raise _Failure("malformed")
     copy = _recall_verified(key_id, secret)
     if copy is not None:
         return _Authenticated(copy, "api_key", list(copy.scopes), cached=True)
+    if memory_only:
+        raise _NeedsDatabase()
     begin_read(session)  # a look-up: no write lock (the last-use write, when due, is its own transaction)
     cred = _find_by_key_id(session, key_id)
     cred = _usable(cred, _check_secret(cred, secret))
     return _Authenticated(cred, "api_key", list(cred.scopes or []))
 
 
-def _authenticate_bearer(session: Session, token: str) -> _Authenticated:
+def _authenticate_bearer(session: Session | None, token: str, *, memory_only: bool = False) -> _Authenticated:
     if token.startswith(ACCESS_TOKEN_PREFIX):
+        if memory_only:
+            raise _NeedsDatabase()
         return _authenticate_access_token(session, token)
     key_id, dot, secret = token.partition(".")
     if not dot:
         raise _Failure("malformed")
-    return _key_pair(session, key_id, secret)
+    return _key_pair(session, key_id, secret, memory_only=memory_only)
 
 
-def _authenticate_basic(session: Session, value: str) -> _Authenticated:
+def _authenticate_basic(session: Session | None, value: str, *, memory_only: bool = False) -> _Authenticated:
     try:
         decoded = base64.b64decode(value.encode("ascii"), validate=True).decode("utf-8")
     except (binascii.Error, UnicodeError, ValueError):
@@ -591,7 +632,7 @@ def _authenticate_basic(session: Session, value: str) -> _Authenticated:
     key_id, colon, secret = decoded.partition(":")
     if not colon:
         raise _Failure("malformed")
-    auth = _key_pair(session, key_id, secret)
+    auth = _key_pair(session, key_id, secret, memory_only=memory_only)
     auth.method = "basic"
     return auth
 

@@ -157,6 +157,12 @@ def get_limiter() -> Limiter:
     return limiter
 
 
+def limiter_in_process() -> bool:
+    """Is a hit counted in this process's memory (no Redis round trip)? Then it may be counted on
+    the event loop (``credentials.principal_from_memory``)."""
+    return isinstance(get_limiter(), InProcessLimiter)
+
+
 def reset_limiter() -> None:
     """Forget the chosen backend and the in-process windows (tests change the configuration)."""
     global _limiter, _limiter_url

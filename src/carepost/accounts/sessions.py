@@ -26,11 +26,11 @@ import secrets
 from datetime import datetime, timedelta
 from math import ceil
 
-from fastapi import Request
-from fastapi.responses import Response
 from sqlalchemy import Integer, String, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
+from starlette.requests import Request
+from starlette.responses import Response
 
 from carepost.accounts.access import Principal, request_context
 from carepost.accounts.models import Membership, Organization, User, WebSession

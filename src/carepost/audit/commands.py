@@ -93,6 +93,11 @@ def run_verify(org_ref: str | None, checkpoint_files: list[Path], out: Console, 
         table.add_row(labels.get(c.chain, c.chain), str(c.events), "-" if c.head_seq is None else str(c.head_seq), cps, verdict)
     out.print(table)
     for c in report.chains:
+        if c.anchor:
+            signature = "signature valid" if c.anchor.get("signature_valid") else "signature NOT valid"
+            out.print(f"{labels.get(c.chain, c.chain)}: starts after seq {c.anchor['seq']} ({c.anchor['removed']} oldest "
+                      f"event(s) removed by retention, the last from {c.anchor['occurred_at']}; signed anchor, "
+                      f"{signature}, state {c.anchor.get('state', 'valid')})")
         for warning in c.warnings:
             out.print(f"[yellow]warning[/yellow] {labels.get(c.chain, c.chain)}: {warning}")
     if not report.chains:

@@ -90,3 +90,27 @@ class Disclosure(OrgScoped, Base):
     purpose_enc: Mapped[bytes] = mapped_column(LargeBinary)
     recorded_by: Mapped[str | None] = mapped_column(String(64))
     recorded_at: Mapped[datetime] = mapped_column(default=clock.now)
+
+
+class AuditChainAnchor(Base):
+    """Where a chain starts after its oldest events were removed under a retention schedule
+    (issue 16 item 1; 45 CFR 164.316(b)(2) keeps audit documentation six years, not forever).
+
+    A hash chain can only lose events from its start without breaking: ``seq``/``hash`` name the
+    last removed event, so the first remaining event must be ``seq + 1`` and link to ``hash``.
+    ``mac`` is an HMAC under a key derived from the chain's audit key for this one purpose (not
+    the checkpoint key: a checkpoint of the head must never pass for an anchor), so without the
+    master key an anchor can be neither forged nor moved forward over events deleted by hand.
+    Updated in the same transaction as the deletes it covers; only ever moves forward."""
+
+    __tablename__ = "audit_chain_anchors"
+
+    chain: Mapped[str] = mapped_column(String(32), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    hash: Mapped[str] = mapped_column(String(64))
+    event_id: Mapped[str] = mapped_column(String(32))
+    occurred_at: Mapped[str] = mapped_column(String(32))  # the removed event's time, as the hash covers it
+    removed: Mapped[int] = mapped_column(Integer, default=0)  # events removed from this chain so far
+    written_at: Mapped[str] = mapped_column(String(32))
+    key_version: Mapped[int] = mapped_column(Integer)
+    mac: Mapped[str] = mapped_column(String(64))

@@ -34,7 +34,7 @@ class AuditEventPage(BaseModel):
 class VerifyProblemOut(BaseModel):
     kind: str = Field(
         description="missing | duplicate | altered | reordered | inserted | broken_link | head_mismatch | truncated | "
-        "checkpoint_mismatch | checkpoint_invalid | key_missing | key_unavailable"
+        "checkpoint_mismatch | checkpoint_invalid | key_missing | key_unavailable | anchor_invalid"
     )
     chain: str
     seq: int | None
@@ -49,6 +49,17 @@ class VerifyCheckpointOut(BaseModel):
     status: str
 
 
+class VerifyAnchorOut(BaseModel):
+    seq: int = Field(description="The last event a retention purge removed: the chain starts at seq + 1.")
+    event_id: str
+    occurred_at: str
+    removed: int = Field(description="Events removed from the chain's start so far.")
+    written_at: str
+    signature_valid: bool = Field(description="Whether the anchor's MAC (under the chain's audit key) is valid.")
+    state: str = Field(description="valid | anchor_invalid (written or altered without the key) | missing (the "
+                       "first remaining event is not seq + 1) | broken_link (it does not link to the anchor's hash)")
+
+
 class VerifyResultOut(BaseModel):
     ok: bool
     chain: str
@@ -56,6 +67,7 @@ class VerifyResultOut(BaseModel):
     newest_seq: int
     head_seq: int | None
     checkpoints: list[VerifyCheckpointOut]
+    anchor: VerifyAnchorOut | None = Field(None, description="Where the chain starts after a retention purge (null: at seq 1).")
     problem: VerifyProblemOut | None
     warnings: list[str]
     verified_at: str

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from sqlalchemy import event as sa_event
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import and_, bindparam, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, SessionTransaction
 
@@ -246,27 +246,59 @@ class _EventRow:
         self.__dict__.update(values)
 
 
+_GROUP_STATEMENTS: dict[str, object] = {}
+
+
+def _group_statements() -> dict[str, object]:
+    """The group commit's Core statements, built once (their values bound per execution): no
+    statement construction or cache-key walk of a new statement per group."""
+    if not _GROUP_STATEMENTS:
+        events_table, heads_table = AuditEvent.__table__, AuditChainHead.__table__
+        chain = bindparam("head_chain")
+        _GROUP_STATEMENTS.update(
+            lock=update(heads_table).where(heads_table.c.chain == chain).values(seq=heads_table.c.seq),
+            read=select(heads_table.c.seq, heads_table.c.hash).where(heads_table.c.chain == chain).with_for_update(),
+            insert=insert(events_table),
+            advance=update(heads_table).where(heads_table.c.chain == chain).values(
+                seq=bindparam("head_seq"), hash=bindparam("head_hash"), updated_at=bindparam("head_at")),
+        )
+    return _GROUP_STATEMENTS
+
+
+def _head_locked_by_select(conn) -> bool:
+    """Does ``SELECT ... FOR UPDATE`` alone lock the chain head in this transaction? On PostgreSQL
+    it takes the row lock; on SQLite a transaction begun ``IMMEDIATE`` (the default, see
+    ``core.database``) already holds the single writer lock. Otherwise (a deferred SQLite
+    transaction) the no-op ``UPDATE`` takes the lock first, as :func:`_lock_head` does."""
+    if conn.dialect.name == "postgresql":
+        return True
+    return conn.dialect.name == "sqlite" and conn.get_execution_options().get("sqlite_begin", "IMMEDIATE") == "IMMEDIATE"
+
+
 def _append_rows(session: Session, items: list[dict]) -> list[str]:
     """:func:`record_many` without ORM objects, for the read group commit (issue 11 item 6): the
-    same chain head lock (``UPDATE`` then ``SELECT ... FOR UPDATE``), the same canonical fields and
-    HMAC chain, one INSERT of all events (executemany) and one UPDATE of each chain head, and the
-    same checkpoint after commit. Returns the event ids in order."""
-    events_table, heads_table = AuditEvent.__table__, AuditChainHead.__table__
+    chain head locked (``SELECT ... FOR UPDATE``, after a no-op ``UPDATE`` where that alone would
+    not lock it), the same canonical fields and HMAC chain, one INSERT of all events (executemany)
+    and one UPDATE of each chain head, and the same checkpoint after commit. Returns the event ids
+    in order."""
+    statements = _group_statements()
     conn = session.connection()
+    select_locks = _head_locked_by_select(conn)
     heads: dict[str, list] = {}  # chain -> [seq, hash, key_version, key]
     rows: list[dict] = []
     events: list[_EventRow] = []
     for fields in items:
         chain = fields.get("org_id") or SYSTEM_CHAIN
         if chain not in heads:
-            locked = conn.execute(update(heads_table).where(heads_table.c.chain == chain)
-                                  .values(seq=heads_table.c.seq)).rowcount
-            if not locked:
+            if not select_locks and not conn.execute(statements["lock"], {"head_chain": chain}).rowcount:
                 _lock_head(session, chain)  # creates the head (rare: the chain's first event)
                 session.flush()
-            seq, hash_ = conn.execute(select(heads_table.c.seq, heads_table.c.hash)
-                                      .where(heads_table.c.chain == chain).with_for_update()).one()
-            heads[chain] = [seq, hash_, *get_keyring().named_key_version(session, chain, "audit")]
+            head_row = conn.execute(statements["read"], {"head_chain": chain}).one_or_none()
+            if head_row is None:
+                _lock_head(session, chain)  # creates the head (rare: the chain's first event)
+                session.flush()
+                head_row = conn.execute(statements["read"], {"head_chain": chain}).one()
+            heads[chain] = [head_row[0], head_row[1], *get_keyring().named_key_version(session, chain, "audit")]
         head = heads[chain]
         user_agent = fields.get("user_agent")
         target_id = fields.get("target_id")
@@ -285,19 +317,26 @@ def _append_rows(session: Session, items: list[dict]) -> list[str]:
         head[0], head[1] = values["seq"], values["hash"]
         rows.append(values)
         events.append(event)
-    conn.execute(insert(events_table), rows)
+    conn.execute(statements["insert"], rows)
     last = {}
     for event in events:
         last[event.chain] = event
     for chain, event in last.items():
-        conn.execute(update(heads_table).where(heads_table.c.chain == chain)
-                     .values(seq=event.seq, hash=event.hash, updated_at=event.occurred_at))
+        conn.execute(statements["advance"], {"head_chain": chain, "head_seq": event.seq, "head_hash": event.hash,
+                                             "head_at": event.occurred_at})
     for event in events:
         _remember_append(session, event, heads[event.chain][3])
     return [event.id for event in events]
 
 
 _appender = _GroupAppender()
+
+
+def append_many(session: Session, items: list[dict]) -> list[str]:
+    """:func:`record_many` without ORM objects — the same chain, HMACs and checkpoint, one INSERT
+    of all events — for a bulk writer that needs only the ids (a retention purge's chunk of
+    ``contact.delete`` events), in the caller's transaction. Returns the event ids in order."""
+    return _append_rows(session, items)
 
 
 def record_committed(**fields) -> str:
@@ -476,6 +515,27 @@ def record_for(session: Session, principal, request, action: str, **kwargs) -> A
 
 _PENDING = "carepost_audit_pending"  # chain -> list of appends (transaction, seq, hash, id, time, key)
 _BASE_OK = "carepost_audit_checkpoint_base"  # chain -> may this transaction advance the file?
+_HANDED_OVER = "carepost_audit_checkpoints_handed_over"  # a list: the caller writes them (see below)
+
+
+def hand_over_checkpoints(session: Session, into: list) -> None:
+    """Let the caller write this session's checkpoints after its commit instead of ``after_commit``:
+    they are signed at the commit and appended to ``into``, and the caller must pass them to
+    :func:`write_checkpoints` before anything answers for the events they cover (the rule of
+    ``checkpoints``: a response is sent only once the file covers its event). The HL7 listener
+    does this so that the ``fsync`` of one group's checkpoint overlaps the next group's work while
+    that group's ACKs still wait for it."""
+    session.info[_HANDED_OVER] = into
+
+
+def write_checkpoints(signed: list) -> None:
+    """Write checkpoints handed over by :func:`hand_over_checkpoints` (in commit order; the file
+    only moves forward). Never raises: the data is committed, ``verify`` reports a stale file."""
+    for cp in signed:
+        try:
+            checkpoints.write_committed(cp)
+        except Exception as exc:  # noqa: BLE001
+            log.error("audit_checkpoint_write_failed", chain=cp.chain, error_type=type(exc).__name__)
 
 
 def _current_transaction(session: Session) -> SessionTransaction | None:
@@ -489,6 +549,10 @@ def _remember_append(session: Session, event: AuditEvent, key: bytes) -> None:
     session.info.setdefault(_PENDING, {}).setdefault(event.chain, []).append(
         (_current_transaction(session), event.seq, event.hash, event.id, _ts(event.occurred_at), key)
     )
+
+
+_STORED_HASH = select(AuditEvent.__table__.c.hash).where(AuditEvent.__table__.c.chain == bindparam("chain"),
+                                                        AuditEvent.__table__.c.seq == bindparam("seq"))
 
 
 def _file_continues_chain(session: Session, chain: str, key: bytes, first_seq: int, prev_hash: str) -> bool:
@@ -517,7 +581,10 @@ def _file_continues_chain(session: Session, chain: str, key: bytes, first_seq: i
     elif cp.seq >= first_seq:
         ok = False  # the file is ahead of the database: newest events were deleted
     else:
-        stored = session.scalar(select(AuditEvent.hash).where(AuditEvent.chain == chain, AuditEvent.seq == cp.seq))
+        # The file is behind the head (the HL7 listener writes a group's checkpoint while the next
+        # group appends): the event it names must still be there. A Core statement — that event
+        # was committed before the file named it, so nothing pending needs flushing first.
+        stored = session.connection().execute(_STORED_HASH, {"chain": chain, "seq": cp.seq}).scalar()
         ok = stored is not None and hmac.compare_digest(stored, cp.hash)
     if not ok:
         log.error("audit_checkpoint_diverged", chain=chain, checkpoint_seq=cp.seq, head_seq=first_seq - 1)
@@ -557,6 +624,10 @@ def _write_checkpoints(session: Session) -> None:
         _tx, seq, hash_, event_id, occurred_at, key = max(appends, key=lambda a: a[1])
         try:
             cp = checkpoints.sign(key, chain=chain, seq=seq, hash=hash_, event_id=event_id, occurred_at=occurred_at)
+            handed_over = session.info.get(_HANDED_OVER)
+            if handed_over is not None:
+                handed_over.append(cp)  # the caller writes it before answering (hand_over_checkpoints)
+                continue
             checkpoints.write_committed(cp)
         except Exception as exc:  # the data is committed: never fail the caller; verify reports a stale checkpoint
             log.error("audit_checkpoint_write_failed", chain=chain, error_type=type(exc).__name__)

@@ -11,6 +11,11 @@ For each chain, in seq order and streaming (a chain can hold millions of events)
    with ``--checkpoint``) is authentic and the chain
    still holds the event it names                      -> ``checkpoint_invalid`` / ``truncated`` /
                                                            ``checkpoint_mismatch``
+6. a chain whose oldest events a retention purge removed
+   starts at its anchor (:mod:`carepost.audit.pruning`):
+   the anchor authenticates, and the first remaining
+   event is its seq + 1 and links to its hash          -> ``anchor_invalid`` / ``missing`` /
+                                                           ``broken_link``
 
 Verification stops a chain at its first bad event and names it (chain, seq, id, what is wrong):
 everything after a break is unproven anyway.
@@ -30,7 +35,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from carepost.audit import checkpoints
+from carepost.audit import checkpoints, pruning
 from carepost.audit.checkpoints import Checkpoint
 from carepost.audit.models import AuditChainHead, AuditEvent
 from carepost.audit.service import GENESIS, event_hash
@@ -61,6 +66,7 @@ class ChainResult:
     newest_hash: str | None = None
     head_seq: int | None = None
     checkpoints: list[dict] = field(default_factory=list)
+    anchor: dict | None = None  # where the chain starts after a retention purge
     problem: Problem | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -76,6 +82,7 @@ class ChainResult:
             "newest_seq": self.newest_seq,
             "head_seq": self.head_seq,
             "checkpoints": self.checkpoints,
+            "anchor": self.anchor,
             "problem": self.problem.to_dict() if self.problem else None,
             "warnings": self.warnings,
         }
@@ -100,8 +107,14 @@ class VerifyReport:
 def begin_snapshot(session: Session) -> None:
     """Start the session's transaction as one consistent snapshot (PostgreSQL REPEATABLE READ).
 
-    SQLite transactions are snapshots already (WAL). Call before the session's first query."""
+    SQLite transactions are snapshots already (WAL). Call before the session's first query: on a
+    session whose transaction has begun the isolation level can no longer be chosen (SQLAlchemy
+    would only warn "Connection is already established" and read without the snapshot), so that
+    is refused with a ``RuntimeError`` naming the fix."""
     if session.get_bind().dialect.name == "postgresql":
+        if session.in_transaction():
+            raise RuntimeError("audit verification needs a session of its own (its transaction not begun): it "
+                               "reads the chain in one REPEATABLE READ snapshot; use read_only_session()")
         session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
 
 
@@ -177,6 +190,23 @@ def _verify_chain(session: Session, chain: str, cps: list[Checkpoint], result: C
         result.problem = Problem("key_unavailable", chain, None, None, f"the chain key cannot be unwrapped: {exc}")
         return result
 
+    # The retention anchor: the chain starts after the last event a purge removed.
+    anchor = pruning.get_anchor(session, chain)
+    start_seq, start_hash = 0, GENESIS
+    if anchor is not None:
+        # ``signature_valid``: the anchor's MAC; ``state``: valid, anchor_invalid, or — set below when
+        # the first remaining event does not continue from it — missing / broken_link.
+        result.anchor = {**pruning.anchor_dict(anchor), "signature_valid": True, "state": "valid"}
+        if not keys or not pruning.anchor_ok(keys, anchor):
+            result.anchor.update(signature_valid=False, state="anchor_invalid")
+            result.problem = Problem(
+                "anchor_invalid", chain, anchor.seq, anchor.event_id,
+                f"the retention anchor (events up to seq {anchor.seq} removed) does not authenticate: it was "
+                "written or altered without the chain's key, so the removal of the chain's start is not proven",
+            )
+            return result
+        start_seq, start_hash = anchor.seq, anchor.hash
+
     # Checkpoints first: a forged one must not be trusted for anything.
     want: dict[int, list[Checkpoint]] = {}
     entries: list[tuple[Checkpoint, dict]] = []
@@ -200,6 +230,18 @@ def _verify_chain(session: Session, chain: str, cps: list[Checkpoint], result: C
                 "or belongs to another chain or installation",
             )
             return result
+        if cp.seq <= start_seq:
+            # Its event was removed by a retention purge: only the anchor's own event can be compared.
+            if cp.seq == start_seq and not hmac.compare_digest(cp.hash, start_hash):
+                entry["status"] = "mismatch"
+                result.problem = Problem(
+                    "checkpoint_mismatch", chain, cp.seq, cp.event_id,
+                    f"the retention anchor names another event at seq {cp.seq} than the checkpoint written at "
+                    f"{cp.written_at}: the log was rewritten",
+                )
+                return result
+            entry["status"] = "removed_by_retention"
+            continue
         entry["status"] = "pending"
         want.setdefault(cp.seq, []).append(cp)
     if not cps:
@@ -218,12 +260,16 @@ def _verify_chain(session: Session, chain: str, cps: list[Checkpoint], result: C
             return result
 
     prev: AuditEvent | None = None
-    prev_hash = GENESIS
+    prev_hash = start_hash
+    result.newest_seq, result.newest_hash = start_seq, (start_hash if start_seq else None)
     for event, nxt in _with_next(_events(session, chain)):
-        expected = (prev.seq + 1) if prev else 1
-        problem = _check_event(keys.get(event.key_version or 1) if keys else None, chain, event, nxt, prev, prev_hash, expected)
+        expected = (prev.seq + 1) if prev else start_seq + 1
+        problem = _check_event(keys.get(event.key_version or 1) if keys else None, chain, event, nxt, prev, prev_hash,
+                               expected, anchored=start_seq > 0)
         if problem:
             result.problem = problem
+            if result.anchor is not None and prev is None and problem.kind in ("missing", "broken_link"):
+                result.anchor["state"] = problem.kind  # the chain does not continue from its anchor
             return result
         for cp in want.get(event.seq, []):
             if not hmac.compare_digest(cp.hash, event.hash):
@@ -270,13 +316,14 @@ def _verify_chain(session: Session, chain: str, cps: list[Checkpoint], result: C
                 f"({cp.source}) records seq {cp.seq}: events {gap} were deleted{named}",
             )
             return result
-        entry["status"] = "ok"
+        if entry["status"] == "pending":
+            entry["status"] = "ok"
     return result
 
 
 def _check_event(
     key: bytes | None, chain: str, event: AuditEvent, nxt: AuditEvent | None, prev: AuditEvent | None,
-    prev_hash: str, expected: int,
+    prev_hash: str, expected: int, anchored: bool = False,
 ) -> Problem | None:
     if event.seq > expected:
         gap = f"seq {expected}" if event.seq == expected + 1 else f"seq {expected}..{event.seq - 1}"
@@ -307,7 +354,7 @@ def _check_event(
             f"{_describe(event)} does not match its hash: its contents were altered (or it was forged)",
         )
     if not hmac.compare_digest(event.prev_hash, prev_hash):
-        before = f"seq {prev.seq}" if prev else "the start of the chain"
+        before = f"seq {prev.seq}" if prev else ("the retention anchor" if anchored else "the start of the chain")
         return Problem(
             "broken_link", chain, event.seq, event.id,
             f"{_describe(event)} does not link to {before}: an event before it was replaced or removed",

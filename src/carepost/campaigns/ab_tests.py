@@ -380,6 +380,7 @@ def results(session: Session, campaign: Campaign) -> dict | None:
                    (f"{leader['key']} leads on {metric.replace('_', ' ')}, but the difference is not significant"
                     + (f" (p = {z[1]:.3g})" if z else " (not enough data)")),
         "awaiting": counts.get(AWAITING, {}).get("recipients", 0),
+        "holdout_recipients": counts.get(HOLDOUT, {}).get("recipients", 0),
         "winner": winner, "winner_due_at": _iso(winner_due_at(session, campaign)),
         "winner_recipients": counts.get(WINNER_PREFIX + winner, zero)["recipients"] if winner else 0,
         "holdout_lift": _holdout_lift(session, campaign, counts),
@@ -465,6 +466,7 @@ def mask_small_cells(out: dict) -> dict:
             row[c] = hide(v[c])
         variants.append(row)
     masked = {**out, "variants": variants, "awaiting": hide(out["awaiting"]),
+              "holdout_recipients": hide(out.get("holdout_recipients", 0)),
               "winner_recipients": hide(out["winner_recipients"]), "masked": True}
     lift = out.get("holdout_lift")
     if lift:

@@ -13,29 +13,11 @@ from __future__ import annotations
 import time
 
 import typer
-from rich.console import Console
+
+from carepost.accounts.commands import organization_id
+from carepost.core.console import console, fail
 
 campaign_app = typer.Typer(help="Campaigns: list, show, launch with a progress bar.", no_args_is_help=True)
-console = Console()
-err = Console(stderr=True)
-
-
-
-def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {message}", soft_wrap=True, highlight=False)
-    raise typer.Exit(code)
-
-
-def _org_id(org: str) -> str:
-    from carepost.accounts.service import get_organization
-    from carepost.core.database import system_session
-    from carepost.core.errors import CarePostError
-
-    with system_session() as session:
-        try:
-            return get_organization(session, org).id
-        except CarePostError as exc:
-            _fail(exc.message)
 
 
 def operator(org_id: str):
@@ -54,12 +36,12 @@ def list_(org: str = typer.Option(..., "--org", help="Organization slug or id.")
     from carepost.core.database import org_session
     from carepost.core.errors import CarePostError
 
-    org_id = _org_id(org)
+    org_id = organization_id(org)
     with org_session(org_id) as session:
         try:
             rows = service.list_campaigns(session, org_id, status=status)
         except CarePostError as exc:
-            _fail(exc.message, 2)
+            fail(exc.message, 2)
         lines = [f"{r.id}  {r.status:<10} {r.purpose:<22} {service._iso(r.send_at) or '-':<25} "
                  f"planned {r.planned_count:<8} excluded {r.excluded_count:<8} {r.name}" for r in rows]
     for line in lines or ["no campaigns"]:
@@ -74,12 +56,12 @@ def show(campaign_id: str = typer.Argument(..., help="The campaign id."),
     from carepost.core.database import org_session
     from carepost.core.errors import CarePostError
 
-    org_id = _org_id(org)
+    org_id = organization_id(org)
     with org_session(org_id) as session:
         try:
             row = service.get_campaign(session, org_id, campaign_id)
         except CarePostError as exc:
-            _fail(exc.message, 2)
+            fail(exc.message, 2)
         data = service.campaign_dict(session, row)
         history = service.events_of(session, row)
         progress = service.progress(session, row)
@@ -150,14 +132,14 @@ def launch(campaign_id: str = typer.Argument(..., help="The campaign id."),
     from carepost.core.database import org_session
     from carepost.core.errors import CarePostError
 
-    org_id = _org_id(org)
+    org_id = organization_id(org)
     principal = operator(org_id)
     with org_session(org_id) as session:
         try:
             row = service.launch(session, service.get_campaign(session, org_id, campaign_id), principal)
         except CarePostError as exc:
             session.rollback()
-            _fail(exc.message, 2)
+            fail(exc.message, 2)
         record(session, org_id=org_id, actor_type="system", actor_id="cli", action="campaign.launched",
                target_type="campaign", target_id=row.id, details={"status": row.status})
         session.commit()
@@ -171,4 +153,4 @@ def launch(campaign_id: str = typer.Argument(..., help="The campaign id."),
                   f"{snap['materialized']}, sent {snap['sent']}, other outcomes {snap['finished'] - snap['sent']} "
                   f"({', '.join(f'{k} {v}' for k, v in sorted(snap['messages'].items())) or 'none'})", highlight=False)
     if not _all_out(snap):
-        _fail(f"still {snap['status']} after {timeout:.0f} s (is a worker running?)", 3)
+        fail(f"still {snap['status']} after {timeout:.0f} s (is a worker running?)", 3)

@@ -1,11 +1,14 @@
 """Web UI of campaigns (issue 14 item 7): the list and calendar, the wizard, the approval inbox,
 the campaign page with its report.
 
-* **List and calendar** (``campaigns:read``): the organization's campaigns and the sends of a date
-  range, with the calendar's overlap warnings (``service.calendar``: set-wise, small counts shown
-  as "fewer than 11" without ``phi:read_unmasked``).
+* **List and calendar** (``campaigns:read``): the organization's campaigns and a month of weeks by
+  days in the organization's time zone — campaigns and (through :func:`register_calendar_source`,
+  filled by the composition root) the journeys' scheduled sends on their days —, with the
+  calendar's overlap warnings (``service.calendar``: set-wise, small counts shown as "fewer than
+  11" without ``phi:read_unmasked``); a list of the days on narrow screens.
 * **Wizard** (``campaigns:manage``): audience (segment and exclusion segments, a live recipient
-  count from the segments service) -> content (template version, sender, A/B test; a preview as a
+  count from the segments service) -> content (template version, sender, an A/B/n test of 2-10
+  variant rows — subject, template version, send delay —; a preview as a
   chosen contact of the audience in desktop and phone widths through content's ``preview``,
   audited and masked per permission) -> schedule (now, at a time, at a local time in each
   recipient's zone; throttles; the quiet-hours note) -> review (the draft is saved; the pre-launch
@@ -26,6 +29,8 @@ that hold one carry content's preview CSP (inline styles, nothing from another h
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from datetime import date, datetime, timedelta
 from types import SimpleNamespace
 
@@ -54,11 +59,24 @@ STEPS = {1: "Audience", 2: "Content", 3: "Schedule", 4: "Review"}
 STEP_FIELDS = {
     1: ("name", "purpose", "topic_id", "segment_id", "exclusion_segment_ids", "remuneration", "refill_drug"),
     2: ("template_version_id", "sending_domain_id", "from_address", "from_name", "security", "track_opens",
-        "track_clicks", "ab_test", "ab_subject_b", "ab_holdout", "ab_test_fraction", "ab_metric", "ab_winner_after_hours"),
+        "track_clicks", "ab_test", "ab_enabled", "ab_variants", "ab_holdout", "ab_test_fraction", "ab_metric",
+        "ab_winner_after_hours"),
     3: ("schedule_kind", "send_at", "local_time", "local_date", "time_zone", "throttle_per_hour",
         "throttle_per_domain_per_hour"),
 }
 FIELD_STEP = {f: step for step, fields in STEP_FIELDS.items() for f in fields}
+# One row per A/B/n variant, posted as ab_v<i>_<setting> (i = 0..9; the variant's key is its letter).
+AB_ROW = re.compile(r"^ab_v(\d)_(subject|template_version_id|send_offset_minutes)$")
+AB_SETTINGS = ("subject", "template_version_id", "send_offset_minutes")
+AB_KEYS = "ABCDEFGHIJ"
+AB_MIN_ROWS = 2
+
+
+def _step_of(field: str, default: int = 1) -> int:
+    """The wizard step that owns a form field (a variant row's fields are on the content step)."""
+    if field in FIELD_STEP:
+        return FIELD_STEP[field]
+    return 2 if AB_ROW.match(field) else default
 FORM_FIELDS = [f for fields in STEP_FIELDS.values() for f in fields]
 AB_METRICS = {"human_opens": "Human opens", "human_clicks": "Human clicks", "conversions": "Conversions"}
 SECURITY_MODES = {"": "The organization's mode", "opportunistic": "Opportunistic TLS",
@@ -97,43 +115,116 @@ def _reason(code: str) -> str:
 
 # --------------------------------------------------------------------------- list and calendar
 
-def _parse_day(value: str | None, name: str, errors: dict) -> date | None:
-    if not value:
-        return None
+# Scheduled sends of other capabilities on the calendar (journeys): the composition root registers
+# fn(session, principal, start, end, time_zone) -> [{"day", "kind", "label", "count", "link"}].
+CalendarSource = Callable[..., list[dict]]
+_CALENDAR_SOURCES: dict[str, CalendarSource] = {}
+WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+
+
+def register_calendar_source(name: str, source: CalendarSource) -> None:
+    """Show another capability's scheduled sends on the campaign calendar (composition root only;
+    registering twice under one name replaces)."""
+    _CALENDAR_SOURCES[name] = source
+
+
+def _month(value: str | None, today: date, errors: dict) -> date:
+    if value:
+        try:
+            first = datetime.strptime(value, "%Y-%m").date()
+            if service.CALENDAR_FIRST <= first <= service.CALENDAR_LAST:
+                return first
+            errors["month"] = f"Enter a month from {service.CALENDAR_FIRST.year} to {service.CALENDAR_LAST.year}."
+        except ValueError:
+            errors["month"] = "Enter a month as YYYY-MM."
+    return today.replace(day=1)
+
+
+def _add_months(first: date, n: int) -> date:
+    index = first.year * 12 + first.month - 1 + n
+    return date(index // 12, index % 12 + 1, 1)
+
+
+def _org_zone(session, org_id: str) -> str:
+    from zoneinfo import ZoneInfo
+
+    from carepost.consent import service as consent
+
+    name = consent.consent_settings(session, org_id).get("default_time_zone") or "UTC"
     try:
-        return date.fromisoformat(value)
-    except ValueError:
-        errors[name] = "Enter a date as YYYY-MM-DD."
-        return None
+        ZoneInfo(name)
+    except (KeyError, ValueError):
+        return "UTC"
+    return name
 
 
 @router.get("/campaigns")
-def campaign_list(request: Request, start: str | None = Query(None, max_length=10),
-                  end: str | None = Query(None, max_length=10), status: str | None = Query(None, max_length=12),
+def campaign_list(request: Request, month: str | None = Query(None, max_length=7),
+                  overlap_days: str | None = Query(None, max_length=3), status: str | None = Query(None, max_length=12),
                   principal: Principal = Depends(require(P.CAMPAIGNS_READ))):
+    """The campaigns and the organization's calendar: a month (weeks by days, in the
+    organization's time zone) with every campaign and scheduled journey send on its day, and the
+    overlap warnings; on a narrow screen the same month as a list of days (CSS)."""
+    from zoneinfo import ZoneInfo
+
+    from carepost.segments.service import present_count
+
     session = request.state.db
     errors: dict[str, str] = {}
-    today = clock.now().date()
-    d_start = _parse_day(start, "start", errors) or today - timedelta(days=7)
-    d_end = _parse_day(end, "end", errors) or d_start + timedelta(days=37)
+    zone = _org_zone(session, principal.org_id)
+    today = clock.now().astimezone(ZoneInfo(zone)).date()
+    first = _month(month, today, errors)
+    last = _add_months(first, 1) - timedelta(days=1)
+    days_n = None
+    if overlap_days:
+        try:
+            days_n = int(overlap_days)
+        except ValueError:
+            errors["overlap_days"] = "Enter a number of days from 0 to 90."
     try:
         rows = service.list_campaigns(session, principal.org_id, status=status or None)
     except CarePostError as exc:
         errors[exc.field or "status"] = exc.message
         rows = service.list_campaigns(session, principal.org_id)
     try:
-        cal = service.calendar(session, principal.org_id, d_start, d_end, principal)
+        cal = service.calendar(session, principal.org_id, first, last, principal, overlap_days=days_n, time_zone=zone)
     except CarePostError as exc:
-        errors[exc.field or "start"] = exc.message
-        cal = {"campaigns": [], "overlaps": [], "overlap_days": None}
+        errors[exc.field or "month"] = exc.message
+        session.rollback()
+        cal = service.calendar(session, principal.org_id, first, last, principal, time_zone=zone)
+    actor = _actor(principal)
+    sends = []
+    for source in _CALENDAR_SOURCES.values():
+        for entry in source(session, principal, first, last, zone):
+            sends.append({**entry, "shown": present_count(entry["count"], actor)})
     session.commit()  # the calendar may audit sensitive counts
-    days: dict[str, list[dict]] = {}
+    overlapping = {cid for w in cal["overlaps"] for cid in w["campaigns"]}
+    by_day: dict[str, dict] = {}
     for c in cal["campaigns"]:
-        days.setdefault(c["send_at"][:10], []).append(c)
+        by_day.setdefault(c["day"], {"campaigns": [], "sends": []})["campaigns"].append(
+            {**c, "overlap": c["id"] in overlapping})
+    for e in sends:
+        by_day.setdefault(e["day"], {"campaigns": [], "sends": []})["sends"].append(e)
+    grid_start = first - timedelta(days=first.weekday())
+    grid_end = last + timedelta(days=6 - last.weekday())
+    weeks, d = [], grid_start
+    while d <= grid_end:
+        week = []
+        for _ in range(7):
+            week.append({"date": d, "iso": d.isoformat(), "in_month": d.month == first.month, "today": d == today,
+                         **by_day.get(d.isoformat(), {"campaigns": [], "sends": []})})
+            d += timedelta(days=1)
+        weeks.append(week)
+    listed = [cell for week in weeks for cell in week if cell["in_month"] and (cell["campaigns"] or cell["sends"])]
+    prev, nxt = _add_months(first, -1), _add_months(first, 1)
     return render(request, "campaigns/list.html", {
-        "campaigns": [service.campaign_dict(session, r) for r in rows], "calendar": cal,
-        "days": sorted(days.items()), "form": {"start": d_start.isoformat(), "end": d_end.isoformat(),
-                                               "status": status or ""},
+        "campaigns": [service.campaign_dict(session, r) for r in rows], "calendar": cal, "weeks": weeks,
+        "listed": listed, "weekdays": WEEKDAYS, "time_zone": zone,
+        "month": {"value": first.strftime("%Y-%m"), "label": first.strftime("%B %Y"),
+                  "prev": prev.strftime("%Y-%m"), "prev_label": prev.strftime("%B %Y"),
+                  "next": nxt.strftime("%Y-%m"), "next_label": nxt.strftime("%B %Y"),
+                  "this": today.strftime("%Y-%m")},
+        "form": {"month": first.strftime("%Y-%m"), "overlap_days": overlap_days or "", "status": status or ""},
         "errors": errors, "statuses": service.CAMPAIGN_STATUSES, "can_manage": principal.can(P.CAMPAIGNS_MANAGE),
         "can_approve": principal.can(P.CAMPAIGNS_APPROVE),
     }, status_code=422 if errors else 200)
@@ -191,8 +282,11 @@ def _form_of(row, session) -> dict:
         form["send_at"] = clock.aware(row.send_at).astimezone(zone).strftime("%Y-%m-%dT%H:%M")
     form["local_date"] = row.local_date.isoformat() if row.local_date else ""
     ab = row.ab_test or {}
-    variants = [v for v in ab.get("variants") or [] if isinstance(v, dict)]
-    form["ab_subject_b"] = next((v.get("subject") or "" for v in variants if v.get("key") == "B"), "")
+    variants = [v if isinstance(v, dict) else {"key": str(v)} for v in ab.get("variants") or []]
+    form["ab_enabled"] = "true" if variants else ""
+    for i, v in enumerate(variants[:len(AB_KEYS)]):
+        for name in AB_SETTINGS:
+            form[f"ab_v{i}_{name}"] = "" if v.get(name) is None else str(v[name])
     form["ab_holdout"] = _pct(ab.get("holdout"))
     form["ab_test_fraction"] = _pct(ab.get("test_fraction"))
     form["ab_metric"] = ab.get("metric") or "human_opens"
@@ -210,7 +304,7 @@ DEFAULT_FORM = {"purpose": "marketing", "remuneration": "none", "schedule_kind":
 
 async def _read_form(request: Request) -> dict:
     raw = await request.form()
-    form = {k: v.strip() if k not in ("name", "from_name", "ab_subject_b") else v
+    form = {k: v.strip() if k not in ("name", "from_name") else v
             for k, v in raw.items() if isinstance(v, str) and k != "exclusion_segment_ids"}
     form["exclusion_segment_ids"] = [v for v in raw.getlist("exclusion_segment_ids") if isinstance(v, str) and v]
     return form
@@ -275,12 +369,28 @@ def _values(form: dict, errors: dict) -> dict:
             errors["local_date"] = "Enter a date as YYYY-MM-DD."
     if kind != "local":
         out["local_time"] = None
-    subject_b = (form.get("ab_subject_b") or "").strip()
     holdout, test_fraction = fraction("ab_holdout"), fraction("ab_test_fraction")
     hours = whole("ab_winner_after_hours")
-    if subject_b:
-        ab = {"variants": [{"key": "A"}, {"key": "B", "subject": subject_b}],
-              "metric": opt("ab_metric") if opt("ab_metric") in AB_METRICS else "human_opens"}
+    if form.get("ab_enabled") == "true":
+        variants = []
+        for i, row in enumerate(ab_rows(form)):
+            v: dict = {"key": AB_KEYS[i]}
+            if row["subject"].strip():
+                v["subject"] = row["subject"].strip()
+            if row["template_version_id"]:
+                v["template_version_id"] = row["template_version_id"]
+            if row["send_offset_minutes"]:
+                try:
+                    v["send_offset_minutes"] = int(row["send_offset_minutes"])
+                except ValueError:
+                    errors[f"ab_v{i}_send_offset_minutes"] = "Enter a whole number of minutes from 0 to 10080."
+            variants.append(v)
+        if len(variants) < AB_MIN_ROWS:
+            errors["ab_variants"] = "An A/B/n test has at least two variants."
+        elif len({tuple((k, v.get(k)) for k in AB_SETTINGS) for v in variants}) < len(variants):
+            errors["ab_variants"] = ("Two variants are the same: give each its own subject, template version or "
+                                     "send time.")
+        ab = {"variants": variants, "metric": opt("ab_metric") if opt("ab_metric") in AB_METRICS else "human_opens"}
         if holdout:
             ab["holdout"] = holdout
         if test_fraction:
@@ -288,28 +398,41 @@ def _values(form: dict, errors: dict) -> dict:
         if hours is not None:
             ab["winner_after_hours"] = hours
         out["ab_test"] = ab
-    elif holdout or test_fraction:
-        errors["ab_subject_b"] = "An A/B test needs the subject of variant B."
     return out
+
+
+def ab_rows(form: dict, *, minimum: int = 0) -> list[dict]:
+    """The variant rows of the form, in order (rows 0..highest posted; a gap is an empty row)."""
+    found = {int(m.group(1)) for k in form if (m := AB_ROW.match(k))}
+    count = max(minimum, max(found) + 1 if found else 0)
+    return [{"key": AB_KEYS[i], **{name: (form.get(f"ab_v{i}_{name}") or "") for name in AB_SETTINGS}}
+            for i in range(min(count, len(AB_KEYS)))]
 
 
 AB_FIELDS = {"ab_test.holdout": "ab_holdout", "ab_test.test_fraction": "ab_test_fraction",
              "ab_test.metric": "ab_metric", "ab_test.winner_after_hours": "ab_winner_after_hours"}
 
 
+AB_VARIANT_ERROR = re.compile(r"^ab_test\.variants\[(\d)\]\.(subject|template_version_id|send_offset_minutes)$")
+
+
 def _field_of(loc) -> str:
     """The wizard's form field of a service or schema error (``exclusion_segment_ids[1]`` ->
-    ``exclusion_segment_ids``; ``ab_test.holdout`` -> ``ab_holdout``)."""
+    ``exclusion_segment_ids``; ``ab_test.holdout`` -> ``ab_holdout``;
+    ``ab_test.variants[2].template_version_id`` -> ``ab_v2_template_version_id``)."""
     field = str(loc[0]) if loc else "campaign"
     if field.startswith("ab_test."):
-        return AB_FIELDS.get(field, "ab_subject_b" if field.startswith("ab_test.variants") else "ab_test")
+        m = AB_VARIANT_ERROR.match(field)
+        if m:
+            return f"ab_v{m.group(1)}_{m.group(2)}"
+        return AB_FIELDS.get(field, "ab_variants" if field.startswith("ab_test.variants") else "ab_test")
     return field.split("[", 1)[0]
 
 
 def _check(session, principal: Principal, values: dict, upto: int, errors: dict) -> None:
     """Errors of the fields of steps 1..``upto`` (the service's checks, nothing kept)."""
     if errors:
-        errors_now = {f: m for f, m in errors.items() if FIELD_STEP.get(f, 99) <= upto}
+        errors_now = {f: m for f, m in errors.items() if _step_of(f, 99) <= upto}
         errors.clear()
         errors.update(errors_now)
         if errors:
@@ -319,7 +442,7 @@ def _check(session, principal: Principal, values: dict, upto: int, errors: dict)
     except ValidationError as exc:
         for e in exc.errors():
             field = _field_of(e["loc"])
-            if FIELD_STEP.get(field, 99) <= upto:
+            if _step_of(field, 99) <= upto:
                 empty = values.get(field) in (None, "", [])
                 errors.setdefault(field, ("Choose one from the list." if field.endswith("_id") else "Enter a value.")
                                   if empty else e["msg"])
@@ -332,7 +455,7 @@ def _check(session, principal: Principal, values: dict, upto: int, errors: dict)
         service.create_campaign(session, principal.org_id, dry, principal)
     except CarePostError as exc:
         field = _field_of([exc.field or "campaign"])
-        if FIELD_STEP.get(field, 1) <= upto:
+        if _step_of(field, 1) <= upto:
             errors[field] = exc.message
     finally:
         session.rollback()
@@ -343,7 +466,10 @@ def _wizard(request: Request, principal: Principal, form: dict, step: int, error
     session = request.state.db
     ctx = {"form": form, "step": step, "steps": STEPS, "errors": errors or {}, "campaign": campaign,
            "action": f"/app/campaigns/{campaign.id}/edit" if campaign is not None else "/app/campaigns/new",
-           "carry": [f for f in FORM_FIELDS if FIELD_STEP[f] != step and f != "exclusion_segment_ids"],
+           "carry": [f for f in FORM_FIELDS if FIELD_STEP[f] != step and f != "exclusion_segment_ids"]
+           + ([f"ab_v{i}_{name}" for i in range(len(ab_rows(form))) for name in AB_SETTINGS] if step != 2 else []),
+           "ab_rows": ab_rows(form, minimum=AB_MIN_ROWS), "ab_max": len(AB_KEYS),
+           "ab_open": form.get("ab_enabled") == "true" or any(f.startswith("ab_") for f in errors or {}),
            **_choices(session, principal, request)}
     if step == 2:
         ctx["preview_contacts"] = _preview_contacts(request, principal, form)
@@ -374,6 +500,24 @@ def _preview_contacts(request: Request, principal: Principal, form: dict) -> lis
     return out
 
 
+def _variant_rows_changed(form: dict, go: str) -> dict:
+    """The form with a variant row added or removed (the wizard without its script: a round trip)."""
+    rows = ab_rows(form, minimum=AB_MIN_ROWS)
+    if go == "add_variant" and len(rows) < len(AB_KEYS):
+        rows.append({name: "" for name in AB_SETTINGS})
+    elif go.startswith("remove_variant:") and len(rows) > AB_MIN_ROWS:
+        try:
+            del rows[int(go.split(":", 1)[1])]
+        except (ValueError, IndexError):
+            pass
+    out = {k: v for k, v in form.items() if not AB_ROW.match(k)}
+    for i, row in enumerate(rows):
+        for name in AB_SETTINGS:
+            out[f"ab_v{i}_{name}"] = row[name]
+    out["ab_enabled"] = "true"
+    return out
+
+
 @router.get("/campaigns/new")
 def wizard_new(request: Request, principal: Principal = Depends(require(P.CAMPAIGNS_MANAGE))):
     return _wizard(request, principal, dict(DEFAULT_FORM), 1)
@@ -398,13 +542,15 @@ async def _wizard_post(request: Request, principal: Principal, campaign_id: str 
             step = 1
         if form.get("go") == "back":
             return _wizard(request, principal, form, max(1, step - 1), campaign=row)
+        if step == 2 and (form.get("go") or "").startswith(("add_variant", "remove_variant:")):
+            return _wizard(request, principal, _variant_rows_changed(form, form["go"]), 2, campaign=row)
         errors: dict[str, str] = {}
         values = _values(form, errors)
         _check(session, principal, values, step, errors)
         if row is not None:
             row = service.get_campaign(session, principal.org_id, campaign_id)
         if errors:
-            first = min(FIELD_STEP.get(f, 1) for f in errors)
+            first = min(_step_of(f) for f in errors)
             return _wizard(request, principal, form, first, errors, campaign=row, status=422)
         if step < 3:
             return _wizard(request, principal, form, step + 1, campaign=row)
@@ -422,7 +568,7 @@ async def _wizard_post(request: Request, principal: Principal, campaign_id: str 
             session.rollback()
             field = _field_of([exc.field or "name"])
             row = service.get_campaign(session, principal.org_id, campaign_id) if campaign_id else None
-            return _wizard(request, principal, form, FIELD_STEP.get(field, 1), {field: exc.message}, campaign=row,
+            return _wizard(request, principal, form, _step_of(field), {field: exc.message}, campaign=row,
                            status=409 if exc.status_code == 409 else 422)
         session.commit()
         return RedirectResponse(f"/app/campaigns/{row.id}/review", status_code=303)
@@ -582,15 +728,39 @@ def _ab_results(session, principal: Principal, row) -> dict | None:
         return None
     actor = _actor(principal)
     metric = out["metric"]
+    settings = {v.get("key"): v for v in row.ab_test.get("variants") or [] if isinstance(v, dict)}
+    versions: dict[str, str] = {}
     rows = []
     for v in out["variants"]:
         hidden = not actor.unmasked and 0 < v[metric] < SMALL_CELL
         ci = v.get(f"{metric}_ci95")
         rows.append({"key": v["key"], "recipients": present_count(v["recipients"], actor),
                      "sent": present_count(v["sent"], actor), "count": present_count(v[metric], actor),
-                     "rate": None if hidden else v.get(f"{metric}_rate"), "ci": None if hidden else ci})
+                     "rate": None if hidden else v.get(f"{metric}_rate"), "ci": None if hidden else ci,
+                     "differs": _variant_differs(session, principal, settings.get(v["key"]) or {}, versions)})
     return {**out, "rows": rows, "metric_label": AB_METRICS.get(metric, metric),
-            "awaiting": present_count(out["awaiting"], actor)}
+            "awaiting": present_count(out["awaiting"], actor),
+            "holdout_recipients": present_count(out.get("holdout_recipients", 0), actor)}
+
+
+def _variant_differs(session, principal: Principal, v: dict, versions: dict) -> str:
+    """What a variant changes, in words: its subject, template version and send delay."""
+    from carepost.content import service as content
+
+    parts = []
+    if v.get("subject"):
+        parts.append(f"subject “{v['subject']}”")
+    vid = v.get("template_version_id")
+    if vid:
+        if vid not in versions:
+            try:
+                versions[vid] = f"version {content.get_version_by_id(session, principal.org_id, vid).version}"
+            except (NotFound, CarePostError):
+                versions[vid] = "(missing version)"
+        parts.append(versions[vid])
+    if v.get("send_offset_minutes"):
+        parts.append(f"sent {v['send_offset_minutes']} min later")
+    return ", ".join(parts) or "the campaign's subject, version and time"
 
 
 def _campaign_page(request: Request, principal: Principal, row, error: dict | None = None, status: int = 200,

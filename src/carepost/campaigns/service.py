@@ -656,8 +656,10 @@ def progress(session: Session, row: Campaign) -> dict:
 
 # --------------------------------------------------------------------------- calendar
 
-def calendar(session: Session, org_id: str, start: date, end: date, principal, *, overlap_days: int | None = None) -> dict:
-    """Campaigns whose send falls in [start, end] (UTC days), and a warning for each pair that
+def calendar(session: Session, org_id: str, start: date, end: date, principal, *, overlap_days: int | None = None,
+             time_zone: str | None = None) -> dict:
+    """Campaigns whose send falls on a day in [start, end] — days of ``time_zone`` (UTC by
+    default; a local-time send is on its ``local_date``) —, and a warning for each pair that
     reaches the same patients within ``overlap_days`` (the organization's setting by default).
 
     Overlap is counted in SQL, one statement per pair: two planned campaigns by joining their
@@ -676,16 +678,28 @@ def calendar(session: Session, org_id: str, start: date, end: date, principal, *
     if (end - start).days > 366:
         raise ValidationFailed("Ask for at most a year at a time.", field="end")
     days = campaign_settings(session, org_id)["overlap_days"] if overlap_days is None else overlap_days
-    if not isinstance(days, int) or not 0 <= days <= 90:
+    if isinstance(days, bool) or not isinstance(days, int) or not 0 <= days <= 90:
         raise ValidationFailed("Enter a number of days from 0 to 90.", field="overlap_days")
-    lo = datetime.combine(start, time.min).replace(tzinfo=ZoneInfo("UTC"))
-    hi = datetime.combine(end + timedelta(days=1), time.min).replace(tzinfo=ZoneInfo("UTC"))
+    try:
+        zone = ZoneInfo(time_zone or "UTC")
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValidationFailed("Unknown time zone.", field="time_zone") from None
+    utc = ZoneInfo("UTC")  # SQLite keeps the wall time of what it is given: compare in UTC
+    lo = datetime.combine(start, time.min).replace(tzinfo=zone).astimezone(utc)
+    hi = datetime.combine(end + timedelta(days=1), time.min).replace(tzinfo=zone).astimezone(utc)
+    margin = timedelta(days=days + 1)  # a local-time send is stored at its earliest instant (UTC+14)
     rows = list(session.scalars(
         select(Campaign).where(Campaign.org_id == org_id, Campaign.send_at.is_not(None),
                                Campaign.status.not_in(("cancelled", "rejected")),
-                               Campaign.send_at >= lo - timedelta(days=days), Campaign.send_at < hi + timedelta(days=days))
+                               Campaign.send_at >= lo - margin, Campaign.send_at < hi + margin)
         .order_by(Campaign.send_at, Campaign.id)))
-    shown = [r for r in rows if lo <= clock.aware(r.send_at) < hi]
+
+    def day_of(r: Campaign) -> date:
+        if r.schedule_kind == "local" and r.local_date:
+            return r.local_date
+        return clock.aware(r.send_at).astimezone(zone).date()
+
+    shown = [r for r in rows if start <= day_of(r) <= end]
     actor = _segment_actor(principal)
     unmasked = actor.unmasked
     planned = {cid for (cid,) in session.execute(
@@ -745,7 +759,11 @@ def calendar(session: Session, org_id: str, start: date, end: date, principal, *
                 warning["overlap"] = present_count(n, actor)
             warnings.append(warning)
     return {"start": start.isoformat(), "end": end.isoformat(), "overlap_days": days,
+            "time_zone": zone.key,
             "campaigns": [{"id": r.id, "name": r.name, "status": r.status, "purpose": r.purpose,
-                           "send_at": _iso(r.send_at), "schedule_kind": r.schedule_kind, "segment_id": r.segment_id}
+                           "send_at": _iso(r.send_at), "schedule_kind": r.schedule_kind, "segment_id": r.segment_id,
+                           "day": day_of(r).isoformat(),
+                           "time": r.local_time if r.schedule_kind == "local" and r.local_time
+                           else clock.aware(r.send_at).astimezone(zone).strftime("%H:%M")}
                           for r in shown],
             "overlaps": warnings}

@@ -195,3 +195,18 @@ def accounting_document(request: Request, request_id: str, format: Literal["json
     return JSONResponse({"request": accounting.request_dict(session, req), "period_start": acc["period_start"].isoformat(),
                          "period_end": acc["period_end"].isoformat(), "sources": acc["sources"],
                          "entries": [_entry_out(e) for e in acc["entries"]]})
+
+
+@router.post("/evidence-pack", summary="Build the signed evidence pack for an auditor (ZIP; audited)",
+             response_class=Response)
+def evidence_pack(request: Request, principal: Principal = Depends(require(P.COMPLIANCE_MANAGE))) -> Response:
+    from carepost.compliance import evidence
+
+    session = request.state.db
+    session.commit()  # on SQLite the request's session holds the write lock; the doctor's checks need it free
+    pack = evidence.build_pack(session, principal.org_id, actor_type=principal.kind, actor_id=principal.actor_id,
+                               context={"on_behalf_of": principal.on_behalf_of, **request_context(request)})
+    session.commit()
+    return Response(pack.content, media_type="application/zip", headers={
+        "Content-Disposition": f'attachment; filename="evidence-{principal.org_id}.zip"',
+        "X-Evidence-Key-Fingerprint": pack.fingerprint})

@@ -243,3 +243,19 @@ def plain_text(request: Request, request_id: str,
     _acc, text = accounting.produce(session, principal.org_id, req, actor_fields(principal, request))
     session.commit()
     return PlainTextResponse(text, headers={"Content-Disposition": f'attachment; filename="accounting-{req.id}.txt"'})
+
+
+@router.post("/evidence-pack")
+def evidence_pack(request: Request, principal: Principal = Depends(require(P.COMPLIANCE_MANAGE))):
+    """The "Build evidence pack" button: the signed ZIP, downloaded (issue 16 item 11)."""
+    from carepost.accounts.access import request_context
+    from carepost.compliance import evidence
+
+    session = request.state.db
+    session.commit()  # on SQLite the request's session holds the write lock; the doctor's checks need it free
+    pack = evidence.build_pack(session, principal.org_id, actor_type=principal.kind, actor_id=principal.actor_id,
+                               context={"on_behalf_of": principal.on_behalf_of, **request_context(request)})
+    session.commit()
+    return Response(pack.content, media_type="application/zip", headers={
+        "Content-Disposition": f'attachment; filename="evidence-{principal.org_id}.zip"',
+        "X-Evidence-Key-Fingerprint": pack.fingerprint})

@@ -797,6 +797,39 @@ def forget_contact(session: Session, org_id: str, contact_id: str, indexes: dict
                     .values(contact_id=None))
 
 
+def forget_contacts(session: Session, org_id: str, indexes_by_contact: dict[str, dict[str, list[str]]]) -> None:
+    """:func:`forget_contact` for a set of contacts at once (a retention purge's chunk): their
+    unsubscribes become address-level suppressions of every address each had, the suppressions of
+    those addresses drop their clear-text copy, their authorizations stay without a contact — one
+    query for the subscriptions and one statement for each update, whatever the set's size."""
+    from carepost.core.reindex import current_copy
+
+    ids = sorted(indexes_by_contact)
+    if not ids:
+        return
+    emails = {cid: [current_copy(session, org_id, idx) for idx in indexes.get("email", [])]
+              for cid, indexes in indexes_by_contact.items()}
+    every = sorted({idx for found in emails.values() for idx in found})
+    wanted = [(idx, row.topic_id) for row in session.scalars(
+        select(Subscription).where(Subscription.org_id == org_id, Subscription.contact_id.in_(ids),
+                                   Subscription.status == "unsubscribed").order_by(Subscription.contact_id, Subscription.id))
+        for idx in emails.get(row.contact_id, [])]
+    existing = {(r.address_index, r.scope_key): r for r in session.scalars(select(Suppression).where(
+        Suppression.org_id == org_id, Suppression.address_index.in_(sorted({idx for idx, _t in wanted}))))} if wanted else {}
+    for idx, topic_id in wanted:
+        scope = "topic" if topic_id else "marketing"
+        row = existing.get((idx, _scope_key(scope, topic_id)))
+        if row is not None and row.expires_at is None and \
+                REASON_STRENGTH.get(row.reason, 0) >= REASON_STRENGTH["unsubscribe"]:
+            continue  # suppressed for ever with this or a stronger reason already (unsubscribe_contact wrote it)
+        add_suppression_by_index(session, org_id, idx, "unsubscribe", scope, topic_id, source="contact_deleted")
+    if every:
+        session.execute(update(Suppression).where(Suppression.org_id == org_id, Suppression.address_index.in_(every))
+                        .values(address_enc=None))
+    session.execute(update(Authorization).where(Authorization.org_id == org_id, Authorization.contact_id.in_(ids))
+                    .values(contact_id=None))
+
+
 def export_section(session: Session, org_id: str, contact_id: str) -> dict:
     """The patient's consent records for a right-of-access export (45 CFR 164.524)."""
     from carepost.consent import authorizations

@@ -38,8 +38,9 @@ class Settings(BaseSettings):
         "Takes precedence over the file; CAREPOST_MASTER_KEY over it.",
     )
     key_refresh_seconds: int = Field(
-        60, ge=1, description="How often (seconds) a running process re-reads the current key versions, so every process "
-        "encrypts with a newly rotated data-key or audit-key version within this bound (docs/keys.md).",
+        60, ge=0, description="How often (seconds) a running process re-reads the current key versions, so every process "
+        "encrypts with a newly rotated data-key or audit-key version within this bound (docs/keys.md); 0 re-reads at "
+        "every use.",
     )
     production: bool | None = Field(
         None,
@@ -169,8 +170,37 @@ class Settings(BaseSettings):
     )
     delivery_batch_size: int = Field(500, description="Most messages one delivery task handles (larger sends are split into tasks).")
     delivery_concurrency: int = Field(64, description="SMTP transactions one worker process runs at the same time.")
+    database_pool_size: int = Field(
+        10, ge=1, description="PostgreSQL connections each process keeps open (SQLAlchemy pool_size). Every `serve` "
+        "process and every `worker` may open this many plus CAREPOST_DATABASE_MAX_OVERFLOW (docs/deployment.md).",
+    )
+    database_max_overflow: int = Field(
+        20, ge=0, description="PostgreSQL connections a process may open beyond the pool under load, closed when returned.",
+    )
+    domain_max_connections: int = Field(
+        20, ge=0, description="Open SMTP connections to one receiving domain (or one relay), counted across every worker "
+        "process (in Redis when a Redis URL is set; 0: no limit beyond CAREPOST_SMTP_POOL_SIZE per process).",
+    )
+    domain_rate_per_minute: int = Field(
+        0, ge=0, description="Messages per minute to one receiving domain, counted across every worker process (a token "
+        "bucket in Redis when a Redis URL is set). 0: no limit.",
+    )
+    worker_metrics_port: int | None = Field(
+        None, description="Port on which `carepost worker` serves its Prometheus metrics (/metrics). Empty: not served "
+        "(the worker's counters are then only in a shared PROMETHEUS_MULTIPROC_DIR, see docs/deployment.md).",
+    )
+    retention_purge_duty: float = Field(
+        0.5, gt=0, le=1,
+        description="Share of wall time a retention purge works: after each chunk it rests in proportion, "
+        "so sending keeps its pace during the nightly purge (1 = no rest; issue 16).",
+    )
     campaign_plan_chunk: int = Field(2000, description="Contacts a campaign's planning handles per transaction (one chunk of the audience).")
     campaign_send_batch: int = Field(200, description="Campaign recipients rendered and stored as messages per transaction.")
+    campaign_send_slice_seconds: float = Field(
+        10.0, ge=0, description="How long one campaign sending task keeps making batches of messages before it queues "
+        "itself again behind the delivery tasks it queued, so a worker delivers while a large campaign is being made "
+        "(0: one batch per task).",
+    )
     journey_tick_chunk: int = Field(
         500, description="Journey runs the tick advances per transaction (one chunk of due runs; issue 15)."
     )
@@ -225,8 +255,18 @@ class Settings(BaseSettings):
         None, description="PEM certificate (chain) for TLS on the MLLP listener; required to listen on a non-loopback address.",
     )
     mllp_key_file: Path | None = Field(None, description="PEM private key for the MLLP listener's certificate.")
+    mllp_client_ca_file: Path | None = Field(
+        None, description="PEM CA certificate(s) that issue the sending systems' client certificates. Set: the MLLP "
+        "listener requires TLS client-certificate authentication (mutual TLS) and refuses a connection without a "
+        "certificate issued by these CAs (the MSH-8 credential is still required). Needs the certificate and key.",
+    )
     mllp_max_bytes: int = Field(1024 * 1024, description="Largest HL7 v2 message the MLLP listener accepts, in bytes.")
     mllp_idle_seconds: int = Field(300, ge=1, description="Seconds an MLLP connection may stay idle before it is closed.")
+    ehr_fhir_allow_loopback_http: bool = Field(
+        False, description="Allow an organization's FHIR server and SMART token endpoint (read back for id-only "
+        "Subscription notifications) at an http:// loopback address, for a peer on the same machine (tests). Off: "
+        "https only.",
+    )
 
     # Outbound webhooks (tracking/webhooks.py).
     webhook_allow_private: bool = Field(

@@ -30,7 +30,7 @@ from datetime import datetime
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy import DateTime, Integer, LargeBinary, String, UniqueConstraint, event, func, select, text
+from sqlalchemy import DateTime, Integer, LargeBinary, String, UniqueConstraint, bindparam, event, func, select, text
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from carepost.core import clock
@@ -60,6 +60,15 @@ from carepost.core.masterkeys import (  # noqa: F401 - the keyring's public name
 )
 
 CIPHERTEXT_FORMAT = 1
+# A ciphertext under a per-period data key (issue 16, crypto-shredding): same layout, but the four
+# bytes after the format byte name a ``period`` key version (record class and creation month, see
+# ``period_key_version``) instead of a data-key version. The retention purge destroys such a key
+# once every record of its class and month has passed its maximum period and none is held.
+PERIOD_CIPHERTEXT_FORMAT = 2
+PERIOD_KEY_KIND = "period"
+# Record classes that have per-period keys, with the code that goes in the key version. Never
+# renumber: the code is stored in every ciphertext of the class.
+PERIOD_KEY_CLASSES = {"messages": 1, "portal": 2, "forms": 3, "imports": 4, "events": 5, "logs": 6}
 # Named secrets (``Keyring.named_key``) that ``carepost keys rotate-secret`` rotates: each MAC made
 # with one records or finds its version, so a rotation never breaks what was made before.
 NAMED_SECRET_KINDS = ("audit", "portal", "consent", "forms", "verp", "tracking")
@@ -88,6 +97,19 @@ class OrgKey(Base):
 
 def _purpose(org_id: str, kind: str, version: int) -> str:
     return f"org:{org_id}:{kind}:{version}"
+
+
+def period_key_version(record_class: str, when: datetime) -> int:
+    """The ``period`` key version of a record class and month: ``code * 1_000_000 + yyyymm``
+    (``messages`` created in December 2026 -> 1202612); fits a 32-bit integer."""
+    return PERIOD_KEY_CLASSES[record_class] * 1_000_000 + when.year * 100 + when.month
+
+
+def period_of_key_version(version: int) -> tuple[str, int, int]:
+    """``(record class, year, month)`` of a ``period`` key version."""
+    code, yyyymm = divmod(version, 1_000_000)
+    record_class = next(c for c, n in PERIOD_KEY_CLASSES.items() if n == code)
+    return record_class, yyyymm // 100, yyyymm % 100
 
 
 def _aad(org_id: str, table: str, column: str, row_id: str) -> bytes:
@@ -138,6 +160,10 @@ def _forget_index_versions(session: Session, transaction) -> None:
         del held[org_id]
 
 
+_INDEX_VERSION = select(func.max(OrgKey.__table__.c.version)).where(
+    OrgKey.__table__.c.org_id == bindparam("org_id"), OrgKey.__table__.c.kind == "index")
+
+
 class Keyring:
     """Per-process cache of unwrapped keys. Thread-safe; safe to share across sessions.
 
@@ -158,6 +184,7 @@ class Keyring:
         self._lock = threading.Lock()
         # (owner, kind, version) -> secret; (owner, kind) -> (current version, monotonic time read)
         self._keys: dict[tuple[str, str, int], bytes] = {}
+        self._rows: dict[tuple[str, str, int], str] = {}  # the org_keys row each copy came from
         self._current: dict[tuple[str, str], tuple[int, float]] = {}
 
     # -- master keys on disk
@@ -236,17 +263,21 @@ class Keyring:
             if cached is not None and now - cached[1] < self.refresh_seconds:
                 return cached[0]
         rows = session.execute(
-            select(OrgKey.version, OrgKey.retired_at).where(OrgKey.org_id == owner, OrgKey.kind == kind)
+            select(OrgKey.version, OrgKey.retired_at, OrgKey.id).where(OrgKey.org_id == owner, OrgKey.kind == kind)
         ).all()
-        live = [v for v, retired in rows if retired is None]
+        live = [v for v, retired, _ in rows if retired is None]
         if not live:
             return None
         current = max(live)
-        retired = {v for v, r in rows if r is not None}
         with self._lock:
             self._current[(owner, kind)] = (current, now)
-            for v in retired:  # destroyed in the database: forget our copy too
-                self._keys.pop((owner, kind, v), None)
+            for v, retired, row_id in rows:
+                # Destroyed in the database, or no longer the record our copy came from (a backup
+                # restored over this database, or a test emptying it, made a new key with the same
+                # version): forget our copy too.
+                if retired is not None or self._rows.get((owner, kind, v), row_id) != row_id:
+                    self._keys.pop((owner, kind, v), None)
+                    self._rows.pop((owner, kind, v), None)
         return current
 
     def _load(self, session: Session, org_id: str, kind: str, version: int | None) -> tuple[int, bytes]:
@@ -271,6 +302,7 @@ class Keyring:
         secret = self._unwrap(json.loads(rec.wrapped), _purpose(org_id, kind, rec.version))
         with self._lock:
             self._keys[(org_id, kind, version)] = secret
+            self._rows[(org_id, kind, version)] = rec.id
         return version, secret
 
     def data_key(self, session: Session, org_id: str, version: int | None = None) -> tuple[int, bytes]:
@@ -313,19 +345,14 @@ class Keyring:
         secret = secrets.token_bytes(32)
         try:
             with session.begin_nested():
-                session.add(
-                    OrgKey(
-                        org_id=owner_id,
-                        kind=kind,
-                        version=1,
-                        master_key_id=master.id,
-                        wrapped=json.dumps(wrap(master, secret, _purpose(owner_id, kind, 1))).encode(),
-                    )
-                )
+                rec = OrgKey(id=new_id(), org_id=owner_id, kind=kind, version=1, master_key_id=master.id,
+                             wrapped=json.dumps(wrap(master, secret, _purpose(owner_id, kind, 1))).encode())
+                session.add(rec)
         except IntegrityError:
             return self._load(session, owner_id, kind, 1)
         with self._lock:
             self._keys[(owner_id, kind, 1)] = secret
+            self._rows[(owner_id, kind, 1)] = rec.id
             self._current[(owner_id, kind)] = (1, time.monotonic())
         return 1, secret
 
@@ -337,18 +364,74 @@ class Keyring:
 
     # -- field encryption
 
-    def encrypt(self, session: Session, org_id: str, table: str, column: str, row_id: str, value: str | bytes) -> bytes:
-        version, key = self.data_key(session, org_id)
+    # -- per-period data keys (crypto-shredding, docs/keys.md "Per-period keys")
+
+    def period_key(self, session: Session, org_id: str, record_class: str, when: datetime) -> tuple[int, bytes]:
+        """``(version, secret)`` of the organization's data key for ``record_class`` records created
+        in the month of ``when``, created on first use. A destroyed (shredded) period refuses."""
+        version = period_key_version(record_class, when)
+        try:
+            return self._load(session, org_id, PERIOD_KEY_KIND, version)
+        except KeyUnavailable:
+            if session.scalars(select(OrgKey.id).where(OrgKey.org_id == org_id, OrgKey.kind == PERIOD_KEY_KIND,
+                                                       OrgKey.version == version)).first():
+                raise  # destroyed by the retention purge: nothing may be written under it again
+        master = self._wrapping_master(session)
+        secret = secrets.token_bytes(32)
+        try:
+            with session.begin_nested():
+                rec = OrgKey(id=new_id(), org_id=org_id, kind=PERIOD_KEY_KIND, version=version, master_key_id=master.id,
+                             wrapped=json.dumps(wrap(master, secret, _purpose(org_id, PERIOD_KEY_KIND, version))).encode())
+                session.add(rec)
+        except IntegrityError:
+            return self._load(session, org_id, PERIOD_KEY_KIND, version)
+        with self._lock:
+            self._keys[(org_id, PERIOD_KEY_KIND, version)] = secret
+            self._rows[(org_id, PERIOD_KEY_KIND, version)] = rec.id
+        return version, secret
+
+    def destroy_period_key(self, session: Session, org_id: str, version: int) -> bool:
+        """Crypto-shred: empty the wrapped key material of a ``period`` key and mark it retired
+        (under the exclusive key lock, so a master-key re-wrap never writes it back). Every
+        ciphertext it made — in the database and in every backup — is unreadable from then on.
+        Returns False when it did not exist or was already destroyed."""
+        key_creation_lock(session, exclusive=True)
+        rec = session.scalars(select(OrgKey).where(OrgKey.org_id == org_id, OrgKey.kind == PERIOD_KEY_KIND,
+                                                   OrgKey.version == version)).first()
+        if rec is None or rec.retired_at is not None:
+            return False
+        rec.wrapped = b""
+        rec.retired_at = clock.now()
+        session.flush()
+        self.forget_key(org_id, PERIOD_KEY_KIND, version)
+        return True
+
+    def _key_for_blob(self, session: Session, org_id: str, blob: bytes, where: str) -> bytes:
+        if not blob or blob[0] not in (CIPHERTEXT_FORMAT, PERIOD_CIPHERTEXT_FORMAT) or len(blob) < 5 + NONCE_BYTES + 16:
+            raise DecryptionFailed(f"{where}: not a CarePost ciphertext")
+        version = int.from_bytes(blob[1:5], "big")
+        if blob[0] == PERIOD_CIPHERTEXT_FORMAT:
+            return self._load(session, org_id, PERIOD_KEY_KIND, version)[1]
+        return self.data_key(session, org_id, version)[1]
+
+    # -- field encryption
+
+    def encrypt(self, session: Session, org_id: str, table: str, column: str, row_id: str, value: str | bytes,
+                *, period: tuple[str, datetime] | None = None) -> bytes:
+        """Seal ``value`` under the organization's current data key, or — with ``period=(record
+        class, created at)`` — under that class's key for the record's creation month."""
+        if period is not None:
+            version, key = self.period_key(session, org_id, *period)
+            fmt = PERIOD_CIPHERTEXT_FORMAT
+        else:
+            (version, key), fmt = self.data_key(session, org_id), CIPHERTEXT_FORMAT
         data = value.encode() if isinstance(value, str) else value
         nonce = secrets.token_bytes(NONCE_BYTES)
         ct = AESGCM(key).encrypt(nonce, data, _aad(org_id, table, column, row_id))
-        return bytes([CIPHERTEXT_FORMAT]) + version.to_bytes(4, "big") + nonce + ct
+        return bytes([fmt]) + version.to_bytes(4, "big") + nonce + ct
 
     def decrypt(self, session: Session, org_id: str, table: str, column: str, row_id: str, blob: bytes) -> bytes:
-        if not blob or blob[0] != CIPHERTEXT_FORMAT or len(blob) < 5 + NONCE_BYTES + 16:
-            raise DecryptionFailed(f"{table}.{column}: not a CarePost ciphertext")
-        version = int.from_bytes(blob[1:5], "big")
-        _, key = self.data_key(session, org_id, version)
+        key = self._key_for_blob(session, org_id, blob, f"{table}.{column}")
         try:
             return AESGCM(key).decrypt(blob[5 : 5 + NONCE_BYTES], blob[5 + NONCE_BYTES :], _aad(org_id, table, column, row_id))
         except InvalidTag as exc:
@@ -359,12 +442,17 @@ class Keyring:
             return None
         return self.decrypt(session, org_id, table, column, row_id, blob).decode()
 
-    def encryptor(self, session: Session, org_id: str):
+    def encryptor(self, session: Session, org_id: str, *, period: tuple[str, datetime] | None = None):
         """``encrypt`` for many fields of one organization (a batch of rows written in one
         transaction): the current data key is looked up once, for the returned function's lifetime
-        (the caller's scope, never longer). Each value still gets its own nonce and AAD."""
-        version, key = self.data_key(session, org_id)
-        cipher, prefix = AESGCM(key), bytes([CIPHERTEXT_FORMAT]) + version.to_bytes(4, "big")
+        (the caller's scope, never longer). Each value still gets its own nonce and AAD. With
+        ``period=(record class, created at)`` the class's key for that month is used instead."""
+        if period is not None:
+            version, key = self.period_key(session, org_id, *period)
+            fmt = PERIOD_CIPHERTEXT_FORMAT
+        else:
+            (version, key), fmt = self.data_key(session, org_id), CIPHERTEXT_FORMAT
+        cipher, prefix = AESGCM(key), bytes([fmt]) + version.to_bytes(4, "big")
 
         def encrypt(table: str, column: str, row_id: str, value: str | bytes) -> bytes:
             nonce = secrets.token_bytes(NONCE_BYTES)
@@ -377,17 +465,17 @@ class Keyring:
         """``decrypt_text`` for many fields of one organization in one go (one request's view):
         each key version is looked up once for the returned function's lifetime (the caller's
         scope, never longer), instead of once per field."""
-        ciphers: dict[int, AESGCM] = {}
+        ciphers: dict[tuple[int, int], AESGCM] = {}
 
         def decrypt(table: str, column: str, row_id: str, blob: bytes | None) -> str | None:
             if blob is None:
                 return None
-            if not blob or blob[0] != CIPHERTEXT_FORMAT or len(blob) < 5 + NONCE_BYTES + 16:
+            if not blob or blob[0] not in (CIPHERTEXT_FORMAT, PERIOD_CIPHERTEXT_FORMAT) or len(blob) < 5 + NONCE_BYTES + 16:
                 raise DecryptionFailed(f"{table}.{column}: not a CarePost ciphertext")
-            version = int.from_bytes(blob[1:5], "big")
+            version = (blob[0], int.from_bytes(blob[1:5], "big"))
             cipher = ciphers.get(version)
             if cipher is None:
-                cipher = ciphers[version] = AESGCM(self.data_key(session, org_id, version)[1])
+                cipher = ciphers[version] = AESGCM(self._key_for_blob(session, org_id, blob, f"{table}.{column}"))
             try:
                 return cipher.decrypt(blob[5 : 5 + NONCE_BYTES], blob[5 + NONCE_BYTES :],
                                       _aad(org_id, table, column, row_id)).decode()
@@ -416,7 +504,10 @@ class Keyring:
             return held[org_id][0]
         with session.no_autoflush:  # callers compute indexes before their row is complete
             index_lock(session, org_id, exclusive=False)
-            version = session.scalar(select(func.max(OrgKey.version)).where(OrgKey.org_id == org_id, OrgKey.kind == "index"))
+            # A Core statement on the session's connection (same transaction, no flush, the
+            # organization named explicitly): the ORM's compile and result handling was half of
+            # this read's cost, paid by every transaction that computes a blind index.
+            version = session.connection().execute(_INDEX_VERSION, {"org_id": org_id}).scalar()
         if version is None:
             raise KeyUnavailable(f"no index key for organization {org_id}")
         held[org_id] = (version, session.get_nested_transaction() or session.get_transaction())

@@ -127,7 +127,8 @@ def make_engine(settings: Settings | None = None, url: str | None = None) -> Eng
         path = url.split(":///", 1)[1]
         return _sqlcipher_engine(path, settings)
     if url.startswith("postgresql+psycopg://"):
-        return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True, hide_parameters=True)
+        return create_engine(url, pool_size=settings.database_pool_size, max_overflow=settings.database_max_overflow,
+                             pool_pre_ping=True, hide_parameters=True)
     raise ValueError(f"unsupported database URL scheme: {url.split(':', 1)[0]}")
 
 

@@ -10,6 +10,11 @@ The queue carries ids, never PHI (ARCHITECTURE.md section 2 and 5). Three things
 * messages are serialized as JSON, not pickle, so the store holds readable references only and a
   process with write access to Redis cannot make a worker run code.
 
+A task carries one more thing, outside its arguments: the **request id** of the HTTP request (or
+task) that queued it — a trace id (hex, see ``carepost.app.accepted_request_id``), never PHI —
+so the worker's log lines for the task carry the same ``request_id`` as the server's for the
+request. A task queued by the scheduler gets an id of its own.
+
 Durable state lives in the database; tasks must be idempotent (a task may run twice when a
 worker stops mid-task). Write a task as::
 
@@ -30,7 +35,9 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import threading
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -42,6 +49,9 @@ from huey.storage import RedisStorage, SqliteStorage
 
 from carepost.core.config import Settings, get_settings
 from carepost.core.ids import is_issued_id
+from carepost.core.logging import get_logger
+
+log = get_logger("carepost.queue")
 
 QUEUE_NAME = "carepost"
 MAX_LIST_ARGS = 1000  # a batch of ids; a larger batch belongs in the database, referenced by one id
@@ -142,7 +152,11 @@ class JSONMessageSerializer(Serializer):
 
     def _serialize(self, data) -> bytes:
         if isinstance(data, Message):
-            return json.dumps(_message_to_json(data), separators=(",", ":")).encode()
+            body = _message_to_json(data)
+            request_id = current_request_id()
+            if request_id:
+                body["request_id"] = request_id
+            return json.dumps(body, separators=(",", ":")).encode()
         # Huey also stores small internal values (revocations with a datetime, lock markers).
         return json.dumps({"$value": data}, default=_time_to_json, separators=(",", ":")).encode()
 
@@ -150,7 +164,25 @@ class JSONMessageSerializer(Serializer):
         loaded = json.loads(bytes(data).decode())
         if isinstance(loaded, dict) and set(loaded) == {"$value"}:
             return _revive(loaded["$value"])
+        if isinstance(loaded, dict):
+            # The consumer thread that dequeues a message also runs it (see run_consumer's hooks).
+            _incoming.request_id = _valid_request_id(loaded.pop("request_id", None))
         return _message_from_json(loaded)
+
+
+_incoming = threading.local()
+_REQUEST_ID = re.compile(r"^(?=.{16,64}$)[0-9A-Fa-f]+(?:-[0-9A-Fa-f]+)*$")
+
+
+def _valid_request_id(value) -> str | None:
+    return value if isinstance(value, str) and _REQUEST_ID.match(value) else None
+
+
+def current_request_id() -> str | None:
+    """The request id bound to this context's log lines (``structlog.contextvars``), if any."""
+    import structlog
+
+    return _valid_request_id(structlog.contextvars.get_contextvars().get("request_id"))
 
 
 def _revive(value):
@@ -223,6 +255,46 @@ class CarePostHuey(Huey):
             check_task_args(t.name, t.args, t.kwargs)
         return super().enqueue(task)
 
+    def enqueue_many(self, tasks: list[tuple]) -> None:
+        """Enqueue simple tasks (``task_wrapper.s(...)``, no groups, chords or pipelines), each
+        with the request id it carries — ``[(task, request id or None), ...]`` — in ONE write to
+        the store: one SQLite transaction, or one Redis pipeline round trip, instead of one per
+        task (the API's group accept queues one task per request, under that request's id).
+        Every task is checked by :func:`check_task_args` before anything is written; all are
+        written or none."""
+        import structlog
+        from huey import signals
+
+        for task, _ in tasks:
+            if _tasks_of(task) != [task]:
+                raise ValueError("enqueue_many takes simple tasks only")
+            check_task_args(task.name, task.args, task.kwargs)
+        if self._immediate:
+            for task, request_id in tasks:
+                with structlog.contextvars.bound_contextvars(request_id=request_id):
+                    self.enqueue(task)
+            return
+        rows = []
+        for task, request_id in tasks:
+            if task.expires:
+                task.resolve_expires(self.utc)
+            self._emit(signals.SIGNAL_ENQUEUED, task)
+            with structlog.contextvars.bound_contextvars(request_id=request_id):
+                rows.append((self.serialize_task(task), task.priority))
+        storage = self.storage
+        if isinstance(storage, SqliteStorage):
+            with storage.db(commit=True) as cursor:
+                cursor.executemany("insert into task (queue, data, priority) values (?, ?, ?)",
+                                   [(storage.name, storage.to_blob(data), priority or 0) for data, priority in rows])
+        elif isinstance(storage, RedisStorage) and not any(priority for _, priority in rows):
+            pipe = storage.conn.pipeline(transaction=True)
+            for data, _ in rows:
+                pipe.lpush(storage.queue_key, data)
+            pipe.execute()
+        else:
+            for data, priority in rows:
+                storage.enqueue(data, priority)
+
 
 def _tasks_of(task) -> list:
     inner = getattr(task, "tasks", None)
@@ -253,10 +325,47 @@ def pending_count() -> int:
     return huey.pending_count()
 
 
+_hooks_installed: list[bool] = []
+
+
+def install_task_hooks() -> None:
+    """Around every task this process runs: its log lines carry the request id that queued it
+    (or a new one), the task name and id; the worker's metrics count it (carepost.core.metrics)."""
+    if _hooks_installed:
+        return
+    _hooks_installed.append(True)
+    import structlog
+
+    from carepost.core import metrics
+    from carepost.core.ids import new_id
+
+    @huey.pre_execute()
+    def _bind(task) -> None:
+        request_id = getattr(_incoming, "request_id", None) or new_id()
+        _incoming.request_id = None
+        _incoming.started = time.perf_counter()
+        structlog.contextvars.bind_contextvars(request_id=request_id, task=task.name, task_id=task.id)
+
+    @huey.post_execute()
+    def _unbind(task, task_value, exc) -> None:
+        started = getattr(_incoming, "started", None)
+        seconds = time.perf_counter() - started if started else None
+        outcome = "error" if exc is not None else "ok"
+        metrics.observe_task(task.name, outcome, seconds)
+        log.info("task_finished", task_status=outcome, duration_ms=int((seconds or 0) * 1000))
+        structlog.contextvars.unbind_contextvars("request_id", "task", "task_id")
+
+
 def run_consumer(workers: int, shutdown_timeout: float, periodic: bool = True) -> None:
     """Run the Huey consumer in this process until SIGTERM (graceful: running tasks finish, up to
     ``shutdown_timeout`` seconds) or SIGINT (immediate). The caller has assembled the process
     (``carepost.assembly``), which loads every capability's tasks."""
+    install_task_hooks()
+    settings = get_settings()
+    if settings.worker_metrics_port:
+        from carepost.core.metrics import serve_worker_metrics
+
+        serve_worker_metrics(settings.worker_metrics_port, settings.host)
     consumer = huey.create_consumer(
         workers=workers,
         worker_type="thread",

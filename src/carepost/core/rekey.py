@@ -33,6 +33,7 @@ from carepost.core.crypto import (
     unwrap,
     wrap,
 )
+from carepost.core.files import fsync_dir
 from carepost.core.supervisor import exclusive_data_dir
 
 # Must match carepost.core.crypto.sqlcipher_raw_key; tests prove the two agree.
@@ -81,14 +82,6 @@ def _raw_key(secret: bytes) -> bytes:
     return hkdf(secret, SQLCIPHER_KDF_INFO)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def rekey_database(settings: Settings) -> RekeyResult:
     if not settings.is_sqlite:
         raise RekeyError("rekey-database applies to the embedded SQLCipher database; PostgreSQL encryption at rest is the disk's job")
@@ -104,7 +97,7 @@ def rekey_database(settings: Settings) -> RekeyResult:
             if opens_with(path, new_raw):
                 # The file was re-keyed but the key file was not yet replaced: finish.
                 os.replace(pending, key_file)
-                _fsync_dir(key_file.parent)
+                fsync_dir(key_file.parent)
                 return RekeyResult(path, 0, recovered=True)
             pending.unlink()  # the re-key never happened: start over
         old_raw = sqlcipher_raw_key(settings)
@@ -141,5 +134,5 @@ def rekey_database(settings: Settings) -> RekeyResult:
         finally:
             conn.close()
         os.replace(pending, key_file)
-        _fsync_dir(key_file.parent)
+        fsync_dir(key_file.parent)
         return RekeyResult(path, pages)

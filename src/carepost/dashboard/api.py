@@ -1,4 +1,8 @@
-"""Health, readiness, metrics and the OpenAPI document."""
+"""Health, readiness, metrics and the OpenAPI document.
+
+``/readyz`` answers 503 when this server cannot reach the database or the task queue (a load
+balancer then stops sending it requests); ``/metrics`` adds the installation-wide gauges
+(carepost.dashboard.metrics) to this process's counters."""
 
 from __future__ import annotations
 
@@ -29,13 +33,22 @@ def readyz() -> JSONResponse:
         checks["database"] = "ok"
     except Exception as exc:  # report, don't crash: a load balancer reads this
         checks["database"] = f"error: {type(exc).__name__}"
+    try:  # the task queue (Redis, or the SQLite queue in the data dir): nothing can be sent without it
+        from carepost.core.queue import pending_count
+
+        pending_count()
+        checks["queue"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - report, don't crash
+        checks["queue"] = f"error: {type(exc).__name__}"
     ok = all(v == "ok" for v in checks.values())
     return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
 
 
 @router.get("/metrics", dependencies=[Depends(public("Prometheus scrape; aggregate counters only"))], include_in_schema=False)
 def metrics() -> Response:
-    body, content_type = exposition()
+    from carepost.dashboard.metrics import COLLECTOR
+
+    body, content_type = exposition(COLLECTOR)
     return Response(body, media_type=content_type)
 
 

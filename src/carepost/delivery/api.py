@@ -21,6 +21,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 from sqlalchemy.exc import IntegrityError
+from starlette.concurrency import run_in_threadpool
 
 from carepost.accounts.access import Principal, public, require
 from carepost.accounts.permissions import Permission as P
@@ -52,12 +53,29 @@ def _enqueue(message_ids: list[str]) -> None:
 
 @router.post(f"{api}/messages", status_code=202, response_model=schemas.MessageAccepted,
              summary="Send a message (202: stored and queued for delivery)", tags=["messages"])
-def send_message(
+async def send_message(
     request: Request,
     body: schemas.MessageIn,
     idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=200),
     principal: Principal = Depends(require(P.MESSAGES_SEND)),
 ) -> dict:
+    if not request.state.db.in_transaction():
+        # Accepted together with the requests waiting beside it, in one transaction, while this
+        # one waits on the event loop (delivery/accept_group.py); its own answer, its own error.
+        from carepost.accounts.access import request_context
+        from carepost.delivery import accept_group
+
+        grouped = await accept_group.submit(principal, body, idempotency_key, request_context(request))
+        if grouped.error is not None:
+            raise grouped.error
+        if not grouped.alone:
+            return {"id": grouped.message_id}
+    return await run_in_threadpool(_send_alone, request, body, idempotency_key, principal)
+
+
+def _send_alone(request: Request, body: schemas.MessageIn, idempotency_key: str | None, principal: Principal) -> dict:
+    """One message in its own transaction, in the request's session: when that session is
+    already in a transaction (authenticated just now), or when its group failed."""
     session = request.state.db
     kwargs = dict(source="api", created_by=principal.actor_id, sandbox=principal.sandbox, idempotency_key=idempotency_key)
     try:
@@ -71,8 +89,10 @@ def send_message(
         _audit(request, principal, "message.create", "message", message.id, recipients_count=len(body.to) + len(body.cc) + len(body.bcc),
                purpose=message.purpose, security=message.security, contains_phi=message.contains_phi, sandbox=message.sandbox)
     session.commit()
-    if accepted.created:
-        _enqueue([message.id])
+    # A replay is queued again too: the first request may have died between its commit and its
+    # enqueue (kill -9 of the server; tests/faults/test_server_kill.py), and the client retries
+    # because it got no answer. Tasks are idempotent: a recipient claimed or sent is skipped.
+    _enqueue([message.id])
     return {"id": message.id}
 
 
@@ -95,8 +115,7 @@ def send_batch(
         _audit(request, principal, "message.create_batch", "message_batch", ids[0], messages_count=len(ids),
                message_ids=ids, sandbox=principal.sandbox)
     session.commit()
-    if created:
-        _enqueue(ids)
+    _enqueue(ids)  # a replay too (see send_message)
     return {"ids": ids}
 
 

@@ -4,17 +4,11 @@ submission. Imports stay inside the commands so ``carepost --help`` stays fast."
 from __future__ import annotations
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from carepost.core.console import console, err, fail
+
 domain_app = typer.Typer(help="Sending domains: DKIM keys and the DNS records to publish.", no_args_is_help=True)
-console = Console()
-err = Console(stderr=True)
-
-
-def _fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(1)
 
 
 def _print_records(view: dict) -> None:
@@ -46,7 +40,7 @@ def domain_add(
             organization = get_organization(session, org)
             row = service.create_sending_domain(session, organization.id, domain, ed25519=not no_ed25519)
         except CarePostError as exc:
-            _fail(f"{exc.field}: {exc.message}" if exc.field else exc.message)
+            fail(f"{exc.field}: {exc.message}" if exc.field else exc.message)
         record(session, org_id=organization.id, actor_type="system", actor_id="cli", action="sending_domain.create",
                target_type="sending_domain", target_id=row.id, details={"domain": row.domain, "ownership": "claimed"})
         session.commit()
@@ -74,14 +68,14 @@ def domain_check(
         try:
             organization = get_organization(session, org)
         except CarePostError as exc:
-            _fail(exc.message)
+            fail(exc.message)
         org_id = organization.id
         session.commit()
     with org_session(org_id) as session:
         try:
             row = service.get_sending_domain(session, domain)
         except CarePostError as exc:
-            _fail(exc.message)
+            fail(exc.message)
         records = service.records_to_check(row)
         session.commit()  # nothing stays open while DNS answers
         results = asyncio.run(service.check_dns(records))
@@ -125,7 +119,7 @@ def domain_list(org: str = typer.Option(..., "--org", help="Organization slug or
         try:
             org_id = get_organization(session, org).id
         except CarePostError as exc:
-            _fail(exc.message)
+            fail(exc.message)
     table = Table("domain", "ownership", "DKIM selector", "DNS", "checked", "id")
     with org_session(org_id) as session:
         for row in service.list_sending_domains(session):
@@ -151,12 +145,12 @@ def domain_records(
         try:
             org_id = get_organization(session, org).id
         except CarePostError as exc:
-            _fail(exc.message)
+            fail(exc.message)
     with org_session(org_id) as session:
         try:
             view = service.domain_view(service.get_sending_domain(session, domain))
         except CarePostError as exc:
-            _fail(exc.message)
+            fail(exc.message)
     _print_records(view)
 
 

@@ -58,6 +58,11 @@ topic_of: Port = Port(
     "A message's topic named by id or short name -> the topic id; ValidationFailed(field='topic') for an "
     "unknown or archived one (consent).")
 
+archive_index: Port = Port(
+    "delivery.archive_index",
+    "(session, org_id, [(message id, subject, text, html)]) -> tokens written: the archive's keyed word index of "
+    "a batch of stored messages, in the same transaction (archive.index.index_messages; one executemany).")
+
 engagement_summary: Port = Port(
     "delivery.engagement_summary",
     "(session, org_id, message_id) -> {privacy_mode, totals, recipients: {recipient id: {opened, clicked}}}: a "
@@ -286,7 +291,9 @@ def store_messages(session: Session, org_id: str, prepared: list[PreparedMessage
     ring = get_keyring()
     now = clock.now()
     keys = idempotency_keys or [None] * len(prepared)
-    encrypt = ring.encryptor(session, org_id)
+    # Message content, attachments and recipients are sealed under the organization's key for
+    # messages created this month (crypto-shredding by the retention purge, docs/keys.md).
+    encrypt = ring.encryptor(session, org_id, period=("messages", now))
 
     def enc(table: str, column: str, row_id: str, value) -> bytes | None:
         return None if value is None else encrypt(table, column, row_id, value)
@@ -354,6 +361,8 @@ def store_messages(session: Session, org_id: str, prepared: list[PreparedMessage
     for recipient, event in zip(rows, events):  # message.queued to the organization's webhooks
         domain_events.publish("message.recipient_event", session, recipient, _Row(event))
     _exclude_rows(session, messages, rows, addresses, now)
+    # The archive's word index (issue 16 item 8): one INSERT for the batch, no clear text kept.
+    archive_index(session, org_id, [(m.id, p.subject, p.text, p.html) for m, p in zip(messages, prepared)])
     return messages
 
 

@@ -102,7 +102,9 @@ class Message(OrgScoped, Base):
     __tablename__ = "messages"
     __table_args__ = (
         UniqueConstraint("org_id", "idempotency_key"),
-        Index("ix_messages_org_created", "org_id", "created_at"),
+        # Covering for segments' "message ... within" criteria (issue 12): the window's messages are
+        # read from the index alone, never from the wide (encrypted) rows.
+        Index("ix_messages_org_created", "org_id", "created_at", "sandbox", "id"),
         Index("ix_messages_org_campaign", "org_id", "campaign_id"),
     )
 
@@ -166,10 +168,13 @@ class MessageRecipient(OrgScoped, Base):
         Index("ix_message_recipients_org_address", "org_id", "address_index"),
         # a contact's recipient rows (segments' engagement criteria probe it per contact; issue 12)
         Index("ix_message_recipients_org_contact", "org_id", "contact_id", "status", "message_id"),
+        # a message's recipients; covering for segments' engagement criteria, which go from the
+        # messages of a window to the delivered recipients' contacts without reading the rows
+        Index("ix_message_recipients_message_id", "message_id", "status", "contact_id", "org_id"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
-    message_id: Mapped[str] = mapped_column(String(32), ForeignKey("messages.id", ondelete="CASCADE"), index=True)
+    message_id: Mapped[str] = mapped_column(String(32), ForeignKey("messages.id", ondelete="CASCADE"))
     kind: Mapped[str] = mapped_column(String(3), default="to")  # to | cc | bcc
     address_enc: Mapped[bytes] = mapped_column(LargeBinary)
     address_index: Mapped[str] = mapped_column(String(64))

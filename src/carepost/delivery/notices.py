@@ -60,6 +60,13 @@ TEXTS: dict[str, tuple[str, str]] = {
         "A journey in {org} needs your attention",
         "{note}\n\nOpen the journey in CarePost: {link}\n",
     ),
+    # Issue 16 item 10: a person's policy and training acknowledgement is missing or ends soon.
+    "policy_reminder": (
+        "Acknowledge the policies and training of {org}",
+        "Your acknowledgement of the policies and training of {org} is missing or ends soon. Until you\n"
+        "acknowledge the current versions, CarePost shows you patient data masked only.\n\n"
+        "Read and acknowledge them here: {link}\n",
+    ),
 }
 
 

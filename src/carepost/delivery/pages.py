@@ -40,6 +40,10 @@ engagement_of: Port = Port(
     "delivery.engagement_of",
     "{totals, recipients} of a message's opens and clicks, for the message page (tracking.engagement).")
 
+legal_holds_of: Port = Port(
+    "delivery.legal_holds_of",
+    "[{summary, held}] of the legal holds protecting a message, for the message page's mark (retention.pages).")
+
 PAGE_SIZE = 50
 MAX_PREVIEW_ADDRESSES = 200
 MAX_KEY_BYTES = 256 * 1024
@@ -337,6 +341,7 @@ def delivery_detail(request: Request, message_id: str,
         })
     portal = portal_state(session, message.id)
     engagement = engagement_of(session, message.id)
+    holds = legal_holds_of(session, principal.org_id, message.id)
     for r in recipients:
         r["engagement"] = engagement["recipients"].get(r["id"])
     for r in recipients:
@@ -353,7 +358,7 @@ def delivery_detail(request: Request, message_id: str,
               "purpose": message.purpose, "security": message.security, "contains_phi": message.contains_phi,
               "sandbox": message.sandbox, "from_address": message.from_address, "tags": message.tags or [],
               "subject": subject, "track_opens": message.track_opens, "track_clicks": message.track_clicks},
-        "recipients": recipients, "unmasked": unmasked, "engagement": engagement["totals"],
+        "recipients": recipients, "unmasked": unmasked, "engagement": engagement["totals"], "holds": holds,
     })
 
 

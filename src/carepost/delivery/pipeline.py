@@ -20,8 +20,11 @@ Postal's ``outgoing_message_processor``)::
      11. record             status, method, evidence, events, as servers answer (steps 9-10 flush small groups)
 
 Why it is safe to run twice, or on two workers at once: step 1 leases a recipient only when it
-is due and nobody holds it (``lease_until``), in one UPDATE that both databases serialize; step
-11 writes only rows whose lease is still this run's. A connection lost after the message's final
+is due and nobody holds it (``lease_until``), in one UPDATE that both databases serialize; a
+copy is marked as being sent, and so sent, only while its lease is still this run's (a run that
+outlived its lease — a slow batch, a wall clock that jumped forward — leaves the rest to the run
+that claimed them since; a lease ending further ahead than any lease is granted was written
+before the clock was set back, and is free too: ``lease_free``); step 11 writes only rows whose lease is still this run's. A connection lost after the message's final
 "." is recorded as ``possible_duplicate``: nobody can know whether it arrived.
 
 Why a crash sends nothing twice unflagged: outcomes are recorded as the servers answer, in small
@@ -31,7 +34,8 @@ group. A sender waits for the commit of its mark before it sends and of its outc
 frees its place among the concurrent sends, so a worker killed mid-send leaves at most
 ``CAREPOST_DELIVERY_CONCURRENCY`` copies marked and unrecorded; when they are sent
 again they are flagged ``possible_duplicate``. Their lease (``CAREPOST_DELIVERY_LEASE_SECONDS``)
-expires and the next periodic sweep (``tasks.deliver_due``, every minute) queues them again.
+expires, and the task that step 1 scheduled for that moment (``tasks.schedule_lease_expiry``)
+delivers them; the periodic sweep (``tasks.deliver_due``, every minute) remains the backstop.
 
 A message that needs protection is never sent in clear: the policy decides TLS only with
 ``require_verified_tls``, the SMTP client refuses anything less, and the fallback is the portal
@@ -63,18 +67,20 @@ and there is no weaker default:
 from __future__ import annotations
 
 import asyncio
-import queue
 import hashlib
 import json
+import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
-from carepost.core import clock
+from carepost.core import clock, metrics
+from carepost.core import events as domain_events
 from carepost.core.config import Settings, get_settings
 from carepost.core.crypto import get_keyring
 from carepost.core.database import system_session
@@ -87,6 +93,7 @@ from carepost.delivery.mime import Attachment, InlineImage, compose
 from carepost.delivery.models import (
     Message,
     MessageAttachment,
+    MessageEvent,
     MessageRecipient,
     RecipientKey,
     SandboxCapture,
@@ -162,6 +169,9 @@ portal_notification: Port = Port(
     "delivery.portal_notification", "(subject, text, html) of the notice for a stored portal message (portal.service).")
 links: Port = Port(
     "delivery.links", "The link guard and engagement tracking per copy: {recipient id: LinkOutcome} (tracking.links).")
+relay_baa: Port = Port(
+    "delivery.relay_baa", "(session, org_id, relay host) -> None when a BAA covers the organization's relay, else the "
+    "reason PHI may not go through it (compliance.associates.relay_refusal).")
 
 # The steps, top to bottom (the names the module docstring and the logs use).
 STEPS = ("claim", "load", "eligibility", "quiet_hours", "list_unsubscribe", "check_sender", "decide", "links", "compose",
@@ -248,11 +258,21 @@ class Run:
     contents: dict[str, Content] = field(default_factory=dict)
     org_modes: dict[str, str] = field(default_factory=dict)
     org_relays: dict[str, object] = field(default_factory=dict)  # org id -> smtp.Relay, or None: the installation's
+    relay_refusals: dict[str, str | None] = field(default_factory=dict)  # org id -> why PHI may not use its relay (no BAA)
     claimed: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
+    footers: dict[str, tuple[str, str | None]] = field(default_factory=dict)  # org id -> org_footer()
 
     def open_copies(self) -> list[Copy]:
         return [c for c in self.copies if c.open]
+
+    def footer(self, org_id: str) -> tuple[str, str | None]:
+        """:func:`org_footer`, read once per run and organization (it was read per copy, each a
+        SELECT: the organization row is expired by the run's commits)."""
+        found = self.footers.get(org_id)
+        if found is None:
+            found = self.footers[org_id] = org_footer(self.session, org_id)
+        return found
 
 
 @dataclass
@@ -321,7 +341,7 @@ def claim(run: Run, message_ids: list[str]) -> None:
             .where(
                 R.message_id.in_(chunk),
                 or_(R.status == "queued", and_(R.status == "deferred", R.next_attempt_at <= now)),
-                or_(R.lease_until.is_(None), R.lease_until < now),
+                lease_free(now, run.settings.delivery_lease_seconds),
             )
             .values(lease_owner=run.owner, lease_until=until)
             .execution_options(synchronize_session=False)
@@ -333,6 +353,12 @@ def claim(run: Run, message_ids: list[str]) -> None:
             .execution_options(populate_existing=True)
         ).all()
     run.claimed = len(rows)
+    if rows:
+        # Should this worker die holding the lease, its recipients are due once the lease expires:
+        # the queue runs these messages again then (a no-op when this run finished them).
+        from carepost.delivery.tasks import schedule_lease_expiry
+
+        schedule_lease_expiry(sorted({r.message_id for r in rows}), run.settings.delivery_lease_seconds)
     run.copies = [Copy(recipient=r, content=None, address="", display_name=None, keys={}, key_material={},  # type: ignore[arg-type]
                        interrupted=r.sending_since is not None)
                   for r in rows]
@@ -343,14 +369,30 @@ def load(run: Run) -> None:
     session, ring = run.session, get_keyring()
     message_ids = sorted({c.recipient.message_id for c in run.copies})
     messages = {m.id: m for m in _in_chunks(session, Message, Message.id, message_ids)}
-    everyone = _in_chunks(session, MessageRecipient, MessageRecipient.message_id, message_ids)
+    # Every recipient of these messages (the To and Cc headers name them all): the columns
+    # needed, as row tuples, not ORM objects (the claimed ones are loaded by step 1 already).
+    R = MessageRecipient
+    everyone = []
+    for start in range(0, len(message_ids), 500):
+        everyone += session.execute(
+            select(R.id, R.message_id, R.org_id, R.kind, R.address_enc, R.display_name_enc)
+            .where(R.message_id.in_(message_ids[start:start + 500]))).all()
     attachments = _in_chunks(session, MessageAttachment, MessageAttachment.message_id, message_ids)
     rt, mt, at = MessageRecipient.__tablename__, Message.__tablename__, MessageAttachment.__tablename__
 
-    def mailbox(r: MessageRecipient) -> tuple[str, str | None]:
-        address = ring.decrypt_text(session, r.org_id, rt, "address", r.id, r.address_enc)
-        name = ring.decrypt_text(session, r.org_id, rt, "display_name", r.id, r.display_name_enc)
-        return address, name
+    # One decryptor per organization for this claim batch: each key version is looked up once,
+    # not once per field (``Keyring.text_decryptor``); each field keeps its own AAD.
+    decryptors: dict[str, Callable] = {}
+
+    def decryptor(org_id: str) -> Callable:
+        found = decryptors.get(org_id)
+        if found is None:
+            found = decryptors[org_id] = ring.text_decryptor(session, org_id)
+        return found
+
+    def mailbox(r) -> tuple[str, str | None]:
+        dec = decryptor(r.org_id)
+        return dec(rt, "address", r.id, r.address_enc), dec(rt, "display_name", r.id, r.display_name_enc)
 
     headers_of: dict[str, dict[str, list[str]]] = {}
     decrypted: dict[str, tuple[str, str | None]] = {}
@@ -365,7 +407,8 @@ def load(run: Run) -> None:
         files.setdefault(a.message_id, []).append(a)
 
     for message_id, m in messages.items():
-        dec = lambda column, blob, _m=m: ring.decrypt_text(session, _m.org_id, mt, column, _m.id, blob)  # noqa: E731
+        decrypt = decryptor(m.org_id)
+        dec = lambda column, blob, _m=m, _d=decrypt: _d(mt, column, _m.id, blob)
         name = dec("from_name", m.from_name_enc)
         content = Content(
             message=m, sender=_mailbox_text(m.from_address, name), subject=dec("subject", m.subject_enc) or "",
@@ -389,6 +432,10 @@ def load(run: Run) -> None:
     # Never under the local mail capture of ``carepost run``: nothing may leave the machine there.
     run.org_relays = {} if service.local_capture(run.settings) else {
         org_id: organization_relay(session, org_id) for org_id in run.org_modes}
+    # A BAA must cover the organization's relay before PHI goes through it (issue 16 item 9):
+    # asked once per organization per batch.
+    run.relay_refusals = {org_id: relay_baa(session, org_id, r.target.host)
+                          for org_id, r in run.org_relays.items() if r is not None}
     keys = _recipient_keys(session, [c.recipient for c in run.copies])
     for c in run.copies:
         c.content = run.contents[c.recipient.message_id]
@@ -482,6 +529,10 @@ def decide(run: Run) -> None:
         except ValidationFailed as exc:
             c.final = ("failed", f"policy: {exc.message}")
             continue
+        refusal = run.relay_refusals.get(m.org_id) if m.contains_phi and c.decision.method != "portal" else None
+        if refusal:  # the portal keeps PHI here (its notice carries none); anything else would cross the relay
+            c.final = ("failed", refusal)
+            continue
         c.require_verified_tls = c.decision.require_verified_tls
 
 
@@ -524,7 +575,7 @@ def compose_messages(run: Run) -> None:
             continue
         body_text, body_html = c.body if c.body is not None else (content.text, content.html)
         text, html = with_unsubscribe_footer(body_text, body_html, c.unsubscribe,
-                                             org_footer(run.session, c.org_id) if c.unsubscribe else None)
+                                             run.footer(c.org_id) if c.unsubscribe else None)
         try:
             composed = compose(
                 sender=content.sender, to=content.to, cc=content.cc, bcc=[] if (content.to or content.cc) else [c.address],
@@ -630,7 +681,7 @@ def store_for_portal(run: Run, copies: list[Copy]) -> None:
                 # The portal copy of a commercial message carries the same visible opt-out and postal
                 # address as an emailed copy; the notification carries List-Unsubscribe.
                 copy_text, copy_html = with_unsubscribe_footer(
-                    content.text, content.html, c.unsubscribe, org_footer(session, c.org_id) if c.unsubscribe else None)
+                    content.text, content.html, c.unsubscribe, run.footer(c.org_id) if c.unsubscribe else None)
                 pm = portal_store(
                     session, org_id=c.org_id, message_id=content.message.id, recipient_id=c.recipient.id,
                     recipient_address=c.address, subject=content.subject, html=copy_html, text=copy_text,
@@ -647,7 +698,7 @@ def store_for_portal(run: Run, copies: list[Copy]) -> None:
             continue
         # To: the bare address; a display name would put the patient's name into the notification.
         if c.unsubscribe:
-            text, html = with_unsubscribe_footer(text, html, c.unsubscribe, org_footer(session, c.org_id))
+            text, html = with_unsubscribe_footer(text, html, c.unsubscribe, run.footer(c.org_id))
         notification = compose(sender=content.sender, to=[c.address], subject=subject, text=text, html=html,
                                list_unsubscribe=list(c.unsubscribe) or None,
                                list_unsubscribe_post=any(u.startswith("https://") for u in c.unsubscribe))
@@ -701,25 +752,72 @@ def _record_as_answered(run: Run, outgoing: list[Copy], inbox: queue.SimpleQueue
             continue
         starts, answered, releases = [], [], []
         for kind, i, payload, release in items:
-            releases.append(release)
             if kind == "start":
-                starts.append(outgoing[i])
+                starts.append((outgoing[i], release))
             else:
                 outgoing[i].result = payload
                 answered.append(outgoing[i])
+                releases.append(release)
         try:
-            if starts:
-                _mark_sending(run, starts)
+            marked = _mark_sending(run, [c for c, _ in starts]) if starts else set()
             record(run, [c for c in answered if c.notification or c.result.status != "tls_unavailable"])
             session.commit()
         except Exception:
             session.rollback()
-            for release in releases:
-                release(False)  # a start not marked gives up on that copy (deferred, not sent)
+            # a start not marked gives up on that copy (deferred, not sent)
+            _release_all([(release, False) for release in releases + [release for _, release in starts]])
+            _refuse_the_rest(inbox, sending)
             raise
-        for release in releases:
-            release(True)
+        # A copy whose lease another run took meanwhile (this run outlived its lease: a slow
+        # batch, a wall clock that jumped forward) is not sent: that run sends it.
+        _release_all([(release, c.recipient.id in marked) for c, release in starts]
+                     + [(release, True) for release in releases])
     sending.result()  # surface an error of the loop itself
+
+
+def _refuse_the_rest(inbox: queue.SimpleQueue, sending) -> None:
+    """The recorder failed (the database went away mid-send): copies not yet started are not
+    sent, and copies answered free their place at once, so the worker's other runs do not wait
+    ``MARK_TIMEOUT`` for a recorder that is gone. Returns once every copy of this run is done;
+    what was marked and not recorded is sent again, flagged, once the lease expires."""
+    while True:
+        finished = sending.done()
+        items = _drain(inbox, 0 if finished else FLUSH_SECONDS)
+        _release_all([(release, False) for *_, release in items])
+        if finished and not items:
+            return
+
+
+class _Release:
+    """Frees a sender waiting in the delivery loop (:meth:`DeliveryLoop.submit`): ``ok`` True, its
+    mark or outcome is committed. Called from the recorder's thread."""
+
+    __slots__ = ("done",)
+
+    def __init__(self, done: asyncio.Future) -> None:
+        self.done = done
+
+    def __call__(self, ok: bool) -> None:
+        _release_all([(self, ok)])
+
+
+def _release_all(pairs: list[tuple[_Release, bool]]) -> None:
+    """Free a committed group's senders with one hand-over to their loop (one wake-up of the
+    loop per group, not one per copy)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, bool]]] = {}
+    for release, ok in pairs:
+        by_loop.setdefault(release.done.get_loop(), []).append((release.done, ok))
+    for loop, futures in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_set_results, futures)
+        except RuntimeError:  # the loop was closed meanwhile (process exit): nobody waits any more
+            pass
+
+
+def _set_results(futures: list[tuple[asyncio.Future, bool]]) -> None:
+    for done, ok in futures:
+        if not done.done():
+            done.set_result(ok)
 
 
 def _drain(inbox: queue.SimpleQueue, timeout: float) -> list:
@@ -734,15 +832,26 @@ def _drain(inbox: queue.SimpleQueue, timeout: float) -> list:
             return items
 
 
-def _mark_sending(run: Run, copies: list[Copy]) -> None:
+def _mark_sending(run: Run, copies: list[Copy]) -> set[str]:
+    """Mark these copies as being sent, where this run still holds their lease; the recipient
+    ids marked (RETURNING, on both databases: the rows the UPDATE matched, none that another run
+    claimed)."""
     now = clock.now()
     ids = [c.recipient.id for c in copies]
+    marked: set[str] = set()
     for start in range(0, len(ids), 500):
-        run.session.execute(update(MessageRecipient)
-                            .where(MessageRecipient.id.in_(ids[start:start + 500]), MessageRecipient.lease_owner == run.owner)
-                            .values(sending_since=now).execution_options(synchronize_session=False))
+        chunk = ids[start:start + 500]
+        marked.update(run.session.scalars(
+            update(MessageRecipient)
+            .where(MessageRecipient.id.in_(chunk), MessageRecipient.lease_owner == run.owner)
+            .values(sending_since=now).returning(MessageRecipient.id)
+            .execution_options(synchronize_session=False)).all())
     for c in copies:
-        c.recipient.sending_since = now
+        if c.recipient.id in marked:
+            set_committed_value(c.recipient, "sending_since", now)  # written above: no second UPDATE at the next flush
+        else:
+            log.warning("lease_lost", recipient_id=c.recipient.id)
+    return marked
 
 
 def fall_back(run: Run) -> None:
@@ -773,7 +882,12 @@ def fall_back(run: Run) -> None:
 
 def record(run: Run, copies: list[Copy] | None = None) -> None:
     """Step 11: outcomes on rows this run still holds; events; the next attempt of deferred ones.
-    ``copies`` (default: every copy) not recorded yet; the send step records as servers answer."""
+    ``copies`` (default: every copy) not recorded yet; the send step records as servers answer.
+
+    Set-based: the group's outcomes go out as one executemany UPDATE of the recipient rows and
+    one executemany INSERT of their events (no ORM unit of work per row); the rows in memory get
+    the same values as committed state, and each event is then published to its subscribers
+    (webhooks, analytics) as ``delivery.service.add_event`` does."""
     session = run.session
     copies = [c for c in (run.copies if copies is None else copies) if not c.recorded]
     if not copies:
@@ -786,6 +900,19 @@ def record(run: Run, copies: list[Copy] | None = None) -> None:
                                               MessageRecipient.lease_owner == run.owner)
         ).all())
     ring = get_keyring()
+    now = clock.now()
+    encryptors: dict[str, Callable] = {}
+    changes: list[dict] = []
+    events: list[dict] = []
+    published: list[tuple[MessageRecipient, dict]] = []
+    bounced: list[tuple[MessageRecipient, RecipientResult]] = []
+
+    def event(r: MessageRecipient, type_: str, **details) -> None:
+        row = {"id": new_id(), "org_id": r.org_id, "message_id": r.message_id, "recipient_id": r.id, "type": type_,
+               "details": details, "created_at": clock.now()}  # its own time: a fallback precedes the outcome
+        events.append(row)
+        published.append((r, row))
+
     for c in copies:
         c.recorded = True
         r = c.recipient
@@ -793,17 +920,25 @@ def record(run: Run, copies: list[Copy] | None = None) -> None:
             log.warning("lease_lost", recipient_id=r.id)
             continue
         if c.fell_back_from:
-            service.add_event(session, r, "fallback", from_method=c.fell_back_from, to_method=c.decision.method)
+            event(r, "fallback", from_method=c.fell_back_from, to_method=c.decision.method)
+        values: dict = {}
         if c.portal_message_id:
-            r.portal_message_id = c.portal_message_id
+            values["portal_message_id"] = c.portal_message_id
+        why, code, duplicate = None, None, False  # for the worker's metrics: classified, never exported
         if c.final is not None:
             status, reason = c.final
-            _finish(session, r, status, reason, c.decision.method if c.decision else None, until=c.defer_until)
+            why = reason
+            values.update(_finish_values(status, reason, c.decision.method if c.decision else None, until=c.defer_until))
+            if c.interrupted and status == "deferred":
+                # Cut off mid-send before, deferred now without a send (quiet hours, a limit): the
+                # mark stays, so the attempt that sends it flags it ``possible_duplicate``.
+                values["sending_since"] = r.sending_since
         elif c.result is not None:
             result, method = c.result, c.decision.method
+            why, code, duplicate = result.reason, result.reply_code, result.possible_duplicate
             if c.interrupted and result.status in ("delivered", "sent", "deferred", "bounced"):
                 # An earlier attempt was cut off after its transaction began: it may have arrived.
-                result = _with_duplicate_flag(result)
+                result = _with_duplicate_flag(result, INTERRUPTED)
             if c.sandbox:
                 capture = SandboxCapture(id=new_id(), org_id=r.org_id, message_id=r.message_id, recipient_id=r.id,
                                          method=method, raw_enc=b"")
@@ -816,14 +951,48 @@ def record(run: Run, copies: list[Copy] | None = None) -> None:
             if method == "tls" and not c.require_verified_tls and result.evidence and not result.evidence.tls_version \
                     and not c.sandbox:
                 method = "none"  # opportunistic, no PHI: the server offered no TLS
-            service.record_result(session, r, result, method=method,
-                                  key_fingerprint=c.keys[method].fingerprint if method in ("pgp", "smime") else None)
+            encrypt = encryptors.get(r.org_id)
+            if encrypt is None:
+                encrypt = encryptors[r.org_id] = ring.encryptor(session, r.org_id)
+            changed, details = service.result_changes(
+                session, r, result, method=method, encrypt=encrypt,
+                key_fingerprint=c.keys[method].fingerprint if method in ("pgp", "smime") else None)
             if c.sandbox:
-                r.evidence = {**(r.evidence or {}), "sandbox": True}
+                changed["evidence"] = {**(changed["evidence"] or {}), "sandbox": True}
+            values.update(changed)
+            values["_event"] = details
+            if changed["status"] == "bounced":
+                bounced.append((r, result))
         else:  # unreachable: every open copy gets a result or a final outcome
-            _finish(session, r, "deferred", "internal: no outcome", None, retry=True)
+            values.update(_finish_values("deferred", "internal: no outcome", None, retry=True))
+        details = values.pop("_event")
+        for column, value in values.items():
+            set_committed_value(r, column, value)  # what the UPDATE below writes; nothing left for the unit of work
+        changes.append({"id": r.id, "updated_at": now, **values})
+        event(r, r.status, **details)
         run.statuses[r.status] = run.statuses.get(r.status, 0) + 1
+        metrics.observe_delivery(r.status, why, code, duplicate)
+    if changes:
+        session.execute(update(MessageRecipient), changes)  # executemany, grouped by the columns each row sets
+    if events:
+        session.execute(insert(MessageEvent), events)
+    for r, row in published:
+        # Every message event goes out to the organization's webhooks and analytics (as add_event).
+        domain_events.publish("message.recipient_event", session, r, _EventRow(row))
+    for r, result in bounced:
+        from carepost.delivery import bounces
+
+        bounce = bounces.smtp_bounce_details(result)
+        if bounce:
+            bounces.after_bounce(session, r, bounce, source="smtp")
     session.flush()
+
+
+class _EventRow:
+    """A written event's columns as attributes (what ``message.recipient_event`` subscribers read)."""
+
+    def __init__(self, values: dict) -> None:
+        self.__dict__.update(values)
 
 
 # --------------------------------------------------------------------------- the delivery loop
@@ -884,17 +1053,20 @@ class DeliveryLoop:
         deadline = max(30.0, settings.delivery_lease_seconds - 60.0)
         loop = asyncio.get_running_loop()
 
+        def expire(done: asyncio.Future) -> None:
+            if not done.done():
+                done.set_result(False)
+
         async def committed(kind: str, i: int, payload) -> bool:
+            # Waits for the recorder (``_Release``), False after MARK_TIMEOUT: one timer, no
+            # ``wait_for`` wrapper (two waits per copy, on the hot path).
             done = loop.create_future()
-
-            def release(ok: bool) -> None:
-                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(ok))
-
-            inbox.put((kind, i, payload, release))
+            inbox.put((kind, i, payload, _Release(done)))
+            timer = loop.call_later(MARK_TIMEOUT, expire, done)
             try:
-                return await asyncio.wait_for(done, MARK_TIMEOUT)
-            except asyncio.TimeoutError:
-                return False
+                return await done
+            finally:
+                timer.cancel()
 
         async def one(i: int, envelope: Envelope) -> RecipientResult:
             async with semaphore:
@@ -947,22 +1119,43 @@ def reset() -> None:
 # --------------------------------------------------------------------------- due recipients
 
 
-def due_message_ids(session: Session, limit: int = 10000) -> list[str]:
+# How far ahead of this process's clock another's may be (NTP keeps machines well within it).
+CLOCK_SLACK = timedelta(seconds=60)
+
+
+def lease_free(now: datetime, lease_seconds: float):
+    """The SQL condition: a recipient's lease is free — none held, run out, or ending further
+    ahead than any lease this installation grants (``CAREPOST_DELIVERY_LEASE_SECONDS`` plus
+    :data:`CLOCK_SLACK`). Only a clock that was ahead and has been set back since (an NTP step,
+    an operator fixing the time) writes such a lease; left alone, a worker killed holding it
+    would leave its recipients stuck for as long as the clock went back. Taking such a lease is
+    safe as taking an expired one: the run that wrote it, if still alive, sends only the
+    copies it marked before (a copy marked and not recorded is sent again flagged
+    ``possible_duplicate``), and records nothing on rows no longer its own."""
+    R = MessageRecipient
+    return or_(R.lease_until.is_(None), R.lease_until < now,
+               R.lease_until > now + timedelta(seconds=lease_seconds) + CLOCK_SLACK)
+
+
+def due_message_ids(session: Session, limit: int = 10000, *, stale_after: timedelta = REQUEUE_AFTER) -> list[str]:
     """Messages with recipients that are due and that no task is known to be handling:
-    deferred ones whose next attempt has come, and queued ones whose task got lost. Marks them
-    as queued again (``enqueued_at``), so the next sweep does not queue them twice."""
+    deferred ones whose next attempt has come, and queued ones whose task got lost (queued
+    ``stale_after`` ago or more: 0 when the queue's store lost its tasks). Marks them as queued
+    again (``enqueued_at``), so the next sweep does not queue them twice."""
     now = clock.now()
     R = MessageRecipient
-    stale = now - REQUEUE_AFTER
+    stale = now - stale_after
+    # Queued again "in the future": the clock was set back since; its task may be lost as well.
+    ahead = R.enqueued_at > now + CLOCK_SLACK
     due = and_(
-        or_(R.lease_until.is_(None), R.lease_until < now),
+        lease_free(now, get_settings().delivery_lease_seconds),
         or_(
             # claimed by a worker that died: due as soon as its lease expired (queued again once)
             and_(R.status == "queued", R.lease_until.is_not(None),
-                 or_(R.enqueued_at.is_(None), R.enqueued_at < R.lease_until)),
-            and_(R.status == "queued", or_(R.enqueued_at.is_(None), R.enqueued_at < stale)),
+                 or_(R.enqueued_at.is_(None), R.enqueued_at < R.lease_until, ahead)),
+            and_(R.status == "queued", or_(R.enqueued_at.is_(None), R.enqueued_at < stale, ahead)),
             and_(R.status == "deferred", R.next_attempt_at <= now,
-                 or_(R.enqueued_at.is_(None), R.enqueued_at < R.next_attempt_at, R.enqueued_at < stale)),
+                 or_(R.enqueued_at.is_(None), R.enqueued_at < R.next_attempt_at, R.enqueued_at < stale, ahead)),
         ),
     )
     ids = list(session.scalars(select(R.message_id).where(due).distinct().limit(limit)))
@@ -1041,21 +1234,23 @@ def _dkim_keys(session: Session, row: SendingDomain) -> list[dkim.DkimKey]:
     return found
 
 
-def _finish(session: Session, recipient: MessageRecipient, status: str, reason: str, method: str | None,
-            *, retry: bool = False, until: datetime | None = None) -> None:
-    now = clock.now()
-    recipient.status = status
-    recipient.reason = reason
-    recipient.method = method if status != "excluded" else None
-    recipient.lease_until = None
-    recipient.lease_owner = None
-    recipient.sending_since = None
-    recipient.next_attempt_at = until or (now + timedelta(minutes=5) if retry else None)
-    service.add_event(session, recipient, status, method=recipient.method, reason=reason.split(":", 1)[0])
+def _finish_values(status: str, reason: str, method: str | None, *, retry: bool = False,
+                   until: datetime | None = None) -> dict:
+    """A final outcome decided without an SMTP answer: the row's new values, and its event's details
+    under ``_event``."""
+    method = method if status != "excluded" else None
+    return {"status": status, "reason": reason, "method": method, "lease_until": None, "lease_owner": None,
+            "sending_since": None, "next_attempt_at": until or (clock.now() + timedelta(minutes=5) if retry else None),
+            "_event": {"method": method, "reason": reason.split(":", 1)[0]}}
 
 
-def _with_duplicate_flag(result: RecipientResult) -> RecipientResult:
-    return RecipientResult(result.address, result.status, result.reason, result.reply_code, True, result.evidence)
+INTERRUPTED = "possible duplicate: an earlier attempt was cut off after its SMTP transaction began"
+
+
+def _with_duplicate_flag(result: RecipientResult, why: str) -> RecipientResult:
+    """The outcome flagged ``possible_duplicate``, its reason saying why."""
+    reason = f"{result.reason}; {why}" if result.reason else why
+    return RecipientResult(result.address, result.status, reason, result.reply_code, True, result.evidence)
 
 
 def _with_status(result: RecipientResult, status: str) -> RecipientResult:

@@ -74,6 +74,7 @@ from carepost.delivery.preview import (  # noqa: F401
 from carepost.delivery.outcomes import (  # noqa: F401
     add_event,
     record_result,
+    result_changes,
 )
 from carepost.delivery.protection import (  # noqa: F401
     Delivered,

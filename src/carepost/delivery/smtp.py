@@ -27,9 +27,12 @@ caller to store encrypted, and nothing here logs them.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import hashlib
 import random
+import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 
@@ -48,10 +51,15 @@ log = get_logger(__name__)
 NETWORK_ERRORS = (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, aiosmtplib.SMTPConnectError,
                   OSError, asyncio.TimeoutError, EOFError)
 IDLE_SECONDS = 30.0  # pooled connections idle longer than this are closed, not reused
+SLOT_IDLE_SECONDS = 2.0  # an idle connection holding a shared per-domain place is closed after this
 
 
 class TlsUnavailable(Exception):
     """Verified TLS could not be established with an MX; the reason is safe to show."""
+
+
+class DomainBusy(OSError):
+    """Every connection the receiving domain allows (across all workers) is open: try later."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +146,7 @@ class PooledConnection:
     messages: int = 0
     authenticated: bool = False
     route: tuple = ()  # Relay.pool_key for a relay connection, () for an MX
+    slot: tuple | None = None  # (limit key, lease token): this connection's place in the shared per-domain count
 
     @property
     def key(self) -> tuple:
@@ -146,6 +155,8 @@ class PooledConnection:
 
 def _describe(err: BaseException) -> str:
     """A short, PHI-free description of a failure (replies are summarised by code only)."""
+    if isinstance(err, DomainBusy):
+        return str(err)
     if isinstance(err, aiosmtplib.SMTPConnectTimeoutError):
         return "connect timed out"
     if isinstance(err, aiosmtplib.SMTPConnectError):
@@ -222,6 +233,23 @@ def _peer(conn: PooledConnection) -> tuple | None:
     return (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) and len(peer) >= 2 else None
 
 
+_POOLS_HOLDING_SLOTS: weakref.WeakSet = weakref.WeakSet()
+_POOLS_LOCK = threading.Lock()
+
+
+@atexit.register
+def _release_slots_at_exit() -> None:
+    """A worker that exits (SIGTERM, the end of ``carepost run``) gives back the shared per-domain
+    places its connections hold, open or idle: the connections end with the process. Without this
+    they stayed taken for their whole lease (minutes), and the workers that remained, or the
+    restarted one, could open only the domain's few places left (seen in bench/scale_out.py: 17 of
+    20 places held after every worker had stopped)."""
+    with _POOLS_LOCK:
+        pools = list(_POOLS_HOLDING_SLOTS)
+    for pool in pools:
+        pool.release_every_slot()
+
+
 class ConnectionPool:
     """Idle connections per destination (MX host, address, port, and for a relay whose relay and
     login), at most ``size`` in use and kept per destination. A connection carries its TLS state; one without verified TLS is never
@@ -234,6 +262,63 @@ class ConnectionPool:
         self._idle: dict[tuple, list[PooledConnection]] = {}
         self._slots: dict[tuple, asyncio.Semaphore] = {}
         self.opened = 0
+        # Open connections per receiving domain, across every worker (core.limits; Redis when set).
+        self.domain_max = settings.domain_max_connections
+        self.lease = 2 * settings.smtp_timeout + IDLE_SECONDS + 30
+        self._held: set[tuple] = set()  # the shared places this pool's connections hold
+
+    async def _domain_slot(self, limit_key: str | None) -> tuple | None:
+        """A leased place among the receiving domain's open connections, waiting up to the SMTP
+        timeout for one to free up; :class:`DomainBusy` (the message is deferred) after that."""
+        if not limit_key or not self.domain_max:
+            return None
+        from carepost.core.limits import LimitsUnavailable, get_limits
+
+        limits = get_limits()
+        deadline = time.monotonic() + self.settings.smtp_timeout
+        delay = 0.02
+        while True:
+            try:
+                token = limits.acquire_slot("conn:" + limit_key, self.domain_max, self.lease)
+            except LimitsUnavailable as exc:
+                raise DomainBusy(str(exc)) from None
+            if token is not None:
+                slot = ("conn:" + limit_key, token)
+                self._held.add(slot)
+                with _POOLS_LOCK:
+                    _POOLS_HOLDING_SLOTS.add(self)
+                return slot
+            if time.monotonic() >= deadline:
+                raise DomainBusy(f"all {self.domain_max} connections the domain allows are in use")
+            await asyncio.sleep(delay)
+            delay = min(0.5, delay * 2)
+
+    async def _close(self, conn: PooledConnection) -> None:
+        await tlsprobe.close_quietly(conn.smtp)
+        self._free_slot(conn)
+
+    def _release_slot(self, slot: tuple | None) -> None:
+        if slot is not None:
+            from carepost.core.limits import LimitsUnavailable, get_limits
+
+            self._held.discard(slot)
+            try:
+                get_limits().release_slot(*slot)
+            except LimitsUnavailable:
+                pass  # the lease runs out on its own
+
+    def _free_slot(self, conn: PooledConnection) -> None:
+        slot, conn.slot = conn.slot, None
+        self._release_slot(slot)
+
+    def _renew(self, conn: PooledConnection) -> None:
+        if conn.slot is not None:
+            from carepost.core.limits import LimitsUnavailable, get_limits
+
+            try:
+                get_limits().renew_slot(conn.slot[0], conn.slot[1], self.lease)
+            except LimitsUnavailable:
+                pass
 
     def _slot(self, key: tuple) -> asyncio.Semaphore:
         if key not in self._slots:
@@ -241,7 +326,7 @@ class ConnectionPool:
         return self._slots[key]
 
     async def acquire(self, target: cpdns.MxTarget, address: str, *, require_verified: bool,
-                      route: tuple = ()) -> PooledConnection:
+                      route: tuple = (), limit_key: str | None = None) -> PooledConnection:
         key = (target.host, address, target.port, route)
         await self._slot(key).acquire()
         try:
@@ -254,11 +339,18 @@ class ConnectionPool:
             chosen = usable[0] if usable else None
             idle[:] = [c for c in idle if c not in stale and c is not chosen]
             for conn in stale:
-                await tlsprobe.close_quietly(conn.smtp)
+                await self._close(conn)
             if chosen is not None:
+                self._renew(chosen)
                 return chosen
-            conn = await open_connection(target, address, require_verified=require_verified, settings=self.settings)
+            slot = await self._domain_slot(limit_key)
+            try:
+                conn = await open_connection(target, address, require_verified=require_verified, settings=self.settings)
+            except BaseException:
+                self._release_slot(slot)
+                raise
             conn.route = route
+            conn.slot = slot
             self.opened += 1
             return conn
         except BaseException:
@@ -270,16 +362,32 @@ class ConnectionPool:
         idle = self._idle.setdefault(conn.key, [])
         try:
             if healthy and conn.smtp.is_connected and conn.messages < self.max_messages and len(idle) < self.size:
+                self._renew(conn)
                 idle.append(conn)
+                if conn.slot is not None:
+                    # It holds one of the domain's shared places: give it back soon when this
+                    # worker has nothing more for the domain, so another worker may connect.
+                    asyncio.get_running_loop().call_later(SLOT_IDLE_SECONDS, self._reap_if_idle, conn, conn.last_used)
             else:
-                await tlsprobe.close_quietly(conn.smtp)
+                await self._close(conn)
         finally:
             self._slot(conn.key).release()
+
+    def _reap_if_idle(self, conn: PooledConnection, released_at: float) -> None:
+        idle = self._idle.get(conn.key, [])
+        if conn in idle and conn.last_used == released_at:
+            idle.remove(conn)
+            asyncio.ensure_future(self._close(conn))
+
+    def release_every_slot(self) -> None:
+        """Give back every shared place this pool holds (the process is ending)."""
+        for slot in self._held.copy():  # a set's copy is atomic; the loop's thread may still run
+            self._release_slot(slot)
 
     async def close(self) -> None:
         for idle in self._idle.values():
             for conn in idle:
-                await tlsprobe.close_quietly(conn.smtp)
+                await self._close(conn)
         self._idle.clear()
 
 
@@ -331,7 +439,9 @@ class DeliveryClient:
     async def deliver(self, envelope: Envelope) -> list[RecipientResult]:
         domain = envelope.domain
         relay = self.route(envelope)
-        await self._respect_rate(domain)
+        too_fast = await self._respect_rate(domain)
+        if too_fast:
+            return self._all(envelope, "deferred", too_fast)
         targets, failure = await self._find_targets(domain, relay)
         if failure:
             return failure(envelope)
@@ -353,7 +463,8 @@ class DeliveryClient:
             for address in addresses[:2]:
                 try:
                     conn = await self.pool.acquire(target, address, require_verified=require,
-                                                   route=relay.pool_key if relay else ())
+                                                   route=relay.pool_key if relay else (),
+                                                   limit_key=("relay:" + relay.target.host) if relay else domain)
                 except TlsUnavailable as err:
                     tls_failures.append(f"{target.host}: {err}")
                     break  # the same host at another address presents the same certificate
@@ -372,15 +483,34 @@ class DeliveryClient:
             return self._all(envelope, "bounced", "no MX host with a public address: " + "; ".join(refusals))
         return self._all(envelope, "deferred", "; ".join(tls_failures + network_failures) or "no MX host reachable")
 
-    async def _respect_rate(self, domain: str) -> None:
-        """Per-domain rate limit: messages to one domain are spaced 1/rate seconds apart."""
+    async def _respect_rate(self, domain: str) -> str | None:
+        """Per-domain rate limit. ``CAREPOST_DOMAIN_RATE_PER_MINUTE``: a token bucket shared by
+        every worker (core.limits; Redis when set) holding one second of messages; a message
+        waits for its token, or is deferred (the reason returned) when the wait would pass the
+        SMTP timeout. ``per_domain_rate`` (messages per second, this client only): spaced apart."""
         if not self.per_domain_rate:
-            return
+            per_minute = self.settings.domain_rate_per_minute
+            if not per_minute:
+                return None
+            from carepost.core.limits import LimitsUnavailable, get_limits
+
+            rate = per_minute / 60.0
+            try:
+                wait = get_limits().reserve("domain:" + domain, rate, max(1.0, rate), 1,
+                                            max_wait=self.settings.smtp_timeout)
+            except LimitsUnavailable as exc:
+                return f"domain rate limit: {exc}"
+            if wait is None:
+                return f"domain rate limit: {per_minute} messages per minute reached"
+            if wait > 0:
+                await asyncio.sleep(wait)
+            return None
         now = time.monotonic()
         slot = max(now, self._next_slot.get(domain, now))
         self._next_slot[domain] = slot + 1.0 / self.per_domain_rate
         if slot > now:
             await asyncio.sleep(slot - now)
+        return None
 
     async def _find_targets(self, domain: str, relay: Relay | None = None):
         if relay:

@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from carepost.core import clock
 from carepost.core.errors import ValidationFailed
 from carepost.ehr import service
 from carepost.ehr.models import EhrMessage
@@ -353,6 +355,11 @@ def process(session: Session, org_id: str, resource: dict, raw: str, content_has
 
 def retry(session: Session, org_id: str, row: EhrMessage, raw: str) -> Outcome:
     resource = json.loads(raw)
+    if isinstance(resource, dict) and "id_only" in resource and "resourceType" not in resource:
+        from carepost.ehr import fhir_fetch
+
+        fhir_fetch.requeue(session, row)  # a failed read-back: read it again, in the worker
+        return Outcome("AA", "queued", org_id, row.id, reason_code="id_only_queued", text=row.reason)
     return process(session, org_id, resource, raw, row.content_hash, row.control_id, row, actor_id=row.connection_id)
 
 
@@ -360,29 +367,183 @@ def retry(session: Session, org_id: str, row: EhrMessage, raw: str) -> Outcome:
 
 
 NOTIFICATION_SKIP = {"SubscriptionStatus", "Parameters", "Patient", "Practitioner", "Location", "PractitionerRole"}
+BUNDLE_TYPES = ("history", "subscription-notification", "collection", "batch", "transaction", "message", "searchset")
+NOTIFICATION_TYPES = ("handshake", "heartbeat", "event-notification", "query-status", "query-event")
+NOTHING_TO_RECORD = ("handshake", "heartbeat", "query-status")
+ID_ONLY_REASON = ("An id-only notification: the EHR sent the resource's id, not the resource. CarePost does not "
+                  "fetch it: no FHIR server is set for this organization, so no event was recorded; set one (PUT "
+                  "/api/v1/ehr/fhir-server), set the Subscription's payload content to full-resource, or post the "
+                  "resource to /api/v1/fhir/{type}.")
+ID_ONLY_QUEUED = "Queued to be read from the organization's FHIR server."
+_REFERENCE = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})"
+                        r"(?:/_history/([A-Za-z0-9\-.]{1,64}))?/?$")
 
 
-def bundle_entries(bundle) -> list[tuple[int, dict]]:
-    """The Appointment and Encounter entries of a notification Bundle (R4B/R5 backport shape:
-    type ``history``, first entry the SubscriptionStatus; or any Bundle with full resources)."""
+@dataclass
+class Notification:
+    """A Subscription notification Bundle as CarePost reads it.
+
+    ``type`` is the status entry's notification type (``event-notification`` when the Bundle
+    holds no status entry: a plain collection of resources); ``full`` the entries that carry a
+    resource; ``ids`` the references of an ``id-only`` notification (entries with a ``fullUrl``
+    or ``request.url`` but no resource, and focus references of notification events whose
+    resource is not in the Bundle) as ``(expression, type, id, version, event number)``."""
+
+    type: str
+    subscription: str | None
+    full: list[tuple[int, dict]]
+    ids: list[tuple[str, str, str, str | None, str | None]]
+    events_in_status: int
+
+
+def _parameters(resource: dict) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for param in resource.get("parameter") or []:
+        if isinstance(param, dict) and isinstance(param.get("name"), str):
+            out.setdefault(param["name"], []).append(param)
+    return out
+
+
+def _value(param: dict):
+    return next((v for k, v in param.items() if k.startswith("value")), None)
+
+
+def _status_of(resource: dict, where: str) -> tuple[str, str | None, list[tuple[str | None, str | None, str]]]:
+    """(notification type, subscription reference, [(event number, focus reference, expression)])
+    of an R4B/R5 ``SubscriptionStatus`` or an R4 backport ``Parameters`` status."""
+    if resource["resourceType"] == "SubscriptionStatus":
+        ntype = resource.get("type") or resource.get("notificationType")
+        type_at = f"{where}.type"
+        subscription = (resource.get("subscription") or {}).get("reference")
+        events = []
+        for k, event in enumerate(resource.get("notificationEvent") or []):
+            if not isinstance(event, dict):
+                raise FhirProblem(422, "structure", "notificationEvent is a list of objects.",
+                                  f"{where}.notificationEvent[{k}]")
+            focus = (event.get("focus") or {}).get("reference")
+            events.append((str(event.get("eventNumber") or "") or None, focus,
+                           f"{where}.notificationEvent[{k}].focus"))
+    else:
+        params = _parameters(resource)
+        ntype = _value(params["type"][0]) if params.get("type") else None
+        type_at = f"{where}.parameter.where(name='type').value"
+        subscription = (_value(params["subscription"][0]) or {}).get("reference") if params.get("subscription") else None
+        events = []
+        for k, event in enumerate(params.get("notification-event") or []):
+            parts = {p.get("name"): _value(p) for p in event.get("part") or [] if isinstance(p, dict)}
+            focus = (parts.get("focus") or {}).get("reference") if isinstance(parts.get("focus"), dict) else None
+            events.append((str(parts.get("event-number") or "") or None, focus,
+                           f"{where}.parameter.where(name='notification-event')[{k}].part.where(name='focus')"))
+    if ntype not in NOTIFICATION_TYPES:
+        raise FhirProblem(422, "code-invalid", f"The notification type is one of {', '.join(NOTIFICATION_TYPES)}.",
+                          type_at)
+    return ntype, subscription if isinstance(subscription, str) else None, events
+
+
+def _split_reference(text: str) -> tuple[str, str, str | None] | None:
+    match = _REFERENCE.search(text.split("?", 1)[0]) if isinstance(text, str) else None
+    return (match.group(1), match.group(2), match.group(3)) if match else None
+
+
+def read_notification(bundle) -> Notification:
+    """Read a Subscription rest-hook notification (R4 backport: Bundle ``history`` whose first
+    entry is a ``Parameters`` status; R4B: a ``SubscriptionStatus``; R5: Bundle
+    ``subscription-notification``) or any Bundle of full resources. Raises :class:`FhirProblem`
+    naming the element."""
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         raise FhirProblem(422, "structure", "A notification is a FHIR Bundle.", "Bundle.resourceType")
-    if bundle.get("type") not in ("history", "subscription-notification", "collection", "batch", "transaction",
-                                  "message", "searchset"):
-        raise FhirProblem(422, "value", "Bundle.type is history (a Subscription notification), collection, batch or "
-                          "transaction.", "Bundle.type")
+    if bundle.get("type") not in BUNDLE_TYPES:
+        raise FhirProblem(422, "value", "Bundle.type is history (a Subscription notification), "
+                          "subscription-notification, collection, batch or transaction.", "Bundle.type")
     entries = bundle.get("entry") or []
     if not isinstance(entries, list):
         raise FhirProblem(422, "structure", "Bundle.entry is a list.", "Bundle.entry")
-    out = []
+    ntype, subscription, events = "event-notification", None, []
+    full: list[tuple[int, dict]] = []
+    bare: list[tuple[int, str]] = []
+    status_seen = False
     for i, entry in enumerate(entries):
-        resource = (entry or {}).get("resource") if isinstance(entry, dict) else None
-        if not isinstance(resource, dict):
+        if not isinstance(entry, dict):
+            raise FhirProblem(422, "structure", "Each Bundle.entry is an object.", f"Bundle.entry[{i}]")
+        resource = entry.get("resource")
+        if resource is not None and not isinstance(resource, dict):
+            raise FhirProblem(422, "structure", "Bundle.entry.resource is a FHIR resource (an object).",
+                              f"Bundle.entry[{i}].resource")
+        if resource is None:
+            request = entry.get("request") if isinstance(entry.get("request"), dict) else {}
+            urls = [u for u in (entry.get("fullUrl"), request.get("url")) if isinstance(u, str) and u]
+            if urls:
+                bare.append((i, next((u for u in urls if _split_reference(u)), urls[0])))
             continue
-        if resource.get("resourceType") in NOTIFICATION_SKIP:
+        rtype = resource.get("resourceType")
+        is_status = rtype == "SubscriptionStatus" or (rtype == "Parameters" and "type" in _parameters(resource)
+                                                       and i == 0)
+        if is_status and not status_seen:
+            status_seen = True
+            ntype, subscription, events = _status_of(resource, f"Bundle.entry[{i}].resource")
             continue
-        out.append((i, resource))
-    return out
+        if rtype in NOTIFICATION_SKIP:
+            continue
+        full.append((i, resource))
+    ids: list[tuple[str, str, str, str | None, str | None]] = []
+    seen: set[tuple[str, str]] = {(r.get("resourceType"), r.get("id")) for _, r in full}
+    numbers = {}
+    for number, focus, _ in events:
+        parts = _split_reference(focus or "")
+        if parts and number:
+            numbers.setdefault(parts[:2], number)
+    for i, url in bare:
+        parts = _split_reference(url)
+        if parts is None:
+            raise FhirProblem(422, "value", "An entry without a resource names one by its fullUrl or request.url "
+                              "(<type>/<id>).", f"Bundle.entry[{i}].fullUrl")
+        if parts[:2] not in seen:
+            seen.add(parts[:2])
+            ids.append((f"Bundle.entry[{i}].fullUrl", *parts, numbers.get(parts[:2])))
+    for number, focus, where in events:
+        parts = _split_reference(focus or "")
+        if focus and parts is None:
+            raise FhirProblem(422, "value", "A notification event's focus is a reference <type>/<id>.", where)
+        if parts and parts[:2] not in seen:
+            seen.add(parts[:2])
+            ids.append((where, *parts, number))
+    return Notification(ntype, subscription, full, ids, len(events))
+
+
+def _subscription_key(subscription: str | None) -> str:
+    parts = _split_reference(subscription or "")
+    return parts[1] if parts else hashlib.sha256((subscription or "").encode()).hexdigest()[:16]
+
+
+def record_id_only(session: Session, org_id: str, note: Notification, item, *, actor_id: str | None) -> Outcome:
+    """Keep the arrival of an id-only reference (status ``ignored``, reason ``id_only``), once per
+    resource version or notification event number: ids only, nothing to retry, no event."""
+    _where, rtype, rid, version, number = item
+    if rtype not in RESOURCE_TYPES:
+        return Outcome("AA", "ignored", org_id, None, text=f"{rtype} is not Appointment or Encounter: nothing to "
+                       "record.")
+    key = f"{rtype}/{rid}" + (f"/_history/{version}" if version else "")
+    cid = f"id-only:{key}" + (f"@{_subscription_key(note.subscription)}#{number}" if number else "")
+    cid = cid[:199]
+    content_hash = hashlib.sha256(cid.encode()).hexdigest()
+    row = service.find_message(session, org_id, SOURCE_FHIR, cid)
+    if row is not None:
+        return Outcome("AA", "replayed", org_id, row.id, text="id_only")
+    from carepost.ehr import fhir_fetch
+
+    if fhir_fetch.get_server(session, org_id) is not None:
+        kept = service._store(session, org_id, None, source=SOURCE_FHIR, connection_id=actor_id, control_id=cid,
+                              content_hash=content_hash, message_type=rtype, status="queued", ack_code="AA",
+                              reason_code="id_only_queued", reason=ID_ONLY_QUEUED, resource_key=f"{rtype}/{rid}"[:200])
+        kept.next_attempt_at = clock.now()
+        fhir_fetch.fetch_after_commit(session, org_id, kept.id)
+        return Outcome("AA", "queued", org_id, kept.id, reason_code="id_only_queued", text=ID_ONLY_QUEUED)
+    kept = service._store(session, org_id, None, source=SOURCE_FHIR, connection_id=actor_id, control_id=cid,
+                          content_hash=content_hash, message_type=rtype, status="ignored", ack_code="AA",
+                          reason_code="id_only", reason=ID_ONLY_REASON.format(type=rtype),
+                          resource_key=f"{rtype}/{rid}"[:200])
+    return Outcome("AA", "ignored", org_id, kept.id, reason_code="id_only",
+                   text=ID_ONLY_REASON.format(type=rtype))
 
 
 def as_problem(exc: ValidationFailed) -> FhirProblem:

@@ -2,7 +2,8 @@
 
 * :class:`MllpConnection` — one sending system of an organization allowed to deliver HL7 v2 over
   ``carepost mllp``: its sending facilities (MSH-4) and a credential it puts in MSH-8 (Security),
-  stored hashed, so the listener knows whose patients a message is about before it reads them.
+  stored hashed, so the listener knows whose patients a message is about before it reads them;
+  optionally the SHA-256 fingerprint of the TLS client certificate it must send from (pinned).
 * :class:`EhrMessage` — every message or resource received from an authenticated sender, with
   its outcome: ``recorded`` (an event was stored), ``ignored`` (nothing to record, e.g. an
   Appointment still ``proposed``), ``error`` (the error queue: a reason without PHI and the raw
@@ -35,6 +36,8 @@ class MllpConnection(OrgScoped, Base):
     sending_facilities: Mapped[list] = mapped_column(JSON)  # MSH-4 namespace ids this connection may send as
     mrn_system: Mapped[str | None] = mapped_column(String(255))  # where PID-3 MRNs are looked up; None: any MRN system
     time_zone: Mapped[str] = mapped_column(String(64), default="UTC")  # for HL7 times without an offset
+    # SHA-256 (hex) of the DER client certificate this system must present over mutual TLS; None: any
+    client_cert_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     created_by: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(default=clock.now)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -48,6 +51,7 @@ class EhrMessage(OrgScoped, Base):
     __table_args__ = (
         UniqueConstraint("org_id", "source", "control_id"),
         Index("ix_ehr_messages_org_status", "org_id", "status", "received_at"),
+        Index("ix_ehr_messages_due", "status", "next_attempt_at"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
@@ -68,5 +72,30 @@ class EhrMessage(OrgScoped, Base):
     contact_id: Mapped[str | None] = mapped_column(String(32))
     event_id: Mapped[str | None] = mapped_column(String(32))
     attempts: Mapped[int] = mapped_column(Integer, default=1)
+    # a queued id-only reference: when its (next) fetch is due — also the lease of the one running it
+    next_attempt_at: Mapped[datetime | None] = mapped_column(default=None)
     received_at: Mapped[datetime] = mapped_column(default=clock.now)
+    updated_at: Mapped[datetime] = mapped_column(default=clock.now, onupdate=clock.now)
+
+
+class FhirServer(OrgScoped, Base):
+    """The organization's FHIR server (the EHR) CarePost reads resources back from when a
+    Subscription sends an id-only notification, and its SMART Backend Services registration:
+    the client id, the token endpoint and CarePost's signing key (the private key encrypted under
+    the organization's data key; the public key is shown as a JWKS for the EHR's registration)."""
+
+    __tablename__ = "ehr_fhir_servers"
+    __table_args__ = (UniqueConstraint("org_id"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    base_url: Mapped[str] = mapped_column(String(500))  # https://ehr.example/fhir (no trailing slash)
+    token_url: Mapped[str] = mapped_column(String(500))  # the SMART token endpoint
+    client_id: Mapped[str] = mapped_column(String(255))
+    scope: Mapped[str] = mapped_column(String(500))
+    algorithm: Mapped[str] = mapped_column(String(8))  # ES384 | RS384 (client assertion signature)
+    key_id: Mapped[str] = mapped_column(String(64))  # kid: the public key's JWK thumbprint
+    private_key_enc: Mapped[bytes] = mapped_column(LargeBinary)  # PKCS#8 PEM, encrypted
+    public_jwk: Mapped[dict] = mapped_column(JSON)
+    created_by: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(default=clock.now)
     updated_at: Mapped[datetime] = mapped_column(default=clock.now, onupdate=clock.now)

@@ -1102,6 +1102,13 @@ def forget_contact(session: Session, org_id: str, contact_id: str, _indexes: dic
     session.execute(delete(FormSubmission).where(FormSubmission.org_id == org_id, FormSubmission.contact_id == contact_id))
 
 
+def forget_contacts(session: Session, org_id: str, indexes_by_contact: dict) -> None:
+    """:func:`forget_contact` for a set of contacts, in one statement."""
+    if indexes_by_contact:
+        session.execute(delete(FormSubmission).where(FormSubmission.org_id == org_id,
+                                                     FormSubmission.contact_id.in_(sorted(indexes_by_contact))))
+
+
 def export_section(session: Session, org_id: str, contact_id: str) -> list[dict]:
     rows = session.scalars(
         select(FormSubmission).where(FormSubmission.org_id == org_id, FormSubmission.contact_id == contact_id)

@@ -15,32 +15,15 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
+
+from carepost.accounts.commands import organization_id
+from carepost.core.console import console, err, fail
 
 journeys_app = typer.Typer(help="Journeys: list, show, validate, publish, pause, tick, runs.", no_args_is_help=True)
-console = Console()
-err = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {message}", soft_wrap=True, highlight=False, markup=True)
-    raise typer.Exit(code)
 
 
 def _print(line: str) -> None:
     console.print(line, soft_wrap=True, highlight=False, markup=False)
-
-
-def _org_id(org: str) -> str:
-    from carepost.accounts.service import get_organization
-    from carepost.core.database import system_session
-    from carepost.core.errors import CarePostError
-
-    with system_session() as session:
-        try:
-            return get_organization(session, org).id
-        except CarePostError as exc:
-            _fail(exc.message)
 
 
 def operator(org_id: str):
@@ -65,7 +48,7 @@ def _report(exc) -> None:
     if isinstance(exc, DefinitionInvalid):
         for e in exc.errors:
             err.print(f"{e['path'] or '(definition)'}: {e['message']}", soft_wrap=True, highlight=False, markup=False)
-    _fail(exc.message.replace("[", "\\["), 2)
+    fail(exc.message.replace("[", "\\["), 2)
 
 
 @journeys_app.command("list")
@@ -77,7 +60,7 @@ def list_(org: str = typer.Option(..., "--org", help="Organization slug or id.")
     from carepost.core.errors import CarePostError
     from carepost.journeys import service
 
-    org_id = _org_id(org)
+    org_id = organization_id(org)
     with org_session(org_id) as session:
         try:
             rows = service.list_journeys(session, org_id, status=status)
@@ -102,7 +85,7 @@ def show(journey_id: str = typer.Argument(..., help="The journey id."),
     from carepost.core.errors import CarePostError
     from carepost.journeys import analytics, service
 
-    org_id = _org_id(org)
+    org_id = organization_id(org)
     with org_session(org_id) as session:
         try:
             row = service.get_journey(session, org_id, journey_id)
@@ -141,17 +124,17 @@ def validate(file: Path = typer.Argument(..., help="A JSON file holding a defini
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        _fail(f"cannot read {file}: {type(exc).__name__}", 2)
+        fail(f"cannot read {file}: {type(exc).__name__}", 2)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        _fail(f"{file} is not JSON (line {exc.lineno}, column {exc.colno}).", 2)
+        fail(f"{file} is not JSON (line {exc.lineno}, column {exc.colno}).", 2)
     if isinstance(data, dict) and set(data) == {"definition"}:
         data = data["definition"]
     if org:
         from carepost.core.database import org_session
 
-        org_id = _org_id(org)
+        org_id = organization_id(org)
         with org_session(org_id) as session:
             errors = validate_definition(session, org_id, data)
     else:
@@ -159,7 +142,7 @@ def validate(file: Path = typer.Argument(..., help="A JSON file holding a defini
     if errors:
         for e in errors:
             _print(f"{e['path'] or '(definition)'}: {e['message']}")
-        _fail(f"{len(errors)} problem{'s' if len(errors) != 1 else ''} in {file.name}", 1)
+        fail(f"{len(errors)} problem{'s' if len(errors) != 1 else ''} in {file.name}", 1)
     _print(f"{file.name}: valid" + ("" if org else " (shape and graph; pass --org to check references)"))
 
 
@@ -175,8 +158,8 @@ def publish(journey_id: str = typer.Argument(..., help="The journey id."),
     from carepost.journeys import service
 
     if mode is not None and mode not in ("migrate", "drain"):
-        _fail("--mode is migrate or drain.", 2)
-    org_id = _org_id(org)
+        fail("--mode is migrate or drain.", 2)
+    org_id = organization_id(org)
     with org_session(org_id) as session:
         try:
             row = service.get_journey(session, org_id, journey_id)
@@ -195,7 +178,7 @@ def _transition(journey_id: str, org: str, fn_name: str, action: str) -> None:
     from carepost.core.errors import CarePostError
     from carepost.journeys import service
 
-    org_id = _org_id(org)
+    org_id = organization_id(org)
     with org_session(org_id) as session:
         try:
             row = service.get_journey(session, org_id, journey_id)
@@ -243,8 +226,8 @@ def runs(journey_id: str = typer.Argument(None, help="The journey id (or --conta
     from carepost.journeys import service
 
     if (journey_id is None) == (contact is None):
-        _fail("name a journey id or --contact, not both.", 2)
-    org_id = _org_id(org)
+        fail("name a journey id or --contact, not both.", 2)
+    org_id = organization_id(org)
     with org_session(org_id) as session:
         try:
             if journey_id is not None:
@@ -273,6 +256,6 @@ def tick(org: str = typer.Option(None, "--org", help="Only this organization's r
     """Advance the due runs once (what the worker's periodic task does) and say how many steps ran."""
     from carepost.journeys import engine
 
-    org_id = _org_id(org) if org else None
+    org_id = organization_id(org) if org else None
     result = engine.run_tick(org_id=org_id)
     _print(f"tick: {result}")

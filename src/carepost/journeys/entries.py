@@ -32,19 +32,25 @@ exits on unsubscribe and revocation (issue 15 item 1).
   (``active_key`` unique per journey).
 * **Exits** — :func:`on_unsubscribed` (``consent.unsubscribed``): a contact's open runs of
   journeys with ``unsubscribe`` in ``exit_on`` end ``exited``/``unsubscribe`` when the opt-out is
-  from all marketing or from the journey's topic; :func:`on_revoked` (``authorization.revoked``):
+  from the journey's topic, or from all marketing and the journey's purpose is one that opt-out
+  covers (``opt_out_required``: marketing and other commercial purposes; a treatment journey such
+  as an appointment reminder goes on, as its sends stay eligible); :func:`on_revoked` (``authorization.revoked``):
   runs of journeys with ``revocation`` in ``exit_on`` whose purpose the revoked authorization
   covered (or whose topic it named) end ``exited``/``revocation``. The send-time eligibility
   check refuses the next send anyway; these exits stop the rest of the run (notices, webhooks).
 
-``screening_due:<code>`` date entries are not evaluated yet (see docs/journeys.md).
+* **Screening due** — ``screening_due:<value set>`` date entries: the latest procedure or observation whose code is in that
+  shipped value set (``segments/library/valuesets``: ``mammography``, ``colorectal_cancer_screening``,
+  ``hba1c``...), plus ``offset`` as the screening interval (``2y``): the day the next one is due.
+  A newer screening moves the anchor, so the occurrence (``screen:<set>:<day>``) is a new one;
+  contacts never screened are not included.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, time, timedelta
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -75,11 +81,37 @@ def live_journeys(session: Session, org_id: str) -> list[tuple[str, int, str, di
     """``[(journey id, version, version id, definition)]`` of the organization's live journeys."""
     from carepost.journeys.engine import definitions
 
-    rows = session.execute(select(Journey.id, JourneyVersion.version, JourneyVersion.id).join(
-        JourneyVersion, and_(JourneyVersion.journey_id == Journey.id, JourneyVersion.version == Journey.current_version))
-        .where(Journey.org_id == org_id, Journey.status == "live")).all()
+    if session.info.get("org_id") == org_id:  # a scoped Core statement: no ORM cost (each HL7 group asks)
+        from carepost.core.scoped_select import org_select
+
+        if session.autoflush:
+            session.flush()  # what an ORM query would have written first (a Core one does not)
+        rows = org_select(session, _LIVE_JOURNEYS).all()
+        if not rows:
+            return []
+    else:
+        rows = session.execute(select(Journey.id, JourneyVersion.version, JourneyVersion.id).join(
+            JourneyVersion, and_(JourneyVersion.journey_id == Journey.id,
+                                 JourneyVersion.version == Journey.current_version))
+            .where(Journey.org_id == org_id, Journey.status == "live")).all()
     defs = definitions(session, [r[2] for r in rows])
     return [(jid, ver, vid, defs.get(vid) or {}) for jid, ver, vid in rows]
+
+
+_J, _JV, _JR = Journey.__table__, JourneyVersion.__table__, JourneyRun.__table__
+# Core statements for :func:`carepost.core.scoped_select.org_select` (it adds the organization to
+# every table, the joined one in its ON clause).
+_LIVE_JOURNEYS = (
+    select(_J.c.id, _JV.c.version, _JV.c.id)
+    .select_from(_J.join(_JV, and_(_JV.c.journey_id == _J.c.id, _JV.c.version == _J.c.current_version)))
+    .where(_J.c.status == "live")
+)
+_OPEN_RUNS_OF_CONTACTS = (
+    select(_JR.c.id, _JR.c.version_id, _JR.c.step_id, _JR.c.seq, _JR.c.waiting_event, _JR.c.entered_at,
+           _JR.c.journey_id, _JR.c.contact_id)
+    .where(_JR.c.contact_id.in_(bindparam("contact_ids", expanding=True)),
+           _JR.c.state.in_(bindparam("states", expanding=True)))
+)
 
 
 # --------------------------------------------------------------------------- starting runs
@@ -223,18 +255,7 @@ def on_contact_event(session: Session, event) -> dict:
         for rid, vid, sid, seq, waiting, _entered, jid in open_runs:
             if rid in goal_ids or waiting != name:
                 continue
-            step = ((defs.get(vid) or {}).get("steps") or {}).get(sid) or {}
-            if step.get("type") != "wait_event":
-                continue
-            moved = session.execute(update(JourneyRun).where(
-                JourneyRun.id == rid, JourneyRun.seq == seq, JourneyRun.waiting_event == name,
-                JourneyRun.state == "waiting").values(
-                step_id=step["next"], waiting_event=None, wake_at=now, state="active", seq=seq + 1, updated_at=now)
-                .execution_options(synchronize_session=False)).rowcount
-            if moved:
-                session.add(JourneyRunStep(org_id=org_id, run_id=rid, journey_id=jid, version_id=vid, step_id=sid,
-                                           step_type="wait_event", seq=seq + 1, status="done", reason="event", at=now))
-                result["resumed"] += 1
+            result["resumed"] += _resume_waiting(session, org_id, defs, rid, vid, sid, seq, jid, name, now)
     for journey_id, version, version_id, definition in live_journeys(session, org_id):
         entry = definition.get("entry") or {}
         if entry.get("type") != "event" or entry.get("event") != name:
@@ -253,6 +274,118 @@ def on_contact_event(session: Session, event) -> dict:
     return result
 
 
+def on_contact_events(session: Session, org_id: str, events: list) -> dict:
+    """``contact.events_recorded``: :func:`on_contact_event` for a group of events, set-wise — one
+    query for the open runs of all the group's contacts, the live journeys read once, one INSERT
+    of the started runs per journey. Events of the same contact are taken in rounds (its first
+    event in the first round, its second in the next...), so each sees what the one before it did
+    (a run started by the first reaches its goal on the second), as one by one."""
+    result = {"goals": 0, "resumed": 0, "started": 0}
+    rounds: list[list] = []
+    depth: dict[str, int] = {}
+    for event in events:
+        if not event.contact_id:
+            continue
+        n = depth.get(event.contact_id, 0)
+        depth[event.contact_id] = n + 1
+        if n == len(rounds):
+            rounds.append([])
+        rounds[n].append(event)
+    if not rounds:
+        return result
+    journeys = live_journeys(session, org_id)
+    for group in rounds:
+        for key, value in _events_round(session, org_id, group, journeys).items():
+            result[key] += value
+    if result["resumed"] or result["started"]:
+        session.flush()
+        advance_after_commit(session, org_id)
+    return result
+
+
+def _events_round(session: Session, org_id: str, events: list, journeys) -> dict:
+    """One round of :func:`on_contact_events`: at most one event per contact."""
+    from carepost.journeys.engine import definitions
+
+    now = clock.now()
+    result = {"goals": 0, "resumed": 0, "started": 0}
+    by_contact = {e.contact_id: e for e in events}
+    open_runs = []
+    cids = sorted(by_contact)
+    core = session.info.get("org_id") == org_id
+    if core and session.autoflush:
+        session.flush()  # the runs the round before changed, as an ORM query's autoflush would
+    for i in range(0, len(cids), INSERT_CHUNK):
+        if core:  # a scoped Core statement (core.scoped_select): the same rows without the ORM's cost
+            from carepost.core.scoped_select import org_select
+
+            open_runs += org_select(session, _OPEN_RUNS_OF_CONTACTS, {
+                "contact_ids": cids[i:i + INSERT_CHUNK], "states": sorted(OPEN_STATES)}).all()
+            continue
+        open_runs += session.execute(select(
+            JourneyRun.id, JourneyRun.version_id, JourneyRun.step_id, JourneyRun.seq, JourneyRun.waiting_event,
+            JourneyRun.entered_at, JourneyRun.journey_id, JourneyRun.contact_id).where(
+            JourneyRun.org_id == org_id, JourneyRun.contact_id.in_(cids[i:i + INSERT_CHUNK]),
+            JourneyRun.state.in_(OPEN_STATES))).all()
+    if open_runs:
+        defs = definitions(session, sorted({r[1] for r in open_runs}))
+        goal_ids = []
+        for rid, vid, _sid, _seq, _waiting, entered, _jid, cid in open_runs:
+            event = by_contact[cid]
+            occurred = clock.aware(event.occurred_at) if event.occurred_at else now
+            goal = (defs.get(vid) or {}).get("goal") or {}
+            entered = clock.aware(entered)
+            if goal.get("event") == event.name and entered <= occurred + timedelta(minutes=1) and \
+                    occurred <= entered + timedelta(days=int(goal.get("within_days") or 30)):
+                goal_ids.append(rid)
+        result["goals"] = end_runs(session, goal_ids, "completed", "goal", now, converted=True)
+        done = set(goal_ids)
+        for rid, vid, sid, seq, waiting, _entered, jid, cid in open_runs:
+            if rid in done or waiting != by_contact[cid].name:
+                continue
+            result["resumed"] += _resume_waiting(session, org_id, defs, rid, vid, sid, seq, jid, waiting, now)
+    for journey_id, version, version_id, definition in journeys:
+        entry = definition.get("entry") or {}
+        if entry.get("type") != "event":
+            continue
+        entries = [(e.contact_id, f"event:{e.id}", now) for e in events
+                   if e.name == entry.get("event") and _where_matches(session, e, entry.get("where"))]
+        if not entries:
+            continue
+        try:
+            with session.begin_nested():
+                result["started"] += start_runs(session, org_id, journey_id, version, version_id, definition,
+                                                entries, now)
+        except IntegrityError:  # a concurrent start won: one by one, so the others still start
+            for one in entries:
+                try:
+                    with session.begin_nested():
+                        result["started"] += start_runs(session, org_id, journey_id, version, version_id,
+                                                        definition, [one], now)
+                except IntegrityError:
+                    pass
+    return result
+
+
+
+def _resume_waiting(session: Session, org_id: str, defs: dict, rid: str, vid: str, sid: str, seq: int, jid: str,
+                    event: str, now: datetime) -> int:
+    """A run waiting at a ``wait_event`` step for ``event`` moves on to the step's ``next``
+    (compare-and-set on its ``seq``, so a concurrent tick or a duplicate event moves it once).
+    1 when it moved, else 0."""
+    step = ((defs.get(vid) or {}).get("steps") or {}).get(sid) or {}
+    if step.get("type") != "wait_event":
+        return 0
+    moved = session.execute(update(JourneyRun).where(
+        JourneyRun.id == rid, JourneyRun.seq == seq, JourneyRun.waiting_event == event,
+        JourneyRun.state == "waiting").values(
+        step_id=step["next"], waiting_event=None, wake_at=now, state="active", seq=seq + 1, updated_at=now)
+        .execution_options(synchronize_session=False)).rowcount
+    if moved:
+        session.add(JourneyRunStep(org_id=org_id, run_id=rid, journey_id=jid, version_id=vid, step_id=sid,
+                                   step_type="wait_event", seq=seq + 1, status="done", reason="event", at=now))
+    return 1 if moved else 0
+
 def _contact_runs_of(session: Session, org_id: str, contact_id: str):
     from carepost.journeys.engine import definitions
 
@@ -270,8 +403,21 @@ def on_unsubscribed(session: Session, org_id: str, data: dict) -> int:
     topic = data.get("topic_id")
     ids = [rid for rid, d in _contact_runs_of(session, org_id, cid)
            if "unsubscribe" in (d.get("exit_on") or ["unsubscribe", "revocation"])
-           and (topic is None or d.get("topic_id") == topic)]
+           and (d.get("topic_id") == topic if topic is not None else _honors_marketing_opt_out(d))]
     return end_runs(session, ids, "exited", "unsubscribe", clock.now())
+
+
+def _honors_marketing_opt_out(definition: dict) -> bool:
+    """Whether an opt-out from all marketing stops this journey's sends — as the send-time
+    eligibility check decides it (``opt_out_required`` of the purpose): a marketing journey ends,
+    an appointment reminder (treatment) goes on."""
+    from carepost.core import purposes
+    from carepost.core.errors import ValidationFailed
+
+    try:
+        return purposes.requirements(definition.get("purpose") or "treatment").opt_out_required
+    except ValidationFailed:  # an unknown purpose in an old version: end the run rather than keep sending
+        return True
 
 
 def on_revoked(session: Session, org_id: str, data: dict) -> int:
@@ -376,7 +522,54 @@ def date_candidates(session: Session, org_id: str, entry: dict, lo: datetime, hi
             d = wanted[mmdd]
             out.append((cid, f"date:{d:%Y%m%d}", d))
         return out
-    return []  # screening_due:<code> is not evaluated yet
+    if fld and fld.startswith("screening_due:"):
+        key = fld.partition(":")[2]
+        rows = _last_screenings(s, org_id, key, a_lo, a_hi)
+        return [(cid, f"screen:{key[:40]}:{clock.aware(at):%Y%m%d}", at) for cid, at in rows]
+    return []
+
+
+def screening_value_set(key: str) -> dict | None:
+    """The shipped value set a ``screening_due:<key>`` entry names (procedures or observations)."""
+    from carepost.segments.library import shipped_value_set
+
+    return shipped_value_set(key) if key else None
+
+
+def _last_screenings(session: Session, org_id: str, key: str, a_lo: datetime, a_hi: datetime) -> list:
+    """``[(contact id, when)]``: living contacts whose latest procedure or observation in the value
+    set ``key`` (codes verified at import) was in ``[a_lo, a_hi)`` — set-wise, one query. A later
+    screening moves the anchor (and so the occurrence); a contact never screened has none."""
+    from sqlalchemy import literal_column, or_, union_all
+
+    from carepost.patients.models import Contact, Observation, Procedure
+    from carepost.segments.library import sql_terms
+
+    value_set = screening_value_set(key)
+    if value_set is None:
+        return []
+    terms = sql_terms(value_set)
+
+    def coded(model):
+        clauses = []
+        for system, t in terms.items():
+            alts = ([model.code.in_(t["codes"])] if t["codes"] else []) + [model.code.like(p) for p in t["like"]]
+            if alts:
+                clauses.append(and_(model.code_system == system, or_(*alts)))
+        return or_(*clauses) if clauses else literal_column("1") == 0
+
+    procs = select(Procedure.contact_id.label("cid"), Procedure.performed_start.label("at")).where(
+        Procedure.org_id == org_id, Procedure.code_verified.is_(True), Procedure.performed_start.is_not(None),
+        coded(Procedure))
+    obs = select(Observation.contact_id.label("cid"), Observation.effective_at.label("at")).where(
+        Observation.org_id == org_id, Observation.code_verified.is_(True), Observation.effective_at.is_not(None),
+        coded(Observation))
+    both = union_all(procs, obs).subquery()
+    last = func.max(both.c.at)
+    rows = session.execute(select(both.c.cid, last).join(Contact, Contact.id == both.c.cid).where(
+        Contact.org_id == org_id, Contact.deceased.is_(False)).group_by(both.c.cid)
+        .having(and_(last >= a_lo, last < a_hi))).all()
+    return [(cid, at) for cid, at in rows]
 
 
 def _leap(year: int) -> bool:

@@ -369,10 +369,10 @@ async def journey_reject(request: Request, journey_id: str, principal: Principal
 
 # --------------------------------------------------------------------------- the running view
 
-def live_counts(session, principal: Principal, row) -> dict:
+def live_counts(session, principal: Principal, row, out: dict | None = None) -> dict:
     """The running view's figures (``analytics.journey_analytics`` of every version, the shown
     version's steps), people counts 1-10 shown as "<11" without ``phi:read_unmasked``."""
-    out = analytics.journey_analytics(session, row)
+    out = out if out is not None else analytics.journey_analytics(session, row)
     unmasked = principal.can(P.PHI_READ_UNMASKED)
 
     def show(n):
@@ -395,7 +395,8 @@ def live_counts(session, principal: Principal, row) -> dict:
     return {"totals": {"entered": show(out["entered"]), "active": show(out["active"]), "exited": show(exited_total),
                        "goal": show(out["reached_goal"]),
                        "exited_by_reason": {k: show(v) for k, v in sorted(out["exited"].items())}},
-            "steps": steps, "edges": out["edges"], "shown_version": out["shown_version"],
+            "steps": steps, "edges": [{**e, "runs": show(e["runs"])} for e in out["edges"]],
+            "shown_version": out["shown_version"],
             "masked": not unmasked, "at": clock.now().strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -423,14 +424,18 @@ def _journey_page(request: Request, principal: Principal, row, error: dict | Non
         shown = service.get_version(session, row, number)
     else:
         shown = service.live_version(session, row) or (versions[-1] if versions else None)
-    counts = live_counts(session, principal, row)
+    figures = analytics.journey_analytics(session, row)
+    counts = live_counts(session, principal, row, figures)
+    from carepost.journeys.flow import flow_svg
+
+    diagram = flow_svg(figures, (shown.definition if shown else None) or {}, lambda n: _show(n, principal))
     data = {"journey": {"id": row.id, "status": row.status}, "definition": (shown.definition if shown else None) or
             {"steps": {}, "layout": {}}, "readonly": True, "counts": counts, "choices": _choices(session, principal, request),
             "urls": {"counts": f"/app/journeys/{row.id}/counts"}, "poll_ms": POLL_MS}
     return render(request, "journeys/journey.html", {
         "journey": row, "shown": shown, "versions": versions, "data": data, "purposes": PURPOSES,
         "has_draft": bool(versions and versions[-1].published_at is None), "can_manage": principal.can(P.JOURNEYS_MANAGE),
-        "approval": _approval(session, principal, row, versions),
+        "approval": _approval(session, principal, row, versions), "flow_svg": diagram,
         "error": error, "notice": DONE.get(request.query_params.get("done") or ""),
     }, status_code=status)
 
@@ -495,3 +500,46 @@ def contact_journey_rows(session, org_id: str, contact_id: str) -> list[dict]:
             out.append({"summary": f"↳ {at} step {s['step_id']} ({STEP_TYPES.get(s['type'], s['type'])}) — {detail}",
                         "kind": "journey_step"})
     return out
+
+
+# --------------------------------------------------------------------------- the runs of a journey
+
+RUNS_PAGE = 50
+
+
+@router.get("/journeys/{journey_id}/runs")
+def journey_runs(request: Request, journey_id: str, state: str = Query("", max_length=12),
+                 step: str = Query("", max_length=64), before: str = Query("", max_length=32),
+                 principal: Principal = Depends(require(P.JOURNEYS_READ))):
+    """The runs of a journey, newest first, filtered by state and current step, 50 a page. Ids,
+    steps, states and times only; the patient is a link to their contact page (which applies its
+    own permission, masking and audit) and only for a viewer who may read contacts."""
+    from sqlalchemy import select
+
+    from carepost.journeys.models import RUN_STATES, JourneyRun
+
+    session = request.state.db
+    row = service.get_journey(session, principal.org_id, journey_id)
+    q = select(JourneyRun).where(JourneyRun.org_id == principal.org_id, JourneyRun.journey_id == row.id)
+    if state in RUN_STATES:
+        q = q.where(JourneyRun.state == state)
+    else:
+        state = ""
+    if step:
+        q = q.where(JourneyRun.step_id == step)
+    if before:
+        anchor = session.get(JourneyRun, before) if len(before) == 32 and before.isalnum() else None
+        if anchor is not None and anchor.journey_id == row.id:
+            q = q.where((JourneyRun.entered_at < anchor.entered_at)
+                        | ((JourneyRun.entered_at == anchor.entered_at) & (JourneyRun.id < anchor.id)))
+    runs = list(session.scalars(q.order_by(JourneyRun.entered_at.desc(), JourneyRun.id.desc()).limit(RUNS_PAGE + 1)))
+    more = len(runs) > RUNS_PAGE
+    runs = runs[:RUNS_PAGE]
+    steps = sorted({sid for v in service.list_versions(session, row) for sid in ((v.definition or {}).get("steps") or {})})
+    from urllib.parse import urlencode
+
+    older = (f"/app/journeys/{row.id}/runs?" + urlencode({"state": state, "step": step, "before": runs[-1].id})
+             if more and runs else None)
+    return render(request, "journeys/runs.html", {
+        "journey": row, "runs": runs, "state": state, "step": step, "states": RUN_STATES, "steps": steps,
+        "older": older, "first_page": not before, "contacts_link": principal.can(P.PHI_READ_MASKED)})

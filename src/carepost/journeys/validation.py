@@ -46,8 +46,20 @@ EHR_EVENTS = {
     "appointment.booked": "An appointment was booked (EHR: HL7 SIU S12, FHIR Appointment booked).",
     "appointment.rescheduled": "An appointment was moved (HL7 SIU S13/S14).",
     "appointment.cancelled": "An appointment was cancelled (HL7 SIU S15, FHIR Appointment cancelled).",
+    "appointment.discontinued": "An appointment series was discontinued (HL7 SIU S16).",
+    "appointment.deleted": "An appointment was deleted as entered in error (HL7 SIU S17).",
+    "appointment.resource_added": "A service or resource was added to an appointment (HL7 SIU S18).",
+    "appointment.resource_modified": "A service or resource of an appointment changed (HL7 SIU S19).",
+    "appointment.resource_cancelled": "A service or resource of an appointment was cancelled (HL7 SIU S20).",
+    "appointment.resource_discontinued": "A service or resource of an appointment was discontinued (HL7 SIU S21).",
+    "appointment.resource_deleted": "A service or resource of an appointment was deleted (HL7 SIU S22).",
+    "appointment.noshow": "The patient did not come to an appointment (HL7 SIU S26, FHIR Appointment noshow).",
     "patient.admitted": "The patient was admitted (HL7 ADT A01, FHIR Encounter in-progress inpatient).",
+    "patient.transferred": "The patient was transferred to another location (HL7 ADT A02).",
+    "patient.admission_cancelled": "An admission was cancelled (HL7 ADT A11).",
     "patient.discharged": "The patient was discharged (HL7 ADT A03, FHIR Encounter finished).",
+    "patient.discharge_cancelled": "A discharge was cancelled (HL7 ADT A13).",
+    "patient.merged": "Another patient record was merged into the patient's (HL7 ADT A40).",
     "patient.registered": "The patient was registered (HL7 ADT A04).",
     "patient.updated": "The patient's information changed (HL7 ADT A08).",
     "lab_result.available": "A lab result is available.",
@@ -466,6 +478,19 @@ def _check_entry(entry, refs: _Refs, errors: list[dict]) -> None:
             errors.append({"path": "entry.offset", "message": str(exc)})
         if entry.anniversary and entry.field not in ("birth_date", "last_visit"):
             errors.append({"path": "entry.anniversary", "message": "Only birth_date and last_visit recur yearly."})
+        if entry.field.startswith("screening_due:"):
+            from carepost.journeys.entries import screening_value_set
+
+            if screening_value_set(entry.field.partition(":")[2]) is None:
+                errors.append({"path": "entry.field", "message": "screening_due:<value set> names a shipped value set "
+                               "of procedures or observations (mammography, colorectal_cancer_screening, hba1c...)."})
+            try:
+                amount, _unit = S.parse_offset(entry.offset)
+            except ValueError:
+                amount = 1
+            if amount <= 0:
+                errors.append({"path": "entry.offset", "message": "For screening_due the offset is the screening "
+                               "interval after the last one, such as 1y or 2y (positive)."})
 
 
 # --------------------------------------------------------------------------- the functions

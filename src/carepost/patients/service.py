@@ -362,13 +362,94 @@ def find_contact_ids(
     return sorted(set(rows))
 
 
+def find_contact_ids_by_mrns(session: Session, org_id: str,
+                             values: Iterable[tuple[str, str | None]]) -> dict[tuple[str, str | None], list[str]]:
+    """:func:`find_contact_ids` by MRN for many ``(value, system)`` at once: the same answers
+    (every MRN system the organization holds when ``system`` is None; more than one id means
+    ambiguous), one query per 500 blind indexes instead of one per value (the HL7 listener's
+    group of messages)."""
+    wanted = list(dict.fromkeys(values))
+    all_systems = sorted({s for s, t in identifier_systems(session, org_id) if t == MRN_TYPE and s})
+    by_index: dict[str, list[tuple[str, str | None]]] = {}
+    for value, system in wanted:
+        for s in ([system] if system else all_systems):
+            by_index.setdefault(blind_index(session, org_id, "identifier", value, system=s), []).append((value, system))
+    found: dict[tuple[str, str | None], set[str]] = {key: set() for key in wanted}
+    indexes = list(by_index)
+    for start in range(0, len(indexes), 500):
+        if session.info.get("org_id") == org_id:  # a scoped Core statement: no ORM cost per group
+            from carepost.core.scoped_select import org_select
+
+            if session.autoflush:
+                session.flush()  # what an ORM query would have written first (a Core one does not)
+
+            rows = org_select(session, _IDENTIFIERS_BY_INDEX, {"indexes": indexes[start:start + 500]}).all()
+        else:
+            rows = session.execute(select(ContactIdentifier.blind_index, ContactIdentifier.contact_id).where(
+                ContactIdentifier.org_id == org_id, ContactIdentifier.kind == "identifier",
+                ContactIdentifier.blind_index.in_(indexes[start:start + 500]))).all()
+        for idx, contact_id in rows:
+            for key in by_index.get(idx, ()):
+                found[key].add(contact_id)
+    return {key: sorted(ids) for key, ids in found.items()}
+
+
+def move_mrns(session: Session, org_id: str, values: Iterable[tuple[str, str | None]], contact_id: str, *,
+              dry_run: bool = False) -> list[str]:
+    """A merge of patient records (HL7 ADT^A40): the MRNs ``(value, system)`` — every MRN system
+    of the organization when ``system`` is None, as :func:`find_contact_ids_by_mrns` — are moved
+    to ``contact_id``, found by their blind indexes (no MRN is compared or stored in clear), so a
+    message naming a prior MRN finds the surviving contact. Returns the ids of the contacts they
+    were moved from (nothing else of those contacts changes: their own data is not merged).
+    Moved identifiers come after the contact's own (``rank``). ``dry_run``: only which contacts
+    they would be moved from."""
+    all_systems = sorted({s for s, t in identifier_systems(session, org_id) if t == MRN_TYPE and s})
+    indexes = sorted({blind_index(session, org_id, "identifier", value, system=s)
+                      for value, system in values for s in ([system] if system else all_systems)})
+    if not indexes:
+        return []
+    rows = session.scalars(select(ContactIdentifier).where(
+        ContactIdentifier.org_id == org_id, ContactIdentifier.kind == "identifier",
+        ContactIdentifier.blind_index.in_(indexes), ContactIdentifier.contact_id != contact_id)).all()
+    if not rows:
+        return []
+    rank = session.scalar(select(func.max(ContactIdentifier.rank)).where(
+        ContactIdentifier.org_id == org_id, ContactIdentifier.contact_id == contact_id,
+        ContactIdentifier.kind == "identifier")) or 0
+    moved_from = sorted({row.contact_id for row in rows})
+    if dry_run:
+        return moved_from
+    for n, row in enumerate(rows, start=1):
+        row.contact_id, row.rank = contact_id, rank + n
+    session.flush()
+    return moved_from
+
+
 def identifier_systems(session: Session, org_id: str) -> set[tuple[str, str]]:
     """(system, type code) pairs the organization holds identifiers in; cached per session."""
     cache = session.info.setdefault("_carepost_identifier_systems", {})
     if org_id not in cache:
-        cache[org_id] = {(s, t or "") for s, t in session.execute(
-            select(IdentifierSystem.system, IdentifierSystem.type_code).where(IdentifierSystem.org_id == org_id))}
+        if session.info.get("org_id") == org_id:  # a scoped Core statement (the listener's group)
+            from carepost.core.scoped_select import org_select
+
+            if session.autoflush:
+                session.flush()  # what an ORM query would have written first (a Core one does not)
+
+            rows = org_select(session, _IDENTIFIER_SYSTEMS)
+        else:
+            rows = session.execute(select(IdentifierSystem.system, IdentifierSystem.type_code)
+                                   .where(IdentifierSystem.org_id == org_id))
+        cache[org_id] = {(s, t or "") for s, t in rows}
     return cache[org_id]
+
+
+# Core statements for :func:`org_select` (the organization is added by it, from the session).
+_IDENTIFIERS_BY_INDEX = (
+    select(ContactIdentifier.__table__.c.blind_index, ContactIdentifier.__table__.c.contact_id)
+    .where(ContactIdentifier.__table__.c.kind == "identifier",
+           ContactIdentifier.__table__.c.blind_index.in_(bindparam("indexes", expanding=True)))
+)
+_IDENTIFIER_SYSTEMS = select(IdentifierSystem.__table__.c.system, IdentifierSystem.__table__.c.type_code)
 
 
 def register_identifier_systems(session: Session, org_id: str, pairs: Iterable[tuple[str, str | None]]) -> None:
@@ -1186,17 +1267,24 @@ def _refresh_chunk(session: Session, org_id: str, ids: list[str], cfg: dict, now
 # --------------------------------------------------------------------------- deletion and export
 
 DeletionHook = Callable[[Session, str, str, dict[str, list[str]]], None]
+# The same duty for a set of contacts at once: ``{contact_id: {kind: [blind indexes]}}``.
+ManyDeletionHook = Callable[[Session, str, dict[str, dict[str, list[str]]]], None]
 _DELETION_HOOKS: list[DeletionHook] = []
+_MANY_DELETION_HOOKS: dict[DeletionHook, ManyDeletionHook] = {}
 ExportSection = Callable[[Session, str, str], Any]
 _EXPORT_SECTIONS: dict[str, ExportSection] = {}
 
 
-def register_deletion_hook(hook: DeletionHook) -> None:
+def register_deletion_hook(hook: DeletionHook, *, many: ManyDeletionHook | None = None) -> None:
     """``hook(session, org_id, contact_id, {"email": [blind indexes], "phone": [...], "identifier": [...]})``
     runs before a contact is deleted, in the same transaction: keep what the law and the patient
-    need kept (suppressions, opt-outs, authorization evidence) keyed by blind index."""
+    need kept (suppressions, opt-outs, authorization evidence) keyed by blind index. ``many``
+    does the same for a set of contacts with set-based statements (``{contact_id: indexes}``;
+    :func:`delete_contacts`); without it ``hook`` runs once per contact."""
     if hook not in _DELETION_HOOKS:
         _DELETION_HOOKS.append(hook)
+    if many is not None:
+        _MANY_DELETION_HOOKS[hook] = many
 
 
 def register_export_section(name: str, section: ExportSection) -> None:
@@ -1215,22 +1303,46 @@ def delete_contact(session: Session, org_id: str, contact_id: str) -> DeletionRe
     """Delete a patient and every encrypted value and fact about them. What must survive is
     handed, as blind indexes only, to the deletion hooks first."""
     contact = get_contact(session, contact_id)
-    indexes: dict[str, list[str]] = {}
-    for kind, idx in session.execute(
-        select(ContactIdentifier.kind, ContactIdentifier.blind_index).where(ContactIdentifier.contact_id == contact.id)
+    session.expunge(contact)
+    return delete_contacts(session, org_id, [contact.id])[0]
+
+
+def delete_contacts(session: Session, org_id: str, contact_ids: Iterable[str]) -> list[DeletionResult]:
+    """Delete a set of patients (a retention purge's chunk of inactive contacts) exactly as
+    :func:`delete_contact` deletes one — the hooks first, with every contact's blind indexes —
+    with one statement per table for the whole set instead of one per contact. Ids that name no
+    contact of the organization are left out of the result."""
+    wanted = sorted({c for c in contact_ids if is_id(c)})
+    ids = sorted(session.scalars(select(Contact.id).where(Contact.org_id == org_id, Contact.id.in_(wanted)))) if wanted else []
+    if not ids:
+        return []
+    indexes: dict[str, dict[str, list[str]]] = {i: {} for i in ids}
+    for cid, kind, idx in session.execute(
+        select(ContactIdentifier.contact_id, ContactIdentifier.kind, ContactIdentifier.blind_index)
+        .where(ContactIdentifier.org_id == org_id, ContactIdentifier.contact_id.in_(ids))
+        .order_by(ContactIdentifier.contact_id, ContactIdentifier.id)
     ):
         if kind not in ("source", NAME_KIND):
-            indexes.setdefault(kind, []).append(idx)
+            indexes[cid].setdefault(kind, []).append(idx)
     for hook in list(_DELETION_HOOKS):
-        hook(session, org_id, contact.id, indexes)
-    removed: dict[str, int] = {}
+        many = _MANY_DELETION_HOOKS.get(hook)
+        if many is not None:
+            many(session, org_id, indexes)
+        else:
+            for cid in ids:
+                hook(session, org_id, cid, indexes[cid])
+    removed: dict[str, dict[str, int]] = {i: {} for i in ids}
     for kind, model in FACT_MODELS.items():
-        removed[kind] = session.execute(delete(model).where(model.org_id == org_id, model.contact_id == contact.id)).rowcount or 0
-    session.execute(delete(CustomAttributeValue).where(CustomAttributeValue.org_id == org_id, CustomAttributeValue.contact_id == contact.id))
-    session.execute(delete(ContactIdentifier).where(ContactIdentifier.org_id == org_id, ContactIdentifier.contact_id == contact.id))
-    session.execute(delete(Contact).where(Contact.org_id == org_id, Contact.id == contact.id))
-    session.expunge(contact)
-    return DeletionResult(contact.id, indexes, removed)
+        counts = dict(session.execute(select(model.contact_id, func.count()).where(
+            model.org_id == org_id, model.contact_id.in_(ids)).group_by(model.contact_id)).all())
+        if counts:
+            session.execute(delete(model).where(model.org_id == org_id, model.contact_id.in_(ids)))
+        for cid in ids:
+            removed[cid][kind] = counts.get(cid, 0)
+    for model in (CustomAttributeValue, ContactIdentifier, Contact):
+        column = model.id if model is Contact else model.contact_id
+        session.execute(delete(model).where(model.org_id == org_id, column.in_(ids)))
+    return [DeletionResult(cid, indexes[cid], removed[cid]) for cid in ids]
 
 
 def export_contact(session: Session, org_id: str, contact_id: str) -> dict:

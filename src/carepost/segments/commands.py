@@ -6,29 +6,11 @@ from __future__ import annotations
 import json
 
 import typer
-from rich.console import Console
+
+from carepost.accounts.commands import organization
+from carepost.core.console import console, fail
 
 segment_app = typer.Typer(help="Segments: count a query, see how it compiles, keep daily counts.", no_args_is_help=True)
-console = Console()
-err = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {message}", soft_wrap=True, highlight=False)
-    raise typer.Exit(code)
-
-
-def _org_id(org: str) -> tuple[str, str]:
-    from carepost.accounts.service import get_organization
-    from carepost.core.database import system_session
-    from carepost.core.errors import CarePostError
-
-    with system_session() as session:
-        try:
-            organization = get_organization(session, org)
-        except CarePostError as exc:
-            _fail(exc.message)
-        return organization.id, organization.slug
 
 
 @segment_app.command("count")
@@ -44,13 +26,13 @@ def count(
     from carepost.core.errors import CarePostError
     from carepost.segments import service
 
-    org_id, slug = _org_id(org)
+    org_id, slug = organization(org)
     with org_session(org_id) as session:
         started = time.perf_counter()
         try:
             result = service.count(session, org_id, query, service.SYSTEM)
         except CarePostError as exc:
-            _fail(exc.message, 2)
+            fail(exc.message, 2)
         elapsed = time.perf_counter() - started
         plan = service.explain(session, org_id, query, service.SYSTEM) if explain else None
         session.commit()  # the audit event of a sensitive query
@@ -71,7 +53,7 @@ def parse(query: str = typer.Argument(..., help="The query in the segment langua
     try:
         tree = language.strip_positions(language.parse(query))
     except language.SegmentQueryError as exc:
-        _fail(exc.message, 2)
+        fail(exc.message, 2)
     console.print_json(json.dumps(tree))
 
 
@@ -81,7 +63,7 @@ def daily_counts(org: str = typer.Option(..., "--org", help="Organization slug o
     from carepost.core.database import org_session
     from carepost.segments import service
 
-    org_id, slug = _org_id(org)
+    org_id, slug = organization(org)
     with org_session(org_id) as session:
         n = service.record_daily_counts(session, org_id)
         session.commit()

@@ -7,16 +7,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import typer
-from rich.console import Console
+
+from carepost.core.console import console, fail
 
 analytics_app = typer.Typer(help="Analytics: recount the rollups of old data.", no_args_is_help=True)
-console = Console()
-err = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {message}", soft_wrap=True, highlight=False)
-    raise typer.Exit(code)
 
 
 @analytics_app.command("rebuild")
@@ -44,16 +38,16 @@ def rebuild(
         try:
             start = datetime.fromisoformat(day).replace(tzinfo=UTC)
         except ValueError:
-            _fail("--from is a day as YYYY-MM-DD.", 2)
+            fail("--from is a day as YYYY-MM-DD.", 2)
         if start != start.replace(hour=0, minute=0, second=0, microsecond=0):
-            _fail("--from is a day as YYYY-MM-DD.", 2)
+            fail("--from is a day as YYYY-MM-DD.", 2)
     org_id, label = None, "every organization"
     if org:
         with system_session() as session:
             try:
                 organization = get_organization(session, org)
             except CarePostError as exc:
-                _fail(exc.message)
+                fail(exc.message)
             org_id, label = organization.id, organization.slug
     families = recount.FAMILIES if start is not None else (recount.DELIVERY,)
     result = recount.rebuild(system_session, org_id=org_id, start=start, families=families)
@@ -61,3 +55,14 @@ def rebuild(
     detail = ", ".join(f"{family} {n}" for family, n in result.events.items())
     rows = f"; {result.rows} rollup rows" if result.rows is not None else ""
     console.print(f"{counted} events counted into the rollups of {label} ({detail}{rows})", highlight=False)
+
+
+@analytics_app.command("fold")
+def fold() -> None:
+    """Fold the appended analytics increments of every organization into the rollups now (what the
+    worker does every minute; each chunk one transaction, safe beside a running worker)."""
+    from carepost.core.database import system_session
+    from carepost.tracking.rollups import fold_all
+
+    chunks = fold_all(system_session)
+    console.print(f"{chunks} chunks of increments folded into the rollups", highlight=False)

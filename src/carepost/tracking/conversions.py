@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import (
@@ -34,6 +35,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     UniqueConstraint,
+    bindparam,
     select,
 )
 from sqlalchemy.exc import IntegrityError
@@ -43,7 +45,7 @@ from carepost.core import clock
 from carepost.core import events as domain_events
 from carepost.core.crypto import get_keyring
 from carepost.core.database import Base, OrgScoped
-from carepost.core.errors import Conflict, NotFound, ValidationFailed
+from carepost.core.errors import CarePostError, Conflict, NotFound, ValidationFailed
 from carepost.core.ids import is_id, new_id
 
 EVENT_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,30}(\.[a-z][a-z0-9_]{0,30}){0,3}$")
@@ -69,6 +71,9 @@ ATTRIBUTING_EVENTS = ("delivered", "sent")
 domain_events.declare("contact.event_recorded",
                       "A contact event was recorded (the ContactEvent row: ids, name, time; properties stay encrypted). "
                       "Journeys start, wait and reach goals on it.")
+domain_events.declare("contact.events_recorded",
+                      "Contact events of one organization recorded together (record_events: session, org id, the "
+                      "ContactEvent rows in order). Journeys evaluate them set-wise.")
 # Registered by the composition root (``carepost.assembly``), like every other capability's.
 EVENT_TYPES: dict[str, str] = {
     "message.converted": "A goal's event was attributed to the last message delivered to the contact within the "
@@ -312,6 +317,147 @@ def record_event(session: Session, org_id: str, *, name: str, contact_id: str | 
     return event, True
 
 
+@dataclass
+class EventResult:
+    """One item of :func:`record_events`: the event (new or the earlier one of its idempotency
+    key), whether it was created, or the error that refused it (nothing of it stored)."""
+
+    event: ContactEvent | None = None
+    created: bool = False
+    error: CarePostError | None = None
+
+
+def record_events(session: Session, org_id: str, items: list[dict]) -> list[EventResult]:
+    """:func:`record_event` for many events of one organization at once (the HL7 listener's
+    group): each item has ``name``, ``contact_id`` (already resolved within the organization),
+    ``occurred_at``, ``properties``, ``idempotency_key``, ``request_hash``, ``created_by``.
+
+    The same checks and answers per item — a bad item is refused alone (its error in its result),
+    an idempotency key seen before (stored, or earlier in ``items``) returns that event — but set-
+    wise: one idempotency query, one contact check, one goal query, one multi-row flush, and the
+    new events announced together (``contact.events_recorded``: journeys evaluate them set-wise).
+    A unique-key race with a concurrent writer raises ``IntegrityError`` (no savepoint per event):
+    the caller's transaction is lost and it retries item by item. The caller commits."""
+    results = [EventResult() for _ in items]
+    keys: list[str | None] = []
+    for item, result in zip(items, results, strict=True):
+        try:
+            key = check_idempotency_key(item.get("idempotency_key"))
+        except CarePostError as exc:
+            result.error, key = exc, None
+        keys.append(_sha("event-idempotency", key) if key else None)
+    wanted = sorted({k for k in keys if k})
+    existing: dict[str, ContactEvent] = {}
+    # In the organization's own session (the listener's group) the reads are scoped Core
+    # statements (core.scoped_select): the same rows without the ORM's cost per statement; the
+    # ORM loads only the events an idempotency key already names (a replay — rare).
+    core = session.info.get("org_id") == org_id
+    if core and session.autoflush:
+        session.flush()  # what an ORM query would have written first (a Core one does not)
+    for start in range(0, len(wanted), 500):
+        part = wanted[start:start + 500]
+        if core:
+            from carepost.core.scoped_select import org_select
+
+            hits = list(org_select(session, _EVENT_KEYS, {"keys": part}).scalars())
+            if not hits:
+                continue
+            part = hits
+        for row in session.scalars(select(ContactEvent).where(ContactEvent.org_id == org_id,
+                                                              ContactEvent.idempotency_key.in_(part))):
+            existing[row.idempotency_key] = row
+    contact_ids = sorted({i.get("contact_id") for i in items if isinstance(i.get("contact_id"), str)
+                          and is_id(i["contact_id"])})
+    from carepost.patients.models import Contact
+
+    if core:
+        from carepost.core.scoped_select import org_select
+
+        known_contacts = set(org_select(session, _contact_ids_statement(), {"ids": contact_ids}).scalars()) \
+            if contact_ids else set()
+        goals = {g.event_name: g for g in org_select(session, _GOALS)}
+    else:
+        known_contacts = set(session.scalars(select(Contact.id).where(
+            Contact.org_id == org_id, Contact.id.in_(contact_ids)))) if contact_ids else set()
+        goals = {g.event_name: g for g in session.scalars(select(Goal).where(Goal.org_id == org_id))}
+    new_events: list[ContactEvent] = []
+    for item, key_hash, result in zip(items, keys, results, strict=True):
+        if result.error is not None:
+            continue
+        if key_hash and key_hash in existing:
+            earlier = existing[key_hash]
+            if earlier.request_hash != item.get("request_hash"):
+                result.error = Conflict("This idempotency key was used with a different request.",
+                                        field="idempotency_key", code="idempotency_conflict")
+            else:
+                result.event = earlier
+            continue
+        try:
+            name = check_event_name(item.get("name"))
+            text = check_properties(item.get("properties"))
+            at = check_occurred_at(item.get("occurred_at"))
+            cid = item.get("contact_id")
+            if cid not in known_contacts:
+                raise NotFound("No such contact.", field="contact_id")
+        except CarePostError as exc:
+            result.error = exc
+            continue
+        event = ContactEvent(id=new_id(), org_id=org_id, contact_id=cid, name=name, occurred_at=at,
+                             received_at=clock.now(), idempotency_key=key_hash, request_hash=item.get("request_hash"),
+                             created_by=item.get("created_by"))
+        if text is not None:
+            event.properties_enc = get_keyring().encrypt(session, org_id, ContactEvent.__tablename__, "properties",
+                                                         event.id, text)
+        goal = goals.get(name)
+        if goal is not None:
+            found = last_delivered(session, org_id, cid, at, goal.window_days)
+            if found is not None:
+                event.goal_id, event.message_id, event.recipient_id = goal.id, found[0], found[1]
+        if key_hash:
+            existing[key_hash] = event
+        result.event, result.created = event, True
+        new_events.append(event)
+    if not new_events:
+        return results
+    if core:
+        # One Core INSERT of the rows (the organization's own, checked above); the objects stay
+        # detached values for the caller and the subscribers (ids, names, times).
+        session.flush()  # anything pending first, in the order the ORM would have written it
+        session.connection().execute(ContactEvent.__table__.insert(), [
+            {c: getattr(e, c) for c in _EVENT_COLUMNS} for e in new_events])
+    else:
+        session.add_all(new_events)
+        session.flush()
+    for event in new_events:
+        if event.message_id:
+            from carepost.tracking import analytics
+
+            analytics.count_conversion(session, org_id, event.occurred_at, event.message_id, event.recipient_id)
+            _announce_conversion(session, event)
+    domain_events.publish("contact.events_recorded", session, org_id, new_events)
+    return results
+
+
+_EVENT_COLUMNS = ("id", "org_id", "contact_id", "name", "occurred_at", "received_at", "properties_enc",
+                  "idempotency_key", "request_hash", "goal_id", "message_id", "recipient_id", "created_by")
+# Core statements for :func:`carepost.core.scoped_select.org_select` (it adds the organization).
+_EVENT_KEYS = select(ContactEvent.__table__.c.idempotency_key).where(
+    ContactEvent.__table__.c.idempotency_key.in_(bindparam("keys", expanding=True)))
+_GOALS = select(Goal.__table__.c.id, Goal.__table__.c.event_name, Goal.__table__.c.window_days)
+
+
+_contact_ids: list = []  # the contact-id check's statement, built once on first use (lazy import)
+
+
+def _contact_ids_statement():
+    if not _contact_ids:
+        from carepost.patients.models import Contact
+
+        _contact_ids.append(select(Contact.__table__.c.id).where(
+            Contact.__table__.c.id.in_(bindparam("ids", expanding=True))))
+    return _contact_ids[0]
+
+
 def _announce_conversion(session: Session, event: ContactEvent) -> None:
     """``message.converted`` to the organization's webhook endpoints, in the event's transaction
     (a rolled-back event announces nothing; an idempotent replay announces nothing again). Ids
@@ -345,6 +491,15 @@ def forget_contact(session: Session, org_id: str, contact_id: str, _indexes: dic
     from sqlalchemy import delete
 
     session.execute(delete(ContactEvent).where(ContactEvent.org_id == org_id, ContactEvent.contact_id == contact_id))
+
+
+def forget_contacts(session: Session, org_id: str, indexes_by_contact: dict) -> None:
+    """:func:`forget_contact` for a set of contacts, in one statement."""
+    from sqlalchemy import delete
+
+    if indexes_by_contact:
+        session.execute(delete(ContactEvent).where(ContactEvent.org_id == org_id,
+                                                   ContactEvent.contact_id.in_(sorted(indexes_by_contact))))
 
 
 # --------------------------------------------------------------------------- goals

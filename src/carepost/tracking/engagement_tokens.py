@@ -90,6 +90,20 @@ def split(token: str) -> tuple[str, int, bytes]:
     return raw[1:17].hex(), raw[17], raw
 
 
+_CIPHERS: dict[bytes, AESGCM] = {}
+
+
+def _cipher(key: bytes) -> AESGCM:
+    """The AES-GCM object of a key, made once (making one costs ~10 µs, a decryption ~1 µs: it was
+    a third of reading a token on every /t/ request)."""
+    found = _CIPHERS.get(key)
+    if found is None:
+        if len(_CIPHERS) > 1000:
+            _CIPHERS.clear()
+        found = _CIPHERS[key] = AESGCM(key)
+    return found
+
+
 def read(session: Session, token: str, kind: str) -> TokenData:
     """Decrypt and authenticate ``token`` of ``kind``; InvalidToken otherwise (nothing is said why)."""
     org_id, version, raw = split(token)
@@ -98,7 +112,7 @@ def read(session: Session, token: str, kind: str) -> TokenData:
     except (KeyUnavailable, LookupError, ValueError):
         raise InvalidToken() from None
     try:
-        payload = AESGCM(key).decrypt(raw[18:30], raw[30:], _aad(raw[1:17], kind))
+        payload = _cipher(key).decrypt(raw[18:30], raw[30:], _aad(raw[1:17], kind))
     except InvalidTag:
         raise InvalidToken() from None
     k, message, recipient, index, when = _PAYLOAD.unpack(payload)

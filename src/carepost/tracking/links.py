@@ -81,7 +81,8 @@ def _recipient_facts(session: Session, requests: list[LinkRequest]) -> dict[str,
 def pipeline_links(session: Session, requests: list[LinkRequest]) -> dict[str, LinkOutcome]:
     facts = _recipient_facts(session, requests) if any(r.contact_id for r in requests) else {}
     privacy: dict[str, bool] = {}
-    recorded: dict[str, set[int]] = {}
+    recorded = _recorded_links(session, {r.message_id for r in requests if r.track_clicks})
+    added: list[dict] = []
     out: dict[str, LinkOutcome] = {}
     for r in requests:
         html_links = link_guard.html_links(r.html)
@@ -104,7 +105,7 @@ def pipeline_links(session: Session, requests: list[LinkRequest]) -> dict[str, L
             web = [lk for lk in html_links if lk.url.lower().startswith(("http://", "https://"))]
             web_text = [lk for lk in text_links if lk.url.lower().startswith(("http://", "https://"))]
             numbered = [(i, lk) for i, lk in enumerate(web)] + [(len(web) + j, lk) for j, lk in enumerate(web_text)]
-            _record_links(session, r, numbered, recorded)
+            added += _links_to_record(session, r, numbered, recorded)
             click = {id(lk): _url(session, "c", r, recipient, i) for i, lk in numbered}
             html = _replace(r.html, [lk for _i, lk in numbered if lk.part == "html"], click, escape=True)
             text = _replace(r.text, [lk for _i, lk in numbered if lk.part == "text"], click, escape=False)
@@ -118,6 +119,12 @@ def pipeline_links(session: Session, requests: list[LinkRequest]) -> dict[str, L
                                           f'style="{PIXEL_STYLE}">')
         if html != r.html or text != r.text:
             out[r.recipient_id] = LinkOutcome(html=html, text=text)
+    if added:
+        from sqlalchemy import insert
+
+        from carepost.tracking.models import MessageLink
+
+        session.execute(insert(MessageLink), added)
     return out
 
 
@@ -145,30 +152,40 @@ def _before_body_end(html: str, snippet: str) -> str:
     return html[:at] + snippet + html[at:] if at != -1 else html + snippet
 
 
-def _record_links(session: Session, r: LinkRequest, numbered: list, recorded: dict[str, set[int]]) -> None:
-    """The URLs of a message as sent, once per message and position (idempotent: a retried run
-    or another recipient of the same message finds them)."""
+def _recorded_links(session: Session, message_ids: set[str]) -> dict[str, set[int]]:
+    """message id -> the link positions already recorded (a retried run, or a message whose other
+    recipients went in an earlier batch): one read per 500 messages of the batch."""
     from carepost.tracking.models import MessageLink
 
-    have = recorded.get(r.message_id)
-    if have is None:
-        have = recorded[r.message_id] = set(session.scalars(
-            select(MessageLink.link_index).where(MessageLink.message_id == r.message_id)).all())
+    have: dict[str, set[int]] = {mid: set() for mid in message_ids}
+    ids = sorted(message_ids)
+    for start in range(0, len(ids), 500):
+        for mid, index in session.execute(select(MessageLink.message_id, MessageLink.link_index)
+                                          .where(MessageLink.message_id.in_(ids[start:start + 500]))):
+            have[mid].add(index)
+    return have
+
+
+def _links_to_record(session: Session, r: LinkRequest, numbered: list, recorded: dict[str, set[int]]) -> list[dict]:
+    """The URLs of a message as sent, once per message and position (idempotent: a retried run
+    or another recipient of the same message finds them), encrypted, as rows for one INSERT of
+    the whole batch."""
+    from carepost.core import clock
+    from carepost.core.ids import new_id
+    from carepost.tracking.models import MessageLink
+
+    have = recorded.setdefault(r.message_id, set())
     ring = get_keyring()
-    added = []
+    rows = []
     for index, lk in numbered:
         if index in have:
             continue
-        row = MessageLink(org_id=r.org_id, message_id=r.message_id, link_index=index, part=lk.part, url_enc=b"")
-        from carepost.core.ids import new_id
-
-        row.id = new_id()
-        row.url_enc = ring.encrypt(session, r.org_id, MessageLink.__tablename__, "url", row.id, lk.url)
-        added.append(row)
+        row_id = new_id()
+        rows.append({"id": row_id, "org_id": r.org_id, "message_id": r.message_id, "link_index": index,
+                     "part": lk.part, "created_at": clock.now(),
+                     "url_enc": ring.encrypt(session, r.org_id, MessageLink.__tablename__, "url", row_id, lk.url)})
         have.add(index)
-    if added:
-        session.add_all(added)
-        session.flush()
+    return rows
 
 
 def link_url(session: Session, org_id: str, message_id: str, index: int) -> str | None:

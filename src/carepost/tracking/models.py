@@ -19,7 +19,18 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from carepost.core import clock
@@ -214,4 +225,18 @@ class EngagementCount(OrgScoped, Base):
     type: Mapped[str] = mapped_column(String(8))  # opened | clicked
     classification: Mapped[str] = mapped_column(String(8))  # human | proxy | scanner
     count: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=clock.now)
+
+
+class EngagementJournalMark(Base):
+    """How far a ``serve`` process's engagement journal (``tracking.engagement_journal``) has been
+    moved into the database: written in the same transaction as the events it covers, so an
+    event is ingested exactly once whatever stops when. One row per journal (not per
+    organization: a journal holds every organization's opens and clicks, as ids)."""
+
+    __tablename__ = "engagement_journal_marks"
+
+    journal_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    segment: Mapped[int] = mapped_column(Integer)
+    position: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[datetime] = mapped_column(default=clock.now)

@@ -33,17 +33,18 @@ privacy mode) left no event either: a rebuild of a window in which the organizat
 mode loses those counts — rebuild such a window only from the day after the switch.
 
 **Locking (events arriving during a rebuild lose nothing, and are not counted twice).** Every
-transaction that stores a counted event writes its rollup increments before it commits, in the
-same transaction (``rollups`` writes its buffer at ``before_commit``). The rebuild's transaction
-makes sure no such transaction commits between the moment it reads the events and its own
-commit:
+transaction that stores a counted event appends its rollup increments before it commits, in the
+same transaction (``rollups`` appends its buffer to ``analytics_increments`` at
+``before_commit``). The rebuild takes the organization's fold lock, then makes sure no such
+transaction commits between the moment it reads the events and its own commit, and first folds
+the increments already appended (the recount then replaces them):
 
-* PostgreSQL: it first takes ``LOCK TABLE analytics_rollups IN SHARE ROW EXCLUSIVE MODE``. That
-  waits for every transaction that has already written rollups (they commit first, and the
-  rebuild's statements, each with a fresh READ COMMITTED snapshot taken after the lock, see their
-  events); a transaction reaching its rollup upsert meanwhile waits for the rebuild's commit and
-  then adds its increments to the rebuilt rows (its events were not visible to the rebuild: not
-  committed). Readers are not blocked; writers of counted events wait for the rebuild of one
+* PostgreSQL: it takes ``LOCK TABLE analytics_increments`` and ``analytics_rollups IN SHARE ROW
+  EXCLUSIVE MODE``. That waits for every transaction that has already appended increments (they
+  commit first, and the rebuild's statements, each with a fresh READ COMMITTED snapshot taken
+  after the lock, see their events and their increments); a transaction reaching its append
+  meanwhile waits for the rebuild's commit, and its increments are folded later on top of the
+  rebuilt rows (its events were not visible to the rebuild: not committed). Readers are not blocked; writers of counted events wait for the rebuild of one
   organization (seconds).
 * SQLite / SQLCipher: every transaction is ``BEGIN IMMEDIATE`` (``core.database``), so the
   rebuild holds the single write lock from its first statement; writers wait (busy timeout 30 s)
@@ -211,8 +212,15 @@ def rebuild_organization(session: Session, org_id: str, start: datetime | None,
 
     sql = _Sql(session)
     conn = session.connection()
+    rollups.lock_fold(session, org_id)  # first, as every fold takes it before its row locks
     if sql.pg:
+        conn.execute(text("LOCK TABLE analytics_increments IN SHARE ROW EXCLUSIVE MODE"))
         conn.execute(text("LOCK TABLE analytics_rollups IN SHARE ROW EXCLUSIVE MODE"))
+    # Increments appended before the locks are folded first, then replaced by the recount with the
+    # rest (they count the same events); those appended after wait and are folded on top.
+    while rollups.fold_chunk(session, org_id):
+        pass
+    if sql.pg:
         # Memory for the day's grouping and sorting in this transaction only (the default 4 MB
         # spills a million-event GROUP BY to disk).
         conn.execute(text(f"SET LOCAL work_mem = '{PG_WORK_MEM}'"))

@@ -42,6 +42,7 @@ from carepost.core.database import system_session
 from carepost.core.errors import Conflict, NotFound, ValidationFailed
 from carepost.core.ids import new_id
 from carepost.core.logging import get_logger
+from carepost.core.ports import Port
 from carepost.tracking import webhooks
 from carepost.tracking.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent
 
@@ -452,6 +453,11 @@ def send_test_event(session: Session, org_id: str, endpoint_id: str) -> WebhookD
 # --------------------------------------------------------------------------- one attempt
 
 
+webhook_baa: Port = Port(
+    "tracking.webhook_baa", "(session, org_id, endpoint_id) -> None when a BAA covers a PHI webhook endpoint, else the "
+    "reason PHI may not be posted to it (compliance.associates.webhook_refusal).")
+
+
 def _claim(delivery_id: str, lease: timedelta):
     """Lease a due delivery; returns what the POST needs, or None when there is nothing to do."""
     with system_session() as session:
@@ -477,6 +483,17 @@ def _claim(delivery_id: str, lease: timedelta):
         ring = get_keyring()
         payload = json.loads(ring.decrypt(session, event.org_id, WebhookEvent.__tablename__, "payload", event.id,
                                           event.payload_enc))
+        refusal = webhook_baa(session, delivery.org_id, endpoint.id) if endpoint.include_phi and event.phi_enc else None
+        if refusal:  # no BAA on record: PHI is not posted (issue 16 item 9); replay once one is recorded
+            from carepost.audit.service import record
+
+            delivery.status, delivery.finished_at, delivery.next_attempt_at = "failed", now, None
+            delivery.last_error = refusal[:300]
+            record(session, org_id=delivery.org_id, actor_type="system", actor_id=None, action="webhook.phi_refused",
+                   target_type="webhook_endpoint", target_id=endpoint.id, outcome="denied",
+                   details={"event_id": event.id, "delivery_id": delivery.id, "reason": "no_baa"})
+            session.commit()
+            return None
         if endpoint.include_phi and event.phi_enc:
             extra = json.loads(ring.decrypt(session, event.org_id, WebhookEvent.__tablename__, "phi", event.id,
                                             event.phi_enc))

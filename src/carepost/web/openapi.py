@@ -150,12 +150,15 @@ def complete_document(app: FastAPI, document: dict, access_kind: Callable[[APIRo
     return document
 
 
-def install_openapi(app: FastAPI, access_kind: Callable[[APIRoute], str]) -> None:
-    """Replace ``app.openapi`` with the completed document (built once)."""
+def install_openapi(app: FastAPI, access_kind: Callable[[APIRoute], str],
+                    listed: Callable[[list], list] | None = None) -> None:
+    """Replace ``app.openapi`` with the completed document (built once). ``listed``: the app's
+    routes in the order the document lists them (default: the order they are matched in)."""
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            document = get_openapi(title=app.title, version=app.version, routes=app.routes,
+            routes = listed(list(app.routes)) if listed is not None else app.routes
+            document = get_openapi(title=app.title, version=app.version, routes=routes,
                                    description=app.description or None)
             app.openapi_schema = complete_document(app, document, access_kind)
         return app.openapi_schema

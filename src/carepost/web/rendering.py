@@ -22,6 +22,7 @@ NAV: list[tuple[str, str, str, str | tuple[str, ...] | None]] = [
     ("Patients", "Import", "/app/imports", "contacts:import"),
     ("Patients", "Forms and surveys", "/app/forms", "forms:manage"),
     ("Patients", "Segments", "/app/segments", "segments:read"),
+    ("Patients", "EHR messages", "/app/ehr/messages", "phi:read_masked"),  # the EHR error queue (issue 15)
     ("Delivery", "Campaigns", "/app/campaigns", "campaigns:read"),
     ("Delivery", "Journeys", "/app/journeys", "journeys:read"),  # issue 15 item 6
     ("Delivery", "Compose", "/app/compose", ("messages:send", "campaigns:send")),  # any of them (issue 10 item 5)
@@ -37,6 +38,8 @@ NAV: list[tuple[str, str, str, str | tuple[str, ...] | None]] = [
     ("Compliance", "Campaign approvals", "/app/campaigns/approvals", "campaigns:approve"),
     ("Compliance", "Audit log", "/app/audit", "audit:read"),
     ("Compliance", "Compliance center", "/app/compliance", "compliance:manage"),
+    ("Compliance", "Message archive", "/app/archive", "compliance:manage"),  # search, productions (issue 16 item 8)
+    ("Compliance", "Retention and holds", "/app/compliance/retention", "compliance:manage"),  # schedules, legal holds, purges (issue 16 items 1-3)
     ("Compliance", "Authorization texts", "/app/consent/texts", "consent:manage"),
     ("Compliance", "Suppressions", "/app/consent/suppressions", "consent:manage"),
     ("Compliance", "Consent reports", "/app/consent/reports", "consent:manage"),
