@@ -439,9 +439,6 @@ class DeliveryClient:
     async def deliver(self, envelope: Envelope) -> list[RecipientResult]:
         domain = envelope.domain
         relay = self.route(envelope)
-        too_fast = await self._respect_rate(domain)
-        if too_fast:
-            return self._all(envelope, "deferred", too_fast)
         targets, failure = await self._find_targets(domain, relay)
         if failure:
             return failure(envelope)
@@ -450,6 +447,7 @@ class DeliveryClient:
         enforce = policy is not None and policy.mode == "enforce"
         require = envelope.require_verified_tls or enforce or relay is not None
         tls_failures, network_failures, refusals = [], [], []
+        paced = False
         if not relay:
             targets = await self._with_dane(targets, tls_failures)
         if enforce:
@@ -471,6 +469,20 @@ class DeliveryClient:
                 except NETWORK_ERRORS + (aiosmtplib.SMTPException,) as err:
                     network_failures.append(f"{target.host}: {_describe(err)}")
                     continue
+                if not paced:
+                    # The domain's token is taken with a connection in hand, just before the
+                    # transaction: taken earlier, a message that then waits for one of the
+                    # domain's few connections would spend it waiting, and the waiting messages
+                    # would reach the domain together, faster than its rate.
+                    paced = True
+                    try:
+                        too_fast = await self._respect_rate(domain)
+                    except BaseException:
+                        await self.pool.release(conn, healthy=True)
+                        raise
+                    if too_fast:
+                        await self.pool.release(conn, healthy=True)
+                        return self._all(envelope, "deferred", too_fast)
                 results, healthy = await self._send(conn, envelope, sts, relay)
                 await self.pool.release(conn, healthy=healthy)
                 if results is not None:
