@@ -462,22 +462,9 @@ def ingest_hl7(session: Session, data: bytes, *, peer: str | None = None, audit:
     """Process one message in the caller's transaction (the caller commits, then sends the ACK).
     Returns the outcome and the header fields its ACK echoes. Audit items are appended to
     ``audit`` (the listener writes a batch's at once) or written here."""
-    try:
-        msg = hl7v2.read_message(data)
-    except Hl7Problem as problem:
-        return Outcome(problem.ack_code, "refused", reason_code=problem.reason_code, text=problem.text,
-                       field=problem.field, problem=problem), _best_effort_header(data)
-    header = {"sending_application": msg.sending_application, "sending_facility": msg.sending_facility,
-              "trigger": msg.trigger, "control_id": msg.control_id, "version": msg.version, "charset": msg.charset,
-              "accept_ack": msg.accept_ack, "application_ack": msg.application_ack,
-              "encoding": msg.encoding}
-    session.info.pop("org_id", None)
-    session.info["scope"] = "system"
-    try:
-        sender = authenticate(session, msg.security, msg.sending_facility)
-    except Hl7Problem as problem:
-        return Outcome(problem.ack_code, "refused", reason_code=problem.reason_code, text=problem.text,
-                       field=problem.field, problem=problem), header
+    refusal, header, sender, msg = _authenticated(session, data)
+    if refusal is not None:
+        return refusal, header
     session.info.pop("scope", None)
     session.info["org_id"] = sender.org_id
     outcome = process_hl7(session, sender, msg)
