@@ -23,6 +23,7 @@ from carepost.accounts.permissions import Permission as P
 from carepost.audit import disclosures
 from carepost.compliance import accounting, service
 from carepost.compliance.api import actor_fields, start_export
+from carepost.compliance.api import evidence_pack as api_evidence_pack
 from carepost.core import clock
 from carepost.core.errors import CarePostError
 from carepost.segments import service as segments
@@ -247,15 +248,6 @@ def plain_text(request: Request, request_id: str,
 
 @router.post("/evidence-pack")
 def evidence_pack(request: Request, principal: Principal = Depends(require(P.COMPLIANCE_MANAGE))):
-    """The "Build evidence pack" button: the signed ZIP, downloaded (issue 16 item 11)."""
-    from carepost.accounts.access import request_context
-    from carepost.compliance import evidence
-
-    session = request.state.db
-    session.commit()  # on SQLite the request's session holds the write lock; the doctor's checks need it free
-    pack = evidence.build_pack(session, principal.org_id, actor_type=principal.kind, actor_id=principal.actor_id,
-                               context={"on_behalf_of": principal.on_behalf_of, **request_context(request)})
-    session.commit()
-    return Response(pack.content, media_type="application/zip", headers={
-        "Content-Disposition": f'attachment; filename="evidence-{principal.org_id}.zip"',
-        "X-Evidence-Key-Fingerprint": pack.fingerprint})
+    """The "Build evidence pack" button: the signed ZIP, downloaded (issue 16 item 11), built as
+    the API builds it."""
+    return api_evidence_pack(request, principal)

@@ -46,7 +46,12 @@ from sqlalchemy.orm import Session
 from carepost.core import clock
 from carepost.core.crypto import get_keyring
 from carepost.core.database import ALL_ORGANIZATIONS
-from carepost.core.errors import CarePostError, NotFound, TenantScopeError, ValidationFailed
+from carepost.core.errors import (
+    CarePostError,
+    NotFound,
+    TenantScopeError,
+    ValidationFailed,
+)
 from carepost.core.ids import is_id, new_id
 from carepost.ehr import hl7v2
 from carepost.ehr.hl7v2 import Hl7Problem
