@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import time
 from datetime import timedelta
 from email import policy
 
@@ -162,6 +163,48 @@ def test_burst_after_idle_connections_went_stale(delivery_env, monkeypatch):
     results = run(scenario())
     assert [r[0].status for r in results] == ["delivered"] * 16, [r[0].reason for r in results]
     assert len(delivery_env.mx["valid"].recorder.messages) == 16
+
+
+def test_domain_rate_holds_at_the_server_when_messages_wait_for_a_connection(delivery_env, monkeypatch):
+    """CAREPOST_DOMAIN_RATE_PER_MINUTE is what the receiving domain sees: a message takes its
+    token once it holds a connection, just before its transaction. Taken before, the messages
+    waiting for the domain's one connection (slow to open here) spent their tokens waiting and
+    then reached the server together (CI: 31 messages within 4 s against a bound of 28 in
+    tests/test_topology.py)."""
+    from carepost.core.limits import reset_limits
+
+    monkeypatch.setenv("CAREPOST_DOMAIN_RATE_PER_MINUTE", "60")  # one a second, a bucket of one
+    reset_settings()
+    reset_limits()
+    opening = cpsmtp.open_connection
+
+    async def slow_to_greet(*args, **kw):
+        await asyncio.sleep(2.5)
+        return await opening(*args, **kw)
+
+    monkeypatch.setattr(cpsmtp, "open_connection", slow_to_greet)
+    recorder = delivery_env.mx["valid"].recorder
+    arrived, handle = [], recorder.handle_DATA
+
+    async def timed(server, session, env):
+        arrived.append(time.monotonic())
+        return await handle(server, session, env)
+
+    monkeypatch.setattr(recorder, "handle_DATA", timed)
+
+    async def scenario():
+        async with DeliveryClient(pool_size=1) as client:
+            return await asyncio.gather(*(client.deliver(envelope("valid.test", local=[f"p{i}"])) for i in range(4)))
+
+    try:
+        results = run(scenario())
+    finally:
+        monkeypatch.delenv("CAREPOST_DOMAIN_RATE_PER_MINUTE")
+        reset_settings()
+        reset_limits()
+    assert [r[0].status for r in results] == ["delivered"] * 4, [r[0].reason for r in results]
+    gaps = [b - a for a, b in zip(arrived, arrived[1:])]
+    assert len(arrived) == 4 and min(gaps) >= 0.5 and arrived[-1] - arrived[0] >= 2.4, gaps
 
 
 def test_connection_renewed_after_max_messages(delivery_env):
