@@ -12,6 +12,7 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from sqlalchemy import func, select
 
 from carepost.core.database import org_session, read_only_session, system_session
@@ -211,3 +212,95 @@ def test_the_worker_folds_every_minute_and_the_cli_on_demand(org):
     assert "folded into the rollups" in result.output
     assert _pending() == 0
     _check_exact(org.id, counted, _api_count(4, 3))
+
+
+def _pg_or_skip(storage) -> None:
+    with system_session() as s:
+        if s.get_bind().dialect.name != "postgresql":
+            pytest.skip("SQLite: an append is a call into the library per row and a fold chunk is bounded by "
+                        "max(id) under the write lock; the PostgreSQL statements are what this checks")
+
+
+def test_an_events_transaction_appends_its_increments_in_one_statement(org, storage, tmp_path):
+    """PostgreSQL: the buffer of a transaction goes to ``analytics_increments`` as one COPY (one
+    execution inside a pipeline, where COPY cannot run) — not one INSERT per row (executemany: a
+    Bind and an Execute for each of the 63 keys)."""
+    _pg_or_skip(storage)
+    from psycopg.pq import Trace
+
+    def commit_traced(pipeline: bool) -> list[str]:
+        trace = tmp_path / f"libpq-{pipeline}.trace"
+        with org_session(org.id) as s:
+            s.connection().exec_driver_sql("SELECT 1")  # the transaction has begun before the trace
+            for i in range(60):
+                rollups.add(s, org_id=org.id, at=AT, metric="opened", source="api",
+                            receiving_domain=DOMAINS[i % 3], message_id=f"m{i}")
+            assert rollups.pending(s) == 60 + 3  # 60 message keys, 3 hour keys
+            driver = s.connection().connection.driver_connection
+            with open(trace, "w") as out:
+                driver.pgconn.trace(out.fileno())
+                driver.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS | Trace.REGRESS_MODE)
+                try:
+                    if pipeline:  # as the /t/ writer flushes: in its pipeline, before the commit
+                        with driver.pipeline():
+                            assert rollups.flush_pending(s) == 63
+                    s.commit()
+                finally:
+                    driver.pgconn.untrace()
+        return [line.split("\t")[2] for line in trace.read_text().splitlines() if line.startswith("F\t")]
+
+    sent = commit_traced(pipeline=False)
+    assert "CopyData" in sent and sent.count("Bind") == 0, sent
+    assert _pending() == 63
+    sent = commit_traced(pipeline=True)
+    assert sent.count("Bind") == 1 and sent.count("Execute") == 1, sent
+    assert _pending() == 126
+    rollups.fold_all(system_session)
+    _check_exact(org.id, 120, 120)
+
+
+def test_a_fold_chunk_reads_only_its_range_of_the_backlog(org, storage):
+    """PostgreSQL: a chunk deletes a range of ids from the organization's oldest pending one —
+    never a scan of the whole backlog (picking ``ORDER BY id LIMIT n`` was planned, with the
+    statistics of a table that had grown since its last analyze, as a scan and sort of every
+    pending row for every chunk). The rollup rows it makes have time-ordered ids (as
+    ``carepost.core.ids.new_id``), written in key order."""
+    _pg_or_skip(storage)
+    import json
+
+    counted = _append(org.id, 4, 25)
+    with system_session() as s:  # a backlog as 20,000 appends of a busy minute leave it (one row each)
+        s.connection().exec_driver_sql(
+            "INSERT INTO analytics_increments (org_id, grain, period, metric, source, campaign_id, journey_step_id, "
+            "template_id, segment_id, receiving_domain, topic_id, purpose, sending_domain_id, message_id, n) "
+            "SELECT %s, 'h', %s, 'opened', 'campaign', 'c1', '', '', '', 'gmail.com', '', '', '', '', 1 "
+            "FROM generate_series(1, 20000)", (org.id, AT))
+        s.commit()
+    counted += 20_000
+    backlog = _pending()
+    with system_session() as s:
+        rollups.lock_fold(s, org.id)
+        cursor = s.connection().connection.driver_connection.cursor()
+        cursor.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + rollups._FOLD_PG, {"org": org.id, "chunk": 500})
+        plan = cursor.fetchone()[0]
+        s.rollback()
+    plan = plan if isinstance(plan, list) else json.loads(plan)
+    read = []
+
+    def walk(node):
+        if node.get("Relation Name") == "analytics_increments" and "Scan" in node["Node Type"]:
+            read.append((node["Node Type"], node["Actual Rows"] * node.get("Actual Loops", 1)))
+        for child in node.get("Plans", ()):
+            walk(child)
+
+    walk(plan[0]["Plan"])
+    assert read and max(n for _, n in read) <= 500, (read, backlog)
+    assert _pending() == backlog  # the EXPLAIN's chunk was rolled back
+    started_ms = int(time.time() * 1000)
+    assert rollups.fold_all(system_session, chunk=5000) > 0
+    _check_exact(org.id, counted, _api_count(4, 25))
+    with system_session() as s:
+        ids = [row[0] for row in s.connection().exec_driver_sql(
+            "SELECT id FROM analytics_rollups WHERE org_id = %s", (org.id,))]
+    assert ids and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert all(abs(int(i[:12], 16) - started_ms) < 600_000 for i in ids), ids[:3]
