@@ -259,6 +259,11 @@ class HeadersAndIds:
         self.fixed_no_store = fixed + list(NO_STORE)
         self.csp = (b"content-security-policy", CSP.encode())
 
+    def answer_headers(self) -> list[tuple[bytes, bytes]]:
+        """What this middleware adds to an answer that sets no CSP of its own and may not be
+        cached, the request id aside: the /t/ fast path sends exactly these."""
+        return [self.csp, *self.fixed_no_store]
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
@@ -331,14 +336,10 @@ def install_middleware(app: FastAPI, settings: Settings) -> None:
     # carepost.tracking.engagement_pages): CarePostApp.__call__ enters through ``app.front``.
     from carepost.tracking.engagement_pages import EngagementFastPath
 
-    fast_headers = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
-                    (b"x-frame-options", b"DENY"), (b"referrer-policy", b"no-referrer"),
-                    (b"cross-origin-opener-policy", b"same-origin"),
-                    (b"permissions-policy", b"camera=(), microphone=(), geolocation=()"),
-                    (b"cache-control", b"no-store"), (b"pragma", b"no-cache")]
-    if settings.base_url.startswith("https://"):
-        fast_headers.append((b"strict-transport-security", b"max-age=31536000; includeSubDomains"))
-    app.front = EngagementFastPath(functools.partial(FastAPI.__call__, app), headers=fast_headers,
+    # The same headers, in the same order, as HeadersAndIds gives an answer it may not cache (one
+    # list for both: tests/test_tracking_fast_path.py compares the two answers).
+    app.front = EngagementFastPath(functools.partial(FastAPI.__call__, app),
+                                   headers=HeadersAndIds(app, settings).answer_headers(),
                                    observe=observe_request)
 
 
@@ -454,7 +455,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     assembly = assemble()  # models, pipeline steps, tasks, events: before the first request
     settings = settings or get_settings()
-    configure_logging(settings.log_level, settings.log_json)
+    configure_logging(settings.log_level, settings.log_json, access_log=settings.access_log)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

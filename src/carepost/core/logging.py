@@ -182,7 +182,10 @@ class _CurrentStderr:
         sys.stderr.flush()
 
 
-def configure_logging(level: str = "INFO", json: bool = True, stream=None) -> None:
+def configure_logging(level: str = "INFO", json: bool = True, stream=None, access_log: bool = True) -> None:
+    """``access_log`` False: uvicorn's access logger gets no handler at all (not the root's), so
+    uvicorn makes no line per request (it looks only at whether that logger has handlers; it
+    formats each line's arguments before the level is checked)."""
     global _configured
     stream = stream or _CurrentStderr()
     renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
@@ -209,7 +212,7 @@ def configure_logging(level: str = "INFO", json: bool = True, stream=None) -> No
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "huey", "sqlalchemy"):
         lg = logging.getLogger(name)
         lg.handlers = []
-        lg.propagate = True
+        lg.propagate = access_log or name != "uvicorn.access"
     _configured = True
 
 
