@@ -148,29 +148,36 @@ def _pct(sorted_ms: list[float], p: float) -> float | None:
     return round(sorted_ms[max(0, math.ceil(p / 100 * len(sorted_ms)) - 1)], 2)
 
 
+def request_head(host: str, port: str, token: str) -> bytes:
+    """The fixed head of every POST (its Idempotency-Key and Content-Length follow)."""
+    return (f"POST {PATH} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {token}\r\n"
+            "Content-Type: application/json\r\n").encode()
+
+
+async def exchange(conn, raw: bytes) -> tuple[int, bytes]:
+    """One request on a keep-alive connection (reader, writer): the status and the body."""
+    reader, writer = conn
+    writer.write(raw)
+    header = await reader.readuntil(b"\r\n\r\n")
+    lines = header.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    length = next(int(x.split(":", 1)[1]) for x in lines[1:] if x.lower().startswith("content-length:"))
+    return status, await reader.readexactly(length)
+
+
 async def open_loop(base: str, token: str, rate: float, bodies: list[tuple[bytes, str]], connections: int,
                     timeout: float) -> dict:
     """Send ``bodies`` at ``rate`` per second, each at its due time (open loop), over at most
     ``connections`` keep-alive HTTP/1.1 connections; latency from the due time to the answer's
     last byte. A request due while every connection is busy waits in a FIFO, and that wait counts."""
     host, port = base.removeprefix("http://").split(":")
-    head = (f"POST {PATH} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {token}\r\n"
-            "Content-Type: application/json\r\n").encode()
+    head = request_head(host, port, token)
     requests = [head + f"Idempotency-Key: {key}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
                 for body, key in bodies]
     n = len(bodies)
     results: list = [None] * n
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
-
-    async def exchange(conn, raw: bytes):
-        reader, writer = conn
-        writer.write(raw)
-        header = await reader.readuntil(b"\r\n\r\n")
-        lines = header.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        length = next(int(x.split(":", 1)[1]) for x in lines[1:] if x.lower().startswith("content-length:"))
-        return status, await reader.readexactly(length)
 
     async def connection() -> None:
         conn = None

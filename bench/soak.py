@@ -44,7 +44,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from _scratch import scratch_storage, start_serve, stop
-from api_send import PATH, _pct, loadavg, machine, payloads, setup, stored
+from api_send import PATH, _pct, exchange, loadavg, machine, payloads, request_head, setup, stored
 from delivery_worker import (
     bench_env,
     count_statuses,
@@ -118,19 +118,9 @@ class Load:
 
     async def run(self) -> None:
         host, port = self.base.removeprefix("http://").split(":")
-        head = (f"POST {PATH} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {self.token}\r\n"
-                "Content-Type: application/json\r\n").encode()
+        head = request_head(host, port, self.token)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-
-        async def exchange(conn, raw: bytes):
-            reader, writer = conn
-            writer.write(raw)
-            header = await reader.readuntil(b"\r\n\r\n")
-            lines = header.decode("latin-1").split("\r\n")
-            status = int(lines[0].split()[1])
-            length = next(int(x.split(":", 1)[1]) for x in lines[1:] if x.lower().startswith("content-length:"))
-            return status, await reader.readexactly(length)
 
         async def connection() -> None:
             conn = None
