@@ -6,6 +6,8 @@ bench/delivery_worker.py").
     .venv/bin/python bench/campaign_send.py --contacts 800 --runs 1           # a quick check
     .venv/bin/python bench/campaign_send.py --database-url postgresql://postgres@127.0.0.1:5432/postgres
     .venv/bin/python bench/campaign_send.py --contacts 6000 --runs 1 --profile /tmp/campaign.folded  # where it goes
+    .venv/bin/python bench/campaign_send.py --runs 1 --profile /tmp/c.folded --profile-gil  # GIL holder, both workers
+    .venv/bin/python bench/campaign_send.py --runs 2 --profile /tmp/c.folded --profile-runs 2  # both runs' campaigns
     .venv/bin/python bench/campaign_send.py --send-batch 500       # CAREPOST_CAMPAIGN_SEND_BATCH (default 200)
 
 Set-up (untimed): the segments benchmark's synthetic population (``bench/segments_population.py``)
@@ -162,7 +164,7 @@ def make_campaign(org_id: str, n: int) -> str:
 
 
 def campaign_phase(org_id: str, n: int, chunk: int, tmp_path: Path, env: dict, threads: int,
-                   profile: str | None = None) -> tuple[dict, dict, str]:
+                   profile: str | None = None, profile_gil: bool = False) -> tuple[dict, dict, str]:
     """Plan (in this process), then send through one worker; (plan figures, worker run, campaign id)."""
     from carepost.campaigns import planning
     from carepost.campaigns.tasks import send_campaign
@@ -177,9 +179,16 @@ def campaign_phase(org_id: str, n: int, chunk: int, tmp_path: Path, env: dict, t
     refresh_statistics.call_local()
     send_campaign(org_id, campaign_id)  # queued: the worker materializes and hands batches to delivery
     run = dw.run_worker(env, tmp_path / f"worker-campaign-{n}.log", threads, report.planned,
-                        lambda: campaign_statuses(org_id, campaign_id), profile=profile)
+                        lambda: campaign_statuses(org_id, campaign_id), profile=profile, profile_gil=profile_gil)
     plan = {"plan_seconds": round(plan_seconds, 1), "planned": report.planned, "excluded": report.excluded}
     return plan, run, campaign_id
+
+
+def run_profile(profile: str | None, i: int, runs: int) -> str | None:
+    """Where run ``i`` (from 0) of the campaign worker is sampled: FILE for the first, FILE.run<k> after."""
+    if not profile or i >= runs:
+        return None
+    return profile if i == 0 else f"{profile}.run{i + 1}"
 
 
 def phase_figures(run: dict, total: int, check: dict) -> dict:
@@ -207,6 +216,11 @@ def main() -> None:
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="sample the first run's campaign worker with py-spy into FILE (folded stacks) and add its "
                         "top costs to the JSON (as bench/delivery_worker.py --profile)")
+    p.add_argument("--profile-runs", type=int, default=1, metavar="N",
+                   help="with --profile: sample the first N runs' campaign workers (run k > 1 into FILE.run<k>)")
+    p.add_argument("--profile-gil", action="store_true",
+                   help="with --profile: sample only the thread holding the GIL (py-spy --gil), and the first run's "
+                        "transactional worker too, into FILE.transactional")
     args = p.parse_args()
 
     admin, scratch = pop.setup_database(args.database_url, keep=False)
@@ -256,11 +270,14 @@ def measure(args, tmp_path: Path, record: Path, port: int, ca_file: Path) -> dic
     offset, runs = 0, []
     for i in range(args.runs):
         plan, run, campaign_id = campaign_phase(org_id, args.contacts * 10 + i, chunk, tmp_path, env, args.threads,
-                                                profile=args.profile if i == 0 else None)
+                                                profile=run_profile(args.profile, i, args.profile_runs),
+                                                profile_gil=args.profile_gil)
         check, offset = sink_check(record, offset, message_id_headers(org_id, campaign_id=campaign_id))
         campaign = {**plan, **phase_figures(run, plan["planned"], check)}
+        t_profile = f"{args.profile}.transactional" if args.profile and args.profile_gil and i == 0 else None
         t_org, ids, accept_seconds, t_run = dw.transactional(plan["planned"], tmp_path, env, args.threads,
-                                                             domain=f"bar{i}.example")
+                                                             domain=f"bar{i}.example", profile=t_profile,
+                                                             profile_gil=args.profile_gil)
         check, offset = sink_check(record, offset, message_id_headers(t_org, ids=ids))
         transactional = {"accept_seconds": round(accept_seconds, 1), **phase_figures(t_run, len(ids), check)}
         ratio = round(campaign["messages_per_second"] / transactional["messages_per_second"], 3)
@@ -294,6 +311,10 @@ def measure(args, tmp_path: Path, record: Path, port: int, ca_file: Path) -> dic
         "load_average_at_end": os.getloadavg(),
         "population": population, "consent": consent, "runs": runs,
         **({"campaign_profile": dw.summarize_profile(Path(args.profile))} if args.profile else {}),
+        **({"transactional_profile": dw.summarize_profile(Path(f"{args.profile}.transactional"))}
+           if args.profile and args.profile_gil else {}),
+        **({f"campaign_profile_run{k}": dw.summarize_profile(Path(f"{args.profile}.run{k}"))
+            for k in range(2, min(args.profile_runs, args.runs) + 1)} if args.profile else {}),
     }
 
 

@@ -236,7 +236,7 @@ def start_carepost(env: dict[str, str]) -> None:
 
 
 def run_worker(env: dict[str, str], log_path: Path, threads: int, total: int, done_of, *,
-               profile: str | None = None, processes: int = 1) -> dict:
+               profile: str | None = None, processes: int = 1, profile_gil: bool = False) -> dict:
     """Start ``processes`` ``carepost worker`` processes (one by default) at once and sample them
     every 0.5 s until ``done_of()`` (which returns ``(done, statuses)``) reports ``total`` done;
     then stop them. Returns the raw samples: ``elapsed`` (from the workers' start),
@@ -244,7 +244,8 @@ def run_worker(env: dict[str, str], log_path: Path, threads: int, total: int, do
     ``machine_cpu_busy`` (the share of all cores busy, everything on the machine),
     ``samples`` (done, RSS MiB summed, seconds), ``progress`` (done, seconds, CPU seconds),
     ``statuses``, ``errors`` (error lines of the workers' logs). The queue holds the work before
-    the call. ``profile`` samples the first process only."""
+    the call. ``profile`` samples the first process only; ``profile_gil``: only the thread holding
+    the GIL (py-spy ``--gil``), not native work done with it released."""
     from carepost.core.database import dispose_engine
     from carepost.core.queue import huey
 
@@ -260,7 +261,8 @@ def run_worker(env: dict[str, str], log_path: Path, threads: int, total: int, do
     if profile:
         py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))  # the venv's own
         spy = subprocess.Popen([py_spy, "record", "--pid", str(workers[0].pid), "--rate", "100", "--format", "raw",
-                                "--nonblocking", "-o", profile], stdout=subprocess.DEVNULL,
+                                "--nonblocking", *(["--gil"] if profile_gil else []), "-o", profile],
+                               stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     started = time.perf_counter()
     samples, statuses, progress = [], {}, []
@@ -325,7 +327,8 @@ def worker_figures(run: dict, total: int) -> dict:
 
 
 def transactional(count: int, tmp_path: Path, env: dict[str, str], threads: int, *, domain: str = "bar.example",
-                  profile: str | None = None, processes: int = 1) -> tuple[str, list[str], float, dict]:
+                  profile: str | None = None, processes: int = 1,
+                  profile_gil: bool = False) -> tuple[str, list[str], float, dict]:
     """The transactional measurement: ``count`` messages accepted (untimed), queued, delivered by
     ``processes`` workers (:func:`run_worker`). Returns (organization id, message ids, accept seconds, run)."""
     from carepost.delivery.tasks import enqueue_delivery, refresh_statistics
@@ -340,7 +343,7 @@ def transactional(count: int, tmp_path: Path, env: dict[str, str], threads: int,
         return finished(statuses), statuses
 
     run = run_worker(env, tmp_path / f"worker-{domain}.log", threads, len(ids), done_of, profile=profile,
-                     processes=processes)
+                     processes=processes, profile_gil=profile_gil)
     return org_id, ids, accept_seconds, run
 
 
