@@ -242,3 +242,98 @@ def test_a_group_reads_its_rows_by_primary_key_not_through_the_organization(prin
         for sql, params in reads:
             plan = [row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params)]
             assert not any(by_org_only.search(line) for line in plan), (sql, plan)
+
+
+def test_a_second_group_is_accepted_while_the_first_is_still_in_its_transaction():
+    """With two accepting threads (PostgreSQL's, ``accepting_threads``), a request that arrives
+    while a group is under way does not wait for it: another thread takes it. Here the first
+    group cannot finish before the second one has been accepted."""
+    import asyncio
+
+    from carepost.delivery import accept_group
+
+    second_done, seen = threading.Event(), []
+
+    def accept(group):
+        seen.append([item.idempotency_key for item in group])
+        if group[0].idempotency_key == "first":
+            assert second_done.wait(30), "the second group waited for the first"
+        else:
+            second_done.set()
+        for item in group:
+            item.message_id = f"msg-{item.idempotency_key}"
+
+    async def both(grouping):
+        first = asyncio.ensure_future(grouping.submit(accept_group.Pending(None, None, "first", {})))
+        await asyncio.sleep(0)  # the first is taken by a thread before the second arrives
+        while not seen:
+            await asyncio.sleep(0.01)
+        second = await grouping.submit(accept_group.Pending(None, None, "second", {}))
+        return await first, second
+
+    grouping = accept_group.AcceptGroup(threads=2)
+    real, accept_group.accept_group = accept_group.accept_group, accept
+    try:
+        first, second = asyncio.run(both(grouping))
+    finally:
+        accept_group.accept_group = real
+        grouping._executor.shutdown()
+    assert seen == [["first"], ["second"]]
+    assert (first.message_id, second.message_id) == ("msg-first", "msg-second")
+    assert grouping._draining == 0 and not grouping._pending
+
+
+def test_two_groups_in_their_transactions_at_once_keep_every_guarantee(principal, sender, session, delivery_queue,
+                                                                      monkeypatch):
+    """PostgreSQL's two accepting threads: two groups store at the same time (both past their
+    checks, in open transactions, before either stores). Every request gets its own message and
+    audit event, the organization's audit chain verifies, and an Idempotency-Key sent in both
+    groups is stored once: the group that meets it second on the unique index keeps nothing and
+    its requests are marked to be accepted again alone (where the key answers the stored message)."""
+    from carepost.audit.verify import verify
+    from carepost.core.config import get_settings
+    from carepost.core.database import read_only_session
+    from carepost.delivery import accept_group, messages
+
+    if get_settings().is_sqlite:
+        pytest.skip("SQLite: one write lock, one accepting thread (accepting_threads)")
+    assert accept_group.accepting_threads() == 2
+    both_checked = threading.Barrier(2, timeout=30)
+    real = messages.store_messages
+
+    def store_together(*args, **kwargs):
+        both_checked.wait()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(messages, "store_messages", store_together)
+    first = [pending(principal, body(to=[f"a{i}@valid.test"]), f"a-{i}") for i in range(3)]
+    second = [pending(principal, body(to=[f"b{i}@valid.test"]), f"b-{i}") for i in range(3)]
+    shared = [pending(principal, body(to=["shared@valid.test"]), "shared") for _ in range(2)]
+    groups = [first + shared[:1], second + shared[1:]]
+    threads = [threading.Thread(target=accept_group.accept_group, args=(g,)) for g in groups]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stored = [item for item in first + second + shared if item.created]
+    alone = [item for item in first + second + shared if item.alone]
+    # One group stored all of its requests; the other (which met "shared" second) none of them.
+    assert sorted(len([i for i in g if i.created]) for g in groups) == [0, 4]
+    assert sorted(len([i for i in g if i.alone]) for g in groups) == [0, 4]
+    assert len(stored) == 4 and len(alone) == 4 and all(i.error is None for i in stored + alone)
+    assert count(session, Message) == 4
+    assert sorted(e.target_id for e in created_events(session, sender.org_id)) == sorted(i.message_id for i in stored)
+    # Both stored at once when neither shares a key: 6 more messages, each with its audit event.
+    both_checked.reset()
+    groups = [[pending(principal, body(to=[f"c{i}@valid.test"]), f"c-{i}") for i in range(3)],
+              [pending(principal, body(to=[f"d{i}@valid.test"]), f"d-{i}") for i in range(3)]]
+    threads = [threading.Thread(target=accept_group.accept_group, args=(g,)) for g in groups]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(item.created and item.error is None for g in groups for item in g)
+    assert count(session, Message) == 10 and len(created_events(session, sender.org_id)) == 10
+    with read_only_session() as s:
+        report = verify(s, org_id=sender.org_id)
+    assert report.ok, report.first_problem
