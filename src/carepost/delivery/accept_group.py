@@ -70,12 +70,11 @@ class AcceptGroup:
     loop (an ``asyncio`` future), not in a thread of the pool: one thread hand-off per group
     instead of two per request, and no thread per waiting request competing for the GIL."""
 
-    def __init__(self, max_group: int = MAX_GROUP, threads: int | None = None) -> None:
+    def __init__(self, max_group: int = MAX_GROUP) -> None:
         self.max_group = max_group
-        self.threads = threads  # accepting threads; None: by the database, on the first request
         self._lock = threading.Lock()
         self._pending: list[Pending] = []
-        self._draining = 0  # accepting threads at work
+        self._leading = False
         self._executor: ThreadPoolExecutor | None = None
 
     async def submit(self, item: Pending) -> Pending:
@@ -85,22 +84,16 @@ class AcceptGroup:
         item.loop, item.future = loop, loop.create_future()
         with self._lock:
             self._pending.append(item)
-            if self._executor is None:
-                if self.threads is None:
-                    self.threads = accepting_threads()
-                self._executor = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="carepost-accept")
-            # Another accepting thread starts when every one at work is busy with a group (it
-            # takes this request and whatever arrives before it is scheduled).
-            start = self._draining < self.threads
-            if start:
-                self._draining += 1
+            start = not self._leading
+            self._leading = True
+            if start and self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="carepost-accept")
         if start:
             try:
                 self._executor.submit(self._drain)
             except RuntimeError:  # the process is shutting down: each waiting request goes alone
                 with self._lock:
-                    stranded, self._pending = self._pending, []
-                    self._draining -= 1
+                    stranded, self._pending, self._leading = self._pending, [], False
                 _alone(stranded)
                 _answer(stranded)
         # Shielded: a client that hangs up does not withdraw a request its group is storing.
@@ -114,7 +107,7 @@ class AcceptGroup:
                 group = self._pending[:self.max_group]
                 del self._pending[:self.max_group]
                 if not group:
-                    self._draining -= 1
+                    self._leading = False
                     return
             try:
                 accept_group(group)
@@ -123,24 +116,6 @@ class AcceptGroup:
                 _alone(group)
             finally:
                 _answer(group)
-
-
-def accepting_threads() -> int:
-    """How many groups are accepted at once: one on SQLite, two on PostgreSQL.
-
-    SQLite: a transaction holds the database's one write lock from its ``BEGIN IMMEDIATE`` to
-    its commit, so a second accepting thread would only wait for it (in SQLite's busy handler).
-    PostgreSQL: one group's transaction spends most of its time waiting — for the ~20 round
-    trips to the server and their answers — while its thread holds the GIL only a fifth of the
-    time (py-spy during ``bench/api_send.py`` at 200/s, docs/performance.md); with one thread the
-    groups queued behind those waits. Two transactions run side by side: what they share is
-    taken in one order by both and held only to their commits (the audit chain head's row lock,
-    the shared advisory lock of the organization's blind index), and two groups storing the same
-    Idempotency-Key meet on the unique index: the second fails whole and its requests are
-    accepted again alone, where the key answers the first's message."""
-    from carepost.core.database import get_engine
-
-    return 2 if get_engine().dialect.name == "postgresql" else 1
 
 
 def _answer(group: list[Pending]) -> None:
