@@ -100,7 +100,8 @@ class _Ttl:
 
 class Recorder:
     """One writer thread per process (requests wait on a Future for their group's journal sync),
-    one ingester thread moving the journal into the database."""
+    one ingester moving the journal into the database: a child process under ``carepost serve``
+    (``tracking.journal_ingester``, out of this process's GIL), a thread otherwise (in-process apps)."""
 
     def __init__(self):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -118,6 +119,7 @@ class Recorder:
         self._busy = False
         self._journal = None  # engagement_journal.Journal of this process, opened on first use
         self._ingester: threading.Thread | None = None
+        self._child = None  # journal_ingester.IngesterProcess, when serve asked for one (instead of the thread)
         self._progress = threading.Condition()  # journal.ingested moved
 
     def submit(self, hit: Hit) -> Future:
@@ -210,13 +212,16 @@ class Recorder:
         """Open this process's journal and start its ingester (``serve`` at start-up, so what a
         killed process left in a journal reaches the database without waiting for traffic)."""
         from carepost.core.config import get_settings
-        from carepost.tracking import engagement_journal
+        from carepost.tracking import engagement_journal, journal_ingester
 
         with self._lock:
             if self._journal is not None:
                 return
             journal = engagement_journal.claim(engagement_journal.root_of(get_settings().data_dir), _journal_keys)
             self._journal = journal
+            if journal_ingester.wanted():  # serve: the ingester out of this process's GIL
+                self._child = journal_ingester.IngesterProcess(journal, lambda p: self._done(journal, p))
+                return
             self._ingester = threading.Thread(target=self._ingest_loop, args=(journal,),
                                               name="carepost-engagement-ingest", daemon=True)
             self._ingester.start()
@@ -225,30 +230,34 @@ class Recorder:
         """Let go of the journal: what it holds is ingested first (up to ``timeout``; what is not
         stays in it for the next process). A request after this opens a journal again."""
         with self._lock:
-            journal, ingester = self._journal, self._ingester
-            self._journal = self._ingester = None
+            journal, ingester, child = self._journal, self._ingester, self._child
+            self._journal = self._ingester = self._child = None
         if journal is None:
             return
-        drained = self._drain(journal, timeout)
+        drained = self._drain(journal, timeout, child)
         if not drained:
             log.warning("engagement_journal_not_drained")
         journal.stopping = True
         journal.wake.set()
+        stopped = True
+        if child is not None:
+            stopped = child.stop(timeout)
         if ingester is not None:
             ingester.join(timeout)
+            stopped = not ingester.is_alive()
         try:
-            if drained and not (ingester is not None and ingester.is_alive()):
+            if drained and stopped:
                 journal.retire()
         finally:
             journal.close()
 
     def drain(self, timeout: float = 30.0) -> None:
         """Wait until everything journaled before this call is in the database (tests, shutdown)."""
-        journal = self._journal
-        if journal is not None and not self._drain(journal, timeout):
+        journal, child = self._journal, self._child
+        if journal is not None and not self._drain(journal, timeout, child):
             raise TimeoutError("engagement journal not ingested in time")
 
-    def _drain(self, journal, timeout: float) -> bool:
+    def _drain(self, journal, timeout: float, child=None) -> bool:
         target = journal.durable
         deadline = time.monotonic() + timeout
         with self._progress:
@@ -256,7 +265,10 @@ class Recorder:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                journal.wake.set()
+                if child is not None:
+                    child.wake()  # the ingester process: look now
+                else:
+                    journal.wake.set()
                 self._progress.wait(min(left, 0.2))
         return True
 

@@ -111,6 +111,37 @@ class Journal:
             os.ftruncate(self._fd, end)  # a frame cut short by a crash: never answered
             os.fsync(self._fd)
         self.durable = Position(self._segment, end)
+        self.publish = None  # called with each new durable Position (the ingester process's feed)
+
+    @classmethod
+    def reader(cls, directory: Path, keys) -> Journal:
+        """The slot as its ingester **process** sees it (``tracking.journal_ingester``): not held,
+        not written, never cut; read only up to :attr:`durable`, which the writer publishes after
+        each sync (a frame past it may still be cut off by a power loss)."""
+        self = cls.__new__(cls)
+        self.directory = directory
+        self._lock_fd = self._fd = None
+        self._keys = keys
+        self.id = (directory / "id").read_text().strip()
+        self._mutex = threading.Lock()
+        self._current = None
+        self._versions = {}
+        self.ingested = None
+        self.stopping = False
+        self.wake = threading.Event()
+        self.mark = None
+        segments = _segments(directory)
+        self._segment = segments[0] if segments else 1
+        self.durable = Position(self._segment, 0)  # nothing, until the writer says
+        self.publish = None
+        return self
+
+    def synced(self, position: Position) -> None:
+        """(A reader) the writer's durable end moved to ``position``."""
+        with self._mutex:
+            if position > self.durable:
+                self.durable = position
+                self._segment = position.segment
 
     # ------------------------------------------------------------------ writing
 
@@ -154,6 +185,8 @@ class Journal:
             self.durable = end
             if end.offset >= SEGMENT_BYTES:
                 self._rotate()
+            if self.publish is not None:
+                self.publish(self.durable)
             return end
 
     def _rotate(self) -> None:
@@ -253,11 +286,15 @@ class Journal:
         with self._mutex:
             if self.durable.offset > 0:
                 self._rotate()
+                if self.publish is not None:
+                    self.publish(self.durable)
         self.forget_before(self.durable)
 
     def close(self) -> None:
         with self._mutex:
             for fd in (self._fd, self._lock_fd):
+                if fd is None:
+                    continue  # a reader holds neither
                 try:
                     os.close(fd)  # closing the lock file releases the flock
                 except OSError:
