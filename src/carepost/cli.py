@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -116,6 +117,9 @@ def serve(
     from carepost.core.config import get_settings
 
     settings = get_settings()
+    # The /t/ journal's ingester runs as a child process of each serve process, out of its GIL
+    # (tracking.journal_ingester); in-process apps (tests) keep the ingester thread.
+    os.environ.setdefault("CAREPOST_ENGAGEMENT_INGESTER", "process")
     with _holding_data_dir(settings):
         uvicorn.run(
             "carepost.app:create_app",
