@@ -75,7 +75,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import (
+    String,
+    and_,
+    any_,
+    bindparam,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -322,9 +334,7 @@ def hold_index_versions(session: Session, message_ids: list[str]) -> None:
     between reading the recipients' address indexes and comparing them with suppressions and
     recipient keys (docs/keys.md, "Rotating blind-index keys")."""
     ring = get_keyring()
-    orgs: set[str] = set()
-    for start in range(0, len(message_ids), 500):
-        orgs.update(session.scalars(select(Message.org_id).where(Message.id.in_(message_ids[start:start + 500]))).all())
+    orgs = {org_id for _id, org_id in _by_ids(session, Message.id, message_ids, Message.id, Message.org_id)}
     for org_id in sorted(orgs):
         ring.index_version(session, org_id)
 
@@ -334,24 +344,29 @@ def claim(run: Run, message_ids: list[str]) -> None:
     now = clock.now()
     until = now + timedelta(seconds=run.settings.delivery_lease_seconds)
     R = MessageRecipient
-    for start in range(0, len(message_ids), 500):
-        chunk = message_ids[start:start + 500]
-        run.session.execute(
-            update(R)
-            .where(
-                R.message_id.in_(chunk),
-                or_(R.status == "queued", and_(R.status == "deferred", R.next_attempt_at <= now)),
-                lease_free(now, run.settings.delivery_lease_seconds),
-            )
-            .values(lease_owner=run.owner, lease_until=until)
-            .execution_options(synchronize_session=False)
-        )
-    rows = []
-    for start in range(0, len(message_ids), 500):
-        rows += run.session.scalars(
-            select(R).where(R.message_id.in_(message_ids[start:start + 500]), R.lease_owner == run.owner)
-            .execution_options(populate_existing=True)
-        ).all()
+    if run.session.get_bind().dialect.name == "sqlite":
+        # By primary key: the due rows found first through the message_id index (``_by_ids``), then
+        # leased by id, their conditions checked again. Written ``message_id IN (...) AND (status =
+        # 'queued' OR ...)``, SQLite planned a MULTI-INDEX OR whose deferred branch reads every due
+        # deferred recipient of the database; with the ids as ``IN (SELECT value FROM
+        # json_each(?))``, a walk of every queued recipient (the status index) through a bloom
+        # filter (EXPLAIN QUERY PLAN on bench/campaign_send.py's database). The status and
+        # schedule are compared as ``+column`` (SQLite's unary plus keeps a term from choosing an
+        # index), so the ids' index is the only one these statements can use.
+        status, next_at = _unindexed(R.status), _unindexed(R.next_attempt_at)
+        due = (or_(status == "queued", and_(status == "deferred", next_at <= now)),
+               lease_free(now, run.settings.delivery_lease_seconds))
+        keys = [rid for (rid,) in _by_ids(run.session, R.message_id, message_ids, R.id, extra=due)]
+        wheres = [(R.id.in_(keys[start:start + 500]), *due) for start in range(0, len(keys), 500)]
+    else:
+        due = (or_(R.status == "queued", and_(R.status == "deferred", R.next_attempt_at <= now)),
+               lease_free(now, run.settings.delivery_lease_seconds))
+        wheres = [(_any(R.message_id, message_ids), *due)]
+    for where in wheres:
+        run.session.execute(update(R).where(*where).values(lease_owner=run.owner, lease_until=until)
+                            .execution_options(synchronize_session=False))
+    rows = [r for (r,) in _by_ids(run.session, R.message_id, message_ids, R, extra=(R.lease_owner == run.owner,),
+                                  options={"populate_existing": True})]
     run.claimed = len(rows)
     if rows:
         # Should this worker die holding the lease, its recipients are due once the lease expires:
@@ -368,16 +383,13 @@ def load(run: Run) -> None:
     """Step 2: everything the copies need, decrypted in memory (never written anywhere)."""
     session, ring = run.session, get_keyring()
     message_ids = sorted({c.recipient.message_id for c in run.copies})
-    messages = {m.id: m for m in _in_chunks(session, Message, Message.id, message_ids)}
+    messages = {m.id: m for (m,) in _by_ids(session, Message.id, message_ids, Message)}
     # Every recipient of these messages (the To and Cc headers name them all): the columns
     # needed, as row tuples, not ORM objects (the claimed ones are loaded by step 1 already).
     R = MessageRecipient
-    everyone = []
-    for start in range(0, len(message_ids), 500):
-        everyone += session.execute(
-            select(R.id, R.message_id, R.org_id, R.kind, R.address_enc, R.display_name_enc)
-            .where(R.message_id.in_(message_ids[start:start + 500]))).all()
-    attachments = _in_chunks(session, MessageAttachment, MessageAttachment.message_id, message_ids)
+    everyone = _by_ids(session, R.message_id, message_ids, R.id, R.message_id, R.org_id, R.kind, R.address_enc,
+                       R.display_name_enc)
+    attachments = [a for (a,) in _by_ids(session, MessageAttachment.message_id, message_ids, MessageAttachment)]
     rt, mt, at = MessageRecipient.__tablename__, Message.__tablename__, MessageAttachment.__tablename__
 
     # One decryptor per organization for this claim batch: each key version is looked up once,
@@ -1175,11 +1187,43 @@ def _mailbox_text(address: str, name: str | None) -> str:
     return f'"{escaped}" <{address}>'
 
 
-def _in_chunks(session: Session, model, column, values: list[str]) -> list:
-    rows = []
-    for start in range(0, len(values), 500):
-        rows += session.scalars(select(model).where(column.in_(values[start:start + 500]))).all()
-    return rows
+def _any(column, ids: list[str]):
+    """PostgreSQL: ``column = ANY(:ids)``, the ids as one array parameter whatever their number
+    (one cached statement, nothing rendered per id)."""
+    return column == any_(bindparam(None, list(ids), type_=postgresql.ARRAY(String)))
+
+
+def _unindexed(column):
+    """SQLite only: ``+table.column``, the column as a term no index may serve (unary plus)."""
+    return literal_column(f"+{column.table.name}.{column.name}", type_=column.type)
+
+
+def _by_ids(session: Session, key, ids: list[str], *columns, extra: tuple = (), options: dict | None = None) -> list:
+    """``columns`` of the rows whose ``key`` (the primary key or ``message_id``) is one of ``ids``
+    (and ``extra``), looked up through ``key``'s index whatever SQLite's statistics.
+
+    Written ``key IN (...)``, SQLite chose by its statistics between one index probe per id and a
+    scan of the whole table, and stale statistics chose the scan: in bench/campaign_send.py those
+    of the population's load (40 messages of ~944 recipients each: ``message_id`` estimated at 944
+    rows a value) made every worker until the next ANALYZE scan ``message_recipients`` (37,749
+    rows) for the claim's leased rows and load's recipients, and ``messages`` for load's messages:
+    30-70 ms a statement for 200 ids instead of 0.3-2 ms (EXPLAIN QUERY PLAN in a fresh connection
+    at each worker's start; docs/performance.md, "Campaign end to end: the pipeline's reads by
+    id"). On SQLite the ids are one JSON parameter LEFT JOINed to the table (as
+    ``consent.eligibility._by_ids``): a LEFT JOIN keeps the ids the outer loop, one index probe
+    each, every condition in its ON clause; an id without a row gives NULLs, dropped here. The
+    pipeline runs in a system session, so no tenant condition is added. PostgreSQL plans ``=
+    ANY(:ids)`` with the statistics autovacuum keeps."""
+    if not ids:
+        return []
+    if session.get_bind().dialect.name != "sqlite":
+        query = select(*columns).where(_any(key, ids), *extra)
+    else:
+        wanted = func.json_each(bindparam(None, json.dumps(list(ids)))).table_valued("value").alias("wanted")
+        query = select(*columns).select_from(wanted).outerjoin(key.class_, and_(key == wanted.c.value, *extra))
+    if options:
+        query = query.execution_options(**options)
+    return [row for row in session.execute(query).all() if row[0] is not None]
 
 
 def _recipient_keys(session: Session, recipients: list[MessageRecipient]) -> dict[tuple[str, str], dict[str, RecipientKey]]:
