@@ -287,7 +287,9 @@ def _materialize_once(org_id: str, campaign_id: str, batch: int, now: datetime |
                     template_version_id=version.id, campaign_id=campaign.id,
                 ))
                 owners.append(r)
-        messages = store_messages(session, org_id, prepared, source="campaign", created_by=None) if prepared else []
+        # As rows (one INSERT of the batch's messages, no ORM objects): only their ids are read here.
+        messages = (store_messages(session, org_id, prepared, source="campaign", created_by=None, as_rows=True)
+                    if prepared else [])
         if messages:
             session.execute(update(CampaignRecipient), [{"id": r.id, "message_id": m.id} for r, m in zip(owners, messages)])
         if unsendable:
