@@ -9,6 +9,7 @@ bench/delivery_worker.py").
     .venv/bin/python bench/campaign_send.py --runs 1 --profile /tmp/c.folded --profile-gil  # GIL holder, both workers
     .venv/bin/python bench/campaign_send.py --runs 2 --profile /tmp/c.folded --profile-runs 2  # both runs' campaigns
     .venv/bin/python bench/campaign_send.py --send-batch 500       # CAREPOST_CAMPAIGN_SEND_BATCH (default 200)
+    .venv/bin/python bench/campaign_send.py --contacts 4000 --keep-logs /tmp/logs  # workers' logs kept
 
 Set-up (untimed): the segments benchmark's synthetic population (``bench/segments_population.py``)
 of ``--contacts`` contacts with clinical facts, the email identifiers and ~81 % marketing
@@ -46,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -194,7 +196,21 @@ def run_profile(profile: str | None, i: int, runs: int) -> str | None:
 def phase_figures(run: dict, total: int, check: dict) -> dict:
     out = dw.worker_figures(run, total)
     out.update({"statuses": run["statuses"], "worker_errors": len(run["errors"]), "sink": check})
+    if run["errors"]:
+        # The lines themselves (the product's logs carry no PHI), so that an error is diagnosed
+        # from the JSON once the run's temporary directory, and its logs, are gone.
+        out["worker_error_lines"] = [line.rstrip()[:4000] for line in run["errors"][:20]]
     return out
+
+
+def keep_logs(tmp_path: Path, keep: str | None) -> None:
+    """--keep-logs DIR: the workers' logs copied out of the run's temporary directory."""
+    if not keep:
+        return
+    target = Path(keep)
+    target.mkdir(parents=True, exist_ok=True)
+    for log in sorted(tmp_path.glob("worker-*.log")):
+        shutil.copy2(log, target / log.name)
 
 
 def main() -> None:
@@ -221,6 +237,9 @@ def main() -> None:
     p.add_argument("--profile-gil", action="store_true",
                    help="with --profile: sample only the thread holding the GIL (py-spy --gil), and the first run's "
                         "transactional worker too, into FILE.transactional")
+    p.add_argument("--keep-logs", default=None, metavar="DIR",
+                   help="copy every worker's log into DIR before the run's temporary directory is removed (their "
+                        "error lines are in the JSON as worker_error_lines either way)")
     args = p.parse_args()
 
     admin, scratch = pop.setup_database(args.database_url, keep=False)
@@ -234,6 +253,7 @@ def main() -> None:
                 result = measure(args, tmp_path, record, port, ca_file)
             finally:
                 result_received = dw.stop_sink(sink)
+                keep_logs(tmp_path, args.keep_logs)
     finally:
         pop.drop_database(admin, scratch)
         pop.remove_data_dir()
