@@ -133,3 +133,54 @@ def test_interrupted_rotation_resumes_with_the_pending_key(db, session, org):
     with session_factory()() as s2:
         s2.info["scope"] = "system"
         assert get_keyring().decrypt_text(s2, org.id, "t", "c", "r", blob) == "kept"
+
+
+@pytest.mark.parametrize("kind", ["verp", "period"])
+def test_key_created_by_another_transaction_between_two_reads_is_used(db, org, monkeypatch, kind):
+    """A key created on first use (``named_key_version``, ``period_key``) whose row another
+    transaction commits between this one's read of the key (none yet) and its check for a
+    retired or destroyed row: the key is loaded, not refused. On PostgreSQL (READ COMMITTED, each
+    statement sees the commits before it) this happened when a worker's threads all delivered the
+    first messages of a new organization and created its ``verp`` key at once: a thread's
+    ``KeyUnavailable`` failed its delivery task (bench/campaign_send.py's ``worker_errors``),
+    retried by the queue 30 s later. Here the other creator is a second keyring (a second worker
+    process: caches of its own) in a second session that commits; on SQLite a writing transaction
+    holds the single writer lock from its ``BEGIN IMMEDIATE``, so the other creator writes in this
+    same transaction instead — the row appears between the two reads as it does on PostgreSQL."""
+    from datetime import UTC, datetime
+
+    from carepost.core.config import get_settings
+    from carepost.core.crypto import Keyring, KeyUnavailable, load_master_keys
+    from carepost.core.database import system_session
+
+    when = datetime(2026, 3, 4, tzinfo=UTC)
+    other = Keyring(*load_master_keys(get_settings()))
+    ring = get_keyring()
+
+    def create(r, s):
+        if kind == "verp":
+            return r.named_key_version(s, org.id, "verp")
+        return r.period_key(s, org.id, "messages", when)
+
+    with system_session() as session:
+        created = {}
+        original = Keyring._load
+
+        def racing_load(self, s, owner, k, version):
+            if self is ring and not created:
+                with pytest.raises(KeyUnavailable):
+                    original(self, s, owner, k, version)  # none yet: this transaction will create it ...
+                # ... but another creates it first and commits before this one looks again
+                if s.get_bind().dialect.name == "postgresql":
+                    with system_session() as elsewhere:
+                        created["key"] = create(other, elsewhere)
+                        elsewhere.commit()
+                else:
+                    created["key"] = create(other, s)
+                raise KeyUnavailable("no key yet")
+            return original(self, s, owner, k, version)
+
+        monkeypatch.setattr(Keyring, "_load", racing_load)
+        got = create(ring, session)
+        session.commit()
+    assert created["key"][1] and got == created["key"]

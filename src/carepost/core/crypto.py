@@ -340,7 +340,12 @@ class Keyring:
             return self._load(session, owner_id, kind, None)
         except KeyUnavailable:
             if session.scalars(select(OrgKey.id).where(OrgKey.org_id == owner_id, OrgKey.kind == kind)).first():
-                raise
+                # A row now: either every version was retired (``_load`` refuses again), or another
+                # transaction created the first one and committed between the read above and this
+                # one (PostgreSQL's READ COMMITTED: each statement sees the commits before it; a
+                # worker's threads all creating a new organization's ``verp`` key at once). That
+                # key is the one to use, not a KeyUnavailable that fails the caller's transaction.
+                return self._load(session, owner_id, kind, None)
         master = self._wrapping_master(session)
         secret = secrets.token_bytes(32)
         try:
@@ -375,7 +380,10 @@ class Keyring:
         except KeyUnavailable:
             if session.scalars(select(OrgKey.id).where(OrgKey.org_id == org_id, OrgKey.kind == PERIOD_KEY_KIND,
                                                        OrgKey.version == version)).first():
-                raise  # destroyed by the retention purge: nothing may be written under it again
+                # Destroyed by the retention purge (``_load`` refuses again: nothing may be written
+                # under it), or created and committed by another transaction since the read above
+                # (as in ``named_key_version``): then it is the key.
+                return self._load(session, org_id, PERIOD_KEY_KIND, version)
         master = self._wrapping_master(session)
         secret = secrets.token_bytes(32)
         try:
