@@ -175,14 +175,16 @@ def finished(statuses: dict[str, int]) -> int:
     return statuses.get("delivered", 0) + statuses.get("failed", 0) + statuses.get("bounced", 0)
 
 
-def start_sink(tmp_path: Path, record: Path | None = None) -> tuple[subprocess.Popen, int, Path]:
+def start_sink(tmp_path: Path, record: Path | None = None,
+               opens: Path | None = None) -> tuple[subprocess.Popen, int, Path]:
     """The TLS sink (bench/smtp_sink.py) in its own process, its certificate signed by a CA of
     this run: (process, port, CA file for ``CAREPOST_EXTRA_CA_FILE``). ``record``: the sink
-    appends each message's Message-ID there."""
+    appends each message's Message-ID there; ``opens``: each message's open-pixel path."""
     ca_file, cert_file, key_file = make_certificates(tmp_path)
     port = free_port()
     sink = subprocess.Popen([sys.executable, str(HERE / "smtp_sink.py"), "--port", str(port), "--cert", str(cert_file),
-                             "--key", str(key_file)] + (["--record", str(record)] if record else []),
+                             "--key", str(key_file)] + (["--record", str(record)] if record else [])
+                            + (["--record-opens", str(opens)] if opens else []),
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert sink.stdout.readline().strip() == "ready"
     return sink, port, ca_file

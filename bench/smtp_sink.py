@@ -7,18 +7,25 @@ Runs in its own process (so it does not share the benchmark's interpreter lock):
 Supports EHLO, STARTTLS, MAIL, RCPT, DATA, RSET, NOOP, QUIT; counts messages and prints the
 count on SIGTERM. Not a test double for correctness (tests use aiosmtpd): only for speed.
 ``--record FILE`` appends each accepted message's Message-ID to FILE (one line each, flushed), so
-a benchmark can count what arrived, and what arrived twice.
+a benchmark can count what arrived, and what arrived twice. ``--record-opens FILE`` appends each
+message's open-pixel path (``/t/o/<token>.gif``, read from its HTML part as a mail client reads
+it) to FILE, so a benchmark can open what was received (bench/campaign_million.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import email
+import email.policy
+import re
 import signal
 import ssl
 
 COUNT = 0
 RECORD = None
+OPENS = None
+_PIXEL = re.compile(r"/t/o/[A-Za-z0-9_\-]+\.gif")
 
 
 async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ctx: ssl.SSLContext) -> None:
@@ -55,6 +62,11 @@ async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ctx
                 if RECORD is not None:
                     RECORD.write(_message_id(data) + "\n")
                     RECORD.flush()
+                if OPENS is not None:
+                    pixel = _open_pixel(data)
+                    if pixel:
+                        OPENS.write(pixel + "\n")
+                        OPENS.flush()
                 send(b"250 2.0.0 Ok: queued\r\n")
             elif cmd == b"QUIT":
                 send(b"221 2.0.0 Bye\r\n")
@@ -77,16 +89,31 @@ def _message_id(data: bytes) -> str:
     return "-"
 
 
+def _open_pixel(data: bytes) -> str | None:
+    """The open pixel's path in the message's HTML part (transfer encoding undone), if any."""
+    message = email.message_from_bytes(data.replace(b"\r\n..", b"\r\n."), policy=email.policy.default)
+    for part in message.walk():
+        if part.get_content_type() == "text/html":
+            found = _PIXEL.search(part.get_content())
+            if found:
+                return found.group(0)
+    return None
+
+
 async def main() -> None:
-    global RECORD
+    global RECORD, OPENS
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--cert", required=True)
     parser.add_argument("--key", required=True)
     parser.add_argument("--record", default=None, help="append each message's Message-ID to this file")
+    parser.add_argument("--record-opens", default=None,
+                        help="append each message's open-pixel path (/t/o/<token>.gif) to this file")
     args = parser.parse_args()
     if args.record:
         RECORD = open(args.record, "a")
+    if args.record_opens:
+        OPENS = open(args.record_opens, "a")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(args.cert, args.key)
     server = await asyncio.start_server(lambda r, w: client(r, w, ctx), "127.0.0.1", args.port, limit=1 << 22)
