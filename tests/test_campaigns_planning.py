@@ -282,6 +282,47 @@ def test_throttles_pause_resume_and_cancel(sender, session):
         assert s.scalar(select(func.count()).select_from(Message).where(Message.campaign_id == camp_id)) == 9
 
 
+def test_materializing_counts_each_message_in_the_analytics_without_reading_it_back(sender, session):
+    """A batch's messages are stored without ORM objects (one INSERT); analytics takes each one's
+    dimensions from what was stored (``stored_message``), not a SELECT of the message per recipient,
+    and counts every recipient as accepted under the campaign."""
+    from sqlalchemy import event
+
+    from carepost.core.database import get_engine, read_only_session
+    from carepost.tracking import analytics
+
+    org_id = sender.org_id
+    with org_session(org_id) as s:
+        seg = make_segment(s, org_id)
+        version = make_template(s, org_id, blocks=False)
+        for i in range(6):
+            make_contact(s, org_id, f"rows{i}@valid.test", sign=True)
+        camp = make_campaign(s, org_id, seg, version)
+        s.commit()
+        camp_id = camp.id
+    assert planning.plan(org_id, camp_id).finished
+    statements: list[str] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany):
+        statements.append(" ".join(statement.split()))
+
+    engine = get_engine()
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        report = sending.materialize(org_id, camp_id)
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert len(report.message_ids) == 6
+    assert any(s.startswith("INSERT INTO messages") for s in statements)
+    read_back = [s for s in statements if s.startswith("SELECT") and "FROM messages WHERE messages.id =" in s]
+    assert read_back == []
+    today = clock.now().date()
+    with read_only_session(org_id) as s:
+        figures = analytics.summary(s, org_id, analytics.Filters(start=today - timedelta(days=1),
+                                                                 end=today + timedelta(days=1), campaign_id=camp_id))
+    assert figures.get("accepted") == 6
+
+
 def test_delivered_mime_is_personalized_per_recipient_and_a_revocation_before_send_wins(
         delivery_env, sender, delivery_queue, session):
     from carepost.consent import authorizations

@@ -367,6 +367,9 @@ def store_messages(session: Session, org_id: str, prepared: list[PreparedMessage
     if events:
         session.execute(insert(MessageEvent), events)
     rows = [_Row(r) for r in recipients]
+    by_message = {m.id: m for m in messages}
+    for row in rows:  # the stored message at hand for the subscribers (analytics' dimensions): no read back
+        row.stored_message = by_message[row.message_id]
     for recipient, event in zip(rows, events):  # message.queued to the organization's webhooks
         domain_events.publish("message.recipient_event", session, recipient, _Row(event))
     _exclude_rows(session, messages, rows, addresses, now)
@@ -377,7 +380,8 @@ def store_messages(session: Session, org_id: str, prepared: list[PreparedMessage
 
 class _Row:
     """A stored row's columns as attributes (what the ``message.recipient_event`` subscribers
-    read), for rows written without ORM objects."""
+    read), for rows written without ORM objects. A recipient's also carries ``stored_message``,
+    its message (row or ORM object), so that a subscriber needs no read of it per recipient."""
 
     def __init__(self, values: dict) -> None:
         self.__dict__.update(values)

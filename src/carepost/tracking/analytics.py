@@ -94,13 +94,16 @@ class MessageDims:
                    message.sending_domain_id)
 
 
-def _message_dims(session: Session, message_id: str) -> MessageDims | None:
+def _message_dims(session: Session, message_id: str, stored=None) -> MessageDims | None:
+    """The message's dimensions: cached per session; from ``stored`` (the message's columns, when
+    the publisher has them: ``delivery.messages.store_messages`` stores a campaign batch's messages
+    without ORM objects, so a ``session.get`` would be one SELECT per recipient) or read."""
     from carepost.delivery.models import Message
 
     cache = session.info.setdefault("carepost_analytics_messages", {})
     dims = cache.get(message_id)
     if dims is None:
-        message = session.get(Message, message_id)
+        message = stored if stored is not None else session.get(Message, message_id)
         if message is None:
             return None
         dims = MessageDims.of(message)
@@ -123,7 +126,7 @@ def count_message_event(session: Session, recipient, event) -> int:
     metrics = metrics_for(event, recipient)
     if not metrics:
         return 0
-    dims = _message_dims(session, recipient.message_id)
+    dims = _message_dims(session, recipient.message_id, getattr(recipient, "stored_message", None))
     if dims is None or dims.sandbox:
         return 0
     at = event.created_at or clock.now()
