@@ -352,7 +352,20 @@ def test_delivered_mime_is_personalized_per_recipient_and_a_revocation_before_se
     with org_session(org_id) as s:  # revoked after planning and materialization, before delivery
         authorizations.revoke_authorization(s, org_id, auth.id, by_type="patient", by=None, method="link")
         s.commit()
-    pipeline.deliver(report.message_ids)
+    import io
+
+    from carepost.core.config import get_settings
+    from carepost.core.logging import configure_logging
+
+    logged = io.StringIO()
+    configure_logging("INFO", json=True, stream=logged)
+    try:
+        pipeline.deliver(report.message_ids)
+    finally:
+        configure_logging(get_settings().log_level, get_settings().log_json)
+    # Nothing after the claim's commit reads the database (the footer is read before it): no
+    # transaction is found open, and committed, before the network step.
+    assert "delivery_run" in logged.getvalue() and "transaction_open_before_send" not in logged.getvalue()
 
     got = {}
     for m in delivery_env.mx["valid"].recorder.messages:

@@ -311,6 +311,8 @@ def deliver(message_ids: list[str], *, settings: Settings | None = None) -> RunR
         load(run)
         check_eligibility(run)
         check_sender(run)
+        for org_id in sorted({c.org_id for c in run.copies}):
+            run.footer(org_id)  # read now, for step 6's unsubscribe footers: nothing below reads the database
         session.commit()  # end the transaction: nothing below holds the database
 
         decide(run)
