@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from sqlalchemy import func, select
 
 from tests.faults import stop
 from tests.faults.test_server_kill import _serve
-from tests.faults.test_tracking_journal_kill import CHROME, _events, _tracked_message
+from tests.faults.test_tracking_journal_kill import _events, _tracked_message, _traffic
 from tests.fixtures.ui import free_port
 
 pytestmark = pytest.mark.slow
@@ -70,24 +68,7 @@ def test_kill_9_of_the_ingester_process_loses_and_doubles_nothing(storage, sessi
     base = f"http://localhost:{port}"
     log = tmp_path / "server.log"
     server = _serve(storage, port, log)
-    answered: set[str] = set()
-    lock = threading.Lock()
-    stopping = threading.Event()
-
-    def client(share: list) -> None:
-        with httpx.Client(base_url=base, timeout=10, headers={"User-Agent": CHROME}) as c:
-            for rid, path in share:
-                if stopping.is_set():
-                    return
-                try:
-                    r = c.get(path, follow_redirects=False)
-                except httpx.HTTPError:
-                    return  # the server is gone
-                assert r.status_code in (200, 302), (r.status_code, r.text[:200])
-                with lock:
-                    answered.add(rid)
-
-    threads = [threading.Thread(target=client, args=(paths[i::8],)) for i in range(8)]
+    answered, lock, stopping, threads = _traffic(base, paths)
     killed: list[int] = []
     try:
         pid = _wait_for_ingester(server, None)

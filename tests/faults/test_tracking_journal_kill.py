@@ -64,22 +64,9 @@ def _tracked_message(session, recipients: int) -> tuple[str, list[tuple[str, str
     return m.id, paths
 
 
-def _events(session, message_id: str) -> dict[str, int]:
-    from carepost.tracking.models import EngagementEvent as E
-
-    session.rollback()
-    return dict(session.execute(select(E.recipient_id, func.count()).where(E.message_id == message_id)
-                                .group_by(E.recipient_id)).all())
-
-
-def test_kill_9_while_opens_and_clicks_are_answered_loses_and_doubles_nothing(storage, session, tmp_path):
-    from carepost.tracking.models import EngagementCount
-
-    message_id, paths = _tracked_message(session, 3000)
-    port = free_port()
-    base = f"http://localhost:{port}"
-    log = tmp_path / "server.log"
-    server = _serve(storage, port, log)
+def _traffic(base: str, paths: list[tuple[str, str]]):
+    """Eight clients requesting ``paths`` (not yet started): (answered recipient ids, their lock,
+    the event that stops the clients, the threads). A client stops when the server is gone."""
     answered: set[str] = set()
     lock = threading.Lock()
     stopping = threading.Event()
@@ -97,7 +84,26 @@ def test_kill_9_while_opens_and_clicks_are_answered_loses_and_doubles_nothing(st
                 with lock:
                     answered.add(rid)
 
-    threads = [threading.Thread(target=client, args=(paths[i::8],)) for i in range(8)]
+    return answered, lock, stopping, [threading.Thread(target=client, args=(paths[i::8],)) for i in range(8)]
+
+
+def _events(session, message_id: str) -> dict[str, int]:
+    from carepost.tracking.models import EngagementEvent as E
+
+    session.rollback()
+    return dict(session.execute(select(E.recipient_id, func.count()).where(E.message_id == message_id)
+                                .group_by(E.recipient_id)).all())
+
+
+def test_kill_9_while_opens_and_clicks_are_answered_loses_and_doubles_nothing(storage, session, tmp_path):
+    from carepost.tracking.models import EngagementCount
+
+    message_id, paths = _tracked_message(session, 3000)
+    port = free_port()
+    base = f"http://localhost:{port}"
+    log = tmp_path / "server.log"
+    server = _serve(storage, port, log)
+    answered, _lock, stopping, threads = _traffic(base, paths)
     try:
         for t in threads:
             t.start()
