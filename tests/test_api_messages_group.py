@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from carepost.audit.models import AuditEvent
 from carepost.core.errors import Conflict, ValidationFailed
 from carepost.delivery.models import Message, MessageRecipient
+from tests.fixtures.statements import captured_statements
 
 PHI = "Your HbA1c is 7.9 %; please call about your insulin dose."
 
@@ -186,8 +187,6 @@ def test_a_group_reads_its_rows_by_primary_key_not_through_the_organization(prin
 
     from sqlalchemy import text
 
-    from sqlalchemy import event
-
     from carepost.consent import eligibility
     from carepost.core.config import get_settings
     from carepost.core.database import get_engine, org_session
@@ -208,14 +207,7 @@ def test_a_group_reads_its_rows_by_primary_key_not_through_the_organization(prin
         with get_engine().begin() as conn:
             conn.execute(text("UPDATE messages SET org_id = :other"), {"other": other.id})
             conn.execute(text("ANALYZE"))
-    statements: list[tuple[str, object]] = []
-
-    def capture(conn, cursor, statement, parameters, context, executemany):
-        statements.append((statement, parameters))
-
-    engine = get_engine()
-    event.listen(engine, "before_cursor_execute", capture)
-    try:
+    with captured_statements() as statements:
         items = [pending(principal, body(to=[f"pat{i}@valid.test"]), f"plan-{i}") for i in range(12)]
         accept_group.accept_group(items)
         # What the delivery pipeline reads by id at claim (consent's List-Unsubscribe, topics).
@@ -224,8 +216,6 @@ def test_a_group_reads_its_rows_by_primary_key_not_through_the_organization(prin
             eligibility.message_topics(s, sender.org_id, ids)
             eligibility._by_ids(s, Message, (Message.id,), sender.org_id, ids)
             s.rollback()
-    finally:
-        event.remove(engine, "before_cursor_execute", capture)
     assert all(item.created and item.error is None for item in items)
     session.rollback()
     linked = session.scalars(select(MessageRecipient.contact_id).where(
@@ -238,7 +228,7 @@ def test_a_group_reads_its_rows_by_primary_key_not_through_the_organization(prin
     if not get_settings().is_sqlite:
         return  # PostgreSQL plans with the statistics autovacuum keeps
     by_org_only = re.compile(r"SEARCH (messages|message_recipients|contacts) USING (COVERING )?INDEX \S+ \(org_id=\?\)")
-    with engine.connect() as conn:
+    with get_engine().connect() as conn:
         for sql, params in reads:
             plan = [row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params)]
             assert not any(by_org_only.search(line) for line in plan), (sql, plan)

@@ -18,6 +18,7 @@ from carepost.campaigns.models import Campaign, CampaignExclusion, CampaignRecip
 from carepost.core import clock
 from carepost.core.database import org_session
 from carepost.delivery.models import Message, MessageRecipient
+from tests.fixtures.statements import captured_statements
 
 BLOCK = "{% block_if 'has condition icd10cm:E11.*' %}<p>Diabetes class in May.</p>{% endblock_if %}"
 
@@ -286,9 +287,7 @@ def test_materializing_counts_each_message_in_the_analytics_without_reading_it_b
     """A batch's messages are stored without ORM objects (one INSERT); analytics takes each one's
     dimensions from what was stored (``stored_message``), not a SELECT of the message per recipient,
     and counts every recipient as accepted under the campaign."""
-    from sqlalchemy import event
-
-    from carepost.core.database import get_engine, read_only_session
+    from carepost.core.database import read_only_session
     from carepost.tracking import analytics
 
     org_id = sender.org_id
@@ -301,17 +300,9 @@ def test_materializing_counts_each_message_in_the_analytics_without_reading_it_b
         s.commit()
         camp_id = camp.id
     assert planning.plan(org_id, camp_id).finished
-    statements: list[str] = []
-
-    def seen(conn, cursor, statement, parameters, context, executemany):
-        statements.append(" ".join(statement.split()))
-
-    engine = get_engine()
-    event.listen(engine, "before_cursor_execute", seen)
-    try:
+    with captured_statements() as sent:
         report = sending.materialize(org_id, camp_id)
-    finally:
-        event.remove(engine, "before_cursor_execute", seen)
+    statements = [" ".join(sql.split()) for sql, _params in sent]
     assert len(report.message_ids) == 6
     assert any(s.startswith("INSERT INTO messages") for s in statements)
     read_back = [s for s in statements if s.startswith("SELECT") and "FROM messages WHERE messages.id =" in s]

@@ -11,7 +11,9 @@ from __future__ import annotations
 import re
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import text
+
+from tests.fixtures.statements import captured_statements
 
 PHI = "Your HbA1c is 7.9 %; please call about your insulin dose."
 # sqlite_stat1 rows of bench/campaign_send.py's database (16,000 contacts): "stale" as its
@@ -85,24 +87,14 @@ def test_claim_and_load_read_by_id_whatever_the_statistics(principal, sender, se
     from carepost.delivery import pipeline
 
     ids = accept(principal, 12)
-    statements: list[tuple[str, object]] = []
-
-    def capture(conn, cursor, statement, parameters, context, executemany):
-        statements.append((statement, parameters))
-
-    engine = get_engine()
-    event.listen(engine, "before_cursor_execute", capture)
-    try:
-        with system_session() as s:
-            run = pipeline.Run(s, owner=new_id(), settings=get_settings())
-            pipeline.hold_index_versions(s, ids)
-            pipeline.claim(run, ids)
-            pipeline.load(run)
-            copies = {(c.recipient.message_id, c.recipient.kind): (c.content.message.id, c.content.text, c.content.to,
-                                                                     c.content.cc) for c in run.copies}
-            s.rollback()
-    finally:
-        event.remove(engine, "before_cursor_execute", capture)
+    with captured_statements() as statements, system_session() as s:
+        run = pipeline.Run(s, owner=new_id(), settings=get_settings())
+        pipeline.hold_index_versions(s, ids)
+        pipeline.claim(run, ids)
+        pipeline.load(run)
+        copies = {(c.recipient.message_id, c.recipient.kind): (c.content.message.id, c.content.text, c.content.to,
+                                                                 c.content.cc) for c in run.copies}
+        s.rollback()
     # Each message's To and Cc recipient leased and loaded with its message's content and headers.
     assert run.claimed == 24 and sorted(copies) == sorted((m, k) for m in ids for k in ("to", "cc"))
     for i, message_id in enumerate(ids):
@@ -116,7 +108,7 @@ def test_claim_and_load_read_by_id_whatever_the_statistics(principal, sender, se
              if sql.lstrip().upper().startswith(("SELECT", "UPDATE")) and touching.search(sql)]
     assert any(sql.lstrip().startswith("UPDATE message_recipients") for sql, _ in reads)
     scan = re.compile(r"^SCAN (" + "|".join(TABLES) + r")\b|USING INDEX ix_message_recipients_due|MULTI-INDEX OR")
-    with engine.connect() as conn:
+    with get_engine().connect() as conn:
         set_statistics(conn, statistics)
         if statistics == "stale":
             # These statistics are the ones that made SQLite scan: a batch's read (200 ids) written
