@@ -89,8 +89,16 @@ def _message_id(data: bytes) -> str:
     return "-"
 
 
+_PIXEL_RAW = re.compile(rb"/t/o/[A-Za-z0-9_\-]+\.gif")
+
+
 def _open_pixel(data: bytes) -> str | None:
-    """The open pixel's path in the message's HTML part (transfer encoding undone), if any."""
+    """The open pixel's path in the message's HTML part (transfer encoding undone), if any: found
+    in the raw message when no soft line break cuts it (quoted-printable; the cheap way), else
+    through the parsed message."""
+    found = _PIXEL_RAW.search(data)
+    if found and b"=\r\n" not in data[max(0, found.start() - 80):found.end()]:
+        return found.group(0).decode()
     message = email.message_from_bytes(data.replace(b"\r\n..", b"\r\n."), policy=email.policy.default)
     for part in message.walk():
         if part.get_content_type() == "text/html":
