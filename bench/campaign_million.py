@@ -67,6 +67,9 @@ import campaigns as campaigns_bench
 import delivery_worker as dw
 import segments_population as pop
 from _scratch import start_serve, stop
+from tracking import (
+    _server_cpu as cpu_seconds_tree,  # the server and its live children (the ingester)
+)
 
 PLANNED_SHARE = 0.615  # of the population's contacts, planned (bench/results/campaigns-postgresql-1m.json)
 USER_AGENT = "Mozilla/5.0 (X11; Linux x86_64; rv:115.0) Gecko/20100101 Thunderbird/115.6.0"
@@ -204,16 +207,6 @@ def analytics_read(org_id: str, campaign_id: str) -> tuple[dict, float]:
     return figures, time.perf_counter() - started
 
 
-def cpu_seconds_tree(pid: int) -> float:
-    """CPU seconds of a process and its live children (serve's journal ingester)."""
-    total = dw.cpu_seconds(pid)
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        children = []
-    return total + sum(dw.cpu_seconds(int(c)) for c in children)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipients", type=int, default=1_000_000, help="about this many planned (the population is sized for it)")
@@ -330,6 +323,8 @@ def run(args, contacts: int, tmp_path: Path, record: Path, opens: Path, port: in
         "opens": {"share": args.open_share, "pixels_received": opener.seen, "fired": opener.fired,
                   "answers": dict(opener.status), "distinct_answered_200": opened,
                   "seconds_after_send": opens_after_send_seconds,
+                  # the serve's CPU over the whole send (idle time included), per open fired
+                  "server_cpu_seconds": round(server_cpu, 2),
                   "server_cpu_ms_per_open": round(1000 * server_cpu / max(opener.fired, 1), 3)},
         "analytics": {"read_seconds": round(read_seconds, 3), "second_read_seconds": round(second_read, 3),
                       "figures": figures,
