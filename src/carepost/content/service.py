@@ -5,14 +5,24 @@ API (``POST /api/v1/messages`` with ``template_id`` and ``data``) calls; campaig
 point at a version id and call :func:`render_for_contacts`, which binds the merge-field helpers
 to each contact's data (loaded set-wise), picks the contact's language and shows the dynamic
 blocks the planner chose. Nothing rendered is stored here.
+
+What rendering a version needs that depends only on the version's text — its parts per language,
+the helpers and observation codes its merge fields need, its dynamic blocks — is worked out once
+per version and kept (:func:`prepare_version`, a bounded cache keyed by the version id *and* a
+hash of its text, so a changed row is never served from an older entry). It holds template text
+only, never a contact's data; each render still runs in its own sandbox budget and output limit.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
+from types import MappingProxyType
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -398,13 +408,68 @@ def render_version(version: MessageTemplateVersion, data: dict, *, language: str
     inlined, and a text part made from the HTML when the template has none."""
     languages = _version_languages(version)
     lang = helpers.choose_language(language, version.language, languages)
-    parts = languages[lang]
+    return _render_language(version, languages[lang], lang, data, visible_blocks=visible_blocks, masked=masked)
+
+
+def _render_language(version: MessageTemplateVersion, parts, lang: str, data: dict, *, visible_blocks,
+                     masked: bool) -> Rendered:
+    """The render of one language's parts (each part within its own sandbox budget and size limit)."""
     out = rendering.render_parts(parts, data, visible_blocks=visible_blocks)
     html = authoring.inline_css(out.html)
     text = out.text or (authoring.text_from_html(html) if html else "")
     return Rendered(subject=out.subject, html=html, text=text, preheader=out.preheader,
                     contains_phi=version.contains_phi, purpose=version.purpose, template_id=version.template_id,
                     version=version.version, version_id=version.id, language=lang, masked=masked)
+
+
+@dataclass(frozen=True)
+class PreparedVersion:
+    """What rendering a version needs that depends only on the version's text (no contact data):
+    the parts of each language (read-only), the helpers and codes to load, the dynamic blocks."""
+
+    languages: MappingProxyType
+    needs: helpers.Needs
+    blocks: MappingProxyType
+
+    def language_for(self, preferred: str | None, default: str) -> str:
+        return helpers.choose_language(preferred, default, self.languages)
+
+
+PREPARED_VERSIONS = 64  # versions kept prepared per process (least recently used dropped first)
+_prepared: OrderedDict[tuple[str | None, str], PreparedVersion] = OrderedDict()
+_prepared_lock = threading.Lock()
+
+
+def _version_fingerprint(version: MessageTemplateVersion) -> str:
+    """A hash of everything :class:`PreparedVersion` is made from: a version row is immutable, but
+    the cache must never serve text the row does not hold (an unsaved legacy version has no id)."""
+    text = json.dumps([version.language, [getattr(version, part) or "" for part in LANGUAGE_PARTS],
+                       version.variants or {}], sort_keys=True, ensure_ascii=False)
+    return hashlib.blake2b(text.encode(), digest_size=20).hexdigest()
+
+
+def prepare_version(version: MessageTemplateVersion) -> PreparedVersion:
+    """The version's :class:`PreparedVersion`, made once per version id and text hash (templates
+    are parsed once, not once per recipient or per batch)."""
+    key = (version.id, _version_fingerprint(version))
+    with _prepared_lock:
+        found = _prepared.get(key)
+        if found is not None:
+            _prepared.move_to_end(key)
+            return found
+    languages = {lang: MappingProxyType(parts) for lang, parts in _version_languages(version).items()}
+    prepared = PreparedVersion(languages=MappingProxyType(languages), needs=needs_of(version),
+                               blocks=MappingProxyType(version_blocks(version)))
+    with _prepared_lock:
+        _prepared[key] = prepared
+        while len(_prepared) > PREPARED_VERSIONS:
+            _prepared.popitem(last=False)
+    return prepared
+
+
+def clear_prepared_versions() -> None:
+    with _prepared_lock:
+        _prepared.clear()
 
 
 def _legacy_version(template: MessageTemplate) -> MessageTemplateVersion:
@@ -449,21 +514,26 @@ def render_for_contacts(session: Session, org_id: str, version: MessageTemplateV
     :func:`carepost.content.blocks.plan`; planned here when not given)."""
     if version.org_id != org_id:
         raise NotFound("No such template version.", field="template_version_id")
-    needs = needs_of(version)
+    prepared = prepare_version(version)
+    needs = prepared.needs
     facts = helpers.load_merge_data(session, org_id, list(contact_ids), needs)
     if needs.helpers & helpers.CONSENT_HELPERS and facts:
         for contact_id, extra in helpers.load_consent_data(session, org_id, list(facts)).items():
             facts[contact_id].update(extra)
     if visible is None:
-        visible = blocks.plan(session, org_id, version_blocks(version), list(facts))
+        visible = blocks.plan(session, org_id, dict(prepared.blocks), list(facts))
+    chosen: dict[str | None, str] = {}  # preferred language -> variant, for this call's contacts
     out = {}
     for contact_id, contact_facts in facts.items():
         data = helpers.bind(contact_facts, needs)
         if masked:
             data = helpers.masked(data)
         preferred = language or (contact_facts.get("contact") or {}).get("preferred_language")
-        out[contact_id] = render_version(version, data, language=preferred,
-                                         visible_blocks=visible.get(contact_id, frozenset()), masked=masked)
+        lang = chosen.get(preferred)
+        if lang is None:
+            lang = chosen[preferred] = prepared.language_for(preferred, version.language)
+        out[contact_id] = _render_language(version, prepared.languages[lang], lang, data,
+                                           visible_blocks=visible.get(contact_id, frozenset()), masked=masked)
     return out
 
 
