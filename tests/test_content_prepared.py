@@ -3,11 +3,15 @@
 batch nor picks the language variant for every recipient. These tests hold the cache to the
 behaviour it replaced: a new version (or changed text under the same id) is never served from an
 older entry, languages and block sets still render per recipient, each render keeps its own
-sandbox budget and output limit, the cache is bounded, and a version is parsed once."""
+sandbox budget and output limit, the cache is bounded, and a version is parsed once. A part with
+no template tag (a subject without merge fields) is not run through Jinja per recipient: its
+text is what Jinja would have produced, limits and the single-line rule included."""
 
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from carepost.content import rendering
 from carepost.content import service as templates
@@ -166,3 +170,42 @@ def test_the_cache_is_bounded_and_holds_read_only_text(monkeypatch):
     with pytest.raises(TypeError):
         prepared[2].languages["fr"] = {}
     assert templates.render_version(versions[2], {"first_name": "Ann"}).html == "<p>2 Ann</p>"
+
+
+def _through_jinja(part: str, source: str) -> str:
+    """What the sandbox renders for ``source`` (the path every part took before)."""
+    text = "".join(rendering._env(part).from_string(rendering.parse(part, source)).generate({}))
+    return rendering._single_line(text) if part in rendering.HEADER_PARTS else text
+
+
+@settings(max_examples=300, deadline=None)
+@given(part=st.sampled_from(rendering.PARTS),
+       source=st.text(alphabet=st.sampled_from(list("ab{}%#<>&\"' \r\n\té—\u2028")), max_size=40))
+def test_a_part_without_tags_renders_as_jinja_would(part, source):
+    static = rendering._static_text(part, source)
+    if any(tag in source for tag in ("{{", "{%", "{#")):
+        assert static is None
+        return
+    if part in rendering.HEADER_PARTS and ("\r" in source or "\n" in source):
+        assert static is None  # the parser's refusal, naming the field, is kept
+        with pytest.raises(rendering.ValidationFailed) as exc:
+            rendering.render_part(part, source, {})
+        assert exc.value.field == f"template.{part}"
+        return
+    assert static is not None
+    assert rendering.render_part(part, source, {}) == (_through_jinja(part, source) if source else "")
+
+
+def test_a_static_part_keeps_the_output_limit_and_is_not_rendered(monkeypatch):
+    assert rendering.render_part("html", "<p>x</p>\r\n" * 3, {}) == "<p>x</p>\n" * 3
+    assert rendering.render_part("subject", "  Flu shots this week ", {}) == "Flu shots this week"
+    with pytest.raises(TemplateSecurityError) as exc:
+        rendering.render_part("subject", "s" * (rendering.MAX_OUTPUT["subject"] + 1), {})
+    assert exc.value.field == "template.subject" and "longer than" in exc.value.message
+    with pytest.raises(TemplateSecurityError):
+        rendering.render_part("text", "t" * (rendering.MAX_OUTPUT["text"] + 1), {})
+    # A static part never reaches the sandbox; a part with a tag always does.
+    monkeypatch.setattr(rendering, "_compiled", lambda part, source: pytest.fail("rendered through Jinja"))
+    assert rendering.render_part("subject", "Your visit", {"first_name": "Ann"}) == "Your visit"
+    monkeypatch.undo()
+    assert rendering.render_part("subject", "Hi {{ first_name }}", {"first_name": "Ann"}) == "Hi Ann"

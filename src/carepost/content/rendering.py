@@ -27,6 +27,7 @@ import operator
 from dataclasses import dataclass
 
 import hashlib
+import re
 
 from jinja2 import StrictUndefined, TemplateSyntaxError, nodes
 from jinja2.ext import Extension
@@ -283,10 +284,31 @@ def _compiled(part: str, source: str):
     return _env(part).from_string(parse(part, source))
 
 
+_TEMPLATE_TAGS = ("{{", "{%", "{#")
+_NEWLINES = re.compile(r"\r\n|\r")
+
+
+@functools.lru_cache(maxsize=512)
+def _static_text(part: str, source: str) -> str | None:
+    """What a part without any template tag renders to, for every recipient alike: its own text,
+    line breaks normalized as Jinja's lexer does (``\r\n`` and ``\r`` become ``\n``). None when the
+    part has a tag, or is a header part with a line break (the parser refuses it, naming the field)."""
+    if any(tag in source for tag in _TEMPLATE_TAGS):
+        return None
+    if part in HEADER_PARTS and ("\r" in source or "\n" in source):
+        return None
+    return _NEWLINES.sub("\n", source)
+
+
 def render_part(part: str, source: str, data: dict, *, visible_blocks=None) -> str:
     if not source:
         return ""
     limit = MAX_OUTPUT[part]
+    static = _static_text(part, source)
+    if static is not None:  # nothing to render per recipient (a subject without merge fields)
+        if len(static) > limit:
+            raise _security(part, f"the rendered {part} is longer than {limit} characters")
+        return _single_line(static) if part in HEADER_PARTS else static
     token = _budget.set([MAX_OPERATIONS])
     shown = _visible.set(frozenset(visible_blocks) if visible_blocks is not None else None)
     try:
@@ -318,9 +340,11 @@ def render_part(part: str, source: str, data: dict, *, visible_blocks=None) -> s
         _budget.reset(token)
         _visible.reset(shown)
     text = "".join(out)
-    if part in HEADER_PARTS:
-        text = " ".join(text.replace("\r", "\n").split("\n")).strip()
-    return text
+    return _single_line(text) if part in HEADER_PARTS else text
+
+
+def _single_line(text: str) -> str:
+    return " ".join(text.replace("\r", "\n").split("\n")).strip()
 
 
 def render_parts(parts: dict[str, str], data: dict, *, visible_blocks=None) -> RenderedParts:
