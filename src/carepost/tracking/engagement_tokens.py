@@ -63,16 +63,19 @@ def _aad(org: bytes, kind: str) -> bytes:
 
 
 def make(session: Session, kind: str, org_id: str, message_id: str, recipient_id: str | None,
-         link_index: int | None = None, composed_at: datetime | None = None) -> str:
+         link_index: int | None = None, composed_at: datetime | None = None, *,
+         key: tuple[int, bytes] | None = None) -> str:
+    """``key``: the organization's current ``(version, secret)`` of the tracking key when the caller
+    looked it up once for a batch of copies (``links.pipeline_links``); else it is looked up here."""
     if kind not in ("o", "c"):
         raise ValueError("unknown token kind")
-    version, key = get_keyring().named_key_version(session, org_id, KEY_KIND)
+    version, key = key or get_keyring().named_key_version(session, org_id, KEY_KIND)
     when = int((composed_at or datetime.now(UTC)).timestamp())
     payload = _PAYLOAD.pack(kind.encode(), bytes.fromhex(message_id), bytes.fromhex(recipient_id or NO_RECIPIENT),
                             0 if link_index is None else link_index, when)
     org = bytes.fromhex(org_id)
     nonce = os.urandom(12)
-    sealed = AESGCM(key).encrypt(nonce, payload, _aad(org, kind))
+    sealed = _cipher(key).encrypt(nonce, payload, _aad(org, kind))
     raw = bytes([VERSION]) + org + bytes([version]) + nonce + sealed
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 

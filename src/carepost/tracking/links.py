@@ -79,14 +79,18 @@ def _recipient_facts(session: Session, requests: list[LinkRequest]) -> dict[str,
 
 
 def pipeline_links(session: Session, requests: list[LinkRequest]) -> dict[str, LinkOutcome]:
-    facts = _recipient_facts(session, requests) if any(r.contact_id for r in requests) else {}
+    found_links = {r.recipient_id: (link_guard.html_links(r.html), link_guard.text_links(r.text)) for r in requests}
+    # A copy without any link has nothing for the guard to check: its recipient's identifiers and
+    # birth date are neither read nor decrypted.
+    linked = [r for r in requests if r.contact_id and any(found_links[r.recipient_id])]
+    facts = _recipient_facts(session, linked) if linked else {}
     privacy: dict[str, bool] = {}
+    keys: dict[str, tuple[int, bytes]] = {}  # each organization's tracking key: looked up once per batch
     recorded = _recorded_links(session, {r.message_id for r in requests if r.track_clicks})
     added: list[dict] = []
     out: dict[str, LinkOutcome] = {}
     for r in requests:
-        html_links = link_guard.html_links(r.html)
-        text_links = link_guard.text_links(r.text)
+        html_links, text_links = found_links[r.recipient_id]
         identifiers, birth = facts.get(r.contact_id or "", ([], None))
         found = link_guard.recipient_findings(html_links + text_links, address=r.address, identifiers=identifiers,
                                               birth_date=birth)
@@ -98,7 +102,9 @@ def pipeline_links(session: Session, requests: list[LinkRequest]) -> dict[str, L
             continue
         if r.org_id not in privacy:
             privacy[r.org_id] = privacy_mode(session, r.org_id)
+            keys[r.org_id] = get_keyring().named_key_version(session, r.org_id, tokens.KEY_KIND)
         recipient = None if privacy[r.org_id] else r.recipient_id
+        key = keys[r.org_id]
         pixel = r.track_opens and r.method not in NO_PIXEL_METHODS
         html, text = r.html, r.text
         if r.track_clicks:
@@ -106,15 +112,15 @@ def pipeline_links(session: Session, requests: list[LinkRequest]) -> dict[str, L
             web_text = [lk for lk in text_links if lk.url.lower().startswith(("http://", "https://"))]
             numbered = [(i, lk) for i, lk in enumerate(web)] + [(len(web) + j, lk) for j, lk in enumerate(web_text)]
             added += _links_to_record(session, r, numbered, recorded)
-            click = {id(lk): _url(session, "c", r, recipient, i) for i, lk in numbered}
+            click = {id(lk): _url(session, "c", r, recipient, i, key) for i, lk in numbered}
             html = _replace(r.html, [lk for _i, lk in numbered if lk.part == "html"], click, escape=True)
             text = _replace(r.text, [lk for _i, lk in numbered if lk.part == "text"], click, escape=False)
             if html is not None:
-                trap = _url(session, "c", r, recipient, tokens.TRAP_INDEX)
+                trap = _url(session, "c", r, recipient, tokens.TRAP_INDEX, key)
                 html = _before_body_end(html, f'<a href="{html_lib.escape(trap)}" style="{TRAP_STYLE}" '
                                               f'aria-hidden="true" tabindex="-1"></a>')
         if pixel and html is not None:
-            src = _url(session, "o", r, recipient, None) + ".gif"
+            src = _url(session, "o", r, recipient, None, key) + ".gif"
             html = _before_body_end(html, f'<img src="{html_lib.escape(src)}" width="1" height="1" alt="" '
                                           f'style="{PIXEL_STYLE}">')
         if html != r.html or text != r.text:
@@ -128,10 +134,11 @@ def pipeline_links(session: Session, requests: list[LinkRequest]) -> dict[str, L
     return out
 
 
-def _url(session: Session, kind: str, r: LinkRequest, recipient: str | None, index: int | None) -> str:
+def _url(session: Session, kind: str, r: LinkRequest, recipient: str | None, index: int | None,
+         key: tuple[int, bytes] | None = None) -> str:
     from carepost.core.config import get_settings
 
-    token = tokens.make(session, kind, r.org_id, r.message_id, recipient, index, r.composed_at)
+    token = tokens.make(session, kind, r.org_id, r.message_id, recipient, index, r.composed_at, key=key)
     return f"{get_settings().base_url}/t/{kind}/{token}"
 
 
