@@ -779,7 +779,9 @@ def pipeline_list_unsubscribe(session: Session, candidates: list) -> dict[str, l
     message needs an opt-out (commercial purposes) or belongs to a topic — https (RFC 8058 one-click)
     when ``CAREPOST_BASE_URL`` is https, else the http link; the pipeline adds the ``mailto:`` of the
     return path and the visible footer, and excludes (``no_opt_out``) a commercial copy with no link."""
+    from carepost.consent import tokens
     from carepost.consent.service import unsubscribe_url
+    from carepost.core.crypto import get_keyring
 
     out: dict[str, list[str]] = {}
     by_org: dict[str, list] = {}
@@ -787,11 +789,14 @@ def pipeline_list_unsubscribe(session: Session, candidates: list) -> dict[str, l
         by_org.setdefault(c.org_id, []).append(c)
     for org_id, group in by_org.items():
         topics = message_topics(session, org_id, [c.message_id for c in group])
+        key = None  # the organization's consent key: looked up once for the group, at its first link
         for c in group:
             topic_id = topics.get(c.message_id)
             purpose = c.purpose if c.purpose in purposes.PURPOSES else "transactional"
             if topic_id or purposes.requirements(purpose).opt_out_required:
-                url = unsubscribe_url(session, org_id, c.recipient_id, topic_id)
+                if key is None:
+                    key = get_keyring().named_key(session, org_id, tokens.KEY_KIND)
+                url = unsubscribe_url(session, org_id, c.recipient_id, topic_id, key=key)
                 if url.startswith(("https://", "http://")):
                     out[c.recipient_id] = [url]
     return out

@@ -626,12 +626,12 @@ def register_unsubscribe_listener(listener: UnsubscribeListener) -> None:
 
 
 def unsubscribe_token(session: Session, org_id: str, recipient_ref: str, topic_id: str | None = None,
-                      *, ref_kind: str = "r") -> str:
+                      *, ref_kind: str = "r", key: bytes | None = None) -> str:
     """The opaque token of an unsubscribe link: ``ref_kind`` ``r`` = a message recipient id,
-    ``c`` = a contact id."""
+    ``c`` = a contact id. ``key``: the organization's consent key, when looked up once for a batch."""
     from carepost.consent import tokens
 
-    return tokens.make(session, "u", org_id, ref_kind, recipient_ref, topic_id=topic_id)
+    return tokens.make(session, "u", org_id, ref_kind, recipient_ref, topic_id=topic_id, key=key)
 
 
 def preferences_token(session: Session, org_id: str, recipient_ref: str, *, ref_kind: str = "r") -> str:
@@ -641,9 +641,10 @@ def preferences_token(session: Session, org_id: str, recipient_ref: str, *, ref_
 
 
 def unsubscribe_url(session: Session, org_id: str, recipient_ref: str, topic_id: str | None = None,
-                    *, ref_kind: str = "r") -> str:
+                    *, ref_kind: str = "r", key: bytes | None = None) -> str:
     """The visible unsubscribe link for a message body (the same URL as the header)."""
-    return public_url("/t/u/" + unsubscribe_token(session, org_id, recipient_ref, topic_id, ref_kind=ref_kind))
+    return public_url("/t/u/" + unsubscribe_token(session, org_id, recipient_ref, topic_id, ref_kind=ref_kind,
+                                                  key=key))
 
 
 def preferences_url(session: Session, org_id: str, recipient_ref: str, *, ref_kind: str = "r") -> str:

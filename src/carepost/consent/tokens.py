@@ -77,7 +77,9 @@ def _mac(session: Session, org_id: str, kind: str, payload: str, key: bytes | No
 
 
 def make(session: Session, kind: str, org_id: str, ref_kind: str, ref_id: str, *, topic_id: str | None = None,
-         expires_at: datetime | None = None) -> str:
+         expires_at: datetime | None = None, key: bytes | None = None) -> str:
+    """``key``: the organization's current consent key when the caller looked it up once for a
+    batch (the delivery pipeline's List-Unsubscribe step); else it is looked up here."""
     if kind not in KINDS or ref_kind not in REF_KINDS:
         raise ValueError("unknown token kind")
     if KINDS[kind] != (expires_at is not None):
@@ -89,7 +91,7 @@ def make(session: Session, kind: str, org_id: str, ref_kind: str, ref_id: str, *
     if expires_at is not None:
         parts.append(str(int(expires_at.timestamp())))
     payload = _b64(bytes.fromhex(org_id) + "|".join(parts[1:]).encode())
-    return f"{kind}{VERSION}.{payload}.{_mac(session, org_id, kind, payload)}"
+    return f"{kind}{VERSION}.{payload}.{_mac(session, org_id, kind, payload, key)}"
 
 
 def verify(session: Session, token: str, kind: str) -> TokenData:

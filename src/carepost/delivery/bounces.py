@@ -421,18 +421,22 @@ def verp_secret(session: Session, org_id: str) -> bytes:
     return get_keyring().named_key(session, org_id, "verp")
 
 
-def return_path(session: Session, org_id: str, return_path_domain: str, recipient_id: str) -> str:
-    """The envelope sender for one recipient: ``b+<recipient id>.<mac>@<return-path domain>``."""
-    return verp_address(return_path_domain, recipient_id, verp_secret(session, org_id), prefix=VERP_PREFIX)
+def return_path(session: Session, org_id: str, return_path_domain: str, recipient_id: str, *,
+                secret: bytes | None = None) -> str:
+    """The envelope sender for one recipient: ``b+<recipient id>.<mac>@<return-path domain>``.
+    ``secret``: :func:`verp_secret`, when the caller looked it up once for a batch."""
+    return verp_address(return_path_domain, recipient_id, secret or verp_secret(session, org_id), prefix=VERP_PREFIX)
 
 
 UNSUBSCRIBE_PREFIX = "u"
 
 
-def unsubscribe_mailbox(session: Session, org_id: str, return_path_domain: str, recipient_id: str) -> str:
+def unsubscribe_mailbox(session: Session, org_id: str, return_path_domain: str, recipient_id: str, *,
+                        secret: bytes | None = None) -> str:
     """The ``mailto:`` List-Unsubscribe address of one recipient: ``u+<recipient id>.<mac>@<return-path
     domain>`` — opaque (an id and a MAC, no PHI), received by ``carepost inbound``."""
-    return verp_address(return_path_domain, recipient_id, verp_secret(session, org_id), prefix=UNSUBSCRIBE_PREFIX)
+    return verp_address(return_path_domain, recipient_id, secret or verp_secret(session, org_id),
+                        prefix=UNSUBSCRIBE_PREFIX)
 
 
 def _parse_any(session: Session, org_id: str, address: str, prefix: str) -> str | None:

@@ -495,7 +495,15 @@ def check_eligibility(run: Run) -> None:
 def check_sender(run: Run) -> None:
     """Step 4: the From domain must still be a sending domain of the organization, whose
     ownership it has proven (its DNS records may still be flagged); its DKIM keys sign the message. The return path (VERP) names the recipient row."""
-    from carepost.delivery.bounces import return_path
+    from carepost.delivery.bounces import return_path, verp_secret
+
+    verp_secrets: dict[str, bytes] = {}  # each organization's VERP secret, looked up once per run
+
+    def secret_of(org_id: str) -> bytes:
+        found = verp_secrets.get(org_id)
+        if found is None:
+            found = verp_secrets[org_id] = verp_secret(run.session, org_id)
+        return found
 
     for content in run.contents.values():
         m = content.message
@@ -516,13 +524,15 @@ def check_sender(run: Run) -> None:
             # own the From domain (issue 9 item 2).
             c.final = ("failed", service.UNVERIFIED_REASON)
             continue
-        c.envelope_from = return_path(run.session, c.org_id, domain.return_path_domain, c.recipient.id)
+        c.envelope_from = return_path(run.session, c.org_id, domain.return_path_domain, c.recipient.id,
+                                      secret=secret_of(c.org_id))
         if c.unsubscribe:
             # RFC 2369 mailto: handled by the return path (carepost inbound); opaque, no PHI.
             from carepost.delivery.bounces import unsubscribe_mailbox
 
             c.unsubscribe = (*c.unsubscribe, "mailto:" + unsubscribe_mailbox(
-                run.session, c.org_id, domain.return_path_domain, c.recipient.id) + "?subject=unsubscribe")
+                run.session, c.org_id, domain.return_path_domain, c.recipient.id, secret=secret_of(c.org_id))
+                + "?subject=unsubscribe")
         if "smime" in c.keys and c.content.smime_signing_key is None:
             # Inside the first transaction: a domain older than S/MIME signing gets its key now.
             c.content.smime_signing_key = service.smime_signing_key(run.session, domain)
