@@ -225,6 +225,20 @@ def message_id_for(domain: str) -> str:
 # so a bounce arriving at the return-path domain is tied to the exact recipient and forged
 # bounces (someone mailing b+<guessed id>@...) are recognised and ignored.
 
+_BODY_END = re.compile(r"</body>", re.IGNORECASE)
+
+
+def body_end(html: str) -> int:
+    """Where the last ``</body>`` (in any case) of ``html`` starts, or -1: where a footer, a link or
+    the open pixel goes. Searched in ``html`` itself, not in ``html.lower()``, which can be longer
+    than ``html`` (``"İ".lower()`` is two characters: an index found there would point past the
+    tag in a message to İbrahim), and which copies the whole body once more per message."""
+    at = html.rfind("</body>")
+    for m in _BODY_END.finditer(html, at + 1 if at != -1 else 0):  # a later </BODY> in another case wins
+        at = m.start()
+    return at
+
+
 _VERP_RE = re.compile(r"^(?P<prefix>[a-z0-9-]+)\+(?P<id>[0-9a-f]{32})\.(?P<mac>[0-9a-f]{16})@(?P<domain>.+)$")
 
 

@@ -101,7 +101,7 @@ from carepost.core.ids import new_id
 from carepost.core.logging import get_logger
 from carepost.core.ports import Port
 from carepost.delivery import dkim, policy, service, tlsprobe
-from carepost.delivery.mime import Attachment, InlineImage, compose
+from carepost.delivery.mime import Attachment, InlineImage, body_end, compose
 from carepost.delivery.models import (
     Message,
     MessageAttachment,
@@ -653,8 +653,7 @@ def with_unsubscribe_footer(text: str | None, html: str | None, uris: tuple[str,
         if name or postal_lines:
             footer += ('<p class="carepost-postal-address">'
                        + "<br>".join(escape(x) for x in [name, *postal_lines] if x) + "</p>")
-        lowered = html.lower()
-        at = lowered.rfind("</body>")
+        at = body_end(html)
         html = html[:at] + footer + html[at:] if at != -1 else html + footer
     return text, html
 

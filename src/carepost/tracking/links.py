@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session
 
 from carepost.content import link_guard
 from carepost.core.crypto import get_keyring
+from carepost.delivery.mime import body_end
 from carepost.delivery.pipeline import LinkOutcome, LinkRequest
 from carepost.tracking import engagement_tokens as tokens
 
@@ -155,7 +156,7 @@ def _replace(source: str | None, links: list, urls: dict, *, escape: bool) -> st
 
 
 def _before_body_end(html: str, snippet: str) -> str:
-    at = html.lower().rfind("</body>")
+    at = body_end(html)
     return html[:at] + snippet + html[at:] if at != -1 else html + snippet
 
 
