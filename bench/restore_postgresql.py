@@ -25,7 +25,9 @@ Reported per step: wall seconds and the CPU seconds of the client processes (``p
 ``carepost``; PostgreSQL's own backends are not counted), the database and dump sizes, the load
 average before and after. The restore time is steps 1-3: the time from the dump and archive in
 hand to an installation whose audit log is verified. Every restored database and data dir is
-removed after its run.
+removed after its run; a run is not started when the disk has less free space than 1.2 times the
+source database (``"stopped"`` says so). The result file is written after the dump and after every
+run (``"complete": false`` until every run is done), so a session cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -152,6 +154,14 @@ def main() -> None:
     result: dict = {"command": " ".join(["bench/restore_postgresql.py", *sys.argv[1:]]), "machine": machine(),
                     "load_average": {"start": list(os.getloadavg())}, "jobs": args.jobs,
                     "database_bytes": _size(admin, args.database)}
+    out = Path(args.out) if args.out else HERE / "results" / f"restore_postgresql_{time.strftime('%Y%m%dT%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(complete: bool) -> None:
+        # Written after the dump and after every run, so a session cut short keeps what was measured
+        # ("complete": false, the runs so far); the medians only once every run is done.
+        out.write_text(json.dumps({**result, "complete": complete}, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory(prefix="carepost-restore-bench-") as tmp:
         work = Path(tmp)
         archive, dump = work / "files.backup", work / "carepost.dump"
@@ -166,8 +176,18 @@ def main() -> None:
         result["messages_total"] = source["messages_total"]
         sample = sorted(source["bodies"])
 
-        runs = []
+        runs: list[dict] = []
+        result["runs"] = runs
+        write(False)
+        print(json.dumps({"dump": result["pg_dump"], "backup_files": result["backup_files"], "rows": result["rows"]}),
+              flush=True)
         for n in range(args.runs):
+            free = shutil.disk_usage(work).free
+            if free < result["database_bytes"] * 1.2:
+                # A restored copy is about the source's size: rather than fill the disk PostgreSQL
+                # writes to, stop with what was measured.
+                result["stopped"] = f"run {n + 1} not started: {free} bytes free, the database is {result['database_bytes']}"
+                break
             target = f"carepost_restored_{uuid.uuid4().hex[:8]}"
             fresh = work / f"restored-{n}" / "data"
             run: dict = {"load_before": list(os.getloadavg())}
@@ -191,8 +211,9 @@ def main() -> None:
                 run["bodies_equal"] = restored["bodies"] == source["bodies"] and len(sample) > 0
                 wall, cpu, _ = _carepost(["restore", str(archive)], env)
                 run["carepost_restore"] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
-                wall, cpu, out = _carepost(["audit", "verify"], env)
-                run["audit_verify"] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "ok": b"intact" in out}
+                wall, cpu, said = _carepost(["audit", "verify"], env)
+                run["audit_verify"] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "ok": b"intact" in said}
+                run["verified"] = run["audit_verify"]["ok"] and run["rows_equal"] and run["bodies_equal"]
                 run["restore_wall_s"] = round(sum(run[k]["wall_s"] for k in ("pg_restore", "carepost_restore", "audit_verify")), 2)
                 run["restore_cpu_s"] = round(sum(run[k]["cpu_s"] for k in ("pg_restore", "carepost_restore", "audit_verify")), 2)
                 run["load_after"] = list(os.getloadavg())
@@ -201,18 +222,16 @@ def main() -> None:
                 shutil.rmtree(fresh.parent, ignore_errors=True)
             print(json.dumps({"run": n + 1, **run}), flush=True)
             runs.append(run)
-    result["runs"] = runs
-    for key in ("restore_wall_s", "restore_cpu_s"):
-        result[f"median_{key}"] = statistics.median(r[key] for r in runs)
-    for step in ("pg_restore", "carepost_restore", "audit_verify"):
-        result[f"median_{step}_wall_s"] = statistics.median(r[step]["wall_s"] for r in runs)
-    result["all_verified"] = all(r["audit_verify"]["ok"] and r["rows_equal"] and r["bodies_equal"] for r in runs)
+            write(False)
+    if runs:
+        for key in ("restore_wall_s", "restore_cpu_s"):
+            result[f"median_{key}"] = statistics.median(r[key] for r in runs)
+        for step in ("pg_restore", "carepost_restore", "audit_verify"):
+            result[f"median_{step}_wall_s"] = statistics.median(r[step]["wall_s"] for r in runs)
+    result["all_verified"] = bool(runs) and all(r["verified"] for r in runs)
     result["load_average"]["end"] = list(os.getloadavg())
-    text = json.dumps(result, indent=2)
-    print(text)
-    out = Path(args.out) if args.out else HERE / "results" / f"restore_postgresql_{time.strftime('%Y%m%dT%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    write(len(runs) == args.runs)
+    print(out.read_text(), end="")
 
 
 if __name__ == "__main__":
