@@ -6,7 +6,10 @@
 
 Made for the database ``bench/campaign_million.py --keep`` leaves behind (a 1,000,000-recipient
 campaign sent: contacts, clinical facts, messages, recipients, events, audit), but it takes any
-CarePost database and its data dir. Nothing of the source is changed.
+CarePost database and its data dir. Nothing of the source is changed — unless ``--drop-source``
+asks for the source database to be dropped once it is dumped and counted (a disk that cannot hold
+the source, its dump and a restored copy at once; the counts and digests to compare with are taken
+before).
 
 Once: ``carepost backup`` of the data dir's files (checkpoints, TLS keys; the master key is never
 in it) and ``pg_dump -Fc --no-owner`` of the database to a file. Then ``--runs`` times, into fresh
@@ -25,14 +28,16 @@ Reported per step: wall seconds and the CPU seconds of the client processes (``p
 ``carepost``; PostgreSQL's own backends are not counted), the database and dump sizes, the load
 average before and after. The restore time is steps 1-3: the time from the dump and archive in
 hand to an installation whose audit log is verified. Every restored database and data dir is
-removed after its run; a run is not started when the disk has less free space than 1.2 times the
-source database (``"stopped"`` says so). The result file is written after the dump and after every
-run (``"complete": false`` until every run is done), so a session cut short keeps what it measured.
+removed after its run; a run is not started when the disk has less free space than the source
+database's size and 2 GiB (``"stopped"`` says so). The result file is written after the dump and
+after every run (``"complete": false`` until every run is done), so a session cut short keeps what
+it measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -115,6 +120,22 @@ def _fingerprint(env: dict, sample: list[str] | None) -> dict:
     return json.loads(done.stdout)
 
 
+@contextlib.contextmanager
+def _work_dir(result: dict):
+    """A scratch directory for the archive and the dump, removed at the end — but kept, and named,
+    when a run fails after ``--drop-source`` dropped the source (the dump is then its only copy)."""
+    work = Path(tempfile.mkdtemp(prefix="carepost-restore-bench-"))
+    try:
+        yield work
+    except BaseException:
+        if result.get("source_dropped"):
+            print(f"the source database was dropped; its dump is kept in {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def _size(admin: str, database: str) -> int:
     import psycopg
 
@@ -137,6 +158,9 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--jobs", type=int, default=1, help="pg_restore -j (1: the documented command)")
     p.add_argument("--out", default=None)
+    p.add_argument("--drop-source", action="store_true",
+                   help="drop the source database once dumped and counted (a disk that cannot hold it, its dump "
+                        "and a restored copy at once); its dump is kept if a run then fails")
     p.add_argument("--fingerprint", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.fingerprint is not None:
@@ -162,8 +186,7 @@ def main() -> None:
         # ("complete": false, the runs so far); the medians only once every run is done.
         out.write_text(json.dumps({**result, "complete": complete}, indent=2) + "\n")
 
-    with tempfile.TemporaryDirectory(prefix="carepost-restore-bench-") as tmp:
-        work = Path(tmp)
+    with _work_dir(result) as work:
         archive, dump = work / "files.backup", work / "carepost.dump"
         wall, cpu, _ = _carepost(["backup", str(archive)], source_env)
         result["backup_files"] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "bytes": archive.stat().st_size}
@@ -175,6 +198,9 @@ def main() -> None:
         result["rows"] = source["rows"]
         result["messages_total"] = source["messages_total"]
         sample = sorted(source["bodies"])
+        if args.drop_source:
+            _admin_sql(admin, f'DROP DATABASE "{args.database}" WITH (FORCE)')
+            result["source_dropped"] = True
 
         runs: list[dict] = []
         result["runs"] = runs
@@ -183,9 +209,9 @@ def main() -> None:
               flush=True)
         for n in range(args.runs):
             free = shutil.disk_usage(work).free
-            if free < result["database_bytes"] * 1.2:
-                # A restored copy is about the source's size: rather than fill the disk PostgreSQL
-                # writes to, stop with what was measured.
+            if free < result["database_bytes"] + 2 * 1024**3:
+                # A restored copy is at most about the source's size (its pages packed afresh):
+                # rather than fill the disk PostgreSQL writes to, stop with what was measured.
                 result["stopped"] = f"run {n + 1} not started: {free} bytes free, the database is {result['database_bytes']}"
                 break
             target = f"carepost_restored_{uuid.uuid4().hex[:8]}"
