@@ -74,16 +74,11 @@ def _carepost(args: list[str], env: dict) -> tuple[float, float, bytes]:
     return _timed([sys.executable, "-m", "carepost.cli", *args], env={**os.environ, **env})
 
 
-def _dsn(admin: str, database: str) -> str:
+def _dsn(admin: str, database: str, driver: str = "postgresql") -> str:
+    """``admin``'s server, ``database``: a libpq URL, or CarePost's with ``driver="postgresql+psycopg"``."""
     from sqlalchemy.engine import make_url
 
-    return make_url(admin).set(drivername="postgresql", database=database).render_as_string(hide_password=False)
-
-
-def _sqlalchemy_url(admin: str, database: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(admin).set(drivername="postgresql+psycopg", database=database).render_as_string(hide_password=False)
+    return make_url(admin).set(drivername=driver, database=database).render_as_string(hide_password=False)
 
 
 def _fingerprint_child(sample: list[str] | None) -> dict:
@@ -174,7 +169,7 @@ def main() -> None:
     master = data_dir / "master.key"
     if not master.is_file():
         raise SystemExit(f"--data-dir: no master.key in {data_dir}")
-    source_env = {"CAREPOST_DATA_DIR": str(data_dir), "CAREPOST_DATABASE_URL": _sqlalchemy_url(args.admin_url, args.database)}
+    source_env = {"CAREPOST_DATA_DIR": str(data_dir), "CAREPOST_DATABASE_URL": _dsn(args.admin_url, args.database, "postgresql+psycopg")}
     result: dict = {"command": " ".join(["bench/restore_postgresql.py", *sys.argv[1:]]), "machine": machine(),
                     "load_average": {"start": list(os.getloadavg())}, "jobs": args.jobs,
                     "database_bytes": _size(admin, args.database)}
@@ -227,7 +222,7 @@ def main() -> None:
                 fresh.mkdir(parents=True)
                 shutil.copyfile(master, fresh / "master.key")
                 os.chmod(fresh / "master.key", 0o600)
-                env = {"CAREPOST_DATA_DIR": str(fresh), "CAREPOST_DATABASE_URL": _sqlalchemy_url(args.admin_url, target)}
+                env = {"CAREPOST_DATA_DIR": str(fresh), "CAREPOST_DATABASE_URL": _dsn(args.admin_url, target, "postgresql+psycopg")}
                 # The database as restored (untimed; before `carepost restore` and `audit verify`
                 # record their own audit events).
                 restored = _fingerprint(env, sample)
