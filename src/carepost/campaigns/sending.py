@@ -124,7 +124,9 @@ class _Sender:
 def _due_rows(session: Session, campaign_id: str, now: datetime, limit: int) -> list:
     """The due rows as tuples of the four columns sending reads (``id``, ``contact_id``,
     ``variant``, ``blocks``), not ORM objects: loading a batch's objects was 1.3 % of a campaign
-    worker's CPU (profile of bench/campaign_send.py), and the rows are only ever updated by id."""
+    worker's CPU (profile of bench/campaign_send.py), and the rows are only ever updated by id.
+    ``ix_campaign_recipients_due`` holds the order: a batch is read from the index, not by sorting
+    every planned row of the campaign (which took each batch a whole scan of a 1,000,000-row campaign)."""
     R = CampaignRecipient
     return list(session.execute(select(R.id, R.contact_id, R.variant, R.blocks).where(
         R.campaign_id == campaign_id, R.status == "planned",
