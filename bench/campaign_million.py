@@ -207,6 +207,18 @@ def analytics_read(org_id: str, campaign_id: str) -> tuple[dict, float]:
     return figures, time.perf_counter() - started
 
 
+def server_settings(admin_url: str) -> dict:
+    """The PostgreSQL server's settings that change what a long run measures: autovacuum (off, dead
+    rows pile up in every index a queue's status walks) and shared_buffers."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(admin_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, autocommit=True) as c:
+        return {name: c.execute("SELECT current_setting(%s)", (name,)).fetchone()[0]
+                for name in ("server_version", "autovacuum", "shared_buffers")}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipients", type=int, default=1_000_000, help="about this many planned (the population is sized for it)")
@@ -222,6 +234,7 @@ def main() -> None:
 
     contacts = max(100, round(args.recipients / PLANNED_SHARE))
     admin, scratch = pop.setup_database(args.database_url, keep=args.keep)
+    server = {"start": server_settings(args.database_url)}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             tmp_path = Path(tmp)
@@ -238,6 +251,8 @@ def main() -> None:
             pop.drop_database(admin, scratch)
             pop.remove_data_dir()
     result["sink_received"] = result_received
+    server["end"] = server_settings(args.database_url)  # a setting changed during the run shows here
+    result["postgresql"] = server
     text = json.dumps(result, indent=2)
     print(text)
     out = Path(args.out) if args.out else HERE / "results" / f"campaign_million_{time.strftime('%Y%m%dT%H%M%S')}.json"

@@ -68,7 +68,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from campaign_million import machine
+from campaign_million import machine, server_settings
 
 TABLES = ("contacts", "observations", "authorizations", "messages", "message_recipients", "message_events", "audit_events")
 
@@ -316,7 +316,7 @@ def main() -> None:
     source_env = {"CAREPOST_DATA_DIR": str(data_dir), "CAREPOST_DATABASE_URL": _dsn(args.admin_url, args.database, "postgresql+psycopg")}
     result: dict = {"command": " ".join(["bench/restore_postgresql.py", *sys.argv[1:]]), "machine": machine(),
                     "load_average": {"start": list(os.getloadavg())}, "method": args.method,
-                    "database_bytes": _size(admin, args.database)}
+                    "database_bytes": _size(admin, args.database), "postgresql": server_settings(admin)}
     if args.method == "logical":
         result["jobs"] = args.jobs
     out = Path(args.out) if args.out else HERE / "results" / f"restore_postgresql_{time.strftime('%Y%m%dT%H%M%S')}.json"
