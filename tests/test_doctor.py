@@ -13,11 +13,13 @@ from carepost.doctor import (
     check_connection_urls,
     check_data_dir,
     check_database_encryption,
+    check_database_maintenance,
     check_database_tls,
     check_master_key,
     check_mfa,
     check_migrations,
     check_queue,
+    evaluate_autovacuum,
     evaluate_database_tls,
     is_loopback_host,
     run_checks,
@@ -185,6 +187,31 @@ def test_postgresql_tls_on_loopback_is_ok(postgresql_settings):
     [finding] = check_database_tls(postgresql_settings)
     assert finding.level == "ok"
     assert "server ssl=" in finding.message and "Loopback" in finding.message
+
+
+def test_postgresql_autovacuum_is_read_from_the_server(postgresql_settings):
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(os.environ["CAREPOST_TEST_DATABASE_URL"]).set(drivername="postgresql")
+    with psycopg.connect(url.render_as_string(hide_password=False)) as conn:
+        server = conn.execute("SHOW autovacuum").fetchone()[0]
+    [finding] = check_database_maintenance(postgresql_settings)
+    assert finding.level == ("ok" if server == "on" else "warn")
+    assert f"autovacuum is {server}" in finding.message
+
+
+@pytest.mark.parametrize(("value", "level"), [("on", "ok"), ("off", "warn")])
+def test_autovacuum_off_is_a_warning_naming_what_slows(value, level):
+    [finding] = evaluate_autovacuum(value)
+    assert finding.level == level and finding.check == "database maintenance"
+    if value == "off":
+        assert "VACUUM" in finding.message and "postgresql.conf" in finding.message
+
+
+def test_sqlite_has_no_autovacuum_to_check(initialized):
+    data, _ = initialized
+    assert levels(check_database_maintenance(settings_for(data))) == ["info"]
 
 
 def test_sqlite_has_no_database_connection_to_protect(initialized):

@@ -233,6 +233,35 @@ def evaluate_database_tls(host: str | None, sslmode: str, server_ssl: str, in_us
     return [Finding("database TLS", "ok", f"TLS with a verified certificate ({detail}).")]
 
 
+def check_database_maintenance(settings: Settings) -> list[Finding]:
+    if settings.is_sqlite:
+        return [Finding("database maintenance", "info", "Embedded SQLite file: no autovacuum to check.")]
+    from sqlalchemy import text
+
+    from carepost.core.database import make_engine
+
+    engine = make_engine(settings)
+    try:
+        with engine.connect() as conn:
+            autovacuum = conn.execute(text("SHOW autovacuum")).scalar()
+    finally:
+        engine.dispose()
+    return evaluate_autovacuum(str(autovacuum))
+
+
+def evaluate_autovacuum(autovacuum: str) -> list[Finding]:
+    """Sending moves every campaign recipient and message recipient through statuses; the rows
+    they leave behind are dead, and only vacuum takes them out of the indexes that find the next
+    batch. Without autovacuum (PostgreSQL's default is on) each batch walks more of them as a
+    campaign goes on."""
+    if autovacuum == "on":
+        return [Finding("database maintenance", "ok", "PostgreSQL autovacuum is on.")]
+    return [Finding("database maintenance", "warn",
+                    f"PostgreSQL autovacuum is {autovacuum}: the dead rows every send leaves in the sending queues' "
+                    "indexes are never removed, and each batch slows as a campaign goes on. Turn it on in "
+                    "postgresql.conf (the default), or run VACUUM (ANALYZE) on a schedule.")]
+
+
 def check_migrations(settings: Settings) -> list[Finding]:
     from alembic.script import ScriptDirectory
 
@@ -464,6 +493,7 @@ CHECKS: list[tuple[str, Callable[[Settings], list[Finding]]]] = [
     ("data dir", check_data_dir),
     ("database encryption", check_database_encryption),
     ("database TLS", check_database_tls),
+    ("database maintenance", check_database_maintenance),
     ("migrations", check_migrations),
     ("connections", check_connection_urls),
     ("SMTP", check_smtp),
