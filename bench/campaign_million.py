@@ -216,7 +216,7 @@ def server_settings(admin_url: str) -> dict:
     url = make_url(admin_url).set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(url, autocommit=True) as c:
         return {name: c.execute("SELECT current_setting(%s)", (name,)).fetchone()[0]
-                for name in ("server_version", "autovacuum", "shared_buffers")}
+                for name in ("server_version", "server_version_num", "autovacuum", "shared_buffers")}
 
 
 def main() -> None:

@@ -184,19 +184,13 @@ def _cluster_bytes(admin: str) -> int:
         return int(c.execute("SELECT sum(pg_database_size(datname)) FROM pg_database").fetchone()[0])
 
 
-def _setting(admin: str, name: str) -> str:
-    import psycopg
-
-    with psycopg.connect(admin, autocommit=True) as c:
-        return c.execute("SELECT current_setting(%s)", (name,)).fetchone()[0]
-
-
-def _pg_program(admin: str, name: str) -> str:
-    """``name`` (``pg_ctl``, ``pg_basebackup``) on PATH, else Debian's for the server's major version."""
+def _pg_program(server: dict, name: str) -> str:
+    """``name`` (``pg_ctl``, ``pg_basebackup``) on PATH, else Debian's for the server's major version
+    (``server``: :func:`server_settings`)."""
     found = shutil.which(name)
     if found:
         return found
-    major = int(_setting(admin, "server_version_num")) // 10000
+    major = int(server["server_version_num"]) // 10000
     debian = Path(f"/usr/lib/postgresql/{major}/bin/{name}")
     if not debian.is_file():
         raise SystemExit(f"{name} not found on PATH nor in {debian.parent}")
@@ -210,13 +204,13 @@ def _logical_backup(args, work: Path) -> dict:
 
 
 def _physical_backup(args, work: Path) -> dict:
-    base = work / "base"
-    wall, cpu, _ = _timed([_pg_program(_dsn(args.admin_url, "postgres"), "pg_basebackup"), "-D", str(base), "-Ft", "-Z", args.compress, "-X", "stream", "-c", "fast",
-                           "-d", _dsn(args.admin_url, "postgres")])
+    base, admin = work / "base", _dsn(args.admin_url, "postgres")
+    wall, cpu, _ = _timed([args.pg_basebackup, "-D", str(base), "-Ft", "-Z", args.compress, "-X", "stream",
+                           "-c", "fast", "-d", admin])
     files = sorted(base.iterdir())
     return {"pg_basebackup": {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "compress": args.compress,
                               "bytes": sum(f.stat().st_size for f in files), "files": [f.name for f in files]},
-            "cluster_bytes": _cluster_bytes(_dsn(args.admin_url, "postgres"))}
+            "cluster_bytes": _cluster_bytes(admin)}
 
 
 def _unpack(archive: Path, into: Path) -> list[str]:
@@ -251,12 +245,12 @@ def _physical_restore(args, work: Path, run: dict, n: int):
     port = _free_port()
     started = False
     try:
-        t0, before = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.monotonic()
         cluster.mkdir(mode=0o700)
         archives = {p.name.split(".")[0]: p for p in (work / "base").iterdir()}
-        _timed(_unpack(archives["base"], cluster))
+        cpu = _timed(_unpack(archives["base"], cluster))[1]
         if "pg_wal" in archives:
-            _timed(_unpack(archives["pg_wal"], cluster / "pg_wal"))
+            cpu += _timed(_unpack(archives["pg_wal"], cluster / "pg_wal"))[1]
         # Only this server's own settings; the rest are PostgreSQL's defaults but shared_buffers,
         # which is the source server's (a fair comparison with it).
         (cluster / "postgresql.conf").write_text(
@@ -265,10 +259,8 @@ def _physical_restore(args, work: Path, run: dict, n: int):
             "logging_collector = off\n")
         (cluster / "restore_hba.conf").write_text("local all all trust\nhost all all 127.0.0.1/32 trust\n")
         if user:
-            _timed(["chown", "-R", f"{user}:", str(cluster)])
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        run["unpack"] = {"wall_s": round(time.monotonic() - t0, 2),
-                         "cpu_s": round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 2)}
+            cpu += _timed(["chown", "-R", f"{user}:", str(cluster)])[1]
+        run["unpack"] = {"wall_s": round(time.monotonic() - t0, 2), "cpu_s": round(cpu, 2)}
         wall, cpu, _ = _timed(_as_user([args.pg_ctl, "start", "-w", "-t", "86400", "-D", str(cluster),
                                         "-l", str(cluster / "server.log")], user))
         started = True
@@ -310,13 +302,14 @@ def main() -> None:
     master = data_dir / "master.key"
     if not master.is_file():
         raise SystemExit(f"--data-dir: no master.key in {data_dir}")
-    args.shared_buffers = _setting(admin, "shared_buffers")
+    server = server_settings(admin)
+    args.shared_buffers = server["shared_buffers"]
     if args.method == "physical":
-        args.pg_ctl = _pg_program(admin, "pg_ctl")
+        args.pg_ctl, args.pg_basebackup = _pg_program(server, "pg_ctl"), _pg_program(server, "pg_basebackup")
     source_env = {"CAREPOST_DATA_DIR": str(data_dir), "CAREPOST_DATABASE_URL": _dsn(args.admin_url, args.database, "postgresql+psycopg")}
     result: dict = {"command": " ".join(["bench/restore_postgresql.py", *sys.argv[1:]]), "machine": machine(),
                     "load_average": {"start": list(os.getloadavg())}, "method": args.method,
-                    "database_bytes": _size(admin, args.database), "postgresql": server_settings(admin)}
+                    "database_bytes": _size(admin, args.database), "postgresql": server}
     if args.method == "logical":
         result["jobs"] = args.jobs
     out = Path(args.out) if args.out else HERE / "results" / f"restore_postgresql_{time.strftime('%Y%m%dT%H%M%S')}.json"
